@@ -1,0 +1,17 @@
+"""convlens: see what a convolutional network has learned and why it decides what it decides.
+
+    import convlens as cl
+    model = cl.load_model("resnet50")
+    x = model.preprocess(["cat.jpg"])
+    print(model.predict(x, top_k=3))
+"""
+
+from .capture import borrow, capture
+from .errors import ConvlensError
+from .images import load_image, load_images, sample_image
+from .models import Model, auto_layer, load_model, summarize
+
+__version__ = "0.1.0"
+
+__all__ = ["ConvlensError", "Model", "auto_layer", "borrow", "capture", "load_image", "load_images",
+           "load_model", "sample_image", "summarize"]

@@ -1,0 +1,211 @@
+"""The one place where convlens touches a model's internals.
+
+Every method that needs a layer's output (heatmaps, activation grids, filter
+patterns, metrics) gets it from :func:`capture`; nothing else in the package
+registers a hook. The contract:
+
+* The model is *borrowed*: it runs in eval mode with its parameters frozen,
+  and on every exit path, exceptions included, each module's ``training`` flag,
+  each parameter's ``requires_grad`` and each buffer's value are put back and
+  every hook is removed. The caller's input tensor is never modified.
+* Recorded outputs are channels-first ``(N, C, H, W)`` whatever the framework:
+  a channels-last (Keras) model's 4-D outputs are permuted here, once.
+* With ``graph=True`` the recorded outputs stay in the autograd graph, so a
+  method takes ``torch.autograd.grad(score, rec.outputs[name])`` and pays for
+  the backward pass down to that layer only, with no parameter gradients.
+  Frozen parameters or a caller inside ``torch.no_grad()`` do not stop this:
+  grad mode is switched on locally and the first recorded output becomes a
+  leaf that requires grad.
+* The module after a hooked layer receives a copy of its output, so an
+  in-place operation there (``ReLU(inplace=True)``, ``out += identity``)
+  cannot overwrite what was recorded.
+* With ``stop=True`` the forward pass ends as soon as every requested layer
+  has produced its output; layers after the last one never run.
+
+Example::
+
+    with capture(model, ["layer4"], graph=True) as rec:
+        scores = rec.forward(x)
+    acts = rec.outputs["layer4"]
+    grads, = torch.autograd.grad(scores[:, 3].sum(), acts)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Union
+
+import torch
+from torch import nn
+
+from .errors import ConvlensError, did_you_mean
+
+if TYPE_CHECKING:
+    from .models.model import Model
+
+LayerRef = Union[str, nn.Module]
+#: ``fn(module, inputs, output) -> new output`` applied to a module's output.
+OutputRewrite = Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end the forward pass early; caught by Recorder.forward."""
+
+
+@contextlib.contextmanager
+def borrow(module: nn.Module, *, freeze: bool = True) -> Iterator[nn.Module]:
+    """Run ``module`` in eval mode (parameters frozen) and restore its state afterwards.
+
+    Restores every submodule's ``training`` flag, every parameter's
+    ``requires_grad`` and every buffer's value, also when an exception flies.
+    """
+    training = [(m, m.training) for m in module.modules()]
+    requires_grad = [(p, p.requires_grad) for p in module.parameters()]
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        module.eval()
+        if freeze:
+            for p, _ in requires_grad:
+                p.requires_grad_(False)
+        yield module
+    finally:
+        for m, flag in training:
+            m.training = flag
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)
+
+
+def named_layers(model: Model | nn.Module) -> dict[str, nn.Module]:
+    """Layers by the framework's own names: ``named_modules()`` or Keras layer names."""
+    if hasattr(model, "named_layers"):
+        return model.named_layers()
+    return {name: m for name, m in model.named_modules() if name}
+
+
+def resolve_layers(model: Model | nn.Module, layers: Sequence[LayerRef]) -> dict[str, nn.Module]:
+    """Map each layer reference (name or module) to ``(name, module)``; unknown names raise."""
+    table = named_layers(model)
+    by_module = {id(m): n for n, m in table.items()}
+    resolved: dict[str, nn.Module] = {}
+    for ref in layers:
+        if isinstance(ref, nn.Module):
+            name = by_module.get(id(ref))
+            if name is None:
+                raise ConvlensError("the layer module passed is not part of this model")
+            resolved[name] = ref
+        elif ref in table:
+            resolved[ref] = table[ref]
+        else:
+            raise ConvlensError(
+                f"unknown layer {ref!r}{did_you_mean(str(ref), table)}"
+                " (run 'convlens layers MODEL' to list them)"
+            )
+    return resolved
+
+
+class Recorder:
+    """What :func:`capture` hands back: recorded outputs and a forward that may stop early."""
+
+    def __init__(self, module: nn.Module, names: list[str], stop: bool):
+        self.module = module
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._names = names
+        self._stop = stop
+        self._pending: set[str] = set(names)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor | None:
+        """Run the model on channels-first ``x``; returns ``None`` when stopped early."""
+        self.outputs.clear()
+        self._pending = set(self._names)
+        try:
+            return self.module(x, *args, **kwargs)
+        except _StopForward:
+            return None
+
+    def _record(self, name: str) -> None:
+        self._pending.discard(name)
+        if self._stop and not self._pending:
+            raise _StopForward
+
+
+@contextlib.contextmanager
+def capture(
+    model: Model | nn.Module,
+    layers: Sequence[LayerRef] = (),
+    *,
+    graph: bool = False,
+    stop: bool = False,
+    rewrite: Mapping[nn.Module, OutputRewrite] | None = None,
+) -> Iterator[Recorder]:
+    """Record the outputs of ``layers`` while the borrowed model runs.
+
+    Args:
+        model: a :class:`convlens.Model` or a bare ``nn.Module`` (channels-first).
+        layers: layer names as the framework names them, or the modules themselves.
+        graph: keep recorded outputs in the autograd graph so gradients can be
+            taken with respect to them (grad mode is enabled inside the block).
+        stop: end the forward pass right after the last requested layer.
+        rewrite: modules whose output is replaced by ``fn(module, inputs, output)``
+            during the pass (guided backprop's ReLUs, a softmax skipped for logits).
+
+    Yields:
+        A :class:`Recorder`; call ``rec.forward(x)`` with a channels-first batch.
+    """
+    module = model.module if hasattr(model, "module") and hasattr(model, "layout") else model
+    channels_last = getattr(model, "layout", "channels_first") == "channels_last"
+    resolved = resolve_layers(model, list(layers))
+    names = list(resolved)
+    recorder = Recorder(module, names, stop)
+    handles = []
+
+    def make_hook(name: str) -> Callable:
+        def hook(mod: nn.Module, inputs: tuple, output):
+            if not isinstance(output, torch.Tensor):
+                raise ConvlensError(
+                    f"layer {name!r} returns {type(output).__name__}, not a tensor; choose another layer"
+                )
+            if rewrite is not None and mod in rewrite:
+                output = rewrite[mod](mod, inputs, output)
+            to_first = channels_last and output.ndim == 4
+            stored = output.permute(0, 3, 1, 2) if to_first else output
+            if graph:
+                if not stored.requires_grad:
+                    stored = stored.detach().requires_grad_()
+                recorder.outputs[name] = stored
+                # The next module gets a copy: an in-place op there must not
+                # overwrite the recorded tensor (or its version for autograd).
+                passed = (stored.permute(0, 2, 3, 1) if to_first else stored).clone()
+            else:
+                recorder.outputs[name] = stored.detach().clone()
+                passed = output
+            recorder._record(name)
+            return passed
+
+        return hook
+
+    def make_rewrite_hook(fn: OutputRewrite) -> Callable:
+        return lambda mod, inputs, output: fn(mod, inputs, output)
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(borrow(module))
+        if graph:
+            stack.enter_context(torch.enable_grad())
+        try:
+            hooked = list(resolved.values()) + list(rewrite or {})
+            if any(isinstance(m, torch.jit.ScriptModule) for m in hooked):
+                raise ConvlensError("a TorchScript model cannot be hooked, so its layers cannot be captured; "
+                                    "load the eager model (torch.save(model) or a state dict with --arch)")
+            for name, mod in resolved.items():
+                handles.append(mod.register_forward_hook(make_hook(name)))
+            for mod, fn in (rewrite or {}).items():
+                if mod not in resolved.values():
+                    handles.append(mod.register_forward_hook(make_rewrite_hook(fn)))
+            yield recorder
+        finally:
+            for handle in handles:
+                handle.remove()

@@ -1,0 +1,28 @@
+"""Options shared by the commands, and the one way the CLI opens a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..models import Model, load_model
+
+ModelArg = Annotated[str, typer.Argument(
+    help="A torchvision name (resnet50), a .pt/.pth/TorchScript file, a convlens checkpoint, or a Keras .keras/.h5 file.",
+    show_default=False)]
+ImagesArg = Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, ...).", show_default=False)]
+WeightsOpt = Annotated[str, typer.Option(
+    "--weights", help="For a torchvision name: 'default' (download once), 'none' (random), or a state-dict file.")]
+ArchOpt = Annotated[Optional[str], typer.Option(
+    "--arch", help="Architecture of a state-dict file, e.g. resnet18.")]
+LabelsOpt = Annotated[Optional[Path], typer.Option(
+    "--labels", help="Text file with one class name per line.")]
+PreprocessingOpt = Annotated[Optional[str], typer.Option(
+    "--preprocessing", help="Keras models: rescale (x/255, default), raw, tf, torch or caffe.")]
+
+
+def open_model(model: str, weights: str = "default", arch: str | None = None, labels: Path | None = None,
+               preprocessing: str | None = None) -> Model:
+    return load_model(model, weights=weights, arch=arch, labels=labels, preprocessing=preprocessing)

@@ -1,0 +1,95 @@
+"""``convlens layers`` and ``convlens predict``: look at a model and what it says."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..images import load_images
+from ..models import summarize
+from . import app
+from .common import ArchOpt, ImagesArg, LabelsOpt, ModelArg, PreprocessingOpt, WeightsOpt, open_model
+
+
+def _parse_size(text: str | None) -> tuple[int, int] | None:
+    from ..errors import ConvlensError
+
+    if text is None:
+        return None
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        sizes = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise ConvlensError(f"--input-size must look like 224 or 224x160, got {text!r}")
+    return (sizes[0], sizes[-1])
+
+
+@app.command()
+def layers(
+    model: ModelArg,
+    input_size: Annotated[Optional[str], typer.Option("--input-size", help="H or HxW to run the model at.")] = None,
+    weights: WeightsOpt = "none",
+    arch: ArchOpt = None,
+    preprocessing: PreprocessingOpt = None,
+) -> None:
+    """Print every layer: name, type, output shape, parameters; '*' marks explanation targets.
+
+    Example: convlens layers resnet18 --input-size 160
+    """
+    loaded = open_model(model, weights, arch, None, preprocessing)
+    summary = summarize(loaded, _parse_size(input_size))
+    table = Table(title=f"{loaded.name}  (input {summary.input_size[0]}x{summary.input_size[1]})")
+    for column, justify in (("layer", "left"), ("type", "left"), ("output shape", "left"),
+                            ("params", "right"), ("target", "center")):
+        table.add_column(column, justify=justify)
+    auto = summary.auto_layer if summary.spatial_layers else None
+    for row in summary.rows:
+        shape = "-" if row.output_shape is None else "(" + ", ".join(
+            "N" if d == -1 else str(d) for d in row.output_shape) + ")"
+        mark = "auto" if row.name == auto else ("*" if row.spatial else "")
+        table.add_row("  " * row.depth + row.name, row.type, shape, f"{row.params:,}", mark)
+    console = Console(width=120)
+    console.print(table)
+    console.print(f"Total params: {summary.total_params:,}   Trainable: {summary.trainable_params:,}   "
+                  f"Non-trainable: {summary.total_params - summary.trainable_params:,}")
+
+
+@app.command()
+def predict(
+    model: ModelArg,
+    images: ImagesArg,
+    top: Annotated[int, typer.Option("--top", "-k", min=1, help="How many classes to show per image.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    weights: WeightsOpt = "default",
+    arch: ArchOpt = None,
+    labels: LabelsOpt = None,
+    preprocessing: PreprocessingOpt = None,
+) -> None:
+    """Print the top classes and their probabilities for each image.
+
+    Example: convlens predict resnet50 cat.jpg dog.png --top 3 --json
+    """
+    pictures = load_images(images)  # reads (and checks) every image before the model loads
+    loaded = open_model(model, weights, arch, labels, preprocessing)
+    results = loaded.predict(pictures, top_k=top)
+    if as_json:
+        payload = [{"image": str(path), "predictions": [p.__dict__ for p in preds]}
+                   for path, preds in zip(images, results)]
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    console = Console(width=120)
+    for path, preds in zip(images, results):
+        table = Table(title=str(path))
+        table.add_column("rank", justify="right")
+        table.add_column("class")
+        table.add_column("index", justify="right")
+        table.add_column("probability", justify="right")
+        for rank, p in enumerate(preds, 1):
+            table.add_row(str(rank), p.label, str(p.index), f"{p.probability:.4f}")
+        console.print(table)

@@ -1,0 +1,263 @@
+"""`load_model`: one call for torchvision names, PyTorch files, Keras files and in-memory models.
+
+Security: loading a *pickled module* (a ``torch.save(model)`` file) runs code
+from that file. State dicts and TorchScript files are loaded without pickle
+code execution; a pickled module is only unpickled when the file is not a
+plain state dict, so only load such files from sources you trust.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from ..errors import ConvlensError, did_you_mean
+from .keras import is_keras_model, load_keras_file, wrap_keras
+from .model import Model, detect_output
+from .transforms import imagenet_transform, plain_transform
+
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+
+#: Architectures convlens builds itself, by name: ``fn(**kwargs) -> nn.Module``.
+#: torchvision's own names are looked up through ``torchvision.models``.
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_architecture(name: str):
+    """Decorator: make a model builder loadable by name from checkpoints and ``--arch``."""
+
+    def decorate(builder):
+        ARCHITECTURES[name] = builder
+        return builder
+
+    return decorate
+
+
+def torchvision_names() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _read_labels(labels) -> list[str] | None:
+    if labels is None or isinstance(labels, list):
+        return labels
+    path = Path(labels)
+    if not path.is_file():
+        raise ConvlensError(f"labels file not found: {path}")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_model(
+    source,
+    *,
+    weights: str | os.PathLike | None = "default",
+    arch: str | None = None,
+    labels: list[str] | str | os.PathLike | None = None,
+    preprocessing: str | None = None,
+    device: str | torch.device | None = None,
+) -> Model:
+    """Load a CNN from a torchvision name, a file, or a model object.
+
+    Args:
+        source: a torchvision architecture name (``"resnet50"``); a path to a
+            TorchScript file, a pickled module, a state dict (with ``arch``), a
+            convlens checkpoint, or a Keras ``.keras``/``.h5`` file; or an
+            ``nn.Module``/Keras model already in memory.
+        weights: for a torchvision name: ``"default"`` (torchvision's weights
+            API, downloaded once), ``"none"`` (random init) or a path to a state
+            dict. For a bare ``arch`` this is the state dict to load.
+        arch: architecture name of a state-dict file.
+        labels: class names, or a text file with one per line.
+        preprocessing: Keras only: ``rescale`` (default), ``raw``, ``tf``, ``torch``, ``caffe``.
+        device: where to put the model (default: where it is, CPU for files).
+
+    Example:
+        >>> model = load_model("resnet18", weights="none")
+        >>> model.input_size
+        (224, 224)
+    """
+    names = _read_labels(labels)
+    if isinstance(source, Model):
+        model = source
+    elif isinstance(source, nn.Module) and not is_keras_model(source):
+        model = from_module(source, labels=names)
+    elif is_keras_model(source):
+        model = wrap_keras(source, preprocessing=preprocessing, labels=names)
+    else:
+        path = Path(source)
+        if path.suffix.lower() in KERAS_SUFFIXES:
+            if not path.is_file():
+                raise ConvlensError(f"model file not found: {path}")
+            model = load_keras_file(path, preprocessing, names)
+        elif path.is_file():
+            model = _load_torch_file(path, arch, names)
+        elif str(source) in torchvision_names() or str(source) in ARCHITECTURES:
+            model = _load_named(str(source), weights, names)
+        else:
+            raise ConvlensError(
+                f"unknown model {str(source)!r}{did_you_mean(str(source), torchvision_names() + list(ARCHITECTURES))}"
+                " (pass a torchvision name, or a path to a .pt/.pth/.keras/.h5 file)"
+            )
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def from_module(module: nn.Module, name: str | None = None, labels: list[str] | None = None,
+                input_size: int = 224) -> Model:
+    """Wrap an in-memory PyTorch module; preprocessing defaults to ImageNet's."""
+    return Model(
+        module=module,
+        name=name or type(module).__name__,
+        transform=imagenet_transform(input_size, resize=int(round(input_size * 256 / 224))),
+        input_size=(input_size, input_size),
+        labels=labels,
+        output=detect_output(module),
+    )
+
+
+def _load_named(name: str, weights, labels: list[str] | None) -> Model:
+    if name in ARCHITECTURES:
+        module = ARCHITECTURES[name]()
+        if weights not in (None, "none", "default"):
+            _load_state_dict(module, _read_state_dict(Path(weights)), Path(weights), name)
+        return from_module(module, name=name, labels=labels)
+
+    default = torchvision.models.get_model_weights(name).DEFAULT
+    if weights in (None, "none"):
+        module = torchvision.models.get_model(name, weights=None)
+    elif weights == "default":
+        try:
+            module = torchvision.models.get_model(name, weights=default)
+        except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad cache file a RuntimeError
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConvlensError(
+                f"cannot download the default weights of {name} ({reason}); "
+                f"pass a local weights file with --weights PATH, or --weights none for random weights"
+            ) from None
+    else:
+        module = torchvision.models.get_model(name, weights=None)
+        _load_state_dict(module, _read_state_dict(Path(weights)), Path(weights), name)
+    crop = default.transforms().crop_size[0]
+    return Model(
+        module=module,
+        name=name,
+        transform=default.transforms(),
+        input_size=(crop, crop),
+        labels=labels or list(default.meta.get("categories") or []) or None,
+        output="logits",
+        info={"weights": str(weights)},
+    )
+
+
+def _read_state_dict(path: Path) -> dict:
+    if not path.is_file():
+        raise ConvlensError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConvlensError(f"cannot read weights file {path}: {str(err).splitlines()[0]}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConvlensError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return state
+
+
+def _load_state_dict(module: nn.Module, state: dict, path: Path, arch: str) -> None:
+    own = module.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        k = mismatched[0]
+        raise ConvlensError(f"weights file {path} does not fit architecture {arch}: {k} has shape "
+                            f"{tuple(state[k].shape)}, the model expects {tuple(own[k].shape)}")
+    result = module.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[0]})")
+    if result.unexpected_keys:
+        problems.append(f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})")
+    if problems:
+        raise ConvlensError(f"weights file {path} does not fit architecture {arch}: keys " + ", ".join(problems))
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name or name.endswith("constants.pkl") for name in archive.namelist())
+
+
+def _load_torch_file(path: Path, arch: str | None, labels: list[str] | None) -> Model:
+    if _is_torchscript(path):
+        try:
+            with warnings.catch_warnings():  # torch.jit is deprecated, but users still have such files
+                warnings.simplefilter("ignore", FutureWarning)
+                module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as err:
+            raise ConvlensError(f"cannot load TorchScript file {path}: {str(err).splitlines()[0]}") from None
+        return from_module(module, name=path.name, labels=labels)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as safe_err:
+        if "weights_only" not in str(safe_err) and "Unsupported global" not in str(safe_err):
+            raise ConvlensError(f"cannot read model file {path}: {str(safe_err).splitlines()[0]}") from None
+        try:  # a pickled nn.Module: unpickling runs code from the file (see module docstring)
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise ConvlensError(f"cannot read model file {path}: {str(err).splitlines()[0]}") from None
+    if isinstance(obj, nn.Module):
+        return from_module(obj, name=path.name, labels=labels)
+    if isinstance(obj, dict) and "convlens" in obj:
+        return _from_checkpoint(obj, path, labels)
+    if isinstance(obj, dict):
+        if arch is None:
+            raise ConvlensError(f"{path} holds a state dict; name its architecture with --arch (e.g. --arch resnet18)")
+        model = _load_named(arch, "none", labels)
+        state = obj.get("state_dict", obj)
+        _load_state_dict(model.module, state, path, arch)
+        model.name = path.name
+        return model
+    raise ConvlensError(f"{path} holds a {type(obj).__name__}, not a model or a state dict")
+
+
+def _from_checkpoint(checkpoint: dict, path: Path, labels: list[str] | None) -> Model:
+    """A checkpoint written by ``convlens train``: architecture, weights and preprocessing in one file."""
+    arch = checkpoint.get("arch")
+    if arch not in ARCHITECTURES:
+        _ensure_builtin_architectures()
+    if arch not in ARCHITECTURES:
+        raise ConvlensError(f"checkpoint {path} needs architecture {arch!r}, which this convlens does not know")
+    try:
+        module = ARCHITECTURES[arch](**checkpoint.get("arch_kwargs", {}))
+    except TypeError as err:
+        raise ConvlensError(f"checkpoint {path} does not fit architecture {arch}: {err}") from None
+    _load_state_dict(module, checkpoint["state_dict"], path, arch)
+    size = tuple(checkpoint.get("input_size", (128, 128)))
+    norm = checkpoint.get("normalize") or {}
+    return Model(
+        module=module,
+        name=path.name,
+        transform=plain_transform(size, norm.get("mean"), norm.get("std")),
+        input_size=size,
+        labels=labels or checkpoint.get("labels"),
+        output=checkpoint.get("output", "logits"),
+        info={k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer", "convlens")},
+    )
+
+
+def _ensure_builtin_architectures() -> None:
+    """Import the modules that register convlens's own architectures."""
+    import importlib
+
+    for module in ("convlens.train.nets",):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass

@@ -1,0 +1,185 @@
+"""`Model`: a loaded network plus what it takes to feed it and read its output.
+
+Inside convlens every tensor is channels-first ``(N, C, H, W)``. A Keras model
+(channels-last under its torch backend) is wrapped once, here, by
+:class:`ChannelsLastAdapter`; users still hand Keras models channels-last
+batches, converted by :meth:`Model.to_internal` at the API boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..errors import ConvlensError
+from ..images import ImageLike, load_images
+
+Layout = Literal["channels_first", "channels_last"]
+OutputKind = Literal["logits", "softmax", "sigmoid"]
+
+
+@dataclass
+class Prediction:
+    """One class of a top-k list."""
+
+    index: int
+    label: str
+    probability: float
+
+
+class ChannelsLastAdapter(nn.Module):
+    """Presents a channels-last Keras model (torch backend) as a channels-first module."""
+
+    def __init__(self, keras_model):
+        super().__init__()
+        self.keras_model = keras_model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.keras_model(x.permute(0, 2, 3, 1))
+
+
+@dataclass
+class Model:
+    """A network ready to explain.
+
+    Attributes:
+        module: the network as an ``nn.Module`` taking channels-first input.
+        name: what it was loaded from.
+        transform: PIL image -> channels-first float tensor ``(C, H, W)``.
+        input_size: ``(H, W)`` the transform produces.
+        labels: class names, index-aligned with the output, or ``None``.
+        layout: the layout a user's tensors have (Keras: ``"channels_last"``).
+        output: what the final output is: raw ``"logits"``, or probabilities
+            from a final ``"softmax"`` or ``"sigmoid"``.
+        framework: ``"torch"`` or ``"keras"``.
+    """
+
+    module: nn.Module
+    name: str
+    transform: Callable
+    input_size: tuple[int, int]
+    labels: list[str] | None = None
+    layout: Layout = "channels_first"
+    output: OutputKind = "logits"
+    framework: str = "torch"
+    keras_model: object | None = None
+    info: dict = field(default_factory=dict)
+
+    # -- layout -----------------------------------------------------------
+    def to_internal(self, x: torch.Tensor) -> torch.Tensor:
+        """A user's batch (in ``layout``) as channels-first ``(N, C, H, W)``."""
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        if x.ndim != 4:
+            raise ConvlensError(f"expected a batch of images (N, C, H, W), got shape {tuple(x.shape)}")
+        return x.permute(0, 3, 1, 2) if self.layout == "channels_last" else x
+
+    def from_internal(self, x: torch.Tensor) -> torch.Tensor:
+        """Channels-first ``(N, C, H, W)`` back to the user's layout."""
+        return x.permute(0, 2, 3, 1) if self.layout == "channels_last" and x.ndim == 4 else x
+
+    # -- device -----------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        for p in self.module.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.module.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    def to(self, device: str | torch.device) -> Model:
+        self.module.to(device)
+        return self
+
+    # -- layers -----------------------------------------------------------
+    def named_layers(self) -> dict[str, nn.Module]:
+        """Layers by the framework's own names (``layer4``, ``features.29``, ``conv2d_3``)."""
+        if self.keras_model is not None:
+            from .keras import keras_layers
+
+            return keras_layers(self.keras_model)
+        return {name: m for name, m in self.module.named_modules() if name}
+
+    # -- input ------------------------------------------------------------
+    def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
+        """Images (paths, PIL images, arrays) -> a batch in the model's layout and device."""
+        batch = torch.stack([self.transform(image) for image in load_images(images)])
+        return self.from_internal(batch).to(device=self.device, dtype=self.dtype)
+
+    # -- output -----------------------------------------------------------
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward a batch in the user's layout; the model's state is borrowed, not changed."""
+        from ..capture import capture
+
+        with capture(self) as rec:
+            return rec.forward(self.to_internal(x))
+
+    def probabilities(self, output: torch.Tensor) -> torch.Tensor:
+        """Class probabilities ``(N, K)``; a single sigmoid/logit output gives ``[1-p, p]``."""
+        output = output.float()
+        if output.ndim > 2:
+            output = output.flatten(1)
+        if output.shape[1] == 1:
+            p = output if self.output == "sigmoid" else torch.sigmoid(output)
+            return torch.cat([1 - p, p], dim=1)
+        if self.output in ("softmax", "sigmoid"):
+            return output
+        return output.softmax(dim=1)
+
+    def label(self, index: int) -> str:
+        if self.labels is not None and 0 <= index < len(self.labels):
+            return self.labels[index]
+        return f"class {index}"
+
+    def predict(self, images: ImageLike | Sequence[ImageLike] | torch.Tensor, top_k: int = 5) -> list[list[Prediction]]:
+        """Top-k classes per image with their probabilities."""
+        x = images if isinstance(images, torch.Tensor) and images.ndim == 4 else self.preprocess(images)
+        with torch.inference_mode():
+            probs = self.probabilities(self(x))
+        k = max(1, min(top_k, probs.shape[1]))
+        values, indices = probs.topk(k, dim=1)
+        return [
+            [Prediction(int(i), self.label(int(i)), float(v)) for v, i in zip(vs, ix)]
+            for vs, ix in zip(values.tolist(), indices.tolist())
+        ]
+
+    def logit_rewrites(self) -> dict[nn.Module, Callable]:
+        """Output rewrites that skip a final softmax/sigmoid, so targets see pre-activation logits.
+
+        Saturated probabilities have vanishing gradients; every gradient method
+        and class-model visualisation explains the logit instead.
+        """
+        if self.output == "logits":
+            return {}
+        if self.keras_model is not None:
+            from .keras import keras_logit_rewrites
+
+            return keras_logit_rewrites(self.keras_model)
+        final = _final_activation(self.module)
+        return {final: lambda mod, inputs, output: inputs[0]} if final is not None else {}
+
+
+def _final_activation(module: nn.Module) -> nn.Module | None:
+    leaves = [m for m in module.modules() if not list(m.children())]
+    if leaves and isinstance(leaves[-1], (nn.Softmax, nn.Sigmoid, nn.LogSoftmax)):
+        return leaves[-1]
+    return None
+
+
+def detect_output(module: nn.Module) -> OutputKind:
+    """``"softmax"``/``"sigmoid"`` when the module's last leaf is that activation, else ``"logits"``."""
+    final = _final_activation(module)
+    if isinstance(final, nn.Sigmoid):
+        return "sigmoid"
+    if isinstance(final, nn.Softmax):
+        return "softmax"
+    return "logits"

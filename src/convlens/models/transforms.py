@@ -1,0 +1,70 @@
+"""Preprocessing: PIL image -> channels-first float tensor, as each kind of model expects."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from ..errors import ConvlensError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: keras.applications preprocessing modes, plus plain 1/255 scaling and raw 0-255.
+KERAS_MODES = ("rescale", "raw", "tf", "torch", "caffe")
+
+
+def imagenet_transform(crop: int = 224, resize: int | None = 256) -> v2.Compose:
+    """Resize the short side, centre-crop, scale to [0, 1], normalise with ImageNet statistics."""
+    steps = [v2.ToImage()]
+    if resize:
+        steps += [v2.Resize(resize, antialias=True), v2.CenterCrop(crop)]
+    else:
+        steps += [v2.Resize((crop, crop), antialias=True)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return v2.Compose(steps)
+
+
+def plain_transform(size: Sequence[int], mean: Sequence[float] | None = None,
+                    std: Sequence[float] | None = None) -> v2.Compose:
+    """Resize to ``size`` (H, W), scale to [0, 1], and normalise when mean/std are given."""
+    steps = [v2.ToImage(), v2.Resize(tuple(size), antialias=True), v2.ToDtype(torch.float32, scale=True)]
+    if mean is not None and std is not None:
+        steps.append(v2.Normalize(list(mean), list(std)))
+    return v2.Compose(steps)
+
+
+class KerasTransform:
+    """Resize to the Keras model's input size and apply a ``keras.applications`` mode.
+
+    Returns channels-first ``(C, H, W)``; the model's layout conversion happens elsewhere.
+    Modes: ``rescale`` (x/255), ``raw`` (0-255, for models that start with a
+    Rescaling layer), ``tf`` (x/127.5 - 1), ``torch`` (ImageNet mean/std),
+    ``caffe`` (BGR, ImageNet means subtracted, no scaling).
+    """
+
+    def __init__(self, size: Sequence[int], mode: str = "rescale", channels: int = 3):
+        if mode not in KERAS_MODES:
+            raise ConvlensError(f"unknown preprocessing mode {mode!r}; choose one of {', '.join(KERAS_MODES)}")
+        self.size, self.mode, self.channels = tuple(size), mode, channels
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = image.resize((self.size[1], self.size[0]), Image.BILINEAR)
+        if self.channels == 1:
+            image = image.convert("L")
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
+        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+        if self.mode == "rescale":
+            return x / 255.0
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        if self.mode == "torch":
+            mean = torch.tensor(IMAGENET_MEAN[: x.shape[0]]).view(-1, 1, 1)
+            std = torch.tensor(IMAGENET_STD[: x.shape[0]]).view(-1, 1, 1)
+            return (x / 255.0 - mean) / std
+        if self.mode == "caffe" and x.shape[0] == 3:
+            return x.flip(0) - torch.tensor([103.939, 116.779, 123.68]).view(3, 1, 1)
+        return x

@@ -1,0 +1,48 @@
+"""Small models built in a few lines; nothing here downloads."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(2)
+
+
+class TinyNet(nn.Module):
+    """conv -> BN -> in-place ReLU -> conv -> in-place ReLU -> GAP -> linear: CAM-ready."""
+
+    def __init__(self, classes: int = 3, width: int = 4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width, width * 2, 3, padding=1)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width * 2, classes)
+
+    def forward(self, x):
+        x = self.relu1(self.bn(self.conv1(x)))
+        x = self.relu2(self.conv2(x))
+        return self.fc(self.pool(x).flatten(1))
+
+
+@pytest.fixture
+def tiny() -> TinyNet:
+    torch.manual_seed(0)
+    net = TinyNet()
+    with torch.no_grad():  # non-trivial BN statistics
+        net.bn.running_mean.uniform_(-0.2, 0.2)
+        net.bn.running_var.uniform_(0.5, 1.5)
+    return net
+
+
+@pytest.fixture
+def image_batch() -> torch.Tensor:
+    return torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
