@@ -20,7 +20,8 @@ runner = CliRunner()
 
 def run(*args):
     """Run through main() so ConvlensError handling is exercised; return (code, stdout, stderr)."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "PYTHONWARNINGS": "ignore"}
+    path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONWARNINGS": "ignore"}
     result = subprocess.run([sys.executable, "-c", "from convlens.cli import main; main()", *args],
                             capture_output=True, text=True, env=env)
     return result.returncode, result.stdout, result.stderr
