@@ -162,7 +162,8 @@ class Explanation:
         targets: the class index explained per image (``-1`` for a callable target).
         target_names: the class names of ``targets``.
         flat: per image, True where the map was constant and is returned as zeros.
-        attributions: per-channel input attributions ``(N, C, H, W)`` for gradient methods.
+        attributions: per-channel input attributions for gradient methods, in the model's layout
+            (``(N, C, H, W)``; ``(N, H, W, C)`` for Keras).
         images: the images explained, when :func:`explain` was given images.
     """
 
@@ -325,5 +326,5 @@ def explain(model, inputs, method: str = "gradcam", layer: str | nn.Module | Seq
         layer=(names[0] if len(names) == 1 else names) if names else None,
         targets=indices, target_names=[loaded.label(i) if i >= 0 else "custom target" for i in indices],
         flat=flat,
-        attributions=None if result.attributions is None else result.attributions.detach().float(),
+        attributions=None if result.attributions is None else loaded.from_internal(result.attributions.detach().float()),
         images=images, transform=loaded.transform)
