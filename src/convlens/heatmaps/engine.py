@@ -290,6 +290,28 @@ def _check_options(method: Method, options: dict) -> None:
             raise ConvlensError(f"method {method.name!r} has no option {key!r}; {takes}")
 
 
+def check_request(model, inputs, methods: Sequence[str], layer: str | nn.Module | Sequence = "auto",
+                  target: TargetSpec = None) -> list[str]:
+    """Validate methods, layers and targets with one forward pass, computing nothing else.
+
+    Raises :class:`ConvlensError` for what :func:`explain` would reject; returns
+    the layer names the layer-reading methods will use. The CLI calls this
+    before any slow method runs, so a bad layer or target fails in seconds.
+    """
+    chosen = [get_method(name) for name in methods]
+    loaded = as_model(model)
+    x, _ = _as_batch(loaded, inputs)
+    names: list[str] = []
+    for method in chosen:
+        names = _resolve_layer_names(loaded, method, layer, x) or names
+    request = Request(loaded, x, names, target)
+    with torch.inference_mode(), request.capture() as rec:
+        request.score(rec.forward(x))
+        for name in names:
+            request.layer_output(rec, name)
+    return names
+
+
 def explain(model, inputs, method: str = "gradcam", layer: str | nn.Module | Sequence = "auto",
             target: TargetSpec = None, *, progress: Progress | None = None, **options) -> Explanation:
     """Compute one heatmap per image with a registered method.
