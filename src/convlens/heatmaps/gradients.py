@@ -48,6 +48,8 @@ def input_gradients(request: Request, inputs: torch.Tensor, rows: list[int], bat
         chunk = inputs[start:start + batch_size].detach().clone().requires_grad_()
         with request.capture([], rewrite=rewrite) as rec, torch.enable_grad():
             output = rec.forward(chunk)
+            if request.score_fn is None:  # the clean images themselves, in one batch: resolve here
+                request.score(output.detach())
             scores = _row_score(request, rows[start:start + batch_size])(output)
             grad, = torch.autograd.grad(scores.sum(), chunk)
         grads.append(grad.float())
@@ -61,8 +63,7 @@ def saliency(request: Request) -> RawMaps:
     Simonyan, Vedaldi & Zisserman 2013, "Deep Inside Convolutional Networks",
     arXiv:1312.6034: ``M_ij = max_c |dS/dx_cij|``.
     """
-    _resolve_targets(request)
-    grads = input_gradients(request, request.x, list(range(request.x.shape[0])), DEFAULT_BATCH_SIZE).abs()
+    grads = input_gradients(request, request.x, list(range(request.x.shape[0])), len(request.x)).abs()
     return RawMaps([grads.amax(dim=1)], grads)
 
 
@@ -154,9 +155,8 @@ def _relu_modules(request: Request) -> list[nn.Module]:
 
 def guided_gradients(request: Request) -> torch.Tensor:
     """Springenberg's guided-backpropagation gradient ``(N, C, H, W)``."""
-    _resolve_targets(request)
     guide = {module: _guide for module in _relu_modules(request)}
-    return input_gradients(request, request.x, list(range(request.x.shape[0])), DEFAULT_BATCH_SIZE, guide)
+    return input_gradients(request, request.x, list(range(request.x.shape[0])), len(request.x), guide)
 
 
 def guided_backprop(request: Request) -> RawMaps:
