@@ -102,8 +102,10 @@ def integrated_gradients(request: Request, *, steps: int = 50, baseline: float |
 
     Sundararajan, Taly & Yan 2017, "Axiomatic Attribution for Deep Networks",
     arXiv:1703.01365: ``A = (x - x') * int_0^1 dS/dx (x' + a (x - x')) da``,
-    here by the trapezoidal rule on ``steps`` points (captum's
-    ``riemann_trapezoid``; the paper uses a right Riemann sum);
+    here by the trapezoidal rule on ``steps`` evenly spaced points, weights
+    summing to 1 (the paper uses a right Riemann sum; captum's
+    ``riemann_trapezoid`` samples the same points but its weights sum to
+    ``1 - 1/steps``, so its attributions are that much smaller, maps equal);
     ``M = |sum_c A_c|``. ``baseline``: a number or a tensor broadcastable to the
     channels-first input (default black, 0).
     """
@@ -114,7 +116,7 @@ def integrated_gradients(request: Request, *, steps: int = 50, baseline: float |
     n = x.shape[0]
     reference = torch.as_tensor(baseline, dtype=torch.float32, device=x.device).expand_as(x)
     alphas = torch.linspace(0, 1, steps, device=x.device)
-    step_weights = torch.full((steps,), 1.0 / steps, device=x.device)
+    step_weights = torch.full((steps,), 1.0 / (steps - 1), device=x.device)
     step_weights[0] /= 2
     step_weights[-1] /= 2
     path = reference.unsqueeze(1) + alphas.view(1, -1, 1, 1, 1) * (x - reference).unsqueeze(1)
