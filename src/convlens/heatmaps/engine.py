@@ -335,10 +335,12 @@ def explain(model, inputs, method: str = "gradcam", layer: str | nn.Module | Seq
     chosen = get_method(method)
     _check_options(chosen, options)
     loaded = as_model(model)
-    x, images = _as_batch(loaded, inputs)
-    names = _resolve_layer_names(loaded, chosen, layer, x)
-    request = Request(loaded, x, names, target, progress)
-    result = chosen.compute(request, **options)
+    # A caller inside torch.inference_mode() (an evaluation loop) still gets gradients here.
+    with torch.inference_mode(False):
+        x, images = _as_batch(loaded, inputs)
+        names = _resolve_layer_names(loaded, chosen, layer, x)
+        request = Request(loaded, x, names, target, progress)
+        result = chosen.compute(request, **options)
     per_layer = [m.detach().float() for m in result.per_layer]
     raw, combined = _combine(per_layer, tuple(x.shape[-2:]))
     maps, flat = normalise(combined)
