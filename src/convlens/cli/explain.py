@@ -90,8 +90,6 @@ def explain(
     for indices in batches:  # one forward pass per batch: every layer and target is checked up front
         chosen_layers = check_request(loaded, [pictures[i] for i in indices], methods, layer_ref,
                                       batch_targets(indices))
-    if chosen_layers and "auto" in layers:
-        typer.echo(f"layer: {', '.join(chosen_layers)} (auto)", err=True)
 
     # Cheap methods first, so a method-specific error (CAM without a GAP head) comes before the slow ones.
     order = sorted(methods, key=lambda name: get_method(name).kind == "perturbation")
@@ -121,4 +119,6 @@ def explain(
             figure = comparison_figure(pictures[image_index], panels)
             figure.axes[0].set_title(f"original — predicted: {predicted[image_index]}", fontsize=9)
             save_figure(figure, out / f"{stem}_explain.png")
+    if chosen_layers:
+        typer.echo(f"layer: {', '.join(chosen_layers)}{' (auto)' if 'auto' in layers else ''}")
     typer.echo(f"wrote {len(pictures) * (2 * len(methods) + 1)} files to {out}")
