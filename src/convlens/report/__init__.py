@@ -23,11 +23,16 @@ from .sections import SECTIONS, Context, ReportImage
 __all__ = ["ReportImage", "build_report", "default_images"]
 
 
-def default_images() -> list[ReportImage]:
-    """Real photographs from scikit-image: ``chelsea`` (a cat) and ``coffee``."""
+def default_images(shapes: int = 4, seed: int = 2026) -> list[ReportImage]:
+    """Generated shapes images with their masks, then two scikit-image photographs."""
+    from PIL import Image
+
+    from ..data.shapes import shape_sample
     from ..images import sample_image
 
-    return [ReportImage(name, sample_image(name)) for name in ("chelsea", "coffee")]
+    generated = [shape_sample(i, seed=seed) for i in range(shapes)]
+    return ([ReportImage(f"{s.class_name} #{i}", Image.fromarray(s.image), s.mask) for i, s in enumerate(generated)]
+            + [ReportImage(name, sample_image(name)) for name in ("chelsea", "coffee")])
 
 
 def _as_report_image(image: ImageLike | ReportImage) -> ReportImage:
@@ -54,7 +59,7 @@ def build_report(
     reported = [_as_report_image(image) for image in images] if images else default_images()
     if not reported:
         raise ConvlensError("no images to report on")
-    loaded = model if isinstance(model, Model) else load_model(model)
+    loaded = model if isinstance(model, Model) else load_model(model or "shapes")
     summary = summarize(loaded)
     if not summary.spatial_layers:
         raise ConvlensError(f"{loaded.name} has no layer with a spatial output; the report needs a CNN")

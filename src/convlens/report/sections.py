@@ -85,4 +85,39 @@ def _thumbnail(image: Image.Image, size: int = 160) -> Image.Image:
     return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
 
 
-SECTIONS = [summary_section, predictions_section]
+def heatmaps_section(ctx: Context) -> Section:
+    """Every registered method over every image, side by side; the ground-truth outline where known."""
+    from ..heatmaps import METHODS, explain
+    from .html import outline
+
+    methods = ctx.options.get("methods") or list(METHODS)
+    pictures = [item.image for item in ctx.images]
+    x = ctx.model.preprocess(pictures)
+    columns = {}
+    for name in methods:
+        ctx.step(f"heatmaps: {name}")
+        result = explain(ctx.model, x, method=name)
+        columns[name] = (result, result.overlay(pictures))
+    first = next(iter(columns.values()))[0]
+    headers = ["image", *methods]
+    rows = []
+    for i, item in enumerate(ctx.images):
+        cells = [_cell(item.image if item.mask is None else outline(item.image, item.mask), item.name)]
+        for name, (result, overlays) in columns.items():
+            shown = overlays[i] if item.mask is None else outline(overlays[i], item.mask)
+            flag = " (flat map)" if result.flat[i] else ""
+            cells.append(_cell(shown, f"{result.target_names[i]}{flag}"))
+        rows.append(cells)
+    layer = first.layer if isinstance(first.layer, str) else ", ".join(first.layer or [])
+    note = (f"Each map explains the top-1 class ({', '.join(sorted(set(first.target_names)))}) at layer "
+            f"{layer} for the CAM methods; jet colormap at opacity 0.4 over the original image."
+            + (" White outlines are the ground-truth object masks." if any(i.mask is not None for i in ctx.images)
+               else ""))
+    return Section("heatmaps", "Where the model looked", Markup(_parts.grid(headers, rows)), note)
+
+
+def _cell(image: Image.Image, caption: str) -> dict:
+    return figure(_thumbnail(image, 150), caption)
+
+
+SECTIONS = [summary_section, predictions_section, heatmaps_section]
