@@ -13,7 +13,6 @@ from ..errors import ConvlensError
 from ..fileio import atomic_path, save_image
 from ..heatmaps import check_request, explain as explain_images, get_method
 from ..images import load_images
-from ..render.overlay import check_style, comparison_figure, overlay_heatmap, save_figure
 from . import app
 from .common import ArchOpt, ImagesArg, LabelsOpt, ModelArg, PreprocessingOpt, WeightsOpt, open_model
 
@@ -73,6 +72,8 @@ def explain(
 
     Example: convlens explain resnet50 cat.jpg dog.jpg --method gradcam,scorecam --target top1 --out maps
     """
+    from ..render.overlay import check_style, comparison_figure, overlay_heatmap, save_figure  # matplotlib: slow import
+
     methods = list(dict.fromkeys(get_method(name).name for name in _split(method)))
     if not methods:
         raise ConvlensError("--method is empty; name at least one method, e.g. gradcam")
