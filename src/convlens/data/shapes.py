@@ -41,8 +41,10 @@ from PIL import Image, ImageChops, ImageDraw
 from ..errors import ConvlensError, did_you_mean
 from ..fileio import atomic_path, write_text
 
+#: In alphabetical order, the order class folders are read in: a model trained on
+#: :func:`write_shapes` output predicts index ``k`` for ``SHAPE_CLASSES[k]`` (= ``sample.label``).
 SHAPE_CLASSES: tuple[str, ...] = (
-    "circle", "square", "triangle", "star", "cross", "ring", "hexagon", "stripes",
+    "circle", "cross", "hexagon", "ring", "square", "star", "stripes", "triangle",
 )
 MASK_SUFFIX = ".mask.png"
 Box = tuple[int, int, int, int]
