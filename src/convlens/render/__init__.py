@@ -1,0 +1,1 @@
+"""Rendering: tensors in, PIL images out (NumPy, Pillow and matplotlib live here, not in the core)."""
