@@ -9,9 +9,10 @@
 from .capture import borrow, capture
 from .errors import ConvlensError
 from .images import load_image, load_images, sample_image
+from .inside import activations, class_model, deepdream, filter_patterns
 from .models import Model, auto_layer, load_model, summarize
 
 __version__ = "0.1.0"
 
-__all__ = ["ConvlensError", "Model", "auto_layer", "borrow", "capture", "load_image", "load_images",
-           "load_model", "sample_image", "summarize"]
+__all__ = ["ConvlensError", "Model", "activations", "auto_layer", "borrow", "capture", "class_model", "deepdream",
+           "filter_patterns", "load_image", "load_images", "load_model", "sample_image", "summarize"]
