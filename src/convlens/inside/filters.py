@@ -81,16 +81,16 @@ def _indices(requested: Iterable[int] | None, count: int, what: str, where: str,
 
 
 def filter_patterns(model: Model | nn.Module, layer: LayerRef, filters: Iterable[int] | None = None, *,
-                    size: int = 128, steps: int = 128, seed: int = 0, param: str = "fourier",
-                    optimizer: str = "adam", lr: float | None = None, transforms: str | Transform | None = "standard",
-                    regularizers: Mapping[str, float] | None = None,
+                    max_filters: int = 64, size: int = 128, steps: int = 128, seed: int = 0,
+                    param: str = "fourier", optimizer: str = "adam", lr: float | None = None,
+                    transforms: str | Transform | None = "standard", regularizers: Mapping[str, float] | None = None,
                     progress: Progress | None = None) -> FilterPatterns:
     """Optimise one image per filter of ``layer`` (default: the first 64), all in one batch.
 
     Args:
         model: a :class:`convlens.Model` or an ``nn.Module`` (ImageNet preprocessing assumed).
         layer: the layer's name or module; its output must have channels in dimension 1.
-        filters: channel indices (default ``range(64)``, fewer if the layer is narrower).
+        filters: channel indices (default: the first ``max_filters``, fewer if the layer is narrower).
         size: side of the square images, optimised at this size (never resampled).
         steps, seed, param, optimizer, lr, transforms, regularizers, progress: see
             :func:`convlens.inside.optimize.maximize`.
@@ -101,7 +101,7 @@ def filter_patterns(model: Model | nn.Module, layer: LayerRef, filters: Iterable
     output = _probe(model, name, size)
     if output.ndim < 2:
         raise ConvlensError(f"layer {name!r} has no channels (output shape {tuple(output.shape)}); choose another layer")
-    chosen = _indices(filters, output.shape[1], "filter", f"layer {name!r}", 64)
+    chosen = _indices(filters, output.shape[1], "filter", f"layer {name!r}", max_filters)
     objective = channel(name, torch.tensor(chosen, device=model.device))
     result = maximize(model, objective, batch=len(chosen), size=size, steps=steps, param=param, optimizer=optimizer,
                       lr=lr, transforms=transforms, regularizers=regularizers, seed=seed, progress=progress)
