@@ -179,3 +179,14 @@ def test_bad_input_is_one_clear_error(call, message):
     with pytest.raises(cl.ConvlensError, match=message) as caught:
         call()
     assert "\n" not in str(caught.value)
+
+
+def test_benchmark_script_runs_quick(monkeypatch, capsys):
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_filters.py"
+    monkeypatch.setattr("sys.argv", [str(script), "--quick"])
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "convlens" in out and "mean activation" in out

@@ -74,6 +74,7 @@ def test_class_model_and_deepdream(capsys, model_file, picture, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["activations", "{model}", "{picture}", "--layers", "0,conv9"], "unknown layer 'conv9'"),
     (["activations", "{model}", "missing.png"], "image not found"),
+    (["activations", "{model}", "{picture}", "--device", "tpu9"], "cannot use device 'tpu9'"),
     (["filters", "{model}", "--layers", "0", "--filters", "0,99", "--steps", "1", "--size", "16"],
      "filter index 99 is out of range"),
     (["filters", "{model}", "--layers", "3,9"], "unknown layer '9'"),

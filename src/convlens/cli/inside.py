@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
+import torch
 import typer
 from tqdm import tqdm
 
@@ -39,6 +40,7 @@ TransformsOpt = Annotated[str, typer.Option("--transforms", help="Robustness tra
 TvOpt = Annotated[float, typer.Option("--tv", help="Weight of the total-variation penalty.")]
 LpOpt = Annotated[float, typer.Option("--lp", help="Weight of the L6-norm penalty.")]
 BlurOpt = Annotated[float, typer.Option("--blur", help="Weight of the blur penalty.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1... (default: cuda when present).")]
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -71,6 +73,18 @@ def _grid(text: str) -> tuple[int, int]:
     return rows, cols
 
 
+def _open(model: str, weights: str, arch, labels, preprocessing, device: str | None):
+    """Open the model on ``device`` (default: the GPU when there is one)."""
+    loaded = open_model(model, weights, arch, labels, preprocessing)
+    device = device or ("cuda" if torch.cuda.is_available() else None)
+    if device is not None:
+        try:
+            loaded.to(device)
+        except (RuntimeError, AssertionError) as err:  # an unknown or absent device
+            raise ConvlensError(f"cannot use device {device!r}: {str(err).splitlines()[0]}") from None
+    return loaded
+
+
 def _file_name(layer: str) -> str:
     return layer.replace("/", "_").replace("\\", "_")
 
@@ -99,13 +113,14 @@ def activations(
     weights: WeightsOpt = "default",
     arch: ArchOpt = None,
     preprocessing: PreprocessingOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Write one PNG per layer with every channel of its activation on IMAGE, tiled in a grid.
 
     Example: convlens activations resnet18 cat.jpg --layers layer1,layer2 --out acts/
     """
     picture = load_image(image)
-    loaded = open_model(model, weights, arch, None, preprocessing)
+    loaded = _open(model, weights, arch, None, preprocessing, device)
     maps = compute_activations(loaded, picture, _split(layers))
     rendered = {}
     for name, value in maps.items():
@@ -142,6 +157,7 @@ def filters(
     weights: WeightsOpt = "default",
     arch: ArchOpt = None,
     preprocessing: PreprocessingOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Render each layer's filter patterns as one grid (LAYER.png) plus their activations (LAYER.json).
 
@@ -151,7 +167,7 @@ def filters(
     chosen = _integers(filter_indices, "--filters")  # None: the grid's first rows*cols filters
     regularizers = {"tv": tv, "lp": lp, "blur": blur}
     check_settings(optimizer, param, transforms, regularizers, steps, size)
-    loaded = open_model(model, weights, arch, None, preprocessing)
+    loaded = _open(model, weights, arch, None, preprocessing, device)
     names = list(resolve_layers(loaded, _split(layers)))
     written = {}
     for name in names:
@@ -197,6 +213,7 @@ def class_model_command(
     arch: ArchOpt = None,
     labels: LabelsOpt = None,
     preprocessing: PreprocessingOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Render the image each class's logit likes best (class_model.png and class_model.json).
 
@@ -205,7 +222,7 @@ def class_model_command(
     indices = _integers(classes, "--classes")
     regularizers = {"tv": tv, "lp": lp, "blur": blur}
     check_settings(optimizer, param, transforms, regularizers, steps, size)
-    loaded = open_model(model, weights, arch, labels, preprocessing)
+    loaded = _open(model, weights, arch, labels, preprocessing, device)
     with _progress(steps, "class model") as progress:
         result = compute_class_model(loaded, indices, size=size, steps=steps, seed=seed, param=param,
                                      optimizer=optimizer, lr=lr, transforms=transforms, regularizers=regularizers,
@@ -235,13 +252,14 @@ def deepdream(
     weights: WeightsOpt = "default",
     arch: ArchOpt = None,
     preprocessing: PreprocessingOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Amplify what LAYERS see in IMAGE (DeepDream with octaves and detail re-injection).
 
     Example: convlens deepdream resnet18 cat.jpg --layers layer2,layer3 --octaves 4 --out dream.png
     """
     picture = load_image(image)
-    loaded = open_model(model, weights, arch, None, preprocessing)
+    loaded = _open(model, weights, arch, None, preprocessing, device)
     with _progress(octaves * steps, "deepdream") as progress:
         dream = compute_deepdream(loaded, picture, _split(layers), octaves=octaves, octave_scale=octave_scale,
                                   steps=steps, lr=lr, seed=seed, progress=progress)

@@ -28,7 +28,7 @@ def as_model(model: Model | nn.Module) -> Model:
     """A :class:`Model` as given, or a bare ``nn.Module`` wrapped (ImageNet preprocessing)."""
     if isinstance(model, Model):
         return model
-    if isinstance(model, nn.Module) or type(model).__name__ in ("Sequential", "Functional", "Model"):
+    if isinstance(model, nn.Module):  # Keras 3 models on the torch backend are modules too
         return load_model(model)
     raise ConvlensError(f"expected a convlens Model or an nn.Module, got {type(model).__name__}; "
                         "load it with convlens.load_model first")
