@@ -20,7 +20,6 @@ Needs: pip install -r benchmarks/requirements.txt (torch-lucent with --no-deps).
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import time
 
@@ -68,19 +67,40 @@ def filters_benchmark(args) -> None:
     else:
         model = cl.load_model(args.model, weights="none")
         module, layer = model.module, args.layer
-    rows = []
+    print(f"filter patterns: {args.model if not args.quick else 'tiny'} {layer}, {args.filters} filters, "
+          f"{args.size} px, {args.steps} steps, {torch.get_num_threads()} threads")
+    print(f"{'method':40s} {'seconds':>9s} {'x slower than convlens':>23s} {'mean activation':>16s}", flush=True)
     ours_time, ours_images = run_convlens(model, layer, args.filters, args.size, args.steps)
-    rows.append(("convlens", ours_time, achieved(model, layer, ours_images).mean().item()))
+    _row("convlens", ours_time, ours_time, achieved(model, layer, ours_images))
     if not args.quick:
         for fixed in (False, True):
             name = f"lucent ({'fixed ' + str(args.size) if fixed else 'default: upsampled to 224'} px)"
             lucent_time, lucent_images = run_lucent(module, layer, args.filters, args.size, args.steps, fixed)
-            rows.append((name, lucent_time, achieved(model, layer, lucent_images).mean().item()))
-    print(f"filter patterns: {args.model if not args.quick else 'tiny'} {layer}, {args.filters} filters, "
-          f"{args.size} px, {args.steps} steps, {torch.get_num_threads()} threads")
-    print(f"{'method':40s} {'seconds':>9s} {'x slower than convlens':>23s} {'mean activation':>16s}")
-    for name, seconds, activation in rows:
-        print(f"{name:40s} {seconds:9.2f} {seconds / ours_time:23.2f} {activation:16.4f}")
+            _row(name, lucent_time, ours_time, achieved(model, layer, lucent_images))
+
+
+def _row(name: str, seconds: float, ours: float, activation: torch.Tensor) -> None:
+    print(f"{name:40s} {seconds:9.2f} {seconds / ours:23.2f} {activation.mean().item():16.4f}", flush=True)
+
+
+def _memory(field: str) -> int | None:
+    """Linux: current (VmRSS) or peak (VmHWM) resident memory of this process, in bytes."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # Linux: reset VmHWM to the current RSS
+    except OSError:
+        pass
 
 
 def memory_benchmark(args) -> None:
@@ -91,13 +111,17 @@ def memory_benchmark(args) -> None:
     shapes = {row.name: row.output_shape for row in summary.rows}
     needed = sum(4 * int(np.prod(shapes[name][1:])) for name in conv_layers)
     cl.activations(model, image, ["features.0"])  # warm up allocator and kernels
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _memory("VmRSS")
+    _reset_peak()
     maps = cl.activations(model, image, conv_layers)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak, after = _memory("VmHWM"), _memory("VmRSS")
     kept = sum(t.numel() * t.element_size() for t in maps.values())
     print(f"vgg16 activations of all {len(conv_layers)} conv layers, one 224x224 image:")
     print(f"  kept {kept / 2**20:.1f} MiB; those layers' outputs need {needed / 2**20:.1f} MiB "
-          f"(ratio {kept / needed:.3f}); peak RSS grew by {(peak - before) / 2**20:.1f} MiB")
+          f"(ratio {kept / needed:.3f})")
+    if before is not None:
+        print(f"  resident memory: +{(after - before) / 2**20:.1f} MiB held after the call, "
+              f"+{(peak - before) / 2**20:.1f} MiB at the peak during it")
     wide = maps["features.28"][0]
     times = []
     for _ in range(5):

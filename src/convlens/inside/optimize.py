@@ -116,9 +116,9 @@ def maximize(model: Model, objective: Objective, *, batch: int = 1, size: int | 
 
         def evaluate(images: torch.Tensor) -> torch.Tensor:
             # channels-last memory lets oneDNN/cuDNN pick their fastest convolutions (~20 % per step on CPU)
-            batch = to_input(images).contiguous(memory_format=torch.channels_last)
+            inputs = to_input(images).contiguous(memory_format=torch.channels_last)
             try:
-                output = rec.forward(batch)
+                output = rec.forward(inputs)
             except RuntimeError as err:
                 raise run_failure(err, tuple(images.shape[-2:])) from None
             return objective(rec.outputs, output).float()
