@@ -20,8 +20,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from . import inspect  # noqa: E402,F401  (commands register themselves on app)
+# Commands register themselves on app when their module is imported.
+from . import explain  # noqa: E402,F401
 from . import inside  # noqa: E402,F401
+from . import inspect  # noqa: E402,F401
+from . import report  # noqa: E402,F401
+from . import train  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:

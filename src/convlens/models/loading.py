@@ -24,6 +24,8 @@ from .model import Model, detect_output
 from .transforms import imagenet_transform, plain_transform
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+#: Models shipped inside convlens (``convlens.assets``), loadable by these names.
+BUNDLED_MODELS = ("shapes",)
 
 #: Architectures convlens builds itself, by name: ``fn(**kwargs) -> nn.Module``.
 #: torchvision's own names are looked up through ``torchvision.models``.
@@ -65,7 +67,8 @@ def load_model(
     """Load a CNN from a torchvision name, a file, or a model object.
 
     Args:
-        source: a torchvision architecture name (``"resnet50"``); a path to a
+        source: a torchvision architecture name (``"resnet50"``); ``"shapes"``,
+            the demo classifier shipped with convlens; a path to a
             TorchScript file, a pickled module, a state dict (with ``arch``), a
             convlens checkpoint, or a Keras ``.keras``/``.h5`` file; or an
             ``nn.Module``/Keras model already in memory.
@@ -97,11 +100,16 @@ def load_model(
             model = load_keras_file(path, preprocessing, names)
         elif path.is_file():
             model = _load_torch_file(path, arch, names)
+        elif str(source) in BUNDLED_MODELS:
+            from ..assets import demo_model_path
+
+            model = _load_torch_file(demo_model_path(), None, names)
+            model.name = str(source)
         elif str(source) in torchvision_names() or str(source) in ARCHITECTURES:
             model = _load_named(str(source), weights, names)
         else:
             raise ConvlensError(
-                f"unknown model {str(source)!r}{did_you_mean(str(source), torchvision_names() + list(ARCHITECTURES))}"
+                f"unknown model {str(source)!r}{did_you_mean(str(source), [*BUNDLED_MODELS, *torchvision_names(), *ARCHITECTURES])}"
                 " (pass a torchvision name, or a path to a .pt/.pth/.keras/.h5 file)"
             )
     if device is not None:

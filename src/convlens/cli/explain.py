@@ -1,0 +1,124 @@
+"""``convlens explain``: heatmaps for images, written as overlays, raw arrays and a comparison figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+from tqdm import tqdm
+
+from ..errors import ConvlensError
+from ..fileio import atomic_path, save_image
+from ..heatmaps import check_request, explain as explain_images, get_method
+from ..images import load_images
+from ..render.overlay import check_style, comparison_figure, overlay_heatmap, save_figure
+from . import app
+from .common import ArchOpt, ImagesArg, LabelsOpt, ModelArg, PreprocessingOpt, WeightsOpt, open_model
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _parse_target(text: str, count: int):
+    """``top1`` -> None; ``3`` or ``tabby`` -> one target; ``a,b,...`` with one per image -> a list."""
+    parts = _split(text)
+    if not parts or (len(parts) == 1 and parts[0].lower() in ("top1", "top-1")):
+        return None
+    values = [int(p) if p.lstrip("-").isdigit() else (None if p.lower() == "top1" else p) for p in parts]
+    if len(values) == 1:
+        return values[0]
+    if len(values) != count:
+        raise ConvlensError(f"--target lists {len(values)} classes for {count} images; give one, or one per image")
+    return values
+
+
+def _stems(paths: list[Path]) -> list[str]:
+    stems = [p.stem for p in paths]
+    return [f"{stem}-{i}" if stems.count(stem) > 1 else stem for i, stem in enumerate(stems)]
+
+
+def _slug(method: str) -> str:
+    return method.replace("++", "pp")
+
+
+def _save_array(array: np.ndarray, path: Path) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array)
+
+
+@app.command()
+def explain(
+    model: ModelArg,
+    images: ImagesArg,
+    method: Annotated[str, typer.Option("--method", "-m", help="Comma-separated methods, e.g. gradcam,scorecam,saliency.")] = "gradcam",
+    layer: Annotated[str, typer.Option("--layer", help="'auto' (last spatial layer), a layer name, or several comma-separated.")] = "auto",
+    target: Annotated[str, typer.Option("--target", help="top1, a class index or name, or one per image comma-separated.")] = "top1",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs and .npy maps.")] = Path("explanations"),
+    colormap: Annotated[str, typer.Option("--colormap", help="A matplotlib colormap.")] = "jet",
+    alpha: Annotated[float, typer.Option("--alpha", help="Heatmap opacity over the photo, 0-1.")] = 0.4,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per pass.")] = 8,
+    weights: WeightsOpt = "default",
+    arch: ArchOpt = None,
+    labels: LabelsOpt = None,
+    preprocessing: PreprocessingOpt = None,
+) -> None:
+    """Show where the model looked: one heatmap per image per method (CAM family and gradient saliency).
+
+    Writes, per image, IMAGE_METHOD.png (overlay at the photo's full resolution),
+    IMAGE_METHOD.npy (the raw map before normalisation) and IMAGE_explain.png
+    (the original beside every method). Nothing is written if any input is wrong.
+
+    Example: convlens explain resnet50 cat.jpg dog.jpg --method gradcam,scorecam --target top1 --out maps
+    """
+    methods = list(dict.fromkeys(get_method(name).name for name in _split(method)))
+    if not methods:
+        raise ConvlensError("--method is empty; name at least one method, e.g. gradcam")
+    check_style(colormap, alpha)
+    pictures = load_images(images)
+    loaded = open_model(model, weights, arch, labels, preprocessing)
+    layers = _split(layer) or ["auto"]
+    layer_ref = layers[0] if len(layers) == 1 else layers
+    targets = _parse_target(target, len(pictures))
+    batches = [range(start, min(start + batch_size, len(pictures))) for start in range(0, len(pictures), batch_size)]
+
+    def batch_targets(indices: range):
+        return [targets[i] for i in indices] if isinstance(targets, list) else targets
+
+    for indices in batches:  # one forward pass per batch: every layer and target is checked up front
+        chosen_layers = check_request(loaded, [pictures[i] for i in indices], methods, layer_ref,
+                                      batch_targets(indices))
+    if chosen_layers and "auto" in layers:
+        typer.echo(f"layer: {', '.join(chosen_layers)} (auto)", err=True)
+
+    # Cheap methods first, so a method-specific error (CAM without a GAP head) comes before the slow ones.
+    order = sorted(methods, key=lambda name: get_method(name).kind == "perturbation")
+    results: dict[str, list] = {name: [] for name in methods}
+    with tqdm(total=len(order) * len(batches), desc="explain", unit="batch", disable=None) as bar:
+        for name in order:
+            for indices in batches:
+                bar.set_postfix_str(name)
+                results[name].append(explain_images(loaded, [pictures[i] for i in indices], method=name,
+                                                    layer=layer_ref, target=batch_targets(indices)))
+                bar.update()
+
+    # Everything is computed: only now does anything touch the disk.
+    predicted = [p[0].label for p in loaded.predict(loaded.preprocess(pictures), top_k=1)]
+    for batch_number, indices in enumerate(batches):
+        for offset, image_index in enumerate(indices):
+            stem = _stems(list(images))[image_index]
+            panels = []
+            for name in methods:
+                result = results[name][batch_number]
+                overlay = overlay_heatmap(pictures[image_index], result.maps[offset], transform=loaded.transform,
+                                          colormap=colormap, alpha=alpha)
+                save_image(overlay, out / f"{stem}_{_slug(name)}.png")
+                _save_array(result.raw[offset].cpu().numpy(), out / f"{stem}_{_slug(name)}.npy")
+                flat = " (flat map)" if result.flat[offset] else ""
+                panels.append((f"{name} — {result.target_names[offset]}{flat}", overlay))
+            figure = comparison_figure(pictures[image_index], panels)
+            figure.axes[0].set_title(f"original — predicted: {predicted[image_index]}", fontsize=9)
+            save_figure(figure, out / f"{stem}_explain.png")
+    typer.echo(f"wrote {len(pictures) * (2 * len(methods) + 1)} files to {out}")

@@ -1,0 +1,121 @@
+"""``convlens shapes`` and ``convlens train``: make the shapes dataset, train a classifier on class folders."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from tqdm import tqdm
+
+from ..errors import ConvlensError
+from . import app
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ConvlensError(f"{option} must be positive integers separated by commas, e.g. 16,32,64; got {text!r}")
+    return values
+
+
+@app.command()
+def shapes(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write DIR/<split>/<class>/NNNNN.png (+ .mask.png) into.",
+                                            show_default=False)],
+    per_class: Annotated[int, typer.Option("--per-class", help="Images per class.")] = 600,
+    seed: Annotated[int, typer.Option("--seed", help="Same seed, same images.")] = 0,
+    size: Annotated[int, typer.Option("--size", help="Image height and width in pixels.")] = 128,
+    split: Annotated[str, typer.Option("--split", help="Subfolder name; '' writes the class folders into OUT_DIR.")] = "train",
+    classes: Annotated[Optional[str], typer.Option("--classes", help="Comma-separated subset of the classes.")] = None,
+) -> None:
+    """Write the procedural shapes dataset (images with object masks and boxes) in class-folder layout.
+
+    Example: convlens shapes data --per-class 600 --seed 0 && convlens shapes data --per-class 100 --seed 1 --split val
+    """
+    from ..data.shapes import SHAPE_CLASSES, _check_classes, write_shapes
+
+    names = _check_classes([c.strip() for c in classes.split(",") if c.strip()] if classes else None)
+    with tqdm(total=per_class * len(names), unit="img", desc="shapes", disable=None) as bar:
+        root = write_shapes(out_dir, per_class, seed, size=size, split=split or None, classes=names,
+                            progress=lambda done, total: bar.update(done - bar.n))
+    typer.echo(f"wrote {per_class * len(names)} images of {len(names)} classes ({', '.join(names)}) "
+               f"with masks to {root}" + ("" if names != SHAPE_CLASSES else ""))
+
+
+@app.command()
+def train(
+    data_dir: Annotated[Path, typer.Argument(help="Folder of class folders (DATA/<class>/*.png), or holding train/ "
+                                                  "(and val/) class folders.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Folder for checkpoint.pt, model.pt, metrics.json and plots.",
+                                      show_default=False)],
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs (default 20; with --resume, the checkpoint's).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default 3e-3 adam, 0.05 sgd).")] = None,
+    optimizer: Annotated[str, typer.Option("--optimizer", help="adam (AdamW) or sgd (Nesterov momentum 0.9).")] = "adam",
+    schedule: Annotated[str, typer.Option("--schedule", help="cosine, step or constant.")] = "cosine",
+    seed: Annotated[int, typer.Option("--seed", help="Seeds the split, the weights and the augmentation.")] = 0,
+    size: Annotated[int, typer.Option("--size", help="Input size: images are resized to SIZE x SIZE.")] = 64,
+    widths: Annotated[str, typer.Option("--widths", help="Channels per stage, comma-separated.")] = "16,32,64,128",
+    convs_per_stage: Annotated[int, typer.Option("--convs-per-stage", min=1)] = 1,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of each class held out.")] = 0.2,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random flips and crops.")] = True,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="checkpoint.pt to continue from.")] = None,
+) -> None:
+    """Train a compact VGG-style CNN (BN, global average pooling, linear head) and evaluate it.
+
+    Example: convlens train data --out model --epochs 20 --size 64
+    """
+    from ..train import TrainConfig
+    from ..train import train as run_training
+
+    config = TrainConfig(epochs=epochs or 20, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                         schedule=schedule, seed=seed, size=size, widths=_int_list(widths, "--widths"),
+                         convs_per_stage=convs_per_stage, val_fraction=val_fraction, augment=augment)
+    bars: dict[str, tqdm] = {}
+
+    def progress(event) -> None:
+        key = "load" if event.kind == "load" else "epoch"
+        if event.kind in ("load", "batch"):
+            if key not in bars or bars[key].total != event.steps or event.step == 1:
+                if key in bars:
+                    bars[key].close()
+                desc = "loading" if key == "load" else f"epoch {event.epoch}/{event.epochs}"
+                bars[key] = tqdm(total=event.steps, desc=desc, unit="img" if key == "load" else "batch",
+                                 leave=False, disable=None)
+            bars[key].update(event.step - bars[key].n)
+            if "loss" in event.values:
+                bars[key].set_postfix(loss=f"{event.values['loss']:.3f}")
+        else:
+            for bar in bars.values():
+                bar.close()
+            bars.clear()
+            v = event.values
+            tqdm.write(f"epoch {event.epoch}/{event.epochs}: loss {v['train_loss']:.4f} acc {v['train_accuracy']:.4f}"
+                       f" | val loss {v['val_loss']:.4f} val acc {v['val_accuracy']:.4f} | lr {v['lr']:.2e}")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            result = run_training(data_dir, out, None if (resume and epochs is None) else config,
+                                  resume=resume, progress=progress)
+        finally:
+            for bar in bars.values():
+                bar.close()
+            for warning in caught:
+                typer.echo(f"convlens: warning: {warning.message}", err=True)
+    metrics = result.metrics
+    line = f"validation accuracy {metrics['accuracy']:.4f} on {metrics['val_images']} images"
+    if "roc" in metrics and metrics["roc"].get("auc") is not None:
+        low, high = metrics["roc"]["ci95"]
+        line += f", ROC AUC {metrics['roc']['auc']:.4f} (95% CI {low:.4f}-{high:.4f})"
+    elif metrics.get("macro_auc") is not None:
+        line += f", macro one-vs-rest AUC {metrics['macro_auc']:.4f}"
+    typer.echo(line)
+    if result.skipped:
+        typer.echo(f"skipped {result.skipped} unreadable image(s)")
+    typer.echo(f"model: {result.model_path}  (load with convlens.load_model)  evaluation: {out / 'metrics.json'}")

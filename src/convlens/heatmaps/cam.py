@@ -1,0 +1,202 @@
+"""The CAM family: a heatmap is a weighted sum of a layer's channels, ``M = sum_k w_k * A_k``.
+
+The methods differ only in the weights. A weighting takes the layer's
+activations ``A`` and the target's gradient ``G = dS/dA`` (both ``(N, C, h, w)``)
+and returns weights of any rank that broadcasts against ``A``: ``(N, C, 1, 1)``
+for Grad-CAM, ``(N, C, h, w)`` for HiResCAM and LayerCAM. One function,
+:func:`weighted_channel_sum`, runs the forward pass, takes the gradient down to
+the layer only (``torch.autograd.grad`` on the recorded output: no parameter
+gradients, no backward through the layers before it) and applies the weighting.
+
+Every ``raw`` map here is the signed channel sum; the engine applies the ReLU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..errors import ConvlensError
+from .engine import Method, RawMaps, Request, register
+
+Weighting = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``numerator / denominator``, 0 where the denominator is 0 (those terms carry no signal)."""
+    nonzero = denominator != 0
+    return torch.where(nonzero, numerator / torch.where(nonzero, denominator, torch.ones_like(denominator)),
+                       torch.zeros_like(numerator))
+
+
+def weighted_channel_sum(request: Request, weighting: Weighting) -> RawMaps:
+    """Forward, gradient of the target down to each layer, ``sum_k weighting(A, G)_k * A_k``."""
+    with request.capture(graph=True) as rec:
+        output = rec.forward(request.x)
+        scores = request.score(output)
+        acts = [request.layer_output(rec, name) for name in request.layers]
+        # The gradient only down to the recorded outputs: the layers before them never see a backward pass.
+        grads = torch.autograd.grad(scores.sum(), acts, allow_unused=True)
+    maps = []
+    for name, act, grad in zip(request.layers, acts, grads):
+        if grad is None:
+            raise ConvlensError(f"the target does not depend on layer {name!r}; choose a layer before the output")
+        act, grad = act.detach().float(), grad.float()
+        maps.append((weighting(act, grad) * act).sum(dim=1))
+    return RawMaps(maps)
+
+
+def gradcam(request: Request) -> RawMaps:
+    """Grad-CAM: weights are the spatially averaged gradients.
+
+    Selvaraju et al. 2017, "Grad-CAM: Visual Explanations from Deep Networks via
+    Gradient-based Localization", arXiv:1610.02391:
+    ``w_k = 1/Z sum_ij dS/dA_k(i, j)``, ``M = ReLU(sum_k w_k A_k)``.
+    """
+    return weighted_channel_sum(request, lambda act, grad: grad.mean(dim=(2, 3), keepdim=True))
+
+
+def gradcam_plusplus(request: Request, *, eps: float = 0.0) -> RawMaps:
+    """Grad-CAM++: positive gradients weighted by closed-form per-pixel coefficients.
+
+    Chattopadhay et al. 2018, "Grad-CAM++: Improved Visual Explanations for Deep
+    Convolutional Networks", arXiv:1710.11063, eq. 19 with the exponential
+    score assumption:
+    ``alpha_kij = G^2 / (2 G^2 + sum_ab A_kab G^3)``, ``w_k = sum_ij alpha_kij ReLU(G_kij)``.
+    A zero denominator gives ``alpha = 0``. ``eps`` is added to the denominator
+    when non-zero; pytorch-grad-cam adds 1e-6, which shrinks the weights of
+    channels whose gradients are small (1e-3 and below), so it is off by default.
+    """
+
+    def weights(act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        grad2 = grad.pow(2)
+        denominator = 2 * grad2 + act.sum(dim=(2, 3), keepdim=True) * grad2 * grad + eps
+        alpha = _safe_divide(grad2, denominator)
+        return (alpha * grad.clamp(min=0)).sum(dim=(2, 3), keepdim=True)
+
+    return weighted_channel_sum(request, weights)
+
+
+def xgradcam(request: Request) -> RawMaps:
+    """XGrad-CAM: gradients averaged with the activations' own spatial distribution as weights.
+
+    Fu et al. 2020, "Axiom-based Grad-CAM", arXiv:2008.02312, eq. 12:
+    ``w_k = sum_ij (A_kij / sum_ab A_kab) G_kij``; a channel summing to zero gets ``w_k = 0``.
+    """
+
+    def weights(act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return _safe_divide((grad * act).sum(dim=(2, 3), keepdim=True), act.sum(dim=(2, 3), keepdim=True))
+
+    return weighted_channel_sum(request, weights)
+
+
+def hirescam(request: Request) -> RawMaps:
+    """HiResCAM: the element-wise product of gradient and activation, summed over channels.
+
+    Draelos & Carin 2020, "Use HiResCAM instead of Grad-CAM for faithful
+    explanations of convolutional neural networks", arXiv:2011.08891:
+    ``M = ReLU(sum_k G_k * A_k)``.
+    """
+    return weighted_channel_sum(request, lambda act, grad: grad)
+
+
+def layercam(request: Request) -> RawMaps:
+    """LayerCAM: positive gradients as per-pixel weights; works at shallow layers too.
+
+    Jiang et al. 2021, "LayerCAM: Exploring Hierarchical Class Activation Maps
+    for Localization", IEEE TIP 30:5875: ``M = ReLU(sum_k ReLU(G_k) * A_k)``.
+    Several layers are fused by averaging their normalised maps (as
+    pytorch-grad-cam does; the paper also rescales shallow maps with tanh).
+    """
+    return weighted_channel_sum(request, lambda act, grad: grad.clamp(min=0))
+
+
+def eigencam(request: Request, *, sign_correction: bool = True) -> RawMaps:
+    """Eigen-CAM: the activations projected on their first principal component (no gradients).
+
+    Muhammad & Yeasin 2020, "Eigen-CAM: Class Activation Map using Principal
+    Components", arXiv:2008.00299: with ``A`` reshaped to ``(h*w, C)`` and its
+    columns centred, ``M = A v_1`` where ``v_1`` is the first right singular
+    vector. Class-agnostic: the target only names the class in titles.
+    The sign of a singular vector is arbitrary; with ``sign_correction`` the map
+    is flipped when its most extreme value is negative (Chung & Ying 2025,
+    Seg-Eigen-CAM, eq. 13). pytorch-grad-cam leaves the sign as the SVD returns it.
+    """
+    with torch.inference_mode(), request.capture() as rec:
+        output = rec.forward(request.x)
+        request.score(output)
+        acts = [request.layer_output(rec, name).float() for name in request.layers]
+    maps = []
+    for act in acts:
+        n, c, h, w = act.shape
+        matrix = act.flatten(2).transpose(1, 2)  # (N, h*w, C)
+        matrix = matrix - matrix.mean(dim=1, keepdim=True)
+        _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+        projection = (matrix @ vh[:, 0, :].unsqueeze(-1)).squeeze(-1)
+        if sign_correction:
+            flip = projection.min(dim=1).values.abs() > projection.max(dim=1).values.abs()
+            projection = torch.where(flip.unsqueeze(1), -projection, projection)
+        maps.append(projection.view(n, h, w))
+    return RawMaps(maps)
+
+
+def _linear_head(request: Request) -> tuple[nn.Module, torch.Tensor]:
+    """The last linear layer and its weight ``(K, C)``; a Keras ``Dense`` counts too."""
+    for name, module in reversed(list(request.model.named_layers().items())):
+        if isinstance(module, nn.Linear):
+            return module, module.weight.detach()
+        if type(module).__name__ == "Dense" and hasattr(module, "kernel"):
+            return module, torch.as_tensor(module.kernel.value).detach().T
+    raise ConvlensError("CAM needs a global-average-pooling + linear head and this model has no linear layer; "
+                        "use gradcam, which equals CAM on such models")
+
+
+def class_activation_map(request: Request) -> RawMaps:
+    """CAM: the channels weighted by the linear classifier's weights for the class.
+
+    Zhou et al. 2016, "Learning Deep Features for Discriminative Localization",
+    arXiv:1512.04150: for ``S_c = sum_k w_ck GAP(A_k) + b_c``, ``M_c = sum_k w_ck A_k``.
+    Only defined when the layer's global average is exactly what the final
+    linear layer reads; anything else is a one-line error.
+    """
+    if callable(request.target) and not isinstance(request.target, torch.Tensor):
+        raise ConvlensError("CAM explains a class; pass a class index or name as the target, not a function")
+    head, weight = _linear_head(request)
+    head_inputs: list[torch.Tensor] = []
+
+    def record_head_input(module, inputs, output):
+        head_inputs.append(inputs[0])
+        return output
+
+    name = request.layers[0]
+    with torch.inference_mode(), request.capture(rewrite={head: record_head_input}) as rec:
+        output = rec.forward(request.x)
+        request.score(output)
+        act = request.layer_output(rec, name).float()
+    pooled = act.mean(dim=(2, 3))
+    features = head_inputs[-1].float().flatten(1) if head_inputs else None
+    if (features is None or features.shape != pooled.shape
+            or not torch.allclose(features, pooled, rtol=1e-3, atol=1e-4 * float(pooled.abs().max()) + 1e-6)):
+        raise ConvlensError(f"CAM needs layer {name!r} followed by global average pooling and a linear head; "
+                            "this model's classifier reads something else: use gradcam (the same map where CAM applies)")
+    weight = weight.float().to(act.device)
+    class_index = torch.as_tensor(request.class_indices, device=act.device)
+    if weight.shape[0] == 1:  # one logit: the negative class's weights are the negated ones
+        rows = weight[0].unsqueeze(0) * torch.where(class_index == 1, 1.0, -1.0).view(-1, 1)
+    else:
+        rows = weight[class_index]
+    return RawMaps([torch.einsum("nc,nchw->nhw", rows, act)])
+
+
+for _method in (
+    Method("cam", "cam", class_activation_map, summary="CAM (Zhou 2016): GAP + linear head weights"),
+    Method("gradcam", "cam", gradcam, multi_layer=True, summary="Grad-CAM: mean gradient per channel"),
+    Method("gradcam++", "cam", gradcam_plusplus, multi_layer=True, summary="Grad-CAM++: weighted positive gradients"),
+    Method("xgradcam", "cam", xgradcam, multi_layer=True, summary="XGrad-CAM: activation-weighted gradients"),
+    Method("hirescam", "cam", hirescam, multi_layer=True, summary="HiResCAM: gradient x activation"),
+    Method("layercam", "cam", layercam, multi_layer=True, summary="LayerCAM: positive gradient x activation"),
+    Method("eigencam", "cam", eigencam, multi_layer=True, summary="Eigen-CAM: first principal component"),
+):
+    register(_method)

@@ -1,0 +1,160 @@
+"""Perturbation CAMs: channel weights from how the target score reacts when the input or layer changes.
+
+Both methods score many perturbed variants of each image; they share
+:func:`score_variants`, which runs the variants in batches of at most
+``batch_size`` under ``torch.inference_mode`` (the memory cap a user can set),
+in channels-last memory format, which oneDNN convolutions run faster on CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .engine import Method, RawMaps, Request, register
+from .targets import ClassLogits
+
+#: Variants scored per forward pass unless the caller says otherwise.
+DEFAULT_BATCH_SIZE = 32
+
+
+def _image_score(request: Request, image: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The target of image ``image``, applied to every row of a batch of its variants."""
+    if isinstance(request.score_fn, ClassLogits):
+        class_index = request.score_fn.class_indices[image]
+        return lambda output: ClassLogits([class_index] * output.shape[0])(output)
+    return request.score_fn  # a callable target must score each row on its own
+
+
+def score_variants(request: Request, image: int, count: int,
+                   make_batch: Callable[[int, int], tuple[torch.Tensor, dict]],
+                   batch_size: int, done: int = 0, total: int = 0) -> torch.Tensor:
+    """Scores ``(count,)`` of ``count`` variants of image ``image``, ``batch_size`` per forward pass.
+
+    ``make_batch(start, stop)`` returns the channels-first input of variants
+    ``start:stop`` and the output rewrites that create them (``{}`` for masked
+    inputs; a layer rewrite for ablations).
+    """
+    score = _image_score(request, image)
+    scores = []
+    for start in range(0, count, batch_size):
+        stop = min(start + batch_size, count)
+        batch, rewrite = make_batch(start, stop)
+        with torch.inference_mode(), request.capture([], rewrite=rewrite) as rec:
+            output = rec.forward(batch.contiguous(memory_format=torch.channels_last))
+        values = score(output).float()
+        if values.shape[0] != stop - start:  # a variant batch the model could not broadcast
+            raise RuntimeError(f"expected {stop - start} scores, got {values.shape[0]}")
+        scores.append(values)
+        request.report(done + stop, total)
+    return torch.cat(scores)
+
+
+def _layer_activations(request: Request) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass: resolves the targets; returns the layer's ``(N, C, h, w)`` output and the scores."""
+    with torch.inference_mode(), request.capture() as rec:
+        output = rec.forward(request.x)
+        scores = request.score(output).float()
+        return request.layer_output(rec, request.layers[0]).float(), scores
+
+
+def _normalised_masks(acts: torch.Tensor) -> torch.Tensor:
+    """Per channel, ``(A - min) / (max - min)``; a constant channel gives the zero mask."""
+    flat = acts.flatten(1)
+    low = flat.min(dim=1, keepdim=True).values
+    span = flat.max(dim=1, keepdim=True).values - low
+    masks = torch.where(span > 0, (flat - low) / torch.where(span > 0, span, torch.ones_like(span)), 0.0)
+    return masks.view_as(acts)
+
+
+def scorecam(request: Request, *, batch_size: int = DEFAULT_BATCH_SIZE, top_k: int | None = None,
+             align_corners: bool = False) -> RawMaps:
+    """Score-CAM: each channel, upsampled and normalised, masks the input; the masked scores weight it.
+
+    Wang et al. 2020, "Score-CAM: Score-Weighted Visual Explanations for
+    Convolutional Neural Networks", arXiv:1910.01279, Algorithm 1:
+    ``H_k = s(Up(A_k))`` (bilinear, min-max to [0, 1]), ``S_k = f_c(X * H_k)``,
+    ``w = softmax_k(S)``, ``M = ReLU(sum_k w_k A_k)`` with ``f_c`` the logit, as
+    pytorch-grad-cam does (no baseline subtraction).
+
+    Exact savings only: channels with the same normalised mask (all dead
+    channels, for one) are scored once, since min-max normalisation is blind to
+    a channel's scale and offset and bilinear upsampling is linear.
+    ``batch_size`` caps how many masked images run at once (memory).
+    ``align_corners=True`` upsamples the masks as pytorch-grad-cam's
+    ``UpsamplingBilinear2d`` does; the default matches the engine.
+    ``top_k`` (approximate, Faster Score-CAM, Wang 2020): only the ``k``
+    channels with the largest spatial variance are scored and summed.
+    """
+    acts, _ = _layer_activations(request)
+    n, channels = acts.shape[:2]
+    size = tuple(request.x.shape[-2:])
+    keep = torch.arange(channels, device=acts.device).expand(n, channels)
+    if top_k is not None and top_k < channels:
+        keep = acts.flatten(2).var(dim=2).topk(max(1, int(top_k)), dim=1).indices
+    maps = []
+    for image in range(n):
+        chosen = acts[image, keep[image]]
+        unique, inverse = torch.unique(_normalised_masks(chosen).flatten(1), dim=0, return_inverse=True)
+        representatives = torch.zeros(unique.shape[0], dtype=torch.long, device=acts.device)
+        representatives.scatter_(0, inverse, torch.arange(len(inverse), device=acts.device))
+        distinct = chosen[representatives].unsqueeze(1)
+        image_x = request.x[image].unsqueeze(0)
+
+        def masked_inputs(start: int, stop: int, distinct=distinct, image_x=image_x):
+            # Masks are made per batch, so memory stays within batch_size full-size images.
+            upsampled = F.interpolate(distinct[start:stop], size=size, mode="bilinear", align_corners=align_corners)
+            return image_x * _normalised_masks(upsampled).to(image_x.dtype), {}
+
+        scores = score_variants(request, image, len(unique), masked_inputs, batch_size,
+                                done=image * channels, total=n * channels)[inverse]
+        weights = torch.softmax(scores, dim=0)
+        maps.append(torch.einsum("k,khw->hw", weights, chosen))
+    return RawMaps([torch.stack(maps)])
+
+
+def ablationcam(request: Request, *, batch_size: int = DEFAULT_BATCH_SIZE) -> RawMaps:
+    """Ablation-CAM: a channel's weight is the relative drop of the score when it is zeroed.
+
+    Desai & Ramaswamy 2020, "Ablation-CAM: Visual Explanations for Deep
+    Convolutional Network via Gradient-free Localization", WACV 2020:
+    ``w_k = (y_c - y_c^k) / y_c`` where ``y_c^k`` is the logit with channel
+    ``k`` of the layer set to zero; ``M = ReLU(sum_k w_k A_k)``.
+    The layers before the target run once per batch on a single copy of the
+    image; the layer's output is expanded into the ablated variants. Models
+    that cannot broadcast that batch fall back to repeating the input.
+    """
+    acts, base_scores = _layer_activations(request)
+    n, channels = acts.shape[:2]
+    layer = request.model.named_layers()[request.layers[0]]
+    channels_last = request.model.layout == "channels_last"
+    maps = []
+    for image in range(n):
+        image_x = request.x[image].unsqueeze(0)
+        repeat_input = False
+
+        def ablated(start: int, stop: int, image_x=image_x):
+            keep = torch.ones(stop - start, channels, dtype=image_x.dtype, device=image_x.device)
+            keep[torch.arange(stop - start), torch.arange(start, stop)] = 0
+            keep = keep[:, None, None, :] if channels_last else keep[:, :, None, None]
+
+            def ablate(module, inputs, output):
+                return output.expand(stop - start, *output.shape[1:]) * keep
+
+            return (image_x.expand(stop - start, -1, -1, -1) if repeat_input else image_x), {layer: ablate}
+
+        try:
+            scores = score_variants(request, image, channels, ablated, batch_size, image * channels, n * channels)
+        except RuntimeError:
+            repeat_input = True
+            scores = score_variants(request, image, channels, ablated, batch_size, image * channels, n * channels)
+        base = base_scores[image]
+        weights = (base - scores) / base
+        maps.append(torch.einsum("k,khw->hw", weights, acts[image]))
+    return RawMaps([torch.stack(maps)])
+
+
+register(Method("scorecam", "perturbation", scorecam, summary="Score-CAM: softmax of masked-input scores"))
+register(Method("ablationcam", "perturbation", ablationcam, summary="Ablation-CAM: relative score drop per channel"))

@@ -1,0 +1,253 @@
+"""Every registered heatmap method agrees with an independent implementation.
+
+CAM methods are compared with pytorch-grad-cam (PyPI ``grad-cam``), gradient
+methods with captum, on the same model, input, layer and target: max abs
+difference <= 1e-3 on maps normalised to [0, 1].
+
+Like is compared with like. pytorch-grad-cam min-max normalises at the layer's
+resolution and then resizes with OpenCV, while convlens upsamples and then
+normalises (the extremes of a bilinear upsampling are not the layer's), so the
+CAM comparison is made at the layer's resolution: its target size is set to
+the layer's, and convlens's ``raw`` gets the same ReLU + min-max. Differences
+by design, switched to the peer's behaviour here through the method's options:
+Grad-CAM++ (pytorch-grad-cam adds 1e-6 to the denominator: ``eps=1e-6``),
+Eigen-CAM (no sign correction: ``sign_correction=False``), Score-CAM
+(``UpsamplingBilinear2d`` aligns corners: ``align_corners=True``). pytorch-grad-
+cam has no CAM (Zhou et al.); on a GAP + linear model CAM is Grad-CAM times
+``h * w``, so CAM is compared with its GradCAM.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from captum.attr import GuidedBackprop, GuidedGradCam, IntegratedGradients, NoiseTunnel, Saliency
+from pytorch_grad_cam import (AblationCAM, EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM,
+                              XGradCAM)
+
+import convlens as cl
+from convlens.capture import capture
+from convlens.heatmaps import METHODS, explain
+
+TOLERANCE = 1e-3
+
+#: method -> (pytorch-grad-cam class, convlens options that select the peer's variant)
+CAM_PEERS = {
+    "cam": (GradCAM, {}),
+    "gradcam": (GradCAM, {}),
+    "gradcam++": (GradCAMPlusPlus, {"eps": 1e-6}),
+    "xgradcam": (XGradCAM, {}),
+    "hirescam": (HiResCAM, {}),
+    "layercam": (LayerCAM, {}),
+    "eigencam": (EigenCAM, {"sign_correction": False}),
+    "scorecam": (ScoreCAM, {"align_corners": True}),
+    "ablationcam": (AblationCAM, {}),
+}
+
+
+def _captum_saliency(forward, x, targets, layer):
+    return Saliency(forward).attribute(x, target=targets, abs=True).amax(1)
+
+
+def _captum_smoothgrad(forward, x, targets, layer):
+    torch.manual_seed(7)
+    tunnel = NoiseTunnel(Saliency(forward))
+    return tunnel.attribute(x, target=targets, abs=True, nt_type="smoothgrad", nt_samples=3, stdevs=0.3).amax(1)
+
+
+def _captum_ig(forward, x, targets, layer):
+    ig = IntegratedGradients(forward).attribute(x, target=targets, n_steps=8, method="riemann_trapezoid")
+    return ig.sum(1).abs()
+
+
+def _captum_guided(forward, x, targets, layer):
+    return GuidedBackprop(forward).attribute(x, target=targets).abs().amax(1)
+
+
+def _captum_guided_gradcam(forward, x, targets, layer):
+    return GuidedGradCam(forward, layer).attribute(x, target=targets, interpolate_mode="bilinear").abs().amax(1)
+
+
+#: method -> (captum computation giving the (N, H, W) map, convlens options)
+GRADIENT_PEERS = {
+    "saliency": (_captum_saliency, {}),
+    "smoothgrad": (_captum_smoothgrad, {"stdev": 0.3, "n_samples": 3, "seed": 7}),
+    "integrated_gradients": (_captum_ig, {"steps": 8}),
+    "guided_backprop": (_captum_guided, {}),
+    "guided_gradcam": (_captum_guided_gradcam, {}),
+}
+
+CAM_METHODS = [m for m in METHODS if METHODS[m].kind != "gradient"]
+GRADIENT_METHODS = [m for m in METHODS if METHODS[m].kind == "gradient"]
+#: perturbation methods run one forward per channel: a narrower layer keeps them fast
+PERTURBATION = {"scorecam", "ablationcam"}
+
+
+def minmax(maps: torch.Tensor) -> torch.Tensor:
+    maps = torch.as_tensor(maps).float().clamp(min=0)
+    flat = maps.flatten(1)
+    low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    return ((flat - low) / (high - low)).view_as(maps)
+
+
+def test_every_method_has_a_reference():
+    assert set(METHODS) == set(CAM_PEERS) | set(GRADIENT_PEERS)
+
+
+def _peer_cam(method, module, layer_module, x, targets, layer_size, reshape=None):
+    peer_class, _ = CAM_PEERS[method]
+    kwargs = {"batch_size": 64} if method == "ablationcam" else {}
+    peer = peer_class(module, [layer_module], reshape_transform=reshape, **kwargs)
+    peer.batch_size = 64
+    peer.get_target_width_height = lambda tensor: layer_size[::-1]  # compare at the layer's resolution
+    try:
+        return torch.as_tensor(peer(x, targets))
+    finally:
+        peer.activations_and_grads.release()
+
+
+def _difference(method, raw, theirs):
+    """Max abs difference after the same ReLU + min-max; Eigen-CAM up to the SVD's arbitrary sign."""
+    difference = (minmax(raw) - theirs).abs().max()
+    if method == "eigencam":  # LAPACK builds may return either sign of a singular vector
+        difference = min(difference, (minmax(-raw) - theirs).abs().max())
+    return difference
+
+
+class Logit:
+    """A pytorch-grad-cam target: class ``index`` of a row; for a single sigmoid output, its logit."""
+
+    def __init__(self, index: int, sigmoid: bool = False):
+        self.index, self.sigmoid = index, sigmoid
+
+    def __call__(self, row):
+        return torch.logit(row[0].double()).float() if self.sigmoid else row[self.index]
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().eval()
+
+
+@pytest.fixture(scope="module")
+def vgg11():
+    torch.manual_seed(0)
+    return torchvision.models.vgg11().eval()
+
+
+def _batch(size: int, count: int = 2) -> torch.Tensor:
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(3))
+
+
+TORCH_CASES = {
+    # model fixture, input size, layer for the gradient CAMs, layer for the perturbation CAMs (fewer channels)
+    "resnet18": ("resnet18", 64, "layer3", "layer1"),
+    "vgg11": ("vgg11", 64, "features.19", "features.1"),
+}
+
+
+@pytest.mark.parametrize("case", TORCH_CASES)
+@pytest.mark.parametrize("method", CAM_METHODS)
+def test_cam_methods_match_pytorch_grad_cam(request, case, method):
+    fixture, size, layer, narrow_layer = TORCH_CASES[case]
+    net = request.getfixturevalue(fixture)
+    if method == "cam" and case == "vgg11":
+        with pytest.raises(cl.ConvlensError, match="global average pooling"):
+            explain(net, _batch(size), method="cam", layer=layer)
+        return
+    if method in PERTURBATION:
+        layer, size = narrow_layer, 32
+    if method == "cam":
+        layer = "layer4"  # the layer the GAP + linear head reads
+    x = _batch(size, count=1 if method in PERTURBATION else 2)
+    ours = explain(net, x, method=method, layer=layer, **CAM_PEERS[method][1])
+    assert not any(ours.flat)
+    layer_module = dict(net.named_modules())[layer]
+    theirs = _peer_cam(method, net, layer_module, x, [Logit(t) for t in ours.targets], tuple(ours.raw.shape[-2:]))
+    difference = _difference(method, ours.raw, theirs)
+    assert difference <= TOLERANCE, f"{method} on {case}: {difference}"
+    assert ours.maps.shape == (x.shape[0], size, size) and ours.maps.dtype == torch.float32
+
+
+@pytest.mark.parametrize("case", TORCH_CASES)
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_gradient_methods_match_captum(request, case, method):
+    fixture, size, layer, _ = TORCH_CASES[case]
+    net = request.getfixturevalue(fixture)
+    x = _batch(32)
+    ours = explain(net, x, method=method, layer=layer, **GRADIENT_PEERS[method][1])
+    layer_module = dict(net.named_modules())[layer]
+    theirs = GRADIENT_PEERS[method][0](net, x, ours.targets, layer_module)
+    difference = (ours.maps - minmax(theirs)).abs().max()
+    assert difference <= TOLERANCE, f"{method} on {case}: {difference}"
+    assert ours.maps.max() == 1 and ours.maps.min() == 0
+
+
+# -- Keras: the Chollet-style binary classifier (single sigmoid output) --------------------
+
+@pytest.fixture(scope="module")
+def keras_model():
+    pytest.importorskip("keras")
+    from test_keras import chollet_cats_vs_dogs
+
+    return cl.load_model(chollet_cats_vs_dogs(), labels=["cat", "dog"])
+
+
+def _keras_logits(model):
+    def forward(x):
+        with capture(model, rewrite=model.logit_rewrites()) as rec:
+            return rec.forward(x)
+
+    return forward
+
+
+# pytorch-grad-cam's AblationCAM swaps the torch submodule, which a Keras model never calls: compared by hand below.
+@pytest.mark.parametrize("method", [m for m in CAM_METHODS if m not in ("cam", "ablationcam")])
+def test_keras_cam_methods_match_pytorch_grad_cam(keras_model, method):
+    x_last = torch.rand(1 if method in PERTURBATION else 2, 48, 48, 3, generator=torch.Generator().manual_seed(5))
+    ours = explain(keras_model, x_last, method=method, layer="conv2d_1", **CAM_PEERS[method][1])
+    assert ours.targets == [1] * x_last.shape[0]  # single logit: top-1 is the positive class
+    layer_module = keras_model.named_layers()["conv2d_1"]
+    theirs = _peer_cam(method, keras_model.module, layer_module, x_last.permute(0, 3, 1, 2),
+                       [Logit(0, sigmoid=True)] * x_last.shape[0], tuple(ours.raw.shape[-2:]),
+                       reshape=lambda t: t.permute(0, 3, 1, 2))
+    difference = _difference(method, ours.raw, theirs)
+    assert difference <= TOLERANCE, f"{method} on keras: {difference}"
+
+
+def test_keras_cam_needs_a_gap_head(keras_model):
+    with pytest.raises(cl.ConvlensError, match="global average pooling"):
+        explain(keras_model, torch.rand(1, 48, 48, 3), method="cam")
+
+
+@pytest.mark.parametrize("method", ["saliency", "smoothgrad", "integrated_gradients"])
+def test_keras_gradient_methods_match_captum(keras_model, method):
+    x_last = torch.rand(2, 48, 48, 3, generator=torch.Generator().manual_seed(6))
+    ours = explain(keras_model, x_last, method=method, **GRADIENT_PEERS[method][1])
+    theirs = GRADIENT_PEERS[method][0](_keras_logits(keras_model), x_last.permute(0, 3, 1, 2), 0, None)
+    assert ours.attributions.shape == x_last.shape  # the user's channels-last layout
+    assert (ours.maps - minmax(theirs)).abs().max() <= TOLERANCE
+
+
+def test_keras_ablationcam_matches_channels_zeroed_one_by_one(keras_model):
+    x_last = torch.rand(1, 48, 48, 3, generator=torch.Generator().manual_seed(5))
+    ours = explain(keras_model, x_last, method="ablationcam", layer="conv2d_1", batch_size=5)
+    layer = keras_model.named_layers()["conv2d_1"]
+    forward = _keras_logits(keras_model)
+    x = x_last.permute(0, 3, 1, 2)
+    with torch.no_grad(), capture(keras_model, ["conv2d_1"]) as rec:
+        base = forward(x)[0, 0]
+        acts = rec.outputs["conv2d_1"][0]
+    weights = []
+    for channel in range(acts.shape[0]):
+        def zero(module, inputs, output, channel=channel):
+            output = output.clone()
+            output[..., channel] = 0  # Keras: channels last
+            return output
+
+        with torch.no_grad(), capture(keras_model, rewrite={**keras_model.logit_rewrites(), layer: zero}) as rec:
+            weights.append((base - rec.forward(x)[0, 0]) / base)
+    expected = torch.einsum("k,khw->hw", torch.stack(weights), acts)
+    torch.testing.assert_close(ours.raw[0], expected, atol=1e-5, rtol=1e-4)
