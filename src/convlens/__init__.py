@@ -11,9 +11,11 @@ from .capture import borrow, capture
 from .errors import ConvlensError
 from .heatmaps import METHODS, Explanation, explain
 from .images import load_image, load_images, sample_image
+from .inside import activations, class_model, deepdream, filter_patterns
 from .models import Model, auto_layer, load_model, summarize
 
 __version__ = "0.1.0"
 
-__all__ = ["METHODS", "ConvlensError", "Explanation", "Model", "auto_layer", "borrow", "capture", "explain",
-           "load_image", "load_images", "load_model", "sample_image", "summarize"]
+__all__ = ["METHODS", "ConvlensError", "Explanation", "Model", "activations", "auto_layer", "borrow", "capture",
+           "class_model", "deepdream", "explain", "filter_patterns", "load_image", "load_images", "load_model",
+           "sample_image", "summarize"]

@@ -22,6 +22,7 @@ app = typer.Typer(
 
 # Commands register themselves on app when their module is imported.
 from . import explain  # noqa: E402,F401
+from . import inside  # noqa: E402,F401
 from . import inspect  # noqa: E402,F401
 from . import report  # noqa: E402,F401
 from . import train  # noqa: E402,F401

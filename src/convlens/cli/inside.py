@@ -1,0 +1,267 @@
+"""``convlens activations``, ``filters``, ``class-model`` and ``deepdream``: look inside the network.
+
+Each command checks every input, computes everything, renders it in memory, and
+only then writes its files (each atomically), so a mistake never leaves half an output.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from tqdm import tqdm
+
+from ..capture import resolve_layers
+from ..errors import ConvlensError
+from ..fileio import save_image, write_text
+from ..images import load_image
+from ..inside import activations as compute_activations
+from ..inside import class_model as compute_class_model
+from ..inside import deepdream as compute_deepdream
+from ..inside import filter_patterns
+from ..inside.optimize import check_settings
+from ..render.grid import activation_grid, channel_image, filter_grid
+from . import app
+from .common import ArchOpt, LabelsOpt, ModelArg, PreprocessingOpt, WeightsOpt, open_model
+
+ImageArg = Annotated[Path, typer.Argument(help="An image file (PNG, JPEG, ...).", show_default=False)]
+OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder to write into (created if missing).")]
+StepsOpt = Annotated[int, typer.Option("--steps", help="Gradient-ascent steps.")]
+SizeOpt = Annotated[int, typer.Option("--size", help="Side of the optimised square images, in pixels.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same images.")]
+ParamOpt = Annotated[str, typer.Option("--param", help="Image parameterisation: fourier (default) or pixel.")]
+OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="adam (default), rmsprop or normalized.")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Step size (default depends on the optimizer).")]
+TransformsOpt = Annotated[str, typer.Option("--transforms", help="Robustness transforms: standard, jitter or none.")]
+TvOpt = Annotated[float, typer.Option("--tv", help="Weight of the total-variation penalty.")]
+LpOpt = Annotated[float, typer.Option("--lp", help="Weight of the L6-norm penalty.")]
+BlurOpt = Annotated[float, typer.Option("--blur", help="Weight of the blur penalty.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1... (default: cuda when present).")]
+
+
+def _split(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise ConvlensError(f"expected a comma-separated list, got {text!r}")
+    return parts
+
+
+def _integers(text: str | None, what: str) -> list[int] | None:
+    parts = _split(text)
+    if parts is None:
+        return None
+    try:
+        return [int(part) for part in parts]
+    except ValueError:
+        raise ConvlensError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def _grid(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        rows, cols = (int(p) for p in parts)
+    except ValueError:
+        raise ConvlensError(f"--grid must look like 8x8 (rows x columns), got {text!r}") from None
+    if rows < 1 or cols < 1:
+        raise ConvlensError(f"--grid needs at least one row and column, got {text!r}")
+    return rows, cols
+
+
+def _open(model: str, weights: str, arch, labels, preprocessing, device: str | None):
+    """Open the model on ``device`` (default: the GPU when there is one)."""
+    loaded = open_model(model, weights, arch, labels, preprocessing)
+    device = device or ("cuda" if torch.cuda.is_available() else None)
+    if device is not None:
+        try:
+            loaded.to(device)
+        except (RuntimeError, AssertionError) as err:  # an unknown or absent device
+            raise ConvlensError(f"cannot use device {device!r}: {str(err).splitlines()[0]}") from None
+    return loaded
+
+
+def _file_name(layer: str) -> str:
+    return layer.replace("/", "_").replace("\\", "_")
+
+
+@contextmanager
+def _progress(total: int, description: str):
+    """A tqdm bar on a terminal (silent when output is redirected), as a ``(done, total)`` callback."""
+    bar = tqdm(total=total, desc=description, disable=None, leave=False)
+    try:
+        yield lambda done, _total: bar.update(done - bar.n)
+    finally:
+        bar.close()
+
+
+@app.command()
+def activations(
+    model: ModelArg,
+    image: ImageArg,
+    layers: Annotated[Optional[str], typer.Option(
+        "--layers", help="Comma-separated layer names (default: every conv and pooling layer up to the last spatial one).")] = None,
+    out: OutDirOpt = Path("activations"),
+    per_row: Annotated[int, typer.Option("--per-row", min=1, help="Channels per row of the grid.")] = 16,
+    cmap: Annotated[str, typer.Option("--cmap", help="Matplotlib colormap.")] = "viridis",
+    channel: Annotated[Optional[int], typer.Option(
+        "--channel", help="Also draw this channel of each layer on its own, full size (LAYER.channelK.png).")] = None,
+    weights: WeightsOpt = "default",
+    arch: ArchOpt = None,
+    preprocessing: PreprocessingOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Write one PNG per layer with every channel of its activation on IMAGE, tiled in a grid.
+
+    Example: convlens activations resnet18 cat.jpg --layers layer1,layer2 --out acts/
+    """
+    picture = load_image(image)
+    loaded = _open(model, weights, arch, None, preprocessing, device)
+    maps = compute_activations(loaded, picture, _split(layers))
+    rendered = {}
+    for name, value in maps.items():
+        if channel is not None and not 0 <= channel < value.shape[1]:
+            raise ConvlensError(f"channel {channel} is out of range: layer {name!r} has {value.shape[1]} channels")
+        rendered[f"{_file_name(name)}.png"] = activation_grid(value[0], f"{name}  ({value.shape[1]} channels)",
+                                                              per_row=per_row, cmap=cmap)
+        if channel is not None:
+            rendered[f"{_file_name(name)}.channel{channel}.png"] = channel_image(
+                value[0, channel], f"{name}, channel {channel}", cmap=cmap)
+    for file_name, picture_out in rendered.items():
+        save_image(picture_out, out / file_name)
+    typer.echo(f"wrote {len(rendered)} images to {out}")
+
+
+@app.command()
+def filters(
+    model: ModelArg,
+    layers: Annotated[str, typer.Option("--layers", help="Comma-separated layer names.", show_default=False)],
+    grid: Annotated[str, typer.Option("--grid", help="Rows x columns: renders filters 0..rows*cols-1.")] = "8x8",
+    filter_indices: Annotated[Optional[str], typer.Option(
+        "--filters", help="Comma-separated filter indices instead of the grid's first ones.")] = None,
+    steps: StepsOpt = 128,
+    size: SizeOpt = 128,
+    seed: SeedOpt = 0,
+    param: ParamOpt = "fourier",
+    optimizer: OptimizerOpt = "adam",
+    lr: LrOpt = None,
+    transforms: TransformsOpt = "standard",
+    tv: TvOpt = 0.0,
+    lp: LpOpt = 0.0,
+    blur: BlurOpt = 0.0,
+    out: OutDirOpt = Path("filters"),
+    weights: WeightsOpt = "default",
+    arch: ArchOpt = None,
+    preprocessing: PreprocessingOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Render each layer's filter patterns as one grid (LAYER.png) plus their activations (LAYER.json).
+
+    Example: convlens filters resnet18 --layers layer1,layer2 --grid 8x8 --steps 128 --size 128 --out filters/
+    """
+    rows, cols = _grid(grid)
+    chosen = _integers(filter_indices, "--filters")  # None: the grid's first rows*cols filters
+    regularizers = {"tv": tv, "lp": lp, "blur": blur}
+    check_settings(optimizer, param, transforms, regularizers, steps, size)
+    loaded = _open(model, weights, arch, None, preprocessing, device)
+    names = list(resolve_layers(loaded, _split(layers)))
+    written = {}
+    for name in names:
+        with _progress(steps, name) as progress:
+            patterns = filter_patterns(loaded, name, chosen, max_filters=rows * cols, size=size, steps=steps,
+                                       seed=seed, param=param, optimizer=optimizer, lr=lr, transforms=transforms,
+                                       regularizers=regularizers, progress=progress)
+        written[f"{_file_name(name)}.png"] = filter_grid(patterns.images, [f"#{i}" for i in patterns.filters],
+                                                         f"{name}: filter patterns", per_row=cols)
+        written[f"{_file_name(name)}.json"] = json.dumps({
+            "layer": name, "size": size, "steps": steps, "seed": seed, "param": param, "optimizer": optimizer,
+            "filters": [{"index": i, "activation": float(a), "initial_activation": float(a0)}
+                        for i, a, a0 in zip(patterns.filters, patterns.activations, patterns.initial_activations)],
+        }, indent=2)
+    _write_all(written, out)
+
+
+def _write_all(written: dict, out: Path) -> None:
+    for file_name, content in written.items():
+        if isinstance(content, str):
+            write_text(out / file_name, content)
+        else:
+            save_image(content, out / file_name)
+    typer.echo(f"wrote {len(written)} files to {out}")
+
+
+@app.command("class-model")
+def class_model_command(
+    model: ModelArg,
+    classes: Annotated[str, typer.Option("--classes", help="Comma-separated class indices.", show_default=False)],
+    steps: StepsOpt = 128,
+    size: Annotated[Optional[int], typer.Option("--size", help="Image side (default: the model's input size).")] = None,
+    seed: SeedOpt = 0,
+    param: ParamOpt = "fourier",
+    optimizer: OptimizerOpt = "adam",
+    lr: LrOpt = None,
+    transforms: TransformsOpt = "standard",
+    tv: TvOpt = 0.0,
+    lp: LpOpt = 0.0,
+    blur: BlurOpt = 0.0,
+    out: OutDirOpt = Path("class_model"),
+    weights: WeightsOpt = "default",
+    arch: ArchOpt = None,
+    labels: LabelsOpt = None,
+    preprocessing: PreprocessingOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Render the image each class's logit likes best (class_model.png and class_model.json).
+
+    Example: convlens class-model resnet50 --classes 281,285 --steps 256 --out classes/
+    """
+    indices = _integers(classes, "--classes")
+    regularizers = {"tv": tv, "lp": lp, "blur": blur}
+    check_settings(optimizer, param, transforms, regularizers, steps, size)
+    loaded = _open(model, weights, arch, labels, preprocessing, device)
+    with _progress(steps, "class model") as progress:
+        result = compute_class_model(loaded, indices, size=size, steps=steps, seed=seed, param=param,
+                                     optimizer=optimizer, lr=lr, transforms=transforms, regularizers=regularizers,
+                                     progress=progress)
+    names = [loaded.label(i) for i in result.classes]
+    _write_all({
+        "class_model.png": filter_grid(result.images, [f"{i}: {n}"[:24] for i, n in zip(result.classes, names)],
+                                       "class models", per_row=min(8, len(names))),
+        "class_model.json": json.dumps({"classes": [
+            {"index": i, "label": n, "logit": float(v), "initial_logit": float(v0)}
+            for i, n, v, v0 in zip(result.classes, names, result.logits, result.initial_logits)]}, indent=2),
+    }, out)
+
+
+@app.command()
+def deepdream(
+    model: ModelArg,
+    image: ImageArg,
+    layers: Annotated[str, typer.Option("--layers", help="Comma-separated layers whose activations to amplify.",
+                                        show_default=False)],
+    octaves: Annotated[int, typer.Option("--octaves", help="Number of scales, smallest first.")] = 4,
+    octave_scale: Annotated[float, typer.Option("--octave-scale", help="Size ratio between octaves.")] = 1.4,
+    steps: Annotated[int, typer.Option("--steps", help="Gradient-ascent steps per octave.")] = 20,
+    lr: Annotated[float, typer.Option("--lr", help="Step size (pixels in [0, 1]).")] = 0.01,
+    seed: SeedOpt = 0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output image file.")] = Path("dream.png"),
+    weights: WeightsOpt = "default",
+    arch: ArchOpt = None,
+    preprocessing: PreprocessingOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Amplify what LAYERS see in IMAGE (DeepDream with octaves and detail re-injection).
+
+    Example: convlens deepdream resnet18 cat.jpg --layers layer2,layer3 --octaves 4 --out dream.png
+    """
+    picture = load_image(image)
+    loaded = _open(model, weights, arch, None, preprocessing, device)
+    with _progress(octaves * steps, "deepdream") as progress:
+        dream = compute_deepdream(loaded, picture, _split(layers), octaves=octaves, octave_scale=octave_scale,
+                                  steps=steps, lr=lr, seed=seed, progress=progress)
+    save_image(dream, out)
+    typer.echo(f"wrote {out}")
