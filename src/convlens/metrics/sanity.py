@@ -208,7 +208,7 @@ def parameter_randomization(model, x: torch.Tensor, targets: Targets = None, *,
             raise ConvlensError(f"unknown layer {name!r}{did_you_mean(name, table)}")
     if not layers:
         raise ConvlensError("the model has no layer with parameters to randomise")
-    original = _explain(explain_fn, model, x, targets)
+    original = _explain(explain_fn, _copy(model), x, targets)  # a copy even here: explain_fn is the caller's
     randomized_maps = []
     cascade = _copy(model) if mode == "cascading" else None
     for step, name in enumerate(layers):
