@@ -21,6 +21,7 @@ app = typer.Typer(
 )
 
 from . import inspect  # noqa: E402,F401  (commands register themselves on app)
+from . import evaluate  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -76,3 +76,7 @@ __all__ = ["BASELINES", "METRICS", "Curve", "ExplainFn", "MeanCI", "Metric", "Ra
            "energy_pointing_game", "gaussian_blur", "heatmap_explainer", "increase_in_confidence", "insertion",
            "iou", "linear_imputation", "mean_ci", "metric_values", "normalize_maps", "parameter_randomization",
            "pointing_game", "road", "road_gap", "road_score", "spearman", "ssim"]
+
+from .runner import EXPLAINERS, Evaluation, evaluate, find_mask  # noqa: E402  (uses METRICS above)
+
+__all__ += ["EXPLAINERS", "Evaluation", "evaluate", "find_mask"]

@@ -1,0 +1,98 @@
+"""The evaluation summary as Markdown, HTML (Jinja2) and curve plots (matplotlib, Agg); written atomically."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from ..fileio import atomic_path, write_text
+from .stats import MeanCI
+
+_HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>convlens evaluate</title>
+<style>
+body { font-family: system-ui, sans-serif; margin: 2em; }
+table { border-collapse: collapse; } th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; } .best { font-weight: bold; }
+</style></head><body>
+<h1>Heatmap evaluation</h1>
+<p>{{ images }} images. Mean ± half-width of the 95 % t-interval (n images);
+&uarr; higher is better, &darr; lower is better; the best mean per metric is bold.</p>
+<table><tr><th>method</th>{% for name, metric in metrics.items() %}<th title="{{ metric.paper }}">{{ name }}
+{{ "&uarr;" if metric.higher_is_better else "&darr;" }}</th>{% endfor %}</tr>
+{% for method, cells in table.items() %}<tr><td>{{ method }}</td>
+{% for name in metrics %}<td class="{{ 'best' if best[name] == method else '' }}">{{ cells[name] }}</td>{% endfor %}
+</tr>{% endfor %}</table>
+{% for plot in plots %}<h2>{{ plot.stem }} curves</h2><img src="{{ plot.name }}" alt="{{ plot.stem }} curves">{% endfor %}
+</body></html>
+"""
+
+
+def _best(summary: Mapping[str, Mapping[str, MeanCI]], metrics: Mapping) -> dict[str, str | None]:
+    best = {}
+    for name, metric in metrics.items():
+        scored = [(ci.mean, method) for method, cells in summary.items() if (ci := cells[name]).n]
+        if not scored:
+            best[name] = None
+            continue
+        best[name] = (max if metric.higher_is_better else min)(scored)[1]
+    return best
+
+
+def _cell(ci: MeanCI) -> str:
+    return f"{ci.format()} ({ci.n})" if ci.n else "-"
+
+
+def write_summary(out_dir: Path, summary: Mapping[str, Mapping[str, MeanCI]], metrics: Mapping, rows: list[dict],
+                  images: int) -> list[Path]:
+    """Write ``summary.md``, ``summary.html`` and the mean deletion/insertion curves; return the paths."""
+    from jinja2 import Template
+
+    table = {method: {name: _cell(cells[name]) for name in metrics} for method, cells in summary.items()}
+    best = _best(summary, metrics)
+    lines = [f"{images} images; mean ± half-width of the 95 % t-interval (n images); "
+             "↑ higher is better, ↓ lower is better; best in bold.", "",
+             "| method | " + " | ".join(f"{n} {'↑' if m.higher_is_better else '↓'}" for n, m in metrics.items()) + " |",
+             "|---|" + "---:|" * len(metrics)]
+    for method, cells in table.items():
+        shown = [f"**{cells[n]}**" if best[n] == method else cells[n] for n in metrics]
+        lines.append(f"| {method} | " + " | ".join(shown) + " |")
+    files = [write_text(out_dir / "summary.md", "\n".join(lines) + "\n")]
+    plots = [p for p in (_plot_curves(out_dir, name, rows) for name in ("deletion", "insertion") if name in metrics)
+             if p is not None]
+    html = Template(_HTML).render(images=images, metrics=metrics, table=table, best=best, plots=plots)
+    files.append(write_text(out_dir / "summary.html", html))
+    return files + plots
+
+
+def _plot_curves(out_dir: Path, name: str, rows: list[dict]) -> Path | None:
+    """Mean curve per method (images share one resolution, so their curves share fractions)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    curves: dict[str, list] = {}
+    for row in rows:
+        if name in row.get("curves", {}):
+            curves.setdefault(row["method"], []).append(row["curves"][name])
+    if not curves:
+        return None
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    for method, items in sorted(curves.items()):
+        fractions = np.asarray(items[0]["fractions"])
+        scores = np.mean([item["scores"] for item in items if len(item["scores"]) == len(fractions)], axis=0)
+        area = float(np.trapezoid(scores, fractions))
+        axes.plot(fractions, scores, label=f"{method} (AUC {area:.3f})")
+    axes.set_xlabel("fraction of pixels " + ("removed" if name == "deletion" else "inserted"))
+    axes.set_ylabel("target probability")
+    axes.set_title(f"{name} (mean over images)")
+    axes.set_xlim(0, 1)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path = out_dir / f"{name}.png"
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)
+    return path
