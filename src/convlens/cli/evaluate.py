@@ -46,17 +46,19 @@ def evaluate(
 
     method_names, metric_names = _names(methods, "--methods"), _names(metrics, "--metrics")
     loaded = open_model(model, weights, arch, labels, preprocessing)
-    bar = tqdm(desc="evaluate", unit="map", leave=False)
+    bars: list[tqdm] = []  # opened at the first report, so input errors print on one line
 
     def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+        if not bars:
+            bars.append(tqdm(desc="evaluate", unit="map", total=total, initial=done - 1, leave=False))
+        bars[0].n = done
+        bars[0].refresh()
 
     try:
         result = run_evaluation(loaded, data, methods=method_names, metrics=metric_names, out_dir=out,
                                 batch_size=batch_size, limit=limit, progress=progress)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     typer.echo((out / "summary.md").read_text(encoding="utf-8"))
     typer.echo("wrote " + ", ".join(str(path) for path in result.files))

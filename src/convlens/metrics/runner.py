@@ -204,7 +204,7 @@ def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], m
                             "image or a masks/ folder); drop the localisation metrics or add masks")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_settings(out_dir, {"model": model.name, "metrics": list(metrics), "batch_size": batch_size})
+    _check_settings(out_dir, {"model": model.name, "metrics": list(metrics)})
     journal = Journal(out_dir / "journal.jsonl")
     done, total = journal.done(), len(images) * len(explainers)
     finished = sum((_key(root, p), m) in done for p in images for m in explainers)
