@@ -180,3 +180,16 @@ def test_maps_at_another_resolution_are_resized(tiny, image_batch):
     fine = torch.nn.functional.interpolate(coarse.unsqueeze(1), size=(16, 16), mode="bilinear",
                                            align_corners=False)[:, 0]
     torch.testing.assert_close(deletion(tiny, image_batch, coarse).scores, deletion(tiny, image_batch, fine).scores)
+
+
+def test_benchmark_script_runs_quick(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_metrics.py"
+    spec = importlib.util.spec_from_file_location("bench_metrics", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.main(["--quick", "--batch", "8"])
+    assert results["ours_s"] > 0 and results["yardstick_s"] > 0
+    assert "ratio" in capsys.readouterr().out
