@@ -10,6 +10,7 @@ from .capture import borrow, capture
 from .errors import ConvlensError
 from .images import load_image, load_images, sample_image
 from .models import Model, auto_layer, load_model, summarize
+from . import metrics  # noqa: E402  (convlens.metrics: faithfulness, localisation, sanity checks)
 
 __version__ = "0.1.0"
 

@@ -89,6 +89,7 @@ def _plot_curves(out_dir: Path, name: str, rows: list[dict]) -> Path | None:
     axes.set_ylabel("target probability")
     axes.set_title(f"{name} (mean over images)")
     axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
     axes.legend(fontsize=8)
     figure.tight_layout()
     path = out_dir / f"{name}.png"
