@@ -12,7 +12,6 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned, so that no other dependency can pull a different build
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -e '.[test]' torch==2.14.1 torchvision==0.29.1
@@ -21,8 +20,16 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/convlens layers resnet18 --weights none
 
-test: venv
+test: venv browser
 	$(BIN)/python -m pytest
+
+# The report test opens the HTML in headless Chromium (Debian packages chromium, chromium-driver).
+# Installed here when missing and we are root; otherwise that one test is skipped.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) ; } \
+	  || echo "chromium is not installed: the browser test will be skipped"
+
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

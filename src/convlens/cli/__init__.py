@@ -20,7 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from . import inspect  # noqa: E402,F401  (commands register themselves on app)
+from . import inspect, report  # noqa: E402,F401  (commands register themselves on app)
 from . import evaluate  # noqa: E402,F401
 
 

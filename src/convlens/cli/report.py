@@ -1,0 +1,41 @@
+"""``convlens report``: the main job, one self-contained HTML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from tqdm import tqdm
+
+from ..report import build_report
+from . import app
+from .common import ArchOpt, LabelsOpt, PreprocessingOpt, WeightsOpt, open_model
+
+
+@app.command()
+def report(
+    images: Annotated[Optional[list[Path]], typer.Argument(
+        help="Images to explain (default: generated shapes images and scikit-image photographs).",
+        show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="Model to report on (default: the bundled shapes model).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the HTML file.")] = Path(
+        "convlens-report.html"),
+    weights: WeightsOpt = "default",
+    arch: ArchOpt = None,
+    labels: LabelsOpt = None,
+    preprocessing: PreprocessingOpt = None,
+) -> None:
+    """Write one self-contained HTML report: model, predictions, heatmaps, activations, filters, evaluation.
+
+    Example: convlens report --model resnet18 --weights none cat.jpg --out report.html
+    """
+    loaded = open_model(model, weights, arch, labels, preprocessing) if model else None
+    with tqdm(desc="report", unit="section", leave=False) as bar:
+        def step(message: str) -> None:
+            bar.set_postfix_str(message)
+            bar.update()
+
+        path = build_report(loaded, images or None, out, progress=step)
+    typer.echo(f"report written to {path.resolve()}")

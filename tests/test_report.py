@@ -1,0 +1,73 @@
+"""The report: the sections and pictures it must contain, and that a browser shows it cleanly."""
+
+import re
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+import convlens as cl
+from convlens.report import ReportImage, build_report
+
+from conftest import TinyNet
+
+
+@pytest.fixture(scope="module")
+def report_html(tmp_path_factory):
+    torch.manual_seed(0)
+    model = cl.load_model(TinyNet(), labels=["circle", "square", "star"])
+    folder = tmp_path_factory.mktemp("report")
+    picture = folder / "red.png"
+    Image.new("RGB", (48, 40), (220, 40, 40)).save(picture)
+    path = build_report(model, [picture, ReportImage("cat", cl.sample_image("chelsea"))], folder / "r.html")
+    return path, path.read_text()
+
+
+def test_report_has_every_section_and_embedded_pictures(report_html):
+    _, html = report_html
+    for section in ("model", "predictions"):
+        assert f'<section id="{section}">' in html
+    assert "conv2" in html and "Conv2d" in html  # the layer table
+    assert len(re.findall(r'<img src="data:image/png;base64,', html)) >= 2
+    # self-contained: nothing fetched from anywhere
+    assert not re.search(r'(src|href)="(https?:)?//', html)
+
+
+def test_report_needs_a_spatial_layer(tmp_path):
+    flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    model = cl.load_model(flat)
+    model.input_size = (8, 8)
+    with pytest.raises(cl.ConvlensError, match="spatial"):
+        build_report(model, [ReportImage("x", Image.new("RGB", (8, 8)))], tmp_path / "r.html")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="Chromium is not installed (make test installs it when run as root)")
+def test_report_opens_in_headless_chromium_without_console_errors(report_html, tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                 "--window-size=1200,900"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        path, _ = report_html
+        driver.get(path.resolve().as_uri())
+        assert driver.title.startswith("convlens report")
+        loaded = driver.execute_script(
+            "return Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+        assert loaded
+        shot = tmp_path / "shot.png"
+        assert driver.save_screenshot(str(shot))
+        colours = Image.open(shot).convert("RGB").getcolors(1 << 20)
+        assert colours is not None and len(colours) > 50  # a real page, not a blank one
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        assert errors == []
+    finally:
+        driver.quit()
