@@ -251,3 +251,19 @@ def test_shapes_figures_script_runs_on_a_tiny_model(monkeypatch, model_file, dat
     # the model-independent stand-in survives randomisation, the gradient one does not
     assert "| magnitude | 1.000 | 1.000 | 1.000 | FAILS" in out
     assert "| saliency |" in out and (tmp_path / "eval" / "results.csv").exists()
+
+
+def test_in_memory_evaluation_matches_the_folder_run(model, data, tmp_path):
+    from convlens.metrics import METRICS as REGISTRY, evaluate_images, summary_table
+
+    metrics = ["drop", "pointing_strict", "energy_pointing"]
+    on_disk = evaluate(model, data, methods=STAND_INS, metrics=metrics, out_dir=tmp_path / "out", limit=2)
+    images = [(f"images/a{i}.png", Image.open(data / "images" / f"a{i}.png"),
+               find_mask(data / "images" / f"a{i}.png")) for i in range(2)]
+    rows, summary = evaluate_images(model, images, methods=STAND_INS, metrics=metrics)
+    expected = {(r["image"], r["method"]): r["values"] for r in on_disk.rows}
+    assert {(r["image"], r["method"]): r["values"] for r in rows} == expected
+    headers, table = summary_table(summary, {m: REGISTRY[m] for m in metrics})
+    assert headers == ["method", "drop ↓", "pointing_strict ↑", "energy_pointing ↑"]
+    assert [row[0] for row in table] == ["magnitude", "saliency"]
+    assert table[0][1] == summary["magnitude"]["drop"].format() + " (2)"

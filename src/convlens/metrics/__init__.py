@@ -77,6 +77,7 @@ __all__ = ["BASELINES", "METRICS", "Curve", "ExplainFn", "MeanCI", "Metric", "Ra
            "iou", "linear_imputation", "mean_ci", "metric_values", "normalize_maps", "parameter_randomization",
            "pointing_game", "road", "road_gap", "road_score", "spearman", "ssim"]
 
-from .runner import EXPLAINERS, Evaluation, evaluate, find_mask  # noqa: E402  (uses METRICS above)
+from .runner import EXPLAINERS, Evaluation, evaluate, evaluate_images, find_mask  # noqa: E402  (uses METRICS)
+from .report import summary_table  # noqa: E402
 
-__all__ += ["EXPLAINERS", "Evaluation", "evaluate", "find_mask"]
+__all__ += ["EXPLAINERS", "Evaluation", "evaluate", "evaluate_images", "find_mask", "summary_table"]

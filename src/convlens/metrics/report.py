@@ -19,9 +19,9 @@ th:first-child, td:first-child { text-align: left; } .best { font-weight: bold; 
 <p>{{ images }} images. Mean ± half-width of the 95 % t-interval (n images);
 &uarr; higher is better, &darr; lower is better; the best mean per metric is bold.</p>
 <table><tr><th>method</th>{% for name, metric in metrics.items() %}<th title="{{ metric.paper }}">{{ name }}
-{{ "&uarr;" if metric.higher_is_better else "&darr;" }}</th>{% endfor %}</tr>
-{% for method, cells in table.items() %}<tr><td>{{ method }}</td>
-{% for name in metrics %}<td class="{{ 'best' if best[name] == method else '' }}">{{ cells[name] }}</td>{% endfor %}
+{{ "↑" if metric.higher_is_better else "↓" }}</th>{% endfor %}</tr>
+{% for row in rows %}<tr><td>{{ row[0] }}</td>
+{% for name, cell in zip(metrics, row[1:]) %}<td class="{{ 'best' if best[name] == row[0] else '' }}">{{ cell }}</td>{% endfor %}
 </tr>{% endfor %}</table>
 {% for plot in plots %}<h2>{{ plot.stem }} curves</h2><img src="{{ plot.name }}" alt="{{ plot.stem }} curves">{% endfor %}
 </body></html>
@@ -43,24 +43,34 @@ def _cell(ci: MeanCI) -> str:
     return f"{ci.format()} ({ci.n})" if ci.n else "-"
 
 
+def summary_table(summary: Mapping[str, Mapping[str, MeanCI]], metrics: Mapping) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows (one per method) of the summary: ``mean ± half-width (n)`` per metric.
+
+    ``metrics`` maps names to :class:`~convlens.metrics.Metric`; the header carries ↑/↓
+    for higher/lower is better. The HTML report renders these with its own table macro.
+    """
+    headers = ["method"] + [f"{n} {'↑' if m.higher_is_better else '↓'}" for n, m in metrics.items()]
+    return headers, [[method] + [_cell(cells[n]) for n in metrics] for method, cells in summary.items()]
+
+
 def write_summary(out_dir: Path, summary: Mapping[str, Mapping[str, MeanCI]], metrics: Mapping, rows: list[dict],
                   images: int) -> list[Path]:
     """Write ``summary.md``, ``summary.html`` and the mean deletion/insertion curves; return the paths."""
     from jinja2 import Template
 
-    table = {method: {name: _cell(cells[name]) for name in metrics} for method, cells in summary.items()}
     best = _best(summary, metrics)
+    headers, table_rows = summary_table(summary, metrics)
     lines = [f"{images} images; mean ± half-width of the 95 % t-interval (n images); "
              "↑ higher is better, ↓ lower is better; best in bold.", "",
-             "| method | " + " | ".join(f"{n} {'↑' if m.higher_is_better else '↓'}" for n, m in metrics.items()) + " |",
-             "|---|" + "---:|" * len(metrics)]
-    for method, cells in table.items():
-        shown = [f"**{cells[n]}**" if best[n] == method else cells[n] for n in metrics]
+             "| " + " | ".join(headers) + " |", "|---|" + "---:|" * len(metrics)]
+    for method, *cells in table_rows:
+        shown = [f"**{cell}**" if best[n] == method else cell for n, cell in zip(metrics, cells)]
         lines.append(f"| {method} | " + " | ".join(shown) + " |")
     files = [write_text(out_dir / "summary.md", "\n".join(lines) + "\n")]
     plots = [p for p in (_plot_curves(out_dir, name, rows) for name in ("deletion", "insertion") if name in metrics)
              if p is not None]
-    html = Template(_HTML).render(images=images, metrics=metrics, table=table, best=best, plots=plots)
+    html = Template(_HTML, autoescape=True).render(images=images, metrics=metrics, rows=table_rows, best=best,
+                                                  plots=plots, zip=zip)
     files.append(write_text(out_dir / "summary.html", html))
     return files + plots
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from PIL import Image
 
 from ..errors import ConvlensError, did_you_mean
 from ..fileio import write_text
-from ..images import load_image
+from ..images import ImageLike, load_image
 from ..models import Model
 from .base import ExplainFn, as_batch, as_model, as_targets, available_methods, heatmap_explainer
 from .faithfulness import Curve
@@ -187,12 +187,7 @@ def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], m
     from . import METRICS
 
     model = as_model(model)
-    for name in metrics:
-        if name not in METRICS:
-            raise ConvlensError(f"unknown metric {name!r}{did_you_mean(name, METRICS)}; "
-                                f"choose from {', '.join(METRICS)}")
-    if not metrics:
-        raise ConvlensError("no metrics given; pass at least one, e.g. deletion")
+    _check_metrics(metrics)
     explainers = resolve_methods(methods)
     if limit is not None and limit < 1:
         raise ConvlensError(f"--limit must be at least 1, got {limit}")
@@ -210,16 +205,12 @@ def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], m
     finished = sum((_key(root, p), m) in done for p in images for m in explainers)
     for path in images:
         key = _key(root, path)
-        todo = [m for m in explainers if (key, m) not in done]
+        todo = {m: fn for m, fn in explainers.items() if (key, m) not in done}
         if not todo:
             continue
-        picture = load_image(path)
-        x = model.preprocess([picture])
-        targets = as_targets(model, as_batch(model, x), None)
-        mask = None if masks[path] is None else mask_for_model(model, masks[path], picture.size)
-        for method in todo:
-            maps = explainers[method](model, x, targets)  # a tensor or an Explanation: both are accepted
-            journal.append(_score(model, x, maps, targets, mask, metrics, batch_size, key, method))
+        for record in score_image(model, load_image(path), masks[path], todo, metrics, name=key,
+                                  batch_size=batch_size):
+            journal.append(record)
             finished += 1
             if progress is not None:
                 progress(finished, total)
@@ -227,26 +218,65 @@ def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], m
     return _finish(out_dir, journal.records, metrics, list(explainers), images, root)
 
 
-def _key(root: Path, path: Path) -> str:
-    return path.name if root.is_file() else path.relative_to(root).as_posix()
+def evaluate_images(model, images: Sequence[tuple[str, ImageLike, np.ndarray | None]], *,
+                    methods: Sequence[str] | Mapping[str, ExplainFn], metrics: Sequence[str],
+                    batch_size: int = 64) -> tuple[list[dict], dict[str, dict[str, MeanCI]]]:
+    """:func:`evaluate` in memory, for the report: ``(name, image, mask or None)`` triples in,
+    ``(rows, summary)`` out, nothing written. Rows hold ``values`` and ``curves`` per (image, method)."""
+    model = as_model(model)
+    _check_metrics(metrics)
+    explainers = resolve_methods(methods)
+    rows = [record for name, image, mask in images
+            for record in score_image(model, load_image(image), mask, explainers, metrics, name=name,
+                                      batch_size=batch_size)]
+    return rows, summarize_rows(rows, list(explainers), metrics)
 
 
-def _score(model, x, maps, targets, mask, metrics, batch_size, key, method) -> dict:
+def score_image(model: Model, picture: Image.Image, mask: np.ndarray | None, explainers: Mapping[str, ExplainFn],
+                metrics: Sequence[str], *, name: str, batch_size: int = 64) -> Iterator[dict]:
+    """Explain one image (for the model's top class) with each method and score the maps; one record per method."""
     from . import METRICS
 
-    record = {"image": key, "method": method, "target": int(targets[0]), "values": {}, "curves": {}}
+    x = model.preprocess([picture])
+    targets = as_targets(model, as_batch(model, x), None)
+    truth = None if mask is None else mask_for_model(model, mask, picture.size)
+    for method, explain_fn in explainers.items():
+        maps = explain_fn(model, x, targets)  # a tensor or an Explanation: both are accepted
+        record = {"image": name, "method": method, "target": int(targets[0]), "values": {}, "curves": {}}
+        for metric_name in metrics:
+            metric = METRICS[metric_name]
+            if metric.needs_masks and truth is None:
+                record["values"][metric_name] = None
+                continue
+            result = metric.compute(model, x, maps, targets, truth, batch_size)
+            if isinstance(result, Curve):
+                record["curves"][metric_name] = {"fractions": result.fractions.tolist(),
+                                                 "scores": result.scores[0].tolist()}
+                result = result.auc
+            value = float(result[0])
+            record["values"][metric_name] = None if np.isnan(value) else value
+        yield record
+
+
+def summarize_rows(rows: list[dict], methods: Sequence[str], metrics: Sequence[str]) -> dict[str, dict[str, MeanCI]]:
+    """Mean and 95 % CI per method and metric over the rows (missing values skipped)."""
+    return {method: {name: mean_ci(r["values"].get(name) for r in rows if r["method"] == method)
+                     for name in metrics} for method in methods}
+
+
+def _check_metrics(metrics: Sequence[str]) -> None:
+    from . import METRICS
+
     for name in metrics:
-        metric = METRICS[name]
-        if metric.needs_masks and mask is None:
-            record["values"][name] = None
-            continue
-        result = metric.compute(model, x, maps, targets, mask, batch_size)
-        if isinstance(result, Curve):
-            record["curves"][name] = {"fractions": result.fractions.tolist(), "scores": result.scores[0].tolist()}
-            result = result.auc
-        value = float(result[0])
-        record["values"][name] = None if np.isnan(value) else value
-    return record
+        if name not in METRICS:
+            raise ConvlensError(f"unknown metric {name!r}{did_you_mean(name, METRICS)}; "
+                                f"choose from {', '.join(METRICS)}")
+    if not metrics:
+        raise ConvlensError("no metrics given; pass at least one, e.g. deletion")
+
+
+def _key(root: Path, path: Path) -> str:
+    return path.name if root.is_file() else path.relative_to(root).as_posix()
 
 
 def _latest(records: list[dict]) -> list[dict]:
@@ -273,11 +303,11 @@ def _finish(out_dir, records, metrics, methods, images, root) -> Evaluation:
 
     keys = {_key(root, p) for p in images}
     rows = [r for r in _latest(records) if r["method"] in methods and r["image"] in keys]
-    summary = {method: {name: mean_ci(r["values"].get(name) for r in rows if r["method"] == method)
-                        for name in metrics} for method in methods}
+    summary = summarize_rows(rows, methods, metrics)
     files = [_write_table(out_dir, records, metrics)]
     files += write_summary(out_dir, summary, {m: METRICS[m] for m in metrics}, rows, len(keys))
     return Evaluation(rows, summary, out_dir, files)
 
 
-__all__ = ["EXPLAINERS", "Evaluation", "evaluate", "find_mask", "list_images", "mask_for_model"]
+__all__ = ["EXPLAINERS", "Evaluation", "evaluate", "evaluate_images", "find_mask", "list_images", "mask_for_model",
+           "score_image", "summarize_rows"]
