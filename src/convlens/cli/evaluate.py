@@ -38,7 +38,7 @@ def evaluate(
 ) -> None:
     """Run every method on every image and write a CSV table, a Markdown/HTML summary and curve plots.
 
-    Example: convlens evaluate model.pt shapes/ --methods gradcam,scorecam --metrics deletion,insertion,pointing --out eval/
+    Example: convlens evaluate shapes data/val --methods gradcam,scorecam --metrics deletion,pointing --out eval
     """
     from tqdm import tqdm
 

@@ -21,9 +21,12 @@ th:first-child, td:first-child { text-align: left; } .best { font-weight: bold; 
 <table><tr><th>method</th>{% for name, metric in metrics.items() %}<th title="{{ metric.paper }}">{{ name }}
 {{ "↑" if metric.higher_is_better else "↓" }}</th>{% endfor %}</tr>
 {% for row in rows %}<tr><td>{{ row[0] }}</td>
-{% for name, cell in zip(metrics, row[1:]) %}<td class="{{ 'best' if best[name] == row[0] else '' }}">{{ cell }}</td>{% endfor %}
+{% for name, cell in zip(metrics, row[1:]) -%}
+<td class="{{ 'best' if best[name] == row[0] else '' }}">{{ cell }}</td>
+{%- endfor %}
 </tr>{% endfor %}</table>
-{% for plot in plots %}<h2>{{ plot.stem }} curves</h2><img src="{{ plot.name }}" alt="{{ plot.stem }} curves">{% endfor %}
+{% for plot in plots %}<h2>{{ plot.stem }} curves</h2>
+<img src="{{ plot.name }}" alt="{{ plot.stem }} curves">{% endfor %}
 </body></html>
 """
 

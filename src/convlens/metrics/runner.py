@@ -41,7 +41,6 @@ from .stats import MeanCI, mean_ci
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MASK_SUFFIX = ".mask.png"
-CURVE_METRICS = ("deletion", "insertion")
 #: Explainers by method name, consulted before ``convlens.METHODS``: register your own here.
 EXPLAINERS: dict[str, ExplainFn] = {}
 
