@@ -193,3 +193,9 @@ def test_benchmark_script_runs_quick(capsys):
     results = bench.main(["--quick", "--batch", "8"])
     assert results["ours_s"] > 0 and results["yardstick_s"] > 0
     assert "ratio" in capsys.readouterr().out
+
+
+def test_logit_score_of_a_single_logit_model():
+    x = torch.ones(1, 3, 4, 4)
+    curve = insertion(MeanLogit(), x, torch.rand(1, 4, 4), targets=0, step=16, baseline="zeros", score="logit")
+    assert curve.scores[0].tolist() == pytest.approx([1.0, -3.0])  # class 0 is -(4 * mean - 1)

@@ -13,7 +13,8 @@ The contract of every metric in :mod:`convlens.metrics`:
   one ``int`` for all images, or one ``int`` per image.
 * The score of an input is the probability of the target class: softmax of the
   logits, or the sigmoid of a single-logit model (``Model.probabilities``).
-  ``score="logit"`` uses the raw target output instead.
+  ``score="logit"`` uses the raw target output instead (``-z`` / ``z`` for the
+  two classes of a single-logit model).
 
 Nothing here changes the caller's tensors; every result is a float32 tensor on
 the input's device.
@@ -106,6 +107,8 @@ def class_scores(model: Model, output: torch.Tensor, targets: torch.Tensor, scor
         values = model.probabilities(output)
     elif score == "logit":
         values = output.float().flatten(1)
+        if values.shape[1] == 1:  # one logit: class 1 has log-odds z, class 0 has -z
+            values = torch.cat([-values, values], dim=1)
     else:
         raise ConvlensError(f"unknown score {score!r}; choose 'probability' or 'logit'")
     return values.gather(1, targets.view(-1, 1).to(values.device)).squeeze(1)
