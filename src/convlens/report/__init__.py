@@ -24,7 +24,10 @@ __all__ = ["ReportImage", "build_report", "default_images"]
 
 
 def default_images(shapes: int = 4, seed: int = 2026) -> list[ReportImage]:
-    """Generated shapes images with their masks, then two scikit-image photographs."""
+    """Generated shapes images with their masks, then two scikit-image photographs.
+
+    The seed differs from the one the bundled model was trained on (0), so these are unseen images.
+    """
     from PIL import Image
 
     from ..data.shapes import shape_sample

@@ -220,5 +220,29 @@ def training_section(ctx: Context) -> Section | None:
                    "Written by convlens train on the held-out validation split.")
 
 
+def evaluation_section(ctx: Context) -> Section | None:
+    """Which heatmap to trust: localisation against ground-truth masks and deletion/insertion faithfulness."""
+    from ..metrics import METRICS
+    from ..metrics.report import summary_table
+    from ..metrics.runner import evaluate_images
+
+    images = [(item.name, item.image, item.mask) for item in ctx.images if item.mask is not None]
+    images += ctx.options.get("evaluation_images", [])
+    if not images:
+        return None
+    methods = ctx.options.get("evaluation_methods", ["gradcam", "scorecam", "layercam", "saliency"])
+    metrics = ["pointing", "pointing_strict", "energy_pointing", "iou", "deletion", "insertion", "drop", "increase"]
+    ctx.step("evaluation")
+    _, summary = evaluate_images(ctx.model, images, methods=methods, metrics=metrics)
+    headers, rows = summary_table(summary, {name: METRICS[name] for name in metrics})
+    note = (f"Mean \u00b1 95% confidence half-width (number of images) over {len(images)} images with "
+            "ground-truth masks, each explained for the model's top class. Pointing game: the map's maximum "
+            "falls on the object, within 15 px (the paper's tolerance) or exactly (strict); energy pointing game: the share of the map's energy inside "
+            "the mask; IoU of the map thresholded at 0.5; deletion/insertion: area under the class-probability "
+            "curve as pixels are removed/added most-important first; Average Drop / Increase in Confidence "
+            "with the image multiplied by the map. \u2191 higher is better, \u2193 lower is better.")
+    return Section("evaluation", "Which heatmap to trust", Markup(_parts.table(headers, rows)), note)
+
+
 SECTIONS = [summary_section, predictions_section, heatmaps_section, activations_section, filters_section,
-            training_section]
+            training_section, evaluation_section]
