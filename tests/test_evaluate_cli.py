@@ -249,7 +249,7 @@ def test_shapes_figures_script_runs_on_a_tiny_model(monkeypatch, model_file, dat
     out = capsys.readouterr().out
     assert "skipping methods this build does not have: nosuch" in out
     # the model-independent stand-in survives randomisation, the gradient one does not
-    assert "| magnitude | 1.000 | 1.000 | 1.000 | FAILS" in out
+    assert "| magnitude | 1.000 | 1.000 | 1.000 | 1.000 | FAILS" in out
     assert "| saliency |" in out and (tmp_path / "eval" / "results.csv").exists()
 
 
