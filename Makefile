@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(BIN)/convlens layers resnet18 --weights none
+	$(BIN)/convlens report --out $(OUT)/convlens-report.html
 
 test: venv browser
 	$(BIN)/python -m pytest

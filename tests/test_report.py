@@ -20,16 +20,23 @@ def report_html(tmp_path_factory):
     folder = tmp_path_factory.mktemp("report")
     picture = folder / "red.png"
     Image.new("RGB", (48, 40), (220, 40, 40)).save(picture)
-    path = build_report(model, [picture, ReportImage("cat", cl.sample_image("chelsea"))], folder / "r.html")
+    square = torch.zeros(40, 48, dtype=torch.bool)
+    square[10:30, 12:36] = True
+    images = [picture, ReportImage("cat", cl.sample_image("chelsea")),
+              ReportImage("masked", Image.new("RGB", (48, 40), (30, 200, 30)), square.numpy())]
+    path = build_report(model, images, folder / "r.html", filter_steps=4,
+                        methods=["gradcam", "scorecam", "saliency"])
     return path, path.read_text()
 
 
 def test_report_has_every_section_and_embedded_pictures(report_html):
     _, html = report_html
-    for section in ("model", "predictions"):
+    for section in ("model", "predictions", "heatmaps", "activations", "filters"):
         assert f'<section id="{section}">' in html
     assert "conv2" in html and "Conv2d" in html  # the layer table
-    assert len(re.findall(r'<img src="data:image/png;base64,', html)) >= 2
+    # 3 thumbnails + 3 images x (original + 3 methods) + 2 activation grids + 2 filter grids + class models
+    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 3 + 3 * 4 + 2 + 2 + 1
+    assert "ground-truth object masks" in html
     # self-contained: nothing fetched from anywhere
     assert not re.search(r'(src|href)="(https?:)?//', html)
 

@@ -121,3 +121,15 @@ def test_bad_write_arguments_write_nothing(tmp_path):
     with pytest.raises(ConvlensError, match="at least 1"):
         write_shapes(tmp_path / "out", 0)
     assert not (tmp_path / "out").exists()
+
+
+def test_speed_benchmark_runs():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "shapes_speed.py"
+    spec = importlib.util.spec_from_file_location("shapes_speed", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.main(["--n", "8", "--repeats", "1", "--sizes", "32"])
+    assert set(results) == {32} and all(rate > 0 for rate in results[32])

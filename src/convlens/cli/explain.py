@@ -13,7 +13,6 @@ from ..errors import ConvlensError
 from ..fileio import atomic_path, save_image
 from ..heatmaps import check_request, explain as explain_images, get_method
 from ..images import load_images
-from ..render.overlay import check_style, comparison_figure, overlay_heatmap, save_figure
 from . import app
 from .common import ArchOpt, ImagesArg, LabelsOpt, ModelArg, PreprocessingOpt, WeightsOpt, open_model
 
@@ -73,6 +72,8 @@ def explain(
 
     Example: convlens explain resnet50 cat.jpg dog.jpg --method gradcam,scorecam --target top1 --out maps
     """
+    from ..render.overlay import check_style, comparison_figure, overlay_heatmap, save_figure  # matplotlib: slow import
+
     methods = list(dict.fromkeys(get_method(name).name for name in _split(method)))
     if not methods:
         raise ConvlensError("--method is empty; name at least one method, e.g. gradcam")
@@ -90,8 +91,6 @@ def explain(
     for indices in batches:  # one forward pass per batch: every layer and target is checked up front
         chosen_layers = check_request(loaded, [pictures[i] for i in indices], methods, layer_ref,
                                       batch_targets(indices))
-    if chosen_layers and "auto" in layers:
-        typer.echo(f"layer: {', '.join(chosen_layers)} (auto)", err=True)
 
     # Cheap methods first, so a method-specific error (CAM without a GAP head) comes before the slow ones.
     order = sorted(methods, key=lambda name: get_method(name).kind == "perturbation")
@@ -121,4 +120,6 @@ def explain(
             figure = comparison_figure(pictures[image_index], panels)
             figure.axes[0].set_title(f"original — predicted: {predicted[image_index]}", fontsize=9)
             save_figure(figure, out / f"{stem}_explain.png")
+    if chosen_layers:
+        typer.echo(f"layer: {', '.join(chosen_layers)}{' (auto)' if 'auto' in layers else ''}")
     typer.echo(f"wrote {len(pictures) * (2 * len(methods) + 1)} files to {out}")

@@ -37,14 +37,14 @@ def shapes(
 
     Example: convlens shapes data --per-class 600 --seed 0 && convlens shapes data --per-class 100 --seed 1 --split val
     """
-    from ..data.shapes import SHAPE_CLASSES, _check_classes, write_shapes
+    from ..data.shapes import check_classes, write_shapes
 
-    names = _check_classes([c.strip() for c in classes.split(",") if c.strip()] if classes else None)
+    names = check_classes([c.strip() for c in classes.split(",") if c.strip()] if classes else None)
     with tqdm(total=per_class * len(names), unit="img", desc="shapes", disable=None) as bar:
         root = write_shapes(out_dir, per_class, seed, size=size, split=split or None, classes=names,
                             progress=lambda done, total: bar.update(done - bar.n))
     typer.echo(f"wrote {per_class * len(names)} images of {len(names)} classes ({', '.join(names)}) "
-               f"with masks to {root}" + ("" if names != SHAPE_CLASSES else ""))
+               f"with masks to {root}")
 
 
 @app.command()

@@ -36,13 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 from ..errors import ConvlensError, did_you_mean
 from ..fileio import atomic_path, write_text
 
+#: In alphabetical order, the order class folders are read in: a model trained on
+#: :func:`write_shapes` output predicts index ``k`` for ``SHAPE_CLASSES[k]`` (= ``sample.label``).
 SHAPE_CLASSES: tuple[str, ...] = (
-    "circle", "square", "triangle", "star", "cross", "ring", "hexagon", "stripes",
+    "circle", "cross", "hexagon", "ring", "square", "star", "stripes", "triangle",
 )
 MASK_SUFFIX = ".mask.png"
 Box = tuple[int, int, int, int]
@@ -141,11 +143,12 @@ def _background(rng: np.random.Generator, size: int, clutter: bool) -> tuple[np.
     coarse += rng.uniform(0.15, 0.5) * (blotches - coarse)
     mean = coarse.reshape(-1, 3).mean(axis=0)
     smooth = Image.fromarray(coarse.round().astype(np.uint8)).resize((size, size), Image.BICUBIC)
-    # uniform pixel noise in int16: a third of the cost of Gaussian noise in float
+    # uniform grey pixel noise in [-amplitude, amplitude], added (and clipped) by Pillow in C:
+    # ImageChops.add computes (smooth + noise) + offset with integer clipping
     amplitude = int(rng.integers(4, 31))
-    pixels = np.asarray(smooth, dtype=np.int16) + rng.integers(-amplitude, amplitude + 1, (size, size, 1),
-                                                                dtype=np.int16)
-    canvas = Image.fromarray(np.clip(pixels, 0, 255, out=pixels).astype(np.uint8))
+    noise = rng.integers(-amplitude, amplitude + 1, (size, size), dtype=np.int16)
+    noise = Image.fromarray((noise + amplitude).astype(np.uint8)).convert("RGB")
+    canvas = ImageChops.add(smooth, noise, scale=1.0, offset=-amplitude)
     draw = ImageDraw.Draw(canvas)
     for _ in range(rng.integers(2, 7)):  # thin strokes: straight lines and open arcs
         colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
@@ -237,7 +240,8 @@ def generate_shape(rng_or_seed, size: int = 128, *, class_index: int | None = No
                        label=class_index, class_name=class_name, object_masks=object_masks)
 
 
-def _check_classes(classes: Sequence[str] | None) -> tuple[str, ...]:
+def check_classes(classes: Sequence[str] | None) -> tuple[str, ...]:
+    """``classes`` as a tuple after checking each name (``None``: all of :data:`SHAPE_CLASSES`)."""
     if classes is None:
         return SHAPE_CLASSES
     classes = tuple(classes)
@@ -253,7 +257,7 @@ def _check_classes(classes: Sequence[str] | None) -> tuple[str, ...]:
 def shape_sample(index: int, seed: int = 0, size: int = 128,
                  classes: Sequence[str] | None = None) -> ShapeSample:
     """Sample ``index`` of the dataset with ``seed``: class ``index % len(classes)``."""
-    classes = _check_classes(classes)
+    classes = check_classes(classes)
     return generate_shape(np.random.default_rng([seed, index]), size,
                           class_index=index % len(classes), classes=classes)
 
@@ -261,7 +265,7 @@ def shape_sample(index: int, seed: int = 0, size: int = 128,
 def shapes_dataset(n: int, seed: int = 0, size: int = 128,
                    classes: Sequence[str] | None = None) -> Iterator[ShapeSample]:
     """Yield ``n`` samples, balanced over ``classes``; deterministic given ``seed``."""
-    classes = _check_classes(classes)
+    classes = check_classes(classes)
     for index in range(n):
         yield shape_sample(index, seed, size, classes)
 
@@ -300,7 +304,7 @@ def write_shapes(out_dir: str | os.PathLike, n_per_class: int, seed: int = 0, *,
     is written last. ``progress(done, total)`` is called after each image.
     Returns the folder holding the class folders.
     """
-    classes = _check_classes(classes)
+    classes = check_classes(classes)
     if n_per_class < 1:
         raise ConvlensError(f"--per-class must be at least 1, got {n_per_class}")
     if size < 24:
@@ -315,7 +319,7 @@ def write_shapes(out_dir: str | os.PathLike, n_per_class: int, seed: int = 0, *,
         relative = f"{sample.class_name}/{index // len(classes):05d}.png"
         image_path = root / relative
         with atomic_path(image_path) as tmp:
-            Image.fromarray(sample.image).save(tmp, format="PNG")
+            Image.fromarray(sample.image).save(tmp, format="PNG", compress_level=1)  # 3x faster, lossless
         with atomic_path(mask_path(image_path)) as tmp:
             Image.fromarray(sample.mask).save(tmp, format="PNG")
         annotations[relative] = {"label": sample.label, "class": sample.class_name,
@@ -338,7 +342,7 @@ class ShapesTorchDataset:
     def __init__(self, n: int, seed: int = 0, size: int = 128, classes: Sequence[str] | None = None,
                  transform: Callable | None = None):
         self.n, self.seed, self.size = n, seed, size
-        self.classes = _check_classes(classes)
+        self.classes = check_classes(classes)
         self.transform = transform
 
     def __len__(self) -> int:

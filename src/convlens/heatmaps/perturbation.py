@@ -17,7 +17,7 @@ from .engine import Method, RawMaps, Request, register
 from .targets import ClassLogits
 
 #: Variants scored per forward pass unless the caller says otherwise.
-DEFAULT_BATCH_SIZE = 32
+DEFAULT_BATCH_SIZE = 64  # the fastest of 16/32/64 for resnet18 at 224 px on 2 CPU threads
 
 
 def _image_score(request: Request, image: int) -> Callable[[torch.Tensor], torch.Tensor]:

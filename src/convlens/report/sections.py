@@ -120,4 +120,58 @@ def _cell(image: Image.Image, caption: str) -> dict:
     return figure(_thumbnail(image, 150), caption)
 
 
-SECTIONS = [summary_section, predictions_section, heatmaps_section]
+
+
+def _spread(names: list[str], count: int) -> list[str]:
+    """``count`` names spread evenly from first to last."""
+    if len(names) <= count:
+        return names
+    step = (len(names) - 1) / (count - 1)
+    return [names[round(i * step)] for i in range(count)]
+
+
+def activations_section(ctx: Context) -> Section:
+    """Every channel of a few layers, for the first image, from one truncated forward pass."""
+    from ..inside import activations
+    from ..inside.activations import default_layers
+    from ..render.grid import activation_grid
+
+    item = ctx.images[0]
+    layers = ctx.options.get("activation_layers") or _spread(default_layers(ctx.model), 4)
+    recorded = activations(ctx.model, item.image, layers)
+    items = [figure(activation_grid(recorded[name][0], f"{name}  ({recorded[name].shape[1]} channels)"), name)
+             for name in layers]
+    note = (f"Image: {item.name}. Each tile is one channel, standardised for display (viridis); "
+            "a blank tile is a dead channel.")
+    return Section("activations", "Inside the network: activations", Markup(_parts.figures(items)), note)
+
+
+def filters_section(ctx: Context) -> Section:
+    """Filter patterns by gradient ascent (all filters of a layer in one batch) and class-model images."""
+    from ..inside import class_model, filter_patterns
+    from ..inside.activations import default_layers
+    from ..render.grid import filter_grid
+
+    convs = [n for n in default_layers(ctx.model) if "pool" not in type(ctx.model.named_layers()[n]).__name__.lower()]
+    layers = ctx.options.get("filter_layers") or _spread(convs, 3)
+    size = max(ctx.model.input_size)
+    steps = ctx.options.get("filter_steps", 96)
+    items = []
+    for name in layers:
+        ctx.step(f"filters: {name}")
+        patterns = filter_patterns(ctx.model, name, max_filters=16, size=size, steps=steps, seed=0)
+        labels = [f"{f}: {a:.2f}" for f, a in zip(patterns.filters, patterns.activations.tolist())]
+        items.append(figure(filter_grid(patterns.images, labels, name), name))
+    classes = list(range(min(len(ctx.model.labels or []) or 8, 8)))
+    ctx.step("class models")
+    models = class_model(ctx.model, classes, size=size, steps=steps, seed=0)
+    class_labels = [ctx.model.label(c) for c in models.classes]
+    items.append(figure(filter_grid(models.images, class_labels, "class models (pre-softmax logits)"),
+                        "class-model images"))
+    note = (f"Each tile is the {size}x{size} image that maximises one filter's mean activation ({steps} steps, "
+            "Fourier parameterisation with decorrelated colour, jitter/scale/rotation robustness); the number "
+            "under it is the filter index and its final activation. Class-model images maximise a class logit.")
+    return Section("filters", "What the filters want to see", Markup(_parts.figures(items)), note)
+
+
+SECTIONS = [summary_section, predictions_section, heatmaps_section, activations_section, filters_section]

@@ -1,0 +1,102 @@
+"""``convlens explain``: the files it writes hold the API's values; bad input exits 2 and writes nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import convlens as cl
+from convlens.cli import main
+
+from conftest import TinyNet
+
+
+def run(capsys, *args):
+    """Run the CLI in this process (fast); return (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return exit_info.value.code or 0, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("explain")
+    torch.manual_seed(0)
+    tiny = folder / "tiny.pt"
+    torch.save(TinyNet(), tiny)
+    no_gap = folder / "maxpool.pt"  # global MAX pooling: CAM is not defined
+    torch.save(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(4, 3)),
+               no_gap)
+    pictures = []
+    for name, size, colour in (("red", (40, 30), (200, 30, 30)), ("noise", (50, 64), None)):
+        path = folder / f"{name}.png"
+        if colour is None:
+            array = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(array).save(path)
+        else:
+            Image.new("RGB", size, colour).save(path)
+        pictures.append(path)
+    return {"tiny": tiny, "no_gap": no_gap, "pictures": pictures}
+
+
+def test_writes_overlays_raw_maps_and_a_figure_per_image(capsys, tmp_path, files):
+    out = tmp_path / "maps"
+    code, stdout, err = run(capsys, "explain", files["tiny"], *files["pictures"], "-m", "gradcam,gradcam++,saliency",
+                            "--out", out, "--batch-size", "1", "--alpha", "0.5", "--colormap", "viridis")
+    assert code == 0, err
+    assert "layer: relu2 (auto)" in stdout
+    expected = {f"{stem}_{m}.{ext}" for stem in ("red", "noise") for m in ("gradcam", "gradcampp", "saliency")
+                for ext in ("png", "npy")} | {"red_explain.png", "noise_explain.png"}
+    assert {p.name for p in out.iterdir()} == expected
+    model = cl.load_model(files["tiny"])
+    for path in files["pictures"]:
+        original = Image.open(path)
+        for method, slug in (("gradcam", "gradcam"), ("gradcam++", "gradcampp"), ("saliency", "saliency")):
+            api = cl.explain(model, [original], method=method)
+            np.testing.assert_allclose(np.load(out / f"{path.stem}_{slug}.npy"), api.raw[0].numpy(),
+                                       rtol=1e-5, atol=1e-6)
+            overlay = Image.open(out / f"{path.stem}_{slug}.png")
+            assert overlay.size == original.size  # the original's full resolution, not the 224 crop
+            expected_overlay = api.overlay([original], colormap="viridis", alpha=0.5)[0]
+            assert np.array_equal(np.asarray(overlay.convert("RGB")), np.asarray(expected_overlay))
+        assert Image.open(out / f"{path.stem}_explain.png").size[0] > 4 * 100
+
+
+def test_one_target_per_image(capsys, tmp_path, files):
+    out = tmp_path / "maps"
+    code, _, err = run(capsys, "explain", files["tiny"], *files["pictures"], "--target", "2,0", "--out", out)
+    assert code == 0, err
+    model = cl.load_model(files["tiny"])
+    api = cl.explain(model, [Image.open(files["pictures"][1])], method="gradcam", target=0)
+    np.testing.assert_allclose(np.load(out / "noise_gradcam.npy"), api.raw[0].numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["-m", "gradcm"], "unknown method 'gradcm'; did you mean 'gradcam'"),
+    (["--layer", "fc"], "not a spatial feature map"),
+    (["--layer", "layer9"], "unknown layer"),
+    (["--target", "9"], "out of range"),
+    (["--target", "0,1,2"], "3 classes for 2 images"),
+    (["-m", "gradcam,cam", "--model", "no_gap"], "global average pooling"),
+    (["--colormap", "jett"], "unknown colormap"),
+    (["--alpha", "2"], "between 0 and 1"),
+    (["--picture", "missing.png"], "image not found"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, files, args, match):
+    model = files["tiny"]
+    pictures = list(files["pictures"])
+    if "--model" in args:
+        model = files[args[args.index("--model") + 1]]
+        args = args[:args.index("--model")]
+    if "--picture" in args:
+        pictures.append(tmp_path / args[args.index("--picture") + 1])
+        args = args[:args.index("--picture")]
+    out = tmp_path / "maps"
+    code, _, err = run(capsys, "explain", model, *pictures, *args, "--out", out)
+    assert code == 2
+    assert match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists() or not any(out.iterdir())
