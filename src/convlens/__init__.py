@@ -13,6 +13,7 @@ from .heatmaps import METHODS, Explanation, explain
 from .images import load_image, load_images, sample_image
 from .inside import activations, class_model, deepdream, filter_patterns
 from .models import Model, auto_layer, load_model, summarize
+from . import metrics  # noqa: E402  (convlens.metrics: faithfulness, localisation, sanity checks)
 
 __version__ = "0.1.0"
 

@@ -67,7 +67,9 @@ def build_report(
     sections = []
     for build in SECTIONS:
         ctx.step(build.__name__.removesuffix("_section"))
-        sections.append(build(ctx))
+        section = build(ctx)
+        if section is not None:  # a section with nothing to show for this model is left out
+            sections.append(section)
     env = jinja2.Environment(loader=jinja2.PackageLoader("convlens.report", "templates"),
                              autoescape=jinja2.select_autoescape(["html", "j2"]))
     env.filters["thousands"] = lambda n: f"{n:,}"

@@ -174,4 +174,51 @@ def filters_section(ctx: Context) -> Section:
     return Section("filters", "What the filters want to see", Markup(_parts.figures(items)), note)
 
 
-SECTIONS = [summary_section, predictions_section, heatmaps_section, activations_section, filters_section]
+def _number(value, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def training_section(ctx: Context) -> Section | None:
+    """The numbers ``convlens train`` wrote into the checkpoint: accuracy, per-class scores, AUC, curves."""
+    import tempfile
+    from pathlib import Path
+
+    from ..train.evaluate import plot_confusion, plot_curves, plot_roc
+
+    metrics, history = ctx.model.info.get("metrics"), ctx.model.info.get("history")
+    if not metrics:
+        return None
+    facts = [("validation accuracy", f"{metrics['accuracy']:.2%}"),
+             ("validation images", metrics.get("val_images", "-")),
+             ("training images", metrics.get("train_images", "-")),
+             ("macro F1", f"{metrics['macro_f1']:.4f}" if "macro_f1" in metrics else "-")]
+    roc = metrics.get("roc") or {}
+    if roc.get("auc") is not None:
+        low, high = roc.get("ci95", (float("nan"), float("nan")))
+        facts.append((f"ROC AUC, positive class {roc['positive_class']} (Hanley & McNeil SE, 95% CI)",
+                      f"{roc['auc']:.4f} \u00b1 {roc.get('se', float('nan')):.4f} [{low:.4f}, {high:.4f}]"))
+    elif metrics.get("macro_auc") is not None:
+        facts.append(("macro one-vs-rest ROC AUC", f"{metrics['macro_auc']:.5f}"))
+    per_class = [(name, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}",
+                  _number(metrics.get("one_vs_rest_auc", {}).get(name)))
+                 for name, v in metrics.get("per_class", {}).items()]
+    items = []
+    with tempfile.TemporaryDirectory() as tmp:
+        plots = [("curves.png", plot_curves, history, "loss and accuracy per epoch"),
+                 ("confusion.png", plot_confusion, metrics, "confusion matrix (validation)")]
+        if roc.get("fpr"):
+            plots.append(("roc.png", plot_roc, metrics, "ROC curve"))
+        for filename, plot, data, caption in plots:
+            if data:
+                plot(data, Path(tmp) / filename)
+                with Image.open(Path(tmp) / filename) as picture:
+                    items.append(figure(picture.convert("RGB"), caption))
+    html = (_parts.table(["", ""], facts) + _parts.table(["class", "precision", "recall", "F1", "AUC (one vs rest)"],
+                                                         per_class, numeric=(1, 2, 3, 4))
+            + _parts.figures(items))
+    return Section("training", "Training evaluation", Markup(html),
+                   "Written by convlens train on the held-out validation split.")
+
+
+SECTIONS = [summary_section, predictions_section, heatmaps_section, activations_section, filters_section,
+            training_section]

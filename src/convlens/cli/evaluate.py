@@ -1,0 +1,64 @@
+"""``convlens evaluate``: score heatmap methods with faithfulness and localisation metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import ConvlensError
+from . import app
+from .common import ArchOpt, LabelsOpt, ModelArg, PreprocessingOpt, WeightsOpt, open_model
+
+
+def _names(text: str, option: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise ConvlensError(f"{option} needs at least one name, e.g. {option} gradcam,scorecam")
+    return names
+
+
+@app.command()
+def evaluate(
+    model: ModelArg,
+    data: Annotated[Path, typer.Argument(help="A folder of images; masks as NAME.mask.png or in a masks/ folder.",
+                                         show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable: run again to continue).")],
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated heatmap methods.")] = "gradcam",
+    metrics: Annotated[str, typer.Option("--metrics", help="Comma-separated metrics: deletion, insertion, drop, "
+                                         "increase, road, road_morf, road_lerf, pointing, pointing_strict, "
+                                         "energy_pointing, iou.")] = "deletion,insertion,drop,increase",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N images.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Perturbed images per forward pass.")] = 64,
+    weights: WeightsOpt = "default",
+    arch: ArchOpt = None,
+    labels: LabelsOpt = None,
+    preprocessing: PreprocessingOpt = None,
+) -> None:
+    """Run every method on every image and write a CSV table, a Markdown/HTML summary and curve plots.
+
+    Example: convlens evaluate shapes data/val --methods gradcam,scorecam --metrics deletion,pointing --out eval
+    """
+    from tqdm import tqdm
+
+    from ..metrics.runner import evaluate as run_evaluation
+
+    method_names, metric_names = _names(methods, "--methods"), _names(metrics, "--metrics")
+    loaded = open_model(model, weights, arch, labels, preprocessing)
+    bars: list[tqdm] = []  # opened at the first report, so input errors print on one line
+
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(desc="evaluate", unit="map", total=total, initial=done - 1, leave=False))
+        bars[0].n = done
+        bars[0].refresh()
+
+    try:
+        result = run_evaluation(loaded, data, methods=method_names, metrics=metric_names, out_dir=out,
+                                batch_size=batch_size, limit=limit, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    typer.echo((out / "summary.md").read_text(encoding="utf-8"))
+    typer.echo("wrote " + ", ".join(str(path) for path in result.files))

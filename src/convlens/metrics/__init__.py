@@ -1,0 +1,83 @@
+"""Are the heatmaps right? Faithfulness, localisation and sanity-check metrics.
+
+Every metric takes ``(model, x, maps, targets)`` (localisation metrics also the
+ground-truth ``masks``) and returns one value per image; none needs the heatmap
+engine, so any method's maps can be scored. :data:`METRICS` lists them by the
+names ``convlens evaluate --metrics`` accepts.
+
+    from convlens.metrics import METRICS, deletion, pointing_game
+    curve = deletion(model, x, maps)              # Curve: .fractions, .scores, .auc
+    hits = pointing_game(maps, masks, tolerance=0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .base import ExplainFn, available_methods, heatmap_explainer, normalize_maps
+from .faithfulness import (BASELINES, Curve, average_drop, confidence_change, deletion, gaussian_blur,
+                           increase_in_confidence, insertion)
+from .localization import boxes_to_masks, energy_pointing_game, iou, pointing_game
+from .road import linear_imputation, road, road_gap, road_score
+from .sanity import Randomization, data_randomization, parameter_randomization, spearman, ssim
+from .stats import MeanCI, mean_ci
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric as ``convlens evaluate`` runs it.
+
+    ``compute(model, x, maps, targets, masks, batch_size)`` returns a per-image
+    tensor ``(N,)`` or a :class:`Curve` (whose ``.auc`` is the value).
+    """
+
+    compute: Callable
+    higher_is_better: bool
+    needs_masks: bool
+    paper: str
+
+
+def _faithfulness(fn: Callable, **options) -> Callable:
+    return lambda model, x, maps, targets, masks, batch_size: fn(model, x, maps, targets, batch_size=batch_size,
+                                                                 **options)
+
+
+def _localization(fn: Callable, **options) -> Callable:
+    return lambda model, x, maps, targets, masks, batch_size: fn(maps, masks, **options)
+
+
+METRICS: dict[str, Metric] = {
+    "deletion": Metric(_faithfulness(deletion), False, False, "Petsiuk et al. 2018, arXiv:1806.07421"),
+    "insertion": Metric(_faithfulness(insertion), True, False, "Petsiuk et al. 2018, arXiv:1806.07421"),
+    "drop": Metric(_faithfulness(average_drop), False, False, "Chattopadhay et al. 2018, arXiv:1710.11063"),
+    "increase": Metric(_faithfulness(increase_in_confidence), True, False,
+                       "Chattopadhay et al. 2018, arXiv:1710.11063"),
+    "road_morf": Metric(_faithfulness(road_score, order="morf"), False, False, "Rong et al. 2022, arXiv:2202.00449"),
+    "road_lerf": Metric(_faithfulness(road_score, order="lerf"), True, False, "Rong et al. 2022, arXiv:2202.00449"),
+    "road": Metric(_faithfulness(road_gap), True, False, "Rong et al. 2022, arXiv:2202.00449"),
+    "pointing": Metric(_localization(pointing_game), True, True, "Zhang et al. 2016, arXiv:1608.00507"),
+    "pointing_strict": Metric(_localization(pointing_game, tolerance=0), True, True,
+                              "Zhang et al. 2016, arXiv:1608.00507 (no tolerance)"),
+    "energy_pointing": Metric(_localization(energy_pointing_game), True, True, "Wang et al. 2020, arXiv:1910.01279"),
+    "iou": Metric(_localization(iou), True, True, "IoU of the map thresholded at 0.5 with the mask"),
+}
+
+
+def metric_values(result: torch.Tensor | Curve) -> torch.Tensor:
+    """The per-image values of a metric's result: a curve's area, or the tensor itself."""
+    return result.auc if isinstance(result, Curve) else result
+
+
+__all__ = ["BASELINES", "METRICS", "Curve", "ExplainFn", "MeanCI", "Metric", "Randomization", "available_methods",
+           "average_drop", "boxes_to_masks", "confidence_change", "data_randomization", "deletion",
+           "energy_pointing_game", "gaussian_blur", "heatmap_explainer", "increase_in_confidence", "insertion",
+           "iou", "linear_imputation", "mean_ci", "metric_values", "normalize_maps", "parameter_randomization",
+           "pointing_game", "road", "road_gap", "road_score", "spearman", "ssim"]
+
+from .runner import EXPLAINERS, Evaluation, evaluate, evaluate_images, find_mask  # noqa: E402  (uses METRICS)
+from .report import summary_table  # noqa: E402
+
+__all__ += ["EXPLAINERS", "Evaluation", "evaluate", "evaluate_images", "find_mask", "summary_table"]

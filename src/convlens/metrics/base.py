@@ -1,0 +1,194 @@
+"""What every metric shares: reading ``(model, inputs, maps, targets)`` and scoring inputs in batches.
+
+The contract of every metric in :mod:`convlens.metrics`:
+
+* ``model``: a :class:`convlens.Model` or a bare ``nn.Module`` (channels-first).
+  It is borrowed through :func:`convlens.capture` (eval mode, state restored).
+* ``x``: a batch in the model's own layout (``(N, C, H, W)``, or ``(N, H, W, C)``
+  for Keras); a single image without the batch dimension is accepted.
+* ``maps``: heatmaps ``(N, H, W)`` (or ``(H, W)`` for one image), larger =
+  more important. Maps at another resolution are resized bilinearly to the
+  input's. An object with a ``.maps`` attribute (an ``Explanation``) is accepted.
+* ``targets``: the class each map explains: ``None`` (the model's top class),
+  one ``int`` for all images, or one ``int`` per image.
+* The score of an input is the probability of the target class: softmax of the
+  logits, or the sigmoid of a single-logit model (``Model.probabilities``).
+  ``score="logit"`` uses the raw target output instead (``-z`` / ``z`` for the
+  two classes of a single-logit model).
+
+Nothing here changes the caller's tensors; every result is a float32 tensor on
+the input's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..capture import capture
+from ..errors import ConvlensError
+from ..models import Model
+
+Targets = Union[None, int, Sequence[int], torch.Tensor]
+Score = Literal["probability", "logit"]
+
+
+@dataclass
+class Prepared:
+    """Validated metric inputs: the model, a channels-first batch, maps at its resolution, targets."""
+
+    model: Model
+    x: torch.Tensor        # (N, C, H, W), channels-first, float
+    maps: torch.Tensor     # (N, H, W) float32
+    targets: torch.Tensor  # (N,) long
+
+
+def as_model(model: Model | nn.Module) -> Model:
+    """A :class:`Model` for a bare module (its output kind detected), the model itself otherwise."""
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, nn.Module):
+        from ..models.loading import from_module
+
+        return from_module(model)
+    raise ConvlensError(f"expected a convlens Model or a torch nn.Module, got {type(model).__name__}")
+
+
+def as_batch(model: Model, x: torch.Tensor) -> torch.Tensor:
+    """The user's batch as channels-first ``(N, C, H, W)``, in the model's dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise ConvlensError(f"expected the input batch as a torch.Tensor, got {type(x).__name__}")
+    return model.to_internal(x.detach()).to(model.dtype)
+
+
+def as_maps(maps, n: int, size: tuple[int, int]) -> torch.Tensor:
+    """Heatmaps as float32 ``(N, H, W)`` at ``size``; an ``Explanation`` gives its ``.maps``."""
+    maps = getattr(maps, "maps", maps)
+    if not isinstance(maps, torch.Tensor):
+        raise ConvlensError(f"expected heatmaps as a torch.Tensor (N, H, W), got {type(maps).__name__}")
+    maps = maps.detach().float()
+    if maps.ndim == 4 and maps.shape[1] == 1:
+        maps = maps[:, 0]
+    if maps.ndim == 2:
+        maps = maps.unsqueeze(0)
+    if maps.ndim != 3 or maps.shape[0] != n:
+        raise ConvlensError(f"expected {n} heatmaps of shape (H, W), got a tensor of shape {tuple(maps.shape)}")
+    if not torch.isfinite(maps).all():
+        raise ConvlensError("the heatmaps contain NaN or infinite values")
+    if tuple(maps.shape[-2:]) != tuple(size):
+        maps = F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
+    return maps
+
+
+def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max scale each map of ``(N, H, W)`` to [0, 1]; a flat map becomes zeros, never NaN."""
+    flat = maps.flatten(1)
+    low, high = flat.min(1).values, flat.max(1).values
+    span = (high - low).view(-1, 1, 1)
+    scaled = (maps - low.view(-1, 1, 1)) / span.clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.where(span > 0, scaled, torch.zeros_like(maps))
+
+
+def forward(model: Model, x: torch.Tensor) -> torch.Tensor:
+    """The model's output for a channels-first batch, without gradients."""
+    with capture(model) as rec, torch.no_grad():
+        return rec.forward(x)
+
+
+def class_scores(model: Model, output: torch.Tensor, targets: torch.Tensor, score: Score = "probability"
+                 ) -> torch.Tensor:
+    """The score of each row's target class: its probability, or its raw output (``"logit"``)."""
+    if score == "probability":
+        values = model.probabilities(output)
+    elif score == "logit":
+        values = output.float().flatten(1)
+        if values.shape[1] == 1:  # one logit: class 1 has log-odds z, class 0 has -z
+            values = torch.cat([-values, values], dim=1)
+    else:
+        raise ConvlensError(f"unknown score {score!r}; choose 'probability' or 'logit'")
+    return values.gather(1, targets.view(-1, 1).to(values.device)).squeeze(1)
+
+
+def as_targets(model: Model, x: torch.Tensor, targets: Targets) -> torch.Tensor:
+    """Target classes ``(N,)``: the model's top class when ``None``; checked against the output size."""
+    n = x.shape[0]
+    probabilities = model.probabilities(forward(model, x if targets is None else x[:1]))
+    if targets is None:
+        return probabilities.argmax(1)
+    classes = probabilities.shape[1]
+    if isinstance(targets, int):
+        targets = [targets] * n
+    targets = torch.as_tensor(targets, dtype=torch.long, device=x.device).flatten()
+    if targets.numel() != n:
+        raise ConvlensError(f"got {targets.numel()} targets for {n} images; pass one class index per image")
+    if ((targets < 0) | (targets >= classes)).any():
+        raise ConvlensError(f"target class out of range: the model has {classes} classes (0..{classes - 1})")
+    return targets
+
+
+def prepare(model, x: torch.Tensor, maps, targets: Targets = None) -> Prepared:
+    """Check and convert a metric's inputs (see the module docstring)."""
+    model = as_model(model)
+    batch = as_batch(model, x)
+    return Prepared(model, batch, as_maps(maps, batch.shape[0], tuple(batch.shape[-2:])),
+                    as_targets(model, batch, targets))
+
+
+def score_inputs(model: Model, make_inputs: Callable[[int, int], torch.Tensor], count: int,
+                 targets: torch.Tensor, *, batch_size: int = 64, score: Score = "probability") -> torch.Tensor:
+    """Score ``count`` inputs built lazily, ``batch_size`` at a time: the one perturbation loop.
+
+    ``make_inputs(start, stop)`` returns the channels-first inputs ``start..stop-1``
+    and ``targets[i]`` is the class input ``i`` is scored for, so no more than
+    ``batch_size`` perturbed images exist at once. Returns float32 ``(count,)``.
+    """
+    if batch_size < 1:
+        raise ConvlensError(f"batch size must be at least 1, got {batch_size}")
+    scores = torch.empty(count, dtype=torch.float32, device=targets.device)
+    with capture(model) as rec, torch.no_grad():
+        for start in range(0, count, batch_size):
+            stop = min(start + batch_size, count)
+            output = rec.forward(make_inputs(start, stop))
+            scores[start:stop] = class_scores(model, output, targets[start:stop], score).to(scores.device)
+    return scores
+
+
+def trapezoid_auc(fractions: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Area under ``scores (N, S)`` over ``fractions (S,)`` by the trapezoid rule, ``(N,)``."""
+    return torch.trapezoid(scores, fractions.to(scores), dim=-1)
+
+
+#: ``explain_fn(model, x, targets) -> maps (N, H, W)``: how sanity checks and ``evaluate`` get heatmaps.
+ExplainFn = Callable[[Model, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def heatmap_explainer(method: str, **options) -> ExplainFn:
+    """An ``explain_fn`` that calls ``convlens.explain(model, x, method=method, target=targets)``.
+
+    ``convlens.explain`` is imported when the function is first called, so the
+    metrics work (with any other ``explain_fn``) in a build without the heatmap engine.
+    """
+
+    def explain_fn(model: Model, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        try:
+            from .. import explain
+        except ImportError:
+            raise ConvlensError("convlens.explain is not available in this build; pass your own explain_fn") from None
+        return explain(model, x, method=method, target=[int(t) for t in targets], **options).maps
+
+    explain_fn.__name__ = f"explain_{method}"
+    return explain_fn
+
+
+def available_methods() -> list[str]:
+    """Heatmap method names of ``convlens.METHODS``, or ``[]`` when the engine is not in this build."""
+    try:
+        from .. import METHODS
+    except ImportError:
+        return []
+    return sorted(METHODS)

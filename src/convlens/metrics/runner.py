@@ -1,0 +1,312 @@
+"""``evaluate``: every heatmap method on every image of a folder, scored by every chosen metric.
+
+Outputs in ``out_dir``:
+
+* ``journal.jsonl``: one line per finished (image, method) pair, appended and
+  flushed to disk as soon as the pair is done. It is the run's memory: a run
+  started again on the same ``out_dir`` skips the pairs it finds there, so an
+  interrupted run continues where it stopped. A half-written last line (the
+  process killed mid-write) is dropped and recomputed.
+* ``results.csv``: one row per (image, method), rewritten atomically (temporary
+  file, then rename) after each image, so it is always a complete table.
+* ``summary.md`` and ``summary.html``: per method and metric, the mean with its
+  95 % t-interval and the number of images.
+* ``deletion.png`` / ``insertion.png``: the mean curve of each method.
+* ``run.json``: the settings; resuming with other metrics or another model is refused.
+
+Each image is explained for the model's top class. Ground-truth masks for the
+localisation metrics come from ``find_mask(image_path)`` (:func:`find_mask` by
+default); an image without a mask gets NaN for those metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import ConvlensError, did_you_mean
+from ..fileio import write_text
+from ..images import ImageLike, load_image
+from ..models import Model
+from .base import ExplainFn, as_batch, as_model, as_targets, available_methods, heatmap_explainer
+from .faithfulness import Curve
+from .stats import MeanCI, mean_ci
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+MASK_SUFFIX = ".mask.png"
+#: Explainers by method name, consulted before ``convlens.METHODS``: register your own here.
+EXPLAINERS: dict[str, ExplainFn] = {}
+
+Progress = Callable[[int, int], None]
+
+
+def find_mask(image_path: Path) -> np.ndarray | None:
+    """The object mask of an image, bool ``(H, W)``, or ``None``.
+
+    Looks, in this order, for ``<stem>.mask.png`` beside the image, then
+    ``masks/<stem>.png`` in the image's folder, then ``../masks/<stem>.png`` (a
+    ``masks/`` folder next to an ``images/`` folder). Any nonzero pixel is object.
+    """
+    image_path = Path(image_path)
+    stem = image_path.name[: -len(image_path.suffix)] if image_path.suffix else image_path.name
+    for candidate in (image_path.with_name(stem + MASK_SUFFIX), image_path.parent / "masks" / f"{stem}.png",
+                      image_path.parent.parent / "masks" / f"{stem}.png"):
+        if candidate.is_file() and candidate != image_path:
+            with Image.open(candidate) as opened:
+                return np.asarray(opened.convert("L")) > 0
+    return None
+
+
+def list_images(data: str | os.PathLike) -> list[Path]:
+    """Image files of a folder (recursively, sorted), masks excluded; or the one file given."""
+    data = Path(data)
+    if data.is_file():
+        return [data]
+    if not data.is_dir():
+        raise ConvlensError(f"data not found: {data} (pass a folder of images)")
+    images = [p for p in sorted(data.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+              and not p.name.endswith(MASK_SUFFIX) and "masks" not in p.relative_to(data).parts[:-1]]
+    if not images:
+        raise ConvlensError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {data}")
+    return images
+
+
+def resolve_methods(methods: Sequence[str] | Mapping[str, ExplainFn]) -> dict[str, ExplainFn]:
+    """Method names -> explain functions: :data:`EXPLAINERS` first, then ``convlens.METHODS``."""
+    if isinstance(methods, Mapping):
+        return dict(methods)
+    engine = available_methods()
+    resolved = {}
+    for name in methods:
+        if name in EXPLAINERS:
+            resolved[name] = EXPLAINERS[name]
+        elif name in engine:
+            resolved[name] = heatmap_explainer(name)
+        else:
+            known = list(EXPLAINERS) + engine
+            hint = "" if engine else " (the heatmap engine convlens.explain is not in this build)"
+            raise ConvlensError(f"unknown method {name!r}{did_you_mean(name, known)}{hint}")
+    if not resolved:
+        raise ConvlensError("no methods given; pass at least one, e.g. gradcam")
+    return resolved
+
+
+def mask_for_model(model: Model, mask: np.ndarray, image_size: tuple[int, int]) -> torch.Tensor:
+    """A mask put through the model's own resize/crop, bool ``(1, H, W)`` at the input resolution.
+
+    The mask is drawn as a white-on-black image, transformed like a photo, and
+    thresholded halfway between what black and white become.
+    """
+    picture = Image.fromarray(mask.astype(np.uint8) * 255).convert("RGB")
+    if picture.size != image_size:
+        picture = picture.resize(image_size, Image.NEAREST)
+    black = model.transform(Image.new("RGB", picture.size, (0, 0, 0)))[0]
+    white = model.transform(Image.new("RGB", picture.size, (255, 255, 255)))[0]
+    drawn = model.transform(picture)[0]
+    return ((drawn - black) / (white - black) > 0.5).unsqueeze(0)
+
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` wrote: the rows, the summary and the files."""
+
+    rows: list[dict]
+    summary: dict[str, dict[str, MeanCI]]  # method -> metric -> mean with CI
+    out_dir: Path
+    files: list[Path]
+
+
+class Journal:
+    """The append-only record of finished (image, method) pairs; tolerates a torn last line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: list[dict] = []
+        if path.exists():
+            raw = path.read_bytes()
+            good = raw[: raw.rfind(b"\n") + 1]  # a line without its newline was cut mid-write
+            for line in good.decode("utf-8").splitlines():
+                self.records.append(json.loads(line))
+            if len(good) != len(raw):
+                with open(path, "r+b") as handle:
+                    handle.truncate(len(good))
+
+    def done(self) -> set[tuple[str, str]]:
+        return {(r["image"], r["method"]) for r in self.records}
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.records.append(record)
+
+
+def _check_settings(out_dir: Path, settings: dict) -> None:
+    path = out_dir / "run.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != settings:
+            changed = sorted(k for k in settings if previous.get(k) != settings[k])
+            raise ConvlensError(f"{out_dir} holds a run with other settings ({', '.join(changed)}); "
+                                "pass another --out or delete that folder")
+    else:
+        write_text(path, json.dumps(settings, indent=2))
+
+
+def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], metrics: Sequence[str],
+             out_dir: str | os.PathLike, batch_size: int = 64, limit: int | None = None,
+             find_mask: Callable[[Path], np.ndarray | None] = find_mask,
+             progress: Progress | None = None) -> Evaluation:
+    """Score every method's heatmaps on every image of ``data`` with every metric; resumable.
+
+    Args:
+        model: a :class:`convlens.Model` (or ``nn.Module``).
+        data: a folder of images (masks beside them, see :func:`find_mask`) or one image.
+        methods: method names (:data:`EXPLAINERS`, then ``convlens.METHODS``) or a
+            mapping ``name -> explain_fn(model, x, targets) -> maps (N, H, W)``.
+        metrics: names from :data:`convlens.metrics.METRICS`.
+        out_dir: where the journal, table, summaries and plots go (see the module docstring).
+        batch_size: perturbed images per forward pass.
+        limit: only the first ``limit`` images.
+        progress: ``progress(done, total)`` after each (image, method) pair.
+
+    Example::
+
+        evaluate(model, "shapes/", methods=["gradcam", "scorecam"], metrics=["deletion", "pointing"],
+                 out_dir="eval/")
+    """
+    from . import METRICS
+
+    model = as_model(model)
+    _check_metrics(metrics)
+    explainers = resolve_methods(methods)
+    if limit is not None and limit < 1:
+        raise ConvlensError(f"--limit must be at least 1, got {limit}")
+    root = Path(data)
+    images = list_images(root)[:limit]
+    masks = {path: find_mask(path) for path in images}
+    if any(METRICS[m].needs_masks for m in metrics) and all(mask is None for mask in masks.values()):
+        raise ConvlensError(f"no masks found for the images in {root} (expected <name>.mask.png beside each "
+                            "image or a masks/ folder); drop the localisation metrics or add masks")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_settings(out_dir, {"model": model.name, "metrics": list(metrics)})
+    journal = Journal(out_dir / "journal.jsonl")
+    done, total = journal.done(), len(images) * len(explainers)
+    finished = sum((_key(root, p), m) in done for p in images for m in explainers)
+    for path in images:
+        key = _key(root, path)
+        todo = {m: fn for m, fn in explainers.items() if (key, m) not in done}
+        if not todo:
+            continue
+        for record in score_image(model, load_image(path), masks[path], todo, metrics, name=key,
+                                  batch_size=batch_size):
+            journal.append(record)
+            finished += 1
+            if progress is not None:
+                progress(finished, total)
+        _write_table(out_dir, journal.records, metrics)
+    return _finish(out_dir, journal.records, metrics, list(explainers), images, root)
+
+
+def evaluate_images(model, images: Sequence[tuple[str, ImageLike, np.ndarray | None]], *,
+                    methods: Sequence[str] | Mapping[str, ExplainFn], metrics: Sequence[str],
+                    batch_size: int = 64) -> tuple[list[dict], dict[str, dict[str, MeanCI]]]:
+    """:func:`evaluate` in memory, for the report: ``(name, image, mask or None)`` triples in,
+    ``(rows, summary)`` out, nothing written. Rows hold ``values`` and ``curves`` per (image, method)."""
+    model = as_model(model)
+    _check_metrics(metrics)
+    explainers = resolve_methods(methods)
+    rows = [record for name, image, mask in images
+            for record in score_image(model, load_image(image), mask, explainers, metrics, name=name,
+                                      batch_size=batch_size)]
+    return rows, summarize_rows(rows, list(explainers), metrics)
+
+
+def score_image(model: Model, picture: Image.Image, mask: np.ndarray | None, explainers: Mapping[str, ExplainFn],
+                metrics: Sequence[str], *, name: str, batch_size: int = 64) -> Iterator[dict]:
+    """Explain one image (for the model's top class) with each method and score the maps; one record per method."""
+    from . import METRICS
+
+    x = model.preprocess([picture])
+    targets = as_targets(model, as_batch(model, x), None)
+    truth = None if mask is None else mask_for_model(model, mask, picture.size)
+    for method, explain_fn in explainers.items():
+        maps = explain_fn(model, x, targets)  # a tensor or an Explanation: both are accepted
+        record = {"image": name, "method": method, "target": int(targets[0]), "values": {}, "curves": {}}
+        for metric_name in metrics:
+            metric = METRICS[metric_name]
+            if metric.needs_masks and truth is None:
+                record["values"][metric_name] = None
+                continue
+            result = metric.compute(model, x, maps, targets, truth, batch_size)
+            if isinstance(result, Curve):
+                record["curves"][metric_name] = {"fractions": result.fractions.tolist(),
+                                                 "scores": result.scores[0].tolist()}
+                result = result.auc
+            value = float(result[0])
+            record["values"][metric_name] = None if np.isnan(value) else value
+        yield record
+
+
+def summarize_rows(rows: list[dict], methods: Sequence[str], metrics: Sequence[str]) -> dict[str, dict[str, MeanCI]]:
+    """Mean and 95 % CI per method and metric over the rows (missing values skipped)."""
+    return {method: {name: mean_ci(r["values"].get(name) for r in rows if r["method"] == method)
+                     for name in metrics} for method in methods}
+
+
+def _check_metrics(metrics: Sequence[str]) -> None:
+    from . import METRICS
+
+    for name in metrics:
+        if name not in METRICS:
+            raise ConvlensError(f"unknown metric {name!r}{did_you_mean(name, METRICS)}; "
+                                f"choose from {', '.join(METRICS)}")
+    if not metrics:
+        raise ConvlensError("no metrics given; pass at least one, e.g. deletion")
+
+
+def _key(root: Path, path: Path) -> str:
+    return path.name if root.is_file() else path.relative_to(root).as_posix()
+
+
+def _latest(records: list[dict]) -> list[dict]:
+    latest = {(r["image"], r["method"]): r for r in records}
+    return list(latest.values())
+
+
+def _write_table(out_dir: Path, records: list[dict], metrics: Sequence[str]) -> Path:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "method", "target", *metrics])
+    for r in sorted(_latest(records), key=lambda r: (r["image"], r["method"])):
+        writer.writerow([r["image"], r["method"], r["target"],
+                         *("" if r["values"].get(m) is None else repr(r["values"][m]) for m in metrics)])
+    return write_text(out_dir / "results.csv", buffer.getvalue())
+
+
+def _finish(out_dir, records, metrics, methods, images, root) -> Evaluation:
+    from . import METRICS
+    from .report import write_summary
+
+    keys = {_key(root, p) for p in images}
+    rows = [r for r in _latest(records) if r["method"] in methods and r["image"] in keys]
+    summary = summarize_rows(rows, methods, metrics)
+    files = [_write_table(out_dir, records, metrics)]
+    files += write_summary(out_dir, summary, {m: METRICS[m] for m in metrics}, rows, len(keys))
+    return Evaluation(rows, summary, out_dir, files)
+
+
+__all__ = ["EXPLAINERS", "Evaluation", "evaluate", "evaluate_images", "find_mask", "list_images", "mask_for_model",
+           "score_image", "summarize_rows"]

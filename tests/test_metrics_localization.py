@@ -1,0 +1,121 @@
+"""Pointing game, energy-based pointing game and IoU: hand cases and Quantus."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from convlens.errors import ConvlensError
+from convlens.metrics import METRICS, boxes_to_masks, energy_pointing_game, iou, pointing_game
+
+
+@pytest.fixture
+def square():
+    mask = torch.zeros(1, 10, 10)
+    mask[0, 4:8, 4:8] = 1
+    return mask
+
+
+def test_a_map_equal_to_the_mask_scores_perfectly(square):
+    assert pointing_game(square, square, tolerance=0).item() == 1.0
+    assert energy_pointing_game(square, square).item() == 1.0
+    assert iou(square, square).item() == 1.0
+
+
+def test_pointing_tolerance_is_euclidean_distance_to_the_object(square):
+    heatmap = torch.zeros(1, 10, 10)
+    heatmap[0, 0, 0] = 1.0  # the peak is sqrt(4^2 + 4^2) = 5.66 px from the square's corner (4, 4)
+    assert pointing_game(heatmap, square, tolerance=0).item() == 0.0
+    assert pointing_game(heatmap, square, tolerance=5).item() == 0.0
+    assert pointing_game(heatmap, square, tolerance=5.7).item() == 1.0
+    assert pointing_game(heatmap, square).item() == 1.0  # the paper's 15 px reach the square
+
+
+def test_ties_and_flat_maps(square):
+    tied = torch.zeros(1, 10, 10)
+    tied[0, 0, 0] = tied[0, 5, 5] = 1.0  # one of two equal peaks on the object: a hit (Quantus's rule)
+    assert pointing_game(tied, square, tolerance=0).item() == 1.0
+    flat = torch.full((1, 10, 10), 0.3)
+    assert pointing_game(flat, square, tolerance=0).item() == 0.0  # points nowhere
+    assert energy_pointing_game(flat, square).item() == 0.0
+    assert iou(flat, square).item() == 0.0
+
+
+def test_energy_and_iou_by_hand(square):
+    heatmap = torch.zeros(1, 10, 10)
+    heatmap[0, 4:8, 4:8] = 0.5      # 16 pixels inside at 0.5 (normalised: 0.5)
+    heatmap[0, 0, :] = 1.0          # 10 pixels outside at 1.0 (normalised: 1.0)
+    assert energy_pointing_game(heatmap, square).item() == pytest.approx(8 / 18)
+    # threshold 0.5: 16 inside + 10 outside are on; intersection 16, union 26
+    assert iou(heatmap, square, threshold=0.5).item() == pytest.approx(16 / 26)
+    assert iou(heatmap, square, threshold=0.75).item() == pytest.approx(0.0)
+
+
+def test_empty_mask_gives_nan(square):
+    empty = torch.zeros(1, 10, 10)
+    for metric in (pointing_game, energy_pointing_game, iou):
+        assert math.isnan(metric(square, empty).item())
+
+
+def test_boxes_to_masks():
+    masks = boxes_to_masks([[1, 2, 4, 3], [0, 0, 2, 2]], (4, 5))
+    expected = torch.zeros(2, 4, 5, dtype=torch.bool)
+    expected[0, 2, 1:4] = True
+    expected[1, :2, :2] = True
+    assert torch.equal(masks, expected)
+
+
+def _random_case(seed):
+    g = torch.Generator().manual_seed(seed)
+    maps = torch.rand(6, 12, 12, generator=g) ** 3
+    masks = torch.zeros(6, 12, 12)
+    for i in range(6):
+        r, c = torch.randint(0, 8, (2,), generator=g).tolist()
+        masks[i, r:r + 4, c:c + 4] = 1
+    return maps, masks
+
+
+def _quantus(metric_name, maps, masks):
+    """A Quantus localisation metric on our maps and masks (no normalisation: both sides see the same map)."""
+    quantus = pytest.importorskip("quantus")
+    n, height, width = maps.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metric = getattr(quantus, metric_name)(normalise=False, disable_warnings=True)
+        return np.array(metric(model=None, x_batch=np.zeros((n, 1, height, width), np.float32),
+                               y_batch=np.zeros(n, dtype=int), a_batch=maps.unsqueeze(1).numpy(),
+                               s_batch=masks.unsqueeze(1).numpy(), device="cpu"), dtype=np.float64)
+
+
+def test_pointing_game_agrees_with_quantus():
+    maps, masks = _random_case(0)
+    maps[1] = masks[1] * 0.9 + 0.05  # a hit by construction, next to the random cases
+    ours = pointing_game(maps, masks, tolerance=0)
+    assert ours.tolist() == _quantus("PointingGame", maps, masks).tolist()
+    assert 0 < ours.sum() < 6  # the random case has hits and misses
+
+
+def test_energy_pointing_game_agrees_with_quantus_relevance_mass():
+    maps, masks = _random_case(1)
+    maps = maps - maps.amin(dim=(1, 2), keepdim=True)  # min 0: min-max scaling is then one factor per map
+    peer = _quantus("RelevanceMassAccuracy", maps, masks)
+    np.testing.assert_allclose(energy_pointing_game(maps, masks).numpy(), peer, rtol=1e-5)
+
+
+def test_registry_entries_ignore_the_model(square):
+    for name, metric in METRICS.items():
+        if metric.needs_masks:
+            assert metric.compute(None, None, square, None, square, 8).tolist() == [1.0]
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: pointing_game(m, torch.zeros(1, 5, 5)), "do not match"),
+    (lambda m: pointing_game(m, m, tolerance=-1), "tolerance"),
+    (lambda m: iou(m, m, threshold=2), "threshold"),
+    (lambda m: energy_pointing_game(m, m.numpy()), "torch.Tensor"),
+])
+def test_bad_input_is_a_convlens_error(square, call, match):
+    with pytest.raises(ConvlensError, match=match):
+        call(square)
