@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from convlens.cli import app, main
+from convlens.cli import app
 
 from conftest import TinyNet
 

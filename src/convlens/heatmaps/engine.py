@@ -45,7 +45,7 @@ from torch import nn
 
 from ..capture import capture, resolve_layers
 from ..errors import ConvlensError, did_you_mean
-from ..models import Model, load_model, summarize
+from ..models import Model, as_model, summarize
 from .targets import ScoreFn, TargetSpec, resolve_targets
 
 Progress = Callable[[int, int], None]  # progress(done, total)
@@ -232,11 +232,6 @@ def _combine(per_layer: list[torch.Tensor], size: tuple[int, int]) -> tuple[torc
 
 
 # -- inputs ---------------------------------------------------------------------
-
-def as_model(model) -> Model:
-    """A :class:`Model` from a Model, a bare ``nn.Module`` or a Keras model."""
-    return model if isinstance(model, Model) else load_model(model)
-
 
 def _as_batch(model: Model, inputs) -> tuple[torch.Tensor, list | None]:
     """Channels-first ``(N, C, H, W)`` in the model's dtype and device, and the images if given."""

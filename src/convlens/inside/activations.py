@@ -21,8 +21,8 @@ from torch import nn
 from ..capture import LayerRef, capture, resolve_layers
 from ..errors import ConvlensError
 from ..images import ImageLike
-from ..models import Model, summarize
-from .inputs import as_model, run_failure
+from ..models import Model, as_model, summarize
+from .inputs import run_failure
 
 
 def _is_conv_or_pool(type_name: str) -> bool:

@@ -26,8 +26,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from ..capture import LayerRef, resolve_layers
 from ..errors import ConvlensError
 from ..images import ImageLike, load_image
-from ..models import Model
-from .inputs import as_model
+from ..models import Model, as_model
 from .objectives import layer_l2
 from .optimize import Progress, maximize
 from .params import given_image

@@ -30,8 +30,8 @@ from torch import nn
 
 from ..capture import LayerRef, capture, resolve_layers
 from ..errors import ConvlensError
-from ..models import Model
-from .inputs import as_model, input_normalizer, run_failure
+from ..models import Model, as_model
+from .inputs import input_normalizer, run_failure
 from .objectives import channel, class_logit
 from .optimize import Progress, check_settings, maximize
 from .transforms import Transform

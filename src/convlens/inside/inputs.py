@@ -16,22 +16,11 @@ from collections.abc import Callable
 
 import torch
 from PIL import Image
-from torch import nn
 
 from ..errors import ConvlensError
-from ..models import Model, load_model
+from ..models import Model
 
 _PROBES = ((0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255))
-
-
-def as_model(model: Model | nn.Module) -> Model:
-    """A :class:`Model` as given, or a bare ``nn.Module`` wrapped (ImageNet preprocessing)."""
-    if isinstance(model, Model):
-        return model
-    if isinstance(model, nn.Module):  # Keras 3 models on the torch backend are modules too
-        return load_model(model)
-    raise ConvlensError(f"expected a convlens Model or an nn.Module, got {type(model).__name__}; "
-                        "load it with convlens.load_model first")
 
 
 def _flat_response(transform: Callable, rgb: tuple[int, int, int]) -> torch.Tensor:

@@ -28,11 +28,10 @@ from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..capture import capture
 from ..errors import ConvlensError
-from ..models import Model
+from ..models import Model, as_model
 
 Targets = Union[None, int, Sequence[int], torch.Tensor]
 Score = Literal["probability", "logit"]
@@ -46,17 +45,6 @@ class Prepared:
     x: torch.Tensor        # (N, C, H, W), channels-first, float
     maps: torch.Tensor     # (N, H, W) float32
     targets: torch.Tensor  # (N,) long
-
-
-def as_model(model: Model | nn.Module) -> Model:
-    """A :class:`Model` for a bare module (its output kind detected), the model itself otherwise."""
-    if isinstance(model, Model):
-        return model
-    if isinstance(model, nn.Module):
-        from ..models.loading import from_module
-
-        return from_module(model)
-    raise ConvlensError(f"expected a convlens Model or a torch nn.Module, got {type(model).__name__}")
 
 
 def as_batch(model: Model, x: torch.Tensor) -> torch.Tensor:

@@ -117,6 +117,19 @@ def load_model(
     return model
 
 
+def as_model(model) -> Model:
+    """A :class:`Model` as given; a bare ``nn.Module`` or Keras model wrapped as :func:`load_model` does.
+
+    The methods' entry points call this, so each of them takes a module as readily as a Model.
+    """
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, nn.Module):  # Keras 3 models on the torch backend are modules too
+        return load_model(model)
+    raise ConvlensError(f"expected a convlens Model or an nn.Module, got {type(model).__name__}; "
+                        "load it with convlens.load_model first")
+
+
 def from_module(module: nn.Module, name: str | None = None, labels: list[str] | None = None,
                 input_size: int = 224) -> Model:
     """Wrap an in-memory PyTorch module; preprocessing defaults to ImageNet's."""
