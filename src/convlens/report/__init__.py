@@ -20,7 +20,7 @@ from ..images import ImageLike, load_image
 from ..models import Model, load_model, summarize
 from .sections import SECTIONS, Context, ReportImage
 
-__all__ = ["ReportImage", "build_report", "default_images"]
+__all__ = ["ReportImage", "build_report", "default_evaluation_images", "default_images"]
 
 
 def default_images(shapes: int = 4, seed: int = 2026) -> list[ReportImage]:
@@ -36,6 +36,16 @@ def default_images(shapes: int = 4, seed: int = 2026) -> list[ReportImage]:
     generated = [shape_sample(i, seed=seed) for i in range(shapes)]
     return ([ReportImage(f"{s.class_name} #{i}", Image.fromarray(s.image), s.mask) for i, s in enumerate(generated)]
             + [ReportImage(name, sample_image(name)) for name in ("chelsea", "coffee")])
+
+
+def default_evaluation_images(count: int = 12, seed: int = 2027) -> list[tuple]:
+    """``(name, image, mask)`` of further unseen shapes images for the evaluation table."""
+    from PIL import Image
+
+    from ..data.shapes import shape_sample
+
+    samples = [shape_sample(i, seed=seed) for i in range(count)]
+    return [(f"{s.class_name} e{i}", Image.fromarray(s.image), s.mask) for i, s in enumerate(samples)]
 
 
 def _as_report_image(image: ImageLike | ReportImage) -> ReportImage:
@@ -60,6 +70,8 @@ def build_report(
     """
     start = time.perf_counter()
     reported = [_as_report_image(image) for image in images] if images else default_images()
+    if not images:  # the default run also scores heatmaps on more masked images than it shows
+        options.setdefault("evaluation_images", default_evaluation_images())
     if not reported:
         raise ConvlensError("no images to report on")
     loaded = model if isinstance(model, Model) else load_model(model or "shapes")
