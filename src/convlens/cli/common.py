@@ -23,6 +23,11 @@ PreprocessingOpt = Annotated[Optional[str], typer.Option(
     "--preprocessing", help="Keras models: rescale (x/255, default), raw, tf, torch or caffe.")]
 
 
+def comma_list(text: str | None) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``; empty or ``None`` -> ``[]``."""
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
 def open_model(model: str, weights: str = "default", arch: str | None = None, labels: Path | None = None,
                preprocessing: str | None = None) -> Model:
     return load_model(model, weights=weights, arch=arch, labels=labels, preprocessing=preprocessing)

@@ -9,11 +9,11 @@ import typer
 
 from ..errors import ConvlensError
 from . import app
-from .common import ArchOpt, LabelsOpt, ModelArg, PreprocessingOpt, WeightsOpt, open_model
+from .common import ArchOpt, LabelsOpt, ModelArg, PreprocessingOpt, WeightsOpt, comma_list, open_model
 
 
 def _names(text: str, option: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
+    names = comma_list(text)
     if not names:
         raise ConvlensError(f"{option} needs at least one name, e.g. {option} gradcam,scorecam")
     return names

@@ -14,16 +14,12 @@ from ..fileio import atomic_path, save_image
 from ..heatmaps import check_request, explain as explain_images, get_method
 from ..images import load_images
 from . import app
-from .common import ArchOpt, ImagesArg, LabelsOpt, ModelArg, PreprocessingOpt, WeightsOpt, open_model
-
-
-def _split(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+from .common import ArchOpt, ImagesArg, LabelsOpt, ModelArg, PreprocessingOpt, WeightsOpt, comma_list, open_model
 
 
 def _parse_target(text: str, count: int):
     """``top1`` -> None; ``3`` or ``tabby`` -> one target; ``a,b,...`` with one per image -> a list."""
-    parts = _split(text)
+    parts = comma_list(text)
     if not parts or (len(parts) == 1 and parts[0].lower() in ("top1", "top-1")):
         return None
     values = [int(p) if p.lstrip("-").isdigit() else (None if p.lower() == "top1" else p) for p in parts]
@@ -74,13 +70,13 @@ def explain(
     """
     from ..render.overlay import check_style, comparison_figure, overlay_heatmap, save_figure  # matplotlib: slow import
 
-    methods = list(dict.fromkeys(get_method(name).name for name in _split(method)))
+    methods = list(dict.fromkeys(get_method(name).name for name in comma_list(method)))
     if not methods:
         raise ConvlensError("--method is empty; name at least one method, e.g. gradcam")
     check_style(colormap, alpha)
     pictures = load_images(images)
     loaded = open_model(model, weights, arch, labels, preprocessing)
-    layers = _split(layer) or ["auto"]
+    layers = comma_list(layer) or ["auto"]
     layer_ref = layers[0] if len(layers) == 1 else layers
     targets = _parse_target(target, len(pictures))
     batches = [range(start, min(start + batch_size, len(pictures))) for start in range(0, len(pictures), batch_size)]

@@ -26,7 +26,7 @@ from ..inside import filter_patterns
 from ..inside.optimize import check_settings
 from ..render.grid import activation_grid, channel_image, filter_grid
 from . import app
-from .common import ArchOpt, LabelsOpt, ModelArg, PreprocessingOpt, WeightsOpt, open_model
+from .common import ArchOpt, LabelsOpt, ModelArg, PreprocessingOpt, WeightsOpt, comma_list, open_model
 
 ImageArg = Annotated[Path, typer.Argument(help="An image file (PNG, JPEG, ...).", show_default=False)]
 OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder to write into (created if missing).")]
@@ -46,7 +46,7 @@ DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, c
 def _split(text: str | None) -> list[str] | None:
     if text is None:
         return None
-    parts = [part.strip() for part in text.split(",") if part.strip()]
+    parts = comma_list(text)
     if not parts:
         raise ConvlensError(f"expected a comma-separated list, got {text!r}")
     return parts

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from ..errors import ConvlensError
 from . import app
+from .common import comma_list
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -39,7 +40,7 @@ def shapes(
     """
     from ..data.shapes import check_classes, write_shapes
 
-    names = check_classes([c.strip() for c in classes.split(",") if c.strip()] if classes else None)
+    names = check_classes(comma_list(classes) if classes else None)
     with tqdm(total=per_class * len(names), unit="img", desc="shapes", disable=None) as bar:
         root = write_shapes(out_dir, per_class, seed, size=size, split=split or None, classes=names,
                             progress=lambda done, total: bar.update(done - bar.n))
