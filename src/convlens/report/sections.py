@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import jinja2
 import numpy as np
 from markupsafe import Markup
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..models import Model, Summary
 from .html import data_uri
@@ -81,8 +81,7 @@ def predictions_section(ctx: Context) -> Section:
 
 
 def _thumbnail(image: Image.Image, size: int = 160) -> Image.Image:
-    scale = size / max(image.size)
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+    return ImageOps.contain(image, (size, size), Image.BILINEAR)
 
 
 def heatmaps_section(ctx: Context) -> Section:
@@ -96,7 +95,7 @@ def heatmaps_section(ctx: Context) -> Section:
     columns = {}
     for name in methods:
         ctx.step(f"heatmaps: {name}")
-        result = explain(ctx.model, x, method=name)
+        result = explain(ctx.model, x, method=name, layer=ctx.summary.auto_layer)  # already found once
         columns[name] = (result, result.overlay(pictures))
     first = next(iter(columns.values()))[0]
     headers = ["image", *methods]
