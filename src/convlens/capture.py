@@ -188,9 +188,6 @@ def capture(
 
         return hook
 
-    def make_rewrite_hook(fn: OutputRewrite) -> Callable:
-        return lambda mod, inputs, output: fn(mod, inputs, output)
-
     with contextlib.ExitStack() as stack:
         stack.enter_context(borrow(module))
         if graph:
@@ -204,7 +201,7 @@ def capture(
                 handles.append(mod.register_forward_hook(make_hook(name)))
             for mod, fn in (rewrite or {}).items():
                 if mod not in resolved.values():
-                    handles.append(mod.register_forward_hook(make_rewrite_hook(fn)))
+                    handles.append(mod.register_forward_hook(fn))  # same signature as a forward hook
             yield recorder
         finally:
             for handle in handles:
