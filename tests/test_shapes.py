@@ -97,6 +97,22 @@ def test_write_to_disk_and_read_mask_round_trip(tmp_path):
     assert not list(tmp_path.rglob("*.part"))
 
 
+def test_worker_processes_change_nothing(tmp_path):
+    one = list(shapes_dataset(140, seed=6, size=32))
+    many = list(shapes_dataset(140, seed=6, size=32, workers=2))  # three chunks of 64 over two processes
+    assert len(many) == 140
+    for a, b in zip(one, many):
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask) and a.boxes == b.boxes
+    serial = write_shapes(tmp_path / "serial", 9, seed=6, size=32, split=None)
+    parallel = write_shapes(tmp_path / "parallel", 9, seed=6, size=32, split=None, workers=2)
+    files = sorted(p.relative_to(serial) for p in serial.rglob("*") if p.is_file())
+    assert len(files) == 8 * 9 * 2 + 1
+    assert files == sorted(p.relative_to(parallel) for p in parallel.rglob("*") if p.is_file())
+    assert all((serial / f).read_bytes() == (parallel / f).read_bytes() for f in files)
+    with pytest.raises(ConvlensError, match="--workers must be at least 1"):
+        write_shapes(tmp_path / "none", 1, workers=0)
+
+
 def test_torch_dataset_matches_the_generator():
     dataset = ShapesTorchDataset(9, seed=2, size=32)
     image, label = dataset[8]
@@ -132,4 +148,4 @@ def test_speed_benchmark_runs():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     results = bench.main(["--n", "8", "--repeats", "1", "--sizes", "32"])
-    assert set(results) == {32} and all(rate > 0 for rate in results[32])
+    assert set(results) == {32} and len(results[32]) == 5 and all(rate > 0 for rate in results[32])

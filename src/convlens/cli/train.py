@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional
@@ -33,6 +34,8 @@ def shapes(
     size: Annotated[int, typer.Option("--size", help="Image height and width in pixels.")] = 128,
     split: Annotated[str, typer.Option("--split", help="Subfolder name; '' writes the class folders into OUT_DIR.")] = "train",
     classes: Annotated[Optional[str], typer.Option("--classes", help="Comma-separated subset of the classes.")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Processes drawing and writing images (0: one per CPU "
+                                                            "core); the files do not depend on it.")] = 0,
 ) -> None:
     """Write the procedural shapes dataset (images with object masks and boxes) in class-folder layout.
 
@@ -41,9 +44,11 @@ def shapes(
     from ..data.shapes import check_classes, write_shapes
 
     names = check_classes(comma_list(classes) if classes else None)
+    if workers < 0:
+        raise ConvlensError(f"--workers must be 0 (one per CPU core) or more, got {workers}")
     with tqdm(total=per_class * len(names), unit="img", desc="shapes", disable=None) as bar:
         root = write_shapes(out_dir, per_class, seed, size=size, split=split or None, classes=names,
-                            progress=lambda done, total: bar.update(done - bar.n))
+                            progress=lambda done, total: bar.update(done - bar.n), workers=workers or os.cpu_count() or 1)
     typer.echo(f"wrote {per_class * len(names)} images of {len(names)} classes ({', '.join(names)}) "
                f"with masks to {root}")
 
