@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-LOCALISATION = ["pointing", "pointing_strict", "energy_pointing", "iou"]
+LOCALISATION = ["pointing", "pointing_strict", "pointing_box", "energy_pointing", "iou"]
 FAITHFULNESS = ["deletion", "insertion", "drop", "increase"]
 DEFAULT_METHODS = "gradcam,scorecam,layercam,gradcam++,eigencam,saliency,guided_backprop"
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from convlens.errors import ConvlensError
-from convlens.metrics import METRICS, boxes_to_masks, energy_pointing_game, iou, pointing_game
+from convlens.metrics import METRICS, boxes_to_masks, energy_pointing_game, iou, pointing_game, region_boxes
 
 
 @pytest.fixture
@@ -65,6 +65,27 @@ def test_boxes_to_masks():
     expected[0, 2, 1:4] = True
     expected[1, :2, :2] = True
     assert torch.equal(masks, expected)
+
+
+def test_region_boxes_and_the_box_pointing_game():
+    # a ring (hole at the centre) and a separate 2x2 blob with one pixel touching it diagonally,
+    # which 8-connectivity keeps in the blob's region
+    mask = torch.zeros(1, 12, 12)
+    mask[0, 1:8, 1:8] = 1
+    mask[0, 3:6, 3:6] = 0
+    mask[0, 9:11, 9:11] = 1
+    mask[0, 11, 11] = 1
+    expected = torch.zeros(1, 12, 12, dtype=torch.bool)
+    expected[0, 1:8, 1:8] = True
+    expected[0, 9:12, 9:12] = True
+    assert torch.equal(region_boxes(mask), expected)
+    peak_in_hole = torch.zeros(1, 12, 12)
+    peak_in_hole[0, 4, 4] = 1.0
+    assert pointing_game(peak_in_hole, mask, tolerance=0).tolist() == [0.0]  # outside the ring's pixels
+    assert METRICS["pointing_box"].compute(None, None, peak_in_hole, None, mask, 8).tolist() == [1.0]
+    between = torch.zeros(1, 12, 12)
+    between[0, 10, 2] = 1.0  # inside neither box
+    assert METRICS["pointing_box"].compute(None, None, between, None, mask, 8).tolist() == [0.0]
 
 
 def _random_case(seed):

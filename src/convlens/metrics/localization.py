@@ -12,6 +12,11 @@ empty gets NaN (there is nothing to point at), which the summaries skip.
   64-pixel shapes image) that is a large slack, so pass ``tolerance=0`` for the
   strict game. When several pixels share the maximum, it is a hit if any of
   them is within reach (Quantus's rule); a flat map points nowhere and is a miss.
+  The paper scored PASCAL VOC against boxes and COCO against masks;
+  :func:`region_boxes` turns a mask into the boxes of its connected regions,
+  so both protocols run from one mask (``convlens evaluate``'s ``pointing_box``
+  is the strict game against those boxes: a map peaking in a ring's hole
+  points at the ring's box, not at its mask).
 * Energy-based pointing game (Wang et al., "Score-CAM", CVPRW 2020,
   arXiv:1910.01279): the share of the (min-max normalised) map's energy that
   falls inside the object, ``sum(map * mask) / sum(map)``; a flat map scores 0.
@@ -63,6 +68,19 @@ def boxes_to_masks(boxes, size: tuple[int, int]) -> torch.Tensor:
     cols = torch.arange(width).view(1, 1, -1)
     x0, y0, x1, y1 = (boxes[:, i].view(-1, 1, 1) for i in range(4))
     return (cols >= x0) & (cols < x1) & (rows >= y0) & (rows < y1)
+
+
+def region_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """Each mask with every connected region (8-connected) replaced by its bounding box, bool ``(N, H, W)``."""
+    from skimage.measure import label, regionprops
+
+    masks = masks != 0
+    boxes = torch.zeros_like(masks)
+    for index, mask in enumerate(masks.cpu().numpy()):
+        for region in regionprops(label(mask, connectivity=2)):
+            top, left, bottom, right = region.bbox
+            boxes[index, top:bottom, left:right] = True
+    return boxes
 
 
 def _empty_to_nan(values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
