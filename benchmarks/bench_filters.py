@@ -1,6 +1,7 @@
 """Filter patterns: convlens vs torch-lucent 0.1.8 on the same 64 channels, side by side in one run.
 
     python benchmarks/bench_filters.py               # resnet18 layer2, 64 filters, 128 px, 128 steps, 2 threads
+    python benchmarks/bench_filters.py --lucent default   # only lucent's default row (the long one)
     python benchmarks/bench_filters.py --quick       # a tiny model, a few steps, no lucent (the test suite runs this)
 
 Both render the same channels as one batch (image i maximises channel i) from
@@ -73,7 +74,7 @@ def filters_benchmark(args) -> None:
     ours_time, ours_images = run_convlens(model, layer, args.filters, args.size, args.steps)
     _row("convlens", ours_time, ours_time, achieved(model, layer, ours_images))
     if not args.quick:
-        for fixed in (False, True):
+        for fixed in {"default": (False,), "fixed": (True,), "both": (False, True)}[args.lucent]:
             name = f"lucent ({'fixed ' + str(args.size) if fixed else 'default: upsampled to 224'} px)"
             lucent_time, lucent_images = run_lucent(module, layer, args.filters, args.size, args.steps, fixed)
             _row(name, lucent_time, ours_time, achieved(model, layer, lucent_images))
@@ -142,6 +143,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lucent", choices=["both", "default", "fixed"], default="both",
+                        help="which lucent rows: its defaults, fixed_image_size=--size, or both")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
