@@ -60,11 +60,13 @@ def main(argv: list[str] | None = None) -> None:
                       batch_size=args.batch_size, limit=args.limit)
     images = len({row["image"] for row in result.rows})
     print(f"\n### Localisation and faithfulness on {images} shapes images "
-          "(mean ± 95 % CI half-width; pointing = 15 px tolerance, strict = 0 px)\n")
+          "(mean ± 95 % CI half-width; pointing = 15 px tolerance, strict = 0 px, box = 0 px against boxes)\n")
     print("| method | " + " | ".join(f"{n} {'↑' if METRICS[n].higher_is_better else '↓'}" for n in names) + " |")
     print("|---|" + "---:|" * len(names))
     for method in methods:
         print(f"| {method} | " + " | ".join(result.summary[method][n].format() for n in names) + " |")
+    if "pointing_strict" in names:
+        per_class_pointing(result.rows, methods)
 
     paths = list_images(args.data)[: args.sanity_images]
     x = model.preprocess(paths)
@@ -82,6 +84,21 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {method} | {rows[0]['spearman_abs']:.3f} | {cascade:.3f} | {rows[-1]['spearman_abs']:.3f} | "
               f"{rows[-1]['ssim']:.3f} | {verdict} |")
     print(f"\nfull tables and curves: {Path(args.out) / 'summary.html'}")
+
+
+def per_class_pointing(rows: list[dict], methods: list[str]) -> None:
+    """The strict pointing game per class (an image's class is its folder's name)."""
+    classes = sorted({row["image"].split("/")[0] for row in rows})
+    print("\n### Strict pointing game per class\n")
+    print("| method | " + " | ".join(classes) + " |")
+    print("|---|" + "---:|" * len(classes))
+    for method in methods:
+        hits = {name: [] for name in classes}
+        for row in rows:
+            value = row["values"].get("pointing_strict")
+            if row["method"] == method and value is not None:
+                hits[row["image"].split("/")[0]].append(value)
+        print(f"| {method} | " + " | ".join(f"{sum(v) / len(v):.2f}" if v else "-" for v in hits.values()) + " |")
 
 
 if __name__ == "__main__":
