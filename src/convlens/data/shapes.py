@@ -146,7 +146,9 @@ def _upsampler(size: int, coarse: int = 5) -> np.ndarray:
     """
     columns = [np.asarray(Image.fromarray(np.eye(1, coarse, k, dtype=np.float32)).resize((size, 1), Image.BICUBIC))
                for k in range(coarse)]
-    return np.concatenate(columns, axis=0).T.copy()
+    weights = np.concatenate(columns, axis=0).T.copy()
+    weights.setflags(write=False)  # cached and shared by every call
+    return weights
 
 
 def _background(rng: np.random.Generator, size: int, clutter: bool) -> tuple[Image.Image, np.ndarray]:
