@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-LOCALISATION = ["pointing", "pointing_strict", "pointing_box", "energy_pointing", "iou"]
+LOCALISATION = ["pointing", "pointing_scaled", "pointing_strict", "pointing_box", "energy_pointing", "iou"]
 FAITHFULNESS = ["deletion", "insertion", "drop", "increase"]
 DEFAULT_METHODS = "gradcam,scorecam,layercam,gradcam++,eigencam,saliency,guided_backprop"
 
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
                       batch_size=args.batch_size, limit=args.limit)
     images = len({row["image"] for row in result.rows})
     print(f"\n### Localisation and faithfulness on {images} shapes images "
-          "(mean ± 95 % CI half-width; pointing = 15 px tolerance, strict = 0 px, box = 0 px against boxes)\n")
+          "(mean ± 95 % CI half-width; pointing = 15 px tolerance, scaled = 15 px per 224 px of input, "
+          "strict = 0 px, box = 0 px against boxes)\n")
     print("| method | " + " | ".join(f"{n} {'↑' if METRICS[n].higher_is_better else '↓'}" for n in names) + " |")
     print("|---|" + "---:|" * len(names))
     for method in methods:

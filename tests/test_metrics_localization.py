@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from convlens.errors import ConvlensError
-from convlens.metrics import METRICS, boxes_to_masks, energy_pointing_game, iou, pointing_game, region_boxes
+from convlens.metrics import (METRICS, boxes_to_masks, energy_pointing_game, iou, pointing_game, region_boxes,
+                              scaled_tolerance)
 
 
 @pytest.fixture
@@ -86,6 +87,17 @@ def test_region_boxes_and_the_box_pointing_game():
     between = torch.zeros(1, 12, 12)
     between[0, 10, 2] = 1.0  # inside neither box
     assert METRICS["pointing_box"].compute(None, None, between, None, mask, 8).tolist() == [0.0]
+
+
+def test_scaled_tolerance_is_15_px_per_224():
+    mask = torch.zeros(1, 64, 64)
+    mask[0, 20:30, 20:30] = 1
+    assert scaled_tolerance(mask) == pytest.approx(15 * 64 / 224)  # 4.29 px
+    assert scaled_tolerance(torch.zeros(2, 448, 300)) == pytest.approx(15 * 300 / 224)
+    for gap, hit in [(4, 1.0), (5, 0.0)]:  # peak ``gap`` px right of the square's last column
+        peak = torch.zeros(1, 64, 64)
+        peak[0, 25, 29 + gap] = 1.0
+        assert METRICS["pointing_scaled"].compute(None, None, peak, None, mask, 8).tolist() == [hit]
 
 
 def _random_case(seed):

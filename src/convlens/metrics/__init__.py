@@ -20,7 +20,7 @@ import torch
 from .base import ExplainFn, available_methods, heatmap_explainer, normalize_maps
 from .faithfulness import (BASELINES, Curve, average_drop, confidence_change, deletion, gaussian_blur,
                            increase_in_confidence, insertion)
-from .localization import boxes_to_masks, energy_pointing_game, iou, pointing_game, region_boxes
+from .localization import boxes_to_masks, energy_pointing_game, iou, pointing_game, region_boxes, scaled_tolerance
 from .road import linear_imputation, road, road_gap, road_score
 from .sanity import Randomization, data_randomization, parameter_randomization, spearman, ssim
 from .stats import MeanCI, mean_ci
@@ -61,6 +61,9 @@ METRICS: dict[str, Metric] = {
     "pointing": Metric(_localization(pointing_game), True, True, "Zhang et al. 2016, arXiv:1608.00507"),
     "pointing_strict": Metric(_localization(pointing_game, tolerance=0), True, True,
                               "Zhang et al. 2016, arXiv:1608.00507 (no tolerance)"),
+    "pointing_scaled": Metric(lambda model, x, maps, targets, masks, batch_size:
+                              pointing_game(maps, masks, tolerance=scaled_tolerance(maps)), True, True,
+                              "Zhang et al. 2016, arXiv:1608.00507 (15 px per 224 px of input)"),
     "pointing_box": Metric(lambda model, x, maps, targets, masks, batch_size:
                            pointing_game(maps, region_boxes(masks), tolerance=0), True, True,
                            "Zhang et al. 2016, arXiv:1608.00507 (boxes of the mask's regions, no tolerance)"),
@@ -78,7 +81,7 @@ __all__ = ["BASELINES", "METRICS", "Curve", "ExplainFn", "MeanCI", "Metric", "Ra
            "average_drop", "boxes_to_masks", "confidence_change", "data_randomization", "deletion",
            "energy_pointing_game", "gaussian_blur", "heatmap_explainer", "increase_in_confidence", "insertion",
            "iou", "linear_imputation", "mean_ci", "metric_values", "normalize_maps", "parameter_randomization",
-           "pointing_game", "region_boxes", "road", "road_gap", "road_score", "spearman", "ssim"]
+           "pointing_game", "region_boxes", "road", "road_gap", "road_score", "scaled_tolerance", "spearman", "ssim"]
 
 from .runner import EXPLAINERS, Evaluation, evaluate, evaluate_images, find_mask  # noqa: E402  (uses METRICS)
 from .report import summary_table  # noqa: E402

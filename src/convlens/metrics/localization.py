@@ -10,7 +10,8 @@ empty gets NaN (there is nothing to point at), which the summaries skip.
   accuracy = hits / (hits + misses). The paper uses a 15-pixel tolerance on
   full-size PASCAL/COCO images, which is our default; on small inputs (a
   64-pixel shapes image) that is a large slack, so pass ``tolerance=0`` for the
-  strict game. When several pixels share the maximum, it is a hit if any of
+  strict game, or :func:`scaled_tolerance` for the paper's 15 px taken as a
+  share of a 224-pixel input (4.3 px at 64 px). When several pixels share the maximum, it is a hit if any of
   them is within reach (Quantus's rule); a flat map points nowhere and is a miss.
   The paper scored PASCAL VOC against boxes and COCO against masks;
   :func:`region_boxes` turns a mask into the boxes of its connected regions,
@@ -108,6 +109,12 @@ def pointing_game(maps, masks, *, tolerance: float = 15.0) -> torch.Tensor:
     at_peak = (flat == peak) & (peak > low)
     hits = (at_peak & reach(masks, tolerance).flatten(1)).any(1).float()
     return _empty_to_nan(hits, masks)
+
+
+def scaled_tolerance(maps, tolerance: float = 15.0, reference: int = 224) -> float:
+    """``tolerance`` pixels at a ``reference``-pixel input, scaled to the maps' shorter side."""
+    maps = getattr(maps, "maps", maps)
+    return tolerance * min(maps.shape[-2:]) / reference
 
 
 def energy_pointing_game(maps, masks) -> torch.Tensor:

@@ -230,15 +230,15 @@ def evaluation_section(ctx: Context) -> Section | None:
     if not images:
         return None
     methods = ctx.options.get("evaluation_methods", ["gradcam", "scorecam", "layercam", "saliency"])
-    metrics = ["pointing", "pointing_strict", "pointing_box", "energy_pointing", "iou", "deletion", "insertion", "drop",
-               "increase"]
+    metrics = ["pointing", "pointing_scaled", "pointing_strict", "pointing_box", "energy_pointing", "iou", "deletion",
+               "insertion", "drop", "increase"]
     ctx.step("evaluation")
     _, summary = evaluate_images(ctx.model, images, methods=methods, metrics=metrics)
     headers, rows = summary_table(summary, {name: METRICS[name] for name in metrics})
     note = (f"Mean \u00b1 95% confidence half-width (number of images) over {len(images)} images with "
             "ground-truth masks, each explained for the model's top class. Pointing game: the map's maximum "
-            "falls on the object, within 15 px (the paper's tolerance), exactly (strict), or inside the box of one of the "
-            "mask's regions (box); energy pointing game: the share of the map's energy inside "
+            "falls on the object, within 15 px (the paper's tolerance), within 15 px per 224 px of input (scaled), "
+            "exactly (strict), or inside the box of one of the mask's regions (box); energy pointing game: the share of the map's energy inside "
             "the mask; IoU of the map thresholded at 0.5; deletion/insertion: area under the class-probability "
             "curve as pixels are removed/added most-important first; Average Drop / Increase in Confidence "
             "with the image multiplied by the map. \u2191 higher is better, \u2193 lower is better.")
