@@ -80,6 +80,7 @@ def test_region_boxes_and_the_box_pointing_game():
     expected[0, 1:8, 1:8] = True
     expected[0, 9:12, 9:12] = True
     assert torch.equal(region_boxes(mask), expected)
+    assert torch.equal(region_boxes(mask[0]), expected) and torch.equal(region_boxes(mask[None]), expected)
     peak_in_hole = torch.zeros(1, 12, 12)
     peak_in_hole[0, 4, 4] = 1.0
     assert pointing_game(peak_in_hole, mask, tolerance=0).tolist() == [0.0]  # outside the ring's pixels

@@ -28,7 +28,8 @@ def evaluate(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated heatmap methods.")] = "gradcam",
     metrics: Annotated[str, typer.Option("--metrics", help="Comma-separated metrics: deletion, insertion, drop, "
                                          "increase, road, road_morf, road_lerf, pointing, pointing_scaled, "
-                                         "pointing_strict, pointing_box, energy_pointing, iou.")] = "deletion,insertion,drop,increase",
+                                         "pointing_strict, pointing_box, energy_pointing, iou.")
+                       ] = "deletion,insertion,drop,increase",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N images.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Perturbed images per forward pass.")] = 64,
     weights: WeightsOpt = "default",

@@ -48,7 +48,8 @@ def shapes(
         raise ConvlensError(f"--workers must be 0 (one per CPU core) or more, got {workers}")
     with tqdm(total=per_class * len(names), unit="img", desc="shapes", disable=None) as bar:
         root = write_shapes(out_dir, per_class, seed, size=size, split=split or None, classes=names,
-                            progress=lambda done, total: bar.update(done - bar.n), workers=workers or os.cpu_count() or 1)
+                            progress=lambda done, total: bar.update(done - bar.n),
+                            workers=workers or os.cpu_count() or 1)
     typer.echo(f"wrote {per_class * len(names)} images of {len(names)} classes ({', '.join(names)}) "
                f"with masks to {root}")
 

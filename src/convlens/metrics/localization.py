@@ -11,8 +11,9 @@ empty gets NaN (there is nothing to point at), which the summaries skip.
   full-size PASCAL/COCO images, which is our default; on small inputs (a
   64-pixel shapes image) that is a large slack, so pass ``tolerance=0`` for the
   strict game, or :func:`scaled_tolerance` for the paper's 15 px taken as a
-  share of a 224-pixel input (4.3 px at 64 px). When several pixels share the maximum, it is a hit if any of
-  them is within reach (Quantus's rule); a flat map points nowhere and is a miss.
+  share of a 224-pixel input (4.3 px at 64 px). When several pixels share the
+  maximum, it is a hit if any of them is within reach (Quantus's rule); a flat
+  map points nowhere and is a miss.
   The paper scored PASCAL VOC against boxes and COCO against masks;
   :func:`region_boxes` turns a mask into the boxes of its connected regions,
   so both protocols run from one mask (``convlens evaluate``'s ``pointing_box``
@@ -75,7 +76,7 @@ def region_boxes(masks: torch.Tensor) -> torch.Tensor:
     """Each mask with every connected region (8-connected) replaced by its bounding box, bool ``(N, H, W)``."""
     from skimage.measure import label, regionprops
 
-    masks = masks != 0
+    masks = masks.reshape(-1, *masks.shape[-2:]) != 0  # (H, W) and (N, 1, H, W) too
     boxes = torch.zeros_like(masks)
     for index, mask in enumerate(masks.cpu().numpy()):
         for region in regionprops(label(mask, connectivity=2)):

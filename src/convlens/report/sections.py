@@ -238,8 +238,8 @@ def evaluation_section(ctx: Context) -> Section | None:
     note = (f"Mean \u00b1 95% confidence half-width (number of images) over {len(images)} images with "
             "ground-truth masks, each explained for the model's top class. Pointing game: the map's maximum "
             "falls on the object, within 15 px (the paper's tolerance), within 15 px per 224 px of input (scaled), "
-            "exactly (strict), or inside the box of one of the mask's regions (box); energy pointing game: the share of the map's energy inside "
-            "the mask; IoU of the map thresholded at 0.5; deletion/insertion: area under the class-probability "
+            "exactly (strict), or inside the box of one of the mask's regions (box); energy pointing game: the "
+            "share of the map's energy inside the mask; IoU of the map thresholded at 0.5; deletion/insertion: area under the class-probability "
             "curve as pixels are removed/added most-important first; Average Drop / Increase in Confidence "
             "with the image multiplied by the map. \u2191 higher is better, \u2193 lower is better.")
     return Section("evaluation", "Which heatmap to trust", Markup(_parts.table(headers, rows)), note)
