@@ -7,6 +7,7 @@ so a new section is one function and one line.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import jinja2
 import numpy as np
@@ -41,6 +42,13 @@ class Context:
     def step(self, message: str) -> None:
         if self.progress is not None:
             self.progress(message)
+
+    @cached_property
+    def layers(self) -> list[str]:
+        """The conv and pooling layers up to the last spatial one (one small dry pass, made once)."""
+        from ..inside.activations import default_layers
+
+        return default_layers(self.model)
 
 
 @dataclass
@@ -119,8 +127,6 @@ def _cell(image: Image.Image, caption: str) -> dict:
     return figure(_thumbnail(image, 150), caption)
 
 
-
-
 def _spread(names: list[str], count: int) -> list[str]:
     """``count`` names spread evenly from first to last."""
     if len(names) <= count:
@@ -132,11 +138,10 @@ def _spread(names: list[str], count: int) -> list[str]:
 def activations_section(ctx: Context) -> Section:
     """Every channel of a few layers, for the first image, from one truncated forward pass."""
     from ..inside import activations
-    from ..inside.activations import default_layers
     from ..render.grid import activation_grid
 
     item = ctx.images[0]
-    layers = ctx.options.get("activation_layers") or _spread(default_layers(ctx.model), 4)
+    layers = ctx.options.get("activation_layers") or _spread(ctx.layers, 4)
     recorded = activations(ctx.model, item.image, layers)
     items = [figure(activation_grid(recorded[name][0], f"{name}  ({recorded[name].shape[1]} channels)"), name)
              for name in layers]
@@ -148,10 +153,9 @@ def activations_section(ctx: Context) -> Section:
 def filters_section(ctx: Context) -> Section:
     """Filter patterns by gradient ascent (all filters of a layer in one batch) and class-model images."""
     from ..inside import class_model, filter_patterns
-    from ..inside.activations import default_layers
     from ..render.grid import filter_grid
 
-    convs = [n for n in default_layers(ctx.model) if "pool" not in type(ctx.model.named_layers()[n]).__name__.lower()]
+    convs = [n for n in ctx.layers if "pool" not in type(ctx.model.named_layers()[n]).__name__.lower()]
     layers = ctx.options.get("filter_layers") or _spread(convs, 3)
     size = max(ctx.model.input_size)
     steps = ctx.options.get("filter_steps", 96)
