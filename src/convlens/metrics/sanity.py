@@ -59,15 +59,10 @@ MODES = ("cascading", "independent")
 
 
 def _average_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Ranks along the last dimension, ties sharing their mean rank (as SciPy's ``rankdata``)."""
-    sorted_values, order = values.sort(dim=-1, stable=True)
-    ranks = torch.empty_like(values, dtype=torch.float64)
-    for row in range(values.shape[0]):
-        _, inverse, counts = torch.unique_consecutive(sorted_values[row], return_inverse=True, return_counts=True)
-        ends = counts.cumsum(0).double()
-        mean_rank = ends - (counts.double() - 1) / 2  # 1-based mean position of each tie group
-        ranks[row, order[row]] = mean_rank[inverse]
-    return ranks
+    """Ranks along the last dimension, ties sharing their mean rank (SciPy's ``rankdata``), float64."""
+    from scipy.stats import rankdata
+
+    return torch.from_numpy(rankdata(values.detach().cpu().numpy(), method="average", axis=-1)).to(values.device)
 
 
 def spearman(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

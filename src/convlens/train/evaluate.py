@@ -34,9 +34,9 @@ Z_95 = 1.959963984540054
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
     """1-based ranks of ``values``; tied values get the mean of the ranks they span."""
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    return ((ends - counts + 1 + ends) / 2.0)[inverse.ravel()]
+    from scipy.stats import rankdata
+
+    return rankdata(values, method="average")
 
 
 def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
