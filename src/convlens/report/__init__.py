@@ -72,8 +72,6 @@ def build_report(
     reported = [_as_report_image(image) for image in images] if images else default_images()
     if not images:  # the default run also scores heatmaps on more masked images than it shows
         options.setdefault("evaluation_images", default_evaluation_images())
-    if not reported:
-        raise ConvlensError("no images to report on")
     loaded = model if isinstance(model, Model) else load_model(model or "shapes")
     summary = summarize(loaded)
     if not summary.spatial_layers:
