@@ -101,9 +101,10 @@ def explain(
 
     # Everything is computed: only now does anything touch the disk.
     predicted = [p[0].label for p in loaded.predict(loaded.preprocess(pictures), top_k=1)]
+    stems = _stems(list(images))
     for batch_number, indices in enumerate(batches):
         for offset, image_index in enumerate(indices):
-            stem = _stems(list(images))[image_index]
+            stem = stems[image_index]
             panels = []
             for name in methods:
                 result = results[name][batch_number]
