@@ -87,6 +87,8 @@ def explain(
     for indices in batches:  # one forward pass per batch: every layer and target is checked up front
         chosen_layers = check_request(loaded, [pictures[i] for i in indices], methods, layer_ref,
                                       batch_targets(indices))
+    if chosen_layers:  # "auto" resolved once here, not again by every method on every batch
+        layer_ref = chosen_layers[0] if len(chosen_layers) == 1 else chosen_layers
 
     # Cheap methods first, so a method-specific error (CAM without a GAP head) comes before the slow ones.
     order = sorted(methods, key=lambda name: get_method(name).kind == "perturbation")

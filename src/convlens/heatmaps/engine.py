@@ -296,9 +296,8 @@ def check_request(model, inputs, methods: Sequence[str], layer: str | nn.Module 
     chosen = [get_method(name) for name in methods]
     loaded = as_model(model)
     x, _ = _as_batch(loaded, inputs)
-    names: list[str] = []
-    for method in chosen:
-        names = _resolve_layer_names(loaded, method, layer, x) or names
+    readers = [method for method in chosen if method.uses_layer]  # they all read the same layers
+    names = _resolve_layer_names(loaded, readers[0], layer, x) if readers else []
     request = Request(loaded, x, names, target)
     with torch.inference_mode(), request.capture() as rec:
         request.score(rec.forward(x))
