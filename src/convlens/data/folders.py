@@ -27,7 +27,7 @@ from ..errors import ConvlensError
 from ..images import load_image
 from .shapes import is_mask_file
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 VALIDATION_NAMES = ("val", "valid", "validation")
 
 

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data.folders import IMAGE_SUFFIXES
+from ..data.shapes import MASK_SUFFIX, mask_path
 from ..errors import ConvlensError, did_you_mean
 from ..fileio import write_text
 from ..images import ImageLike, load_image
@@ -39,8 +41,6 @@ from .base import ExplainFn, as_batch, as_model, as_targets, available_methods, 
 from .faithfulness import Curve
 from .stats import MeanCI, mean_ci
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-MASK_SUFFIX = ".mask.png"
 #: Explainers by method name, consulted before ``convlens.METHODS``: register your own here.
 EXPLAINERS: dict[str, ExplainFn] = {}
 
@@ -56,7 +56,7 @@ def find_mask(image_path: Path) -> np.ndarray | None:
     """
     image_path = Path(image_path)
     stem = image_path.name[: -len(image_path.suffix)] if image_path.suffix else image_path.name
-    for candidate in (image_path.with_name(stem + MASK_SUFFIX), image_path.parent / "masks" / f"{stem}.png",
+    for candidate in (mask_path(image_path), image_path.parent / "masks" / f"{stem}.png",
                       image_path.parent.parent / "masks" / f"{stem}.png"):
         if candidate.is_file() and candidate != image_path:
             with Image.open(candidate) as opened:
