@@ -272,6 +272,9 @@ def test_shapes_command_writes_a_dataset(tmp_path, capsys):
         "train/ring/00000.mask.png", "train/ring/00000.png", "train/star/00000.mask.png", "train/star/00000.png"]
     code, _, stderr = cli(capsys, "shapes", tmp_path / "x", "--classes", "ring,sta")
     assert code == 2 and "did you mean 'star'" in stderr and not (tmp_path / "x").exists()
+    code, _, stderr = cli(capsys, "shapes", tmp_path / "y", "--workers", "-1")
+    assert code == 2 and "--workers must be 0" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "y").exists()
 
 
 def test_train_reads_train_and_val_folders(tmp_path):
