@@ -168,7 +168,7 @@ def test_metrics_never_change_the_callers_tensors(tiny, image_batch):
     (lambda m, x: insertion(m, x, torch.rand(2, 16, 16), targets=[0, 7]), "out of range"),
     (lambda m, x: insertion(m, x, torch.rand(2, 16, 16), targets=[0]), "one class index per image"),
     (lambda m, x: average_drop(m, x, torch.rand(2, 16, 16), batch_size=0), "batch size"),
-    (lambda m, x: deletion(m, x.numpy(), torch.rand(2, 16, 16)), "torch.Tensor"),
+    (lambda m, x: deletion(m, x.numpy(), torch.rand(2, 16, 16)), "cannot read an image from an array"),
 ])
 def test_bad_input_is_a_convlens_error(tiny, image_batch, call, match):
     with pytest.raises(ConvlensError, match=match):

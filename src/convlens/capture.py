@@ -8,8 +8,14 @@ registers a hook. The contract:
   and on every exit path, exceptions included, each module's ``training`` flag,
   each parameter's ``requires_grad`` and each buffer's value are put back and
   every hook is removed. The caller's input tensor is never modified.
-* Recorded outputs are channels-first ``(N, C, H, W)`` whatever the framework:
-  a channels-last (Keras) model's 4-D outputs are permuted here, once.
+* Recorded outputs are channels-first ``(N, C, H, W)`` whatever the framework,
+  decided here, once, by :func:`spatial_view`: a channels-last (Keras)
+  model's 4-D outputs are permuted; in a PyTorch model a channels-last stage
+  output ``(N, H, W, C)`` (timm Swin) is recognised by its spatial size and
+  permuted, and a token sequence ``(N, P + h*w, C)`` (ViT blocks, with ``P``
+  class/register tokens in front) becomes ``(N, C, h, w)``. Any other output
+  (logits, attention tensors ``(N, heads, T, T)``) is recorded as it is and
+  is not a spatial map: no method may take it as a layer.
 * With ``graph=True`` the recorded outputs stay in the autograd graph, so a
   method takes ``torch.autograd.grad(score, rec.outputs[name])`` and pays for
   the backward pass down to that layer only, with no parameter gradients.
@@ -33,8 +39,9 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, NamedTuple, Union
 
 import torch
 from torch import nn
@@ -47,6 +54,83 @@ if TYPE_CHECKING:
 LayerRef = Union[str, nn.Module]
 #: ``fn(module, inputs, output) -> new output`` applied to a module's output.
 OutputRewrite = Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]
+
+
+class SpatialView(NamedTuple):
+    """A layer output seen as a channels-first map, and the way back to the framework's tensor."""
+
+    map: torch.Tensor  # (N, C, h, w)
+    kind: str  # "channels_first", "channels_last" or "tokens"
+    prefix: int = 0  # tokens in front of the grid (class, register tokens), for "tokens"
+
+    def restore(self, spatial: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        """``spatial`` (shaped like ``map``) back in the layout of ``original``."""
+        if self.kind == "channels_first":
+            return spatial
+        if self.kind == "channels_last":
+            return spatial.permute(0, 2, 3, 1)
+        tokens = spatial.flatten(2).transpose(1, 2)
+        return torch.cat([original[:, : self.prefix], tokens], dim=1) if self.prefix else tokens
+
+
+def _same_stride(size: Sequence[int], grid: Sequence[int]) -> bool:
+    """Could ``grid`` (h, w) be ``size`` (H, W) sampled with one stride in both directions?"""
+    (height, width), (h, w) = size, grid
+    if h < 1 or w < 1:
+        return False
+    stride_h, stride_w = height / h, width / w
+    # ceil/floor rounding of odd sizes and small grids (7x5 from 224x160) stay within a pixel's step.
+    return abs(stride_h - stride_w) <= 0.25 * max(stride_h, stride_w) + 1.0
+
+
+def _token_grid(tokens: int, size: Sequence[int], prefixes: Sequence[int]) -> tuple[int, int, int] | None:
+    """``(prefix, h, w)`` with ``prefix + h*w == tokens`` and ``h/w`` the input's aspect, or ``None``."""
+    height, width = size
+    for prefix in prefixes:
+        count = tokens - prefix
+        if count < 2:
+            continue
+        h = max(1, round(math.sqrt(count * height / width)))
+        for candidate in (h, h - 1, h + 1):
+            if candidate >= 1 and count % candidate == 0 and _same_stride(size, (candidate, count // candidate)):
+                return prefix, candidate, count // candidate
+    return None
+
+
+def spatial_view(output: torch.Tensor, input_size: Sequence[int], *, channels_last: bool = False,
+                 prefix_tokens: int | None = None) -> SpatialView | None:
+    """``output`` as a channels-first ``(N, C, h, w)`` map, or ``None`` when it is not one.
+
+    Args:
+        output: a layer's output tensor.
+        input_size: ``(H, W)`` of the model input, to tell spatial axes from others.
+        channels_last: the framework is channels-last (Keras): every 4-D output is ``(N, H, W, C)``.
+        prefix_tokens: tokens in front of a ViT's patch grid, when the model says (timm's
+            ``num_prefix_tokens``); else 0 and 1 are tried.
+    """
+    if output.ndim == 4:
+        if channels_last:
+            return SpatialView(output.permute(0, 3, 1, 2), "channels_last")
+        if _same_stride(input_size, output.shape[2:]):
+            return SpatialView(output, "channels_first")
+        if _same_stride(input_size, output.shape[1:3]):
+            return SpatialView(output.permute(0, 3, 1, 2), "channels_last")
+        return None
+    if output.ndim == 3 and not channels_last:
+        prefixes = (prefix_tokens,) if prefix_tokens is not None else (0, 1)
+        grid = _token_grid(output.shape[1], input_size, prefixes)
+        if grid is None:
+            return None
+        prefix, h, w = grid
+        patches = output[:, prefix:]
+        return SpatialView(patches.transpose(1, 2).reshape(output.shape[0], output.shape[2], h, w), "tokens", prefix)
+    return None
+
+
+def prefix_tokens(module: nn.Module) -> int | None:
+    """How many class/register tokens precede a ViT's patch grid, when the model says (timm)."""
+    count = getattr(module, "num_prefix_tokens", None)
+    return int(count) if isinstance(count, int) else None
 
 
 class _StopForward(Exception):
@@ -117,11 +201,16 @@ class Recorder:
         self._names = names
         self._stop = stop
         self._pending: set[str] = set(names)
+        self.input_size: tuple[int, int] = (0, 0)
+        #: Names whose recorded output is a spatial map ``(N, C, h, w)`` (see :func:`spatial_view`).
+        self.spatial: set[str] = set()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor | None:
         """Run the model on channels-first ``x``; returns ``None`` when stopped early."""
         self.outputs.clear()
+        self.spatial.clear()
         self._pending = set(self._names)
+        self.input_size = (int(x.shape[-2]), int(x.shape[-1]))
         try:
             return self.module(x, *args, **kwargs)
         except _StopForward:
@@ -160,6 +249,7 @@ def capture(
     channels_last = getattr(model, "layout", "channels_first") == "channels_last"
     resolved = resolve_layers(model, list(layers))
     names = list(resolved)
+    prefix = prefix_tokens(module)
     recorder = Recorder(module, names, stop)
     handles = []
 
@@ -171,15 +261,17 @@ def capture(
                 )
             if rewrite is not None and mod in rewrite:
                 output = rewrite[mod](mod, inputs, output)
-            to_first = channels_last and output.ndim == 4
-            stored = output.permute(0, 3, 1, 2) if to_first else output
+            view = spatial_view(output, recorder.input_size, channels_last=channels_last, prefix_tokens=prefix)
+            stored = output if view is None else view.map
+            if view is not None and view.map.shape[-1] * view.map.shape[-2] > 1:
+                recorder.spatial.add(name)
             if graph:
                 if not stored.requires_grad:
                     stored = stored.detach().requires_grad_()
                 recorder.outputs[name] = stored
                 # The next module gets a copy: an in-place op there must not
                 # overwrite the recorded tensor (or its version for autograd).
-                passed = (stored.permute(0, 2, 3, 1) if to_first else stored).clone()
+                passed = (stored if view is None else view.restore(stored, output)).clone()
             else:
                 recorder.outputs[name] = stored.detach().clone()
                 passed = output

@@ -7,6 +7,6 @@
 
 from . import cam, gradients, perturbation  # noqa: F401  (each module registers its methods)
 from .engine import METHODS, Explanation, Method, check_request, explain, get_method
-from .targets import ClassLogits, resolve_targets
+from ..targets import ClassLogits, resolve_targets
 
 __all__ = ["METHODS", "ClassLogits", "Explanation", "Method", "check_request", "explain", "get_method", "resolve_targets"]

@@ -17,7 +17,7 @@ The heatmap contract (stated once, here):
   zero after the ReLU, say) has no spread to normalise: it is returned as
   zeros and flagged in ``Explanation.flat``, never as NaN.
 * **Dtype.** ``float32`` on the input's device, whatever the model's dtype.
-* **Targets.** The pre-softmax logit (see :mod:`convlens.heatmaps.targets`).
+* **Targets.** The pre-softmax logit (see :mod:`convlens.targets`).
 
 Methods are data: :data:`METHODS` maps a name to a :class:`Method` whose
 ``compute(request)`` returns the raw maps. :mod:`.cam` registers the channel
@@ -46,7 +46,8 @@ from torch import nn
 from ..capture import capture, resolve_layers
 from ..errors import ConvlensError, did_you_mean
 from ..models import Model, as_model, summarize
-from .targets import ScoreFn, TargetSpec, resolve_targets
+from ..models.model import ensure_finite
+from ..targets import ScoreFn, TargetSpec, resolve_targets
 
 Progress = Callable[[int, int], None]  # progress(done, total)
 
@@ -117,11 +118,12 @@ class Request:
         """The target score per image ``(N,)``; the target is resolved on the first call."""
         if self.score_fn is None:
             with torch.no_grad():
-                self.score_fn, self.class_indices = resolve_targets(self.target, output.detach(),
-                                                                    self.model.labels)
+                self.score_fn, self.class_indices = resolve_targets(self.target, output, self.model.labels,
+                                                                    self.model.select)
         scores = self.score_fn(output)
-        if scores.ndim != 1 or scores.shape[0] != output.shape[0]:
-            raise ConvlensError(f"a target must give one score per image, got shape {tuple(scores.shape)}")
+        if not isinstance(scores, torch.Tensor) or scores.ndim != 1 or scores.shape[0] != len(self.class_indices):
+            shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise ConvlensError(f"a target must give one score per image, got {shape}")
         return scores
 
     def layer_output(self, rec, name: str) -> torch.Tensor:
@@ -129,7 +131,7 @@ class Request:
         output = rec.outputs.get(name)
         if output is None:
             raise ConvlensError(f"layer {name!r} did not run in the forward pass; choose another layer")
-        if output.ndim != 4 or output.shape[-1] * output.shape[-2] <= 1:
+        if name not in rec.spatial:
             raise ConvlensError(
                 f"layer {name!r} has output shape {tuple(output.shape)}, not a spatial feature map; "
                 f"choose a convolutional layer such as {summarize(self.model, tuple(self.x.shape[-2:])).auto_layer!r} "
@@ -231,23 +233,6 @@ def _combine(per_layer: list[torch.Tensor], size: tuple[int, int]) -> tuple[torc
     return raw, raw
 
 
-# -- inputs ---------------------------------------------------------------------
-
-def _as_batch(model: Model, inputs) -> tuple[torch.Tensor, list | None]:
-    """Channels-first ``(N, C, H, W)`` in the model's dtype and device, and the images if given."""
-    if isinstance(inputs, torch.Tensor):
-        batch = model.to_internal(inputs.detach())
-        images = None
-    else:
-        from ..images import load_images
-
-        images = load_images(inputs)
-        batch = model.to_internal(model.preprocess(images))
-    if not batch.is_floating_point():
-        batch = batch.float()
-    return batch.to(device=model.device, dtype=model.dtype).clone(), images
-
-
 def _resolve_layer_names(model: Model, method: Method, layer, x: torch.Tensor) -> list[str]:
     if not method.uses_layer:
         return []
@@ -295,12 +280,14 @@ def check_request(model, inputs, methods: Sequence[str], layer: str | nn.Module 
     """
     chosen = [get_method(name) for name in methods]
     loaded = as_model(model)
-    x, _ = _as_batch(loaded, inputs)
+    x, _ = loaded.as_batch(inputs)
     readers = [method for method in chosen if method.uses_layer]  # they all read the same layers
     names = _resolve_layer_names(loaded, readers[0], layer, x) if readers else []
     request = Request(loaded, x, names, target)
     with torch.inference_mode(), request.capture() as rec:
-        request.score(rec.forward(x))
+        output = rec.forward(x)
+        ensure_finite(loaded, x, output)
+        request.score(output)
         for name in names:
             request.layer_output(rec, name)
     return names
@@ -319,7 +306,7 @@ def explain(model, inputs, method: str = "gradcam", layer: str | nn.Module | Seq
         layer: ``"auto"`` (the last layer with a spatial output), a layer name
             or module, or a list of them for methods that combine layers.
         target: ``None`` (top-1), a class index or name, one per image, or a
-            callable on the output (see :mod:`convlens.heatmaps.targets`).
+            callable on the output (see :mod:`convlens.targets`).
         progress: ``progress(done, total)`` called by the slower methods.
         **options: the method's own options (``batch_size``, ``n_samples``, ...).
 
@@ -331,7 +318,7 @@ def explain(model, inputs, method: str = "gradcam", layer: str | nn.Module | Seq
     loaded = as_model(model)
     # A caller inside torch.inference_mode() (an evaluation loop) still gets gradients here.
     with torch.inference_mode(False):
-        x, images = _as_batch(loaded, inputs)
+        x, images = loaded.as_batch(inputs)
         names = _resolve_layer_names(loaded, chosen, layer, x)
         request = Request(loaded, x, names, target, progress)
         result = chosen.compute(request, **options)

@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import ConvlensError
 from .cam import gradcam
 from .engine import Method, RawMaps, Request, register, upsample
-from .targets import ClassLogits
+from ..targets import ClassLogits
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -30,7 +30,7 @@ DEFAULT_BATCH_SIZE = 16
 def _row_score(request: Request, rows: list[int]):
     """Score for a batch whose row ``r`` is a variant of image ``rows[r]``."""
     if isinstance(request.score_fn, ClassLogits):
-        return ClassLogits([request.score_fn.class_indices[i] for i in rows])
+        return request.score_fn.rows(rows)
     return request.score_fn
 
 
@@ -49,7 +49,7 @@ def input_gradients(request: Request, inputs: torch.Tensor, rows: list[int], bat
         with request.capture([], rewrite=rewrite) as rec, torch.enable_grad():
             output = rec.forward(chunk)
             if request.score_fn is None:  # the clean images themselves, in one batch: resolve here
-                request.score(output.detach())
+                request.score(output)
             scores = _row_score(request, rows[start:start + batch_size])(output)
             grad, = torch.autograd.grad(scores.sum(), chunk)
         grads.append(grad.float())

@@ -14,17 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from .engine import Method, RawMaps, Request, register
-from .targets import ClassLogits
+from ..targets import ClassLogits
 
 #: Variants scored per forward pass unless the caller says otherwise.
 DEFAULT_BATCH_SIZE = 64  # the fastest of 16/32/64 for resnet18 at 224 px on 2 CPU threads
 
 
-def _image_score(request: Request, image: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The target of image ``image``, applied to every row of a batch of its variants."""
+def _image_score(request: Request, image: int, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The target of image ``image``, applied to each of ``rows`` rows of a batch of its variants."""
     if isinstance(request.score_fn, ClassLogits):
-        class_index = request.score_fn.class_indices[image]
-        return lambda output: ClassLogits([class_index] * output.shape[0])(output)
+        return request.score_fn.rows([image] * rows)
     return request.score_fn  # a callable target must score each row on its own
 
 
@@ -37,14 +36,13 @@ def score_variants(request: Request, image: int, count: int,
     ``start:stop`` and the output rewrites that create them (``{}`` for masked
     inputs; a layer rewrite for ablations).
     """
-    score = _image_score(request, image)
     scores = []
     for start in range(0, count, batch_size):
         stop = min(start + batch_size, count)
         batch, rewrite = make_batch(start, stop)
         with torch.inference_mode(), request.capture([], rewrite=rewrite) as rec:
             output = rec.forward(batch.contiguous(memory_format=torch.channels_last))
-        values = score(output).float()
+        values = _image_score(request, image, stop - start)(output).float()
         if values.shape[0] != stop - start:  # a variant batch the model could not broadcast
             raise RuntimeError(f"expected {stop - start} scores, got {values.shape[0]}")
         scores.append(values)

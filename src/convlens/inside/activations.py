@@ -43,14 +43,6 @@ def default_layers(model: Model, input_size: tuple[int, int] | None = None) -> l
     return chosen
 
 
-def _as_batch(model: Model, image_or_batch) -> torch.Tensor:
-    if isinstance(image_or_batch, torch.Tensor) and image_or_batch.ndim in (3, 4):
-        x = model.to_internal(image_or_batch)
-    else:
-        x = model.to_internal(model.preprocess(image_or_batch))
-    return x.to(device=model.device, dtype=model.dtype)
-
-
 def activations(model: Model | nn.Module, image_or_batch: ImageLike | Sequence[ImageLike] | torch.Tensor,
                 layers: Sequence[LayerRef] | None = None) -> dict[str, torch.Tensor]:
     """Return ``{layer name: (N, C, H, W) output}`` for each requested layer, from one forward pass.
@@ -64,7 +56,7 @@ def activations(model: Model | nn.Module, image_or_batch: ImageLike | Sequence[I
     Outputs are channels-first whatever the framework, detached, on the model's device.
     """
     model = as_model(model)
-    x = _as_batch(model, image_or_batch)
+    x, _ = model.as_batch(image_or_batch)
     names = list(resolve_layers(model, list(layers))) if layers is not None else default_layers(model)
     if not names:
         raise ConvlensError("no layers given; name at least one layer or leave the choice to the default")
@@ -76,7 +68,7 @@ def activations(model: Model | nn.Module, image_or_batch: ImageLike | Sequence[I
     missing = [name for name in names if name not in rec.outputs]
     if missing:
         raise ConvlensError(f"layer {missing[0]!r} did not run in the forward pass; choose a layer the model uses")
-    flat = [name for name in names if rec.outputs[name].ndim != 4]
+    flat = [name for name in names if name not in rec.spatial]
     if flat:
         raise ConvlensError(f"layer {flat[0]!r} has no spatial output (shape {tuple(rec.outputs[flat[0]].shape)}); "
                             "choose a convolution or pooling layer")

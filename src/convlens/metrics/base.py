@@ -47,11 +47,9 @@ class Prepared:
     targets: torch.Tensor  # (N,) long
 
 
-def as_batch(model: Model, x: torch.Tensor) -> torch.Tensor:
-    """The user's batch as channels-first ``(N, C, H, W)``, in the model's dtype."""
-    if not isinstance(x, torch.Tensor):
-        raise ConvlensError(f"expected the input batch as a torch.Tensor, got {type(x).__name__}")
-    return model.to_internal(x.detach()).to(model.dtype)
+def as_batch(model: Model, x) -> torch.Tensor:
+    """The user's input as channels-first ``(N, C, H, W)`` (:meth:`Model.as_batch`'s one contract)."""
+    return model.as_batch(x)[0]
 
 
 def as_maps(maps, n: int, size: tuple[int, int]) -> torch.Tensor:
@@ -94,7 +92,7 @@ def class_scores(model: Model, output: torch.Tensor, targets: torch.Tensor, scor
     if score == "probability":
         values = model.probabilities(output)
     elif score == "logit":
-        values = output.float().flatten(1)
+        values = model.scores(output).float().flatten(1)
         if values.shape[1] == 1:  # one logit: class 1 has log-odds z, class 0 has -z
             values = torch.cat([-values, values], dim=1)
     else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import ConvlensError, did_you_mean
 from .keras import is_keras_model, load_keras_file, wrap_keras
 from .model import Model, detect_output
-from .transforms import imagenet_transform, plain_transform
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, make_transform
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 #: Models shipped inside convlens (``convlens.assets``), loadable by these names.
@@ -63,6 +63,8 @@ def load_model(
     labels: list[str] | str | os.PathLike | None = None,
     preprocessing: str | None = None,
     device: str | torch.device | None = None,
+    input_size: int | tuple[int, int] | None = None,
+    output: int | str | None = None,
 ) -> Model:
     """Load a CNN from a torchvision name, a file, or a model object.
 
@@ -79,6 +81,12 @@ def load_model(
         labels: class names, or a text file with one per line.
         preprocessing: Keras only: ``rescale`` (default), ``raw``, ``tf``, ``torch``, ``caffe``.
         device: where to put the model (default: where it is, CPU for files).
+        input_size: ``H`` or ``(H, W)`` to run the model at. Default: what the model
+            says (torchvision's weights, a timm ``pretrained_cfg``, a convlens checkpoint,
+            a Keras input shape); a plain PyTorch module without one runs at 224.
+            A Keras model with a fixed input shape cannot change it.
+        output: for a model that returns several outputs (tuple, list or dict), the
+            index or key of the one that holds the class scores.
 
     Example:
         >>> model = load_model("resnet18", weights="none")
@@ -112,8 +120,33 @@ def load_model(
                 f"unknown model {str(source)!r}{did_you_mean(str(source), [*BUNDLED_MODELS, *torchvision_names(), *ARCHITECTURES])}"
                 " (pass a torchvision name, or a path to a .pt/.pth/.keras/.h5 file)"
             )
+    if input_size is not None:
+        model = resized(model, input_size)
+    if output is not None:
+        model.select = output
     if device is not None:
         model.to(device)
+    return model
+
+
+def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
+    pair = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ConvlensError(f"an input size is H or (H, W) with positive sides, got {size!r}")
+    return pair
+
+
+def resized(model: Model, input_size: int | Sequence[int]) -> Model:
+    """``model`` with its preprocessing rebuilt for another input size (same normalisation and crop ratio)."""
+    size = _size_pair(input_size)
+    if size == tuple(model.input_size):
+        return model
+    spec = model.info.get("transform")
+    if spec is None:
+        raise ConvlensError(f"{model.name} has a fixed input size of {model.input_size[0]}x{model.input_size[1]}; "
+                            "it cannot run at another one")
+    model.transform, model.preprocessing = make_transform(size, **spec)
+    model.input_size = size
     return model
 
 
@@ -131,16 +164,38 @@ def as_model(model) -> Model:
 
 
 def from_module(module: nn.Module, name: str | None = None, labels: list[str] | None = None,
-                input_size: int = 224) -> Model:
-    """Wrap an in-memory PyTorch module; preprocessing defaults to ImageNet's."""
+                input_size: int | Sequence[int] | None = None) -> Model:
+    """Wrap an in-memory PyTorch module.
+
+    Its input size, normalisation and crop come from the module when it says
+    (a timm model's ``pretrained_cfg``), else from ``input_size`` (default 224)
+    with ImageNet's mean and std and a plain resize of the whole picture: no
+    crop is assumed for a module that does not say it was trained with one.
+    """
+    spec = _timm_spec(module) or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop": None}
+    size = _size_pair(input_size) if input_size is not None else spec.pop("size", (224, 224))
+    spec.pop("size", None)
+    transform, described = make_transform(size, **spec)
     return Model(
         module=module,
         name=name or type(module).__name__,
-        transform=imagenet_transform(input_size, resize=int(round(input_size * 256 / 224))),
-        input_size=(input_size, input_size),
+        transform=transform,
+        input_size=size,
         labels=labels,
         output=detect_output(module),
+        preprocessing=described,
+        info={"transform": spec},
     )
+
+
+def _timm_spec(module: nn.Module) -> dict | None:
+    """Input size, mean, std and crop ratio from a timm model's ``pretrained_cfg``, if it has one."""
+    cfg = getattr(module, "pretrained_cfg", None)
+    if not isinstance(cfg, dict) or "input_size" not in cfg:
+        return None
+    _, height, width = cfg["input_size"]
+    return {"size": (int(height), int(width)), "mean": tuple(cfg.get("mean", IMAGENET_MEAN)),
+            "std": tuple(cfg.get("std", IMAGENET_STD)), "crop": cfg.get("crop_pct"), "source": "timm pretrained_cfg"}
 
 
 def _load_named(name: str, weights, labels: list[str] | None) -> Model:
@@ -165,15 +220,20 @@ def _load_named(name: str, weights, labels: list[str] | None) -> Model:
     else:
         module = torchvision.models.get_model(name, weights=None)
         _load_state_dict(module, _read_state_dict(Path(weights)), Path(weights), name)
-    crop = default.transforms().crop_size[0]
+    preset = default.transforms()
+    crop = preset.crop_size[0]
+    resize = preset.resize_size[0]
+    spec = {"mean": tuple(preset.mean), "std": tuple(preset.std), "crop": crop / resize,
+            "source": f"torchvision {default}"}
     return Model(
         module=module,
         name=name,
-        transform=default.transforms(),
+        transform=preset,
         input_size=(crop, crop),
         labels=labels or list(default.meta.get("categories") or []) or None,
         output="logits",
-        info={"weights": str(weights)},
+        info={"weights": str(weights), "transform": spec},
+        preprocessing=make_transform((crop, crop), **spec)[1],
     )
 
 
@@ -262,14 +322,18 @@ def _from_checkpoint(checkpoint: dict, path: Path, labels: list[str] | None) -> 
     _load_state_dict(module, checkpoint["state_dict"], path, arch)
     size = tuple(checkpoint.get("input_size", (128, 128)))
     norm = checkpoint.get("normalize") or {}
+    spec = {"mean": norm.get("mean"), "std": norm.get("std"), "crop": None, "source": "convlens checkpoint"}
+    transform, described = make_transform(size, **spec)
+    info = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer", "convlens")}
     return Model(
         module=module,
         name=path.name,
-        transform=plain_transform(size, norm.get("mean"), norm.get("std")),
+        transform=transform,
         input_size=size,
         labels=labels or checkpoint.get("labels"),
         output=checkpoint.get("output", "logits"),
-        info={k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer", "convlens")},
+        info={**info, "transform": spec},
+        preprocessing=described,
     )
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import ConvlensError
 from ..images import ImageLike, load_images
+from ..targets import OutputKey, select_output
 
 Layout = Literal["channels_first", "channels_last"]
 OutputKind = Literal["logits", "softmax", "sigmoid"]
@@ -56,6 +57,10 @@ class Model:
         output: what the final output is: raw ``"logits"``, or probabilities
             from a final ``"softmax"`` or ``"sigmoid"``.
         framework: ``"torch"`` or ``"keras"``.
+        select: for a model that returns several outputs (a tuple, list or dict),
+            which one holds the class scores: an index or a key (``load_model(output=...)``,
+            CLI ``--output``). See :mod:`convlens.targets`.
+        preprocessing: what :attr:`transform` does, in words (shown by ``layers``/``predict``).
     """
 
     module: nn.Module
@@ -68,6 +73,8 @@ class Model:
     framework: str = "torch"
     keras_model: object | None = None
     info: dict = field(default_factory=dict)
+    select: OutputKey = None
+    preprocessing: str = ""
 
     # -- layout -----------------------------------------------------------
     def to_internal(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,17 +122,45 @@ class Model:
         batch = torch.stack([self.transform(image) for image in load_images(images)])
         return self.from_internal(batch).to(device=self.device, dtype=self.dtype)
 
+    def as_batch(self, inputs: ImageLike | Sequence[ImageLike] | torch.Tensor) -> tuple[torch.Tensor, list | None]:
+        """The one input contract: anything a user passes -> ``(x, images)``.
+
+        ``x`` is a channels-first ``(N, C, H, W)`` float copy in the model's dtype
+        and device (never the caller's tensor); ``images`` are the PIL images when
+        pictures were given, else ``None``. The rules:
+
+        * a 4-D tensor is a preprocessed batch in the model's layout
+          (``(N, H, W, C)`` for Keras), a 3-D tensor one preprocessed image;
+        * anything else (a path, a PIL image, a NumPy array, or a list of any of
+          these) is a picture, run through the model's :attr:`transform`.
+        """
+        if isinstance(inputs, torch.Tensor) and inputs.ndim in (3, 4):
+            batch, images = self.to_internal(inputs.detach()), None
+        else:
+            images = load_images(inputs)
+            batch = self.to_internal(self.preprocess(images))
+        if not batch.is_floating_point():
+            batch = batch.float()
+        return batch.to(device=self.device, dtype=self.dtype).clone(), images
+
     # -- output -----------------------------------------------------------
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Forward a batch in the user's layout; the model's state is borrowed, not changed."""
+    def __call__(self, x: torch.Tensor):
+        """Forward a batch in the user's layout; the model's state is borrowed, not changed.
+
+        Returns the module's whole output (a tensor, or a tuple/dict for a multi-output model).
+        """
         from ..capture import capture
 
         with capture(self) as rec:
             return rec.forward(self.to_internal(x))
 
-    def probabilities(self, output: torch.Tensor) -> torch.Tensor:
+    def scores(self, output) -> torch.Tensor:
+        """The class-score tensor of the model's output (``select`` picks it from several)."""
+        return select_output(output, self.select)
+
+    def probabilities(self, output) -> torch.Tensor:
         """Class probabilities ``(N, K)``; a single sigmoid/logit output gives ``[1-p, p]``."""
-        output = output.float()
+        output = self.scores(output).float()
         if output.ndim > 2:
             output = output.flatten(1)
         if output.shape[1] == 1:
@@ -141,10 +176,18 @@ class Model:
         return f"class {index}"
 
     def predict(self, images: ImageLike | Sequence[ImageLike] | torch.Tensor, top_k: int = 5) -> list[list[Prediction]]:
-        """Top-k classes per image with their probabilities."""
-        x = images if isinstance(images, torch.Tensor) and images.ndim == 4 else self.preprocess(images)
-        with torch.inference_mode():
-            probs = self.probabilities(self(x))
+        """Top-k classes per image with their probabilities.
+
+        ``images``: anything :meth:`as_batch` reads. A model whose output is not
+        finite is a one-line error naming the first layer that produced NaN or infinity.
+        """
+        from ..capture import capture
+
+        x, _ = self.as_batch(images)
+        with torch.inference_mode(), capture(self) as rec:
+            output = rec.forward(x)
+        ensure_finite(self, x, output)
+        probs = self.probabilities(output)
         k = max(1, min(top_k, probs.shape[1]))
         values, indices = probs.topk(k, dim=1)
         return [
@@ -166,6 +209,43 @@ class Model:
             return keras_logit_rewrites(self.keras_model)
         final = _final_activation(self.module)
         return {final: lambda mod, inputs, output: inputs[0]} if final is not None else {}
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else []
+    return [value for value in values if isinstance(value, torch.Tensor)]
+
+
+def first_nonfinite_layer(model: Model, x: torch.Tensor) -> str | None:
+    """The first layer (in the order outputs are finished) whose output holds NaN or infinity."""
+    from ..capture import capture
+
+    layers = model.named_layers()
+    by_module = {m: n for n, m in layers.items()}
+    found: list[str] = []
+
+    def check(module, inputs, output):
+        if not found and any(not torch.isfinite(t).all() for t in _tensors(output) if t.is_floating_point()):
+            found.append(by_module[module])
+        return output
+
+    with torch.inference_mode(), capture(model, rewrite={m: check for m in layers.values()}) as rec:
+        rec.forward(x)
+    return found[0] if found else None
+
+
+def ensure_finite(model: Model, x: torch.Tensor, output) -> None:
+    """A one-line error when the model's output (for channels-first ``x``) holds NaN or infinity."""
+    if all(torch.isfinite(t).all() for t in _tensors(output) if t.is_floating_point()):
+        return
+    if not torch.isfinite(x).all():
+        raise ConvlensError("the input holds NaN or infinite values; check the images or the preprocessing")
+    layer = first_nonfinite_layer(model, x) if not isinstance(model.module, torch.jit.ScriptModule) else None
+    where = f"; the first layer whose output is not finite is {layer!r}" if layer else ""
+    raise ConvlensError(f"the model's output is not finite (NaN or infinity){where}: "
+                        "check its weights (a diverged training run?) or its input scale")
 
 
 def _final_activation(module: nn.Module) -> nn.Module | None:

@@ -1,8 +1,14 @@
 """The layer table (like Keras's ``model.summary()``) and the ``auto`` layer choice.
 
-A layer is a valid explanation target when its output is a spatial feature map:
-4-D, with more than one spatial position. ``auto`` is the last such layer to
-finish in a forward pass at the model's input size, adaptive pooling excepted.
+A layer is a valid explanation target when its output is a spatial feature map
+with more than one position, as :func:`convlens.capture.spatial_view` sees it:
+``(N, C, h, w)``, a channels-last ``(N, h, w, C)`` stage, or a ViT's token
+sequence ``(N, P + h*w, C)`` on the patch grid. Attention tensors, logits and
+anything else are not. ``auto`` is the last such layer to finish in a forward
+pass at the model's input size, adaptive pooling excepted. In a transformer
+the last blocks' patch tokens often do not reach the output (only the class
+token does), so among token layers ``auto`` takes the last one whose gradient
+reaches more than one grid position (one extra backward pass, token models only).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..capture import capture
+from ..capture import capture, prefix_tokens, spatial_view
 from ..errors import ConvlensError
 from .model import Model
 
@@ -26,6 +32,7 @@ class LayerRow:
     params: int
     spatial: bool
     depth: int
+    layout: str = ""  # how the output is read as a map: channels_first, channels_last, tokens; "" if not spatial
 
 
 @dataclass
@@ -35,6 +42,7 @@ class Summary:
     trainable_params: int
     input_size: tuple[int, int]
     forward_order: list[str]  # layers in the order their outputs were finished
+    auto: str | None = None  # the layer 'auto' picks, None when there is none
 
     @property
     def spatial_layers(self) -> list[str]:
@@ -45,11 +53,51 @@ class Summary:
     @property
     def auto_layer(self) -> str:
         """The last spatial layer, skipping adaptive pooling (VGG's 7x7 ``avgpool`` only resamples)."""
-        types = {r.name: r.type for r in self.rows}
-        candidates = [n for n in self.spatial_layers if not types[n].startswith("Adaptive")]
-        if not candidates:
+        if self.auto is None:
             raise ConvlensError("this model has no layer with a spatial output; CAM methods need one")
+        return self.auto
+
+
+#: Modules whose output only passes their input on (or drops parts of it): never the auto layer of a token model.
+_PASS_THROUGH = ("Identity", "Dropout", "DropPath", "Linear")
+
+
+def _auto_candidates(rows: list[LayerRow], order: list[str]) -> list[str]:
+    by_name = {r.name: r for r in rows}
+    spatial = [n for n in order if n in by_name and by_name[n].spatial]
+    return [n for n in spatial if not by_name[n].type.startswith("Adaptive")
+            and not (by_name[n].layout == "tokens" and by_name[n].type in _PASS_THROUGH)]
+
+
+def _reaches_output(model: Model, x: torch.Tensor, names: list[str]) -> list[str]:
+    """Those of ``names`` whose output the model's scores depend on at more than one grid position."""
+    with capture(model, names, graph=True, rewrite=model.logit_rewrites()) as rec:
+        output = rec.forward(x)
+        try:
+            total = model.scores(output).float().sum()
+        except ConvlensError:  # several outputs and none chosen: any of them will do here
+            from ..targets import output_parts
+
+            total = sum(v.float().sum() for _, v in output_parts(output) if isinstance(v, torch.Tensor))
+        acts = [rec.outputs[n] for n in names]
+        grads = torch.autograd.grad(total, acts, allow_unused=True)
+    reached = []
+    for name, grad in zip(names, grads):
+        if grad is not None and int((grad.abs().sum(dim=(0, 1)) > 0).sum()) > 1:
+            reached.append(name)
+    return reached
+
+
+def _choose_auto(model: Model, x: torch.Tensor, rows: list[LayerRow], order: list[str]) -> str | None:
+    candidates = _auto_candidates(rows, order)
+    if not candidates:
+        return None
+    layouts = {r.name: r.layout for r in rows}
+    if layouts[candidates[-1]] != "tokens":
         return candidates[-1]
+    tail = [n for n in candidates if layouts[n] == "tokens"][-8:]  # the last blocks are enough to look at
+    reached = _reaches_output(model, x, tail)
+    return reached[-1] if reached else candidates[-1]
 
 
 def _own_params(module: nn.Module, keras: bool) -> int:
@@ -64,13 +112,18 @@ def summarize(model: Model, input_size: tuple[int, int] | None = None) -> Summar
     layers = model.named_layers()
     keras = model.keras_model is not None
     shapes: dict[str, tuple[int, ...]] = {}
+    views: dict[str, str] = {}
     order: list[str] = []
     by_module = {m: n for n, m in layers.items()}
+    prefix = prefix_tokens(model.module)
 
     def record(mod, inputs, output):
         name = by_module[mod]
         if isinstance(output, torch.Tensor):
             shapes[name] = (-1, *output.shape[1:])
+            view = spatial_view(output, size, channels_last=keras, prefix_tokens=prefix)
+            if view is not None and view.map.shape[-1] * view.map.shape[-2] > 1:
+                views[name] = view.kind
         if name in order:
             order.remove(name)  # a module called twice finishes last at its last call
         order.append(name)
@@ -88,16 +141,10 @@ def summarize(model: Model, input_size: tuple[int, int] | None = None) -> Summar
             f"the model cannot run on a {size[0]}x{size[1]} input ({str(err).splitlines()[0]}); "
             "try another --input-size"
         ) from None
-    rows = []
-    for name in layers:
-        shape = shapes.get(name)
-        if shape is not None and len(shape) == 4:
-            h, w = (shape[1], shape[2]) if keras else (shape[2], shape[3])
-            spatial = h * w > 1
-        else:
-            spatial = False
-        rows.append(LayerRow(name, type(layers[name]).__name__, shape, _own_params(layers[name], keras),
-                             spatial, name.count(".") if not keras else 0))
+    rows = [LayerRow(name, type(layers[name]).__name__, shapes.get(name), _own_params(layers[name], keras),
+                     name in views, name.count(".") if not keras else 0, views.get(name, ""))
+            for name in layers]
+    auto = None if scripted else _choose_auto(model, x, rows, order)
     params = list(model.module.parameters())
     if keras:
         total = int(model.keras_model.count_params())
@@ -105,7 +152,7 @@ def summarize(model: Model, input_size: tuple[int, int] | None = None) -> Summar
     else:
         total = sum(p.numel() for p in params)
         trainable = sum(p.numel() for p in params if p.requires_grad)
-    return Summary(rows, total, trainable, size, order)
+    return Summary(rows, total, trainable, size, order, auto)
 
 
 def auto_layer(model: Model) -> str:

@@ -37,6 +37,31 @@ def plain_transform(size: Sequence[int], mean: Sequence[float] | None = None,
     return v2.Compose(steps)
 
 
+def make_transform(size: Sequence[int], mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                   crop: float | None = None, source: str = "") -> tuple[v2.Compose, str]:
+    """The preprocessing for ``size`` (H, W), and what it does in words.
+
+    ``crop`` is the centre-crop ratio (torchvision's 224/256 = 0.875, timm's
+    ``crop_pct``): the short side is resized to ``size / crop`` and the centre
+    cut out. Without it (or for a non-square size) the whole picture is resized.
+    """
+    height, width = int(size[0]), int(size[1])
+    if crop and height == width and crop < 1:
+        transform = imagenet_transform(height, resize=int(round(height / crop)))
+        if mean is not None and std is not None:
+            transform.transforms[-1] = v2.Normalize(list(mean), list(std))
+        else:
+            transform.transforms.pop()
+        geometry = f"short side to {int(round(height / crop))} px, centre crop {height}x{width}"
+    else:
+        transform = plain_transform((height, width), mean, std)
+        geometry = f"resize to {height}x{width}"
+    norm = "ImageNet mean/std" if (tuple(mean or ()), tuple(std or ())) == (IMAGENET_MEAN, IMAGENET_STD) else (
+        f"mean {tuple(round(m, 4) for m in mean)}, std {tuple(round(s, 4) for s in std)}" if mean is not None
+        else "no normalisation")
+    return transform, f"{geometry}, scale to [0, 1], {norm}" + (f" (from the {source})" if source else "")
+
+
 class KerasTransform:
     """Resize to the Keras model's input size and apply a ``keras.applications`` mode.
 

@@ -1,0 +1,185 @@
+"""What to explain: a target turns the model's output into one score per image.
+
+The one target contract for heatmaps, metrics and ``predict``.
+
+**Which output.** A model may return a tensor, or a tuple, list, named tuple
+or dict of them (detectors' heads, a face net's class and box heads,
+Inception's auxiliary logits). :func:`select_output` picks the tensor that
+holds the class scores: the one chosen with ``output=`` (an index or a key;
+CLI ``--output``), else the only tensor, else a ``"logits"`` entry; anything
+more ambiguous is a one-line error that lists the outputs. Class targets read
+the selected tensor; a callable target receives the *whole* output.
+
+**Which score.** A target is a callable ``score(output) -> (N,)`` on the model's pre-softmax
+output (the engine always runs with :meth:`Model.logit_rewrites`, so a final
+softmax/sigmoid is skipped: saturated probabilities have vanishing gradients).
+What a user may pass, resolved by :func:`resolve_targets`:
+
+* ``None``: each image's top-1 class (for a single-logit binary model, the
+  positive class);
+* an ``int`` ``k``: logit ``k`` for every image (single-logit model: ``1`` is the
+  positive class, its logit; ``0`` the negative class, minus the logit);
+* a ``str``: a class name looked up in ``model.labels``;
+* a list/tuple/1-D tensor: one of the above per image;
+* a callable ``fn(output) -> (N,)``: any scalar per image (a probability, a
+  region of a segmentation map, one head of a multi-output model: it gets
+  the whole output); its class index is reported as ``-1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
+
+import torch
+
+from .errors import ConvlensError, did_you_mean
+
+TargetSpec = Union[None, int, str, Sequence, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+ScoreFn = Callable[[Any], torch.Tensor]
+OutputKey = Union[None, int, str]
+
+
+def output_parts(output) -> list[tuple[str, Any]]:
+    """``[(key, value)]`` of a tuple, list, named tuple or dict output, in order."""
+    if isinstance(output, Mapping):
+        return [(str(key), value) for key, value in output.items()]
+    if isinstance(output, (tuple, list)):
+        fields = getattr(output, "_fields", None)
+        return [(str(fields[i]) if fields else str(i), value) for i, value in enumerate(output)]
+    raise ConvlensError(f"the model returns a {type(output).__name__}, not a tensor, tuple, list or dict; "
+                        "pass a callable target that turns its output into one score per image")
+
+
+def describe_outputs(output) -> str:
+    """``"0: (1, 10), 1: (1, 4)"``: each part of a multi-part output and its shape."""
+    return ", ".join(f"{key}: {tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}"
+                     for key, value in output_parts(output))
+
+
+def select_output(output, key: OutputKey = None) -> torch.Tensor:
+    """The tensor of class scores in a model's output (see the module docstring)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    parts = output_parts(output)
+    keys = [k for k, _ in parts]
+    if key is None:
+        tensors = [value for _, value in parts if isinstance(value, torch.Tensor)]
+        if len(tensors) == 1:
+            return tensors[0]
+        if "logits" in keys:
+            key = "logits"
+        else:
+            raise ConvlensError(
+                f"the model returns {len(parts)} outputs ({describe_outputs(output)}); choose the one with the "
+                "class scores with output=KEY (CLI --output KEY), or pass a callable target that takes the whole output")
+    text = str(key)
+    if text in keys:
+        value = parts[keys.index(text)][1]
+    elif text.lstrip("-").isdigit() and -len(parts) <= int(text) < len(parts):
+        value = parts[int(text)][1]
+    else:
+        raise ConvlensError(f"the model has no output {key!r}; it returns {describe_outputs(output)}")
+    if not isinstance(value, torch.Tensor):
+        raise ConvlensError(f"output {key!r} is a {type(value).__name__}, not a tensor; "
+                            f"the model returns {describe_outputs(output)}")
+    return value
+
+
+class ClassLogits:
+    """``score(output)[i] = output[i, class_indices[i]]``, with a single logit read as two classes.
+
+    ``output`` is the model's whole output; ``select`` is the key of the class-score
+    tensor in a multi-output model (see :func:`select_output`).
+    """
+
+    def __init__(self, class_indices: list[int], select: OutputKey = None):
+        self.class_indices = list(class_indices)
+        self.select = select
+
+    def rows(self, rows: Sequence[int]) -> ClassLogits:
+        """The same target for a batch made of these rows of the original one (perturbation batches)."""
+        return ClassLogits([self.class_indices[i] for i in rows], self.select)
+
+    def __call__(self, output) -> torch.Tensor:
+        output = select_output(output, self.select).flatten(1)
+        index = torch.as_tensor(self.class_indices[: output.shape[0]], device=output.device)
+        if output.shape[1] == 1:
+            # One logit z means p(positive) = sigmoid(z); the negative class's logit is -z.
+            sign = torch.where(index == 1, 1.0, -1.0).to(output.dtype)
+            return output[:, 0] * sign
+        return output.gather(1, index.view(-1, 1)).squeeze(1)
+
+    def __repr__(self) -> str:
+        return f"ClassLogits({self.class_indices})"
+
+
+def _class_count(output: torch.Tensor) -> int:
+    count = output.flatten(1).shape[1]
+    return 2 if count == 1 else count
+
+
+def _one_index(spec, output: torch.Tensor, labels: list[str] | None, image: int) -> int:
+    count = _class_count(output)
+    if isinstance(spec, torch.Tensor):
+        spec = spec.item()
+    if spec is None or (isinstance(spec, str) and spec.lower() in ("top1", "top-1")):
+        scores = output.flatten(1)[image]
+        return int(scores[0] > 0) if scores.numel() == 1 else int(scores.argmax())
+    if isinstance(spec, bool):
+        raise ConvlensError(f"target {spec!r} is not a class; pass a class index or name")
+    if isinstance(spec, str):
+        if spec.lstrip("-").isdigit():
+            spec = int(spec)
+        elif labels is not None and spec in labels:
+            return labels.index(spec)
+        elif labels is None:
+            raise ConvlensError(f"target {spec!r} is a class name but the model has no labels; "
+                                "pass a class index or give the model labels")
+        else:
+            raise ConvlensError(f"unknown class {spec!r}{did_you_mean(spec, labels)}")
+    if isinstance(spec, float) and spec.is_integer():
+        spec = int(spec)
+    if not isinstance(spec, int):
+        raise ConvlensError(f"target {spec!r} is not a class index, a class name or None")
+    if not 0 <= spec < count:
+        raise ConvlensError(f"target {spec} is out of range: the model has {count} classes (0..{count - 1})")
+    return spec
+
+
+def resolve_targets(target: TargetSpec, output, labels: list[str] | None = None,
+                    select: OutputKey = None) -> tuple[ScoreFn, list[int]]:
+    """Turn what the user asked for into ``(score_fn, class_indices)`` given the model's output.
+
+    Args:
+        target: see the module docstring.
+        output: the model's whole pre-softmax output for the batch (a tensor ``(N, K)``,
+            or a tuple/list/dict of tensors).
+        labels: class names, for targets given by name.
+        select: which part of a multi-part output holds the class scores.
+
+    Returns:
+        ``score_fn(output) -> (N,)`` and the class index explained for each image
+        (``-1`` for a callable target).
+    """
+    if callable(target) and not isinstance(target, (str, torch.Tensor)):
+        return target, [-1] * _batch_size(output)
+    output = select_output(output, select).detach()
+    count = output.shape[0]
+    if isinstance(target, torch.Tensor) and target.ndim == 0:
+        target = target.item()
+    if isinstance(target, (list, tuple, torch.Tensor)):
+        specs = list(target)
+        if len(specs) != count:
+            raise ConvlensError(f"{len(specs)} targets given for {count} images; give one per image or one for all")
+    else:
+        specs = [target] * count
+    indices = [_one_index(spec, output, labels, i) for i, spec in enumerate(specs)]
+    return ClassLogits(indices, select), indices
+
+
+def _batch_size(output) -> int:
+    if isinstance(output, torch.Tensor):
+        return output.shape[0]
+    tensors = [value for _, value in output_parts(output) if isinstance(value, torch.Tensor)]
+    return tensors[0].shape[0] if tensors else 0
