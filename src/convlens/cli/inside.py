@@ -16,7 +16,7 @@ import typer
 from tqdm import tqdm
 
 from ..capture import resolve_layers
-from ..errors import ConvlensError
+from ..errors import ConvlensError, first_line
 from ..fileio import save_image, write_text
 from ..images import load_image
 from ..inside import activations as compute_activations
@@ -81,7 +81,7 @@ def _open(model: str, weights: str, arch, labels, preprocessing, device: str | N
         try:
             loaded.to(device)
         except (RuntimeError, AssertionError) as err:  # an unknown or absent device
-            raise ConvlensError(f"cannot use device {device!r}: {str(err).splitlines()[0]}") from None
+            raise ConvlensError(f"cannot use device {device!r}: {first_line(err)}") from None
     return loaded
 
 

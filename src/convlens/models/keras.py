@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ConvlensError
+from ..errors import ConvlensError, first_line
 from .model import ChannelsLastAdapter, Model
 from .transforms import KERAS_MODES, KerasTransform
 
@@ -44,8 +44,7 @@ def load_keras_file(path: Path, preprocessing: str | None = None, labels: list[s
     try:
         keras_model = keras.saving.load_model(str(path), compile=False)
     except Exception as err:  # Keras raises many types for a bad file
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConvlensError(f"cannot load Keras model {path}: {message}") from None
+        raise ConvlensError(f"cannot load Keras model {path}: {first_line(err)}") from None
     return wrap_keras(keras_model, name=path.name, preprocessing=preprocessing, labels=labels)
 
 

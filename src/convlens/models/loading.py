@@ -18,7 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
-from ..errors import ConvlensError, did_you_mean
+from ..errors import ConvlensError, did_you_mean, first_line
 from .keras import is_keras_model, load_keras_file, wrap_keras
 from .model import Model, detect_output
 from .transforms import imagenet_transform, plain_transform
@@ -157,9 +157,8 @@ def _load_named(name: str, weights, labels: list[str] | None) -> Model:
         try:
             module = torchvision.models.get_model(name, weights=default)
         except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad cache file a RuntimeError
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ConvlensError(
-                f"cannot download the default weights of {name} ({reason}); "
+                f"cannot download the default weights of {name} ({first_line(err)}); "
                 f"pass a local weights file with --weights PATH, or --weights none for random weights"
             ) from None
     else:
@@ -183,7 +182,7 @@ def _read_state_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ConvlensError(f"cannot read weights file {path}: {str(err).splitlines()[0]}") from None
+        raise ConvlensError(f"cannot read weights file {path}: {first_line(err)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -222,17 +221,17 @@ def _load_torch_file(path: Path, arch: str | None, labels: list[str] | None) -> 
                 warnings.simplefilter("ignore", FutureWarning)
                 module = torch.jit.load(str(path), map_location="cpu")
         except Exception as err:
-            raise ConvlensError(f"cannot load TorchScript file {path}: {str(err).splitlines()[0]}") from None
+            raise ConvlensError(f"cannot load TorchScript file {path}: {first_line(err)}") from None
         return from_module(module, name=path.name, labels=labels)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as safe_err:
         if "weights_only" not in str(safe_err) and "Unsupported global" not in str(safe_err):
-            raise ConvlensError(f"cannot read model file {path}: {str(safe_err).splitlines()[0]}") from None
+            raise ConvlensError(f"cannot read model file {path}: {first_line(safe_err)}") from None
         try:  # a pickled nn.Module: unpickling runs code from the file (see module docstring)
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:
-            raise ConvlensError(f"cannot read model file {path}: {str(err).splitlines()[0]}") from None
+            raise ConvlensError(f"cannot read model file {path}: {first_line(err)}") from None
     if isinstance(obj, nn.Module):
         return from_module(obj, name=path.name, labels=labels)
     if isinstance(obj, dict) and "convlens" in obj:

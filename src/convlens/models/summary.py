@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..capture import capture
-from ..errors import ConvlensError
+from ..errors import ConvlensError, first_line
 from .model import Model
 
 
@@ -85,7 +85,7 @@ def summarize(model: Model, input_size: tuple[int, int] | None = None) -> Summar
                 rec.forward(x)
     except RuntimeError as err:
         raise ConvlensError(
-            f"the model cannot run on a {size[0]}x{size[1]} input ({str(err).splitlines()[0]}); "
+            f"the model cannot run on a {size[0]}x{size[1]} input ({first_line(err)}); "
             "try another --input-size"
         ) from None
     rows = []

@@ -1,0 +1,90 @@
+"""One-line errors that say what is really wrong (each used to be one line, but misleading or an IndexError)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import convlens as cl
+from convlens.cli import main
+from convlens.errors import first_line
+from convlens.models import ARCHITECTURES, Model
+
+from conftest import TinyNet
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    """The CLI in this process through main(): (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exited:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return exited.value.code or 0, captured.out, captured.err
+
+
+def one_line_error(code: int, err: str) -> bool:
+    return code == 2 and err.startswith("convlens: error:") and err.count("\n") == 1
+
+
+@pytest.fixture
+def picture(tmp_path) -> Path:
+    path = tmp_path / "pic.png"
+    Image.new("RGB", (20, 16), (200, 30, 30)).save(path)
+    return path
+
+
+@pytest.fixture
+def scripted(tmp_path) -> Path:
+    path = tmp_path / "tiny.ts"
+    torch.jit.save(torch.jit.script(TinyNet().eval()), path)
+    return path
+
+
+# -- an exception without a message: no IndexError -----------------------------
+
+def test_first_line():
+    assert first_line(RuntimeError()) == "RuntimeError"
+    assert first_line(ValueError("\n  \nsecond line\nthird")) == "second line"
+    assert first_line(OSError("only")) == "only"
+
+
+class _Silent(nn.Module):
+    def forward(self, x):
+        raise RuntimeError()
+
+
+def _raise_empty(*args, **kwargs):
+    raise RuntimeError()
+
+
+@pytest.mark.parametrize("site", ["state dict", "model file", "TorchScript", "forward"])
+def test_an_empty_library_message_becomes_its_type_name(tmp_path, monkeypatch, scripted, site):
+    monkeypatch.setitem(ARCHITECTURES, "tinynet", TinyNet)
+    path = tmp_path / "weights.pt"
+    torch.save(TinyNet().state_dict(), path)
+    if site == "state dict":
+        monkeypatch.setattr(torch, "load", _raise_empty)
+        call, expected = lambda: cl.load_model("tinynet", weights=path), f"cannot read weights file {path}: "
+    elif site == "model file":
+        monkeypatch.setattr(torch, "load", _raise_empty)
+        call, expected = lambda: cl.load_model(path), f"cannot read model file {path}: "
+    elif site == "TorchScript":
+        monkeypatch.setattr(torch.jit, "load", _raise_empty)
+        call, expected = lambda: cl.load_model(scripted), f"cannot load TorchScript file {scripted}: "
+    else:
+        call, expected = lambda: cl.summarize(cl.load_model(_Silent())), "cannot run on a 224x224 input ("
+    with pytest.raises(cl.ConvlensError) as raised:
+        call()
+    assert expected + "RuntimeError" in str(raised.value)  # was an IndexError from an empty message
+
+
+def test_cli_device_error_without_a_message(capsys, monkeypatch, picture, tmp_path):
+    monkeypatch.setattr(Model, "to", _raise_empty)
+    code, _, err = run(capsys, "activations", "shapes", picture, "--device", "cpu", "--out", tmp_path / "acts")
+    assert one_line_error(code, err), err
+    assert "cannot use device 'cpu': RuntimeError" in err
