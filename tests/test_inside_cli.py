@@ -32,9 +32,12 @@ def picture(tmp_path_factory):
 
 
 def invoke(capsys, *args) -> tuple[int, str]:
-    """Run the CLI in-process through main() (one-line errors, exit codes); return (code, stderr)."""
+    """Run the CLI in-process through main() (one-line errors, exit codes); return (code, stderr).
+
+    The model file is a pickled module, so every command gets --trust-code.
+    """
     with pytest.raises(SystemExit) as exited:
-        main([str(a) for a in args])
+        main([str(a) for a in args] + ["--trust-code"])
     return exited.value.code or 0, capsys.readouterr().err
 
 

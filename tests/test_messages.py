@@ -62,7 +62,13 @@ def _raise_empty(*args, **kwargs):
     raise RuntimeError()
 
 
-@pytest.mark.parametrize("site", ["state dict", "model file", "TorchScript", "forward"])
+def _weights_only_refuses(*args, weights_only=None, **kwargs):
+    if weights_only:
+        raise pickle.UnpicklingError("Weights only load failed; `weights_only` set to False may succeed")
+    raise RuntimeError()
+
+
+@pytest.mark.parametrize("site", ["state dict", "model file", "trusted model file", "TorchScript", "forward"])
 def test_an_empty_library_message_becomes_its_type_name(tmp_path, monkeypatch, scripted, site):
     monkeypatch.setitem(ARCHITECTURES, "tinynet", TinyNet)
     path = tmp_path / "weights.pt"
@@ -73,6 +79,9 @@ def test_an_empty_library_message_becomes_its_type_name(tmp_path, monkeypatch, s
     elif site == "model file":
         monkeypatch.setattr(torch, "load", _raise_empty)
         call, expected = lambda: cl.load_model(path), f"cannot read model file {path}: "
+    elif site == "trusted model file":
+        monkeypatch.setattr(torch, "load", _weights_only_refuses)
+        call, expected = lambda: cl.load_model(path, trust_code=True), f"cannot read model file {path}: "
     elif site == "TorchScript":
         monkeypatch.setattr(torch.jit, "load", _raise_empty)
         call, expected = lambda: cl.load_model(scripted), f"cannot load TorchScript file {scripted}: "

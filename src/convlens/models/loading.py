@@ -1,14 +1,18 @@
 """`load_model`: one call for torchvision names, PyTorch files, Keras files and in-memory models.
 
-Security: loading a *pickled module* (a ``torch.save(model)`` file) runs code
-from that file. State dicts and TorchScript files are loaded without pickle
-code execution; a pickled module is only unpickled when the file is not a
-plain state dict, so only load such files from sources you trust.
+Security: a *pickled module* (a ``torch.save(model)`` file) is a pickled Python
+object, and unpickling it runs whatever code the file names. So it is refused
+unless the caller opts in with ``trust_code=True`` (CLI: ``--trust-code``).
+Everything else is read without running code from the file: state dicts and
+convlens checkpoints through ``torch.load(weights_only=True)``, TorchScript
+files through ``torch.jit.load``. Only opt in for files from sources you trust;
+better, save ``model.state_dict()`` and load it with ``arch``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -63,15 +67,17 @@ def load_model(
     labels: list[str] | str | os.PathLike | None = None,
     preprocessing: str | None = None,
     device: str | torch.device | None = None,
+    trust_code: bool = False,
 ) -> Model:
     """Load a CNN from a torchvision name, a file, or a model object.
 
     Args:
         source: a torchvision architecture name (``"resnet50"``); ``"shapes"``,
             the demo classifier shipped with convlens; a path to a
-            TorchScript file, a pickled module, a state dict (with ``arch``), a
-            convlens checkpoint, or a Keras ``.keras``/``.h5`` file; or an
-            ``nn.Module``/Keras model already in memory.
+            TorchScript file, a state dict (with ``arch``), a convlens
+            checkpoint, a pickled module (only with ``trust_code``), or a
+            Keras ``.keras``/``.h5`` file; or an ``nn.Module``/Keras model
+            already in memory.
         weights: for a torchvision name: ``"default"`` (torchvision's weights
             API, downloaded once), ``"none"`` (random init) or a path to a state
             dict. For a bare ``arch`` this is the state dict to load.
@@ -79,6 +85,10 @@ def load_model(
         labels: class names, or a text file with one per line.
         preprocessing: Keras only: ``rescale`` (default), ``raw``, ``tf``, ``torch``, ``caffe``.
         device: where to put the model (default: where it is, CPU for files).
+        trust_code: allow a pickled module (``torch.save(model)``), whose loading
+            runs code from the file. Off by default: such a file is refused with
+            a :class:`ConvlensError`. State dicts, convlens checkpoints and
+            TorchScript files never need it.
 
     Example:
         >>> model = load_model("resnet18", weights="none")
@@ -99,7 +109,7 @@ def load_model(
                 raise ConvlensError(f"model file not found: {path}")
             model = load_keras_file(path, preprocessing, names)
         elif path.is_file():
-            model = _load_torch_file(path, arch, names)
+            model = _load_torch_file(path, arch, names, trust_code)
         elif str(source) in BUNDLED_MODELS:
             from ..assets import demo_model_path
 
@@ -214,7 +224,18 @@ def _is_torchscript(path: Path) -> bool:
         return any("/code/" in name or name.endswith("constants.pkl") for name in archive.namelist())
 
 
-def _load_torch_file(path: Path, arch: str | None, labels: list[str] | None) -> Model:
+def _refuse_pickle(path: Path, err: Exception) -> ConvlensError:
+    """The one-line refusal of a file that only a full (code-running) unpickler can read."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))  # what the file asks to import, when torch says
+    needs = f", which imports {found.group(1)}" if found else ""
+    return ConvlensError(
+        f"{path} is a pickled Python object (such as a full module saved with torch.save(model)){needs}, and "
+        "loading it runs code from the file; if you trust its source pass trust_code=True (CLI: --trust-code), "
+        "or save model.state_dict() instead and load that with arch/--arch"
+    )
+
+
+def _load_torch_file(path: Path, arch: str | None, labels: list[str] | None, trust_code: bool = False) -> Model:
     if _is_torchscript(path):
         try:
             with warnings.catch_warnings():  # torch.jit is deprecated, but users still have such files
@@ -228,7 +249,11 @@ def _load_torch_file(path: Path, arch: str | None, labels: list[str] | None) -> 
     except Exception as safe_err:
         if "weights_only" not in str(safe_err) and "Unsupported global" not in str(safe_err):
             raise ConvlensError(f"cannot read model file {path}: {first_line(safe_err)}") from None
-        try:  # a pickled nn.Module: unpickling runs code from the file (see module docstring)
+        # The safe unpickler refused something: only a full unpickler can read this file, and a
+        # full unpickler calls whatever the file names, so that is the caller's decision, not ours.
+        if not trust_code:
+            raise _refuse_pickle(path, safe_err) from None
+        try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:
             raise ConvlensError(f"cannot read model file {path}: {first_line(err)}") from None
