@@ -45,6 +45,23 @@ def scripted(tmp_path) -> Path:
     return path
 
 
+# -- a missing file is not an "unknown model" ----------------------------------
+
+@pytest.mark.parametrize("source", ["model.pt", "weights.pth", "run/last.ckpt", "exports/net"])
+def test_missing_model_file_is_not_found(capsys, tmp_path, source):
+    path = tmp_path / source
+    code, _, err = run(capsys, "layers", path)
+    assert one_line_error(code, err), err
+    assert f"model file not found: {path}" in err
+    with pytest.raises(cl.ConvlensError, match="model file not found"):
+        cl.load_model(source)  # relative, as typed: the suffix or separator makes it a path
+
+
+def test_a_mistyped_name_is_still_an_unknown_model():
+    with pytest.raises(cl.ConvlensError, match="unknown model 'resnett18'; did you mean 'resnet18'"):
+        cl.load_model("resnett18")
+
+
 # -- an exception without a message: no IndexError -----------------------------
 
 def test_first_line():

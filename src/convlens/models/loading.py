@@ -28,6 +28,8 @@ from .model import Model, detect_output
 from .transforms import imagenet_transform, plain_transform
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+#: Suffixes of model files: a source ending in one of these is a path, never a model name.
+MODEL_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".ts", ".jit", ".tar", *KERAS_SUFFIXES)
 #: Models shipped inside convlens (``convlens.assets``), loadable by these names.
 BUNDLED_MODELS = ("shapes",)
 
@@ -117,6 +119,10 @@ def load_model(
             model.name = str(source)
         elif str(source) in torchvision_names() or str(source) in ARCHITECTURES:
             model = _load_named(str(source), weights, names)
+        elif _looks_like_path(source):  # a typo in a path should not read as an unknown model name
+            if path.is_dir():
+                raise ConvlensError(f"{path} is a folder; pass a model file inside it")
+            raise ConvlensError(f"model file not found: {path}")
         else:
             raise ConvlensError(
                 f"unknown model {str(source)!r}{did_you_mean(str(source), [*BUNDLED_MODELS, *torchvision_names(), *ARCHITECTURES])}"
@@ -125,6 +131,13 @@ def load_model(
     if device is not None:
         model.to(device)
     return model
+
+
+def _looks_like_path(source) -> bool:
+    """Whether ``source`` names a file rather than a model: a path object, a separator, or a model-file suffix."""
+    text = str(source)
+    return (isinstance(source, os.PathLike) or any(sep in text for sep in ("/", "\\", os.sep))
+            or Path(text).suffix.lower() in MODEL_SUFFIXES)
 
 
 def as_model(model) -> Model:
