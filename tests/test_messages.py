@@ -45,6 +45,17 @@ def scripted(tmp_path) -> Path:
     return path
 
 
+# -- a corrupt Keras file is not "File not found" ------------------------------
+
+@pytest.mark.parametrize("name", ["model.keras", "model.h5"])
+def test_corrupt_keras_file_cannot_be_read_as_keras(capsys, tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"PK\x03\x04 this is not really an archive" * 4)
+    code, _, err = run(capsys, "layers", path)
+    assert one_line_error(code, err), err
+    assert "cannot be read as a Keras file" in err and "not found" not in err.lower()
+
+
 # -- a missing file is not an "unknown model" ----------------------------------
 
 @pytest.mark.parametrize("source", ["model.pt", "weights.pth", "run/last.ckpt", "exports/net"])
