@@ -45,6 +45,24 @@ def scripted(tmp_path) -> Path:
     return path
 
 
+# -- TorchScript cannot be explained -------------------------------------------
+
+def test_explain_on_torchscript_says_it_cannot_be_hooked(capsys, tmp_path, scripted, picture):
+    out = tmp_path / "maps"
+    code, _, err = run(capsys, "explain", scripted, picture, "--out", out)
+    assert one_line_error(code, err), err
+    assert "TorchScript model cannot be hooked" in err and "--arch" in err and "spatial" not in err
+    assert not out.exists()
+    with pytest.raises(cl.ConvlensError, match="TorchScript model cannot be hooked"):
+        cl.explain(cl.load_model(scripted), [Image.open(picture)], method="gradcam")
+
+
+def test_predict_on_torchscript_still_works(capsys, scripted, picture):
+    code, out, err = run(capsys, "predict", scripted, picture, "--json")
+    assert code == 0, err
+    assert '"probability"' in out
+
+
 # -- a corrupt Keras file is not "File not found" ------------------------------
 
 @pytest.mark.parametrize("name", ["model.keras", "model.h5"])

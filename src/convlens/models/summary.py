@@ -17,6 +17,9 @@ from ..capture import capture
 from ..errors import ConvlensError, first_line
 from .model import Model
 
+TORCHSCRIPT_LAYERS = ("a TorchScript model cannot be hooked, so convlens cannot see its layers (it can still "
+                      "predict); pass the eager nn.Module instead, or its state dict with --arch")
+
 
 @dataclass
 class LayerRow:
@@ -35,6 +38,7 @@ class Summary:
     trainable_params: int
     input_size: tuple[int, int]
     forward_order: list[str]  # layers in the order their outputs were finished
+    scripted: bool = False  # TorchScript: no hooks, so no output shapes and no layer to explain
 
     @property
     def spatial_layers(self) -> list[str]:
@@ -47,6 +51,8 @@ class Summary:
         """The last spatial layer, skipping adaptive pooling (VGG's 7x7 ``avgpool`` only resamples)."""
         types = {r.name: r.type for r in self.rows}
         candidates = [n for n in self.spatial_layers if not types[n].startswith("Adaptive")]
+        if self.scripted:
+            raise ConvlensError(TORCHSCRIPT_LAYERS)
         if not candidates:
             raise ConvlensError("this model has no layer with a spatial output; CAM methods need one")
         return candidates[-1]
@@ -105,7 +111,7 @@ def summarize(model: Model, input_size: tuple[int, int] | None = None) -> Summar
     else:
         total = sum(p.numel() for p in params)
         trainable = sum(p.numel() for p in params if p.requires_grad)
-    return Summary(rows, total, trainable, size, order)
+    return Summary(rows, total, trainable, size, order, scripted)
 
 
 def auto_layer(model: Model) -> str:
