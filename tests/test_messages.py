@@ -91,6 +91,23 @@ def test_a_mistyped_name_is_still_an_unknown_model():
         cl.load_model("resnett18")
 
 
+# -- a symbolic link loop is not "image not found" -----------------------------
+
+def test_symlink_loop_image_says_so(capsys, tmp_path):
+    loop = tmp_path / "loop.png"
+    os.symlink(tmp_path / "other.png", loop)
+    os.symlink(loop, tmp_path / "other.png")
+    code, _, err = run(capsys, "predict", "shapes", loop)
+    assert one_line_error(code, err), err
+    assert "symbolic link loop" in err and "not found" not in err
+    dangling = tmp_path / "dangling.png"
+    os.symlink(tmp_path / "gone.png", dangling)
+    with pytest.raises(cl.ConvlensError, match="broken symbolic link"):
+        cl.load_image(dangling)
+    with pytest.raises(cl.ConvlensError, match="image not found"):
+        cl.load_image(tmp_path / "absent.png")
+
+
 # -- an exception without a message: no IndexError -----------------------------
 
 def test_first_line():
