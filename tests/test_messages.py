@@ -108,6 +108,24 @@ def test_symlink_loop_image_says_so(capsys, tmp_path):
         cl.load_image(tmp_path / "absent.png")
 
 
+# -- DeepDream on a tiny image says how large it must be -----------------------
+
+def test_deepdream_on_a_tiny_image_gives_the_size_it_needs(capsys, tmp_path):
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (2, 2), (90, 120, 200)).save(tiny)
+    out = tmp_path / "dream.png"
+    code, _, err = run(capsys, "deepdream", "shapes", tiny, "--layers", "features.conv4", "--steps", 1, "--out", out)
+    assert one_line_error(code, err), err
+    assert "too small for DeepDream" in err and "0x0" not in err
+    assert "need at least 9x9" in err and "at least 24x24 pixels" in err
+    assert not out.exists()
+    # The size it names is the real minimum: one pixel less fails, that size works.
+    model = cl.load_model("shapes")
+    with pytest.raises(cl.ConvlensError, match="at least 24x24 pixels"):
+        cl.deepdream(model, Image.new("RGB", (23, 23)), ["features.conv4"], steps=0)
+    assert cl.deepdream(model, Image.new("RGB", (24, 24)), ["features.conv4"], steps=0).size == (24, 24)
+
+
 # -- an exception without a message: no IndexError -----------------------------
 
 def test_first_line():
