@@ -31,7 +31,7 @@ def run(*args):
 def tiny_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("m") / "tiny.pt"
     torch.manual_seed(0)
-    torch.save(TinyNet(), path)  # a pickled module: run() puts tests/ on the path to unpickle it
+    torch.save(TinyNet(), path)  # a pickled module (needs --trust-code): run() puts tests/ on the path to unpickle it
     return path
 
 
@@ -49,7 +49,7 @@ def test_every_command_has_help_with_an_example(command):
 
 
 def test_predict_json(tiny_file, picture):
-    code, out, err = run("predict", str(tiny_file), str(picture), "--json", "--top", "2",
+    code, out, err = run("predict", str(tiny_file), str(picture), "--trust-code", "--json", "--top", "2",
                          "--labels", str(_labels(picture.parent)))
     assert code == 0, err
     payload = json.loads(out)
@@ -65,7 +65,7 @@ def _labels(folder):
 
 
 def test_layers_table(tiny_file):
-    code, out, err = run("layers", str(tiny_file), "--input-size", "32")
+    code, out, err = run("layers", str(tiny_file), "--trust-code", "--input-size", "32")
     assert code == 0, err
     assert "conv2" in out and "(N, 8, 32, 32)" in out and "auto" in out
     assert "Total params: 443" in out
@@ -74,8 +74,8 @@ def test_layers_table(tiny_file):
 @pytest.mark.parametrize("args,match", [
     (["predict", "resnet18", "missing.png"], "image not found"),
     (["predict", "resnett18", "{picture}"], "did you mean 'resnet18'"),
-    (["predict", "{tiny}", "{garbage}"], "cannot read image"),
-    (["layers", "{tiny}", "--input-size", "abc"], "--input-size"),
+    (["predict", "{tiny}", "{garbage}", "--trust-code"], "cannot read image"),
+    (["layers", "{tiny}", "--trust-code", "--input-size", "abc"], "--input-size"),
     (["predict", "resnet18", "{picture}", "--weights", "{garbage}"], "cannot read weights"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_file, picture, args, match):

@@ -50,7 +50,7 @@ def test_seed_reproduces(photo):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(layers=["9"]), "unknown layer"),
     (dict(layers=[]), "no layers given"),
-    (dict(layers=["4"], octaves=6, octave_scale=2.0), "cannot run on a"),
+    (dict(layers=["4"], octaves=6, octave_scale=2.0), "too small for DeepDream"),
     (dict(layers=["1"], octave_scale=1.0), "octave scale > 1"),
 ])
 def test_bad_input_is_one_clear_error(photo, kwargs, message):

@@ -188,9 +188,14 @@ def run(monkeypatch, capsys):
 
 @pytest.fixture
 def model_file(tmp_path):
+    """A tiny convlens checkpoint (what the script expects; a pickled module would need --trust-code)."""
+    from convlens.train.nets import ShapesNet
+
     path = tmp_path / "tiny.pt"
     torch.manual_seed(0)
-    torch.save(TinyNet(), path)
+    net = ShapesNet(num_classes=3, widths=(4, 8))
+    torch.save({"convlens": "test", "arch": "shapesnet", "arch_kwargs": {"num_classes": 3, "widths": [4, 8]},
+                "state_dict": net.state_dict(), "input_size": [16, 16]}, path)
     return path
 
 

@@ -15,9 +15,12 @@ from conftest import TinyNet
 
 
 def run(capsys, *args):
-    """Run the CLI in this process (fast); return (exit code, stdout, stderr)."""
+    """Run the CLI in this process (fast); return (exit code, stdout, stderr).
+
+    The model files are pickled modules, so every command gets --trust-code.
+    """
     with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
+        main([str(a) for a in args] + ["--trust-code"])
     captured = capsys.readouterr()
     return exit_info.value.code or 0, captured.out, captured.err
 
@@ -52,7 +55,7 @@ def test_writes_overlays_raw_maps_and_a_figure_per_image(capsys, tmp_path, files
     expected = {f"{stem}_{m}.{ext}" for stem in ("red", "noise") for m in ("gradcam", "gradcampp", "saliency")
                 for ext in ("png", "npy")} | {"red_explain.png", "noise_explain.png"}
     assert {p.name for p in out.iterdir()} == expected
-    model = cl.load_model(files["tiny"])
+    model = cl.load_model(files["tiny"], trust_code=True)
     for path in files["pictures"]:
         original = Image.open(path)
         for method, slug in (("gradcam", "gradcam"), ("gradcam++", "gradcampp"), ("saliency", "saliency")):
@@ -70,7 +73,7 @@ def test_one_target_per_image(capsys, tmp_path, files):
     out = tmp_path / "maps"
     code, _, err = run(capsys, "explain", files["tiny"], *files["pictures"], "--target", "2,0", "--out", out)
     assert code == 0, err
-    model = cl.load_model(files["tiny"])
+    model = cl.load_model(files["tiny"], trust_code=True)
     api = cl.explain(model, [Image.open(files["pictures"][1])], method="gradcam", target=0)
     np.testing.assert_allclose(np.load(out / "noise_gradcam.npy"), api.raw[0].numpy(), rtol=1e-5, atol=1e-6)
 

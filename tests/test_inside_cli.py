@@ -32,9 +32,12 @@ def picture(tmp_path_factory):
 
 
 def invoke(capsys, *args) -> tuple[int, str]:
-    """Run the CLI in-process through main() (one-line errors, exit codes); return (code, stderr)."""
+    """Run the CLI in-process through main() (one-line errors, exit codes); return (code, stderr).
+
+    The model file is a pickled module, so every command gets --trust-code.
+    """
     with pytest.raises(SystemExit) as exited:
-        main([str(a) for a in args])
+        main([str(a) for a in args] + ["--trust-code"])
     return exited.value.code or 0, capsys.readouterr().err
 
 
@@ -82,7 +85,7 @@ def test_class_model_and_deepdream(capsys, model_file, picture, tmp_path):
     (["filters", "{model}", "--layers", "3", "--size", "1"], "at least 8 pixels"),
     (["class-model", "{model}", "--classes", "7", "--size", "16"], "class index 7 is out of range"),
     (["deepdream", "{model}", "{picture}", "--layers", "3", "--octaves", "7", "--octave-scale", "2"],
-     "cannot run on a"),
+     "too small for DeepDream"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(capsys, model_file, picture, tmp_path, args, message):
     out = tmp_path / "out"

@@ -82,7 +82,7 @@ def test_torchscript_and_pickled_module(tmp_path, tiny, image_batch):
     torch.jit.save(torch.jit.script(tiny), tmp_path / "tiny.ts")
     torch.save(tiny, tmp_path / "tiny.pt")
     for name in ("tiny.ts", "tiny.pt"):
-        model = cl.load_model(tmp_path / name)
+        model = cl.load_model(tmp_path / name, trust_code=name == "tiny.pt")  # the pickled module needs the opt-in
         with torch.no_grad():
             torch.testing.assert_close(model(image_batch), expected)
 

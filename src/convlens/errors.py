@@ -24,3 +24,16 @@ def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> str:
     if not close:
         return ""
     return "; did you mean " + ", ".join(repr(c) for c in close) + "?"
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of ``err``'s message, or its type name when the message is empty.
+
+    Library errors often carry a multi-line message (a traceback of a scripted
+    model, a list of missing keys); a one-line user error quotes only its first
+    line. Some are raised with no message at all, hence the type name.
+    """
+    for line in str(err).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(err).__name__

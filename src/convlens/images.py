@@ -6,6 +6,7 @@ white), palette, CMYK and 16-bit images are converted, never rejected.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -55,6 +56,22 @@ def _rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _missing_image(path: Path) -> str:
+    """Why ``path`` (for which ``exists()`` is False) does not lead to a file, in one line.
+
+    ``Path.exists`` also says False for a symbolic link loop and a dangling link;
+    calling those "not found" sends the user looking for a file that is there.
+    """
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return f"image path {path} is a symbolic link loop and cannot be resolved; point it at the image file"
+        if path.is_symlink():
+            return f"image {path} is a broken symbolic link (to {os.readlink(path)}); point it at the image file"
+    return f"image not found: {path}"
+
+
 def load_image(image: ImageLike) -> Image.Image:
     """Return ``image`` as an RGB PIL image; a bad file raises :class:`ConvlensError`."""
     if isinstance(image, Image.Image):
@@ -65,7 +82,7 @@ def load_image(image: ImageLike) -> Image.Image:
         return _from_array(image)
     path = Path(image)
     if not path.exists():
-        raise ConvlensError(f"image not found: {path}")
+        raise ConvlensError(_missing_image(path))
     if path.is_dir():
         raise ConvlensError(f"{path} is a folder; pass image files")
     try:

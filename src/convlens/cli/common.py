@@ -21,6 +21,9 @@ LabelsOpt = Annotated[Optional[Path], typer.Option(
     "--labels", help="Text file with one class name per line.")]
 PreprocessingOpt = Annotated[Optional[str], typer.Option(
     "--preprocessing", help="Keras models: rescale (x/255, default), raw, tf, torch or caffe.")]
+TrustCodeOpt = Annotated[bool, typer.Option(
+    "--trust-code", help="Allow a pickled module (torch.save(model)): loading it runs code from the file, "
+                         "so only for files you trust. State dicts, checkpoints and TorchScript never need it.")]
 
 
 def comma_list(text: str | None) -> list[str]:
@@ -29,5 +32,7 @@ def comma_list(text: str | None) -> list[str]:
 
 
 def open_model(model: str, weights: str = "default", arch: str | None = None, labels: Path | None = None,
-               preprocessing: str | None = None) -> Model:
-    return load_model(model, weights=weights, arch=arch, labels=labels, preprocessing=preprocessing)
+               preprocessing: str | None = None, trust_code: bool = False) -> Model:
+    """:func:`convlens.load_model` with the CLI's options; ``trust_code`` is ``--trust-code``."""
+    return load_model(model, weights=weights, arch=arch, labels=labels, preprocessing=preprocessing,
+                      trust_code=trust_code)

@@ -9,7 +9,7 @@ import typer
 
 from ..errors import ConvlensError
 from . import app
-from .common import ArchOpt, LabelsOpt, ModelArg, PreprocessingOpt, WeightsOpt, comma_list, open_model
+from .common import ArchOpt, LabelsOpt, ModelArg, PreprocessingOpt, TrustCodeOpt, WeightsOpt, comma_list, open_model
 
 
 def _names(text: str, option: str) -> list[str]:
@@ -36,6 +36,7 @@ def evaluate(
     arch: ArchOpt = None,
     labels: LabelsOpt = None,
     preprocessing: PreprocessingOpt = None,
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """Run every method on every image and write a CSV table, a Markdown/HTML summary and curve plots.
 
@@ -46,7 +47,7 @@ def evaluate(
     from ..metrics.runner import evaluate as run_evaluation
 
     method_names, metric_names = _names(methods, "--methods"), _names(metrics, "--metrics")
-    loaded = open_model(model, weights, arch, labels, preprocessing)
+    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code)
     bars: list[tqdm] = []  # opened at the first report, so input errors print on one line
 
     def progress(done: int, total: int) -> None:

@@ -16,7 +16,7 @@ import typer
 from tqdm import tqdm
 
 from ..capture import resolve_layers
-from ..errors import ConvlensError
+from ..errors import ConvlensError, first_line
 from ..fileio import save_image, write_text
 from ..images import load_image
 from ..inside import activations as compute_activations
@@ -26,7 +26,7 @@ from ..inside import filter_patterns
 from ..inside.optimize import check_settings
 from ..render.grid import activation_grid, channel_image, filter_grid
 from . import app
-from .common import ArchOpt, LabelsOpt, ModelArg, PreprocessingOpt, WeightsOpt, comma_list, open_model
+from .common import ArchOpt, LabelsOpt, ModelArg, PreprocessingOpt, TrustCodeOpt, WeightsOpt, comma_list, open_model
 
 ImageArg = Annotated[Path, typer.Argument(help="An image file (PNG, JPEG, ...).", show_default=False)]
 OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder to write into (created if missing).")]
@@ -73,15 +73,15 @@ def _grid(text: str) -> tuple[int, int]:
     return rows, cols
 
 
-def _open(model: str, weights: str, arch, labels, preprocessing, device: str | None):
+def _open(model: str, weights: str, arch, labels, preprocessing, device: str | None, trust_code: bool = False):
     """Open the model on ``device`` (default: the GPU when there is one)."""
-    loaded = open_model(model, weights, arch, labels, preprocessing)
+    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code)
     device = device or ("cuda" if torch.cuda.is_available() else None)
     if device is not None:
         try:
             loaded.to(device)
         except (RuntimeError, AssertionError) as err:  # an unknown or absent device
-            raise ConvlensError(f"cannot use device {device!r}: {str(err).splitlines()[0]}") from None
+            raise ConvlensError(f"cannot use device {device!r}: {first_line(err)}") from None
     return loaded
 
 
@@ -114,13 +114,14 @@ def activations(
     arch: ArchOpt = None,
     preprocessing: PreprocessingOpt = None,
     device: DeviceOpt = None,
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """Write one PNG per layer with every channel of its activation on IMAGE, tiled in a grid.
 
     Example: convlens activations resnet18 cat.jpg --layers layer1,layer2 --out acts/
     """
     picture = load_image(image)
-    loaded = _open(model, weights, arch, None, preprocessing, device)
+    loaded = _open(model, weights, arch, None, preprocessing, device, trust_code)
     maps = compute_activations(loaded, picture, _split(layers))
     rendered = {}
     for name, value in maps.items():
@@ -158,6 +159,7 @@ def filters(
     arch: ArchOpt = None,
     preprocessing: PreprocessingOpt = None,
     device: DeviceOpt = None,
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """Render each layer's filter patterns as one grid (LAYER.png) plus their activations (LAYER.json).
 
@@ -167,7 +169,7 @@ def filters(
     chosen = _integers(filter_indices, "--filters")  # None: the grid's first rows*cols filters
     regularizers = {"tv": tv, "lp": lp, "blur": blur}
     check_settings(optimizer, param, transforms, regularizers, steps, size)
-    loaded = _open(model, weights, arch, None, preprocessing, device)
+    loaded = _open(model, weights, arch, None, preprocessing, device, trust_code)
     names = list(resolve_layers(loaded, _split(layers)))
     written = {}
     for name in names:
@@ -214,6 +216,7 @@ def class_model_command(
     labels: LabelsOpt = None,
     preprocessing: PreprocessingOpt = None,
     device: DeviceOpt = None,
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """Render the image each class's logit likes best (class_model.png and class_model.json).
 
@@ -222,7 +225,7 @@ def class_model_command(
     indices = _integers(classes, "--classes")
     regularizers = {"tv": tv, "lp": lp, "blur": blur}
     check_settings(optimizer, param, transforms, regularizers, steps, size)
-    loaded = _open(model, weights, arch, labels, preprocessing, device)
+    loaded = _open(model, weights, arch, labels, preprocessing, device, trust_code)
     with _progress(steps, "class model") as progress:
         result = compute_class_model(loaded, indices, size=size, steps=steps, seed=seed, param=param,
                                      optimizer=optimizer, lr=lr, transforms=transforms, regularizers=regularizers,
@@ -253,13 +256,14 @@ def deepdream(
     arch: ArchOpt = None,
     preprocessing: PreprocessingOpt = None,
     device: DeviceOpt = None,
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """Amplify what LAYERS see in IMAGE (DeepDream with octaves and detail re-injection).
 
     Example: convlens deepdream resnet18 cat.jpg --layers layer2,layer3 --octaves 4 --out dream.png
     """
     picture = load_image(image)
-    loaded = _open(model, weights, arch, None, preprocessing, device)
+    loaded = _open(model, weights, arch, None, preprocessing, device, trust_code)
     with _progress(octaves * steps, "deepdream") as progress:
         dream = compute_deepdream(loaded, picture, _split(layers), octaves=octaves, octave_scale=octave_scale,
                                   steps=steps, lr=lr, seed=seed, progress=progress)

@@ -12,7 +12,7 @@ from rich.table import Table
 from ..images import load_images
 from ..models import summarize
 from . import app
-from .common import ArchOpt, ImagesArg, LabelsOpt, ModelArg, PreprocessingOpt, WeightsOpt, open_model
+from .common import ArchOpt, ImagesArg, LabelsOpt, ModelArg, PreprocessingOpt, TrustCodeOpt, WeightsOpt, open_model
 
 
 def _parse_size(text: str | None) -> tuple[int, int] | None:
@@ -37,12 +37,13 @@ def layers(
     weights: WeightsOpt = "none",
     arch: ArchOpt = None,
     preprocessing: PreprocessingOpt = None,
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """Print every layer: name, type, output shape, parameters; '*' marks explanation targets.
 
     Example: convlens layers resnet18 --input-size 160
     """
-    loaded = open_model(model, weights, arch, None, preprocessing)
+    loaded = open_model(model, weights, arch, None, preprocessing, trust_code)
     summary = summarize(loaded, _parse_size(input_size))
     table = Table(title=f"{loaded.name}  (input {summary.input_size[0]}x{summary.input_size[1]})")
     for column, justify in (("layer", "left"), ("type", "left"), ("output shape", "left"),
@@ -70,13 +71,14 @@ def predict(
     arch: ArchOpt = None,
     labels: LabelsOpt = None,
     preprocessing: PreprocessingOpt = None,
+    trust_code: TrustCodeOpt = False,
 ) -> None:
     """Print the top classes and their probabilities for each image.
 
     Example: convlens predict resnet50 cat.jpg dog.png --top 3 --json
     """
     pictures = load_images(images)  # reads (and checks) every image before the model loads
-    loaded = open_model(model, weights, arch, labels, preprocessing)
+    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code)
     results = loaded.predict(pictures, top_k=top)
     if as_json:
         payload = [{"image": str(path), "predictions": [p.__dict__ for p in preds]}

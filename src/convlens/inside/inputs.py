@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
-from ..errors import ConvlensError
+from ..errors import ConvlensError, first_line
 from ..models import Model
 
 _PROBES = ((0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255))
@@ -56,6 +56,6 @@ def input_normalizer(model: Model) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def run_failure(err: RuntimeError, size: tuple[int, int]) -> ConvlensError:
     """A one-line user error for a forward pass that failed at ``size`` (usually: input too small)."""
-    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    first = first_line(err)
     return ConvlensError(f"the model cannot run on a {size[0]}x{size[1]} image ({first}); "
                          "use a larger image size or an earlier layer")

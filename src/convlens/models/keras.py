@@ -9,12 +9,13 @@ permutes recorded 4-D outputs, so every method sees channels-first tensors.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import ConvlensError
+from ..errors import ConvlensError, first_line
 from .model import ChannelsLastAdapter, Model
 from .transforms import KERAS_MODES, KerasTransform
 
@@ -39,13 +40,36 @@ def is_keras_model(obj) -> bool:
     return keras is not None and isinstance(obj, keras.Model)
 
 
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _is_hdf5(path: Path) -> bool:
+    """HDF5's signature sits at byte 0, or after a user block at 512, 1024, 2048, ... bytes."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        offset = 0
+        while offset + len(_HDF5_SIGNATURE) <= size:
+            handle.seek(offset)
+            if handle.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE:
+                return True
+            offset = 512 if offset == 0 else offset * 2
+    return False
+
+
 def load_keras_file(path: Path, preprocessing: str | None = None, labels: list[str] | None = None) -> Model:
+    """Load a ``.keras`` (zip) or ``.h5``/``.hdf5`` (HDF5) model file and wrap it."""
+    # Keras calls a .keras file that is not a zip archive "File not found", which sends the
+    # user looking for a path problem; check the container ourselves and say what is wrong.
+    is_zip_format = path.suffix.lower() == ".keras"
+    if not (zipfile.is_zipfile(path) if is_zip_format else _is_hdf5(path)):
+        expected = "a zip archive" if is_zip_format else "an HDF5 file"
+        raise ConvlensError(f"{path} cannot be read as a Keras file: it is not {expected} (corrupt, truncated, "
+                            "or not a .keras/.h5 model); save the model again with model.save()")
     keras = import_keras()
     try:
         keras_model = keras.saving.load_model(str(path), compile=False)
     except Exception as err:  # Keras raises many types for a bad file
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConvlensError(f"cannot load Keras model {path}: {message}") from None
+        raise ConvlensError(f"cannot load Keras model {path}: {first_line(err)}") from None
     return wrap_keras(keras_model, name=path.name, preprocessing=preprocessing, labels=labels)
 
 

@@ -1,14 +1,18 @@
 """`load_model`: one call for torchvision names, PyTorch files, Keras files and in-memory models.
 
-Security: loading a *pickled module* (a ``torch.save(model)`` file) runs code
-from that file. State dicts and TorchScript files are loaded without pickle
-code execution; a pickled module is only unpickled when the file is not a
-plain state dict, so only load such files from sources you trust.
+Security: a *pickled module* (a ``torch.save(model)`` file) is a pickled Python
+object, and unpickling it runs whatever code the file names. So it is refused
+unless the caller opts in with ``trust_code=True`` (CLI: ``--trust-code``).
+Everything else is read without running code from the file: state dicts and
+convlens checkpoints through ``torch.load(weights_only=True)``, TorchScript
+files through ``torch.jit.load``. Only opt in for files from sources you trust;
+better, save ``model.state_dict()`` and load it with ``arch``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
@@ -18,12 +22,14 @@ import torch
 import torchvision
 from torch import nn
 
-from ..errors import ConvlensError, did_you_mean
+from ..errors import ConvlensError, did_you_mean, first_line
 from .keras import is_keras_model, load_keras_file, wrap_keras
 from .model import Model, detect_output
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, make_transform
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
+#: Suffixes of model files: a source ending in one of these is a path, never a model name.
+MODEL_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".ts", ".jit", ".tar", *KERAS_SUFFIXES)
 #: Models shipped inside convlens (``convlens.assets``), loadable by these names.
 BUNDLED_MODELS = ("shapes",)
 
@@ -65,15 +71,17 @@ def load_model(
     device: str | torch.device | None = None,
     input_size: int | tuple[int, int] | None = None,
     output: int | str | None = None,
+    trust_code: bool = False,
 ) -> Model:
     """Load a CNN from a torchvision name, a file, or a model object.
 
     Args:
         source: a torchvision architecture name (``"resnet50"``); ``"shapes"``,
             the demo classifier shipped with convlens; a path to a
-            TorchScript file, a pickled module, a state dict (with ``arch``), a
-            convlens checkpoint, or a Keras ``.keras``/``.h5`` file; or an
-            ``nn.Module``/Keras model already in memory.
+            TorchScript file, a state dict (with ``arch``), a convlens
+            checkpoint, a pickled module (only with ``trust_code``), or a
+            Keras ``.keras``/``.h5`` file; or an ``nn.Module``/Keras model
+            already in memory.
         weights: for a torchvision name: ``"default"`` (torchvision's weights
             API, downloaded once), ``"none"`` (random init) or a path to a state
             dict. For a bare ``arch`` this is the state dict to load.
@@ -87,6 +95,10 @@ def load_model(
             A Keras model with a fixed input shape cannot change it.
         output: for a model that returns several outputs (tuple, list or dict), the
             index or key of the one that holds the class scores.
+        trust_code: allow a pickled module (``torch.save(model)``), whose loading
+            runs code from the file. Off by default: such a file is refused with
+            a :class:`ConvlensError`. State dicts, convlens checkpoints and
+            TorchScript files never need it.
 
     Example:
         >>> model = load_model("resnet18", weights="none")
@@ -107,7 +119,7 @@ def load_model(
                 raise ConvlensError(f"model file not found: {path}")
             model = load_keras_file(path, preprocessing, names)
         elif path.is_file():
-            model = _load_torch_file(path, arch, names)
+            model = _load_torch_file(path, arch, names, trust_code)
         elif str(source) in BUNDLED_MODELS:
             from ..assets import demo_model_path
 
@@ -115,6 +127,10 @@ def load_model(
             model.name = str(source)
         elif str(source) in torchvision_names() or str(source) in ARCHITECTURES:
             model = _load_named(str(source), weights, names)
+        elif _looks_like_path(source):  # a typo in a path should not read as an unknown model name
+            if path.is_dir():
+                raise ConvlensError(f"{path} is a folder; pass a model file inside it")
+            raise ConvlensError(f"model file not found: {path}")
         else:
             raise ConvlensError(
                 f"unknown model {str(source)!r}{did_you_mean(str(source), [*BUNDLED_MODELS, *torchvision_names(), *ARCHITECTURES])}"
@@ -148,6 +164,13 @@ def resized(model: Model, input_size: int | Sequence[int]) -> Model:
     model.transform, model.preprocessing = make_transform(size, **spec)
     model.input_size = size
     return model
+
+
+def _looks_like_path(source) -> bool:
+    """Whether ``source`` names a file rather than a model: a path object, a separator, or a model-file suffix."""
+    text = str(source)
+    return (isinstance(source, os.PathLike) or any(sep in text for sep in ("/", "\\", os.sep))
+            or Path(text).suffix.lower() in MODEL_SUFFIXES)
 
 
 def as_model(model) -> Model:
@@ -212,9 +235,8 @@ def _load_named(name: str, weights, labels: list[str] | None) -> Model:
         try:
             module = torchvision.models.get_model(name, weights=default)
         except (OSError, RuntimeError) as err:  # URLError is an OSError; a bad cache file a RuntimeError
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ConvlensError(
-                f"cannot download the default weights of {name} ({reason}); "
+                f"cannot download the default weights of {name} ({first_line(err)}); "
                 f"pass a local weights file with --weights PATH, or --weights none for random weights"
             ) from None
     else:
@@ -243,7 +265,7 @@ def _read_state_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ConvlensError(f"cannot read weights file {path}: {str(err).splitlines()[0]}") from None
+        raise ConvlensError(f"cannot read weights file {path}: {first_line(err)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -275,24 +297,39 @@ def _is_torchscript(path: Path) -> bool:
         return any("/code/" in name or name.endswith("constants.pkl") for name in archive.namelist())
 
 
-def _load_torch_file(path: Path, arch: str | None, labels: list[str] | None) -> Model:
+def _refuse_pickle(path: Path, err: Exception) -> ConvlensError:
+    """The one-line refusal of a file that only a full (code-running) unpickler can read."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))  # what the file asks to import, when torch says
+    needs = f", which imports {found.group(1)}" if found else ""
+    return ConvlensError(
+        f"{path} is a pickled Python object (such as a full module saved with torch.save(model)){needs}, and "
+        "loading it runs code from the file; if you trust its source pass trust_code=True (CLI: --trust-code), "
+        "or save model.state_dict() instead and load that with arch/--arch"
+    )
+
+
+def _load_torch_file(path: Path, arch: str | None, labels: list[str] | None, trust_code: bool = False) -> Model:
     if _is_torchscript(path):
         try:
             with warnings.catch_warnings():  # torch.jit is deprecated, but users still have such files
                 warnings.simplefilter("ignore", FutureWarning)
                 module = torch.jit.load(str(path), map_location="cpu")
         except Exception as err:
-            raise ConvlensError(f"cannot load TorchScript file {path}: {str(err).splitlines()[0]}") from None
+            raise ConvlensError(f"cannot load TorchScript file {path}: {first_line(err)}") from None
         return from_module(module, name=path.name, labels=labels)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as safe_err:
         if "weights_only" not in str(safe_err) and "Unsupported global" not in str(safe_err):
-            raise ConvlensError(f"cannot read model file {path}: {str(safe_err).splitlines()[0]}") from None
-        try:  # a pickled nn.Module: unpickling runs code from the file (see module docstring)
+            raise ConvlensError(f"cannot read model file {path}: {first_line(safe_err)}") from None
+        # The safe unpickler refused something: only a full unpickler can read this file, and a
+        # full unpickler calls whatever the file names, so that is the caller's decision, not ours.
+        if not trust_code:
+            raise _refuse_pickle(path, safe_err) from None
+        try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:
-            raise ConvlensError(f"cannot read model file {path}: {str(err).splitlines()[0]}") from None
+            raise ConvlensError(f"cannot read model file {path}: {first_line(err)}") from None
     if isinstance(obj, nn.Module):
         return from_module(obj, name=path.name, labels=labels)
     if isinstance(obj, dict) and "convlens" in obj:

@@ -20,8 +20,11 @@ import torch
 from torch import nn
 
 from ..capture import capture, prefix_tokens, spatial_view
-from ..errors import ConvlensError
+from ..errors import ConvlensError, first_line
 from .model import Model
+
+TORCHSCRIPT_LAYERS = ("a TorchScript model cannot be hooked, so convlens cannot see its layers (it can still "
+                      "predict); pass the eager nn.Module instead, or its state dict with --arch")
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Summary:
     input_size: tuple[int, int]
     forward_order: list[str]  # layers in the order their outputs were finished
     auto: str | None = None  # the layer 'auto' picks, None when there is none
+    scripted: bool = False  # TorchScript: no hooks, so no output shapes and no layer to explain
 
     @property
     def spatial_layers(self) -> list[str]:
@@ -53,6 +57,8 @@ class Summary:
     @property
     def auto_layer(self) -> str:
         """The last spatial layer, skipping adaptive pooling (VGG's 7x7 ``avgpool`` only resamples)."""
+        if self.scripted:
+            raise ConvlensError(TORCHSCRIPT_LAYERS)
         if self.auto is None:
             raise ConvlensError("this model has no layer with a spatial output; CAM methods need one")
         return self.auto
@@ -138,7 +144,7 @@ def summarize(model: Model, input_size: tuple[int, int] | None = None) -> Summar
                 rec.forward(x)
     except RuntimeError as err:
         raise ConvlensError(
-            f"the model cannot run on a {size[0]}x{size[1]} input ({str(err).splitlines()[0]}); "
+            f"the model cannot run on a {size[0]}x{size[1]} input ({first_line(err)}); "
             "try another --input-size"
         ) from None
     rows = [LayerRow(name, type(layers[name]).__name__, shapes.get(name), _own_params(layers[name], keras),
@@ -152,7 +158,7 @@ def summarize(model: Model, input_size: tuple[int, int] | None = None) -> Summar
     else:
         total = sum(p.numel() for p in params)
         trainable = sum(p.numel() for p in params if p.requires_grad)
-    return Summary(rows, total, trainable, size, order, auto)
+    return Summary(rows, total, trainable, size, order, auto, scripted)
 
 
 def auto_layer(model: Model) -> str:

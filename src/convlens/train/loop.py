@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import __version__
-from ..errors import ConvlensError
+from ..errors import ConvlensError, first_line
 from ..fileio import atomic_path
 from ..data.folders import (LabelledImages, check_trainable, load_class_folders, resolve_data_dirs,
                             stratified_split)
@@ -261,7 +261,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = first_line(err)
         raise ConvlensError(f"cannot read checkpoint {path}: {reason}") from None
     needed = ("convlens", "state_dict", "labels", "config", "history", "optimizer", "epoch", "normalize")
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in needed):
