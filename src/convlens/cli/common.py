@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import ConvlensError
 from ..models import Model, load_model
 
 ModelArg = Annotated[str, typer.Argument(
@@ -26,13 +27,34 @@ TrustCodeOpt = Annotated[bool, typer.Option(
                          "so only for files you trust. State dicts, checkpoints and TorchScript never need it.")]
 
 
+InputSizeOpt = Annotated[Optional[str], typer.Option(
+    "--input-size", help="H or HxW to run the model at (default: what the model says; 224 for a plain module).")]
+OutputOpt = Annotated[Optional[str], typer.Option(
+    "--output", help="Models with several outputs (tuple, list, dict): the index or key of the class scores.")]
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """``"224"`` -> ``(224, 224)``, ``"224x160"`` -> ``(224, 160)``, ``None`` -> ``None``."""
+    if text is None:
+        return None
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        sizes = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise ConvlensError(f"--input-size must look like 224 or 224x160, got {text!r}")
+    return (sizes[0], sizes[-1])
+
+
 def comma_list(text: str | None) -> list[str]:
     """``"a, b,,c"`` -> ``["a", "b", "c"]``; empty or ``None`` -> ``[]``."""
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
 def open_model(model: str, weights: str = "default", arch: str | None = None, labels: Path | None = None,
-               preprocessing: str | None = None, trust_code: bool = False) -> Model:
+               preprocessing: str | None = None, trust_code: bool = False, input_size: str | None = None,
+               output: str | None = None) -> Model:
     """:func:`convlens.load_model` with the CLI's options; ``trust_code`` is ``--trust-code``."""
     return load_model(model, weights=weights, arch=arch, labels=labels, preprocessing=preprocessing,
-                      trust_code=trust_code)
+                      trust_code=trust_code, input_size=parse_size(input_size), output=output)

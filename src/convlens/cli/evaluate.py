@@ -9,7 +9,7 @@ import typer
 
 from ..errors import ConvlensError
 from . import app
-from .common import ArchOpt, LabelsOpt, ModelArg, PreprocessingOpt, TrustCodeOpt, WeightsOpt, comma_list, open_model
+from .common import ArchOpt, LabelsOpt, ModelArg, PreprocessingOpt, InputSizeOpt, OutputOpt, TrustCodeOpt, WeightsOpt, comma_list, open_model
 
 
 def _names(text: str, option: str) -> list[str]:
@@ -37,6 +37,8 @@ def evaluate(
     labels: LabelsOpt = None,
     preprocessing: PreprocessingOpt = None,
     trust_code: TrustCodeOpt = False,
+    input_size: InputSizeOpt = None,
+    output: OutputOpt = None,
 ) -> None:
     """Run every method on every image and write a CSV table, a Markdown/HTML summary and curve plots.
 
@@ -47,7 +49,7 @@ def evaluate(
     from ..metrics.runner import evaluate as run_evaluation
 
     method_names, metric_names = _names(methods, "--methods"), _names(metrics, "--metrics")
-    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code)
+    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code, input_size, output)
     bars: list[tqdm] = []  # opened at the first report, so input errors print on one line
 
     def progress(done: int, total: int) -> None:

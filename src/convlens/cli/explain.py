@@ -14,7 +14,7 @@ from ..fileio import atomic_path, save_image
 from ..heatmaps import check_request, explain as explain_images, get_method
 from ..images import load_images
 from . import app
-from .common import ArchOpt, ImagesArg, LabelsOpt, ModelArg, PreprocessingOpt, TrustCodeOpt, WeightsOpt, comma_list, open_model
+from .common import ArchOpt, ImagesArg, LabelsOpt, ModelArg, PreprocessingOpt, InputSizeOpt, OutputOpt, TrustCodeOpt, WeightsOpt, comma_list, open_model
 
 
 def _parse_target(text: str, count: int):
@@ -60,6 +60,8 @@ def explain(
     labels: LabelsOpt = None,
     preprocessing: PreprocessingOpt = None,
     trust_code: TrustCodeOpt = False,
+    input_size: InputSizeOpt = None,
+    output: OutputOpt = None,
 ) -> None:
     """Show where the model looked: one heatmap per image per method (CAM family and gradient saliency).
 
@@ -76,7 +78,7 @@ def explain(
         raise ConvlensError("--method is empty; name at least one method, e.g. gradcam")
     check_style(colormap, alpha)
     pictures = load_images(images)
-    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code)
+    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code, input_size, output)
     layers = comma_list(layer) or ["auto"]
     layer_ref = layers[0] if len(layers) == 1 else layers
     targets = _parse_target(target, len(pictures))

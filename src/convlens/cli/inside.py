@@ -26,7 +26,7 @@ from ..inside import filter_patterns
 from ..inside.optimize import check_settings
 from ..render.grid import activation_grid, channel_image, filter_grid
 from . import app
-from .common import ArchOpt, LabelsOpt, ModelArg, PreprocessingOpt, TrustCodeOpt, WeightsOpt, comma_list, open_model
+from .common import ArchOpt, LabelsOpt, ModelArg, PreprocessingOpt, InputSizeOpt, OutputOpt, TrustCodeOpt, WeightsOpt, comma_list, open_model
 
 ImageArg = Annotated[Path, typer.Argument(help="An image file (PNG, JPEG, ...).", show_default=False)]
 OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder to write into (created if missing).")]
@@ -73,9 +73,10 @@ def _grid(text: str) -> tuple[int, int]:
     return rows, cols
 
 
-def _open(model: str, weights: str, arch, labels, preprocessing, device: str | None, trust_code: bool = False):
+def _open(model: str, weights: str, arch, labels, preprocessing, device: str | None, trust_code: bool = False,
+          input_size: str | None = None, output: str | None = None):
     """Open the model on ``device`` (default: the GPU when there is one)."""
-    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code)
+    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code, input_size, output)
     device = device or ("cuda" if torch.cuda.is_available() else None)
     if device is not None:
         try:
@@ -115,13 +116,15 @@ def activations(
     preprocessing: PreprocessingOpt = None,
     device: DeviceOpt = None,
     trust_code: TrustCodeOpt = False,
+    input_size: InputSizeOpt = None,
+    output: OutputOpt = None,
 ) -> None:
     """Write one PNG per layer with every channel of its activation on IMAGE, tiled in a grid.
 
     Example: convlens activations resnet18 cat.jpg --layers layer1,layer2 --out acts/
     """
     picture = load_image(image)
-    loaded = _open(model, weights, arch, None, preprocessing, device, trust_code)
+    loaded = _open(model, weights, arch, None, preprocessing, device, trust_code, input_size, output)
     maps = compute_activations(loaded, picture, _split(layers))
     rendered = {}
     for name, value in maps.items():
@@ -160,6 +163,8 @@ def filters(
     preprocessing: PreprocessingOpt = None,
     device: DeviceOpt = None,
     trust_code: TrustCodeOpt = False,
+    input_size: InputSizeOpt = None,
+    output: OutputOpt = None,
 ) -> None:
     """Render each layer's filter patterns as one grid (LAYER.png) plus their activations (LAYER.json).
 
@@ -169,7 +174,7 @@ def filters(
     chosen = _integers(filter_indices, "--filters")  # None: the grid's first rows*cols filters
     regularizers = {"tv": tv, "lp": lp, "blur": blur}
     check_settings(optimizer, param, transforms, regularizers, steps, size)
-    loaded = _open(model, weights, arch, None, preprocessing, device, trust_code)
+    loaded = _open(model, weights, arch, None, preprocessing, device, trust_code, input_size, output)
     names = list(resolve_layers(loaded, _split(layers)))
     written = {}
     for name in names:
@@ -217,6 +222,8 @@ def class_model_command(
     preprocessing: PreprocessingOpt = None,
     device: DeviceOpt = None,
     trust_code: TrustCodeOpt = False,
+    input_size: InputSizeOpt = None,
+    output: OutputOpt = None,
 ) -> None:
     """Render the image each class's logit likes best (class_model.png and class_model.json).
 
@@ -225,7 +232,7 @@ def class_model_command(
     indices = _integers(classes, "--classes")
     regularizers = {"tv": tv, "lp": lp, "blur": blur}
     check_settings(optimizer, param, transforms, regularizers, steps, size)
-    loaded = _open(model, weights, arch, labels, preprocessing, device, trust_code)
+    loaded = _open(model, weights, arch, labels, preprocessing, device, trust_code, input_size, output)
     with _progress(steps, "class model") as progress:
         result = compute_class_model(loaded, indices, size=size, steps=steps, seed=seed, param=param,
                                      optimizer=optimizer, lr=lr, transforms=transforms, regularizers=regularizers,
@@ -257,13 +264,15 @@ def deepdream(
     preprocessing: PreprocessingOpt = None,
     device: DeviceOpt = None,
     trust_code: TrustCodeOpt = False,
+    input_size: InputSizeOpt = None,
+    output: OutputOpt = None,
 ) -> None:
     """Amplify what LAYERS see in IMAGE (DeepDream with octaves and detail re-injection).
 
     Example: convlens deepdream resnet18 cat.jpg --layers layer2,layer3 --octaves 4 --out dream.png
     """
     picture = load_image(image)
-    loaded = _open(model, weights, arch, None, preprocessing, device, trust_code)
+    loaded = _open(model, weights, arch, None, preprocessing, device, trust_code, input_size, output)
     with _progress(octaves * steps, "deepdream") as progress:
         dream = compute_deepdream(loaded, picture, _split(layers), octaves=octaves, octave_scale=octave_scale,
                                   steps=steps, lr=lr, seed=seed, progress=progress)

@@ -12,39 +12,25 @@ from rich.table import Table
 from ..images import load_images
 from ..models import summarize
 from . import app
-from .common import ArchOpt, ImagesArg, LabelsOpt, ModelArg, PreprocessingOpt, TrustCodeOpt, WeightsOpt, open_model
-
-
-def _parse_size(text: str | None) -> tuple[int, int] | None:
-    from ..errors import ConvlensError
-
-    if text is None:
-        return None
-    parts = text.lower().replace("x", ",").split(",")
-    try:
-        sizes = [int(p) for p in parts if p.strip()]
-    except ValueError:
-        sizes = []
-    if len(sizes) not in (1, 2) or min(sizes) < 1:
-        raise ConvlensError(f"--input-size must look like 224 or 224x160, got {text!r}")
-    return (sizes[0], sizes[-1])
+from .common import ArchOpt, ImagesArg, LabelsOpt, ModelArg, PreprocessingOpt, InputSizeOpt, OutputOpt, TrustCodeOpt, WeightsOpt, open_model
 
 
 @app.command()
 def layers(
     model: ModelArg,
-    input_size: Annotated[Optional[str], typer.Option("--input-size", help="H or HxW to run the model at.")] = None,
     weights: WeightsOpt = "none",
     arch: ArchOpt = None,
     preprocessing: PreprocessingOpt = None,
     trust_code: TrustCodeOpt = False,
+    input_size: InputSizeOpt = None,
+    output: OutputOpt = None,
 ) -> None:
     """Print every layer: name, type, output shape, parameters; '*' marks explanation targets.
 
     Example: convlens layers resnet18 --input-size 160
     """
-    loaded = open_model(model, weights, arch, None, preprocessing, trust_code)
-    summary = summarize(loaded, _parse_size(input_size))
+    loaded = open_model(model, weights, arch, None, preprocessing, trust_code, input_size, output)
+    summary = summarize(loaded)
     table = Table(title=f"{loaded.name}  (input {summary.input_size[0]}x{summary.input_size[1]})")
     for column, justify in (("layer", "left"), ("type", "left"), ("output shape", "left"),
                             ("params", "right"), ("target", "center")):
@@ -72,13 +58,15 @@ def predict(
     labels: LabelsOpt = None,
     preprocessing: PreprocessingOpt = None,
     trust_code: TrustCodeOpt = False,
+    input_size: InputSizeOpt = None,
+    output: OutputOpt = None,
 ) -> None:
     """Print the top classes and their probabilities for each image.
 
     Example: convlens predict resnet50 cat.jpg dog.png --top 3 --json
     """
     pictures = load_images(images)  # reads (and checks) every image before the model loads
-    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code)
+    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code, input_size, output)
     results = loaded.predict(pictures, top_k=top)
     if as_json:
         payload = [{"image": str(path), "predictions": [p.__dict__ for p in preds]}

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from ..report import build_report
 from . import app
-from .common import ArchOpt, LabelsOpt, PreprocessingOpt, TrustCodeOpt, WeightsOpt, open_model
+from .common import ArchOpt, LabelsOpt, PreprocessingOpt, InputSizeOpt, OutputOpt, TrustCodeOpt, WeightsOpt, open_model
 
 
 @app.command()
@@ -27,12 +27,14 @@ def report(
     labels: LabelsOpt = None,
     preprocessing: PreprocessingOpt = None,
     trust_code: TrustCodeOpt = False,
+    input_size: InputSizeOpt = None,
+    output: OutputOpt = None,
 ) -> None:
     """Write one self-contained HTML report: model, predictions, heatmaps, activations, filters, evaluation.
 
     Example: convlens report --model resnet18 --weights none cat.jpg --out report.html
     """
-    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code) if model else None
+    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code, input_size, output) if model else None
     with tqdm(desc="report", unit="section", leave=False) as bar:
         def step(message: str) -> None:
             bar.set_postfix_str(message)
