@@ -73,14 +73,20 @@ class SpatialView(NamedTuple):
         return torch.cat([original[:, : self.prefix], tokens], dim=1) if self.prefix else tokens
 
 
-def _same_stride(size: Sequence[int], grid: Sequence[int]) -> bool:
-    """Could ``grid`` (h, w) be ``size`` (H, W) sampled with one stride in both directions?"""
+def _grid_error(size: Sequence[int], grid: Sequence[int]) -> float:
+    """How far ``grid`` (h, w) is from ``size`` (H, W) sampled with one integer stride; <= 1 is plausible.
+
+    A convolution with stride ``s`` gives about ``H / s`` rows: a few fewer without padding
+    (Inception's valid convolutions lose up to ~3 at 299 px), which the tolerance allows.
+    """
     (height, width), (h, w) = size, grid
     if h < 1 or w < 1:
-        return False
-    stride_h, stride_w = height / h, width / w
-    # ceil/floor rounding of odd sizes and small grids (7x5 from 224x160) stay within a pixel's step.
-    return abs(stride_h - stride_w) <= 0.25 * max(stride_h, stride_w) + 1.0
+        return math.inf
+    best = math.inf
+    for stride in {max(1, round(height / h)), max(1, round(width / w))}:
+        error = max(abs(height / stride - h) / (1.5 + 0.1 * h), abs(width / stride - w) / (1.5 + 0.1 * w))
+        best = min(best, error)
+    return best
 
 
 def _token_grid(tokens: int, size: Sequence[int], prefixes: Sequence[int]) -> tuple[int, int, int] | None:
@@ -92,30 +98,35 @@ def _token_grid(tokens: int, size: Sequence[int], prefixes: Sequence[int]) -> tu
             continue
         h = max(1, round(math.sqrt(count * height / width)))
         for candidate in (h, h - 1, h + 1):
-            if candidate >= 1 and count % candidate == 0 and _same_stride(size, (candidate, count // candidate)):
+            if candidate >= 1 and count % candidate == 0 and _grid_error(size, (candidate, count // candidate)) <= 1:
                 return prefix, candidate, count // candidate
     return None
 
 
-def spatial_view(output: torch.Tensor, input_size: Sequence[int], *, channels_last: bool = False,
-                 prefix_tokens: int | None = None) -> SpatialView | None:
+def spatial_view(output: torch.Tensor, input_size: Sequence[int], *, batch: int | None = None,
+                 channels_last: bool = False, prefix_tokens: int | None = None) -> SpatialView | None:
     """``output`` as a channels-first ``(N, C, h, w)`` map, or ``None`` when it is not one.
 
     Args:
         output: a layer's output tensor.
         input_size: ``(H, W)`` of the model input, to tell spatial axes from others.
+        batch: the input's batch size: an output with another first dimension (Swin's
+            windows folded into the batch) is not one map per image.
         channels_last: the framework is channels-last (Keras): every 4-D output is ``(N, H, W, C)``.
         prefix_tokens: tokens in front of a ViT's patch grid, when the model says (timm's
             ``num_prefix_tokens``); else 0 and 1 are tried.
     """
+    if batch is not None and (output.ndim < 1 or output.shape[0] != batch):
+        return None
     if output.ndim == 4:
         if channels_last:
             return SpatialView(output.permute(0, 3, 1, 2), "channels_last")
-        if _same_stride(input_size, output.shape[2:]):
-            return SpatialView(output, "channels_first")
-        if _same_stride(input_size, output.shape[1:3]):
-            return SpatialView(output.permute(0, 3, 1, 2), "channels_last")
-        return None
+        first, last = _grid_error(input_size, output.shape[2:]), _grid_error(input_size, output.shape[1:3])
+        if min(first, last) > 1:
+            return None
+        # (N, 8, 8, 8) fits both readings: channels-first, PyTorch's own layout, wins a tie.
+        return SpatialView(output, "channels_first") if first <= last else SpatialView(
+            output.permute(0, 3, 1, 2), "channels_last")
     if output.ndim == 3 and not channels_last:
         prefixes = (prefix_tokens,) if prefix_tokens is not None else (0, 1)
         grid = _token_grid(output.shape[1], input_size, prefixes)
@@ -202,6 +213,7 @@ class Recorder:
         self._stop = stop
         self._pending: set[str] = set(names)
         self.input_size: tuple[int, int] = (0, 0)
+        self.batch = 0
         #: Names whose recorded output is a spatial map ``(N, C, h, w)`` (see :func:`spatial_view`).
         self.spatial: set[str] = set()
 
@@ -211,6 +223,7 @@ class Recorder:
         self.spatial.clear()
         self._pending = set(self._names)
         self.input_size = (int(x.shape[-2]), int(x.shape[-1]))
+        self.batch = int(x.shape[0])
         try:
             return self.module(x, *args, **kwargs)
         except _StopForward:
@@ -261,7 +274,8 @@ def capture(
                 )
             if rewrite is not None and mod in rewrite:
                 output = rewrite[mod](mod, inputs, output)
-            view = spatial_view(output, recorder.input_size, channels_last=channels_last, prefix_tokens=prefix)
+            view = spatial_view(output, recorder.input_size, batch=recorder.batch, channels_last=channels_last,
+                                prefix_tokens=prefix)
             stored = output if view is None else view.map
             if view is not None and view.map.shape[-1] * view.map.shape[-2] > 1:
                 recorder.spatial.add(name)

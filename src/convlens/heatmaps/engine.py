@@ -114,9 +114,10 @@ class Request:
         return capture(self.model, self.layers if layers is None else layers, graph=graph, stop=stop,
                        rewrite=self.rewrites(rewrite))
 
-    def score(self, output: torch.Tensor) -> torch.Tensor:
-        """The target score per image ``(N,)``; the target is resolved on the first call."""
+    def score(self, output) -> torch.Tensor:
+        """The target score per image ``(N,)``; the target is resolved (and the output checked) on the first call."""
         if self.score_fn is None:
+            ensure_finite(self.model, self.x, output)  # a NaN model gives NaN maps: say which layer, once
             with torch.no_grad():
                 self.score_fn, self.class_indices = resolve_targets(self.target, output, self.model.labels,
                                                                     self.model.select)
@@ -285,9 +286,7 @@ def check_request(model, inputs, methods: Sequence[str], layer: str | nn.Module 
     names = _resolve_layer_names(loaded, readers[0], layer, x) if readers else []
     request = Request(loaded, x, names, target)
     with torch.inference_mode(), request.capture() as rec:
-        output = rec.forward(x)
-        ensure_finite(loaded, x, output)
-        request.score(output)
+        request.score(rec.forward(x))
         for name in names:
             request.layer_output(rec, name)
     return names

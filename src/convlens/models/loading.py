@@ -217,6 +217,9 @@ def _timm_spec(module: nn.Module) -> dict | None:
     if not isinstance(cfg, dict) or "input_size" not in cfg:
         return None
     _, height, width = cfg["input_size"]
+    embed = getattr(module, "patch_embed", None)
+    if getattr(embed, "strict_img_size", False) and getattr(embed, "img_size", None):
+        height, width = embed.img_size  # a ViT built for another size than its config's only runs at that one
     return {"size": (int(height), int(width)), "mean": tuple(cfg.get("mean", IMAGENET_MEAN)),
             "std": tuple(cfg.get("std", IMAGENET_STD)), "crop": cfg.get("crop_pct"), "source": "timm pretrained_cfg"}
 

@@ -127,7 +127,7 @@ def summarize(model: Model, input_size: tuple[int, int] | None = None) -> Summar
         name = by_module[mod]
         if isinstance(output, torch.Tensor):
             shapes[name] = (-1, *output.shape[1:])
-            view = spatial_view(output, size, channels_last=keras, prefix_tokens=prefix)
+            view = spatial_view(output, size, batch=1, channels_last=keras, prefix_tokens=prefix)
             if view is not None and view.map.shape[-1] * view.map.shape[-2] > 1:
                 views[name] = view.kind
         if name in order:
