@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ..capture import capture
 from ..errors import ConvlensError
 from ..models import Model, as_model
+from ..targets import class_logits
 
 Targets = Union[None, int, Sequence[int], torch.Tensor]
 Score = Literal["probability", "logit"]
@@ -92,9 +93,7 @@ def class_scores(model: Model, output: torch.Tensor, targets: torch.Tensor, scor
     if score == "probability":
         values = model.probabilities(output)
     elif score == "logit":
-        values = model.scores(output).float().flatten(1)
-        if values.shape[1] == 1:  # one logit: class 1 has log-odds z, class 0 has -z
-            values = torch.cat([-values, values], dim=1)
+        values = class_logits(model.scores(output).float())
     else:
         raise ConvlensError(f"unknown score {score!r}; choose 'probability' or 'logit'")
     return values.gather(1, targets.view(-1, 1).to(values.device)).squeeze(1)

@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from .. import __version__
 from ..errors import ConvlensError, first_line
 from ..fileio import atomic_path
+from ..targets import class_probabilities
 from ..data.folders import (LabelledImages, check_trainable, load_class_folders, resolve_data_dirs,
                             stratified_split)
 from .nets import ShapesNet
@@ -155,14 +156,6 @@ def _loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if output.shape[1] == 1:  # binary: one logit, the probability of class 1
         return F.binary_cross_entropy_with_logits(output[:, 0], labels.float())
     return F.cross_entropy(output, labels)
-
-
-def class_probabilities(output: torch.Tensor) -> torch.Tensor:
-    """``(N, K)`` probabilities from logits; one logit gives ``[1 - p, p]``."""
-    if output.shape[1] == 1:
-        p = torch.sigmoid(output)
-        return torch.cat([1 - p, p], dim=1)
-    return output.softmax(dim=1)
 
 
 def _optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
