@@ -175,6 +175,17 @@ def borrow(module: nn.Module, *, freeze: bool = True) -> Iterator[nn.Module]:
                     b.copy_(saved)
 
 
+def merge_rewrites(base: Mapping[nn.Module, OutputRewrite],
+                   extra: Mapping[nn.Module, OutputRewrite] | None) -> dict[nn.Module, OutputRewrite]:
+    """``base`` and ``extra`` output rewrites in one mapping; on a shared module ``extra`` runs on ``base``'s result."""
+    merged = dict(base)
+    for module, fn in (extra or {}).items():
+        first = merged.get(module)
+        merged[module] = fn if first is None else (
+            lambda mod, inputs, output, fn=fn, first=first: fn(mod, inputs, first(mod, inputs, output)))
+    return merged
+
+
 def named_layers(model: Model | nn.Module) -> dict[str, nn.Module]:
     """Layers by the framework's own names: ``named_modules()`` or Keras layer names."""
     if hasattr(model, "named_layers"):

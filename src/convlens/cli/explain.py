@@ -87,25 +87,24 @@ def explain(
     def batch_targets(indices: range):
         return [targets[i] for i in indices] if isinstance(targets, list) else targets
 
-    for indices in batches:  # one forward pass per batch: every layer and target is checked up front
-        chosen_layers = check_request(loaded, [pictures[i] for i in indices], methods, layer_ref,
-                                      batch_targets(indices))
-    if chosen_layers:  # "auto" resolved once here, not again by every method on every batch
-        layer_ref = chosen_layers[0] if len(chosen_layers) == 1 else chosen_layers
+    # One forward pass per batch settles layers and targets (a bad request fails here, in seconds);
+    # every method then runs on that plan, and the predicted classes come from the same pass.
+    plans = [check_request(loaded, [pictures[i] for i in indices], methods, layer_ref, batch_targets(indices))
+             for indices in batches]
+    chosen_layers = plans[0].layers
 
     # Cheap methods first, so a method-specific error (CAM without a GAP head) comes before the slow ones.
     order = sorted(methods, key=lambda name: get_method(name).kind == "perturbation")
     results: dict[str, list] = {name: [] for name in methods}
     with tqdm(total=len(order) * len(batches), desc="explain", unit="batch", disable=None) as bar:
         for name in order:
-            for indices in batches:
+            for plan in plans:
                 bar.set_postfix_str(name)
-                results[name].append(explain_images(loaded, [pictures[i] for i in indices], method=name,
-                                                    layer=layer_ref, target=batch_targets(indices)))
+                results[name].append(explain_images(loaded, method=name, plan=plan))
                 bar.update()
 
     # Everything is computed: only now does anything touch the disk.
-    predicted = [p[0].label for p in loaded.predict(loaded.preprocess(pictures), top_k=1)]
+    predicted = [label for plan in plans for label in plan.top1()]
     stems = _stems(list(images))
     for batch_number, indices in enumerate(batches):
         for offset, image_index in enumerate(indices):

@@ -2,7 +2,7 @@
 
 from .loading import ARCHITECTURES, as_model, load_model, register_architecture, torchvision_names
 from .model import Model, Prediction
-from .summary import Summary, auto_layer, summarize
+from .summary import Summary, auto_layer, summarize, survey
 
 __all__ = ["ARCHITECTURES", "Model", "as_model", "Prediction", "Summary", "auto_layer", "load_model",
            "register_architecture", "summarize", "torchvision_names"]
