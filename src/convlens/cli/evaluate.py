@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import ConvlensError
+from ..fileio import check_output_dir
 from . import app
 from .common import ArchOpt, LabelsOpt, ModelArg, PreprocessingOpt, WeightsOpt, comma_list, open_model
 
@@ -45,6 +46,7 @@ def evaluate(
 
     from ..metrics.runner import evaluate as run_evaluation
 
+    check_output_dir(out)  # before the model loads: a bad --out must not cost anything
     method_names, metric_names = _names(methods, "--methods"), _names(metrics, "--metrics")
     loaded = open_model(model, weights, arch, labels, preprocessing)
     bars: list[tqdm] = []  # opened at the first report, so input errors print on one line
