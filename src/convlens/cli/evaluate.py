@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -33,6 +34,8 @@ def evaluate(
                        ] = "deletion,insertion,drop,increase",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N images.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Perturbed images per forward pass.")] = 64,
+    restart: Annotated[bool, typer.Option("--restart", help="Discard the run already in --out and start over "
+                                          "(without it, a run with other settings is refused).")] = False,
     weights: WeightsOpt = "default",
     arch: ArchOpt = None,
     labels: LabelsOpt = None,
@@ -57,9 +60,15 @@ def evaluate(
         bars[0].n = done
         bars[0].refresh()
 
+    def warn(message, *_, **__) -> None:  # at once, on one line: a damaged journal is news before the long run
+        typer.echo(f"convlens: warning: {message}", err=True)
+
     try:
-        result = run_evaluation(loaded, data, methods=method_names, metrics=metric_names, out_dir=out,
-                                batch_size=batch_size, limit=limit, progress=progress)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", UserWarning)
+            warnings.showwarning = warn
+            result = run_evaluation(loaded, data, methods=method_names, metrics=metric_names, out_dir=out,
+                                    batch_size=batch_size, limit=limit, progress=progress, restart=restart)
     finally:
         for bar in bars:
             bar.close()
