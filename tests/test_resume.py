@@ -198,14 +198,11 @@ def run(monkeypatch, capsys):
 
 
 def test_cli_refuses_another_model_under_the_same_file_name_and_restarts_on_request(run, data, tmp_path):
-    model_file, out = tmp_path / "model.pt", tmp_path / "eval"
-    torch.manual_seed(0)
-    torch.save(TinyNet(), model_file)
+    model_file, out = checkpoint(tmp_path / "model.pt", seed=0), tmp_path / "eval"
     args = ["evaluate", model_file, data, "--methods", "magnitude", "--metrics", "drop", "--out", out]
     assert run(*args)[0] == 0
     journal = (out / "journal.jsonl").read_bytes()
-    torch.manual_seed(1)
-    torch.save(TinyNet(), model_file)  # another model, same file name
+    checkpoint(model_file, seed=1)  # another model, same file name
     code, _, err = run(*args)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "holds a run with other settings (model: other weights" in err and "--restart" in err
@@ -217,7 +214,8 @@ def test_cli_refuses_another_model_under_the_same_file_name_and_restarts_on_requ
 
 def test_cli_says_on_one_line_what_was_dropped(run, data, tmp_path):
     out = tmp_path / "eval"
-    args = ["evaluate", tiny_file(tmp_path), data, "--methods", "magnitude", "--metrics", "drop", "--out", out]
+    args = ["evaluate", checkpoint(tmp_path / "tiny.pt"), data, "--methods", "magnitude", "--metrics", "drop",
+            "--out", out]
     assert run(*args)[0] == 0
     with open(out / "journal.jsonl", "ab") as journal:
         journal.write(b"\x00" * 100)
@@ -228,8 +226,12 @@ def test_cli_says_on_one_line_what_was_dropped(run, data, tmp_path):
         "kept 4 finished (image, method) pair(s)"]
 
 
-def tiny_file(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.pt"
-    torch.manual_seed(0)
-    torch.save(TinyNet(), path)
+def checkpoint(path: Path, seed: int = 0) -> Path:
+    """A tiny convlens checkpoint file (weights, not pickled code, so it loads without trusting it)."""
+    from convlens.train.nets import ShapesNet
+
+    torch.manual_seed(seed)
+    net = ShapesNet(num_classes=3, widths=(4, 8))
+    torch.save({"convlens": "test", "arch": "shapesnet", "arch_kwargs": {"num_classes": 3, "widths": [4, 8]},
+                "state_dict": net.state_dict(), "input_size": [16, 16]}, path)
     return path
