@@ -132,7 +132,8 @@ def test_an_interrupted_run_continues_and_gives_the_same_table(model, data, tmp_
     with open(tmp_path / "resumed" / "journal.jsonl", "a") as journal:
         journal.write('{"image": "loose/a2.png", "meth')  # killed in the middle of a line
     calls.clear()
-    evaluate(model, data, methods=counting, metrics=FAST, out_dir=tmp_path / "resumed")
+    with pytest.warns(UserWarning, match=r"dropped 1 damaged journal line\(s\), to be recomputed; kept 3"):
+        evaluate(model, data, methods=counting, metrics=FAST, out_dir=tmp_path / "resumed")
     assert len(calls) == 5  # 8 pairs, 3 already journalled
     assert (tmp_path / "resumed" / "results.csv").read_text() == (tmp_path / "clean" / "results.csv").read_text()
     lines = (tmp_path / "resumed" / "journal.jsonl").read_text().splitlines()

@@ -10,7 +10,7 @@ import typer
 from tqdm import tqdm
 
 from ..errors import ConvlensError
-from ..fileio import atomic_path, save_image
+from ..fileio import atomic_path, check_output_dir, save_image, staged_folder
 from ..heatmaps import check_request, explain as explain_images, get_method
 from ..images import load_images
 from . import app
@@ -65,12 +65,14 @@ def explain(
 ) -> None:
     """Show where the model looked: one heatmap per image per method (CAM family and gradient saliency).
 
-    Writes, per image, IMAGE_METHOD.png (overlay at the photo's full resolution),
-    IMAGE_METHOD.npy (the raw map before normalisation) and IMAGE_explain.png
-    (the original beside every method). Nothing is written if any input is wrong.
+    Writes, per image, IMAGE_METHOD.png (overlay at the photo's resolution, at most
+    2048 px a side), IMAGE_METHOD.npy (the raw map before normalisation) and
+    IMAGE_explain.png (the original beside every method). Nothing is written if any
+    input is wrong or the disk fills up: the set appears in --out complete or not at all.
 
     Example: convlens explain resnet50 cat.jpg dog.jpg --method gradcam,scorecam --target top1 --out maps
     """
+    check_output_dir(out)  # before any work: a bad --out must not cost a whole run
     from ..render.overlay import check_style, comparison_figure, overlay_heatmap, save_figure  # matplotlib: slow import
 
     methods = list(dict.fromkeys(get_method(name).name for name in comma_list(method)))
@@ -103,24 +105,29 @@ def explain(
                 results[name].append(explain_images(loaded, method=name, plan=plan))
                 bar.update()
 
-    # Everything is computed: only now does anything touch the disk.
+    # Everything is computed: only now does anything touch the disk, and only a complete set lands in --out.
     predicted = [label for plan in plans for label in plan.top1()]
     stems = _stems(list(images))
-    for batch_number, indices in enumerate(batches):
-        for offset, image_index in enumerate(indices):
-            stem = stems[image_index]
-            panels = []
-            for name in methods:
-                result = results[name][batch_number]
-                overlay = overlay_heatmap(pictures[image_index], result.maps[offset], transform=loaded.transform,
-                                          colormap=colormap, alpha=alpha)
-                save_image(overlay, out / f"{stem}_{_slug(name)}.png")
-                _save_array(result.raw[offset].cpu().numpy(), out / f"{stem}_{_slug(name)}.npy")
-                flat = " (flat map)" if result.flat[offset] else ""
-                panels.append((f"{name} — {result.target_names[offset]}{flat}", overlay))
-            figure = comparison_figure(pictures[image_index], panels)
-            figure.axes[0].set_title(f"original — predicted: {predicted[image_index]}", fontsize=9)
-            save_figure(figure, out / f"{stem}_explain.png")
+    try:
+        with staged_folder(out) as stage:
+            for batch_number, indices in enumerate(batches):
+                for offset, image_index in enumerate(indices):
+                    stem = stems[image_index]
+                    panels = []
+                    for name in methods:
+                        result = results[name][batch_number]
+                        overlay = overlay_heatmap(pictures[image_index], result.maps[offset],
+                                                  transform=loaded.transform, colormap=colormap, alpha=alpha)
+                        save_image(overlay, stage / f"{stem}_{_slug(name)}.png")
+                        _save_array(result.raw[offset].cpu().numpy(), stage / f"{stem}_{_slug(name)}.npy")
+                        flat = " (flat map)" if result.flat[offset] else ""
+                        panels.append((f"{name} — {result.target_names[offset]}{flat}", overlay))
+                    figure = comparison_figure(pictures[image_index], panels)
+                    figure.axes[0].set_title(f"original — predicted: {predicted[image_index]}", fontsize=9)
+                    save_figure(figure, stage / f"{stem}_explain.png")
+    except OSError as err:  # a full disk, a folder removed under us: nothing of the set is left behind
+        raise ConvlensError(f"cannot write the explanations to {out}: {err.strerror or err}; nothing was written "
+                            "(free some space or pass another --out)") from None
     if chosen_layers:
         typer.echo(f"layer: {', '.join(chosen_layers)}{' (auto)' if 'auto' in layers else ''}")
     typer.echo(f"wrote {len(pictures) * (2 * len(methods) + 1)} files to {out}")
