@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> None:
 
     import convlens as cl
     from convlens.metrics import EXPLAINERS, METRICS, evaluate, parameter_randomization
-    from convlens.metrics.base import available_methods
+    from convlens import METHODS
     from convlens.metrics.runner import list_images, resolve_methods
 
-    known = set(available_methods()) | set(EXPLAINERS)
+    known = set(METHODS) | set(EXPLAINERS)
     methods = [m for m in args.methods.split(",") if m in known]
     skipped = [m for m in args.methods.split(",") if m not in known]
     if skipped:

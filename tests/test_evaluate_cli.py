@@ -190,7 +190,7 @@ def run(monkeypatch, capsys):
 @pytest.fixture
 def model_file(tmp_path):
     """A tiny convlens checkpoint (what the script expects; a pickled module would need --trust-code)."""
-    from convlens.train.nets import ShapesNet
+    from convlens.models.nets import ShapesNet
 
     path = tmp_path / "tiny.pt"
     torch.manual_seed(0)

@@ -228,7 +228,7 @@ def test_cli_says_on_one_line_what_was_dropped(run, data, tmp_path):
 
 def checkpoint(path: Path, seed: int = 0) -> Path:
     """A tiny convlens checkpoint file (weights, not pickled code, so it loads without trusting it)."""
-    from convlens.train.nets import ShapesNet
+    from convlens.models.nets import ShapesNet
 
     torch.manual_seed(seed)
     net = ShapesNet(num_classes=3, widths=(4, 8))

@@ -224,16 +224,23 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def normalise(maps: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, list[bool]]:
-    """Per-image min-max to ``[0, 1]``; constant (or non-finite) maps become zeros and are flagged."""
+    """Min-max each map of ``(N, ...)`` to ``[0, 1]``: the one normaliser of convlens.
+
+    The flat-map rule, stated once: a map whose spread is at most ``rtol`` times
+    its largest magnitude (a constant map, all zero after the ReLU, say), or that
+    holds a non-finite value, has nothing to normalise: it becomes zeros and is
+    flagged, never NaN. Heatmaps, Score-CAM's masks and the metrics all use it.
+    """
     flat_maps = maps.flatten(1)
     low = flat_maps.min(dim=1).values
     high = flat_maps.max(dim=1).values
     span = high - low
     scale = torch.maximum(high.abs(), low.abs())
     flat = ~torch.isfinite(span) | (span <= rtol * scale) | (scale == 0)
+    shape = (-1,) + (1,) * (maps.ndim - 1)
     safe_span = torch.where(flat, torch.ones_like(span), span)
-    normalised = (maps - low.view(-1, 1, 1)) / safe_span.view(-1, 1, 1)
-    normalised = torch.where(flat.view(-1, 1, 1), torch.zeros_like(normalised), normalised)
+    normalised = (maps - low.view(shape)) / safe_span.view(shape)
+    normalised = torch.where(flat.view(shape), torch.zeros_like(normalised), normalised)
     return normalised.clamp_(0, 1), flat.tolist()
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .engine import Method, RawMaps, Request, register
+from .engine import Method, RawMaps, Request, normalise, register
 from ..targets import ClassLogits
 
 #: Variants scored per forward pass unless the caller says otherwise.
@@ -59,12 +59,8 @@ def _layer_activations(request: Request) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _normalised_masks(acts: torch.Tensor) -> torch.Tensor:
-    """Per channel, ``(A - min) / (max - min)``; a constant channel gives the zero mask."""
-    flat = acts.flatten(1)
-    low = flat.min(dim=1, keepdim=True).values
-    span = flat.max(dim=1, keepdim=True).values - low
-    masks = torch.where(span > 0, (flat - low) / torch.where(span > 0, span, torch.ones_like(span)), 0.0)
-    return masks.view_as(acts)
+    """Per channel of ``(N, C, h, w)``, min-max to ``[0, 1]`` (:func:`normalise`); a flat channel gives the zero mask."""
+    return normalise(acts.flatten(0, 1))[0].view_as(acts)
 
 
 def scorecam(request: Request, *, batch_size: int = DEFAULT_BATCH_SIZE, top_k: int | None = None,

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 from ..capture import capture
 from ..errors import ConvlensError
+from ..heatmaps import explain
+from ..heatmaps.engine import normalise
 from ..models import Model, as_model
 from ..targets import class_logits
 
@@ -73,12 +75,8 @@ def as_maps(maps, n: int, size: tuple[int, int]) -> torch.Tensor:
 
 
 def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Min-max scale each map of ``(N, H, W)`` to [0, 1]; a flat map becomes zeros, never NaN."""
-    flat = maps.flatten(1)
-    low, high = flat.min(1).values, flat.max(1).values
-    span = (high - low).view(-1, 1, 1)
-    scaled = (maps - low.view(-1, 1, 1)) / span.clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.where(span > 0, scaled, torch.zeros_like(maps))
+    """Min-max scale each map of ``(N, H, W)`` to [0, 1]; a flat map becomes zeros, never NaN (:func:`normalise`)."""
+    return normalise(maps)[0]
 
 
 def forward(model: Model, x: torch.Tensor) -> torch.Tensor:
@@ -153,27 +151,10 @@ ExplainFn = Callable[[Model, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def heatmap_explainer(method: str, **options) -> ExplainFn:
-    """An ``explain_fn`` that calls ``convlens.explain(model, x, method=method, target=targets)``.
-
-    ``convlens.explain`` is imported when the function is first called, so the
-    metrics work (with any other ``explain_fn``) in a build without the heatmap engine.
-    """
+    """An ``explain_fn`` that calls ``convlens.explain(model, x, method=method, target=targets)``."""
 
     def explain_fn(model: Model, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        try:
-            from .. import explain
-        except ImportError:
-            raise ConvlensError("convlens.explain is not available in this build; pass your own explain_fn") from None
         return explain(model, x, method=method, target=[int(t) for t in targets], **options).maps
 
     explain_fn.__name__ = f"explain_{method}"
     return explain_fn
-
-
-def available_methods() -> list[str]:
-    """Heatmap method names of ``convlens.METHODS``, or ``[]`` when the engine is not in this build."""
-    try:
-        from .. import METHODS
-    except ImportError:
-        return []
-    return sorted(METHODS)

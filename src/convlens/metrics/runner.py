@@ -44,7 +44,8 @@ from ..errors import ConvlensError, did_you_mean
 from ..fileio import check_output_dir, write_text
 from ..images import ImageLike, load_image
 from ..models import Model
-from .base import ExplainFn, as_batch, as_model, as_targets, available_methods, heatmap_explainer
+from ..heatmaps import METHODS
+from .base import ExplainFn, as_batch, as_model, as_targets, heatmap_explainer
 from .faithfulness import Curve
 from .resume import Journal, check_settings, clear_run, run_fingerprint, run_id
 from .stats import MeanCI, mean_ci
@@ -90,7 +91,7 @@ def resolve_methods(methods: Sequence[str] | Mapping[str, ExplainFn]) -> dict[st
     """Method names -> explain functions: :data:`EXPLAINERS` first, then ``convlens.METHODS``."""
     if isinstance(methods, Mapping):
         return dict(methods)
-    engine = available_methods()
+    engine = sorted(METHODS)
     resolved = {}
     for name in methods:
         if name in EXPLAINERS:

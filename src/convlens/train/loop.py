@@ -34,7 +34,7 @@ from ..fileio import atomic_path
 from ..targets import class_probabilities
 from ..data.folders import (LabelledImages, check_trainable, load_class_folders, resolve_data_dirs,
                             stratified_split)
-from .nets import ShapesNet
+from ..models.nets import ShapesNet
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
@@ -267,7 +267,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 def train(data: str | os.PathLike | LabelledImages, out_dir: str | os.PathLike, config: TrainConfig | None = None,
           *, resume: str | os.PathLike | None = None,
           progress: Callable[[ProgressEvent], None] | None = None) -> TrainResult:
-    """Train a :class:`~convlens.train.nets.ShapesNet` and write it with its evaluation to ``out_dir``.
+    """Train a :class:`~convlens.models.nets.ShapesNet` and write it with its evaluation to ``out_dir``.
 
     Args:
         data: a class-folder tree (see :mod:`convlens.data.folders`) or images in memory.
