@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..capture import prefix_tokens, spatial_view
 from .engine import Method, RawMaps, Request, normalise, register
 from ..targets import ClassLogits
 
@@ -123,25 +124,32 @@ def ablationcam(request: Request, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Ra
     acts, base_scores = _layer_activations(request)
     n, channels = acts.shape[:2]
     layer = request.model.named_layers()[request.layers[0]]
-    channels_last = request.model.layout == "channels_last"
+    keras = request.model.layout == "channels_last"
+    size, prefix = tuple(request.x.shape[-2:]), prefix_tokens(request.model.module)
+    repeat_input = False  # decided once: a model that cannot broadcast the ablated batch gets repeated inputs
     maps = []
     for image in range(n):
         image_x = request.x[image].unsqueeze(0)
-        repeat_input = False
 
         def ablated(start: int, stop: int, image_x=image_x):
-            keep = torch.ones(stop - start, channels, dtype=image_x.dtype, device=image_x.device)
+            keep = torch.ones(stop - start, channels, 1, 1, dtype=image_x.dtype, device=image_x.device)
             keep[torch.arange(stop - start), torch.arange(start, stop)] = 0
-            keep = keep[:, None, None, :] if channels_last else keep[:, :, None, None]
 
             def ablate(module, inputs, output):
-                return output.expand(stop - start, *output.shape[1:]) * keep
+                # Zero channel k of variant k in the layer's own layout (channels-last, tokens): through its map view.
+                expanded = output.expand(stop - start, *output.shape[1:])
+                view = spatial_view(expanded, size, channels_last=keras, prefix_tokens=prefix)
+                return view.restore(view.map * keep, expanded)
 
             return (image_x.expand(stop - start, -1, -1, -1) if repeat_input else image_x), {layer: ablate}
 
         try:
             scores = score_variants(request, image, channels, ablated, batch_size, image * channels, n * channels)
+        except torch.OutOfMemoryError:
+            raise  # not a broadcasting problem: a smaller batch_size is the cure, not a retry
         except RuntimeError:
+            if repeat_input:
+                raise
             repeat_input = True
             scores = score_variants(request, image, channels, ablated, batch_size, image * channels, n * channels)
         base = base_scores[image]
