@@ -24,7 +24,7 @@ from ..inside import class_model as compute_class_model
 from ..inside import deepdream as compute_deepdream
 from ..inside import filter_patterns
 from ..inside.optimize import check_settings
-from ..render.grid import activation_grid, channel_image, filter_grid
+from ..render.grid import activation_grid, channel_image, filter_grid, to_pil
 from . import app
 from .common import ArchOpt, LabelsOpt, ModelArg, PreprocessingOpt, InputSizeOpt, OutputOpt, TrustCodeOpt, WeightsOpt, comma_list, open_model
 
@@ -280,5 +280,5 @@ def deepdream(
     with _progress(octaves * steps, "deepdream") as progress:
         dream = compute_deepdream(loaded, picture, _split(layers), octaves=octaves, octave_scale=octave_scale,
                                   steps=steps, lr=lr, seed=seed, progress=progress)
-    save_image(dream, out)
+    save_image(to_pil(dream), out)
     typer.echo(f"wrote {out}")
