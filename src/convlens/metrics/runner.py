@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.folders import IMAGE_SUFFIXES
-from ..data.shapes import MASK_SUFFIX, mask_path
+from ..data.folders import IMAGE_SUFFIXES, image_files
+from ..data.shapes import load_mask, mask_path
 from ..errors import ConvlensError, did_you_mean
 from ..fileio import check_output_dir, write_text
 from ..images import ImageLike, load_image
@@ -61,15 +61,14 @@ def find_mask(image_path: Path) -> np.ndarray | None:
 
     Looks, in this order, for ``<stem>.mask.png`` beside the image, then
     ``masks/<stem>.png`` in the image's folder, then ``../masks/<stem>.png`` (a
-    ``masks/`` folder next to an ``images/`` folder). Any nonzero pixel is object.
+    ``masks/`` folder next to an ``images/`` folder), read by :func:`convlens.data.shapes.load_mask`.
     """
     image_path = Path(image_path)
     stem = image_path.name[: -len(image_path.suffix)] if image_path.suffix else image_path.name
     for candidate in (mask_path(image_path), image_path.parent / "masks" / f"{stem}.png",
                       image_path.parent.parent / "masks" / f"{stem}.png"):
         if candidate.is_file() and candidate != image_path:
-            with Image.open(candidate) as opened:
-                return np.asarray(opened.convert("L")) > 0
+            return load_mask(candidate)
     return None
 
 
@@ -80,8 +79,7 @@ def list_images(data: str | os.PathLike) -> list[Path]:
         return [data]
     if not data.is_dir():
         raise ConvlensError(f"data not found: {data} (pass a folder of images)")
-    images = [p for p in sorted(data.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-              and not p.name.endswith(MASK_SUFFIX) and "masks" not in p.relative_to(data).parts[:-1]]
+    images = image_files(data)
     if not images:
         raise ConvlensError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {data}")
     return images

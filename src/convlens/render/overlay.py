@@ -44,7 +44,9 @@ def check_style(colormap: str, alpha: float) -> None:
 
 
 def colorize(heatmap: np.ndarray, colormap: str = "jet") -> np.ndarray:
-    """``(H, W)`` values in [0, 1] -> ``(H, W, 3)`` uint8 RGB through a matplotlib colormap.
+    """Values in [0, 1] of any shape ``(..., )`` -> ``(..., 3)`` uint8 RGB through a matplotlib colormap.
+
+    The one colour mapper of convlens (heatmap overlays and activation grids).
 
     The colours are those of ``colormaps[colormap](heatmap)``, looked up in the
     colormap's own table: calling the colormap would build a float64 RGBA
