@@ -16,8 +16,9 @@ from PIL import Image
 
 from convlens.capture import borrow
 from convlens.errors import ConvlensError
-from convlens.metrics import deletion, evaluate, find_mask, mean_ci, pointing_game
-from convlens.metrics.runner import mask_for_model
+from convlens.evaluation import evaluate, find_mask
+from convlens.metrics import deletion, mean_ci, pointing_game
+from convlens.evaluation.runner import mask_for_model
 from convlens.models.loading import from_module
 
 from conftest import TinyNet
@@ -173,7 +174,7 @@ def test_localisation_without_any_mask_is_an_error(model, tmp_path):
 def run(monkeypatch, capsys):
     """``convlens ARGS`` in this process through ``main()``, the stand-in explainers registered for the test."""
     from convlens.cli import main
-    from convlens.metrics import EXPLAINERS
+    from convlens.evaluation import EXPLAINERS
 
     for name, fn in STAND_INS.items():
         monkeypatch.setitem(EXPLAINERS, name, fn)
@@ -241,7 +242,7 @@ def test_metric_values_are_finite_or_missing(model, data, tmp_path):
 def test_shapes_figures_script_runs_on_a_tiny_model(monkeypatch, model_file, data, tmp_path, capsys):
     import importlib.util
 
-    from convlens.metrics import EXPLAINERS
+    from convlens.evaluation import EXPLAINERS
 
     for name, fn in STAND_INS.items():
         monkeypatch.setitem(EXPLAINERS, name, fn)
@@ -260,7 +261,8 @@ def test_shapes_figures_script_runs_on_a_tiny_model(monkeypatch, model_file, dat
 
 
 def test_in_memory_evaluation_matches_the_folder_run(model, data, tmp_path):
-    from convlens.metrics import METRICS as REGISTRY, evaluate_images, summary_table
+    from convlens.evaluation import evaluate_images, summary_table
+    from convlens.metrics import METRICS as REGISTRY
 
     metrics = ["drop", "pointing_strict", "energy_pointing"]
     on_disk = evaluate(model, data, methods=STAND_INS, metrics=metrics, out_dir=tmp_path / "out", limit=2)

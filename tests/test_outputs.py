@@ -140,7 +140,7 @@ def calls(monkeypatch):
     import convlens.cli.explain
     import convlens.cli.report
     import convlens.data.shapes
-    import convlens.metrics.runner
+    import convlens.evaluation.runner
     import convlens.train
 
     record = []
@@ -152,7 +152,7 @@ def calls(monkeypatch):
         return called
 
     for module, name in [(convlens.cli.common, "load_model"), (convlens.cli.explain, "explain_images"),
-                         (convlens.cli.report, "build_report"), (convlens.metrics.runner, "evaluate"),
+                         (convlens.cli.report, "build_report"), (convlens.evaluation.runner, "evaluate"),
                          (convlens.train, "train"), (convlens.data.shapes, "write_shapes")]:
         monkeypatch.setattr(module, name, recorder(name))
     return record

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from convlens.errors import ConvlensError
-from convlens.metrics import evaluate
+from convlens.evaluation import evaluate
 from convlens.models.loading import from_module
 
 from conftest import TinyNet
@@ -183,7 +183,7 @@ def test_with_run_json_damaged_the_lines_of_another_model_are_not_trusted(clean,
 @pytest.fixture
 def run(monkeypatch, capsys):
     from convlens.cli import main
-    from convlens.metrics import EXPLAINERS
+    from convlens.evaluation import EXPLAINERS
 
     for name, fn in {"magnitude": magnitude, "brightness": brightness}.items():
         monkeypatch.setitem(EXPLAINERS, name, fn)

@@ -50,7 +50,7 @@ def evaluate(
     """
     from tqdm import tqdm
 
-    from ..metrics.runner import evaluate as run_evaluation
+    from ..evaluation.runner import evaluate as run_evaluation
 
     check_output_dir(out)  # before the model loads: a bad --out must not cost anything
     method_names, metric_names = _names(methods, "--methods"), _names(metrics, "--metrics")

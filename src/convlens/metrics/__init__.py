@@ -75,8 +75,3 @@ __all__ = ["BASELINES", "METRICS", "Curve", "ExplainFn", "MeanCI", "Metric", "Ra
            "energy_pointing_game", "gaussian_blur", "heatmap_explainer", "increase_in_confidence", "insertion",
            "iou", "linear_imputation", "mean_ci", "normalize_maps", "parameter_randomization",
            "pointing_game", "region_boxes", "road", "road_gap", "road_score", "scaled_tolerance", "spearman", "ssim"]
-
-from .runner import EXPLAINERS, Evaluation, evaluate, evaluate_images, find_mask  # noqa: E402  (uses METRICS)
-from .report import summary_table  # noqa: E402
-
-__all__ += ["EXPLAINERS", "Evaluation", "evaluate", "evaluate_images", "find_mask", "summary_table"]

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..fileio import atomic_path, write_text
-from .stats import MeanCI
+from ..metrics.stats import MeanCI
 
 _HTML = """<!doctype html>
 <html><head><meta charset="utf-8"><title>convlens evaluate</title>

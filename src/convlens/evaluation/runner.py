@@ -13,7 +13,7 @@ Outputs in ``out_dir``:
 * ``summary.md`` and ``summary.html``: per method and metric, the mean with its
   95 % t-interval and the number of images.
 * ``deletion.png`` / ``insertion.png``: the mean curve of each method.
-* ``run.json``: the run's fingerprint (:func:`~convlens.metrics.resume.run_fingerprint`): the model's
+* ``run.json``: the run's fingerprint (:func:`~convlens.evaluation.resume.run_fingerprint`): the model's
   weights and preprocessing, the methods, the metrics, the images (names,
   sizes, modification times, masks) and the options. Resuming with anything
   different is refused with a line saying what differs; ``restart=True``
@@ -43,12 +43,14 @@ from ..data.shapes import load_mask, mask_path
 from ..errors import ConvlensError, did_you_mean
 from ..fileio import check_output_dir, write_text
 from ..images import ImageLike, load_image
-from ..models import Model
 from ..heatmaps import METHODS
-from .base import ExplainFn, as_batch, as_model, as_targets, heatmap_explainer
-from .faithfulness import Curve
+from ..metrics import METRICS
+from ..metrics.base import ExplainFn, as_batch, as_model, as_targets, heatmap_explainer
+from ..metrics.faithfulness import Curve
+from ..metrics.stats import MeanCI, mean_ci
+from ..models import Model
 from .resume import Journal, check_settings, clear_run, run_fingerprint, run_id
-from .stats import MeanCI, mean_ci
+from .summary import write_summary
 
 #: Explainers by method name, consulted before ``convlens.METHODS``: register your own here.
 EXPLAINERS: dict[str, ExplainFn] = {}
@@ -155,7 +157,6 @@ def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], m
         evaluate(model, "shapes/", methods=["gradcam", "scorecam"], metrics=["deletion", "pointing"],
                  out_dir="eval/")
     """
-    from . import METRICS
 
     check_output_dir(out_dir, option="out_dir")
     model = as_model(model)
@@ -217,7 +218,6 @@ def evaluate_images(model, images: Sequence[tuple[str, ImageLike, np.ndarray | N
 def score_image(model: Model, picture: Image.Image, mask: np.ndarray | None, explainers: Mapping[str, ExplainFn],
                 metrics: Sequence[str], *, name: str, batch_size: int = 64) -> Iterator[dict]:
     """Explain one image (for the model's top class) with each method and score the maps; one record per method."""
-    from . import METRICS
 
     x = model.preprocess([picture])
     targets = as_targets(model, as_batch(model, x), None)
@@ -247,7 +247,6 @@ def summarize_rows(rows: list[dict], methods: Sequence[str], metrics: Sequence[s
 
 
 def _check_metrics(metrics: Sequence[str]) -> None:
-    from . import METRICS
 
     for name in metrics:
         if name not in METRICS:
@@ -280,8 +279,6 @@ def _write_table(out_dir: Path, records: list[dict], metrics: Sequence[str]) -> 
 
 
 def _finish(out_dir, records, metrics, methods, images, root) -> Evaluation:
-    from . import METRICS
-    from .report import write_summary
 
     keys = {_key(root, p) for p in images}
     rows = [r for r in _latest(records) if r["method"] in methods and r["image"] in keys]
