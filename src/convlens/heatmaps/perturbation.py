@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..capture import prefix_tokens, spatial_view
+from ..scoring import MakeBatch, score_batches
 from .engine import Method, RawMaps, Request, normalise, register
 from ..targets import ClassLogits
 
@@ -28,27 +29,18 @@ def _image_score(request: Request, image: int, rows: int) -> Callable[[torch.Ten
     return request.score_fn  # a callable target must score each row on its own
 
 
-def score_variants(request: Request, image: int, count: int,
-                   make_batch: Callable[[int, int], tuple[torch.Tensor, dict]],
+def score_variants(request: Request, image: int, count: int, make_batch: MakeBatch,
                    batch_size: int, done: int = 0, total: int = 0) -> torch.Tensor:
     """Scores ``(count,)`` of ``count`` variants of image ``image``, ``batch_size`` per forward pass.
 
     ``make_batch(start, stop)`` returns the channels-first input of variants
     ``start:stop`` and the output rewrites that create them (``{}`` for masked
-    inputs; a layer rewrite for ablations).
+    inputs; a layer rewrite for ablations); see :func:`convlens.scoring.score_batches`.
     """
-    scores = []
-    for start in range(0, count, batch_size):
-        stop = min(start + batch_size, count)
-        batch, rewrite = make_batch(start, stop)
-        with torch.inference_mode(), request.capture([], rewrite=rewrite) as rec:
-            output = rec.forward(batch.contiguous(memory_format=torch.channels_last))
-        values = _image_score(request, image, stop - start)(output).float()
-        if values.shape[0] != stop - start:  # a variant batch the model could not broadcast
-            raise RuntimeError(f"expected {stop - start} scores, got {values.shape[0]}")
-        scores.append(values)
-        request.report(done + stop, total)
-    return torch.cat(scores)
+    return score_batches(request.model, count, make_batch,
+                         lambda output, start, stop: _image_score(request, image, stop - start)(output),
+                         batch_size=batch_size, rewrite=request.rewrites(),
+                         progress=lambda stop, _: request.report(done + stop, total))
 
 
 def _layer_activations(request: Request) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,6 +34,7 @@ from ..errors import ConvlensError
 from ..heatmaps import explain
 from ..heatmaps.engine import normalise
 from ..models import Model, as_model
+from ..scoring import score_batches
 from ..targets import class_logits
 
 Targets = Union[None, int, Sequence[int], torch.Tensor]
@@ -124,21 +125,16 @@ def prepare(model, x: torch.Tensor, maps, targets: Targets = None) -> Prepared:
 
 def score_inputs(model: Model, make_inputs: Callable[[int, int], torch.Tensor], count: int,
                  targets: torch.Tensor, *, batch_size: int = 64, score: Score = "probability") -> torch.Tensor:
-    """Score ``count`` inputs built lazily, ``batch_size`` at a time: the one perturbation loop.
+    """Score ``count`` inputs built lazily, ``batch_size`` at a time (:func:`convlens.scoring.score_batches`).
 
     ``make_inputs(start, stop)`` returns the channels-first inputs ``start..stop-1``
     and ``targets[i]`` is the class input ``i`` is scored for, so no more than
     ``batch_size`` perturbed images exist at once. Returns float32 ``(count,)``.
     """
-    if batch_size < 1:
-        raise ConvlensError(f"batch size must be at least 1, got {batch_size}")
-    scores = torch.empty(count, dtype=torch.float32, device=targets.device)
-    with capture(model) as rec, torch.no_grad():
-        for start in range(0, count, batch_size):
-            stop = min(start + batch_size, count)
-            output = rec.forward(make_inputs(start, stop))
-            scores[start:stop] = class_scores(model, output, targets[start:stop], score).to(scores.device)
-    return scores
+    scores = score_batches(model, count, lambda start, stop: (make_inputs(start, stop), {}),
+                           lambda output, start, stop: class_scores(model, output, targets[start:stop], score),
+                           batch_size=batch_size)
+    return scores.to(targets.device)
 
 
 def trapezoid_auc(fractions: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
