@@ -116,3 +116,22 @@ def test_one_checking_pass_plus_what_the_method_needs(capsys, files, tmp_path, m
     code, _, err = run(capsys, "explain", "tiny", files["pictures"][0], "--method", method, "--out", tmp_path / "o")
     assert code == 0, err
     assert len(passes) == 1 + own_passes
+
+
+def test_target_all_writes_the_per_class_grid(capsys, files, tmp_path):
+    out = tmp_path / "all"
+    code, stdout, err = run(capsys, "explain", files["tiny"], *files["pictures"], "--method", "gradcam,cam",
+                            "--target", "all", "--out", out)
+    assert code == 0, err
+    stem = files["pictures"][0].stem
+    raw = np.load(out / f"{stem}_gradcam.npy")
+    net = torch.load(files["tiny"], weights_only=False)
+    expected = cl.explain(net, cl.load_model(net).preprocess([files["pictures"][0]]), method="gradcam",
+                          target="all").raw[0]
+    assert raw.shape == (3, *expected.shape[1:]) and np.allclose(raw, expected.numpy(), atol=1e-6)
+    with Image.open(out / f"{stem}_gradcam.png") as grid:
+        assert grid.size[0] > grid.size[1]  # original + 3 classes in one row of 4
+    assert not (out / f"{stem}_explain.png").exists()
+    code, _, err = run(capsys, "explain", files["tiny"], files["pictures"][0], "--method", "saliency",
+                       "--target", "all", "--out", tmp_path / "refused")
+    assert code == 2 and "one class at a time" in err and not (tmp_path / "refused").exists()

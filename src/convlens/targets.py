@@ -21,6 +21,8 @@ What a user may pass, resolved by :func:`resolve_targets`:
   positive class, its logit; ``0`` the negative class, minus the logit);
 * a ``str``: a class name looked up in ``model.labels``;
 * a list/tuple/1-D tensor: one of the above per image;
+* ``"all"``: every class at once, one map per class for each image (CAM and the
+  gradient-weighted CAM methods: their scores are ``(N, K)``, see :class:`AllClasses`);
 * a callable ``fn(output) -> (N,)``: any scalar per image (a probability, a
   region of a segmentation map, one head of a multi-output model: it gets
   the whole output); its class index is reported as ``-1``.
@@ -133,6 +135,19 @@ class ClassLogits:
         return f"ClassLogits({self.class_indices})"
 
 
+class AllClasses:
+    """``score(output) = class_logits(output)``, ``(N, K)``: every class of every image at once (``target="all"``)."""
+
+    def __init__(self, select: OutputKey = None):
+        self.select = select
+
+    def __call__(self, output) -> torch.Tensor:
+        return class_logits(select_output(output, self.select))
+
+    def __repr__(self) -> str:
+        return "AllClasses()"
+
+
 def _class_count(output: torch.Tensor) -> int:
     count = output.flatten(1).shape[1]
     return 2 if count == 1 else count
@@ -179,12 +194,14 @@ def resolve_targets(target: TargetSpec, output, labels: list[str] | None = None,
 
     Returns:
         ``score_fn(output) -> (N,)`` and the class index explained for each image
-        (``-1`` for a callable target).
+        (``-1`` for a callable target); for ``"all"``, ``score_fn(output) -> (N, K)`` and the K classes.
     """
     if callable(target) and not isinstance(target, (str, torch.Tensor)):
         return target, [-1] * _batch_size(output)
     output = select_output(output, select).detach()
     count = output.shape[0]
+    if isinstance(target, str) and target.lower() == "all":
+        return AllClasses(select), list(range(_class_count(output)))
     if isinstance(target, torch.Tensor) and target.ndim == 0:
         target = target.item()
     if isinstance(target, (list, tuple, torch.Tensor)):

@@ -17,9 +17,15 @@ from . import app
 from .common import ArchOpt, ImagesArg, LabelsOpt, ModelArg, PreprocessingOpt, InputSizeOpt, OutputOpt, TrustCodeOpt, WeightsOpt, comma_list, open_model
 
 
+#: --target all draws one panel per class; beyond this many, a figure is no use to anyone.
+MAX_CLASS_PANELS = 100
+
+
 def _parse_target(text: str, count: int):
-    """``top1`` -> None; ``3`` or ``tabby`` -> one target; ``a,b,...`` with one per image -> a list."""
+    """``top1`` -> None; ``all`` -> every class; ``3`` or ``tabby`` -> one target; ``a,b,...`` one per image."""
     parts = comma_list(text)
+    if len(parts) == 1 and parts[0].lower() == "all":
+        return "all"
     if not parts or (len(parts) == 1 and parts[0].lower() in ("top1", "top-1")):
         return None
     values = [int(p) if p.lstrip("-").isdigit() else (None if p.lower() == "top1" else p) for p in parts]
@@ -50,7 +56,7 @@ def explain(
     images: ImagesArg,
     method: Annotated[str, typer.Option("--method", "-m", help="Comma-separated methods, e.g. gradcam,scorecam,saliency.")] = "gradcam",
     layer: Annotated[str, typer.Option("--layer", help="'auto' (last spatial layer), a layer name, or several comma-separated.")] = "auto",
-    target: Annotated[str, typer.Option("--target", help="top1, a class index or name, or one per image comma-separated.")] = "top1",
+    target: Annotated[str, typer.Option("--target", help="top1, all (one map per class: CAM and Grad-CAM family), a class index or name, or one per image comma-separated.")] = "top1",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs and .npy maps.")] = Path("explanations"),
     colormap: Annotated[str, typer.Option("--colormap", help="A matplotlib colormap.")] = "jet",
     alpha: Annotated[float, typer.Option("--alpha", help="Heatmap opacity over the photo, 0-1.")] = 0.4,
@@ -73,7 +79,7 @@ def explain(
     Example: convlens explain resnet50 cat.jpg dog.jpg --method gradcam,scorecam --target top1 --out maps
     """
     check_output_dir(out)  # before any work: a bad --out must not cost a whole run
-    from ..render.overlay import check_style, comparison_figure, overlay_heatmap, save_figure  # matplotlib: slow import
+    from ..render.overlay import bounded, check_style, comparison_figure, overlay_heatmap, save_figure  # matplotlib: slow import
 
     methods = list(dict.fromkeys(get_method(name).name for name in comma_list(method)))
     if not methods:
@@ -94,6 +100,10 @@ def explain(
     plans = [check_request(loaded, [pictures[i] for i in indices], methods, layer_ref, batch_targets(indices))
              for indices in batches]
     chosen_layers = plans[0].layers
+    every_class = targets == "all"
+    if every_class and len(plans[0].class_indices) > MAX_CLASS_PANELS:
+        raise ConvlensError(f"--target all draws one panel per class and this model has {len(plans[0].class_indices)} "
+                            f"classes (at most {MAX_CLASS_PANELS}); name the classes instead, e.g. --target 3")
 
     # Cheap methods first, so a method-specific error (CAM without a GAP head) comes before the slow ones.
     order = sorted(methods, key=lambda name: get_method(name).kind == "perturbation")
@@ -116,12 +126,25 @@ def explain(
                     panels = []
                     for name in methods:
                         result = results[name][batch_number]
+                        slug = _slug(name)
+                        _save_array(result.raw[offset].cpu().numpy(), stage / f"{stem}_{slug}.npy")
+                        if every_class:  # one panel per class: the per-class grid
+                            thumbnail = bounded(pictures[image_index], 512)  # K panels: small pictures suffice
+                            grid = [(f"{label}{' (flat)' if result.flat[offset][k] else ''}",
+                                     overlay_heatmap(thumbnail, result.maps[offset, k],
+                                                     transform=loaded.transform, colormap=colormap, alpha=alpha))
+                                    for k, label in enumerate(result.target_names)]
+                            figure = comparison_figure(thumbnail, grid, columns=6)
+                            figure.suptitle(f"{name}: every class", fontsize=10)
+                            save_figure(figure, stage / f"{stem}_{slug}.png")
+                            continue
                         overlay = overlay_heatmap(pictures[image_index], result.maps[offset],
                                                   transform=loaded.transform, colormap=colormap, alpha=alpha)
-                        save_image(overlay, stage / f"{stem}_{_slug(name)}.png")
-                        _save_array(result.raw[offset].cpu().numpy(), stage / f"{stem}_{_slug(name)}.npy")
+                        save_image(overlay, stage / f"{stem}_{slug}.png")
                         flat = " (flat map)" if result.flat[offset] else ""
                         panels.append((f"{name} — {result.target_names[offset]}{flat}", overlay))
+                    if every_class:
+                        continue
                     figure = comparison_figure(pictures[image_index], panels)
                     figure.axes[0].set_title(f"original — predicted: {predicted[image_index]}", fontsize=9)
                     save_figure(figure, stage / f"{stem}_explain.png")
@@ -130,4 +153,4 @@ def explain(
                             "(free some space or pass another --out)") from None
     if chosen_layers:
         typer.echo(f"layer: {', '.join(chosen_layers)}{' (auto)' if 'auto' in layers else ''}")
-    typer.echo(f"wrote {len(pictures) * (2 * len(methods) + 1)} files to {out}")
+    typer.echo(f"wrote {len(pictures) * (2 * len(methods) + (0 if every_class else 1))} files to {out}")

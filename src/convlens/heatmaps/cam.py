@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ConvlensError
-from ..targets import ClassLogits
+from ..targets import AllClasses, ClassLogits, class_logits
 from .engine import Method, RawMaps, Request, register
 
 Weighting = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -33,20 +33,44 @@ def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Te
 
 
 def weighted_channel_sum(request: Request, weighting: Weighting) -> RawMaps:
-    """Forward, gradient of the target down to each layer, ``sum_k weighting(A, G)_k * A_k``."""
+    """Forward, gradient of the target down to each layer, ``sum_k weighting(A, G)_k * A_k``.
+
+    With ``target="all"`` the scores are ``(N, K)``: the K classes' gradients come from
+    the same forward pass, all at once as a batched vector-Jacobian product, and the
+    raw maps are ``(N, K, h, w)``.
+    """
     with request.capture(graph=True) as rec:
         output = rec.forward(request.x)
         scores = request.score(output)
         acts = [request.layer_output(rec, name) for name in request.layers]
         # The gradient only down to the recorded outputs: the layers before them never see a backward pass.
-        grads = torch.autograd.grad(scores.sum(), acts, allow_unused=True)
+        grads = _class_gradients(scores, acts) if scores.ndim == 2 else torch.autograd.grad(
+            scores.sum(), acts, allow_unused=True)
     maps = []
     for name, act, grad in zip(request.layers, acts, grads):
         if grad is None:
             raise ConvlensError(f"the target does not depend on layer {name!r}; choose a layer before the output")
         act, grad = act.detach().float(), grad.float()
-        maps.append((weighting(act, grad) * act).sum(dim=1))
+        if grad.ndim == 5:  # (K, N, C, h, w): classes folded into the batch, so every weighting works as it is
+            classes, n = grad.shape[:2]
+            folded = act.unsqueeze(0).expand(classes, *act.shape).flatten(0, 1)
+            per_class = (weighting(folded, grad.flatten(0, 1)) * folded).sum(dim=1)
+            maps.append(per_class.view(classes, n, *per_class.shape[1:]).transpose(0, 1))
+        else:
+            maps.append((weighting(act, grad) * act).sum(dim=1))
     return RawMaps(maps)
+
+
+def _class_gradients(scores: torch.Tensor, acts: list[torch.Tensor]) -> tuple:
+    """``d scores[:, k] / d act`` for every class k: ``(K, N, C, h, w)`` per layer, from one graph."""
+    classes = scores.shape[1]
+    basis = torch.eye(classes, dtype=scores.dtype, device=scores.device).unsqueeze(1).expand(classes, *scores.shape)
+    try:
+        return torch.autograd.grad(scores, acts, grad_outputs=basis, is_grads_batched=True, allow_unused=True)
+    except RuntimeError:  # an operation without a batching rule: one backward per class, same forward pass
+        per_class = [torch.autograd.grad(scores[:, k].sum(), acts, retain_graph=True, allow_unused=True)
+                     for k in range(classes)]
+        return tuple(None if grads[0] is None else torch.stack(grads) for grads in zip(*per_class))
 
 
 def gradcam(request: Request) -> RawMaps:
@@ -162,7 +186,7 @@ def class_activation_map(request: Request) -> RawMaps:
     Only defined when the layer's global average is exactly what the final
     linear layer reads; anything else is a one-line error.
     """
-    if not isinstance(request.score_fn, ClassLogits):
+    if not isinstance(request.score_fn, (ClassLogits, AllClasses)):
         raise ConvlensError("CAM explains a class; pass a class index or name as the target, not a function")
     head, weight = _linear_head(request)
     head_inputs: list[torch.Tensor] = []
@@ -183,21 +207,20 @@ def class_activation_map(request: Request) -> RawMaps:
         raise ConvlensError(f"CAM needs layer {name!r} followed by global average pooling and a linear head; "
                             "this model's classifier reads something else: use gradcam (the same map where CAM applies)")
     weight = weight.float().to(act.device)
-    class_index = torch.as_tensor(request.class_indices, device=act.device)
-    if weight.shape[0] == 1:  # one logit: the negative class's weights are the negated ones
-        rows = weight[0].unsqueeze(0) * torch.where(class_index == 1, 1.0, -1.0).view(-1, 1)
-    else:
-        rows = weight[class_index]
+    weight = class_logits(weight.T).T  # one logit: the negative class's weights are the negated ones
+    if isinstance(request.score_fn, AllClasses):
+        return RawMaps([torch.einsum("kc,nchw->nkhw", weight, act)])
+    rows = weight[torch.as_tensor(request.class_indices, device=act.device)]
     return RawMaps([torch.einsum("nc,nchw->nhw", rows, act)])
 
 
 for _method in (
-    Method("cam", "cam", class_activation_map, summary="CAM (Zhou 2016): GAP + linear head weights"),
-    Method("gradcam", "cam", gradcam, multi_layer=True, summary="Grad-CAM: mean gradient per channel"),
-    Method("gradcam++", "cam", gradcam_plusplus, multi_layer=True, summary="Grad-CAM++: weighted positive gradients"),
-    Method("xgradcam", "cam", xgradcam, multi_layer=True, summary="XGrad-CAM: activation-weighted gradients"),
-    Method("hirescam", "cam", hirescam, multi_layer=True, summary="HiResCAM: gradient x activation"),
-    Method("layercam", "cam", layercam, multi_layer=True, summary="LayerCAM: positive gradient x activation"),
-    Method("eigencam", "cam", eigencam, multi_layer=True, summary="Eigen-CAM: first principal component"),
+    Method("cam", "cam", class_activation_map, all_classes=True),
+    Method("gradcam", "cam", gradcam, multi_layer=True, all_classes=True),
+    Method("gradcam++", "cam", gradcam_plusplus, multi_layer=True, all_classes=True),
+    Method("xgradcam", "cam", xgradcam, multi_layer=True, all_classes=True),
+    Method("hirescam", "cam", hirescam, multi_layer=True, all_classes=True),
+    Method("layercam", "cam", layercam, multi_layer=True, all_classes=True),
+    Method("eigencam", "cam", eigencam, multi_layer=True),
 ):
     register(_method)

@@ -47,7 +47,7 @@ from ..capture import capture, merge_rewrites, resolve_layers
 from ..errors import ConvlensError, did_you_mean
 from ..models import Model, Summary, as_model, summarize, survey
 from ..models.model import ensure_finite
-from ..targets import ScoreFn, TargetSpec, class_logits, resolve_targets
+from ..targets import AllClasses, ScoreFn, TargetSpec, class_logits, resolve_targets
 
 Progress = Callable[[int, int], None]  # progress(done, total)
 
@@ -58,7 +58,7 @@ class Method:
 
     ``compute(request, **options)`` returns a :class:`RawMaps`. ``uses_layer``:
     the method reads a layer (CAM family, Guided Grad-CAM); ``multi_layer``: it
-    may combine several layers.
+    may combine several layers; ``all_classes``: it takes ``target="all"``.
     """
 
     name: str
@@ -66,7 +66,7 @@ class Method:
     compute: Callable[..., RawMaps]
     uses_layer: bool = True
     multi_layer: bool = False
-    summary: str = ""
+    all_classes: bool = False  # explains every class from one pass (target="all")
 
     def option_names(self) -> list[str]:
         params = list(inspect.signature(self.compute).parameters.values())[1:]
@@ -108,8 +108,8 @@ class Request:
                        rewrite=self.rewrites(rewrite))
 
     def score(self, output) -> torch.Tensor:
-        """The target score per image ``(N,)`` of a pass over the request's batch."""
-        return _checked_scores(self.score_fn(output), len(self.class_indices))
+        """The target score per image ``(N,)`` of a pass over the request's batch; ``(N, K)`` for ``target="all"``."""
+        return _checked_scores(self.score_fn(output), self.x.shape[0], self.score_fn)
 
     def layer_output(self, rec, name: str) -> torch.Tensor:
         """The recorded ``(N, C, h, w)`` output of ``name``; a non-spatial layer is a user error."""
@@ -125,8 +125,9 @@ class Request:
             self.progress(done, total)
 
 
-def _checked_scores(scores, count: int) -> torch.Tensor:
-    if not isinstance(scores, torch.Tensor) or scores.ndim != 1 or scores.shape[0] != count:
+def _checked_scores(scores, count: int, score_fn: ScoreFn) -> torch.Tensor:
+    rank = 2 if isinstance(score_fn, AllClasses) else 1
+    if not isinstance(scores, torch.Tensor) or scores.ndim != rank or scores.shape[0] != count:
         shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise ConvlensError(f"a target must give one score per image, got {shape}")
     return scores
@@ -172,6 +173,10 @@ def register(method: Method) -> Method:
 class Explanation:
     """Heatmaps for a batch, one per image, and what produced them (see the module contract).
 
+    With ``target="all"`` every class of every image has a map: ``maps`` is
+    ``(N, K, H, W)``, ``raw`` ``(N, K, h, w)``, ``targets`` lists the K classes and
+    ``flat`` holds K flags per image.
+
     Attributes:
         maps: ``(N, H, W)`` float32 in ``[0, 1]`` at the input tensor's resolution.
         raw: the method's map before normalisation (layer resolution for CAMs).
@@ -209,6 +214,8 @@ class Explanation:
         if images is None:
             raise ConvlensError("pass the original images to overlay(); explain() was given a tensor")
         pictures = load_images(images)
+        if self.maps.ndim != 3:
+            raise ConvlensError("overlay() draws one map per image; with target='all' pick a class: maps[:, k]")
         if len(pictures) != self.maps.shape[0]:
             raise ConvlensError(f"{len(pictures)} images given for {self.maps.shape[0]} heatmaps")
         return overlay_heatmaps(pictures, self.maps, transform=self.transform, colormap=colormap, alpha=alpha)
@@ -312,7 +319,7 @@ def check_request(model, inputs, methods: Sequence[str], layer: str | nn.Module 
             raise ConvlensError(f"method {method.name!r} takes one layer, got {len(names)}: {', '.join(names)}")
     with torch.no_grad():
         score_fn, indices = resolve_targets(target, output, loaded.labels, loaded.select)
-        _checked_scores(score_fn(output), x.shape[0])
+        _checked_scores(score_fn(output), x.shape[0], score_fn)
     return Plan(loaded, x, images, names, score_fn, indices, output)
 
 
@@ -348,14 +355,24 @@ def explain(model, inputs=None, method: str = "gradcam", layer: str | nn.Module 
         if plan is None:
             plan = check_request(model, inputs, [chosen.name], layer, target)
         names = plan.layers if chosen.uses_layer else []
+        if isinstance(plan.score_fn, AllClasses) and not chosen.all_classes:
+            capable = ", ".join(name for name, m in METHODS.items() if m.all_classes)
+            raise ConvlensError(f"method {chosen.name!r} explains one class at a time; target='all' "
+                                f"(one map per class from one pass) is for {capable}")
         if len(names) > 1 and not chosen.multi_layer:
             raise ConvlensError(f"method {chosen.name!r} takes one layer, got {len(names)}: {', '.join(names)}")
         loaded, x = plan.model, plan.x
         request = Request(loaded, x, names, plan.score_fn, plan.class_indices, progress)
         result = chosen.compute(request, **options)
     per_layer = [m.detach().float() for m in result.per_layer]
+    classes = per_layer[0].shape[1] if per_layer[0].ndim == 4 else 0  # target="all": (N, K, h, w)
+    if classes:  # every (image, class) map goes through the contract on its own
+        per_layer = [m.flatten(0, 1) for m in per_layer]
     raw, combined = _combine(per_layer, tuple(x.shape[-2:]))
     maps, flat = normalise(combined)
+    if classes:
+        raw, maps = raw.unflatten(0, (-1, classes)), maps.unflatten(0, (-1, classes))
+        flat = [flat[i:i + classes] for i in range(0, len(flat), classes)]
     indices = request.class_indices
     return Explanation(
         maps=maps, raw=raw, method=chosen.name,

@@ -174,12 +174,10 @@ def guided_gradcam(request: Request) -> RawMaps:
 
 
 for _method in (
-    Method("saliency", "gradient", saliency, uses_layer=False, summary="vanilla gradient |dS/dx|"),
-    Method("smoothgrad", "gradient", smoothgrad, uses_layer=False, summary="SmoothGrad: noise-averaged gradient"),
-    Method("integrated_gradients", "gradient", integrated_gradients, uses_layer=False,
-           summary="Integrated Gradients from a black baseline"),
-    Method("guided_backprop", "gradient", guided_backprop, uses_layer=False,
-           summary="guided backpropagation through ReLUs"),
-    Method("guided_gradcam", "gradient", guided_gradcam, summary="guided backprop x Grad-CAM"),
+    Method("saliency", "gradient", saliency, uses_layer=False),
+    Method("smoothgrad", "gradient", smoothgrad, uses_layer=False),
+    Method("integrated_gradients", "gradient", integrated_gradients, uses_layer=False),
+    Method("guided_backprop", "gradient", guided_backprop, uses_layer=False),
+    Method("guided_gradcam", "gradient", guided_gradcam),
 ):
     register(_method)

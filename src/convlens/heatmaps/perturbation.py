@@ -150,5 +150,5 @@ def ablationcam(request: Request, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Ra
     return RawMaps([torch.stack(maps)])
 
 
-register(Method("scorecam", "perturbation", scorecam, summary="Score-CAM: softmax of masked-input scores"))
-register(Method("ablationcam", "perturbation", ablationcam, summary="Ablation-CAM: relative score drop per channel"))
+register(Method("scorecam", "perturbation", scorecam))
+register(Method("ablationcam", "perturbation", ablationcam))

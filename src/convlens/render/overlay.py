@@ -154,19 +154,21 @@ def overlay_heatmaps(images: Sequence[Image.Image], maps: torch.Tensor, *, trans
 
 
 def comparison_figure(image: Image.Image, panels: Sequence[tuple[str, Image.Image]], *,
-                      panel_inches: float = 3.0, max_side: int | None = MAX_SIDE) -> Figure:
-    """The original and one overlay per method in a row, each titled (``"gradcam — tabby cat"``).
+                      panel_inches: float = 3.0, max_side: int | None = MAX_SIDE, columns: int | None = None) -> Figure:
+    """The original and one overlay per method, each titled (``"gradcam — tabby cat"``).
 
-    Every picture is handed to matplotlib at most ``max_side`` pixels on its
-    longest side: the panels are a few hundred pixels wide, and matplotlib
-    resamples what it is given in float.
+    One row, or rows of ``columns`` pictures. Every picture is handed to
+    matplotlib at most ``max_side`` pixels on its longest side: the panels are
+    a few hundred pixels wide, and matplotlib resamples what it is given in float.
     """
-    columns = 1 + len(panels)
+    count = 1 + len(panels)
+    columns = min(columns or count, count)
+    rows = -(-count // columns)
     aspect = image.size[1] / image.size[0]
-    figure = Figure(figsize=(panel_inches * columns, panel_inches * aspect + 0.4), dpi=100)
+    figure = Figure(figsize=(panel_inches * columns, (panel_inches * aspect + 0.4) * rows), dpi=100)
     FigureCanvasAgg(figure)
-    for column, (title, picture) in enumerate([("original", image), *panels]):
-        axis = figure.add_subplot(1, columns, column + 1)
+    for index, (title, picture) in enumerate([("original", image), *panels]):
+        axis = figure.add_subplot(rows, columns, index + 1)
         axis.imshow(np.asarray(bounded(picture, max_side)))
         axis.set_title(title, fontsize=9)
         axis.axis("off")
