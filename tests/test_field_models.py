@@ -15,7 +15,6 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from pytorch_grad_cam import GradCAM
 from torch import nn
 
 import convlens as cl

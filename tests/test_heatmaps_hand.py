@@ -10,7 +10,7 @@ from torch import nn
 
 import convlens as cl
 from convlens.heatmaps import explain
-from convlens.heatmaps.engine import normalise
+from convlens.heatmaps.base import normalise
 from convlens.render.overlay import colorize, crop_box, overlay_heatmap
 
 

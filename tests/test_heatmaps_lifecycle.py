@@ -169,6 +169,6 @@ def test_layercam_across_stages_averages_normalised_layers(tiny, image_batch):
     both = explain(tiny, image_batch, method="layercam", layer=["relu1", "relu2"])
     one = [explain(tiny, image_batch, method="layercam", layer=name).maps for name in ("relu1", "relu2")]
     assert both.layer == ["relu1", "relu2"]
-    from convlens.heatmaps.engine import normalise
+    from convlens.heatmaps.base import normalise
 
     torch.testing.assert_close(both.maps, normalise((one[0] + one[1]) / 2)[0])

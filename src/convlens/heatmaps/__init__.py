@@ -5,8 +5,9 @@
 (resolution, sign, normalisation, dtype) is in :mod:`convlens.heatmaps.engine`.
 """
 
-from . import cam, gradients, perturbation  # noqa: F401  (each module registers its methods)
-from .engine import METHODS, Explanation, Method, check_request, explain, get_method
+from .base import Method
+from .engine import Explanation, Plan, check_request, explain
+from .registry import METHODS, get_method
 from ..targets import ClassLogits, resolve_targets
 
-__all__ = ["METHODS", "ClassLogits", "Explanation", "Method", "check_request", "explain", "get_method", "resolve_targets"]
+__all__ = ["METHODS", "ClassLogits", "Explanation", "Method", "Plan", "check_request", "explain", "get_method", "resolve_targets"]

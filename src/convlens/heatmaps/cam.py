@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import ConvlensError
 from ..targets import AllClasses, ClassLogits, class_logits
-from .engine import Method, RawMaps, Request, register
+from .base import RawMaps, Request
 
 Weighting = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -212,15 +212,3 @@ def class_activation_map(request: Request) -> RawMaps:
         return RawMaps([torch.einsum("kc,nchw->nkhw", weight, act)])
     rows = weight[torch.as_tensor(request.class_indices, device=act.device)]
     return RawMaps([torch.einsum("nc,nchw->nhw", rows, act)])
-
-
-for _method in (
-    Method("cam", "cam", class_activation_map, all_classes=True),
-    Method("gradcam", "cam", gradcam, multi_layer=True, all_classes=True),
-    Method("gradcam++", "cam", gradcam_plusplus, multi_layer=True, all_classes=True),
-    Method("xgradcam", "cam", xgradcam, multi_layer=True, all_classes=True),
-    Method("hirescam", "cam", hirescam, multi_layer=True, all_classes=True),
-    Method("layercam", "cam", layercam, multi_layer=True, all_classes=True),
-    Method("eigencam", "cam", eigencam, multi_layer=True),
-):
-    register(_method)

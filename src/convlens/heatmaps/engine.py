@@ -19,10 +19,10 @@ The heatmap contract (stated once, here):
 * **Dtype.** ``float32`` on the input's device, whatever the model's dtype.
 * **Targets.** The pre-softmax logit (see :mod:`convlens.targets`).
 
-Methods are data: :data:`METHODS` maps a name to a :class:`Method` whose
-``compute(request)`` returns the raw maps. :mod:`.cam` registers the channel
-weightings, :mod:`.perturbation` Score-CAM and Ablation-CAM, :mod:`.gradients`
-the input-gradient methods.
+Methods are data: :data:`~convlens.heatmaps.registry.METHODS` maps a name to a
+:class:`~convlens.heatmaps.base.Method` whose ``compute(request)`` returns the raw
+maps; :mod:`.cam` holds the channel weightings, :mod:`.perturbation` Score-CAM and
+Ablation-CAM, :mod:`.gradients` the input-gradient methods; this module runs them.
 
 Example::
 
@@ -34,110 +34,19 @@ Example::
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..capture import capture, merge_rewrites, resolve_layers
-from ..errors import ConvlensError, did_you_mean
-from ..models import Model, Summary, as_model, summarize, survey
+from ..capture import resolve_layers
+from ..errors import ConvlensError
+from ..models import Model, as_model, survey
 from ..models.model import ensure_finite
 from ..targets import AllClasses, ScoreFn, TargetSpec, class_logits, resolve_targets
-
-Progress = Callable[[int, int], None]  # progress(done, total)
-
-
-@dataclass(frozen=True)
-class Method:
-    """One registered heatmap method.
-
-    ``compute(request, **options)`` returns a :class:`RawMaps`. ``uses_layer``:
-    the method reads a layer (CAM family, Guided Grad-CAM); ``multi_layer``: it
-    may combine several layers; ``all_classes``: it takes ``target="all"``.
-    """
-
-    name: str
-    kind: Literal["cam", "perturbation", "gradient"]
-    compute: Callable[..., RawMaps]
-    uses_layer: bool = True
-    multi_layer: bool = False
-    all_classes: bool = False  # explains every class from one pass (target="all")
-
-    def option_names(self) -> list[str]:
-        params = list(inspect.signature(self.compute).parameters.values())[1:]
-        return [p.name for p in params if p.kind == p.KEYWORD_ONLY]
-
-
-@dataclass
-class RawMaps:
-    """What a method hands back: one raw map per layer, and per-channel input attributions if any."""
-
-    per_layer: list[torch.Tensor]
-    attributions: torch.Tensor | None = None
-
-
-@dataclass
-class Request:
-    """Everything a method needs: the borrowed model, the batch, the layers and the resolved target.
-
-    ``x`` is channels-first ``(N, C, H, W)`` in the model's dtype, never the caller's tensor.
-    ``score_fn`` and ``class_indices`` were settled on the clean batch before the
-    method runs (:func:`check_request`); a method only scores its own passes.
-    """
-
-    model: Model
-    x: torch.Tensor
-    layers: list[str]
-    score_fn: ScoreFn
-    class_indices: list[int]
-    progress: Progress | None = None
-
-    def rewrites(self, extra: Mapping[nn.Module, Callable] | None = None) -> dict[nn.Module, Callable]:
-        """The model's logit rewrites (skip a final softmax/sigmoid) merged with ``extra``."""
-        return merge_rewrites(self.model.logit_rewrites(), extra)
-
-    def capture(self, layers: Sequence[str] | None = None, *, graph: bool = False, stop: bool = False,
-                rewrite: Mapping[nn.Module, Callable] | None = None):
-        """:func:`convlens.capture` on this request's model, always explaining logits."""
-        return capture(self.model, self.layers if layers is None else layers, graph=graph, stop=stop,
-                       rewrite=self.rewrites(rewrite))
-
-    def score(self, output) -> torch.Tensor:
-        """The target score per image ``(N,)`` of a pass over the request's batch; ``(N, K)`` for ``target="all"``."""
-        return _checked_scores(self.score_fn(output), self.x.shape[0], self.score_fn)
-
-    def layer_output(self, rec, name: str) -> torch.Tensor:
-        """The recorded ``(N, C, h, w)`` output of ``name``; a non-spatial layer is a user error."""
-        output = rec.outputs.get(name)
-        if output is None:
-            raise ConvlensError(f"layer {name!r} did not run in the forward pass; choose another layer")
-        if name not in rec.spatial:
-            raise ConvlensError(_not_spatial(name, tuple(output.shape), summarize(self.model, tuple(self.x.shape[-2:]))))
-        return output
-
-    def report(self, done: int, total: int) -> None:
-        if self.progress is not None:
-            self.progress(done, total)
-
-
-def _checked_scores(scores, count: int, score_fn: ScoreFn) -> torch.Tensor:
-    rank = 2 if isinstance(score_fn, AllClasses) else 1
-    if not isinstance(scores, torch.Tensor) or scores.ndim != rank or scores.shape[0] != count:
-        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-        raise ConvlensError(f"a target must give one score per image, got {shape}")
-    return scores
-
-
-def _not_spatial(name: str, shape: tuple | None, summary: Summary) -> str:
-    suggestion = f"such as {summary.auto!r} " if summary.auto else ""
-    return (f"layer {name!r} has output shape {shape}, not a spatial feature map; "
-            f"choose a convolutional layer {suggestion}(see 'convlens layers MODEL')")
-
+from .base import Method, Progress, Request, _checked_scores, _not_spatial, normalise, upsample
+from .registry import METHODS, get_method
 
 @dataclass
 class Plan:
@@ -158,15 +67,6 @@ class Plan:
     def top1(self) -> list[str]:
         """The predicted class name of each image, from the same pass."""
         return [self.model.label(int(i)) for i in class_logits(self.model.scores(self.output)).argmax(1)]
-
-
-#: Every heatmap method by name; filled by the method modules (see package ``__init__``).
-METHODS: dict[str, Method] = {}
-
-
-def register(method: Method) -> Method:
-    METHODS[method.name] = method
-    return method
 
 
 @dataclass
@@ -223,34 +123,6 @@ class Explanation:
 
 # -- post-processing ----------------------------------------------------------
 
-def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``(N, h, w)`` -> ``(N, H, W)``, bilinear with pixel centres aligned."""
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
-
-
-def normalise(maps: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, list[bool]]:
-    """Min-max each map of ``(N, ...)`` to ``[0, 1]``: the one normaliser of convlens.
-
-    The flat-map rule, stated once: a map whose spread is at most ``rtol`` times
-    its largest magnitude (a constant map, all zero after the ReLU, say), or that
-    holds a non-finite value, has nothing to normalise: it becomes zeros and is
-    flagged, never NaN. Heatmaps, Score-CAM's masks and the metrics all use it.
-    """
-    flat_maps = maps.flatten(1)
-    low = flat_maps.min(dim=1).values
-    high = flat_maps.max(dim=1).values
-    span = high - low
-    scale = torch.maximum(high.abs(), low.abs())
-    flat = ~torch.isfinite(span) | (span <= rtol * scale) | (scale == 0)
-    shape = (-1,) + (1,) * (maps.ndim - 1)
-    safe_span = torch.where(flat, torch.ones_like(span), span)
-    normalised = (maps - low.view(shape)) / safe_span.view(shape)
-    normalised = torch.where(flat.view(shape), torch.zeros_like(normalised), normalised)
-    return normalised.clamp_(0, 1), flat.tolist()
-
-
 def _combine(per_layer: list[torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw and final maps from one or several layers' raw maps (see the contract)."""
     if len(per_layer) == 1:
@@ -261,17 +133,6 @@ def _combine(per_layer: list[torch.Tensor], size: tuple[int, int]) -> tuple[torc
     stack = [upsample(normalise(m.clamp(min=0))[0], size) for m in per_layer]
     raw = torch.stack(stack).mean(0)
     return raw, raw
-
-
-def get_method(name: str) -> Method:
-    key = name.strip().lower().replace("_", "").replace("-", "")
-    aliases = {m.replace("_", "").replace("-", ""): m for m in METHODS}
-    aliases.update({"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++", "ig": "integrated_gradients",
-                    "vanilla": "saliency", "gradient": "saliency"})
-    if key not in aliases:
-        raise ConvlensError(f"unknown method {name!r}{did_you_mean(name, METHODS)} "
-                            f"(choose from {', '.join(METHODS)})")
-    return METHODS[aliases[key]]
 
 
 def _check_options(method: Method, options: dict) -> None:

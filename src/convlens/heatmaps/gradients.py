@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import ConvlensError
 from .cam import gradcam
-from .engine import Method, RawMaps, Request, register, upsample
+from .base import RawMaps, Request, upsample
 from ..targets import ClassLogits
 
 DEFAULT_BATCH_SIZE = 16
@@ -171,13 +171,3 @@ def guided_gradcam(request: Request) -> RawMaps:
     cam = gradcam(request).per_layer[0].clamp(min=0)
     attributions = guided_gradients(request) * upsample(cam, tuple(request.x.shape[-2:])).unsqueeze(1)
     return RawMaps([attributions.abs().amax(dim=1)], attributions)
-
-
-for _method in (
-    Method("saliency", "gradient", saliency, uses_layer=False),
-    Method("smoothgrad", "gradient", smoothgrad, uses_layer=False),
-    Method("integrated_gradients", "gradient", integrated_gradients, uses_layer=False),
-    Method("guided_backprop", "gradient", guided_backprop, uses_layer=False),
-    Method("guided_gradcam", "gradient", guided_gradcam),
-):
-    register(_method)

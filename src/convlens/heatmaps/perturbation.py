@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..capture import prefix_tokens, spatial_view
 from ..scoring import MakeBatch, score_batches
-from .engine import Method, RawMaps, Request, normalise, register
+from .base import RawMaps, Request, normalise
 from ..targets import ClassLogits
 
 #: Variants scored per forward pass unless the caller says otherwise.
@@ -148,7 +148,3 @@ def ablationcam(request: Request, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Ra
         weights = (base - scores) / base
         maps.append(torch.einsum("k,khw->hw", weights, acts[image]))
     return RawMaps([torch.stack(maps)])
-
-
-register(Method("scorecam", "perturbation", scorecam))
-register(Method("ablationcam", "perturbation", ablationcam))

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..capture import capture
 from ..errors import ConvlensError
 from ..heatmaps import explain
-from ..heatmaps.engine import normalise
+from ..heatmaps.base import normalise
 from ..models import Model, as_model
 from ..scoring import score_batches
 from ..targets import class_logits

@@ -46,7 +46,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConvlensError
 from .. import kernels

@@ -1,0 +1,140 @@
+"""What every heatmap method is made of: the method record, the request it gets, the maps it returns.
+
+A method is a function ``compute(request, **options) -> RawMaps``; :class:`Method`
+describes it for the registry (:mod:`convlens.heatmaps.registry`) and the engine
+(:mod:`convlens.heatmaps.engine`) hands it a :class:`Request`: the borrowed model,
+the batch, the layers and the target already settled on the clean batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..capture import capture, merge_rewrites
+from ..errors import ConvlensError
+from ..models import Model, Summary, summarize
+from ..targets import AllClasses, ScoreFn
+
+Progress = Callable[[int, int], None]  # progress(done, total)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered heatmap method.
+
+    ``compute(request, **options)`` returns a :class:`RawMaps`. ``uses_layer``:
+    the method reads a layer (CAM family, Guided Grad-CAM); ``multi_layer``: it
+    may combine several layers; ``all_classes``: it takes ``target="all"``.
+    """
+
+    name: str
+    kind: Literal["cam", "perturbation", "gradient"]
+    compute: Callable[..., RawMaps]
+    uses_layer: bool = True
+    multi_layer: bool = False
+    all_classes: bool = False  # explains every class from one pass (target="all")
+
+    def option_names(self) -> list[str]:
+        params = list(inspect.signature(self.compute).parameters.values())[1:]
+        return [p.name for p in params if p.kind == p.KEYWORD_ONLY]
+
+
+@dataclass
+class RawMaps:
+    """What a method hands back: one raw map per layer, and per-channel input attributions if any."""
+
+    per_layer: list[torch.Tensor]
+    attributions: torch.Tensor | None = None
+
+
+@dataclass
+class Request:
+    """Everything a method needs: the borrowed model, the batch, the layers and the resolved target.
+
+    ``x`` is channels-first ``(N, C, H, W)`` in the model's dtype, never the caller's tensor.
+    ``score_fn`` and ``class_indices`` were settled on the clean batch before the
+    method runs (:func:`check_request`); a method only scores its own passes.
+    """
+
+    model: Model
+    x: torch.Tensor
+    layers: list[str]
+    score_fn: ScoreFn
+    class_indices: list[int]
+    progress: Progress | None = None
+
+    def rewrites(self, extra: Mapping[nn.Module, Callable] | None = None) -> dict[nn.Module, Callable]:
+        """The model's logit rewrites (skip a final softmax/sigmoid) merged with ``extra``."""
+        return merge_rewrites(self.model.logit_rewrites(), extra)
+
+    def capture(self, layers: Sequence[str] | None = None, *, graph: bool = False, stop: bool = False,
+                rewrite: Mapping[nn.Module, Callable] | None = None):
+        """:func:`convlens.capture` on this request's model, always explaining logits."""
+        return capture(self.model, self.layers if layers is None else layers, graph=graph, stop=stop,
+                       rewrite=self.rewrites(rewrite))
+
+    def score(self, output) -> torch.Tensor:
+        """The target score per image ``(N,)`` of a pass over the request's batch; ``(N, K)`` for ``target="all"``."""
+        return _checked_scores(self.score_fn(output), self.x.shape[0], self.score_fn)
+
+    def layer_output(self, rec, name: str) -> torch.Tensor:
+        """The recorded ``(N, C, h, w)`` output of ``name``; a non-spatial layer is a user error."""
+        output = rec.outputs.get(name)
+        if output is None:
+            raise ConvlensError(f"layer {name!r} did not run in the forward pass; choose another layer")
+        if name not in rec.spatial:
+            raise ConvlensError(_not_spatial(name, tuple(output.shape), summarize(self.model, tuple(self.x.shape[-2:]))))
+        return output
+
+    def report(self, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(done, total)
+
+
+def _checked_scores(scores, count: int, score_fn: ScoreFn) -> torch.Tensor:
+    rank = 2 if isinstance(score_fn, AllClasses) else 1
+    if not isinstance(scores, torch.Tensor) or scores.ndim != rank or scores.shape[0] != count:
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ConvlensError(f"a target must give one score per image, got {shape}")
+    return scores
+
+
+def _not_spatial(name: str, shape: tuple | None, summary: Summary) -> str:
+    suggestion = f"such as {summary.auto!r} " if summary.auto else ""
+    return (f"layer {name!r} has output shape {shape}, not a spatial feature map; "
+            f"choose a convolutional layer {suggestion}(see 'convlens layers MODEL')")
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(N, h, w)`` -> ``(N, H, W)``, bilinear with pixel centres aligned."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+
+
+def normalise(maps: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, list[bool]]:
+    """Min-max each map of ``(N, ...)`` to ``[0, 1]``: the one normaliser of convlens.
+
+    The flat-map rule, stated once: a map whose spread is at most ``rtol`` times
+    its largest magnitude (a constant map, all zero after the ReLU, say), or that
+    holds a non-finite value, has nothing to normalise: it becomes zeros and is
+    flagged, never NaN. Heatmaps, Score-CAM's masks and the metrics all use it.
+    """
+    flat_maps = maps.flatten(1)
+    low = flat_maps.min(dim=1).values
+    high = flat_maps.max(dim=1).values
+    span = high - low
+    scale = torch.maximum(high.abs(), low.abs())
+    flat = ~torch.isfinite(span) | (span <= rtol * scale) | (scale == 0)
+    shape = (-1,) + (1,) * (maps.ndim - 1)
+    safe_span = torch.where(flat, torch.ones_like(span), span)
+    normalised = (maps - low.view(shape)) / safe_span.view(shape)
+    normalised = torch.where(flat.view(shape), torch.zeros_like(normalised), normalised)
+    return normalised.clamp_(0, 1), flat.tolist()

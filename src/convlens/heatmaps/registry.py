@@ -1,0 +1,43 @@
+"""Every heatmap method by name, in one visible place.
+
+``METHODS`` is a plain mapping: a method is a function and a :class:`Method`
+record here. To add your own, ``METHODS["mine"] = Method("mine", "cam", compute)``;
+the suite's tests are parametrised over this mapping, so a method is tested the
+moment it is listed.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConvlensError, did_you_mean
+from .base import Method
+from .cam import class_activation_map, eigencam, gradcam, gradcam_plusplus, hirescam, layercam, xgradcam
+from .gradients import guided_backprop, guided_gradcam, integrated_gradients, saliency, smoothgrad
+from .perturbation import ablationcam, scorecam
+
+METHODS: dict[str, Method] = {
+    "cam": Method("cam", "cam", class_activation_map, all_classes=True),
+    "gradcam": Method("gradcam", "cam", gradcam, multi_layer=True, all_classes=True),
+    "gradcam++": Method("gradcam++", "cam", gradcam_plusplus, multi_layer=True, all_classes=True),
+    "xgradcam": Method("xgradcam", "cam", xgradcam, multi_layer=True, all_classes=True),
+    "hirescam": Method("hirescam", "cam", hirescam, multi_layer=True, all_classes=True),
+    "layercam": Method("layercam", "cam", layercam, multi_layer=True, all_classes=True),
+    "eigencam": Method("eigencam", "cam", eigencam, multi_layer=True),
+    "scorecam": Method("scorecam", "perturbation", scorecam),
+    "ablationcam": Method("ablationcam", "perturbation", ablationcam),
+    "saliency": Method("saliency", "gradient", saliency, uses_layer=False),
+    "smoothgrad": Method("smoothgrad", "gradient", smoothgrad, uses_layer=False),
+    "integrated_gradients": Method("integrated_gradients", "gradient", integrated_gradients, uses_layer=False),
+    "guided_backprop": Method("guided_backprop", "gradient", guided_backprop, uses_layer=False),
+    "guided_gradcam": Method("guided_gradcam", "gradient", guided_gradcam),
+}
+
+
+def get_method(name: str) -> Method:
+    key = name.strip().lower().replace("_", "").replace("-", "")
+    aliases = {m.replace("_", "").replace("-", ""): m for m in METHODS}
+    aliases.update({"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++", "ig": "integrated_gradients",
+                    "vanilla": "saliency", "gradient": "saliency"})
+    if key not in aliases:
+        raise ConvlensError(f"unknown method {name!r}{did_you_mean(name, METHODS)} "
+                            f"(choose from {', '.join(METHODS)})")
+    return METHODS[aliases[key]]
