@@ -128,7 +128,8 @@ def open_scanned_model(atlas: Atlas, model: Model | torch.nn.Module | str | None
     from .store import model_fingerprint
 
     if model is None or isinstance(model, str):
-        model = load_model(model or atlas.meta["model_source"], **load_options)
+        size = tuple(int(side) for side in atlas.meta["input_size"].split("x"))
+        model = load_model(model or atlas.meta["model_source"], input_size=size, **load_options)
     model = as_model(model)
     if model_fingerprint(model.module) != atlas.meta["model_fingerprint"]:
         raise ConvlensError(f"this model is not the one that wrote the atlas ({atlas.meta['model']!r}, weights "
