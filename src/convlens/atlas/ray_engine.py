@@ -175,3 +175,97 @@ def ray_parts(model, source, job, parts: Sequence[tuple[int, int, int]], *, batc
         if waiting[number] == 0:
             on_part(by_number[number], pending.pop(number))
     return skipped
+
+
+# -- evaluate on Ray ---------------------------------------------------------------------
+
+class _Pending(Exception):
+    """Raised by a placeholder explainer: :func:`evaluate_ray` only wants ``evaluate``'s checks and settings file."""
+
+
+def _pending(model, x, targets):
+    raise _Pending
+
+
+class EvaluateWorker:
+    """A Ray Data actor scoring images with ``score_image``: the model is loaded once per actor."""
+
+    def __init__(self, model, methods, metrics: Sequence[str], batch_size: int, find_mask, num_gpus: float):
+        from ..metrics.runner import resolve_methods
+
+        ray = _ray()
+        self.model = ray.get(model[0]) if isinstance(model, list) else model
+        if num_gpus > 0 and torch.cuda.is_available():
+            self.model.to("cuda")
+        self.explainers = resolve_methods(methods)
+        self.metrics, self.batch_size, self.find_mask = list(metrics), batch_size, find_mask
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import json
+        from pathlib import Path
+
+        from ..images import load_image
+        from ..metrics.runner import score_image
+
+        lines = []
+        for path, key, todo in zip(batch["path"], batch["key"], batch["todo"]):
+            explainers = {name: self.explainers[name] for name in str(todo).split("\n")}
+            records = score_image(self.model, load_image(str(path)), self.find_mask(Path(str(path))), explainers,
+                                  self.metrics, name=str(key), batch_size=self.batch_size)
+            lines.append("".join(json.dumps(record) + "\n" for record in records))
+        return {"records": np.array(lines, dtype=object)}
+
+
+def evaluate_ray(model, data, *, methods, metrics: Sequence[str], out_dir, batch_size: int = 64,
+                 limit: int | None = None, find_mask: Callable | None = None, progress: Callable | None = None,
+                 ray_address: str | None = None, concurrency: int | None = None, num_gpus: float | None = None):
+    """:func:`convlens.metrics.evaluate` with the (image, method) pairs scored on Ray actors.
+
+    The outputs, the journal and resuming are ``evaluate``'s own: ``evaluate`` checks the inputs and
+    the settings file first (its explainers are placeholders that stop it at the first pair to
+    score), the actors score every pair the journal lacks, the driver appends their records to
+    the journal, and ``evaluate`` runs again to find every pair done and write the table and summaries.
+    """
+    import json
+    from pathlib import Path
+
+    from ..metrics import runner
+    from ..models import as_model
+
+    model = as_model(model)
+    connect(ray_address)
+    names = list(methods) if not isinstance(methods, dict) else list(methods.keys())
+    find_mask = find_mask or runner.find_mask
+    options = dict(metrics=metrics, out_dir=out_dir, batch_size=batch_size, limit=limit, find_mask=find_mask)
+    try:
+        return runner.evaluate(model, data, methods={name: _pending for name in names}, **options)
+    except _Pending:
+        pass
+    runner.resolve_methods(methods)  # unknown names are an error before any actor starts
+    root = Path(data)
+    images = runner.list_images(root)[:limit]
+    journal = runner.Journal(Path(out_dir) / "journal.jsonl")
+    done = journal.done()
+    rows = []
+    for path in images:
+        key = path.name if root.is_file() else path.relative_to(root).as_posix()  # the journal's image key
+        todo = [name for name in names if (key, name) not in done]
+        if todo:
+            rows.append({"path": str(path), "key": key, "todo": "\n".join(todo)})
+    ray = _ray()
+    gpus = _default_gpus(num_gpus)
+    actors = _default_concurrency(ray, concurrency, gpus)
+    dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * actors)))
+    results = dataset.map_batches(
+        EvaluateWorker, fn_constructor_kwargs={"model": [ray.put(model)], "methods": methods, "metrics": list(metrics),
+                                               "batch_size": batch_size, "find_mask": find_mask, "num_gpus": gpus},
+        batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus, batch_format="numpy")
+    total = len(images) * len(names)
+    finished = total - sum(len(row["todo"].split("\n")) for row in rows)
+    for row in results.iter_rows():
+        for line in str(row["records"]).splitlines():
+            journal.append(json.loads(line))
+            finished += 1
+            if progress is not None:
+                progress(finished, total)
+    return runner.evaluate(model, data, methods=methods, **options)
