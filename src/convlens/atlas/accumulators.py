@@ -31,15 +31,17 @@ exponent and the top ``m`` mantissa bits), so buckets are
 answered for a bucket is within relative error ``alpha = 1 / (2^(m+1) + 1)``
 (``m = 6``: 0.78 %) of any value in it, hence of the exact
 (``numpy.quantile(..., method="lower")``) quantile, for ``|x|`` in
-``[2^-E, 2^E)`` (``E = 24``: about 6e-8 to 1.7e7). Smaller magnitudes count as
-zero, larger ones in the outermost bucket. Keys are signed: ``-half..half``, 0
-the zero bucket, ordered like the values. All channels share one
-``(C, buckets)`` count array, updated for a whole batch with integer bit
-operations and one ``bincount``: no logarithm is taken.
+``[2^-E, 2^E)`` (``E = 24``: about 6e-8 to 1.7e7). Smaller magnitudes fall in
+the lowest bucket of their sign, larger ones in the outermost; zero has its own
+bucket, so the positive values are exactly those in positive buckets. Keys are
+signed, ``-half..half``, and ordered like the values. All channels share one
+``(C, buckets)`` count array, updated for a whole batch with a shift, one
+table lookup and one ``bincount``: no logarithm is taken.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -72,14 +74,20 @@ class SketchGrid:
     def size(self) -> int:
         return 2 * self.half + 1
 
+    def lookup(self) -> torch.Tensor:
+        """int32 table: ``(bits >> (23 - m)) + 2^(31 - (23 - m))`` of a float32 -> its bucket's position ``half + key``.
+
+        The shifted bits hold the sign, the exponent and the top ``m`` mantissa bits; the table
+        does the rest (zero bucket, clamping to the range, the sign) in one gather.
+        """
+        return _lookup(self.bits, self.exponent)
+
     def keys(self, values: torch.Tensor, offsets: torch.Tensor | int = 0) -> torch.Tensor:
-        """``offsets + half + key`` of each float32 value, int32; ``key`` in ``[-half, half]``."""
-        bits = values.float().contiguous().view(torch.int32)
-        # (exponent field, top mantissa bits) counted from 2^-exponent; below it the zero bucket
-        key = ((bits & 0x7FFFFFFF) >> (23 - self.bits)).sub_(((127 - self.exponent) << self.bits) - 1)
-        key.clamp_(0, self.half)
-        key = torch.where(bits < 0, self.half - key, key.add_(self.half))
-        return key.add_(offsets)
+        """``offsets + half + key`` of each value (as float32), int32; ``key`` in ``[-half, half]``."""
+        shift = 23 - self.bits
+        raw = (values.float().contiguous().view(torch.int32) >> shift).add_(1 << (31 - shift))
+        table = self.lookup().to(values.device)
+        return table.index_select(0, raw.view(-1)).view(values.shape).add_(offsets)
 
     def _bounds(self, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(lo, hi)`` magnitudes of the buckets ``|key| >= 1``."""
@@ -104,6 +112,21 @@ class SketchGrid:
         key = np.asarray(key)
         lo, hi = self._bounds(np.where(key == 0, 1, key))
         return np.where(key > 0, lo, np.where(key == 0, 2.0 ** -self.exponent, -hi))
+
+
+@functools.lru_cache(maxsize=8)
+def _lookup(bits: int, exponent: int) -> torch.Tensor:
+    """The table of :meth:`SketchGrid.lookup` (a constant of the grid, built once per grid)."""
+    shift = 23 - bits
+    raw = np.arange(1 << (32 - shift), dtype=np.int64)
+    negative = raw < (1 << (31 - shift))
+    magnitude_bits = np.where(negative, raw, raw - (1 << (31 - shift)))  # (exponent field, top mantissa bits)
+    half = 2 * exponent * 2 ** bits
+    key = np.clip(magnitude_bits - (((127 - exponent) << bits) - 1), 1, half)  # tiny magnitudes: lowest bucket
+    key = np.where(magnitude_bits == 0, 0, key)  # +-0 (and magnitudes below ~1e-38): the zero bucket
+    table = torch.from_numpy((np.where(negative, -key, key) + half).astype(np.int32))
+    table.requires_grad_(False)
+    return table
 
 
 def quantile_keys(counts: np.ndarray, q: float) -> np.ndarray:
@@ -159,19 +182,16 @@ class LayerStats:
             raise ValueError(f"maps of shape {tuple(maps.shape[1:])} for a layer of "
                              f"{(self.channels, self.height, self.width)}")
         flat = maps.view(n, channels, height * width)
-        # one pass for the sums of each image's map: the moments and the class means both come from them
-        sums = flat.sum(dim=2, dtype=torch.float64)  # (N, C)
-        squares = (flat * flat).sum(dim=2, dtype=torch.float64)
-        per_channel = n * height * width
-        batch_mean = sums.sum(dim=0) / per_channel
-        # the batch's M2 from its sum of squares: float64 sums of float32 values, no cancellation worth
-        # speaking of unless the mean is ~1e7 times the spread; batches are then merged with Chan's formula
-        batch_m2 = (squares.sum(dim=0) - sums.sum(dim=0) * batch_mean).clamp_(min=0)
-        self._merge_moments(per_channel, batch_mean.cpu().numpy(), batch_m2.cpu().numpy())
+        # per image and channel in float32 (fast, and Welford-stable inside torch.var_mean); the (N, C)
+        # partial moments are then combined in float64 (Chan et al.)
+        image_var, image_mean = torch.var_mean(flat, dim=2, correction=0)
+        image_m2 = image_var.double() * (height * width)
+        image_mean = image_mean.double()
+        batch_mean = image_mean.mean(dim=0)
+        batch_m2 = image_m2.sum(dim=0) + (height * width) * ((image_mean - batch_mean) ** 2).sum(dim=0)
+        self._merge_moments(n * height * width, batch_mean.cpu().numpy(), batch_m2.cpu().numpy())
         best, where = flat.max(dim=2)  # (N, C): each image's maximum and its first position
         self.max = np.maximum(self.max, best.max(dim=0).values.double().cpu().numpy())
-        bits = maps.view(torch.int32)
-        self.positive += (bits > 0).sum(dim=(0, 2, 3)).cpu().numpy()  # a float32 is > 0 exactly when its bits are
         where = where.cpu().numpy().T
         images = np.broadcast_to(indices.cpu().numpy().astype(np.int64)[None, :], (channels, n))
         self._merge_tops(best.double().cpu().numpy().T, images, where // width, where % width)
@@ -179,13 +199,16 @@ class LayerStats:
             labels = labels.cpu()
             known = labels >= 0
             if known.any():
-                spatial_mean = (sums.cpu()[known] / (height * width)).numpy()
+                spatial_mean = image_mean.cpu()[known].numpy()
                 np.add.at(self.class_sum, labels[known].numpy(), spatial_mean)
                 np.add.at(self.class_images, labels[known].numpy(), 1)
         offsets = (torch.arange(channels, device=maps.device, dtype=torch.int32) * self.grid.size)[None, :, None, None]
         keys = self.grid.keys(maps, offsets)
-        self.sketch += torch.bincount(keys.view(-1), minlength=channels * self.grid.size).cpu().numpy().reshape(
+        counts = torch.bincount(keys.view(-1), minlength=channels * self.grid.size).cpu().numpy().reshape(
             channels, self.grid.size)
+        self.sketch += counts
+        # positive values are exactly those in positive buckets (but for magnitudes below ~1e-38)
+        self.positive += counts[:, self.grid.half + 1:].sum(axis=1)
         self.images += n
 
     def _merge_moments(self, count: int, mean: np.ndarray, m2: np.ndarray) -> None:
