@@ -192,6 +192,26 @@ def test_dissection_on_shapes_finds_more_unique_detectors_in_the_trained_model_t
     assert trained.unique_detectors["features.relu4"] > control.unique_detectors["features.relu4"]
 
 
+def test_class_folders_with_masks_beside_and_a_csv_list_are_datasets(shapes_model, tmp_path):
+    from convlens.data import write_shapes
+
+    root = write_shapes(tmp_path / "shapes", 3, seed=5, size=64, classes=["circle", "square"])
+    source = cl.atlas.open_data(root)
+    assert source.classes == ["circle", "square"] and source.concepts == ["circle", "square"]
+    assert source.labels == [0, 0, 0, 1, 1, 1] and source.keys[0] == "circle/00000.png"
+    result = dissect(shapes_model, root, ["features.relu4"], k=2, figures=False)
+    assert result.concepts == ["circle", "square"] and result.atlas.stats["features.relu4"].images == 6
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,class\n" + "".join(f"shapes/train/{key},{source.classes[label]}\n"
+                                                  for key, label in zip(source.keys, source.labels)))
+    listed = cl.atlas.open_data(listing)
+    assert listed.labels == source.labels and listed.classes == source.classes
+    a = scan(shapes_model, root, ["features.relu4"], k=2)
+    b = scan(shapes_model, listing, ["features.relu4"], k=2)
+    np.testing.assert_array_equal(a.stats["features.relu4"].top_image, b.stats["features.relu4"].top_image)
+    np.testing.assert_allclose(a.stats["features.relu4"].class_means, b.stats["features.relu4"].class_means)
+
+
 # -- bad input ------------------------------------------------------------------------------
 
 def test_bad_inputs_are_one_line_errors_and_write_nothing(shapes_model, tmp_path, planted_data):

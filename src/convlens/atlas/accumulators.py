@@ -42,7 +42,6 @@ table lookup and one ``bincount``: no logarithm is taken.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import numpy as np

@@ -95,8 +95,12 @@ class DataSource:
         return masks
 
     def fingerprint(self) -> str:
-        """A hash of what the source is: its kind and settings and every image's key and label."""
-        digest = hashlib.sha256(repr(sorted((k, v) for k, v in self.spec.items() if k != "root")).encode())
+        """A hash of what the source is: its kind and settings and every image's key and label.
+
+        Folder locations are left out, so a dataset moved elsewhere is still the same data.
+        """
+        digest = hashlib.sha256(repr(sorted((k, v) for k, v in self.spec.items()
+                                            if k not in ("root", "masks"))).encode())
         for key, label in zip(self.keys, self.labels):
             digest.update(f"{key}\t{label}\n".encode())
         return digest.hexdigest()[:16]
@@ -132,10 +136,12 @@ def _images_under(folder: Path, skip: Path | None) -> list[Path]:
     return found
 
 
-def _concepts(masks_dir: Path | None) -> list[str]:
-    if masks_dir is None or not masks_dir.is_dir():
-        return []
-    return sorted(d.name for d in masks_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+def _concepts(masks_dir: Path | None, paths: list[Path], classes: list[str]) -> list[str]:
+    """The classes when images have masks beside them (one concept per class), then ``masks_dir``'s folders."""
+    beside = list(classes) if classes and any(mask_path(p).is_file() for p in paths) else []
+    folders = (sorted(d.name for d in masks_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+               if masks_dir is not None and masks_dir.is_dir() else [])
+    return beside + [name for name in folders if name not in beside]
 
 
 def folder_source(root: str | os.PathLike, masks: str | os.PathLike | None = None) -> DataSource:
@@ -160,7 +166,8 @@ def folder_source(root: str | os.PathLike, masks: str | os.PathLike | None = Non
         raise ConvlensError(f"the dataset is empty: no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
     keys = [p.relative_to(root).as_posix() for p in paths]
     spec = {"kind": "folder", "root": str(root.resolve()), "masks": str(masks_dir.resolve())}
-    return DataSource(spec, keys, labels or [-1] * len(paths), classes, paths, masks_dir, _concepts(masks_dir))
+    return DataSource(spec, keys, labels or [-1] * len(paths), classes, paths, masks_dir,
+                      _concepts(masks_dir, paths, classes))
 
 
 def list_source(list_file: str | os.PathLike, masks: str | os.PathLike | None = None) -> DataSource:
@@ -189,7 +196,8 @@ def list_source(list_file: str | os.PathLike, masks: str | os.PathLike | None = 
     labels = [classes.index(name) for name in names] if classes else [-1] * len(rows)
     masks_dir = Path(masks) if masks is not None else base / "masks"
     spec = {"kind": "list", "root": str(list_file.resolve()), "masks": str(masks_dir.resolve())}
-    return DataSource(spec, [path for path, _ in rows], labels, classes, paths, masks_dir, _concepts(masks_dir))
+    return DataSource(spec, [path for path, _ in rows], labels, classes, paths, masks_dir,
+                      _concepts(masks_dir, paths, classes))
 
 
 def open_data(data: str | os.PathLike | DataSource | None = None, *, shapes: int | None = None, seed: int = 0,

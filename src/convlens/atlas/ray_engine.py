@@ -1,12 +1,13 @@
 """``engine="ray"``: the same scan, dissection and evaluation on Ray Data (``pip install 'convlens[ray]'``).
 
 The image list becomes a Ray dataset (one row per image: its index and its
-part). ``map_batches`` runs a callable class, :class:`PartWorker`, on a pool of
+part; one block and one Ray batch per part). ``map_batches`` runs a callable class, :class:`PartWorker`, on a pool of
 ``concurrency`` actors, each holding ``num_gpus`` GPUs (default: one when the
 driver sees CUDA, else none) and loading the model once, in its constructor.
-An actor reads or generates its batch's images by index (no image travels
-through the object store), runs the truncated forward pass and returns the
-batch's *partial* accumulators, serialised as NumPy arrays (no pickles). The
+An actor reads or generates its part's images by index (no image travels
+through the object store), runs the truncated forward pass in batches of
+``batch_size`` and returns the part's *partial* accumulators, serialised as
+compressed NumPy arrays (no pickles). The
 driver is the aggregation step: it merges the partial states of each part and,
 when a part is complete, merges it into the totals and commits it to the same
 SQLite store as the local engine, so resume and the store format do not depend
@@ -73,9 +74,10 @@ def connect(address: str | None = None) -> None:
 
 
 def pack(arrays: dict[str, np.ndarray]) -> bytes:
-    """Arrays as ``.npz`` bytes (``allow_pickle=False`` on reading: plain numbers only)."""
+    """Arrays as compressed ``.npz`` bytes (``allow_pickle=False`` on reading: plain numbers only)."""
     buffer = io.BytesIO()
-    np.savez(buffer, **{name.replace("/", "|"): array for name, array in arrays.items()})
+    # compressed: a unit's values fill a few hundred of the sketch's thousands of buckets
+    np.savez_compressed(buffer, **{name.replace("/", "|"): array for name, array in arrays.items()})
     return buffer.getvalue()
 
 
@@ -154,12 +156,15 @@ def ray_parts(model, source, job, parts: Sequence[tuple[int, int, int]], *, batc
     gpus = _default_gpus(num_gpus)
     actors = _default_concurrency(ray, concurrency, gpus)
     rows = [{"index": i, "part": number} for number, first, stop in parts for i in range(first, stop)]
-    dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size + 1, 4 * actors)))
+    # one Ray batch per part (blocks cut at part boundaries): an actor call returns one partial state,
+    # the largest message of the run, per part rather than per forward batch
+    part_size = max(stop - first for _, first, stop in parts)
+    dataset = ray.data.from_items(rows, override_num_blocks=len(parts))
     model_ref = ray.put(model)
     results = dataset.map_batches(
         PartWorker, fn_constructor_kwargs={"model": [model_ref], "source": source, "job": job,
                                            "batch_size": batch_size, "num_gpus": gpus},
-        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus, batch_format="numpy")
+        batch_size=part_size, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus, batch_format="numpy")
     by_number = {p[0]: p for p in parts}
     waiting = {number: stop - first for number, first, stop in parts}
     pending: dict[int, dict] = {}
