@@ -251,7 +251,8 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(shapes_model, tmp_path
     with pytest.raises(cl.ConvlensError, match="unit 128 is out of range"):
         dataset_examples(out, "features.relu4", [128], model=shapes_model, pattern_steps=0)
     with pytest.raises(cl.ConvlensError, match="cannot reach the Ray cluster at '127.0.0.1:9'"):
-        scan(shapes_model, shapes=4, layers=LAYERS, out=tmp_path / "ray.sqlite", engine="ray", ray_address="127.0.0.1:9")
+        scan(shapes_model, shapes=4, layers=LAYERS, out=tmp_path / "ray.sqlite", engine="ray",
+             ray_address="127.0.0.1:9")
     assert not (tmp_path / "ray.sqlite").exists()
 
 

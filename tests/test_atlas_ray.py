@@ -42,7 +42,8 @@ def test_ray_scan_and_dissect_equal_the_local_engine(ray_cluster, shapes_model, 
         assert local.labels(layer) == remote.labels(layer)
     # the Ray run wrote the same store format, and it reads back to the same numbers
     stored = cl.atlas.open_atlas(tmp_path / "ray" / "atlas.sqlite")
-    np.testing.assert_array_equal(stored.stats["features.relu4"].top_image, local.atlas.stats["features.relu4"].top_image)
+    np.testing.assert_array_equal(stored.stats["features.relu4"].top_image,
+                                  local.atlas.stats["features.relu4"].top_image)
 
 
 def test_ray_evaluate_equals_the_local_engine(ray_cluster, shapes_model, tmp_path):

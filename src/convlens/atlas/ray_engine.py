@@ -148,7 +148,9 @@ class PartWorker:
 def ray_parts(model, source, job, parts: Sequence[tuple[int, int, int]], *, batch_size: int,
               on_part: Callable, progress: Callable[[int], None] | None = None, concurrency: int | None = None,
               num_gpus: float | None = None) -> int:
-    """Run ``job`` over ``parts`` on Ray Data; ``on_part(part, state)`` as each part completes. Returns images skipped."""
+    """Run ``job`` over ``parts`` on Ray Data; ``on_part(part, state)`` as each part completes.
+
+    Returns the number of images that could not be read (skipped)."""
     if not parts:
         return 0
     ray = _ray()

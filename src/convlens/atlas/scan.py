@@ -250,7 +250,8 @@ def scan_meta(model: Model, source: DataSource, layers: Sequence[str], k: int, s
     """The store's metadata: fingerprints of model, layers and data, the settings, and how to reopen both."""
     meta = {"model": model.name, "model_source": model_source or model.name,
             "model_fingerprint": model_fingerprint(model.module), "input_size": "x".join(map(str, model.input_size)),
-            "layers": ",".join(layers), "data_fingerprint": source.fingerprint(), "k": str(k), "sketch_bits": str(sketch_bits),
+            "layers": ",".join(layers), "data_fingerprint": source.fingerprint(), "k": str(k),
+            "sketch_bits": str(sketch_bits),
             "part_size": str(part_size)}
     for key, value in source.spec.items():
         meta[f"data.{key}"] = ",".join(value) if isinstance(value, list) else ("" if value is None else str(value))
@@ -283,7 +284,8 @@ def scan(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource | 
          layers: Sequence[LayerRef] | None = None, *, out: str | os.PathLike | None = None, shapes: int | None = None,
          seed: int = 0, size: int | None = None, masks: str | os.PathLike | None = None, k: int = 16,
          batch_size: int = 64, workers: int = 0, part_size: int = 1024, indices: range | None = None,
-         sketch_bits: int = MANTISSA_BITS, engine: str = "local", ray_address: str | None = None, concurrency: int | None = None,
+         sketch_bits: int = MANTISSA_BITS, engine: str = "local", ray_address: str | None = None,
+         concurrency: int | None = None,
          num_gpus: float | None = None, model_source: str | None = None, progress: Progress | None = None) -> Atlas:
     """Scan ``data`` (or ``shapes`` generated images) once through ``model`` and keep per-channel statistics.
 

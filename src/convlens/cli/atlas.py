@@ -27,7 +27,8 @@ LayersOpt = Annotated[Optional[str], typer.Option(
 ShapesOpt = Annotated[Optional[int], typer.Option(
     "--shapes", help="Generate N shapes images in memory instead of reading DATA (no files written).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the generated shapes images.")]
-SizeOpt = Annotated[Optional[int], typer.Option("--size", help="Side of the generated images (default: the model's input).")]
+SizeOpt = Annotated[Optional[int], typer.Option(
+    "--size", help="Side of the generated images (default: the model's input).")]
 MasksOpt = Annotated[Optional[Path], typer.Option(
     "--masks", help="Concept masks folder, masks/<concept>/<image>.png (default: DATA/masks).")]
 TopOpt = Annotated[int, typer.Option("--top", help="Top images kept per unit.")]

@@ -40,7 +40,7 @@ def evaluate(
     trust_code: TrustCodeOpt = False,
     input_size: InputSizeOpt = None,
     output: OutputOpt = None,
-    engine: Annotated[str, typer.Option("--engine", help="local, or ray (Ray Data actors score the images).")] = "local",
+    engine: Annotated[str, typer.Option("--engine", help="local, or ray (Ray Data actors score images).")] = "local",
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster HOST:PORT.")] = None,
     concurrency: Annotated[Optional[int], typer.Option("--concurrency", help="Ray actors.")] = None,
     num_gpus: Annotated[Optional[float], typer.Option("--num-gpus", help="GPUs per Ray actor.")] = None,

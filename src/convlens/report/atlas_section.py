@@ -75,7 +75,8 @@ def atlas_section(ctx: Context) -> Section | None:
         shown = _shown_units(detectors, ctx.options.get("atlas_units", 4))
         ctx.step(f"atlas: examples of {layer}")
         found = dataset_examples(result.atlas, layer, [unit for unit, _, _ in shown], model=ctx.model,
-                                 k=ctx.options.get("atlas_examples", 4), pattern_steps=ctx.options.get("atlas_steps", 32),
+                                 k=ctx.options.get("atlas_examples", 4),
+                                 pattern_steps=ctx.options.get("atlas_steps", 32),
                                  source=source)
         rows = []
         for (unit, label, iou), examples in zip(shown, found):
