@@ -2,7 +2,7 @@
 
 Needs the heatmap engine (``convlens.explain``), a trained model and a folder of
 shapes images with masks (``NAME.mask.png`` beside each image, or a ``masks/``
-folder; see ``convlens.metrics.find_mask``). Prints Markdown tables to paste
+folder; see ``convlens.evaluation.find_mask``). Prints Markdown tables to paste
 into the README and leaves the full ``convlens evaluate`` output in ``--out``.
 
     python benchmarks/shapes_figures.py --model shapes.pt --data shapes/test --out out/shapes-eval
@@ -44,11 +44,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(2)
 
     import convlens as cl
-    from convlens.metrics import EXPLAINERS, METRICS, evaluate, parameter_randomization
-    from convlens.metrics.base import available_methods
-    from convlens.metrics.runner import list_images, resolve_methods
+    from convlens.evaluation import EXPLAINERS, evaluate
+    from convlens.metrics import METRICS, parameter_randomization
+    from convlens import METHODS
+    from convlens.evaluation.runner import list_images, resolve_methods
 
-    known = set(available_methods()) | set(EXPLAINERS)
+    known = set(METHODS) | set(EXPLAINERS)
     methods = [m for m in args.methods.split(",") if m in known]
     skipped = [m for m in args.methods.split(",") if m not in known]
     if skipped:

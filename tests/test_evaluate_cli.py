@@ -16,8 +16,9 @@ from PIL import Image
 
 from convlens.capture import borrow
 from convlens.errors import ConvlensError
-from convlens.metrics import deletion, evaluate, find_mask, mean_ci, pointing_game
-from convlens.metrics.runner import mask_for_model
+from convlens.evaluation import evaluate, find_mask
+from convlens.metrics import deletion, mean_ci, pointing_game
+from convlens.evaluation.runner import mask_for_model
 from convlens.models.loading import from_module
 
 from conftest import TinyNet
@@ -132,7 +133,8 @@ def test_an_interrupted_run_continues_and_gives_the_same_table(model, data, tmp_
     with open(tmp_path / "resumed" / "journal.jsonl", "a") as journal:
         journal.write('{"image": "loose/a2.png", "meth')  # killed in the middle of a line
     calls.clear()
-    evaluate(model, data, methods=counting, metrics=FAST, out_dir=tmp_path / "resumed")
+    with pytest.warns(UserWarning, match=r"dropped 1 damaged journal line\(s\), to be recomputed; kept 3"):
+        evaluate(model, data, methods=counting, metrics=FAST, out_dir=tmp_path / "resumed")
     assert len(calls) == 5  # 8 pairs, 3 already journalled
     assert (tmp_path / "resumed" / "results.csv").read_text() == (tmp_path / "clean" / "results.csv").read_text()
     lines = (tmp_path / "resumed" / "journal.jsonl").read_text().splitlines()
@@ -172,7 +174,7 @@ def test_localisation_without_any_mask_is_an_error(model, tmp_path):
 def run(monkeypatch, capsys):
     """``convlens ARGS`` in this process through ``main()``, the stand-in explainers registered for the test."""
     from convlens.cli import main
-    from convlens.metrics import EXPLAINERS
+    from convlens.evaluation import EXPLAINERS
 
     for name, fn in STAND_INS.items():
         monkeypatch.setitem(EXPLAINERS, name, fn)
@@ -189,7 +191,7 @@ def run(monkeypatch, capsys):
 @pytest.fixture
 def model_file(tmp_path):
     """A tiny convlens checkpoint (what the script expects; a pickled module would need --trust-code)."""
-    from convlens.train.nets import ShapesNet
+    from convlens.models.nets import ShapesNet
 
     path = tmp_path / "tiny.pt"
     torch.manual_seed(0)
@@ -240,7 +242,7 @@ def test_metric_values_are_finite_or_missing(model, data, tmp_path):
 def test_shapes_figures_script_runs_on_a_tiny_model(monkeypatch, model_file, data, tmp_path, capsys):
     import importlib.util
 
-    from convlens.metrics import EXPLAINERS
+    from convlens.evaluation import EXPLAINERS
 
     for name, fn in STAND_INS.items():
         monkeypatch.setitem(EXPLAINERS, name, fn)
@@ -259,7 +261,8 @@ def test_shapes_figures_script_runs_on_a_tiny_model(monkeypatch, model_file, dat
 
 
 def test_in_memory_evaluation_matches_the_folder_run(model, data, tmp_path):
-    from convlens.metrics import METRICS as REGISTRY, evaluate_images, summary_table
+    from convlens.evaluation import evaluate_images, summary_table
+    from convlens.metrics import METRICS as REGISTRY
 
     metrics = ["drop", "pointing_strict", "energy_pointing"]
     on_disk = evaluate(model, data, methods=STAND_INS, metrics=metrics, out_dir=tmp_path / "out", limit=2)

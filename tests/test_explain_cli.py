@@ -103,3 +103,16 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, files
     assert code == 2
     assert match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("method,own_passes", [("gradcam", 1), ("saliency", 1), ("cam", 1)])
+def test_one_checking_pass_plus_what_the_method_needs(capsys, files, tmp_path, monkeypatch, method, own_passes):
+    """The check pass settles layer, target and the predicted class; nothing runs the model again for them."""
+    torch.manual_seed(0)
+    net = TinyNet()
+    passes = []
+    net.fc.register_forward_hook(lambda module, inputs, output: passes.append(output.shape[0]))
+    monkeypatch.setattr("convlens.cli.explain.open_model", lambda *args, **kwargs: cl.load_model(net, input_size=32))
+    code, _, err = run(capsys, "explain", "tiny", files["pictures"][0], "--method", method, "--out", tmp_path / "o")
+    assert code == 0, err
+    assert len(passes) == 1 + own_passes

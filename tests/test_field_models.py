@@ -265,3 +265,30 @@ def test_every_entry_point_reads_each_input_kind_identically(tiny):
                            cl.activations(model, tensor, ["conv2"])["conv2"]), name
         assert torch.equal(cl.metrics.deletion(model, value, maps, step=64).auc,
                            cl.metrics.deletion(model, tensor, maps, step=64).auc), name
+
+
+def test_vit_ablationcam_zeroes_one_channel_of_the_patch_grid(vit):
+    """Ablation on a token layer zeroes channel k of every patch token, as the paper's formula says, by hand.
+
+    (pytorch-grad-cam's AblationLayerVit departs from the paper here: it sets the channel to min - 1e7 when
+    activations can be negative, and in the class token too, so it is not the reference for this case.)
+    """
+    from convlens.capture import capture
+
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    ours = cl.explain(vit, x, method="ablationcam", layer="blocks.11.norm1", batch_size=64)
+    target = ours.targets[0]
+    with torch.no_grad(), capture(vit, ["blocks.11.norm1"]) as rec:
+        base = rec.forward(x)[0, target]
+    acts = rec.outputs["blocks.11.norm1"][0]  # (C, 4, 4)
+    weights = []
+    for channel in range(acts.shape[0]):
+        def zero(module, inputs, output, channel=channel):
+            output = output.clone()
+            output[:, 1:, channel] = 0  # the patch tokens; the class token is not on the grid
+            return output
+
+        with torch.no_grad(), capture(vit, rewrite={vit.blocks[-1].norm1: zero}) as rec:
+            weights.append((base - rec.forward(x)[0, target]) / base)
+    expected = torch.einsum("k,khw->hw", torch.stack(weights), acts)
+    torch.testing.assert_close(ours.raw[0], expected, atol=1e-5, rtol=1e-4)

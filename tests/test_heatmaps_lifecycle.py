@@ -61,15 +61,18 @@ def test_state_restored_after_a_failure(trained_tiny, image_batch, method):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_state_restored_after_a_failure_inside_the_model(trained_tiny, image_batch, method):
-    """An exception raised in the middle of a forward pass, after the hooks are on."""
+    """An exception raised in the middle of the method's own forward pass, after the hooks are on."""
+    calls = []
 
     def fail_later(module, inputs):
-        raise RuntimeError("boom")
+        calls.append(1)
+        if len(calls) > 1:  # the first pass is the request's check (check_request); fail in the method's
+            raise RuntimeError("boom")
 
     handle = trained_tiny.conv2.register_forward_pre_hook(fail_later)
     before, hooks = _state(trained_tiny), _hook_count(trained_tiny)
     try:
-        with pytest.raises(RuntimeError, match="boom"):  # the layer is named: no layer-finding pass first
+        with pytest.raises(RuntimeError, match="boom"):
             explain(trained_tiny, image_batch, method=method, layer="relu2", **FAST.get(method, {}))
         _assert_same_state(trained_tiny, before, hooks)
     finally:
@@ -107,7 +110,8 @@ def test_scorecam_scores_identical_masks_once(tiny, image_batch):
         explain(tiny, image_batch[:1], method="scorecam", layer="relu2")
     finally:
         handle.remove()
-    assert sum(calls) == 1 + (8 - 4 + 1)  # the clean pass, then 4 live channels and one zero mask
+    # the request's check, the method's clean pass (activations and scores), then 4 live channels and one zero mask
+    assert sum(calls) == 1 + 1 + (8 - 4 + 1)
 
 
 def test_in_place_relu_after_the_layer(tiny, image_batch):

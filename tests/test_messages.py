@@ -123,7 +123,7 @@ def test_deepdream_on_a_tiny_image_gives_the_size_it_needs(capsys, tmp_path):
     model = cl.load_model("shapes")
     with pytest.raises(cl.ConvlensError, match="at least 24x24 pixels"):
         cl.deepdream(model, Image.new("RGB", (23, 23)), ["features.conv4"], steps=0)
-    assert cl.deepdream(model, Image.new("RGB", (24, 24)), ["features.conv4"], steps=0).size == (24, 24)
+    assert cl.deepdream(model, Image.new("RGB", (24, 24)), ["features.conv4"], steps=0).shape == (3, 24, 24)
 
 
 # -- an exception without a message: no IndexError -----------------------------

@@ -132,7 +132,7 @@ def test_state_dict_with_arch_loads_without_the_opt_in(tmp_path, monkeypatch, ca
 
 
 def test_convlens_checkpoint_loads_without_the_opt_in(tmp_path, full_unpickler_calls):
-    from convlens.train.nets import ShapesNet
+    from convlens.models.nets import ShapesNet
 
     torch.manual_seed(0)
     net = ShapesNet(num_classes=3, widths=(4, 8)).eval()

@@ -175,6 +175,17 @@ def borrow(module: nn.Module, *, freeze: bool = True) -> Iterator[nn.Module]:
                     b.copy_(saved)
 
 
+def merge_rewrites(base: Mapping[nn.Module, OutputRewrite],
+                   extra: Mapping[nn.Module, OutputRewrite] | None) -> dict[nn.Module, OutputRewrite]:
+    """``base`` and ``extra`` output rewrites in one mapping; on a shared module ``extra`` runs on ``base``'s result."""
+    merged = dict(base)
+    for module, fn in (extra or {}).items():
+        first = merged.get(module)
+        merged[module] = fn if first is None else (
+            lambda mod, inputs, output, fn=fn, first=first: fn(mod, inputs, first(mod, inputs, output)))
+    return merged
+
+
 def named_layers(model: Model | nn.Module) -> dict[str, nn.Module]:
     """Layers by the framework's own names: ``named_modules()`` or Keras layer names."""
     if hasattr(model, "named_layers"):
@@ -294,6 +305,11 @@ def capture(
 
         return hook
 
+    def note_input(mod: nn.Module, args: tuple):
+        if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 4:
+            recorder.input_size = (int(args[0].shape[-2]), int(args[0].shape[-1]))
+            recorder.batch = int(args[0].shape[0])
+
     with contextlib.ExitStack() as stack:
         stack.enter_context(borrow(module))
         if graph:
@@ -303,6 +319,9 @@ def capture(
             if any(isinstance(m, torch.jit.ScriptModule) for m in hooked):
                 raise ConvlensError("a TorchScript model cannot be hooked, so its layers cannot be captured; "
                                     "load the eager model (torch.save(model) or a state dict with --arch)")
+            if resolved:
+                # The input's size tells spatial axes from others (spatial_view); read it from whoever calls the model.
+                handles.append(module.register_forward_pre_hook(note_input))
             for name, mod in resolved.items():
                 handles.append(mod.register_forward_hook(make_hook(name)))
             for mod, fn in (rewrite or {}).items():

@@ -1,12 +1,22 @@
-"""Writing outputs so that nothing is ever half-written: a temporary name, then a rename."""
+"""Writing outputs so that nothing is ever half-written: a temporary name, then a rename.
+
+Commands check where they will write before they start the work
+(:func:`check_output_dir`, :func:`check_output_file`), write each file under a
+temporary name (:func:`atomic_path`), and a set of files that belongs together
+into a temporary folder that only moves into place once it is complete
+(:func:`staged_folder`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import ConvlensError
 
 
 @contextlib.contextmanager
@@ -49,3 +59,89 @@ def save_image(image, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         image.save(tmp, format=(path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
     return path
+
+
+def check_output_dir(path: str | os.PathLike, *, option: str = "--out") -> Path:
+    """Make sure files can be written into the folder ``path`` (existing or to be created); write nothing.
+
+    Raises :class:`ConvlensError`, naming ``option``, when ``path`` is a file,
+    lies under a file, or its nearest existing folder does not take new files
+    (read-only, no permission). Commands call it before any work, so a bad
+    output place costs nothing.
+    """
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise ConvlensError(f"{option} {path} is a link to a place that does not exist; pass another {option}")
+    if path.exists() and not path.is_dir():
+        raise ConvlensError(f"{option} {path} is a file, not a folder; pass a folder name")
+    _check_folder(path, f"{option} {path}", option)
+    return path
+
+
+def check_output_file(path: str | os.PathLike, *, option: str = "--out") -> Path:
+    """Make sure the file ``path`` can be written (its folder existing or to be created); write nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConvlensError(f"{option} {path} is a folder, not a file; pass a file name")
+    _check_folder(path.parent, f"{option} {path}", option)
+    return path
+
+
+def _check_folder(folder: Path, shown: str, option: str) -> None:
+    """``folder`` exists and takes files, or the nearest existing folder above it does."""
+    existing = folder
+    try:
+        while not existing.exists():  # a path under a file does not exist either: walk up to what does
+            existing = existing.parent
+    except OSError as err:  # e.g. a folder on the way that may not be listed
+        raise ConvlensError(f"cannot write {shown}: {err.strerror or err}; pass another {option}") from None
+    if not existing.is_dir():
+        raise ConvlensError(f"cannot write {shown}: {existing} is a file, not a folder; pass another {option}")
+    try:  # os.access answers for the real user and ignores read-only mounts; trying is the only sure test
+        fd, probe = tempfile.mkstemp(prefix=".convlens-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConvlensError(f"cannot write {shown}: {existing} does not take new files ({err.strerror or err}); "
+                            f"pass another {option}") from None
+
+
+@contextlib.contextmanager
+def staged_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``folder``; its files move into ``folder`` only if the block succeeds.
+
+    On any error the temporary folder (and any parent folder made for it) is
+    removed, so ``folder`` holds either the whole set or none of it: a disk
+    that fills up half-way leaves nothing behind. A new ``folder`` appears in
+    one rename; into an existing one the files are renamed one by one, which
+    needs no free space. Only files directly in the staged folder are moved.
+
+    Example::
+
+        with staged_folder("maps") as stage:
+            save_image(overlay, stage / "cat_gradcam.png")
+    """
+    folder = Path(folder)
+    created = []
+    for parent in reversed(folder.parents):
+        if not parent.exists():
+            parent.mkdir()
+            created.append(parent)
+    stage = None
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
+        yield stage
+        if folder.is_dir():
+            for entry in sorted(stage.iterdir()):
+                os.replace(entry, folder / entry.name)
+            stage.rmdir()
+        else:
+            os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; outputs get the usual mode
+            os.rename(stage, folder)
+    except BaseException:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        for parent in reversed(created):
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise

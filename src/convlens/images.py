@@ -1,13 +1,17 @@
 """Reading images from whatever a user has: paths, PIL images, NumPy arrays, tensors.
 
 Everything becomes an 8-bit RGB ``PIL.Image``: grayscale, RGBA (composited on
-white), palette, CMYK and 16-bit images are converted, never rejected.
+white), palette, CMYK and 16-bit images are converted, never rejected. A file
+over Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, about
+89 million pixels) is refused with a :class:`ConvlensError` before it is decoded.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Union
@@ -86,12 +90,27 @@ def load_image(image: ImageLike) -> Image.Image:
     if path.is_dir():
         raise ConvlensError(f"{path} is a folder; pass image files")
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = ImageOps.exif_transpose(opened)
-            return _rgb(image)
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; such a photo still costs
+            # gigabytes to decode, so it is refused like the ones Pillow itself refuses.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                opened.load()
+                ImageOps.exif_transpose(opened, in_place=True)  # in place: one full-size copy fewer
+                return _rgb(opened)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ConvlensError(_too_large(path, err)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ConvlensError(f"cannot read image {path}: {err}; is it a complete PNG/JPEG file?") from None
+
+
+def _too_large(path: Path, err: Exception) -> str:
+    """The one-line refusal of a decompression bomb: its size, the limit and what to do."""
+    found = re.search(r"\((\d+) pixels\)", str(err))  # Pillow names the size only in its message
+    size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+    return (f"image {path} is too large: {size}, the limit is {Image.MAX_IMAGE_PIXELS:,} (Pillow's guard against "
+            "decompression bombs); scale it down first (a model sees a few hundred pixels a side), or, "
+            "if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS")
 
 
 def load_images(images: ImageLike | Sequence[ImageLike]) -> list[Image.Image]:

@@ -86,6 +86,29 @@ def select_output(output, key: OutputKey = None) -> torch.Tensor:
     return value
 
 
+def class_logits(scores: torch.Tensor) -> torch.Tensor:
+    """``(N, K)`` logits with the one-logit rule applied: a single logit ``z`` is two classes ``[-z, z]``.
+
+    The rule, stated once: a model with one output unit is a binary classifier whose
+    logit ``z`` is the log-odds of class 1, so class 0's logit is ``-z``
+    (``sigmoid(-z) = 1 - sigmoid(z)``). Heatmap targets, metrics, ``predict`` and
+    training all read two classes from it through this function.
+    """
+    scores = scores.flatten(1)
+    return torch.cat([-scores, scores], dim=1) if scores.shape[1] == 1 else scores
+
+
+def class_probabilities(scores: torch.Tensor, activation: str = "logits") -> torch.Tensor:
+    """``(N, K)`` class probabilities from the class-score tensor; one unit gives ``[1 - p, p]``.
+
+    ``activation``: what the model already applied (``"logits"``, ``"softmax"``, ``"sigmoid"``).
+    """
+    scores = scores.float().flatten(1)
+    if scores.shape[1] == 1:
+        return torch.cat([1 - scores, scores], dim=1) if activation == "sigmoid" else torch.sigmoid(class_logits(scores))
+    return scores if activation in ("softmax", "sigmoid") else scores.softmax(dim=1)
+
+
 class ClassLogits:
     """``score(output)[i] = output[i, class_indices[i]]``, with a single logit read as two classes.
 
@@ -102,13 +125,9 @@ class ClassLogits:
         return ClassLogits([self.class_indices[i] for i in rows], self.select)
 
     def __call__(self, output) -> torch.Tensor:
-        output = select_output(output, self.select).flatten(1)
-        index = torch.as_tensor(self.class_indices[: output.shape[0]], device=output.device)
-        if output.shape[1] == 1:
-            # One logit z means p(positive) = sigmoid(z); the negative class's logit is -z.
-            sign = torch.where(index == 1, 1.0, -1.0).to(output.dtype)
-            return output[:, 0] * sign
-        return output.gather(1, index.view(-1, 1)).squeeze(1)
+        logits = class_logits(select_output(output, self.select))
+        index = torch.as_tensor(self.class_indices[: logits.shape[0]], device=logits.device)
+        return logits.gather(1, index.view(-1, 1)).squeeze(1)
 
     def __repr__(self) -> str:
         return f"ClassLogits({self.class_indices})"

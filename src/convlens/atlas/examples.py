@@ -254,12 +254,20 @@ def layer_maps(model: Model, pictures: Sequence[Image.Image], layer: str, batch_
     return torch.cat(chunks)
 
 
+def _outlined(image: Image.Image, mask: np.ndarray) -> Image.Image:
+    """``image`` with the boundary pixels of ``mask`` (same size) painted white."""
+    from scipy.ndimage import binary_erosion
+
+    pixels = np.asarray(image.convert("RGB")).copy()
+    pixels[mask & ~binary_erosion(mask, border_value=0)] = 255
+    return Image.fromarray(pixels)
+
+
 def detector_figures(model: Model, source: DataSource, atlas: Atlas, layer: str,
                      detectors: Sequence[tuple[int, str, float]], concepts: Sequence[str], thresholds: np.ndarray,
                      count: int = 6) -> dict[int, Image.Image]:
     """Per detector ``(unit, label, IoU)``: its top images with the thresholded region (tinted red) and
     the concept's mask (outlined in white). One batched forward pass for all of the layer's detectors."""
-    from ..report.html import outline
     from .scan import mask_at_input
 
     stats = atlas.stats[layer]
@@ -282,8 +290,7 @@ def detector_figures(model: Model, source: DataSource, atlas: Atlas, layer: str,
             shown = Image.fromarray(view.round().astype(np.uint8))
             mask = source.concept_masks(index).get(label)
             if mask is not None:
-                seen = mask_at_input(model, mask, pictures[index].size).numpy()
-                shown = outline(shown, seen, color=(255, 255, 255), width=1)
+                shown = _outlined(shown, mask_at_input(model, mask, pictures[index].size).numpy())
             tiles.append(shown)
         title = (f"{layer} unit {unit}: {label} (IoU {iou:.3f}); red = activation above the threshold "
                  f"{float(thresholds[unit]):.3g}, white = {label} mask")

@@ -198,7 +198,7 @@ class EvaluateWorker:
     """A Ray Data actor scoring images with ``score_image``: the model is loaded once per actor."""
 
     def __init__(self, model, methods, metrics: Sequence[str], batch_size: int, find_mask, num_gpus: float):
-        from ..metrics.runner import resolve_methods
+        from ..evaluation.runner import resolve_methods
 
         ray = _ray()
         self.model = ray.get(model[0]) if isinstance(model, list) else model
@@ -212,7 +212,7 @@ class EvaluateWorker:
         from pathlib import Path
 
         from ..images import load_image
-        from ..metrics.runner import score_image
+        from ..evaluation.runner import score_image
 
         lines = []
         for path, key, todo in zip(batch["path"], batch["key"], batch["todo"]):
@@ -225,18 +225,20 @@ class EvaluateWorker:
 
 def evaluate_ray(model, data, *, methods, metrics: Sequence[str], out_dir, batch_size: int = 64,
                  limit: int | None = None, find_mask: Callable | None = None, progress: Callable | None = None,
-                 ray_address: str | None = None, concurrency: int | None = None, num_gpus: float | None = None):
-    """:func:`convlens.metrics.evaluate` with the (image, method) pairs scored on Ray actors.
+                 restart: bool = False, ray_address: str | None = None, concurrency: int | None = None,
+                 num_gpus: float | None = None):
+    """:func:`convlens.evaluation.evaluate` with the (image, method) pairs scored on Ray actors.
 
     The outputs, the journal and resuming are ``evaluate``'s own: ``evaluate`` checks the inputs and
-    the settings file first (its explainers are placeholders that stop it at the first pair to
-    score), the actors score every pair the journal lacks, the driver appends their records to
-    the journal, and ``evaluate`` runs again to find every pair done and write the table and summaries.
+    the run's fingerprint first (its explainers are placeholders that stop it at the first pair to
+    score), the actors score every pair the journal lacks, the driver appends their records to the
+    journal under the same run id, and ``evaluate`` runs again to find every pair done and write
+    the table and summaries.
     """
     import json
     from pathlib import Path
 
-    from ..metrics import runner
+    from ..evaluation import resume, runner
     from ..models import as_model
 
     model = as_model(model)
@@ -245,17 +247,19 @@ def evaluate_ray(model, data, *, methods, metrics: Sequence[str], out_dir, batch
     find_mask = find_mask or runner.find_mask
     options = dict(metrics=metrics, out_dir=out_dir, batch_size=batch_size, limit=limit, find_mask=find_mask)
     try:
-        return runner.evaluate(model, data, methods={name: _pending for name in names}, **options)
+        return runner.evaluate(model, data, methods={name: _pending for name in names}, restart=restart, **options)
     except _Pending:
         pass
     runner.resolve_methods(methods)  # unknown names are an error before any actor starts
     root = Path(data)
     images = runner.list_images(root)[:limit]
-    journal = runner.Journal(Path(out_dir) / "journal.jsonl")
+    keys = [path.name if root.is_file() else path.relative_to(root).as_posix() for path in images]  # evaluate's keys
+    masks = [find_mask(path) for path in images]
+    fingerprint = resume.run_fingerprint(model, names, metrics, list(zip(keys, images)), masks, limit)
+    journal = resume.Journal(Path(out_dir) / "journal.jsonl", resume.run_id(fingerprint))
     done = journal.done()
     rows = []
-    for path in images:
-        key = path.name if root.is_file() else path.relative_to(root).as_posix()  # the journal's image key
+    for path, key in zip(images, keys):
         todo = [name for name in names if (key, name) not in done]
         if todo:
             rows.append({"path": str(path), "key": key, "todo": "\n".join(todo)})

@@ -115,7 +115,7 @@ def mask_at_input(model: Model, mask: np.ndarray, image_size: tuple[int, int]) -
     height, width = model.input_size
     if mask.shape == (height, width) and crop_box(model.transform, width, height) == (0.0, 0.0, width, height):
         return torch.from_numpy(np.ascontiguousarray(mask))  # already what the model sees (plain resize, same size)
-    from ..metrics.runner import mask_for_model
+    from ..evaluation.runner import mask_for_model
 
     if mask.shape[::-1] != tuple(image_size):
         mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(image_size, Image.NEAREST)) > 127

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
@@ -9,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import ConvlensError
+from ..fileio import check_output_dir
 from . import app
 from .common import ArchOpt, LabelsOpt, ModelArg, PreprocessingOpt, InputSizeOpt, OutputOpt, TrustCodeOpt, WeightsOpt, comma_list, open_model
 
@@ -33,6 +35,8 @@ def evaluate(
                        ] = "deletion,insertion,drop,increase",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N images.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Perturbed images per forward pass.")] = 64,
+    restart: Annotated[bool, typer.Option("--restart", help="Discard the run already in --out and start over "
+                                          "(without it, a run with other settings is refused).")] = False,
     weights: WeightsOpt = "default",
     arch: ArchOpt = None,
     labels: LabelsOpt = None,
@@ -51,8 +55,9 @@ def evaluate(
     """
     from tqdm import tqdm
 
-    from ..metrics.runner import evaluate as run_evaluation
+    from ..evaluation.runner import evaluate as run_evaluation
 
+    check_output_dir(out)  # before the model loads: a bad --out must not cost anything
     method_names, metric_names = _names(methods, "--methods"), _names(metrics, "--metrics")
     loaded = open_model(model, weights, arch, labels, preprocessing, trust_code, input_size, output)
     bars: list[tqdm] = []  # opened at the first report, so input errors print on one line
@@ -63,6 +68,9 @@ def evaluate(
         bars[0].n = done
         bars[0].refresh()
 
+    def warn(message, *_, **__) -> None:  # at once, on one line: a damaged journal is news before the long run
+        typer.echo(f"convlens: warning: {message}", err=True)
+
     if engine not in ("local", "ray"):
         raise ConvlensError(f"unknown engine {engine!r}; choose local or ray")
     if engine == "ray":
@@ -70,8 +78,11 @@ def evaluate(
 
         run_evaluation = partial(evaluate_ray, ray_address=ray_address, concurrency=concurrency, num_gpus=num_gpus)
     try:
-        result = run_evaluation(loaded, data, methods=method_names, metrics=metric_names, out_dir=out,
-                                batch_size=batch_size, limit=limit, progress=progress)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", UserWarning)
+            warnings.showwarning = warn
+            result = run_evaluation(loaded, data, methods=method_names, metrics=metric_names, out_dir=out,
+                                    batch_size=batch_size, limit=limit, progress=progress, restart=restart)
     finally:
         for bar in bars:
             bar.close()

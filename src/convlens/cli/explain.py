@@ -10,7 +10,7 @@ import typer
 from tqdm import tqdm
 
 from ..errors import ConvlensError
-from ..fileio import atomic_path, save_image
+from ..fileio import atomic_path, check_output_dir, save_image, staged_folder
 from ..heatmaps import check_request, explain as explain_images, get_method
 from ..images import load_images
 from . import app
@@ -65,12 +65,14 @@ def explain(
 ) -> None:
     """Show where the model looked: one heatmap per image per method (CAM family and gradient saliency).
 
-    Writes, per image, IMAGE_METHOD.png (overlay at the photo's full resolution),
-    IMAGE_METHOD.npy (the raw map before normalisation) and IMAGE_explain.png
-    (the original beside every method). Nothing is written if any input is wrong.
+    Writes, per image, IMAGE_METHOD.png (overlay at the photo's resolution, at most
+    2048 px a side), IMAGE_METHOD.npy (the raw map before normalisation) and
+    IMAGE_explain.png (the original beside every method). Nothing is written if any
+    input is wrong or the disk fills up: the set appears in --out complete or not at all.
 
     Example: convlens explain resnet50 cat.jpg dog.jpg --method gradcam,scorecam --target top1 --out maps
     """
+    check_output_dir(out)  # before any work: a bad --out must not cost a whole run
     from ..render.overlay import check_style, comparison_figure, overlay_heatmap, save_figure  # matplotlib: slow import
 
     methods = list(dict.fromkeys(get_method(name).name for name in comma_list(method)))
@@ -87,41 +89,45 @@ def explain(
     def batch_targets(indices: range):
         return [targets[i] for i in indices] if isinstance(targets, list) else targets
 
-    for indices in batches:  # one forward pass per batch: every layer and target is checked up front
-        chosen_layers = check_request(loaded, [pictures[i] for i in indices], methods, layer_ref,
-                                      batch_targets(indices))
-    if chosen_layers:  # "auto" resolved once here, not again by every method on every batch
-        layer_ref = chosen_layers[0] if len(chosen_layers) == 1 else chosen_layers
+    # One forward pass per batch settles layers and targets (a bad request fails here, in seconds);
+    # every method then runs on that plan, and the predicted classes come from the same pass.
+    plans = [check_request(loaded, [pictures[i] for i in indices], methods, layer_ref, batch_targets(indices))
+             for indices in batches]
+    chosen_layers = plans[0].layers
 
     # Cheap methods first, so a method-specific error (CAM without a GAP head) comes before the slow ones.
     order = sorted(methods, key=lambda name: get_method(name).kind == "perturbation")
     results: dict[str, list] = {name: [] for name in methods}
     with tqdm(total=len(order) * len(batches), desc="explain", unit="batch", disable=None) as bar:
         for name in order:
-            for indices in batches:
+            for plan in plans:
                 bar.set_postfix_str(name)
-                results[name].append(explain_images(loaded, [pictures[i] for i in indices], method=name,
-                                                    layer=layer_ref, target=batch_targets(indices)))
+                results[name].append(explain_images(loaded, method=name, plan=plan))
                 bar.update()
 
-    # Everything is computed: only now does anything touch the disk.
-    predicted = [p[0].label for p in loaded.predict(loaded.preprocess(pictures), top_k=1)]
+    # Everything is computed: only now does anything touch the disk, and only a complete set lands in --out.
+    predicted = [label for plan in plans for label in plan.top1()]
     stems = _stems(list(images))
-    for batch_number, indices in enumerate(batches):
-        for offset, image_index in enumerate(indices):
-            stem = stems[image_index]
-            panels = []
-            for name in methods:
-                result = results[name][batch_number]
-                overlay = overlay_heatmap(pictures[image_index], result.maps[offset], transform=loaded.transform,
-                                          colormap=colormap, alpha=alpha)
-                save_image(overlay, out / f"{stem}_{_slug(name)}.png")
-                _save_array(result.raw[offset].cpu().numpy(), out / f"{stem}_{_slug(name)}.npy")
-                flat = " (flat map)" if result.flat[offset] else ""
-                panels.append((f"{name} — {result.target_names[offset]}{flat}", overlay))
-            figure = comparison_figure(pictures[image_index], panels)
-            figure.axes[0].set_title(f"original — predicted: {predicted[image_index]}", fontsize=9)
-            save_figure(figure, out / f"{stem}_explain.png")
+    try:
+        with staged_folder(out) as stage:
+            for batch_number, indices in enumerate(batches):
+                for offset, image_index in enumerate(indices):
+                    stem = stems[image_index]
+                    panels = []
+                    for name in methods:
+                        result = results[name][batch_number]
+                        overlay = overlay_heatmap(pictures[image_index], result.maps[offset],
+                                                  transform=loaded.transform, colormap=colormap, alpha=alpha)
+                        save_image(overlay, stage / f"{stem}_{_slug(name)}.png")
+                        _save_array(result.raw[offset].cpu().numpy(), stage / f"{stem}_{_slug(name)}.npy")
+                        flat = " (flat map)" if result.flat[offset] else ""
+                        panels.append((f"{name} — {result.target_names[offset]}{flat}", overlay))
+                    figure = comparison_figure(pictures[image_index], panels)
+                    figure.axes[0].set_title(f"original — predicted: {predicted[image_index]}", fontsize=9)
+                    save_figure(figure, stage / f"{stem}_explain.png")
+    except OSError as err:  # a full disk, a folder removed under us: nothing of the set is left behind
+        raise ConvlensError(f"cannot write the explanations to {out}: {err.strerror or err}; nothing was written "
+                            "(free some space or pass another --out)") from None
     if chosen_layers:
         typer.echo(f"layer: {', '.join(chosen_layers)}{' (auto)' if 'auto' in layers else ''}")
     typer.echo(f"wrote {len(pictures) * (2 * len(methods) + 1)} files to {out}")

@@ -17,14 +17,14 @@ from tqdm import tqdm
 
 from ..capture import resolve_layers
 from ..errors import ConvlensError, first_line
-from ..fileio import save_image, write_text
+from ..fileio import check_output_dir, check_output_file, save_image, write_text
 from ..images import load_image
 from ..inside import activations as compute_activations
 from ..inside import class_model as compute_class_model
 from ..inside import deepdream as compute_deepdream
 from ..inside import filter_patterns
 from ..inside.optimize import check_settings
-from ..render.grid import activation_grid, channel_image, filter_grid
+from ..render.grid import activation_grid, channel_image, filter_grid, to_pil
 from . import app
 from .common import ArchOpt, LabelsOpt, ModelArg, PreprocessingOpt, InputSizeOpt, OutputOpt, TrustCodeOpt, WeightsOpt, comma_list, open_model
 
@@ -123,6 +123,7 @@ def activations(
 
     Example: convlens activations resnet18 cat.jpg --layers layer1,layer2 --out acts/
     """
+    check_output_dir(out)
     picture = load_image(image)
     loaded = _open(model, weights, arch, None, preprocessing, device, trust_code, input_size, output)
     maps = compute_activations(loaded, picture, _split(layers))
@@ -170,6 +171,7 @@ def filters(
 
     Example: convlens filters resnet18 --layers layer1,layer2 --grid 8x8 --steps 128 --size 128 --out filters/
     """
+    check_output_dir(out)
     rows, cols = _grid(grid)
     chosen = _integers(filter_indices, "--filters")  # None: the grid's first rows*cols filters
     regularizers = {"tv": tv, "lp": lp, "blur": blur}
@@ -229,6 +231,7 @@ def class_model_command(
 
     Example: convlens class-model resnet50 --classes 281,285 --steps 256 --out classes/
     """
+    check_output_dir(out)
     indices = _integers(classes, "--classes")
     regularizers = {"tv": tv, "lp": lp, "blur": blur}
     check_settings(optimizer, param, transforms, regularizers, steps, size)
@@ -271,10 +274,11 @@ def deepdream(
 
     Example: convlens deepdream resnet18 cat.jpg --layers layer2,layer3 --octaves 4 --out dream.png
     """
+    check_output_file(out)
     picture = load_image(image)
     loaded = _open(model, weights, arch, None, preprocessing, device, trust_code, input_size, output)
     with _progress(octaves * steps, "deepdream") as progress:
         dream = compute_deepdream(loaded, picture, _split(layers), octaves=octaves, octave_scale=octave_scale,
                                   steps=steps, lr=lr, seed=seed, progress=progress)
-    save_image(dream, out)
+    save_image(to_pil(dream), out)
     typer.echo(f"wrote {out}")

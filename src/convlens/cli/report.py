@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from tqdm import tqdm
 
+from ..fileio import check_output_file
 from ..report import build_report
 from . import app
 from .common import ArchOpt, LabelsOpt, PreprocessingOpt, InputSizeOpt, OutputOpt, TrustCodeOpt, WeightsOpt, open_model
@@ -34,6 +35,7 @@ def report(
 
     Example: convlens report --model resnet18 --weights none cat.jpg --out report.html
     """
+    check_output_file(out)  # before any work: a bad --out must not cost a whole report
     loaded = open_model(model, weights, arch, labels, preprocessing, trust_code, input_size, output) if model else None
     with tqdm(desc="report", unit="section", leave=False) as bar:
         def step(message: str) -> None:

@@ -11,6 +11,7 @@ import typer
 from tqdm import tqdm
 
 from ..errors import ConvlensError
+from ..fileio import check_output_dir
 from . import app
 from .common import comma_list
 
@@ -43,6 +44,7 @@ def shapes(
     """
     from ..data.shapes import check_classes, write_shapes
 
+    check_output_dir(out_dir, option="OUT_DIR")
     names = check_classes(comma_list(classes) if classes else None)
     if workers < 0:
         raise ConvlensError(f"--workers must be 0 (one per CPU core) or more, got {workers}")
@@ -80,6 +82,7 @@ def train(
     from ..train import TrainConfig
     from ..train import train as run_training
 
+    check_output_dir(out)
     config = TrainConfig(epochs=epochs or 20, batch_size=batch_size, lr=lr, optimizer=optimizer,
                          schedule=schedule, seed=seed, size=size, widths=_int_list(widths, "--widths"),
                          convs_per_stage=convs_per_stage, val_fraction=val_fraction, augment=augment)

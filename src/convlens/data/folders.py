@@ -83,9 +83,19 @@ def resolve_data_dirs(root: str | os.PathLike) -> tuple[Path, Path | None]:
     return root, None
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                  and not is_mask_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files under ``folder``, recursively and sorted: the one image lister of convlens.
+
+    Masks (``*.mask.png`` and anything inside a ``masks/`` folder) and hidden files and folders are left out.
+    """
+    folder = Path(folder)
+    found = []
+    for path in sorted(folder.rglob("*")):
+        parts = path.relative_to(folder).parts
+        if (path.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(path) and "masks" not in parts[:-1]
+                and not any(part.startswith(".") for part in parts) and path.is_file()):
+            found.append(path)
+    return found
 
 
 def scan_class_folders(root: str | os.PathLike, classes: Sequence[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
@@ -97,7 +107,7 @@ def scan_class_folders(root: str | os.PathLike, classes: Sequence[str] | None = 
     root = Path(root)
     if not root.is_dir():
         raise ConvlensError(f"data folder not found: {root}")
-    folders = {d.name: _image_files(d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    folders = {d.name: image_files(d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
     folders = {name: files for name, files in folders.items() if files}
     if classes is None:
         if not folders:

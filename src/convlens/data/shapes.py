@@ -335,16 +335,26 @@ def is_mask_file(path: str | os.PathLike) -> bool:
     return Path(path).name.lower().endswith(MASK_SUFFIX)
 
 
+def load_mask(path: str | os.PathLike) -> np.ndarray:
+    """A mask image as bool ``(H, W)``: the one mask reader of convlens.
+
+    A pixel is object when it is above half the mask's largest value, so 0/255
+    masks, 0/1 masks and anti-aliased edges all read as drawn.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as opened:
+            values = np.asarray(opened.convert("L"))
+    except OSError as err:
+        raise ConvlensError(f"cannot read mask {path}: {err}") from None
+    top = int(values.max(initial=0))
+    return values > top / 2 if top > 0 else np.zeros(values.shape, dtype=bool)
+
+
 def read_mask(image_path: str | os.PathLike) -> np.ndarray | None:
     """The ``(H, W)`` bool object mask stored beside ``image_path``, or ``None`` if it has none."""
     path = mask_path(image_path)
-    if not path.is_file():
-        return None
-    try:
-        with Image.open(path) as opened:
-            return np.asarray(opened.convert("L")) > 127
-    except OSError as err:
-        raise ConvlensError(f"cannot read mask {path}: {err}") from None
+    return load_mask(path) if path.is_file() else None
 
 
 def write_shapes(out_dir: str | os.PathLike, n_per_class: int, seed: int = 0, *, size: int = 128,

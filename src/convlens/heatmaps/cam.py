@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ConvlensError
+from ..targets import ClassLogits
 from .engine import Method, RawMaps, Request, register
 
 Weighting = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -161,7 +162,7 @@ def class_activation_map(request: Request) -> RawMaps:
     Only defined when the layer's global average is exactly what the final
     linear layer reads; anything else is a one-line error.
     """
-    if callable(request.target) and not isinstance(request.target, torch.Tensor):
+    if not isinstance(request.score_fn, ClassLogits):
         raise ConvlensError("CAM explains a class; pass a class index or name as the target, not a function")
     head, weight = _linear_head(request)
     head_inputs: list[torch.Tensor] = []

@@ -43,11 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..capture import capture, resolve_layers
+from ..capture import capture, merge_rewrites, resolve_layers
 from ..errors import ConvlensError, did_you_mean
-from ..models import Model, as_model, summarize
+from ..models import Model, Summary, as_model, summarize, survey
 from ..models.model import ensure_finite
-from ..targets import ScoreFn, TargetSpec, resolve_targets
+from ..targets import ScoreFn, TargetSpec, class_logits, resolve_targets
 
 Progress = Callable[[int, int], None]  # progress(done, total)
 
@@ -83,30 +83,23 @@ class RawMaps:
 
 @dataclass
 class Request:
-    """Everything a method needs: the borrowed model, the batch, the layers and the target.
+    """Everything a method needs: the borrowed model, the batch, the layers and the resolved target.
 
     ``x`` is channels-first ``(N, C, H, W)`` in the model's dtype, never the caller's tensor.
+    ``score_fn`` and ``class_indices`` were settled on the clean batch before the
+    method runs (:func:`check_request`); a method only scores its own passes.
     """
 
     model: Model
     x: torch.Tensor
     layers: list[str]
-    target: TargetSpec
+    score_fn: ScoreFn
+    class_indices: list[int]
     progress: Progress | None = None
-    score_fn: ScoreFn | None = None
-    class_indices: list[int] | None = None
 
     def rewrites(self, extra: Mapping[nn.Module, Callable] | None = None) -> dict[nn.Module, Callable]:
-        """The model's logit rewrites (skip a final softmax/sigmoid) merged with ``extra``.
-
-        When both touch one module, ``extra`` runs on the logit rewrite's result.
-        """
-        merged = dict(self.model.logit_rewrites())
-        for module, fn in (extra or {}).items():
-            base = merged.get(module)
-            merged[module] = fn if base is None else (
-                lambda mod, inputs, output, fn=fn, base=base: fn(mod, inputs, base(mod, inputs, output)))
-        return merged
+        """The model's logit rewrites (skip a final softmax/sigmoid) merged with ``extra``."""
+        return merge_rewrites(self.model.logit_rewrites(), extra)
 
     def capture(self, layers: Sequence[str] | None = None, *, graph: bool = False, stop: bool = False,
                 rewrite: Mapping[nn.Module, Callable] | None = None):
@@ -115,17 +108,8 @@ class Request:
                        rewrite=self.rewrites(rewrite))
 
     def score(self, output) -> torch.Tensor:
-        """The target score per image ``(N,)``; the target is resolved (and the output checked) on the first call."""
-        if self.score_fn is None:
-            ensure_finite(self.model, self.x, output)  # a NaN model gives NaN maps: say which layer, once
-            with torch.no_grad():
-                self.score_fn, self.class_indices = resolve_targets(self.target, output, self.model.labels,
-                                                                    self.model.select)
-        scores = self.score_fn(output)
-        if not isinstance(scores, torch.Tensor) or scores.ndim != 1 or scores.shape[0] != len(self.class_indices):
-            shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-            raise ConvlensError(f"a target must give one score per image, got {shape}")
-        return scores
+        """The target score per image ``(N,)`` of a pass over the request's batch."""
+        return _checked_scores(self.score_fn(output), len(self.class_indices))
 
     def layer_output(self, rec, name: str) -> torch.Tensor:
         """The recorded ``(N, C, h, w)`` output of ``name``; a non-spatial layer is a user error."""
@@ -133,15 +117,46 @@ class Request:
         if output is None:
             raise ConvlensError(f"layer {name!r} did not run in the forward pass; choose another layer")
         if name not in rec.spatial:
-            raise ConvlensError(
-                f"layer {name!r} has output shape {tuple(output.shape)}, not a spatial feature map; "
-                f"choose a convolutional layer such as {summarize(self.model, tuple(self.x.shape[-2:])).auto_layer!r} "
-                "(see 'convlens layers MODEL')")
+            raise ConvlensError(_not_spatial(name, tuple(output.shape), summarize(self.model, tuple(self.x.shape[-2:]))))
         return output
 
     def report(self, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(done, total)
+
+
+def _checked_scores(scores, count: int) -> torch.Tensor:
+    if not isinstance(scores, torch.Tensor) or scores.ndim != 1 or scores.shape[0] != count:
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ConvlensError(f"a target must give one score per image, got {shape}")
+    return scores
+
+
+def _not_spatial(name: str, shape: tuple | None, summary: Summary) -> str:
+    suggestion = f"such as {summary.auto!r} " if summary.auto else ""
+    return (f"layer {name!r} has output shape {shape}, not a spatial feature map; "
+            f"choose a convolutional layer {suggestion}(see 'convlens layers MODEL')")
+
+
+@dataclass
+class Plan:
+    """What one forward pass over the clean batch settled, so no method has to settle it again.
+
+    Made by :func:`check_request`; pass it to :func:`explain` as ``plan=`` to run
+    several methods on one batch without repeating that pass.
+    """
+
+    model: Model
+    x: torch.Tensor
+    images: list | None
+    layers: list[str]
+    score_fn: ScoreFn
+    class_indices: list[int]
+    output: object = field(repr=False, default=None)  # the model's (logit) output of the clean batch
+
+    def top1(self) -> list[str]:
+        """The predicted class name of each image, from the same pass."""
+        return [self.model.label(int(i)) for i in class_logits(self.model.scores(self.output)).argmax(1)]
 
 
 #: Every heatmap method by name; filled by the method modules (see package ``__init__``).
@@ -209,16 +224,23 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def normalise(maps: torch.Tensor, rtol: float = 1e-6) -> tuple[torch.Tensor, list[bool]]:
-    """Per-image min-max to ``[0, 1]``; constant (or non-finite) maps become zeros and are flagged."""
+    """Min-max each map of ``(N, ...)`` to ``[0, 1]``: the one normaliser of convlens.
+
+    The flat-map rule, stated once: a map whose spread is at most ``rtol`` times
+    its largest magnitude (a constant map, all zero after the ReLU, say), or that
+    holds a non-finite value, has nothing to normalise: it becomes zeros and is
+    flagged, never NaN. Heatmaps, Score-CAM's masks and the metrics all use it.
+    """
     flat_maps = maps.flatten(1)
     low = flat_maps.min(dim=1).values
     high = flat_maps.max(dim=1).values
     span = high - low
     scale = torch.maximum(high.abs(), low.abs())
     flat = ~torch.isfinite(span) | (span <= rtol * scale) | (scale == 0)
+    shape = (-1,) + (1,) * (maps.ndim - 1)
     safe_span = torch.where(flat, torch.ones_like(span), span)
-    normalised = (maps - low.view(-1, 1, 1)) / safe_span.view(-1, 1, 1)
-    normalised = torch.where(flat.view(-1, 1, 1), torch.zeros_like(normalised), normalised)
+    normalised = (maps - low.view(shape)) / safe_span.view(shape)
+    normalised = torch.where(flat.view(shape), torch.zeros_like(normalised), normalised)
     return normalised.clamp_(0, 1), flat.tolist()
 
 
@@ -232,24 +254,6 @@ def _combine(per_layer: list[torch.Tensor], size: tuple[int, int]) -> tuple[torc
     stack = [upsample(normalise(m.clamp(min=0))[0], size) for m in per_layer]
     raw = torch.stack(stack).mean(0)
     return raw, raw
-
-
-def _resolve_layer_names(model: Model, method: Method, layer, x: torch.Tensor) -> list[str]:
-    if not method.uses_layer:
-        return []
-    refs = layer if isinstance(layer, (list, tuple)) else [layer]
-    if not refs:
-        raise ConvlensError("no layer given; pass a layer name or 'auto'")
-    names = []
-    for ref in refs:
-        if isinstance(ref, str) and ref == "auto":
-            names.append(summarize(model, tuple(x.shape[-2:])).auto_layer)
-        else:
-            names.extend(resolve_layers(model, [ref]))
-    names = list(dict.fromkeys(names))
-    if len(names) > 1 and not method.multi_layer:
-        raise ConvlensError(f"method {method.name!r} takes one layer, got {len(names)}: {', '.join(names)}")
-    return names
 
 
 def get_method(name: str) -> Method:
@@ -272,40 +276,65 @@ def _check_options(method: Method, options: dict) -> None:
 
 
 def check_request(model, inputs, methods: Sequence[str], layer: str | nn.Module | Sequence = "auto",
-                  target: TargetSpec = None) -> list[str]:
-    """Validate methods, layers and targets with one forward pass, computing nothing else.
+                  target: TargetSpec = None) -> Plan:
+    """Settle the batch, layers and targets with one forward pass, computing no heatmap.
 
-    Raises :class:`ConvlensError` for what :func:`explain` would reject; returns
-    the layer names the layer-reading methods will use. The CLI calls this
-    before any slow method runs, so a bad layer or target fails in seconds.
+    Raises :class:`ConvlensError` for what :func:`explain` would reject (unknown
+    method or layer, a layer without a spatial output, a target out of range, a
+    model whose output is not finite). The CLI calls this before any slow method
+    runs, so a bad request fails in seconds, and hands the plan to every method.
     """
     chosen = [get_method(name) for name in methods]
     loaded = as_model(model)
-    x, _ = loaded.as_batch(inputs)
+    x, images = loaded.as_batch(inputs)
     readers = [method for method in chosen if method.uses_layer]  # they all read the same layers
-    names = _resolve_layer_names(loaded, readers[0], layer, x) if readers else []
-    request = Request(loaded, x, names, target)
-    with torch.inference_mode(), request.capture() as rec:
-        request.score(rec.forward(x))
-        for name in names:
-            request.layer_output(rec, name)
-    return names
+    refs = layer if isinstance(layer, (list, tuple)) else [layer]
+    if readers and not refs:
+        raise ConvlensError("no layer given; pass a layer name or 'auto'")
+    explicit = [ref for ref in refs if not (isinstance(ref, str) and ref == "auto")] if readers else []
+    resolve_layers(loaded, explicit)  # an unknown name fails before the pass
+    with torch.inference_mode(False):
+        summary, output = survey(loaded, x, logits=True)
+    ensure_finite(loaded, x, output)
+    names = []
+    for ref in refs if readers else []:
+        if isinstance(ref, str) and ref == "auto":
+            names.append(summary.auto_layer)
+        else:
+            names.extend(resolve_layers(loaded, [ref]))
+    names = list(dict.fromkeys(names))
+    rows = {row.name: row for row in summary.rows}
+    for name in names:
+        if not rows[name].spatial:
+            raise ConvlensError(_not_spatial(name, rows[name].output_shape, summary))
+    for method in readers:
+        if len(names) > 1 and not method.multi_layer:
+            raise ConvlensError(f"method {method.name!r} takes one layer, got {len(names)}: {', '.join(names)}")
+    with torch.no_grad():
+        score_fn, indices = resolve_targets(target, output, loaded.labels, loaded.select)
+        _checked_scores(score_fn(output), x.shape[0])
+    return Plan(loaded, x, images, names, score_fn, indices, output)
 
 
-def explain(model, inputs, method: str = "gradcam", layer: str | nn.Module | Sequence = "auto",
-            target: TargetSpec = None, *, progress: Progress | None = None, **options) -> Explanation:
+def explain(model, inputs=None, method: str = "gradcam", layer: str | nn.Module | Sequence = "auto",
+            target: TargetSpec = None, *, plan: Plan | None = None, progress: Progress | None = None,
+            **options) -> Explanation:
     """Compute one heatmap per image with a registered method.
 
     Args:
         model: a :class:`convlens.Model`, a bare ``nn.Module`` (channels-first)
             or a Keras model.
         inputs: a preprocessed batch in the model's layout (channels-first for
-            torch, channels-last for Keras), or images (paths, PIL, arrays).
+            torch, channels-last for Keras), or images (paths, PIL, arrays);
+            see :meth:`convlens.Model.as_batch`.
         method: a name in :data:`METHODS` (``gradcam``, ``scorecam``, ...).
         layer: ``"auto"`` (the last layer with a spatial output), a layer name
             or module, or a list of them for methods that combine layers.
         target: ``None`` (top-1), a class index or name, one per image, or a
             callable on the output (see :mod:`convlens.targets`).
+        plan: what :func:`check_request` settled for these inputs, layer and target;
+            when given, ``inputs``, ``layer`` and ``target`` are taken from it and
+            the method runs without a checking pass of its own.
         progress: ``progress(done, total)`` called by the slower methods.
         **options: the method's own options (``batch_size``, ``n_samples``, ...).
 
@@ -314,21 +343,24 @@ def explain(model, inputs, method: str = "gradcam", layer: str | nn.Module | Seq
     """
     chosen = get_method(method)
     _check_options(chosen, options)
-    loaded = as_model(model)
     # A caller inside torch.inference_mode() (an evaluation loop) still gets gradients here.
     with torch.inference_mode(False):
-        x, images = loaded.as_batch(inputs)
-        names = _resolve_layer_names(loaded, chosen, layer, x)
-        request = Request(loaded, x, names, target, progress)
+        if plan is None:
+            plan = check_request(model, inputs, [chosen.name], layer, target)
+        names = plan.layers if chosen.uses_layer else []
+        if len(names) > 1 and not chosen.multi_layer:
+            raise ConvlensError(f"method {chosen.name!r} takes one layer, got {len(names)}: {', '.join(names)}")
+        loaded, x = plan.model, plan.x
+        request = Request(loaded, x, names, plan.score_fn, plan.class_indices, progress)
         result = chosen.compute(request, **options)
     per_layer = [m.detach().float() for m in result.per_layer]
     raw, combined = _combine(per_layer, tuple(x.shape[-2:]))
     maps, flat = normalise(combined)
-    indices = request.class_indices or [-1] * x.shape[0]
+    indices = request.class_indices
     return Explanation(
         maps=maps, raw=raw, method=chosen.name,
         layer=(names[0] if len(names) == 1 else names) if names else None,
         targets=indices, target_names=[loaded.label(i) if i >= 0 else "custom target" for i in indices],
         flat=flat,
         attributions=None if result.attributions is None else loaded.from_internal(result.attributions.detach().float()),
-        images=images, transform=loaded.transform)
+        images=plan.images, transform=loaded.transform)

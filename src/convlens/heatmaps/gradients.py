@@ -34,12 +34,6 @@ def _row_score(request: Request, rows: list[int]):
     return request.score_fn
 
 
-def _resolve_targets(request: Request) -> None:
-    """Resolve the targets on the clean images (top-1 is the clean image's class, not a noisy one's)."""
-    with torch.inference_mode(), request.capture([]) as rec:
-        request.score(rec.forward(request.x))
-
-
 def input_gradients(request: Request, inputs: torch.Tensor, rows: list[int], batch_size: int,
                     rewrite: dict | None = None) -> torch.Tensor:
     """``dS/dx`` for each row of ``inputs`` ``(B, C, H, W)`` (row ``r`` scored with image ``rows[r]``'s target)."""
@@ -48,8 +42,6 @@ def input_gradients(request: Request, inputs: torch.Tensor, rows: list[int], bat
         chunk = inputs[start:start + batch_size].detach().clone().requires_grad_()
         with request.capture([], rewrite=rewrite) as rec, torch.enable_grad():
             output = rec.forward(chunk)
-            if request.score_fn is None:  # the clean images themselves, in one batch: resolve here
-                request.score(output)
             scores = _row_score(request, rows[start:start + batch_size])(output)
             grad, = torch.autograd.grad(scores.sum(), chunk)
         grads.append(grad.float())
@@ -80,7 +72,6 @@ def smoothgrad(request: Request, *, n_samples: int = 25, noise_level: float = 0.
     """
     if n_samples < 1:
         raise ConvlensError(f"n_samples must be at least 1, got {n_samples}")
-    _resolve_targets(request)
     x = request.x.float()
     n = x.shape[0]
     if stdev is None:
@@ -111,7 +102,6 @@ def integrated_gradients(request: Request, *, steps: int = 50, baseline: float |
     """
     if steps < 2:
         raise ConvlensError(f"steps must be at least 2, got {steps}")
-    _resolve_targets(request)
     x = request.x.float()
     n = x.shape[0]
     reference = torch.as_tensor(baseline, dtype=torch.float32, device=x.device).expand_as(x)

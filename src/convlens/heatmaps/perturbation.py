@@ -13,7 +13,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .engine import Method, RawMaps, Request, register
+from ..capture import prefix_tokens, spatial_view
+from ..scoring import MakeBatch, score_batches
+from .engine import Method, RawMaps, Request, normalise, register
 from ..targets import ClassLogits
 
 #: Variants scored per forward pass unless the caller says otherwise.
@@ -27,27 +29,18 @@ def _image_score(request: Request, image: int, rows: int) -> Callable[[torch.Ten
     return request.score_fn  # a callable target must score each row on its own
 
 
-def score_variants(request: Request, image: int, count: int,
-                   make_batch: Callable[[int, int], tuple[torch.Tensor, dict]],
+def score_variants(request: Request, image: int, count: int, make_batch: MakeBatch,
                    batch_size: int, done: int = 0, total: int = 0) -> torch.Tensor:
     """Scores ``(count,)`` of ``count`` variants of image ``image``, ``batch_size`` per forward pass.
 
     ``make_batch(start, stop)`` returns the channels-first input of variants
     ``start:stop`` and the output rewrites that create them (``{}`` for masked
-    inputs; a layer rewrite for ablations).
+    inputs; a layer rewrite for ablations); see :func:`convlens.scoring.score_batches`.
     """
-    scores = []
-    for start in range(0, count, batch_size):
-        stop = min(start + batch_size, count)
-        batch, rewrite = make_batch(start, stop)
-        with torch.inference_mode(), request.capture([], rewrite=rewrite) as rec:
-            output = rec.forward(batch.contiguous(memory_format=torch.channels_last))
-        values = _image_score(request, image, stop - start)(output).float()
-        if values.shape[0] != stop - start:  # a variant batch the model could not broadcast
-            raise RuntimeError(f"expected {stop - start} scores, got {values.shape[0]}")
-        scores.append(values)
-        request.report(done + stop, total)
-    return torch.cat(scores)
+    return score_batches(request.model, count, make_batch,
+                         lambda output, start, stop: _image_score(request, image, stop - start)(output),
+                         batch_size=batch_size, rewrite=request.rewrites(),
+                         progress=lambda stop, _: request.report(done + stop, total))
 
 
 def _layer_activations(request: Request) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,12 +52,8 @@ def _layer_activations(request: Request) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _normalised_masks(acts: torch.Tensor) -> torch.Tensor:
-    """Per channel, ``(A - min) / (max - min)``; a constant channel gives the zero mask."""
-    flat = acts.flatten(1)
-    low = flat.min(dim=1, keepdim=True).values
-    span = flat.max(dim=1, keepdim=True).values - low
-    masks = torch.where(span > 0, (flat - low) / torch.where(span > 0, span, torch.ones_like(span)), 0.0)
-    return masks.view_as(acts)
+    """Per channel of ``(N, C, h, w)``, min-max to ``[0, 1]`` (:func:`normalise`); a flat channel gives the zero mask."""
+    return normalise(acts.flatten(0, 1))[0].view_as(acts)
 
 
 def scorecam(request: Request, *, batch_size: int = DEFAULT_BATCH_SIZE, top_k: int | None = None,
@@ -127,25 +116,32 @@ def ablationcam(request: Request, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Ra
     acts, base_scores = _layer_activations(request)
     n, channels = acts.shape[:2]
     layer = request.model.named_layers()[request.layers[0]]
-    channels_last = request.model.layout == "channels_last"
+    keras = request.model.layout == "channels_last"
+    size, prefix = tuple(request.x.shape[-2:]), prefix_tokens(request.model.module)
+    repeat_input = False  # decided once: a model that cannot broadcast the ablated batch gets repeated inputs
     maps = []
     for image in range(n):
         image_x = request.x[image].unsqueeze(0)
-        repeat_input = False
 
         def ablated(start: int, stop: int, image_x=image_x):
-            keep = torch.ones(stop - start, channels, dtype=image_x.dtype, device=image_x.device)
+            keep = torch.ones(stop - start, channels, 1, 1, dtype=image_x.dtype, device=image_x.device)
             keep[torch.arange(stop - start), torch.arange(start, stop)] = 0
-            keep = keep[:, None, None, :] if channels_last else keep[:, :, None, None]
 
             def ablate(module, inputs, output):
-                return output.expand(stop - start, *output.shape[1:]) * keep
+                # Zero channel k of variant k in the layer's own layout (channels-last, tokens): through its map view.
+                expanded = output.expand(stop - start, *output.shape[1:])
+                view = spatial_view(expanded, size, channels_last=keras, prefix_tokens=prefix)
+                return view.restore(view.map * keep, expanded)
 
             return (image_x.expand(stop - start, -1, -1, -1) if repeat_input else image_x), {layer: ablate}
 
         try:
             scores = score_variants(request, image, channels, ablated, batch_size, image * channels, n * channels)
+        except torch.OutOfMemoryError:
+            raise  # not a broadcasting problem: a smaller batch_size is the cure, not a retry
         except RuntimeError:
+            if repeat_input:
+                raise
             repeat_input = True
             scores = score_variants(request, image, channels, ablated, batch_size, image * channels, n * channels)
         base = base_scores[image]

@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -87,8 +86,11 @@ def _too_small(model: Model, names: list[str], to_input: Callable, image_size: t
 
 def deepdream(model: Model | nn.Module, image: ImageLike, layers: Sequence[LayerRef], *, octaves: int = 4,
               octave_scale: float = 1.4, steps: int = 20, lr: float = 0.01, seed: int = 0,
-              progress: Progress | None = None) -> Image.Image:
-    """Return ``image`` dreamed on by ``layers`` (a PIL image of the same size)."""
+              progress: Progress | None = None) -> torch.Tensor:
+    """Return ``image`` dreamed on by ``layers``: RGB ``(3, H, W)`` in ``[0, 1]`` at the image's size.
+
+    A tensor, like every result of the core; ``convlens.render.grid.to_pil`` makes it a picture.
+    """
     model = as_model(model)
     names = list(resolve_layers(model, list(layers)))
     if not names:
@@ -123,6 +125,4 @@ def deepdream(model: Model | nn.Module, image: ImageLike, layers: Sequence[Layer
 
         dream = maximize(model, objective, steps=steps, param=given_image(dream), optimizer="normalized", lr=lr,
                          transforms="jitter", seed=seed + octave, progress=report).images
-    from ..render.grid import to_pil  # PIL at the edge; keeps matplotlib out of `import convlens`
-
-    return to_pil(dream[0])
+    return dream[0]

@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+
+from ..kernels import gaussian_blur
 
 Regularizer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -34,20 +35,9 @@ def total_variation(images: torch.Tensor) -> torch.Tensor:
     return dx + dy
 
 
-def _gaussian_kernel(sigma: float, device, dtype) -> torch.Tensor:
-    radius = max(1, int(round(2 * sigma)))
-    offsets = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
-    weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    return weights / weights.sum()
-
-
 def blur(images: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     """Gaussian blur, separable, reflect padding; ``(N, C, H, W)`` -> same shape."""
-    kernel = _gaussian_kernel(sigma, images.device, images.dtype)
-    channels, radius = images.shape[1], kernel.numel() // 2
-    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
-    rows = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    return F.conv2d(rows, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    return gaussian_blur(images, sigma, max(1, int(round(2 * sigma))), padding="reflect")
 
 
 def blur_penalty(images: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
-from .base import ExplainFn, available_methods, heatmap_explainer, normalize_maps
+from .base import ExplainFn, heatmap_explainer, normalize_maps
 from .faithfulness import (BASELINES, Curve, average_drop, confidence_change, deletion, gaussian_blur,
                            increase_in_confidence, insertion)
 from .localization import boxes_to_masks, energy_pointing_game, iou, pointing_game, region_boxes, scaled_tolerance
@@ -72,18 +70,8 @@ METRICS: dict[str, Metric] = {
 }
 
 
-def metric_values(result: torch.Tensor | Curve) -> torch.Tensor:
-    """The per-image values of a metric's result: a curve's area, or the tensor itself."""
-    return result.auc if isinstance(result, Curve) else result
-
-
-__all__ = ["BASELINES", "METRICS", "Curve", "ExplainFn", "MeanCI", "Metric", "Randomization", "available_methods",
+__all__ = ["BASELINES", "METRICS", "Curve", "ExplainFn", "MeanCI", "Metric", "Randomization",
            "average_drop", "boxes_to_masks", "confidence_change", "data_randomization", "deletion",
            "energy_pointing_game", "gaussian_blur", "heatmap_explainer", "increase_in_confidence", "insertion",
-           "iou", "linear_imputation", "mean_ci", "metric_values", "normalize_maps", "parameter_randomization",
+           "iou", "linear_imputation", "mean_ci", "normalize_maps", "parameter_randomization",
            "pointing_game", "region_boxes", "road", "road_gap", "road_score", "scaled_tolerance", "spearman", "ssim"]
-
-from .runner import EXPLAINERS, Evaluation, evaluate, evaluate_images, find_mask  # noqa: E402  (uses METRICS)
-from .report import summary_table  # noqa: E402
-
-__all__ += ["EXPLAINERS", "Evaluation", "evaluate", "evaluate_images", "find_mask", "summary_table"]

@@ -31,7 +31,11 @@ import torch.nn.functional as F
 
 from ..capture import capture
 from ..errors import ConvlensError
+from ..heatmaps import explain
+from ..heatmaps.engine import normalise
 from ..models import Model, as_model
+from ..scoring import score_batches
+from ..targets import class_logits
 
 Targets = Union[None, int, Sequence[int], torch.Tensor]
 Score = Literal["probability", "logit"]
@@ -72,12 +76,8 @@ def as_maps(maps, n: int, size: tuple[int, int]) -> torch.Tensor:
 
 
 def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Min-max scale each map of ``(N, H, W)`` to [0, 1]; a flat map becomes zeros, never NaN."""
-    flat = maps.flatten(1)
-    low, high = flat.min(1).values, flat.max(1).values
-    span = (high - low).view(-1, 1, 1)
-    scaled = (maps - low.view(-1, 1, 1)) / span.clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.where(span > 0, scaled, torch.zeros_like(maps))
+    """Min-max scale each map of ``(N, H, W)`` to [0, 1]; a flat map becomes zeros, never NaN (:func:`normalise`)."""
+    return normalise(maps)[0]
 
 
 def forward(model: Model, x: torch.Tensor) -> torch.Tensor:
@@ -92,9 +92,7 @@ def class_scores(model: Model, output: torch.Tensor, targets: torch.Tensor, scor
     if score == "probability":
         values = model.probabilities(output)
     elif score == "logit":
-        values = model.scores(output).float().flatten(1)
-        if values.shape[1] == 1:  # one logit: class 1 has log-odds z, class 0 has -z
-            values = torch.cat([-values, values], dim=1)
+        values = class_logits(model.scores(output).float())
     else:
         raise ConvlensError(f"unknown score {score!r}; choose 'probability' or 'logit'")
     return values.gather(1, targets.view(-1, 1).to(values.device)).squeeze(1)
@@ -127,21 +125,16 @@ def prepare(model, x: torch.Tensor, maps, targets: Targets = None) -> Prepared:
 
 def score_inputs(model: Model, make_inputs: Callable[[int, int], torch.Tensor], count: int,
                  targets: torch.Tensor, *, batch_size: int = 64, score: Score = "probability") -> torch.Tensor:
-    """Score ``count`` inputs built lazily, ``batch_size`` at a time: the one perturbation loop.
+    """Score ``count`` inputs built lazily, ``batch_size`` at a time (:func:`convlens.scoring.score_batches`).
 
     ``make_inputs(start, stop)`` returns the channels-first inputs ``start..stop-1``
     and ``targets[i]`` is the class input ``i`` is scored for, so no more than
     ``batch_size`` perturbed images exist at once. Returns float32 ``(count,)``.
     """
-    if batch_size < 1:
-        raise ConvlensError(f"batch size must be at least 1, got {batch_size}")
-    scores = torch.empty(count, dtype=torch.float32, device=targets.device)
-    with capture(model) as rec, torch.no_grad():
-        for start in range(0, count, batch_size):
-            stop = min(start + batch_size, count)
-            output = rec.forward(make_inputs(start, stop))
-            scores[start:stop] = class_scores(model, output, targets[start:stop], score).to(scores.device)
-    return scores
+    scores = score_batches(model, count, lambda start, stop: (make_inputs(start, stop), {}),
+                           lambda output, start, stop: class_scores(model, output, targets[start:stop], score),
+                           batch_size=batch_size)
+    return scores.to(targets.device)
 
 
 def trapezoid_auc(fractions: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -154,27 +147,10 @@ ExplainFn = Callable[[Model, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def heatmap_explainer(method: str, **options) -> ExplainFn:
-    """An ``explain_fn`` that calls ``convlens.explain(model, x, method=method, target=targets)``.
-
-    ``convlens.explain`` is imported when the function is first called, so the
-    metrics work (with any other ``explain_fn``) in a build without the heatmap engine.
-    """
+    """An ``explain_fn`` that calls ``convlens.explain(model, x, method=method, target=targets)``."""
 
     def explain_fn(model: Model, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        try:
-            from .. import explain
-        except ImportError:
-            raise ConvlensError("convlens.explain is not available in this build; pass your own explain_fn") from None
         return explain(model, x, method=method, target=[int(t) for t in targets], **options).maps
 
     explain_fn.__name__ = f"explain_{method}"
     return explain_fn
-
-
-def available_methods() -> list[str]:
-    """Heatmap method names of ``convlens.METHODS``, or ``[]`` when the engine is not in this build."""
-    try:
-        from .. import METHODS
-    except ImportError:
-        return []
-    return sorted(METHODS)

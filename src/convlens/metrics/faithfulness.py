@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConvlensError
+from .. import kernels
 from .base import Prepared, Score, Targets, normalize_maps, prepare, score_inputs, trapezoid_auc
 
 BASELINES = ("zeros", "blur", "mean")
@@ -68,15 +69,8 @@ class Curve:
 
 
 def gaussian_blur(x: torch.Tensor, size: int = 11, sigma: float = 5.0) -> torch.Tensor:
-    """Blur each channel of ``(N, C, H, W)`` with a normalised Gaussian; borders replicated."""
-    radius = size // 2
-    offsets = torch.arange(size, dtype=torch.float32, device=x.device) - radius
-    kernel = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
-    kernel = (kernel / kernel.sum()).to(x.dtype)
-    channels = x.shape[1]
-    padded = F.pad(x, (radius, radius, radius, radius), mode="replicate")
-    rows = F.conv2d(padded, kernel.view(1, 1, 1, size).repeat(channels, 1, 1, 1), groups=channels)
-    return F.conv2d(rows, kernel.view(1, 1, size, 1).repeat(channels, 1, 1, 1), groups=channels)
+    """Blur each channel of ``(N, C, H, W)`` with a normalised ``size``-tap Gaussian; borders replicated."""
+    return kernels.gaussian_blur(x, sigma, size // 2, padding="replicate")
 
 
 def make_baseline(x: torch.Tensor, baseline: str | torch.Tensor) -> torch.Tensor:

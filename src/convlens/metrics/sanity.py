@@ -53,6 +53,7 @@ from torch import nn
 from ..capture import capture
 from ..errors import ConvlensError, did_you_mean
 from ..models import Model
+from ..kernels import gaussian_kernel
 from .base import ExplainFn, Targets, as_batch, as_maps, as_model, as_targets, heatmap_explainer, normalize_maps
 
 MODES = ("cascading", "independent")
@@ -82,9 +83,7 @@ def ssim(first: torch.Tensor, second: torch.Tensor, *, sigma: float = 1.5, taps:
         raise ConvlensError(f"SSIM needs maps of at least {taps}x{taps} pixels, got {tuple(first.shape[-2:])}")
     a = normalize_maps(first.double()).unsqueeze(1)
     b = normalize_maps(second.double()).unsqueeze(1)
-    offsets = torch.arange(taps, dtype=torch.float64) - taps // 2
-    kernel = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
-    kernel = kernel / kernel.sum()
+    kernel = gaussian_kernel(sigma, taps // 2, dtype=torch.float64)
     window = (kernel.view(-1, 1) * kernel.view(1, -1)).view(1, 1, taps, taps).to(a.device)
 
     def local_mean(t: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Loading networks and describing them: `load_model`, `Model`, `summarize`."""
 
-from .loading import ARCHITECTURES, as_model, load_model, register_architecture, torchvision_names
+from .loading import ARCHITECTURES, as_model, load_model, torchvision_names
 from .model import Model, Prediction
-from .summary import Summary, auto_layer, summarize
+from .summary import Summary, auto_layer, summarize, survey
 
 __all__ = ["ARCHITECTURES", "Model", "as_model", "Prediction", "Summary", "auto_layer", "load_model",
-           "register_architecture", "summarize", "torchvision_names"]
+           "summarize", "torchvision_names"]

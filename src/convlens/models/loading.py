@@ -25,6 +25,7 @@ from torch import nn
 from ..errors import ConvlensError, did_you_mean, first_line
 from .keras import is_keras_model, load_keras_file, wrap_keras
 from .model import Model, detect_output
+from .nets import ShapesNet
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, make_transform
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -33,19 +34,10 @@ MODEL_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".ts", ".jit", ".tar",
 #: Models shipped inside convlens (``convlens.assets``), loadable by these names.
 BUNDLED_MODELS = ("shapes",)
 
-#: Architectures convlens builds itself, by name: ``fn(**kwargs) -> nn.Module``.
+#: Architectures convlens builds itself, by name: ``fn(**kwargs) -> nn.Module``. Add your own here
+#: (``ARCHITECTURES["mynet"] = MyNet``) to load state dicts with ``arch="mynet"``.
 #: torchvision's own names are looked up through ``torchvision.models``.
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_architecture(name: str):
-    """Decorator: make a model builder loadable by name from checkpoints and ``--arch``."""
-
-    def decorate(builder):
-        ARCHITECTURES[name] = builder
-        return builder
-
-    return decorate
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"shapesnet": ShapesNet}
 
 
 def torchvision_names() -> list[str]:
@@ -352,8 +344,6 @@ def _from_checkpoint(checkpoint: dict, path: Path, labels: list[str] | None) -> 
     """A checkpoint written by ``convlens train``: architecture, weights and preprocessing in one file."""
     arch = checkpoint.get("arch")
     if arch not in ARCHITECTURES:
-        _ensure_builtin_architectures()
-    if arch not in ARCHITECTURES:
         raise ConvlensError(f"checkpoint {path} needs architecture {arch!r}, which this convlens does not know")
     try:
         module = ARCHITECTURES[arch](**checkpoint.get("arch_kwargs", {}))
@@ -375,14 +365,3 @@ def _from_checkpoint(checkpoint: dict, path: Path, labels: list[str] | None) -> 
         info={**info, "transform": spec},
         preprocessing=described,
     )
-
-
-def _ensure_builtin_architectures() -> None:
-    """Import the modules that register convlens's own architectures."""
-    import importlib
-
-    for module in ("convlens.train.nets",):
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            pass

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import ConvlensError
 from ..images import ImageLike, load_images
-from ..targets import OutputKey, select_output
+from ..targets import OutputKey, class_probabilities, select_output
 
 Layout = Literal["channels_first", "channels_last"]
 OutputKind = Literal["logits", "softmax", "sigmoid"]
@@ -160,15 +160,7 @@ class Model:
 
     def probabilities(self, output) -> torch.Tensor:
         """Class probabilities ``(N, K)``; a single sigmoid/logit output gives ``[1-p, p]``."""
-        output = self.scores(output).float()
-        if output.ndim > 2:
-            output = output.flatten(1)
-        if output.shape[1] == 1:
-            p = output if self.output == "sigmoid" else torch.sigmoid(output)
-            return torch.cat([1 - p, p], dim=1)
-        if self.output in ("softmax", "sigmoid"):
-            return output
-        return output.softmax(dim=1)
+        return class_probabilities(self.scores(output), self.output)
 
     def label(self, index: int) -> str:
         if self.labels is not None and 0 <= index < len(self.labels):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..capture import capture, prefix_tokens, spatial_view
+from ..capture import capture, merge_rewrites, prefix_tokens, spatial_view
 from ..errors import ConvlensError, first_line
 from .model import Model
 
@@ -115,6 +115,18 @@ def _own_params(module: nn.Module, keras: bool) -> int:
 def summarize(model: Model, input_size: tuple[int, int] | None = None) -> Summary:
     """Run one forward pass at ``input_size`` and tabulate every layer's output shape and parameters."""
     size = tuple(input_size or model.input_size)
+    channels = 1 if getattr(model.transform, "channels", 3) == 1 else 3
+    return survey(model, torch.zeros(1, channels, *size, device=model.device, dtype=model.dtype))[0]
+
+
+def survey(model: Model, x: torch.Tensor, *, logits: bool = False) -> tuple[Summary, object]:
+    """:func:`summarize` on a real channels-first batch ``x``, returning the model's output of that same pass.
+
+    One pass tells which layers are maps, which one ``auto`` picks, and what the
+    model answers, so a caller checking a request needs no second pass. With
+    ``logits`` a final softmax/sigmoid is skipped (:meth:`Model.logit_rewrites`).
+    """
+    size = tuple(int(v) for v in x.shape[-2:])
     layers = model.named_layers()
     keras = model.keras_model is not None
     shapes: dict[str, tuple[int, ...]] = {}
@@ -127,7 +139,7 @@ def summarize(model: Model, input_size: tuple[int, int] | None = None) -> Summar
         name = by_module[mod]
         if isinstance(output, torch.Tensor):
             shapes[name] = (-1, *output.shape[1:])
-            view = spatial_view(output, size, batch=1, channels_last=keras, prefix_tokens=prefix)
+            view = spatial_view(output, size, batch=x.shape[0], channels_last=keras, prefix_tokens=prefix)
             if view is not None and view.map.shape[-1] * view.map.shape[-2] > 1:
                 views[name] = view.kind
         if name in order:
@@ -135,13 +147,17 @@ def summarize(model: Model, input_size: tuple[int, int] | None = None) -> Summar
         order.append(name)
         return output
 
-    channels = 1 if getattr(model.transform, "channels", 3) == 1 else 3
-    x = torch.zeros(1, channels, *size, device=model.device, dtype=model.dtype)
     scripted = isinstance(model.module, torch.jit.ScriptModule)  # cannot be hooked: parameters only
+    recording = {m: record for m in layers.values()}
+    output = None
     try:
-        if not scripted:
-            with capture(model, rewrite={m: record for m in layers.values()}) as rec, torch.no_grad():
-                rec.forward(x)
+        if scripted:
+            with capture(model) as rec, torch.no_grad():
+                output = rec.forward(x)
+        else:
+            rewrite = merge_rewrites(model.logit_rewrites(), recording) if logits else recording
+            with capture(model, rewrite=rewrite) as rec, torch.no_grad():
+                output = rec.forward(x)
     except RuntimeError as err:
         raise ConvlensError(
             f"the model cannot run on a {size[0]}x{size[1]} input ({first_line(err)}); "
@@ -158,7 +174,7 @@ def summarize(model: Model, input_size: tuple[int, int] | None = None) -> Summar
     else:
         total = sum(p.numel() for p in params)
         trainable = sum(p.numel() for p in params if p.requires_grad)
-    return Summary(rows, total, trainable, size, order, auto, scripted)
+    return Summary(rows, total, trainable, size, order, auto, scripted), output
 
 
 def auto_layer(model: Model) -> str:

@@ -21,11 +21,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import ConvlensError
-from .overlay import check_style
+from .overlay import check_style, colorize
 
 BACKGROUND = (255, 255, 255)
 
@@ -35,12 +34,6 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default(size)
     except TypeError:  # Pillow < 10.1 has one bitmap size only
         return ImageFont.load_default()
-
-
-def _lookup_table(cmap: str) -> np.ndarray:
-    """The colormap as a ``(256, 3)`` uint8 table: indexing it is much faster than calling it per pixel."""
-    check_style(cmap, 0.0)
-    return (colormaps[cmap](np.arange(256))[:, :3] * 255).round().astype(np.uint8)
 
 
 def standardize(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +81,7 @@ def activation_grid(maps: torch.Tensor, title: str | None = None, *, per_row: in
     if per_row < 1:
         raise ConvlensError(f"channels per row must be at least 1, got {per_row}")
     values, live = standardize(maps.detach().float().cpu().numpy())
-    tiles = _lookup_table(cmap)[values]  # (C, H, W, 3)
+    tiles = colorize(values / np.float32(255), cmap)  # (C, H, W, 3): display values 0..255 on the colormap
     tiles[~live] = BACKGROUND
     scale = max(1, math.ceil(min_tile / min(values.shape[1:])))
     if scale > 1:
@@ -120,7 +113,7 @@ def channel_image(channel: torch.Tensor, title: str | None = None, *, cmap: str 
 
     if channel.ndim != 2:
         raise ConvlensError(f"expected one channel (H, W), got shape {tuple(channel.shape)}")
-    _lookup_table(cmap)
+    check_style(cmap, 0.0)
     data = channel.detach().float().cpu().numpy()
     height, width = data.shape
     dpi = 100

@@ -226,8 +226,8 @@ def training_section(ctx: Context) -> Section | None:
 def evaluation_section(ctx: Context) -> Section | None:
     """Which heatmap to trust: localisation against ground-truth masks and deletion/insertion faithfulness."""
     from ..metrics import METRICS
-    from ..metrics.report import summary_table
-    from ..metrics.runner import evaluate_images
+    from ..evaluation import summary_table
+    from ..evaluation.runner import evaluate_images
 
     images = [(item.name, item.image, item.mask) for item in ctx.images if item.mask is not None]
     images += ctx.options.get("evaluation_images", [])

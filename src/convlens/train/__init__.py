@@ -7,7 +7,7 @@ Class folders in, a trained classifier and its evaluation out::
     model = convlens.load_model(result.model_path)
 """
 
-from .nets import ShapesNet
+from ..models.nets import ShapesNet
 from .loop import ProgressEvent, TrainConfig, TrainResult, learning_rate_at, read_checkpoint, train
 
 __all__ = ["ProgressEvent", "ShapesNet", "TrainConfig", "TrainResult", "learning_rate_at", "read_checkpoint",

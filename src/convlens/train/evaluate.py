@@ -26,17 +26,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import rankdata
 
 from ..fileio import atomic_path, write_text
 
 Z_95 = 1.959963984540054
-
-
-def average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``values``; tied values get the mean of the ranks they span."""
-    from scipy.stats import rankdata
-
-    return rankdata(values, method="average")
 
 
 def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
@@ -45,7 +39,7 @@ def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
         return None
-    rank_sum = average_ranks(scores)[labels].sum()
+    rank_sum = rankdata(scores, method="average")[labels].sum()  # ties share their mean rank
     return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 

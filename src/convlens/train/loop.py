@@ -31,9 +31,10 @@ from torch.nn import functional as F
 from .. import __version__
 from ..errors import ConvlensError, first_line
 from ..fileio import atomic_path
+from ..targets import class_probabilities
 from ..data.folders import (LabelledImages, check_trainable, load_class_folders, resolve_data_dirs,
                             stratified_split)
-from .nets import ShapesNet
+from ..models.nets import ShapesNet
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
@@ -157,14 +158,6 @@ def _loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output, labels)
 
 
-def class_probabilities(output: torch.Tensor) -> torch.Tensor:
-    """``(N, K)`` probabilities from logits; one logit gives ``[1 - p, p]``."""
-    if output.shape[1] == 1:
-        p = torch.sigmoid(output)
-        return torch.cat([1 - p, p], dim=1)
-    return output.softmax(dim=1)
-
-
 def _optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(net.parameters(), lr=config.learning_rate, momentum=config.momentum,
@@ -274,7 +267,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 def train(data: str | os.PathLike | LabelledImages, out_dir: str | os.PathLike, config: TrainConfig | None = None,
           *, resume: str | os.PathLike | None = None,
           progress: Callable[[ProgressEvent], None] | None = None) -> TrainResult:
-    """Train a :class:`~convlens.train.nets.ShapesNet` and write it with its evaluation to ``out_dir``.
+    """Train a :class:`~convlens.models.nets.ShapesNet` and write it with its evaluation to ``out_dir``.
 
     Args:
         data: a class-folder tree (see :mod:`convlens.data.folders`) or images in memory.

@@ -1,4 +1,4 @@
-"""convlens's own compact classifier, registered so its checkpoints load by name.
+"""convlens's own compact classifier (listed in ``convlens.models.loading.ARCHITECTURES``, so checkpoints load by name).
 
 ``shapesnet`` is a VGG-style network (Simonyan & Zisserman 2014, arXiv:1409.1556)
 shrunk to a few hundred thousand parameters: stages of
@@ -20,10 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..models.loading import register_architecture
 
-
-@register_architecture("shapesnet")
 class ShapesNet(nn.Module):
     """Compact VGG-style CNN with BatchNorm, global average pooling and a linear head.
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..fileio import atomic_path, write_text
-from .stats import MeanCI
+from ..metrics.stats import MeanCI
 
 _HTML = """<!doctype html>
 <html><head><meta charset="utf-8"><title>convlens evaluate</title>
@@ -80,11 +80,9 @@ def write_summary(out_dir: Path, summary: Mapping[str, Mapping[str, MeanCI]], me
 
 def _plot_curves(out_dir: Path, name: str, rows: list[dict]) -> Path | None:
     """Mean curve per method (images share one resolution, so their curves share fractions)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # a Figure object: no pyplot state, no process-wide backend switch
 
     curves: dict[str, list] = {}
     for row in rows:
@@ -92,7 +90,9 @@ def _plot_curves(out_dir: Path, name: str, rows: list[dict]) -> Path | None:
             curves.setdefault(row["method"], []).append(row["curves"][name])
     if not curves:
         return None
-    figure, axes = plt.subplots(figsize=(5, 3.5))
+    figure = Figure(figsize=(5, 3.5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
     for method, items in sorted(curves.items()):
         fractions = np.asarray(items[0]["fractions"])
         scores = np.mean([item["scores"] for item in items if len(item["scores"]) == len(fractions)], axis=0)
@@ -108,5 +108,4 @@ def _plot_curves(out_dir: Path, name: str, rows: list[dict]) -> Path | None:
     path = out_dir / f"{name}.png"
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
     return path

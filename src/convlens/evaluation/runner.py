@@ -5,14 +5,21 @@ Outputs in ``out_dir``:
 * ``journal.jsonl``: one line per finished (image, method) pair, appended and
   flushed to disk as soon as the pair is done. It is the run's memory: a run
   started again on the same ``out_dir`` skips the pairs it finds there, so an
-  interrupted run continues where it stopped. A half-written last line (the
-  process killed mid-write) is dropped and recomputed.
+  interrupted run continues where it stopped. Damaged lines (half-written when
+  the process was killed, garbled, NUL bytes left by a crash) are dropped with
+  a warning that counts them, and their pairs are recomputed.
 * ``results.csv``: one row per (image, method), rewritten atomically (temporary
   file, then rename) after each image, so it is always a complete table.
 * ``summary.md`` and ``summary.html``: per method and metric, the mean with its
   95 % t-interval and the number of images.
 * ``deletion.png`` / ``insertion.png``: the mean curve of each method.
-* ``run.json``: the settings; resuming with other metrics or another model is refused.
+* ``run.json``: the run's fingerprint (:func:`~convlens.evaluation.resume.run_fingerprint`): the model's
+  weights and preprocessing, the methods, the metrics, the images (names,
+  sizes, modification times, masks) and the options. Resuming with anything
+  different is refused with a line saying what differs; ``restart=True``
+  (``--restart``) discards the old run instead. Every journal line carries the
+  fingerprint's digest, so a damaged ``run.json`` is rewritten and only the
+  lines of this very run are kept.
 
 Each image is explained for the model's top class. Ground-truth masks for the
 localisation metrics come from ``find_mask(image_path)`` (:func:`find_mask` by
@@ -21,8 +28,8 @@ default); an image without a mask gets NaN for those metrics.
 
 from __future__ import annotations
 
-import json
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,15 +38,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.folders import IMAGE_SUFFIXES
-from ..data.shapes import MASK_SUFFIX, mask_path
+from ..data.folders import IMAGE_SUFFIXES, image_files
+from ..data.shapes import load_mask, mask_path
 from ..errors import ConvlensError, did_you_mean
-from ..fileio import write_text
+from ..fileio import check_output_dir, write_text
 from ..images import ImageLike, load_image
+from ..heatmaps import METHODS
+from ..metrics import METRICS
+from ..metrics.base import ExplainFn, as_batch, as_model, as_targets, heatmap_explainer
+from ..metrics.faithfulness import Curve
+from ..metrics.stats import MeanCI, mean_ci
 from ..models import Model
-from .base import ExplainFn, as_batch, as_model, as_targets, available_methods, heatmap_explainer
-from .faithfulness import Curve
-from .stats import MeanCI, mean_ci
+from .resume import Journal, check_settings, clear_run, run_fingerprint, run_id
+from .summary import write_summary
 
 #: Explainers by method name, consulted before ``convlens.METHODS``: register your own here.
 EXPLAINERS: dict[str, ExplainFn] = {}
@@ -52,15 +63,14 @@ def find_mask(image_path: Path) -> np.ndarray | None:
 
     Looks, in this order, for ``<stem>.mask.png`` beside the image, then
     ``masks/<stem>.png`` in the image's folder, then ``../masks/<stem>.png`` (a
-    ``masks/`` folder next to an ``images/`` folder). Any nonzero pixel is object.
+    ``masks/`` folder next to an ``images/`` folder), read by :func:`convlens.data.shapes.load_mask`.
     """
     image_path = Path(image_path)
     stem = image_path.name[: -len(image_path.suffix)] if image_path.suffix else image_path.name
     for candidate in (mask_path(image_path), image_path.parent / "masks" / f"{stem}.png",
                       image_path.parent.parent / "masks" / f"{stem}.png"):
         if candidate.is_file() and candidate != image_path:
-            with Image.open(candidate) as opened:
-                return np.asarray(opened.convert("L")) > 0
+            return load_mask(candidate)
     return None
 
 
@@ -71,8 +81,7 @@ def list_images(data: str | os.PathLike) -> list[Path]:
         return [data]
     if not data.is_dir():
         raise ConvlensError(f"data not found: {data} (pass a folder of images)")
-    images = [p for p in sorted(data.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-              and not p.name.endswith(MASK_SUFFIX) and "masks" not in p.relative_to(data).parts[:-1]]
+    images = image_files(data)
     if not images:
         raise ConvlensError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {data}")
     return images
@@ -82,7 +91,7 @@ def resolve_methods(methods: Sequence[str] | Mapping[str, ExplainFn]) -> dict[st
     """Method names -> explain functions: :data:`EXPLAINERS` first, then ``convlens.METHODS``."""
     if isinstance(methods, Mapping):
         return dict(methods)
-    engine = available_methods()
+    engine = sorted(METHODS)
     resolved = {}
     for name in methods:
         if name in EXPLAINERS:
@@ -123,48 +132,10 @@ class Evaluation:
     files: list[Path]
 
 
-class Journal:
-    """The append-only record of finished (image, method) pairs; tolerates a torn last line."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.records: list[dict] = []
-        if path.exists():
-            raw = path.read_bytes()
-            good = raw[: raw.rfind(b"\n") + 1]  # a line without its newline was cut mid-write
-            for line in good.decode("utf-8").splitlines():
-                self.records.append(json.loads(line))
-            if len(good) != len(raw):
-                with open(path, "r+b") as handle:
-                    handle.truncate(len(good))
-
-    def done(self) -> set[tuple[str, str]]:
-        return {(r["image"], r["method"]) for r in self.records}
-
-    def append(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        self.records.append(record)
-
-
-def _check_settings(out_dir: Path, settings: dict) -> None:
-    path = out_dir / "run.json"
-    if path.exists():
-        previous = json.loads(path.read_text())
-        if previous != settings:
-            changed = sorted(k for k in settings if previous.get(k) != settings[k])
-            raise ConvlensError(f"{out_dir} holds a run with other settings ({', '.join(changed)}); "
-                                "pass another --out or delete that folder")
-    else:
-        write_text(path, json.dumps(settings, indent=2))
-
-
 def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], metrics: Sequence[str],
              out_dir: str | os.PathLike, batch_size: int = 64, limit: int | None = None,
              find_mask: Callable[[Path], np.ndarray | None] = find_mask,
-             progress: Progress | None = None) -> Evaluation:
+             progress: Progress | None = None, restart: bool = False) -> Evaluation:
     """Score every method's heatmaps on every image of ``data`` with every metric; resumable.
 
     Args:
@@ -177,14 +148,17 @@ def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], m
         batch_size: perturbed images per forward pass.
         limit: only the first ``limit`` images.
         progress: ``progress(done, total)`` after each (image, method) pair.
+        restart: discard what ``out_dir`` holds from an earlier run (its journal,
+            table, summaries, plots) and start over, instead of continuing it.
+            Without it, an ``out_dir`` made with other settings is refused.
 
     Example::
 
         evaluate(model, "shapes/", methods=["gradcam", "scorecam"], metrics=["deletion", "pointing"],
                  out_dir="eval/")
     """
-    from . import METRICS
 
+    check_output_dir(out_dir, option="out_dir")
     model = as_model(model)
     _check_metrics(metrics)
     explainers = resolve_methods(methods)
@@ -196,10 +170,20 @@ def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], m
     if any(METRICS[m].needs_masks for m in metrics) and all(mask is None for mask in masks.values()):
         raise ConvlensError(f"no masks found for the images in {root} (expected <name>.mask.png beside each "
                             "image or a masks/ folder); drop the localisation metrics or add masks")
+    fingerprint = run_fingerprint(model, list(explainers), metrics, [(_key(root, p), p) for p in images],
+                                  [masks[p] for p in images], limit)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_settings(out_dir, {"model": model.name, "metrics": list(metrics)})
-    journal = Journal(out_dir / "journal.jsonl")
+    if restart:
+        clear_run(out_dir)
+    settings_intact = check_settings(out_dir, fingerprint)
+    journal = Journal(out_dir / "journal.jsonl", run_id(fingerprint))
+    lost = [f"{journal.dropped} damaged journal line(s)"] if journal.dropped else []
+    lost += [f"{journal.foreign} line(s) of another run"] if journal.foreign else []
+    if not settings_intact or lost:
+        warnings.warn(f"{out_dir}: " + ("run.json was damaged and is rewritten; " if not settings_intact else "")
+                      + (f"dropped {' and '.join(lost)}, to be recomputed; " if lost else "")
+                      + f"kept {len(journal.records)} finished (image, method) pair(s)", UserWarning, stacklevel=2)
     done, total = journal.done(), len(images) * len(explainers)
     finished = sum((_key(root, p), m) in done for p in images for m in explainers)
     for path in images:
@@ -234,7 +218,6 @@ def evaluate_images(model, images: Sequence[tuple[str, ImageLike, np.ndarray | N
 def score_image(model: Model, picture: Image.Image, mask: np.ndarray | None, explainers: Mapping[str, ExplainFn],
                 metrics: Sequence[str], *, name: str, batch_size: int = 64) -> Iterator[dict]:
     """Explain one image (for the model's top class) with each method and score the maps; one record per method."""
-    from . import METRICS
 
     x = model.preprocess([picture])
     targets = as_targets(model, as_batch(model, x), None)
@@ -264,7 +247,6 @@ def summarize_rows(rows: list[dict], methods: Sequence[str], metrics: Sequence[s
 
 
 def _check_metrics(metrics: Sequence[str]) -> None:
-    from . import METRICS
 
     for name in metrics:
         if name not in METRICS:
@@ -297,8 +279,6 @@ def _write_table(out_dir: Path, records: list[dict], metrics: Sequence[str]) -> 
 
 
 def _finish(out_dir, records, metrics, methods, images, root) -> Evaluation:
-    from . import METRICS
-    from .report import write_summary
 
     keys = {_key(root, p) for p in images}
     rows = [r for r in _latest(records) if r["method"] in methods and r["image"] in keys]
