@@ -66,3 +66,19 @@ def test_ray_evaluate_equals_the_local_engine(ray_cluster, shapes_model, tmp_pat
     assert (tmp_path / "ray" / "results.csv").read_text() == (tmp_path / "local" / "results.csv").read_text()
     journal = [json.loads(line) for line in (tmp_path / "ray" / "journal.jsonl").read_text().splitlines()]
     assert sorted(r["image"] for r in journal) == ["circle/00000.png", "square/00000.png", "star/00000.png"]
+
+
+def test_cli_evaluate_engine_ray_writes_evaluates_outputs(ray_cluster, tmp_path, capsys):
+    from convlens.cli import main
+    from convlens.data import write_shapes
+
+    data = write_shapes(tmp_path / "data", 1, seed=6, size=64, split=None, classes=["circle", "ring"])
+    with pytest.raises(SystemExit) as exited:
+        main(["evaluate", "shapes", str(data), "--methods", "gradcam", "--metrics", "pointing", "--engine", "ray",
+              "--concurrency", "1", "--out", str(tmp_path / "out")])
+    assert exited.value.code in (0, None), capsys.readouterr().err
+    rows = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    assert rows[0] == "image,method,target,pointing" and len(rows) == 3
+    with pytest.raises(SystemExit) as exited:
+        main(["evaluate", "shapes", str(data), "--engine", "spark", "--out", str(tmp_path / "other")])
+    assert exited.value.code == 2 and "unknown engine 'spark'" in capsys.readouterr().err
