@@ -14,6 +14,7 @@ from .images import load_image, load_images, sample_image
 from .inside import activations, class_model, deepdream, filter_patterns
 from .models import Model, auto_layer, load_model, summarize
 from . import metrics  # noqa: E402  (convlens.metrics: faithfulness, localisation, sanity checks)
+from .atlas import dissect, scan  # noqa: E402  (convlens.atlas: whole datasets)
 
 __version__ = "0.1.0"
 

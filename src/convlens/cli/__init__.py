@@ -21,6 +21,7 @@ app = typer.Typer(
 )
 
 # Commands register themselves on app when their module is imported.
+from . import atlas  # noqa: E402,F401
 from . import evaluate  # noqa: E402,F401
 from . import explain  # noqa: E402,F401
 from . import inside  # noqa: E402,F401

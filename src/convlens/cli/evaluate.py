@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -43,6 +44,10 @@ def evaluate(
     trust_code: TrustCodeOpt = False,
     input_size: InputSizeOpt = None,
     output: OutputOpt = None,
+    engine: Annotated[str, typer.Option("--engine", help="local, or ray (Ray Data actors score images).")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster HOST:PORT.")] = None,
+    concurrency: Annotated[Optional[int], typer.Option("--concurrency", help="Ray actors.")] = None,
+    num_gpus: Annotated[Optional[float], typer.Option("--num-gpus", help="GPUs per Ray actor.")] = None,
 ) -> None:
     """Run every method on every image and write a CSV table, a Markdown/HTML summary and curve plots.
 
@@ -66,6 +71,12 @@ def evaluate(
     def warn(message, *_, **__) -> None:  # at once, on one line: a damaged journal is news before the long run
         typer.echo(f"convlens: warning: {message}", err=True)
 
+    if engine not in ("local", "ray"):
+        raise ConvlensError(f"unknown engine {engine!r}; choose local or ray")
+    if engine == "ray":
+        from ..atlas.ray_engine import evaluate_ray
+
+        run_evaluation = partial(evaluate_ray, ray_address=ray_address, concurrency=concurrency, num_gpus=num_gpus)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", UserWarning)

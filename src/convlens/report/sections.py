@@ -249,5 +249,8 @@ def evaluation_section(ctx: Context) -> Section | None:
     return Section("evaluation", "Which heatmap to trust", Markup(_parts.table(headers, rows)), note)
 
 
+from .atlas_section import atlas_section  # noqa: E402  (it imports Context, Section and figure from here)
+
 SECTIONS = [summary_section, predictions_section, heatmaps_section, activations_section, filters_section,
             training_section, evaluation_section]
+SECTIONS.append(atlas_section)

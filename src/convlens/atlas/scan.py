@@ -1,0 +1,372 @@
+"""``scan``: one streamed pass of a dataset through a model, keeping mergeable statistics per channel.
+
+The images are read (or generated) by a torch ``DataLoader`` with ``workers``
+processes, in batches of ``batch_size``, and each batch goes through the model
+inside ``capture(model, layers, stop=True)``: the forward pass ends after the
+last requested layer, so nothing after it ever runs. Each layer's maps update a
+:class:`~convlens.atlas.accumulators.LayerStats` (top-k images with the position
+of their maximum, mean/std/max/fraction positive, a quantile sketch, per-class
+means and class selectivity).
+
+The dataset is cut into *parts* of ``part_size`` images. With ``out`` given,
+each finished part is merged into the running totals and committed to the
+SQLite store in one transaction (:mod:`convlens.atlas.store`); a scan started
+again on the same store skips the committed parts, so an interrupted scan
+resumes from its last committed part. ``engine="ray"`` runs the parts on Ray
+Data actors (:mod:`convlens.atlas.ray_engine`) and merges them the same way.
+
+Example::
+
+    import convlens as cl
+    atlas = cl.scan(cl.load_model("shapes"), shapes=200, layers=["features.relu3"], k=8)
+    atlas.stats["features.relu3"].top_image[5]      # the 8 images where unit 5 fires most
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..capture import LayerRef, capture, resolve_layers
+from ..errors import ConvlensError, first_line
+from ..models import Model, as_model
+from ..render.overlay import crop_box
+from .accumulators import MANTISSA_BITS, LayerStats, SketchGrid
+from .data import DataSource, from_spec, open_data
+from .store import AtlasStore, model_fingerprint
+
+Progress = Callable[[int, int], None]
+Part = tuple[int, int, int]  # (part number, first image, stop image)
+ENGINES = ("local", "ray")
+
+
+# -- jobs: what a pass computes per batch ------------------------------------------------
+
+@dataclass
+class ScanJob:
+    """The scan's per-layer statistics; ``shapes`` maps each layer to its ``(C, h, w)``."""
+
+    layers: list[str]
+    shapes: dict[str, tuple[int, int, int]]
+    k: int
+    classes: int
+    grid: SketchGrid
+    name: str = "scan"
+    concepts: list[str] = field(default_factory=list)  # scan needs no masks
+
+    def new_state(self) -> dict[str, LayerStats]:
+        return {layer: LayerStats(*self.shapes[layer], self.k, self.classes, self.grid) for layer in self.layers}
+
+    def update(self, state: dict, outputs: dict[str, torch.Tensor], indices: torch.Tensor, labels: torch.Tensor,
+               masks: torch.Tensor | None) -> None:
+        for layer in self.layers:
+            state[layer].update(outputs[layer], indices, labels)
+
+    @staticmethod
+    def merge(total: dict, partial: dict) -> dict:
+        for layer, stats in partial.items():
+            total[layer].merge(stats)
+        return total
+
+    @staticmethod
+    def to_arrays(state: dict) -> dict[str, np.ndarray]:
+        return {f"{layer}/{name}": array for layer, stats in state.items()
+                for name, array in stats.to_arrays().items()}
+
+    def from_arrays(self, arrays: dict[str, np.ndarray]) -> dict:
+        return {layer: LayerStats.from_arrays({name.split("/", 1)[1]: array for name, array in arrays.items()
+                                               if name.split("/", 1)[0] == layer}) for layer in self.layers}
+
+
+# -- reading images ---------------------------------------------------------------------
+
+class _Images(torch.utils.data.Dataset):
+    """Item ``i``: ``(i, model input (C, H, W), label, readable, concept masks (K, H, W) at the input's geometry)``."""
+
+    def __init__(self, model: Model, source: DataSource, concepts: Sequence[str] = ()):
+        self.model, self.source, self.concepts = model, source, list(concepts)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        height, width = self.model.input_size
+        masks = torch.zeros(len(self.concepts), height, width, dtype=torch.bool)
+        try:
+            picture = self.source.image(index)
+        except ConvlensError:
+            return index, torch.zeros(3, height, width), self.source.labels[index], False, masks
+        x = self.model.transform(picture)
+        for concept, mask in self.source.concept_masks(index).items():
+            if concept in self.concepts:
+                masks[self.concepts.index(concept)] = mask_at_input(self.model, mask, picture.size)
+        return index, x, self.source.labels[index], True, masks
+
+
+def mask_at_input(model: Model, mask: np.ndarray, image_size: tuple[int, int]) -> torch.Tensor:
+    """A bool ``(H, W)`` mask of an image of ``image_size`` (W, H) seen through the model's resize/crop."""
+    height, width = model.input_size
+    if mask.shape == (height, width) and crop_box(model.transform, width, height) == (0.0, 0.0, width, height):
+        return torch.from_numpy(np.ascontiguousarray(mask))  # already what the model sees (plain resize, same size)
+    from ..evaluation.runner import mask_for_model
+
+    if mask.shape[::-1] != tuple(image_size):
+        mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(image_size, Image.NEAREST)) > 127
+    return mask_for_model(model, mask, image_size)[0]
+
+
+def part_batches(parts: Sequence[Part], batch_size: int) -> tuple[list[list[int]], list[int]]:
+    """Batches of image indices that never cross a part, and the part of each batch."""
+    batches, owners = [], []
+    for number, first, stop in parts:
+        for start in range(first, stop, batch_size):
+            batches.append(list(range(start, min(start + batch_size, stop))))
+            owners.append(number)
+    return batches, owners
+
+
+def run_parts(model: Model, source: DataSource, job, parts: Sequence[Part], *, batch_size: int, workers: int,
+              on_part: Callable[[Part, dict], None], progress: Callable[[int], None] | None = None) -> int:
+    """Run ``job`` over ``parts`` in this process; ``on_part(part, state)`` after each. Returns images skipped."""
+    if not parts:
+        return 0
+    batches, owners = part_batches(parts, batch_size)
+    loader = torch.utils.data.DataLoader(_Images(model, source, job.concepts), batch_sampler=batches,
+                                         num_workers=workers, persistent_workers=False)
+    by_number = {p[0]: p for p in parts}
+    remaining = {number: owners.count(number) for number in by_number}
+    states: dict[int, dict] = {}
+    skipped = 0
+    with capture(model, job.layers, stop=True) as rec, torch.inference_mode():
+        for owner, (indices, x, labels, readable, masks) in zip(owners, loader):
+            skipped += int((~readable).sum())
+            state = states.setdefault(owner, job.new_state())
+            if readable.any():
+                indices, x, labels, masks = indices[readable], x[readable], labels[readable], masks[readable]
+                outputs = forward_layers(model, rec, x, job.layers)
+                job.update(state, outputs, indices, labels, masks.to(model.device))
+            if progress is not None:
+                progress(len(indices))
+            remaining[owner] -= 1
+            if remaining[owner] == 0:
+                on_part(by_number[owner], states.pop(owner))
+    return skipped
+
+
+def forward_layers(model: Model, rec, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The recorded maps of ``layers`` for channels-first ``x``; a layer that is not spatial is an error."""
+    try:
+        rec.forward(x.to(device=model.device, dtype=model.dtype))
+    except RuntimeError as err:
+        raise ConvlensError(f"the model cannot run on these images ({first_line(err)}); "
+                            "check --input-size") from None
+    for name in layers:
+        if name not in rec.outputs:
+            raise ConvlensError(f"layer {name!r} did not run in the forward pass; choose a layer the model uses")
+        if name not in rec.spatial:
+            raise ConvlensError(f"layer {name!r} has no spatial output (shape {tuple(rec.outputs[name].shape)}); "
+                                "choose a convolution or pooling layer")
+    return {name: rec.outputs[name] for name in layers}
+
+
+def probe_shapes(model: Model, source: DataSource, layers: Sequence[str]) -> dict[str, tuple[int, int, int]]:
+    """``(C, h, w)`` of each layer on the first readable image; checks that every layer is spatial."""
+    for index in range(min(len(source), 16)):
+        try:
+            picture = source.image(index)
+        except ConvlensError:
+            continue
+        x = model.transform(picture).unsqueeze(0)
+        with capture(model, layers, stop=True) as rec, torch.inference_mode():
+            outputs = forward_layers(model, rec, x, layers)
+        return {name: tuple(int(d) for d in outputs[name].shape[1:]) for name in layers}
+    raise ConvlensError("none of the first images of the dataset can be read")
+
+
+# -- the atlas -----------------------------------------------------------------------------
+
+@dataclass
+class Atlas:
+    """A scan's results: per layer a :class:`LayerStats`, the images, and the store's metadata."""
+
+    stats: dict[str, LayerStats]
+    keys: list[str]
+    labels: list[int]
+    classes: list[str]
+    meta: dict[str, str]
+    path: Path | None = None
+    skipped: int = 0
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.stats)
+
+    def merge(self, other: Atlas) -> Atlas:
+        """Combine the scans of two sets of images of one dataset (same model, layers and settings)."""
+        for key in ("model_fingerprint", "layers", "data_fingerprint", "k", "sketch_bits"):
+            if self.meta.get(key) != other.meta.get(key):
+                raise ConvlensError(f"cannot merge atlases with different {key.replace('_', ' ')}")
+        merged = {name: LayerStats.from_arrays(stats.to_arrays()).merge(other.stats[name])
+                  for name, stats in self.stats.items()}
+        return Atlas(merged, self.keys, self.labels, self.classes, dict(self.meta), None, self.skipped + other.skipped)
+
+    def source(self) -> DataSource:
+        """The data source the atlas was scanned from, opened again."""
+        return from_spec(data_spec(self.meta))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Atlas:
+        with AtlasStore.open(path) as store:
+            keys, labels = store.images()
+            stats = {layer: store.load_stats(layer) for layer in store.layer_names()}
+            return cls(stats, keys, labels, store.classes(), store.meta(), Path(path))
+
+
+def open_atlas(path: str | os.PathLike) -> Atlas:
+    """Read an atlas store written by :func:`scan` (``convlens scan``)."""
+    return Atlas.load(path)
+
+
+def data_spec(meta: dict[str, str]) -> dict:
+    """The data source's spec from the store's ``data.*`` metadata."""
+    spec = {key[5:]: value for key, value in meta.items() if key.startswith("data.")}
+    for name in ("count", "seed", "size"):
+        if name in spec:
+            spec[name] = int(spec[name])
+    if "classes" in spec:
+        spec["classes"] = spec["classes"].split(",") if spec["classes"] else None
+    return spec
+
+
+def scan_meta(model: Model, source: DataSource, layers: Sequence[str], k: int, sketch_bits: int, part_size: int,
+              model_source: str | None = None) -> dict[str, str]:
+    """The store's metadata: fingerprints of model, layers and data, the settings, and how to reopen both."""
+    meta = {"model": model.name, "model_source": model_source or model.name,
+            "model_fingerprint": model_fingerprint(model.module), "input_size": "x".join(map(str, model.input_size)),
+            "layers": ",".join(layers), "data_fingerprint": source.fingerprint(), "k": str(k),
+            "sketch_bits": str(sketch_bits),
+            "part_size": str(part_size)}
+    for key, value in source.spec.items():
+        meta[f"data.{key}"] = ",".join(value) if isinstance(value, list) else ("" if value is None else str(value))
+    return meta
+
+
+CHECKED = (("model_fingerprint", "the model with weights fingerprint"), ("layers", "layers"),
+           ("data_fingerprint", "the data with fingerprint"), ("input_size", "input size"), ("k", "top-k"),
+           ("sketch_bits", "sketch bits"), ("part_size", "part size"))
+
+
+def split_parts(count: int, part_size: int) -> list[Part]:
+    return [(number, first, min(first + part_size, count)) for number, first in enumerate(range(0, count, part_size))]
+
+
+def check_options(batch_size: int, workers: int, part_size: int, k: int, engine: str) -> None:
+    if batch_size < 1:
+        raise ConvlensError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise ConvlensError(f"--workers must be 0 or more, got {workers}")
+    if part_size < 1:
+        raise ConvlensError(f"the part size must be at least 1, got {part_size}")
+    if k < 1:
+        raise ConvlensError(f"--top must be at least 1, got {k}")
+    if engine not in ENGINES:
+        raise ConvlensError(f"unknown engine {engine!r}; choose local or ray")
+
+
+def scan(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource | None = None,
+         layers: Sequence[LayerRef] | None = None, *, out: str | os.PathLike | None = None, shapes: int | None = None,
+         seed: int = 0, size: int | None = None, masks: str | os.PathLike | None = None, k: int = 16,
+         batch_size: int = 64, workers: int = 0, part_size: int = 1024, indices: range | None = None,
+         sketch_bits: int = MANTISSA_BITS, engine: str = "local", ray_address: str | None = None,
+         concurrency: int | None = None,
+         num_gpus: float | None = None, model_source: str | None = None, progress: Progress | None = None) -> Atlas:
+    """Scan ``data`` (or ``shapes`` generated images) once through ``model`` and keep per-channel statistics.
+
+    Args:
+        model: a :class:`convlens.Model` or ``nn.Module``.
+        data: a class-folder tree, a flat folder, a text/CSV list of image paths, or a :class:`DataSource`.
+        layers: spatial layers to record (default: every convolution and pooling layer up to the last spatial one).
+        out: the SQLite store to write, committed part by part; an existing one is resumed.
+        shapes, seed, size: generate ``shapes`` images with ``seed`` at ``size`` px (default: the model's input).
+        k: top images kept per channel.
+        batch_size, workers: images per forward pass, and DataLoader processes reading them.
+        part_size: images per committed part (the unit of resume and of work on Ray).
+        indices: scan only these images of the dataset (a range); ``a.merge(b)`` combines such scans.
+        sketch_bits: mantissa bits of the quantile sketch (6: relative error 1/129).
+        engine: ``"local"`` or ``"ray"`` (with ``ray_address``, ``concurrency``, ``num_gpus``).
+        model_source: how ``convlens examples`` should load the model again (the CLI passes its MODEL).
+        progress: ``progress(done, total)`` in images.
+    """
+    from ..inside.activations import default_layers
+
+    model = as_model(model)
+    check_options(batch_size, workers, part_size, k, engine)
+    source = open_data(data, shapes=shapes, seed=seed, size=size or model.input_size[0], masks=masks)
+    if len(source) == 0:
+        raise ConvlensError("the dataset is empty")
+    names = list(resolve_layers(model, list(layers))) if layers else default_layers(model)
+    if not names:
+        raise ConvlensError("no layers given; name at least one spatial layer")
+    shapes_of = probe_shapes(model, source, names)
+    job = ScanJob(names, shapes_of, k, len(source.classes), SketchGrid(sketch_bits))
+    span = indices if indices is not None else range(len(source))
+    if span.step != 1 or span.start < 0 or span.stop > len(source) or len(span) == 0:
+        raise ConvlensError(f"indices must be a non-empty range within the {len(source)} images")
+    parts = [(number, max(first, span.start), min(stop, span.stop))
+             for number, first, stop in split_parts(len(source), part_size) if first < span.stop and stop > span.start]
+    meta = scan_meta(model, source, names, k, sketch_bits, part_size, model_source)
+    engine_options = {"ray_address": ray_address, "concurrency": concurrency, "num_gpus": num_gpus}
+    if engine == "ray":
+        from .ray_engine import connect
+
+        connect(ray_address)  # an unreachable address fails here, before anything is written
+    total = job.new_state()
+    store = None
+    if out is not None:
+        store = AtlasStore.create_or_resume(out, meta, checked=CHECKED)
+        store.write_images(source.keys, source.labels, source.classes)
+        done = store.done_parts("scan")
+        if done:
+            total = {name: store.load_stats(name) for name in names}
+        parts = [p for p in parts if p[0] not in done]
+    skipped = execute(model, source, job, parts, total, store, batch_size=batch_size, workers=workers,
+                      engine=engine, progress=progress, **engine_options)
+    if store is not None:
+        store.close()
+    if skipped:
+        warnings.warn(f"skipped {skipped} unreadable image(s)", stacklevel=2)
+    return Atlas(total, source.keys, source.labels, source.classes, meta, Path(out) if out else None, skipped)
+
+
+def execute(model: Model, source: DataSource, job, parts: list[Part], total: dict, store: AtlasStore | None, *,
+            batch_size: int, workers: int, engine: str, progress: Progress | None, ray_address: str | None = None,
+            concurrency: int | None = None, num_gpus: float | None = None,
+            commit: Callable[[AtlasStore, dict, Part], None] | None = None) -> int:
+    """Run ``job`` over ``parts`` on the engine, merging each finished part into ``total`` and committing it."""
+    todo = sum(stop - first for _, first, stop in parts)
+    done = [0]
+
+    def advance(count: int) -> None:
+        done[0] += count
+        if progress is not None:
+            progress(done[0], todo)
+
+    def on_part(part: Part, state: dict) -> None:
+        job.merge(total, state)
+        if store is not None:
+            (commit or (lambda s, t, p: s.commit_scan(t, p)))(store, total, part)
+
+    if engine == "ray":
+        from .ray_engine import ray_parts
+
+        return ray_parts(model, source, job, parts, batch_size=batch_size, on_part=on_part, progress=advance,
+                         concurrency=concurrency, num_gpus=num_gpus)
+    return run_parts(model, source, job, parts, batch_size=batch_size, workers=workers, on_part=on_part,
+                     progress=advance)

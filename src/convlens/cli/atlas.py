@@ -1,0 +1,202 @@
+"""``convlens scan``, ``examples`` and ``dissect``: whole datasets (see :mod:`convlens.atlas`).
+
+Every input is checked before anything is written. ``scan`` and ``dissect``
+commit their SQLite store part by part (run the same command again to resume
+an interrupted run); ``examples`` and the dissection figures are computed in
+memory and then written, each file atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from tqdm import tqdm
+
+from ..errors import ConvlensError
+from . import app
+from .common import (ArchOpt, InputSizeOpt, LabelsOpt, ModelArg, OutputOpt, PreprocessingOpt, TrustCodeOpt,
+                     WeightsOpt, comma_list, open_model)
+
+DataArg = Annotated[Optional[Path], typer.Argument(
+    help="A folder of class folders, a flat folder, or a .txt/.csv list of image paths (or use --shapes N).",
+    show_default=False)]
+LayersOpt = Annotated[Optional[str], typer.Option(
+    "--layers", help="Comma-separated spatial layers (default: every conv and pooling layer).")]
+ShapesOpt = Annotated[Optional[int], typer.Option(
+    "--shapes", help="Generate N shapes images in memory instead of reading DATA (no files written).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the generated shapes images.")]
+SizeOpt = Annotated[Optional[int], typer.Option(
+    "--size", help="Side of the generated images (default: the model's input).")]
+MasksOpt = Annotated[Optional[Path], typer.Option(
+    "--masks", help="Concept masks folder, masks/<concept>/<image>.png (default: DATA/masks).")]
+TopOpt = Annotated[int, typer.Option("--top", help="Top images kept per unit.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="DataLoader processes reading images (local engine).")]
+PartOpt = Annotated[int, typer.Option("--part-size", help="Images per committed part (the unit of resume).")]
+EngineOpt = Annotated[str, typer.Option("--engine", help="local, or ray (Ray Data; pip install 'convlens[ray]').")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(
+    "--ray-address", help="Ray cluster to use, HOST:PORT (default: RAY_ADDRESS, else Ray starts here).")]
+ConcurrencyOpt = Annotated[Optional[int], typer.Option(
+    "--concurrency", help="Ray actors (default: one per CPU, or per GPU with --num-gpus).")]
+GpusOpt = Annotated[Optional[float], typer.Option(
+    "--num-gpus", help="GPUs per Ray actor (default: 1 when CUDA is available, else 0).")]
+
+
+def _layers(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = comma_list(text)
+    if not names:
+        raise ConvlensError(f"--layers needs at least one layer name, got {text!r}")
+    return names
+
+
+class _Bar:
+    """A tqdm bar opened at the first report, so an input error prints on one line with no bar."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = tqdm(desc=self.desc, unit="img", total=total, leave=False)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@app.command()
+def scan(
+    model: ModelArg,
+    data: DataArg = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The atlas store to write (SQLite), resumed if it exists.")
+                   ] = Path("atlas.sqlite"),
+    layers: LayersOpt = None,
+    shapes: ShapesOpt = None,
+    seed: SeedOpt = 0,
+    size: SizeOpt = None,
+    masks: MasksOpt = None,
+    top: TopOpt = 16,
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = 0,
+    part_size: PartOpt = 1024,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    num_gpus: GpusOpt = None,
+    weights: WeightsOpt = "default",
+    arch: ArchOpt = None,
+    labels: LabelsOpt = None,
+    preprocessing: PreprocessingOpt = None,
+    trust_code: TrustCodeOpt = False,
+    input_size: InputSizeOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Stream a dataset once through the model and store per-unit statistics and top images.
+
+    Example: convlens scan shapes --shapes 200 --layers features.relu3,features.relu4 --out atlas.sqlite
+    """
+    from ..atlas import scan as run_scan
+
+    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code, input_size, output)
+    bar = _Bar("scan")
+    try:
+        atlas = run_scan(loaded, data, _layers(layers), out=out, shapes=shapes, seed=seed, size=size, masks=masks,
+                         k=top, batch_size=batch_size, workers=workers, part_size=part_size, engine=engine,
+                         ray_address=ray_address, concurrency=concurrency, num_gpus=num_gpus, model_source=model,
+                         progress=bar)
+    finally:
+        bar.close()
+    for layer, stats in atlas.stats.items():
+        typer.echo(f"{layer}: {stats.channels} units, {stats.images} images, map {stats.height}x{stats.width}")
+    typer.echo(f"atlas written to {out}")
+
+
+@app.command()
+def examples(
+    atlas: Annotated[Path, typer.Argument(help="An atlas store written by 'convlens scan'.", show_default=False)],
+    layer: Annotated[str, typer.Option("--layer", help="A scanned layer.")],
+    units: Annotated[str, typer.Option("--units", help="Comma-separated unit (channel) indices, e.g. 0,5,17.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write one PNG per unit into.")],
+    top: Annotated[Optional[int], typer.Option("--top", help="Images per unit (default: all the scan kept).")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Filter-pattern steps (0: no pattern).")] = 128,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="The scanned model, when it cannot be loaded again from the atlas's MODEL.")] = None,
+    weights: WeightsOpt = "default",
+    arch: ArchOpt = None,
+    trust_code: TrustCodeOpt = False,
+) -> None:
+    """For each unit: its top dataset images, whole with the map overlaid and cropped around the maximum,
+    beside its filter pattern.
+
+    Example: convlens examples atlas.sqlite --layer features.relu4 --units 0,5,17 --out examples
+    """
+    from ..atlas.examples import open_scanned_model, write_examples
+    from ..atlas.scan import open_atlas
+
+    parts = comma_list(units)
+    try:
+        unit_list = [int(part) for part in parts]
+    except ValueError:
+        raise ConvlensError(f"--units must be comma-separated integers, got {units!r}") from None
+    opened = open_atlas(atlas)
+    loaded = open_scanned_model(opened, model or opened.meta["model_source"], weights=weights, arch=arch,
+                                trust_code=trust_code)
+    files = write_examples(opened, layer, unit_list, out, model=loaded, k=top, pattern_steps=steps)
+    typer.echo("wrote " + ", ".join(str(path) for path in files))
+
+
+@app.command()
+def dissect(
+    model: ModelArg,
+    data: DataArg = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (atlas.sqlite, dissection.csv, "
+                                                           "summary.md, figures/); resumed if it exists.")
+                   ] = Path("dissection"),
+    layers: LayersOpt = None,
+    shapes: ShapesOpt = None,
+    seed: SeedOpt = 0,
+    size: SizeOpt = None,
+    masks: MasksOpt = None,
+    quantile: Annotated[float, typer.Option("--quantile", help="Activation quantile of each unit's threshold.")
+                        ] = 0.995,
+    min_iou: Annotated[float, typer.Option("--min-iou", help="IoU a detector's concept must exceed.")] = 0.04,
+    figures: Annotated[bool, typer.Option("--figures/--no-figures", help="One figure per detector.")] = True,
+    top: TopOpt = 16,
+    batch_size: BatchOpt = 64,
+    workers: WorkersOpt = 0,
+    part_size: PartOpt = 1024,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    num_gpus: GpusOpt = None,
+    weights: WeightsOpt = "default",
+    arch: ArchOpt = None,
+    labels: LabelsOpt = None,
+    preprocessing: PreprocessingOpt = None,
+    trust_code: TrustCodeOpt = False,
+    input_size: InputSizeOpt = None,
+    output: OutputOpt = None,
+) -> None:
+    """Network Dissection (Bau et al. 2017): label units with the concept their top 0.5 % activations cover.
+
+    Example: convlens dissect shapes --shapes 200 --seed 1 --layers features.relu4 --out dissection
+    """
+    from ..atlas.dissect import dissect as run_dissect
+
+    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code, input_size, output)
+    bar = _Bar("dissect")
+    try:
+        run_dissect(loaded, data, _layers(layers), out=out, shapes=shapes, seed=seed, size=size, masks=masks,
+                    quantile=quantile, min_iou=min_iou, k=top, batch_size=batch_size, workers=workers,
+                    part_size=part_size, engine=engine, ray_address=ray_address, concurrency=concurrency,
+                    num_gpus=num_gpus, model_source=model, figures=figures, progress=bar)
+    finally:
+        bar.close()
+    typer.echo((out / "summary.md").read_text(encoding="utf-8"))
+    typer.echo(f"dissection written to {out}")
