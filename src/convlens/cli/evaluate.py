@@ -55,7 +55,14 @@ def evaluate(
     """
     from tqdm import tqdm
 
-    from ..evaluation.runner import evaluate as run_evaluation
+    if engine not in ("local", "ray"):
+        raise ConvlensError(f"unknown engine {engine!r}; choose local or ray")
+    if engine == "ray":
+        from ..atlas.ray_engine import evaluate_ray
+
+        run_evaluation = partial(evaluate_ray, ray_address=ray_address, concurrency=concurrency, num_gpus=num_gpus)
+    else:
+        from ..evaluation.runner import evaluate as run_evaluation
 
     check_output_dir(out)  # before the model loads: a bad --out must not cost anything
     method_names, metric_names = _names(methods, "--methods"), _names(metrics, "--metrics")
@@ -71,12 +78,6 @@ def evaluate(
     def warn(message, *_, **__) -> None:  # at once, on one line: a damaged journal is news before the long run
         typer.echo(f"convlens: warning: {message}", err=True)
 
-    if engine not in ("local", "ray"):
-        raise ConvlensError(f"unknown engine {engine!r}; choose local or ray")
-    if engine == "ray":
-        from ..atlas.ray_engine import evaluate_ray
-
-        run_evaluation = partial(evaluate_ray, ray_address=ray_address, concurrency=concurrency, num_gpus=num_gpus)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", UserWarning)
