@@ -176,6 +176,13 @@ def comparison_figure(image: Image.Image, panels: Sequence[tuple[str, Image.Imag
     return figure
 
 
+def figure_image(figure: Figure) -> Image.Image:
+    """A figure as an RGB PIL image, drawn in memory (no file)."""
+    canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
+
+
 def save_figure(figure: Figure, path: str | os.PathLike) -> None:
     """Write a figure as PNG atomically."""
     with atomic_path(path) as tmp:

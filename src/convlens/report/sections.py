@@ -183,10 +183,8 @@ def _number(value, digits: int = 4) -> str:
 
 def training_section(ctx: Context) -> Section | None:
     """The numbers ``convlens train`` wrote into the checkpoint: accuracy, per-class scores, AUC, curves."""
-    import tempfile
-    from pathlib import Path
-
-    from ..train.evaluate import plot_confusion, plot_curves, plot_roc
+    from ..render.overlay import figure_image
+    from ..render.training import confusion_figure, curves_figure, roc_figure
 
     metrics, history = ctx.model.info.get("metrics"), ctx.model.info.get("history")
     if not metrics:
@@ -205,17 +203,11 @@ def training_section(ctx: Context) -> Section | None:
     per_class = [(name, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}",
                   _number(metrics.get("one_vs_rest_auc", {}).get(name)))
                  for name, v in metrics.get("per_class", {}).items()]
-    items = []
-    with tempfile.TemporaryDirectory() as tmp:
-        plots = [("curves.png", plot_curves, history, "loss and accuracy per epoch"),
-                 ("confusion.png", plot_confusion, metrics, "confusion matrix (validation)")]
-        if roc.get("fpr"):
-            plots.append(("roc.png", plot_roc, metrics, "ROC curve"))
-        for filename, plot, data, caption in plots:
-            if data:
-                plot(data, Path(tmp) / filename)
-                with Image.open(Path(tmp) / filename) as picture:
-                    items.append(figure(picture.convert("RGB"), caption))
+    plots = [(curves_figure, history, "loss and accuracy per epoch"),
+             (confusion_figure, metrics, "confusion matrix (validation)")]
+    if roc.get("fpr"):
+        plots.append((roc_figure, metrics, "ROC curve"))
+    items = [figure(figure_image(draw(data)), caption) for draw, data, caption in plots if data]
     html = (_parts.table(["", ""], facts) + _parts.table(["class", "precision", "recall", "F1", "AUC (one vs rest)"],
                                                          per_class, numeric=(1, 2, 3, 4))
             + _parts.figures(items))

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import rankdata
 
-from ..fileio import atomic_path, write_text
+from ..fileio import write_text
 
 Z_95 = 1.959963984540054
 
@@ -116,76 +116,18 @@ def evaluate_predictions(true: Sequence[int], probabilities: np.ndarray, classes
 
 # -- files ----------------------------------------------------------------------
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _save(figure, path: Path) -> None:
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
-
-
-def plot_curves(history: list[dict], path: str | os.PathLike) -> None:
-    """Loss and accuracy per epoch, training and validation."""
-    figure = _figure(8, 3.2)
-    epochs = [h["epoch"] for h in history]
-    for axes, key, title in ((figure.add_subplot(1, 2, 1), "loss", "loss"),
-                             (figure.add_subplot(1, 2, 2), "accuracy", "accuracy")):
-        axes.plot(epochs, [h[f"train_{key}"] for h in history], marker=".", label="train")
-        axes.plot(epochs, [h[f"val_{key}"] for h in history], marker=".", label="validation")
-        axes.set_xlabel("epoch")
-        axes.set_title(title)
-        axes.grid(alpha=0.3)
-        axes.legend()
-    _save(figure, Path(path))
-
-
-def plot_roc(metrics: dict, path: str | os.PathLike) -> None:
-    roc = metrics["roc"]
-    figure = _figure(4, 4)
-    axes = figure.add_subplot(1, 1, 1)
-    low, high = roc["ci95"]
-    axes.plot(roc["fpr"], roc["tpr"], label=f"AUC {roc['auc']:.3f} (95% CI {low:.3f}-{high:.3f})")
-    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=0.8)
-    axes.set_xlabel("false positive rate")
-    axes.set_ylabel(f"true positive rate ({roc['positive_class']})")
-    axes.set_title("ROC (validation)")
-    axes.legend(loc="lower right", fontsize=8)
-    _save(figure, Path(path))
-
-
-def plot_confusion(metrics: dict, path: str | os.PathLike) -> None:
-    matrix, classes = np.asarray(metrics["confusion_matrix"]), metrics["classes"]
-    side = 1.6 + 0.45 * len(classes)
-    figure = _figure(side + 1, side)
-    axes = figure.add_subplot(1, 1, 1)
-    image = axes.imshow(matrix, cmap="Blues")
-    figure.colorbar(image, ax=axes, fraction=0.046)
-    axes.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
-    axes.set_yticks(range(len(classes)), classes, fontsize=8)
-    for (row, col), count in np.ndenumerate(matrix):
-        axes.text(col, row, str(count), ha="center", va="center", fontsize=7,
-                  color="white" if count > matrix.max() / 2 else "black")
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    _save(figure, Path(path))
-
-
 def write_evaluation(out_dir: str | os.PathLike, metrics: dict, history: list[dict]) -> dict[str, Path]:
     """Write ``metrics.json`` (metrics plus history), ``curves.png``, ``confusion.png`` and ``roc.png``."""
     out_dir = Path(out_dir)
     files = {"metrics": out_dir / "metrics.json", "curves": out_dir / "curves.png",
              "confusion": out_dir / "confusion.png"}
+    from ..render.overlay import save_figure
+    from ..render.training import confusion_figure, curves_figure, roc_figure
+
     write_text(files["metrics"], json.dumps({**metrics, "history": history}, indent=1))
-    plot_curves(history, files["curves"])
-    plot_confusion(metrics, files["confusion"])
+    save_figure(curves_figure(history), files["curves"])
+    save_figure(confusion_figure(metrics), files["confusion"])
     if metrics.get("roc", {}).get("auc") is not None:
         files["roc"] = out_dir / "roc.png"
-        plot_roc(metrics, files["roc"])
+        save_figure(roc_figure(metrics), files["roc"])
     return files
