@@ -249,21 +249,37 @@ def test_a_timm_model_brings_its_own_crop_and_normalisation():
     assert (right - left) == pytest.approx(300 * net.pretrained_cfg["crop_pct"], abs=1.5)
 
 
-def test_every_entry_point_reads_each_input_kind_identically(tiny):
-    """One input contract: path, PIL, array, 3-D and 4-D tensor give the same logits everywhere."""
-    model = cl.load_model(tiny, input_size=16)
+def _input_kind_model(kind: str, tiny) -> tuple[cl.Model, str]:
+    if kind == "torch":
+        return cl.load_model(tiny, input_size=16), "conv2"
+    from test_keras import chollet_cats_vs_dogs
+
+    return cl.load_model(chollet_cats_vs_dogs(16)), "conv2d"
+
+
+@pytest.mark.parametrize("kind", ["torch", "keras"])
+def test_every_entry_point_reads_each_input_kind_identically(kind, tiny, tmp_path):
+    """One input contract: path, PIL, array, 3-D and 4-D tensor (in the model's layout) give the same logits."""
+    from convlens.report import ReportImage, _as_report_image
+
+    model, layer = _input_kind_model(kind, tiny)
     picture = Image.fromarray(np.random.default_rng(1).integers(0, 255, (16, 16, 3), dtype=np.uint8))
-    tensor = model.preprocess([picture])
-    kinds = {"pil": picture, "array": np.asarray(picture), "chw": tensor[0], "nchw": tensor}
-    expected = model.predict(tensor, top_k=3)
-    maps = cl.explain(model, tensor, method="gradcam").maps
+    path = tmp_path / "picture.png"
+    picture.save(path)
+    tensor = model.preprocess([picture])  # (1, 3, 16, 16) torch, (1, 16, 16, 3) Keras
+    kinds = {"path": path, "pil": picture, "array": np.asarray(picture), "3-D": tensor[0], "4-D": tensor}
+    expected = model.predict(tensor, top_k=2)
+    maps = cl.explain(model, tensor, method="gradcam", layer=layer).maps
+    acts = cl.activations(model, tensor, [layer])[layer]
+    auc = cl.metrics.deletion(model, tensor, maps, step=64).auc
     for name, value in kinds.items():
-        assert model.predict(value, top_k=3) == expected, name
-        assert torch.equal(cl.explain(model, value, method="gradcam").maps, maps), name
-        assert torch.equal(cl.activations(model, value, ["conv2"])["conv2"],
-                           cl.activations(model, tensor, ["conv2"])["conv2"]), name
-        assert torch.equal(cl.metrics.deletion(model, value, maps, step=64).auc,
-                           cl.metrics.deletion(model, tensor, maps, step=64).auc), name
+        assert model.predict(value, top_k=2) == expected, name
+        assert torch.equal(cl.explain(model, value, method="gradcam", layer=layer).maps, maps), name
+        assert torch.equal(cl.activations(model, value, [layer])[layer], acts), name
+        assert torch.equal(cl.metrics.deletion(model, value, maps, step=64).auc, auc), name
+    for name in ("path", "pil", "array"):  # the report shows pictures: it reads these three kinds
+        shown = _as_report_image(kinds[name])
+        assert isinstance(shown, ReportImage) and model.predict([shown.image], top_k=2) == expected, name
 
 
 def test_vit_ablationcam_zeroes_one_channel_of_the_patch_grid():
