@@ -36,6 +36,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ from ..models import Model, as_model
 from ..data.shapes import mask_path
 from .accumulators import ConceptOverlap
 from .data import DataSource, open_data
-from .scan import CHECKED, Atlas, Part, Progress, check_options, execute, scan, scan_meta, split_parts
+from .scan import CHECKED, Atlas, Part, PerLayerJob, Progress, check_options, execute, scan, scan_meta, split_parts
 from .store import AtlasStore
 
 QUANTILE = 0.995
@@ -57,13 +58,14 @@ STORE_NAME = "atlas.sqlite"
 
 
 @dataclass
-class DissectJob:
+class DissectJob(PerLayerJob):
     """The second pass: thresholded, upsampled maps against concept masks, per layer."""
 
     layers: list[str]
     thresholds: dict[str, np.ndarray]
     concepts: list[str]
     name: str = "dissect"
+    accumulator: ClassVar[type] = ConceptOverlap
 
     def new_state(self) -> dict[str, ConceptOverlap]:
         return {layer: ConceptOverlap(len(self.thresholds[layer]), len(self.concepts)) for layer in self.layers}
@@ -81,20 +83,6 @@ class DissectJob:
                                           align_corners=False)
                 state[layer].update(upsampled >= threshold[None, :, None, None], masks[start:start + step])
 
-    @staticmethod
-    def merge(total: dict, partial: dict) -> dict:
-        for layer, overlap in partial.items():
-            total[layer].merge(overlap)
-        return total
-
-    @staticmethod
-    def to_arrays(state: dict) -> dict[str, np.ndarray]:
-        return {f"{layer}/{name}": array for layer, overlap in state.items()
-                for name, array in overlap.to_arrays().items()}
-
-    def from_arrays(self, arrays: dict[str, np.ndarray]) -> dict:
-        return {layer: ConceptOverlap.from_arrays({name.split("/", 1)[1]: array for name, array in arrays.items()
-                                                   if name.split("/", 1)[0] == layer}) for layer in self.layers}
 
 
 @dataclass

@@ -28,6 +28,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +50,30 @@ ENGINES = ("local", "ray")
 
 # -- jobs: what a pass computes per batch ------------------------------------------------
 
+class PerLayerJob:
+    """A pass whose state is one mergeable accumulator per layer: merging and storing it is the same for all."""
+
+    accumulator: ClassVar[type]
+    layers: list[str]
+
+    @staticmethod
+    def merge(total: dict, partial: dict) -> dict:
+        for layer, accumulated in partial.items():
+            total[layer].merge(accumulated)
+        return total
+
+    @staticmethod
+    def to_arrays(state: dict) -> dict[str, np.ndarray]:
+        return {f"{layer}/{name}": array for layer, accumulated in state.items()
+                for name, array in accumulated.to_arrays().items()}
+
+    def from_arrays(self, arrays: dict[str, np.ndarray]) -> dict:
+        return {layer: self.accumulator.from_arrays({name.split("/", 1)[1]: array for name, array in arrays.items()
+                                                     if name.split("/", 1)[0] == layer}) for layer in self.layers}
+
+
 @dataclass
-class ScanJob:
+class ScanJob(PerLayerJob):
     """The scan's per-layer statistics; ``shapes`` maps each layer to its ``(C, h, w)``."""
 
     layers: list[str]
@@ -60,6 +83,7 @@ class ScanJob:
     grid: SketchGrid
     name: str = "scan"
     concepts: list[str] = field(default_factory=list)  # scan needs no masks
+    accumulator: ClassVar[type] = LayerStats
 
     def new_state(self) -> dict[str, LayerStats]:
         return {layer: LayerStats(*self.shapes[layer], self.k, self.classes, self.grid) for layer in self.layers}
@@ -69,20 +93,6 @@ class ScanJob:
         for layer in self.layers:
             state[layer].update(outputs[layer], indices, labels)
 
-    @staticmethod
-    def merge(total: dict, partial: dict) -> dict:
-        for layer, stats in partial.items():
-            total[layer].merge(stats)
-        return total
-
-    @staticmethod
-    def to_arrays(state: dict) -> dict[str, np.ndarray]:
-        return {f"{layer}/{name}": array for layer, stats in state.items()
-                for name, array in stats.to_arrays().items()}
-
-    def from_arrays(self, arrays: dict[str, np.ndarray]) -> dict:
-        return {layer: LayerStats.from_arrays({name.split("/", 1)[1]: array for name, array in arrays.items()
-                                               if name.split("/", 1)[0] == layer}) for layer in self.layers}
 
 
 # -- reading images ---------------------------------------------------------------------
