@@ -1,0 +1,105 @@
+"""What the model zoo (issue #11) forced: each fix, tested on a small model built in a few lines.
+
+The zoo's models are CNNs nobody here wrote (timm, keras.applications); the matrix
+that runs them through the whole API joins these tests.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import convlens as cl
+from convlens.cli import main
+from convlens.heatmaps import METHODS, explain
+from convlens.report import ReportImage, build_report
+
+from cam_reference import CAM_PEERS, TOLERANCE, Logit, difference, peer_cam
+from zoo_models import ZOO, ZooEntry
+
+
+def _one_line(err: pytest.ExceptionInfo) -> str:
+    message = str(err.value)
+    assert "\n" not in message, message
+    return message
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exited:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return exited.value.code or 0, captured.out, captured.err
+
+
+# -- what the zoo forced: a Keras model's own preprocessing layers decide its input scaling -----------
+
+def _preprocessing_cases():
+    import keras
+
+    layers = keras.layers
+    imagenet_255 = dict(mean=[123.675, 116.28, 103.53], variance=[3409.98, 3262.69, 3291.89])
+    imagenet_01 = dict(mean=[0.485, 0.456, 0.406], variance=[0.0524, 0.0502, 0.0506])
+    return {
+        # keras.applications ConvNeXt: 0-255 ImageNet statistics, no Rescaling
+        "normalization_255": ((layers.Normalization(**imagenet_255),), "raw", "Normalization(mean=123.7, 116.3, 103.5)"),
+        # EfficientNetV2, behind augmentation and inside a nested model
+        "nested": ((layers.RandomFlip(), keras.Sequential([layers.Rescaling(1 / 255), layers.Normalization(**imagenet_01)])),
+                   "raw", "Rescaling(scale=0.003922, offset=0) + Normalization(mean=0.485, 0.456, 0.406)"),
+        # MobileNetV3
+        "rescaling_tf": ((layers.Rescaling(1 / 127.5, offset=-1),), "raw", "Rescaling(scale=0.007843, offset=-1)"),
+        # statistics of 0-1 pixels: the model expects x/255
+        "normalization_01": ((layers.Normalization(**imagenet_01),), "rescale", "statistics of 0-1 pixels"),
+        "none": ((), "rescale", "no Rescaling or Normalization layer"),
+    }
+
+
+@pytest.mark.parametrize("case", ["normalization_255", "nested", "rescaling_tf", "normalization_01", "none"])
+def test_keras_preprocessing_follows_the_models_own_layers(case):
+    pytest.importorskip("keras")
+    from zoo_models import flatten_dense_keras
+
+    preprocessing_layers, mode, words = _preprocessing_cases()[case]
+    model = cl.load_model(flatten_dense_keras(32, preprocessing_layers))
+    assert model.info["preprocessing"] == mode and words in model.info["preprocessing_reason"]
+    white = model.preprocess(np.full((8, 8, 3), 255, dtype=np.uint8))
+    assert float(white.min()) == float(white.max()) == (255.0 if mode == "raw" else 1.0)
+
+
+def test_keras_preprocessing_names_the_applications_mode_and_obeys_the_caller():
+    pytest.importorskip("keras")
+    from zoo_models import flatten_dense_keras
+
+    resnet_like = cl.load_model(flatten_dense_keras(32, name="resnet50"))
+    assert resnet_like.info["preprocessing"] == "rescale"
+    assert "keras.applications' ResNet expects --preprocessing caffe" in resnet_like.info["preprocessing_reason"]
+    asked = cl.load_model(flatten_dense_keras(32, _preprocessing_cases()["normalization_255"][0]), preprocessing="tf")
+    assert asked.info["preprocessing"] == "tf" and asked.info["preprocessing_reason"] == "as requested"
+
+
+def test_layers_and_predict_say_which_preprocessing_and_why(capsys, tmp_path):
+    pytest.importorskip("keras")
+    from zoo_models import flatten_dense_keras
+
+    path = tmp_path / "convnext_like.keras"
+    flatten_dense_keras(32, _preprocessing_cases()["normalization_255"][0]).save(path)
+    line = ("preprocessing: raw (the model starts with Normalization(mean=123.7, 116.3, 103.5) "
+            "and takes 0-255 pixels)")
+    code, out, err = run_cli(capsys, "layers", path)
+    assert code == 0, err
+    assert line in out
+    picture = tmp_path / "cat.png"
+    cl.sample_image("chelsea").resize((40, 30)).save(picture)
+    code, out, err = run_cli(capsys, "predict", path, picture, "--json", "--top", "2")
+    assert code == 0, err
+    assert len(json.loads(out)[0]["predictions"]) == 2  # stdout is still pure JSON
+    assert line in err
+    code, out, err = run_cli(capsys, "predict", path, picture, "--preprocessing", "tf")
+    assert code == 0, err
+    assert "preprocessing: tf (as requested)" in out
