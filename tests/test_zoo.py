@@ -38,6 +38,60 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     return exited.value.code or 0, captured.out, captured.err
 
 
+# -- what the zoo forced: a fixed-size Keras model keeps its size in filter patterns and class models -------
+
+@pytest.fixture(scope="module")
+def fixed_keras():
+    pytest.importorskip("keras")
+    from zoo_models import flatten_dense_keras
+
+    return flatten_dense_keras(32)
+
+
+def test_fit_crops_or_pads_back_to_the_size_around_the_centre():
+    from convlens.inside.transforms import fit
+
+    images = torch.arange(2 * 8 * 4, dtype=torch.float32).view(1, 2, 8, 4)
+    fitted = fit((5, 7))(images, torch.Generator())
+    assert fitted.shape == (1, 2, 5, 7)
+    torch.testing.assert_close(fitted[..., 1:5], images[..., 1:6, :])  # 1 row off the top, 2 off the bottom
+    assert (fitted[..., :1] == 0.5).all() and (fitted[..., 5:] == 0.5).all()  # 1 gray column left, 2 right
+
+
+def test_filter_patterns_and_class_models_run_at_a_fixed_size_keras_models_size(fixed_keras):
+    model = cl.load_model(fixed_keras)
+    assert model.info["fixed_input_size"] and model.input_size == (32, 32)
+    # the standard transforms pad, jitter, rescale and rotate; the dense layer still sees 32 x 32
+    patterns = cl.filter_patterns(model, "logits", filters=[0, 2], steps=4, seed=0)
+    assert patterns.images.shape == (2, 3, 32, 32)
+    assert (patterns.activations > patterns.initial_activations).all()
+    classes = cl.class_model(model, [1], steps=4, seed=0)
+    assert classes.images.shape == (1, 3, 32, 32) and classes.logits[0] > classes.initial_logits[0]
+    with pytest.raises(cl.ConvlensError) as err:
+        cl.filter_patterns(model, "logits", filters=[0], size=40, steps=1)
+    message = _one_line(err)
+    assert "cannot run on a 40x40 image" in message and "takes 32x32 images only" in message
+    convolutional = cl.filter_patterns(model, "conv", filters=[0], size=40, steps=1)  # before the Flatten: any size
+    assert convolutional.images.shape == (1, 3, 40, 40)
+
+
+def test_filters_and_class_model_commands_on_a_fixed_size_keras_file(capsys, fixed_keras, tmp_path):
+    path = tmp_path / "small.keras"
+    fixed_keras.save(path)
+    code, _, err = run_cli(capsys, "filters", path, "--layers", "logits", "--grid", "1x2", "--steps", 2,
+                           "--out", tmp_path / "filters")
+    assert code == 0, err
+    record = json.loads((tmp_path / "filters" / "logits.json").read_text())
+    assert record["size"] == 32 and [f["index"] for f in record["filters"]] == [0, 1]
+    code, _, err = run_cli(capsys, "class-model", path, "--classes", "0,2", "--steps", 2, "--out", tmp_path / "cm")
+    assert code == 0, err
+    assert Image.open(tmp_path / "cm" / "class_model.png").size[0] > 0
+    code, _, err = run_cli(capsys, "filters", path, "--layers", "logits", "--size", 40, "--steps", 1,
+                           "--out", tmp_path / "bad")
+    assert code == 2 and "takes 32x32 images only" in err and err.count("\n") == 1
+    assert not (tmp_path / "bad").exists()
+
+
 # -- what the zoo forced: a Keras model's own preprocessing layers decide its input scaling -----------
 
 def _preprocessing_cases():
