@@ -38,6 +38,51 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     return exited.value.code or 0, captured.out, captured.err
 
 
+# -- what the zoo forced: a report that leaves out what does not apply ------------------------------
+
+class GeluFlattenNet(torch.nn.Module):
+    """conv -> GELU -> flatten -> linear: no GAP head (CAM does not apply), no ReLU (guided backprop neither)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.act = torch.nn.GELU()
+        self.fc = torch.nn.Linear(4 * 16 * 16, 3)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv(x)).flatten(1))
+
+
+def test_report_leaves_out_the_methods_that_do_not_apply_and_says_why(tmp_path):
+    from convlens.models.loading import from_module
+
+    torch.manual_seed(0)
+    model = from_module(GeluFlattenNet(), labels=["a", "b", "c"], input_size=16)
+    mask = np.zeros((16, 16), dtype=bool)
+    mask[4:12, 4:12] = True
+    picture = Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8))
+    path = build_report(model, [ReportImage("masked", picture, mask)], tmp_path / "r.html",
+                        methods=["cam", "gradcam", "guided_backprop"], evaluation_methods=["cam", "gradcam"],
+                        filter_steps=1, filter_count=2, classes=[0])
+    html = path.read_text()
+    heatmaps = html[html.index('<section id="heatmaps">'):html.index('<section id="activations">')]
+    assert ("Left out, as they do not apply to this model: cam: CAM needs layer &#39;act&#39; followed by global "
+            "average pooling and a linear head") in heatmaps
+    assert "; guided_backprop: guided backpropagation needs ReLU layers" in heatmaps
+    assert len(re.findall(r"<img ", heatmaps)) == 2  # the image and its one applicable map (gradcam)
+    evaluation = html[html.index('<section id="evaluation">'):]
+    assert "Left out, as they do not apply to this model: cam: CAM needs" in evaluation
+    assert "<td>gradcam</td>" in evaluation and "<td>cam</td>" not in evaluation
+    # the dense head reads a 16 x 16 map only: the class model, optimised through jitter and rescaling,
+    # cannot run (unless the model is marked fixed-size), and the report says so instead of aborting
+    filters = html[html.index('<section id="filters">'):html.index('<section id="evaluation">')]
+    assert "Left out, as the model cannot run them: class models: the model cannot run on a" in filters
+    model.info["fixed_input_size"] = True
+    html = build_report(model, [ReportImage("masked", picture, mask)], tmp_path / "fixed.html", methods=["gradcam"],
+                        filter_steps=1, filter_count=2, classes=[0]).read_text()
+    assert "Left out" not in html and "class-model images" in html
+
+
 # -- what the zoo forced: a fixed-size Keras model keeps its size in filter patterns and class models -------
 
 @pytest.fixture(scope="module")
