@@ -1,7 +1,15 @@
-"""What the model zoo (issue #11) forced: each fix, tested on a small model built in a few lines.
+"""The model zoo (issue #11): convlens on CNNs nobody here wrote, and the fixes they forced.
 
-The zoo's models are CNNs nobody here wrote (timm, keras.applications); the matrix
-that runs them through the whole API joins these tests.
+Every entry of :data:`zoo_models.ZOO` (timm CNN families at 96 px, keras.applications
+at their default sizes; seeded random weights, nothing downloads) goes through the
+whole API: the layer table and its ``auto`` layer, ``predict``, every heatmap method
+(a method that does not apply must refuse in one line that says why), activations,
+filter patterns, and the HTML report. On the timm models every CAM method is
+compared with pytorch-grad-cam (see ``cam_reference``).
+
+One image per model, the documented speed options of the slow methods, and one
+model built per module (the fixture is module-scoped): ``pytest tests/test_zoo.py
+--durations=20`` shows where the time goes.
 """
 
 from __future__ import annotations
@@ -36,6 +44,191 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
         main([str(a) for a in args])
     captured = capsys.readouterr()
     return exited.value.code or 0, captured.out, captured.err
+
+
+# -- the matrix -----------------------------------------------------------------------------------------
+
+#: the documented speed options the slow methods run with here
+FAST = {"smoothgrad": {"n_samples": 2}, "integrated_gradients": {"steps": 2}, "scorecam": {"top_k": 8},
+        "ablationcam": {"batch_size": 512}}
+PERTURBATION = {"scorecam", "ablationcam"}
+
+
+@dataclass
+class Loaded:
+    entry: ZooEntry
+    model: cl.Model
+    image: Image.Image
+    x: torch.Tensor  # the preprocessed image, in the model's layout
+    summary: object
+    logits: torch.Tensor  # (1, K), the final softmax skipped
+
+    @property
+    def early_layer(self) -> str:
+        """The second convolution with a spatial output: filter patterns and grids there stay cheap."""
+        types = {row.name: row.type for row in self.summary.rows}
+        return [name for name in self.summary.spatial_layers if "conv" in types[name].lower()][1]
+
+
+@pytest.fixture(scope="module", params=ZOO, ids=str)
+def zoo(request) -> Loaded:
+    entry = request.param
+    pytest.importorskip("timm" if entry.framework == "timm" else "keras")
+    model = entry.build()
+    image = cl.sample_image("chelsea")
+    x = model.preprocess([image])
+    with cl.capture(model, rewrite=model.logit_rewrites()) as rec, torch.no_grad():
+        logits = rec.forward(model.to_internal(x))
+    return Loaded(entry, model, image, x, cl.summarize(model), logits)
+
+
+def test_auto_layer_is_a_spatial_map_and_predict_ranks_the_logits(zoo):
+    model, summary = zoo.model, zoo.summary
+    row = next(r for r in summary.rows if r.name == summary.auto_layer)
+    assert row.output_shape is not None and len(row.output_shape) == 4, row
+    height, width = row.output_shape[1:3] if model.layout == "channels_last" else row.output_shape[2:]
+    assert height * width > 1 and min(height, width) >= 3, row  # a map, not a token tensor or a pooled vector
+    predictions = model.predict(zoo.x, top_k=3)[0]
+    probabilities = zoo.logits.softmax(dim=1)[0]
+    assert [p.index for p in predictions] == probabilities.topk(3).indices.tolist()
+    assert [p.probability for p in predictions] == pytest.approx(probabilities.topk(3).values.tolist(), abs=1e-5)
+
+
+def test_keras_preprocessing_is_read_from_the_model(zoo):
+    if zoo.entry.framework != "keras":
+        pytest.skip("torch models are loaded with ImageNet preprocessing")
+    model = zoo.model
+    assert model.info["preprocessing"] == zoo.entry.preprocessing, model.info["preprocessing_reason"]
+    white = model.preprocess(np.full((32, 32, 3), 255, dtype=np.uint8))
+    assert float(white.max()) == (255.0 if zoo.entry.preprocessing == "raw" else 1.0)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_explains_or_says_why_not(zoo, method):
+    reason = zoo.entry.refuses.get(method)
+    if reason is not None:
+        with pytest.raises(cl.ConvlensError) as err:
+            explain(zoo.model, zoo.x, method=method, layer=zoo.summary.auto_layer, **FAST.get(method, {}))
+        assert reason in _one_line(err)
+        return
+    result = explain(zoo.model, zoo.x, method=method, layer=zoo.summary.auto_layer, **FAST.get(method, {}))
+    size = tuple(zoo.model.to_internal(zoo.x).shape[-2:])
+    assert result.maps.shape == (1, *size) and result.maps.dtype == torch.float32
+    assert torch.isfinite(result.maps).all() and torch.isfinite(result.raw).all()
+    assert float(result.maps.min()) == 0.0 and float(result.maps.max()) == (0.0 if result.flat[0] else 1.0)
+    assert result.targets == [int(zoo.logits.argmax())]  # top-1 by default
+    if METHODS[method].uses_layer:
+        assert result.layer == zoo.summary.auto_layer
+
+
+def _ablation_by_hand(model: cl.Model, x: torch.Tensor, layer: str, target: int) -> torch.Tensor:
+    """Ablation-CAM's raw map by the paper's definition: copy ``k`` of the image runs with channel ``k`` zeroed."""
+    module = model.named_layers()[layer]
+    with torch.no_grad(), cl.capture(model, [layer]) as rec:
+        base = rec.forward(x)[0, target]
+        acts = rec.outputs[layer][0]
+    channels = acts.shape[0]
+
+    def zero_one_channel_per_copy(mod, inputs, output):
+        keep = 1 - torch.eye(channels, dtype=output.dtype).view(channels, channels, 1, 1)
+        return output * keep
+
+    with torch.no_grad(), cl.capture(model, rewrite={module: zero_one_channel_per_copy}) as rec:
+        scores = rec.forward(x.expand(channels, -1, -1, -1))[:, target]
+    return torch.einsum("k,khw->hw", (base - scores) / base, acts).unsqueeze(0)
+
+
+@pytest.mark.parametrize("method", list(CAM_PEERS))
+def test_cam_methods_match_pytorch_grad_cam(zoo, method):
+    entry, model = zoo.entry, zoo.model
+    if entry.framework != "timm":
+        pytest.skip("compared on the torch models (the Keras comparison is in test_heatmaps_reference)")
+    if method in entry.refuses:
+        pytest.skip(f"{method} does not apply to {entry.name} (its refusal is tested above)")
+    layer = entry.narrow_layer if method in PERTURBATION else zoo.summary.auto_layer
+    ours = explain(model, zoo.x, method=method, layer=layer, **CAM_PEERS[method][1])
+    layer_module = model.named_layers()[layer]
+    if method == "ablationcam":
+        with torch.no_grad(), cl.capture(model, [layer]) as rec:
+            rec.forward(zoo.x)
+        if float(rec.outputs[layer].min()) != 0.0:
+            # pytorch-grad-cam zeroes a channel only where the layer's minimum is 0 (after a ReLU); elsewhere
+            # it sets it to min - 1e7, departing from the paper on purpose. Here the paper's zeroing is the
+            # reference, computed channel by channel.
+            expected = _ablation_by_hand(model, zoo.x, layer, ours.targets[0])
+            torch.testing.assert_close(ours.raw, expected, atol=1e-4 * float(expected.abs().max()), rtol=1e-4)
+            return
+    theirs = peer_cam(method, model.module, layer_module, zoo.x, [Logit(t) for t in ours.targets],
+                      tuple(ours.raw.shape[-2:]))
+    gap = difference(method, ours.raw, theirs)
+    assert gap <= TOLERANCE, f"{method} on {entry.name} at {layer}: {gap}"
+
+
+def test_activations_and_filter_patterns(zoo):
+    model = zoo.model
+    maps = cl.activations(model, zoo.image)
+    spatial = zoo.summary.spatial_layers
+    assert maps and list(maps) == [name for name in spatial if name in maps]  # in forward order
+    assert spatial.index(list(maps)[-1]) <= spatial.index(zoo.summary.auto_layer)
+    shapes = {row.name: row.output_shape for row in zoo.summary.rows}
+    for name, value in maps.items():
+        expected = shapes[name][1:] if model.layout == "channels_first" else tuple(np.take(shapes[name], [3, 1, 2]))
+        assert tuple(value.shape) == (1, *expected) and torch.isfinite(value).all(), name
+    patterns = cl.filter_patterns(model, zoo.early_layer, filters=[0, 1], steps=2, seed=0)
+    side = model.input_size if model.info.get("fixed_input_size") else (128, 128)
+    assert patterns.images.shape == (2, 3, *side)
+    assert 0 <= float(patterns.images.min()) and float(patterns.images.max()) <= 1
+    assert torch.isfinite(patterns.activations).all() and patterns.filters == [0, 1]
+
+
+def test_report_is_written_and_names_what_does_not_apply(zoo, tmp_path):
+    layer = zoo.early_layer
+    path = build_report(zoo.model, [ReportImage("cat", zoo.image)], tmp_path / "r.html", methods=["cam", "eigencam"],
+                        activation_layers=[layer], filter_layers=[layer], filter_steps=0, filter_count=2,
+                        classes=[0])  # no steps: the optimisation itself is tested above
+    html = path.read_text()
+    for section in ("model", "predictions", "heatmaps", "activations", "filters"):
+        assert f'<section id="{section}">' in html
+    shown = 1 if "cam" in zoo.entry.refuses else 2
+    # thumbnail, original + heatmaps, one activation grid, one filter grid, the class models
+    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 1 + 1 + shown + 1 + 1 + 1
+    if "cam" in zoo.entry.refuses:
+        assert "Left out, as they do not apply to this model: cam: CAM needs" in html
+    else:
+        assert "Left out" not in html
+
+
+# -- what the zoo forced: XGrad-CAM's near-zero denominators --------------------------------------------
+
+class CancellingChannels(torch.nn.Module):
+    """The input itself is the layer (``features``); GAP; logit 0 = the sum of the two channel means."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Identity()
+        self.fc = torch.nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def test_xgradcam_divides_a_cancelling_channel_by_its_sum_plus_the_references_epsilon():
+    """Channel 0 sums to 2^-24 (as SiLU/GELU channels of timm CNNs nearly do), channel 1 to 6.
+
+    dS/dA = 1/3 everywhere, so w_k = sum_ij A G / (sum A + eps) = (1/3) S_k / (S_k + 1e-7): channel 0 gets
+    0.125, not the 1/3 that dividing by S_0 alone gives, and the map is no longer channel 1's alone.
+    """
+    x = torch.tensor([[[[0.5, -0.5, 2.0 ** -24]], [[1.0, 2.0, 3.0]]]])
+    ours = explain(CancellingChannels(), x, method="xgradcam", layer="features", target=0)
+    sums = x.double().sum((2, 3))[0]
+    weights = sums / 3 / (sums + 1e-7)
+    expected = (weights.view(2, 1, 1) * x[0].double()).sum(0).float()
+    torch.testing.assert_close(ours.raw[0], expected)
+    model = CancellingChannels()
+    theirs = peer_cam("xgradcam", model, model.features, x.clone().requires_grad_(), [Logit(0)], (1, 3))
+    assert difference("xgradcam", ours.raw, theirs) <= TOLERANCE
 
 
 # -- what the zoo forced: a report that leaves out what does not apply ------------------------------
