@@ -395,3 +395,18 @@ def test_layers_and_predict_say_which_preprocessing_and_why(capsys, tmp_path):
     code, out, err = run_cli(capsys, "predict", path, picture, "--preprocessing", "tf")
     assert code == 0, err
     assert "preprocessing: tf (as requested)" in out
+
+
+def test_a_keras_model_without_a_declared_size_takes_224_by_default_and_any_other():
+    keras = pytest.importorskip("keras")
+    keras.utils.set_random_seed(0)
+    # keras.applications built without input_shape (MobileNetV3) declare (None, None, None, 3)
+    any_size = keras.Sequential([keras.Input((None, None, 3)), keras.layers.Conv2D(4, 3, name="conv"),
+                                 keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2, name="logits")])
+    model = cl.load_model(any_size)
+    assert model.input_size == (224, 224) and not model.info["fixed_input_size"]
+    assert model.preprocess(np.zeros((10, 20, 3), dtype=np.uint8)).shape == (1, 224, 224, 3)
+    heatmap = explain(model, torch.rand(1, 40, 40, 3), method="gradcam", layer="conv")
+    assert heatmap.maps.shape == (1, 40, 40) and heatmap.layer == "conv"
+    assert cl.filter_patterns(model, "conv", filters=[0], steps=1).images.shape == (1, 3, 128, 128)
+

@@ -54,6 +54,9 @@ def _first_layers(keras_model):
     return [layer for layer in keras_model.layers if type(layer).__name__ != "InputLayer"]
 
 
+#: Image side for a model whose input declares no size (ImageNet's usual crop).
+DEFAULT_SIZE = 224
+
 #: Layers that are the identity at inference (data augmentation): looked through when finding preprocessing.
 _INFERENCE_IDENTITY = ("RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation", "RandomContrast",
                        "RandomBrightness", "RandomErasing", "RandomGaussianBlur", "RandomSharpness",
@@ -136,13 +139,14 @@ def wrap_keras(keras_model, name: str | None = None, preprocessing: str | None =
 
     ``preprocessing`` ``None`` reads it from the model (:func:`detect_preprocessing`);
     ``model.info["preprocessing"]`` and ``["preprocessing_reason"]`` say what was chosen and why.
-    The model's declared input size is the only one it is fed (``info["fixed_input_size"]``).
+    The model's declared input size is the only one it is fed (``info["fixed_input_size"]``);
+    a model that declares none takes :data:`DEFAULT_SIZE` images by default, and any other size.
     """
     import_keras()
     shape = keras_model.input_shape
     if isinstance(shape, list):
         raise ConvlensError("models with several inputs are not supported; pass a single-input image model")
-    if len(shape) != 4 or shape[1] is None or shape[2] is None:
+    if len(shape) != 4 or shape[3] is None:
         raise ConvlensError(f"expected a channels-last image input (None, H, W, C), got {shape}")
     layers = _first_layers(keras_model)
     if preprocessing is None:
@@ -156,7 +160,10 @@ def wrap_keras(keras_model, name: str | None = None, preprocessing: str | None =
     if type(last).__name__ == "Softmax":
         activation = "softmax"
     output = activation if activation in ("softmax", "sigmoid") else "logits"
-    size = (int(shape[1]), int(shape[2]))
+    # A declared size is the only one the model is fed; without one (keras.applications built without
+    # input_shape, e.g. MobileNetV3) any size runs, and images are resized to ImageNet's 224 by default.
+    fixed = shape[1] is not None and shape[2] is not None
+    size = (int(shape[1] or DEFAULT_SIZE), int(shape[2] or DEFAULT_SIZE))
     return Model(
         module=ChannelsLastAdapter(keras_model),
         name=name or keras_model.name,
@@ -167,7 +174,7 @@ def wrap_keras(keras_model, name: str | None = None, preprocessing: str | None =
         output=output,
         framework="keras",
         keras_model=keras_model,
-        info={"preprocessing": preprocessing, "preprocessing_reason": reason, "fixed_input_size": True},
+        info={"preprocessing": preprocessing, "preprocessing_reason": reason, "fixed_input_size": fixed},
     )
 
 
