@@ -66,17 +66,24 @@ def test_gradient_cams_on_a_gap_model(gap_model, x):
     torch.testing.assert_close(explain(gap_model, x, method="hirescam", target=1).raw, (grad * acts).sum(1))
     torch.testing.assert_close(explain(gap_model, x, method="layercam", target=1).raw,
                                (grad.clamp(min=0) * acts).sum(1))
-    # XGrad-CAM: sum_ij (A / sum A) * g = g for a constant gradient (channels that are not all zero)
-    alive = (acts.sum((2, 3), keepdim=True) > 0).float()
+    # XGrad-CAM: sum_ij A / (sum A + eps) * g = g S / (S + eps) for a constant gradient, with the
+    # reference's eps = 1e-7 (0 for dead channels, S = 0); eps=0 is the paper's sum_ij (A / sum A) g = g
+    total = acts.sum((2, 3), keepdim=True)
     torch.testing.assert_close(explain(gap_model, x, method="xgradcam", target=1).raw,
+                               (grad[:, :, :1, :1] * total / (total + 1e-7) * acts).sum(1))
+    alive = (total > 0).float()
+    torch.testing.assert_close(explain(gap_model, x, method="xgradcam", target=1, eps=0).raw,
                                (grad[:, :, :1, :1] * alive * acts).sum(1))
-    # Grad-CAM++: alpha = g^2 / (2 g^2 + S g^3), w = sum_ij alpha ReLU(g) = h w alpha ReLU(g)
+    # Grad-CAM++: alpha = g^2 / (2 g^2 + S g^3 + eps), w = sum_ij alpha ReLU(g) = h w alpha ReLU(g),
+    # eps = 1e-6 as pytorch-grad-cam; g ~ 5e-3 here, so the eps changes the weights by a few per cent
     g = w / 64
     total = acts.sum((2, 3))
-    alpha = g**2 / (2 * g**2 + total * g**3)
-    weights = 64 * alpha * g.clamp(min=0)
-    torch.testing.assert_close(explain(gap_model, x, method="gradcam++", target=1).raw,
-                               (weights.view(2, 4, 1, 1) * acts).sum(1))
+    for eps in (1e-6, 0.0):
+        alpha = g**2 / (2 * g**2 + total * g**3 + eps)
+        weights = 64 * alpha * g.clamp(min=0)
+        options = {} if eps else {"eps": 0.0}
+        torch.testing.assert_close(explain(gap_model, x, method="gradcam++", target=1, **options).raw,
+                                   (weights.view(2, 4, 1, 1) * acts).sum(1))
     # CAM = (h w) Grad-CAM here
     torch.testing.assert_close(explain(gap_model, x, method="cam", target=1).raw, 64 * gradcam)
 

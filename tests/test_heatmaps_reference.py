@@ -4,17 +4,8 @@ CAM methods are compared with pytorch-grad-cam (PyPI ``grad-cam``), gradient
 methods with captum, on the same model, input, layer and target: max abs
 difference <= 1e-3 on maps normalised to [0, 1].
 
-Like is compared with like. pytorch-grad-cam min-max normalises at the layer's
-resolution and then resizes with OpenCV, while convlens upsamples and then
-normalises (the extremes of a bilinear upsampling are not the layer's), so the
-CAM comparison is made at the layer's resolution: its target size is set to
-the layer's, and convlens's ``raw`` gets the same ReLU + min-max. Differences
-by design, switched to the peer's behaviour here through the method's options:
-Grad-CAM++ (pytorch-grad-cam adds 1e-6 to the denominator: ``eps=1e-6``),
-Eigen-CAM (no sign correction: ``sign_correction=False``), Score-CAM
-(``UpsamplingBilinear2d`` aligns corners: ``align_corners=True``). pytorch-grad-
-cam has no CAM (Zhou et al.); on a GAP + linear model CAM is Grad-CAM times
-``h * w``, so CAM is compared with its GradCAM.
+The comparison (same resolution, same post-processing, the peer's variant
+selected through options) is described in ``cam_reference``.
 """
 
 from __future__ import annotations
@@ -23,27 +14,14 @@ import pytest
 import torch
 import torchvision
 from captum.attr import GuidedBackprop, GuidedGradCam, IntegratedGradients, NoiseTunnel, Saliency
-from pytorch_grad_cam import (AblationCAM, EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM,
-                              XGradCAM)
 
 import convlens as cl
 from convlens.capture import capture
 from convlens.heatmaps import METHODS, explain
 
-TOLERANCE = 1e-3
-
-#: method -> (pytorch-grad-cam class, convlens options that select the peer's variant)
-CAM_PEERS = {
-    "cam": (GradCAM, {}),
-    "gradcam": (GradCAM, {}),
-    "gradcam++": (GradCAMPlusPlus, {"eps": 1e-6}),
-    "xgradcam": (XGradCAM, {}),
-    "hirescam": (HiResCAM, {}),
-    "layercam": (LayerCAM, {}),
-    "eigencam": (EigenCAM, {"sign_correction": False}),
-    "scorecam": (ScoreCAM, {"align_corners": True}),
-    "ablationcam": (AblationCAM, {}),
-}
+from cam_reference import CAM_PEERS, TOLERANCE, Logit, minmax
+from cam_reference import difference as _difference
+from cam_reference import peer_cam as _peer_cam
 
 
 def _captum_saliency(forward, x, targets, layer):
@@ -84,45 +62,8 @@ GRADIENT_METHODS = [m for m in METHODS if METHODS[m].kind == "gradient"]
 PERTURBATION = {"scorecam", "ablationcam"}
 
 
-def minmax(maps: torch.Tensor) -> torch.Tensor:
-    maps = torch.as_tensor(maps).float().clamp(min=0)
-    flat = maps.flatten(1)
-    low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
-    return ((flat - low) / (high - low)).view_as(maps)
-
-
 def test_every_method_has_a_reference():
     assert set(METHODS) == set(CAM_PEERS) | set(GRADIENT_PEERS)
-
-
-def _peer_cam(method, module, layer_module, x, targets, layer_size, reshape=None):
-    peer_class, _ = CAM_PEERS[method]
-    kwargs = {"batch_size": 64} if method == "ablationcam" else {}
-    peer = peer_class(module, [layer_module], reshape_transform=reshape, **kwargs)
-    peer.batch_size = 64
-    peer.get_target_width_height = lambda tensor: layer_size[::-1]  # compare at the layer's resolution
-    try:
-        return torch.as_tensor(peer(x, targets))
-    finally:
-        peer.activations_and_grads.release()
-
-
-def _difference(method, raw, theirs):
-    """Max abs difference after the same ReLU + min-max; Eigen-CAM up to the SVD's arbitrary sign."""
-    difference = (minmax(raw) - theirs).abs().max()
-    if method == "eigencam":  # LAPACK builds may return either sign of a singular vector
-        difference = min(difference, (minmax(-raw) - theirs).abs().max())
-    return difference
-
-
-class Logit:
-    """A pytorch-grad-cam target: class ``index`` of a row; for a single sigmoid output, its logit."""
-
-    def __init__(self, index: int, sigmoid: bool = False):
-        self.index, self.sigmoid = index, sigmoid
-
-    def __call__(self, row):
-        return torch.logit(row[0].double()).float() if self.sigmoid else row[self.index]
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ line and exits with status 2. Programming errors stay ordinary exceptions.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
@@ -31,9 +32,12 @@ def first_line(err: BaseException) -> str:
 
     Library errors often carry a multi-line message (a traceback of a scripted
     model, a list of missing keys); a one-line user error quotes only its first
-    line. Some are raised with no message at all, hence the type name.
+    line. Keras wraps the message in an "Exception encountered when calling"
+    header and ANSI bold, both dropped. Some errors have no message at all, hence
+    the type name.
     """
     for line in str(err).splitlines():
-        if line.strip():
-            return line.strip()
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
+        if line and not line.startswith("Exception encountered when calling"):
+            return line
     return type(err).__name__

@@ -31,7 +31,9 @@ from .common import ArchOpt, LabelsOpt, ModelArg, PreprocessingOpt, InputSizeOpt
 ImageArg = Annotated[Path, typer.Argument(help="An image file (PNG, JPEG, ...).", show_default=False)]
 OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder to write into (created if missing).")]
 StepsOpt = Annotated[int, typer.Option("--steps", help="Gradient-ascent steps.")]
-SizeOpt = Annotated[int, typer.Option("--size", help="Side of the optimised square images, in pixels.")]
+SizeOpt = Annotated[Optional[int], typer.Option(
+    "--size", help="Side of the optimised square images, in pixels (default: the model's input size when it "
+                   "takes one size only, as Keras models do; else 128).", show_default=False)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same images.")]
 ParamOpt = Annotated[str, typer.Option("--param", help="Image parameterisation: fourier (default) or pixel.")]
 OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="adam (default), rmsprop or normalized.")]
@@ -149,7 +151,7 @@ def filters(
     filter_indices: Annotated[Optional[str], typer.Option(
         "--filters", help="Comma-separated filter indices instead of the grid's first ones.")] = None,
     steps: StepsOpt = 128,
-    size: SizeOpt = 128,
+    size: SizeOpt = None,
     seed: SeedOpt = 0,
     param: ParamOpt = "fourier",
     optimizer: OptimizerOpt = "adam",
@@ -186,8 +188,10 @@ def filters(
                                        regularizers=regularizers, progress=progress)
         written[f"{_file_name(name)}.png"] = filter_grid(patterns.images, [f"#{i}" for i in patterns.filters],
                                                          f"{name}: filter patterns", per_row=cols)
+        height, width = patterns.images.shape[-2:]  # the size used: --size, or the model's own
         written[f"{_file_name(name)}.json"] = json.dumps({
-            "layer": name, "size": size, "steps": steps, "seed": seed, "param": param, "optimizer": optimizer,
+            "layer": name, "size": height if height == width else [height, width], "steps": steps, "seed": seed,
+            "param": param, "optimizer": optimizer,
             "filters": [{"index": i, "activation": float(a), "initial_activation": float(a0)}
                         for i, a, a0 in zip(patterns.filters, patterns.activations, patterns.initial_activations)],
         }, indent=2)

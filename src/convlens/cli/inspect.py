@@ -15,6 +15,19 @@ from . import app
 from .common import ArchOpt, ImagesArg, LabelsOpt, ModelArg, PreprocessingOpt, InputSizeOpt, OutputOpt, TrustCodeOpt, WeightsOpt, open_model
 
 
+def _preprocessing_line(model) -> str | None:
+    """``preprocessing: MODE (why)`` for models that record a choice (Keras), else ``None``.
+
+    A Keras model's scaling is read from its first layers or guessed, and a wrong
+    guess gives plausible-looking but wrong predictions, so the choice is always shown.
+    """
+    mode = model.info.get("preprocessing")
+    if mode is None:
+        return None
+    reason = model.info.get("preprocessing_reason")
+    return f"preprocessing: {mode}" + (f" ({reason})" if reason else "")
+
+
 @app.command()
 def layers(
     model: ModelArg,
@@ -45,6 +58,9 @@ def layers(
     console.print(table)
     console.print(f"Total params: {summary.total_params:,}   Trainable: {summary.trainable_params:,}   "
                   f"Non-trainable: {summary.total_params - summary.trainable_params:,}")
+    line = _preprocessing_line(loaded)
+    if line:
+        typer.echo(line)
 
 
 @app.command()
@@ -68,6 +84,9 @@ def predict(
     pictures = load_images(images)  # reads (and checks) every image before the model loads
     loaded = open_model(model, weights, arch, labels, preprocessing, trust_code, input_size, output)
     results = loaded.predict(pictures, top_k=top)
+    line = _preprocessing_line(loaded)
+    if line:
+        typer.echo(line, err=as_json)  # stdout stays pure JSON with --json
     if as_json:
         payload = [{"image": str(path), "predictions": [p.__dict__ for p in preds]}
                    for path, preds in zip(images, results)]

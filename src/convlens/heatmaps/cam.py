@@ -83,36 +83,49 @@ def gradcam(request: Request) -> RawMaps:
     return weighted_channel_sum(request, lambda act, grad: grad.mean(dim=(2, 3), keepdim=True))
 
 
-def gradcam_plusplus(request: Request, *, eps: float = 0.0) -> RawMaps:
+def gradcam_plusplus(request: Request, *, eps: float = 1e-6) -> RawMaps:
     """Grad-CAM++: positive gradients weighted by closed-form per-pixel coefficients.
 
     Chattopadhay et al. 2018, "Grad-CAM++: Improved Visual Explanations for Deep
     Convolutional Networks", arXiv:1710.11063, eq. 19 with the exponential
     score assumption:
-    ``alpha_kij = G^2 / (2 G^2 + sum_ab A_kab G^3)``, ``w_k = sum_ij alpha_kij ReLU(G_kij)``.
-    A zero denominator gives ``alpha = 0``. ``eps`` is added to the denominator
-    when non-zero; pytorch-grad-cam adds 1e-6, which shrinks the weights of
-    channels whose gradients are small (1e-3 and below), so it is off by default.
+    ``alpha_kij = G^2 / (2 G^2 + sum_ab A_kab G^3 + eps)``, ``w_k = sum_ij alpha_kij ReLU(G_kij)``.
+    ``alpha = 0`` where the gradient is 0 (and where the guarded denominator is
+    still exactly 0). With activations that can be negative (SiLU, GELU) the
+    paper's denominator ``G^2 (2 + G sum A)`` passes through zero, and ``alpha``
+    there is as large as float32 rounding makes it; ``eps`` (default ``1e-6``,
+    the value pytorch-grad-cam adds) bounds it, so the maps agree with the
+    reference on such networks. The price: channels whose gradients are about
+    ``1e-3`` or smaller get visibly smaller weights than the paper's formula
+    gives; ``eps=0`` computes the formula exactly.
     """
 
     def weights(act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         grad2 = grad.pow(2)
-        denominator = 2 * grad2 + act.sum(dim=(2, 3), keepdim=True) * grad2 * grad + eps
-        alpha = _safe_divide(grad2, denominator)
+        grad3 = grad2 * grad  # the reference's order of operations: near-zero denominators amplify rounding
+        denominator = 2 * grad2 + act.sum(dim=(2, 3), keepdim=True) * grad3 + eps
+        alpha = torch.where(grad != 0, _safe_divide(grad2, denominator), torch.zeros_like(grad))
         return (alpha * grad.clamp(min=0)).sum(dim=(2, 3), keepdim=True)
 
     return weighted_channel_sum(request, weights)
 
 
-def xgradcam(request: Request) -> RawMaps:
+def xgradcam(request: Request, *, eps: float = 1e-7) -> RawMaps:
     """XGrad-CAM: gradients averaged with the activations' own spatial distribution as weights.
 
     Fu et al. 2020, "Axiom-based Grad-CAM", arXiv:2008.02312, eq. 12:
-    ``w_k = sum_ij (A_kij / sum_ab A_kab) G_kij``; a channel summing to zero gets ``w_k = 0``.
+    ``w_k = sum_ij (A_kij / (sum_ab A_kab + eps)) G_kij``. The paper has no
+    ``eps``; after SiLU/GELU a channel's activations can sum to almost zero
+    (positive and negative parts cancel) and its weight then depends on
+    float32 rounding alone. ``eps`` (default ``1e-7``, the value
+    pytorch-grad-cam adds) is what the reference divides by there, so the maps
+    agree with it; a channel whose guarded sum is exactly zero gets ``w_k = 0``.
+    ``eps=0`` computes the paper's formula.
     """
 
     def weights(act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        return _safe_divide((grad * act).sum(dim=(2, 3), keepdim=True), act.sum(dim=(2, 3), keepdim=True))
+        total = act.sum(dim=(2, 3), keepdim=True) + eps
+        return _safe_divide(grad * act, total).sum(dim=(2, 3), keepdim=True)
 
     return weighted_channel_sum(request, weights)
 

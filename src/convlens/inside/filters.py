@@ -31,7 +31,7 @@ from torch import nn
 from ..capture import LayerRef, capture, resolve_layers
 from ..errors import ConvlensError
 from ..models import Model, as_model
-from .inputs import input_normalizer, run_failure
+from .inputs import fixed_input_size, input_normalizer, run_failure
 from .objectives import channel, class_logit
 from .optimize import Progress, check_settings, maximize
 from .transforms import Transform
@@ -39,7 +39,7 @@ from .transforms import Transform
 
 @dataclass
 class FilterPatterns:
-    images: torch.Tensor               # (N, 3, S, S) RGB in [0, 1]
+    images: torch.Tensor               # (N, 3, H, W) RGB in [0, 1]
     activations: torch.Tensor          # (N,) final mean activation of each filter on its image
     filters: list[int]
     layer: str
@@ -48,26 +48,35 @@ class FilterPatterns:
 
 @dataclass
 class ClassModel:
-    images: torch.Tensor          # (N, 3, S, S) RGB in [0, 1]
+    images: torch.Tensor          # (N, 3, H, W) RGB in [0, 1]
     logits: torch.Tensor          # (N,) final pre-activation logit of each class on its image
     classes: list[int]
     initial_logits: torch.Tensor  # (N,)
 
 
-def _probe(model: Model, layer: str | None, size: int) -> torch.Tensor:
+def _probe(model: Model, layer: str | None, size: tuple[int, int]) -> torch.Tensor:
     """One gray image through the model (to ``layer``, or to the logits): its output, or a clear error."""
-    gray = torch.full((1, 3, size, size), 0.5, device=model.device)
+    gray = torch.full((1, 3, *size), 0.5, device=model.device)
     rewrite = model.logit_rewrites() if layer is None else None
     with capture(model, [layer] if layer else [], stop=layer is not None, rewrite=rewrite) as rec, torch.no_grad():
         try:
             output = rec.forward(input_normalizer(model)(gray))
-        except RuntimeError as err:
-            raise run_failure(err, (size, size)) from None
+        except ConvlensError:
+            raise
+        except (RuntimeError, ValueError) as err:  # Keras reports a wrong input shape as a ValueError
+            raise run_failure(err, size, fixed_input_size(model)) from None
     if layer is None:
         return output
     if layer not in rec.outputs:
         raise ConvlensError(f"layer {layer!r} did not run in the forward pass; choose a layer the model uses")
     return rec.outputs[layer]
+
+
+def _image_size(model: Model, size: int | tuple[int, int] | None, default: int) -> tuple[int, int]:
+    """``(H, W)`` to optimise at: the size asked for, else the model's when it takes one size only, else ``default``."""
+    if size is None:
+        size = fixed_input_size(model) or default
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _indices(requested: Iterable[int] | None, count: int, what: str, where: str, default: int) -> list[int]:
@@ -81,7 +90,7 @@ def _indices(requested: Iterable[int] | None, count: int, what: str, where: str,
 
 
 def filter_patterns(model: Model | nn.Module, layer: LayerRef, filters: Iterable[int] | None = None, *,
-                    max_filters: int = 64, size: int = 128, steps: int = 128, seed: int = 0,
+                    max_filters: int = 64, size: int | tuple[int, int] | None = None, steps: int = 128, seed: int = 0,
                     param: str = "fourier", optimizer: str = "adam", lr: float | None = None,
                     transforms: str | Transform | None = "standard", regularizers: Mapping[str, float] | None = None,
                     progress: Progress | None = None) -> FilterPatterns:
@@ -91,12 +100,14 @@ def filter_patterns(model: Model | nn.Module, layer: LayerRef, filters: Iterable
         model: a :class:`convlens.Model` or an ``nn.Module`` (ImageNet preprocessing assumed).
         layer: the layer's name or module; its output must have channels in dimension 1.
         filters: channel indices (default: the first ``max_filters``, fewer if the layer is narrower).
-        size: side of the square images, optimised at this size (never resampled).
+        size: side of the square images, or ``(H, W)``, optimised at this size (never resampled);
+            default: the model's input size when it takes one size only (a Keras model), else 128.
         steps, seed, param, optimizer, lr, transforms, regularizers, progress: see
             :func:`convlens.inside.optimize.maximize`.
     """
     model = as_model(model)
     check_settings(optimizer, param, transforms, regularizers, steps, size)
+    size = _image_size(model, size, 128)
     name = next(iter(resolve_layers(model, [layer])))
     output = _probe(model, name, size)
     if output.ndim < 2:
@@ -108,14 +119,15 @@ def filter_patterns(model: Model | nn.Module, layer: LayerRef, filters: Iterable
     return FilterPatterns(result.images, result.scores, chosen, name, result.initial_scores)
 
 
-def class_model(model: Model | nn.Module, class_index: int | Iterable[int], *, size: int | None = None,
+def class_model(model: Model | nn.Module, class_index: int | Iterable[int], *,
+                size: int | tuple[int, int] | None = None,
                 steps: int = 128, seed: int = 0, param: str = "fourier", optimizer: str = "adam",
                 lr: float | None = None, transforms: str | Transform | None = "standard",
                 regularizers: Mapping[str, float] | None = None, progress: Progress | None = None) -> ClassModel:
     """Optimise one image per class to maximise its pre-activation logit (default size: the model's input)."""
     model = as_model(model)
-    size = size or model.input_size[0]
     check_settings(optimizer, param, transforms, regularizers, steps, size)
+    size = _image_size(model, size, model.input_size[0])
     logits = _probe(model, None, size).flatten(1)
     requested = [class_index] if isinstance(class_index, int) else class_index
     classes = _indices(requested, logits.shape[1], "class", model.name, 1)

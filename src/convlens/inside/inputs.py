@@ -8,6 +8,10 @@ step as a differentiable per-pixel affine map ``x -> M x + b`` by probing the
 model's own ``transform`` with four flat images (black, red, green, blue), so
 whatever preprocessing a model was loaded with is honoured without a table
 of cases. A transform that is not affine per pixel is refused.
+
+Some models take one input size only (a Keras model's declared input, a
+``Flatten`` before a dense head): :func:`fixed_input_size` says which, and the
+optimisers use it as their default size and keep their transformed images at it.
 """
 
 from __future__ import annotations
@@ -54,8 +58,20 @@ def input_normalizer(model: Model) -> Callable[[torch.Tensor], torch.Tensor]:
     return to_input
 
 
-def run_failure(err: RuntimeError, size: tuple[int, int]) -> ConvlensError:
-    """A one-line user error for a forward pass that failed at ``size`` (usually: input too small)."""
-    first = first_line(err)
-    return ConvlensError(f"the model cannot run on a {size[0]}x{size[1]} image ({first}); "
-                         "use a larger image size or an earlier layer")
+def fixed_input_size(model: Model) -> tuple[int, int] | None:
+    """``(H, W)`` when the model takes that input size only (``model.info["fixed_input_size"]``), else ``None``.
+
+    Keras models are marked when wrapped: their declared input size is the size
+    their dense layers were built for. Mark a PyTorch model whose head flattens
+    a fixed-size map the same way: ``model.info["fixed_input_size"] = True``.
+    """
+    return (int(model.input_size[0]), int(model.input_size[1])) if model.info.get("fixed_input_size") else None
+
+
+def run_failure(err: Exception, size: tuple[int, int], expected: tuple[int, int] | None = None) -> ConvlensError:
+    """A one-line user error for a forward pass that failed at ``size`` (too small, or not the model's size)."""
+    if expected is not None and tuple(expected) != tuple(size):
+        hint = f"this model takes {expected[0]}x{expected[1]} images only: leave the size out"
+    else:
+        hint = "use a larger image size or an earlier layer"
+    return ConvlensError(f"the model cannot run on a {size[0]}x{size[1]} image ({first_line(err)}); {hint}")

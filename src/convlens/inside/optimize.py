@@ -28,11 +28,11 @@ import torch
 from ..capture import capture
 from ..errors import ConvlensError
 from ..models import Model
-from .inputs import input_normalizer, run_failure
+from .inputs import fixed_input_size, input_normalizer, run_failure
 from .objectives import Objective
 from .params import PARAMETERIZATIONS, ImageParam
 from .regularizers import REGULARIZERS
-from .transforms import CHAINS, Transform
+from .transforms import CHAINS, Transform, compose, fit
 
 Progress = Callable[[int, int], None]
 
@@ -77,7 +77,8 @@ def _choose(table: Mapping, name: str, what: str):
 
 
 def check_settings(optimizer: str, param: str | ImageParam, transforms: str | Transform | None,
-                   regularizers: Mapping[str, float] | None, steps: int, size: int | None = None) -> None:
+                   regularizers: Mapping[str, float] | None, steps: int,
+                   size: int | tuple[int, int] | None = None) -> None:
     """Validate the options of :func:`maximize` before any work (the CLI calls it before writing)."""
     _choose(OPTIMIZERS, optimizer, "optimizer")
     if isinstance(param, str):
@@ -90,7 +91,7 @@ def check_settings(optimizer: str, param: str | ImageParam, transforms: str | Tr
             raise ConvlensError(f"regulariser weights must be >= 0, got {name}={weight}")
     if steps < 0:
         raise ConvlensError(f"steps must be >= 0, got {steps}")
-    if size is not None and size < 8:
+    if size is not None and min((size, size) if isinstance(size, int) else size) < 8:
         raise ConvlensError(f"image size must be at least 8 pixels, got {size}")
 
 
@@ -105,8 +106,13 @@ def maximize(model: Model, objective: Objective, *, batch: int = 1, size: int | 
     device = model.device
     image = PARAMETERIZATIONS[param](batch, size, generator=generator, device=device) if isinstance(param, str) else param
     with torch.no_grad():
-        side = min(image.render().shape[-2:])
-    chain = CHAINS[transforms](side) if isinstance(transforms, str) else transforms
+        shape = tuple(image.render().shape[-2:])
+    chain = CHAINS[transforms](min(shape)) if isinstance(transforms, str) else transforms
+    fixed = fixed_input_size(model)
+    if chain is not None and fixed is not None:
+        # A model that takes one input size only cannot see the padded, jittered, rescaled canvas:
+        # the chain ends by cropping or padding back to the image's own size.
+        chain = compose([chain, fit(shape)])
     ascent = OPTIMIZERS[optimizer](image.tensors, DEFAULT_LR[optimizer] if lr is None else lr)
     to_input = input_normalizer(model)
     weights = {name: float(w) for name, w in (regularizers or {}).items() if w}
@@ -119,8 +125,10 @@ def maximize(model: Model, objective: Objective, *, batch: int = 1, size: int | 
             inputs = to_input(images).contiguous(memory_format=torch.channels_last)
             try:
                 output = rec.forward(inputs)
-            except RuntimeError as err:
-                raise run_failure(err, tuple(images.shape[-2:])) from None
+            except ConvlensError:
+                raise
+            except (RuntimeError, ValueError) as err:  # Keras reports a wrong input shape as a ValueError
+                raise run_failure(err, tuple(images.shape[-2:]), fixed) from None
             return objective(rec.outputs, output).float()
 
         with torch.no_grad():

@@ -5,6 +5,8 @@ randomness comes only from the ``torch.Generator`` the optimiser passes, so a se
 reproduces a run. All images of a batch share one draw (one kernel launch per step).
 Olah et al., "Feature Visualization" (Distill, 2017), §"Transformation robustness",
 show that such jitter, scale and rotation suppress high-frequency patterns.
+The chain changes the image size; for a model that takes one input size only,
+:func:`fit` (appended by the optimiser) crops or pads the result back to it.
 
 Example::
 
@@ -72,6 +74,24 @@ def random_rotate(degrees: float = 10.0) -> Transform:
         theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=images.dtype, device=images.device)
         grid = F.affine_grid(theta.expand(images.shape[0], 2, 3), list(images.shape), align_corners=False)
         return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    return apply
+
+
+def fit(size: tuple[int, int], value: float = 0.5) -> Transform:
+    """Centre-crop or pad (constant ``value``, gray) to exactly ``size`` ``(H, W)``.
+
+    Ends the chain for models that take one input size only (a Keras model's
+    declared input, a ``Flatten`` before a dense head): the random shifts stay,
+    the canvas size does not change.
+    """
+    height, width = size
+
+    def apply(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        dy, dx = height - images.shape[-2], width - images.shape[-1]
+        top, left = int(dy / 2), int(dx / 2)  # towards zero: the odd pixel is padded or cropped at the bottom/right
+        # F.pad crops where a width is negative
+        return F.pad(images, (left, dx - left, top, dy - top), mode="constant", value=value)
 
     return apply
 

@@ -9,6 +9,7 @@ permutes recorded 4-D outputs, so every method sees channels-first tensors.
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -77,19 +78,105 @@ def _first_layers(keras_model):
     return [layer for layer in keras_model.layers if type(layer).__name__ != "InputLayer"]
 
 
+#: Image side for a model whose input declares no size (ImageNet's usual crop).
+DEFAULT_SIZE = 224
+
+#: Layers that are the identity at inference (data augmentation): looked through when finding preprocessing.
+_INFERENCE_IDENTITY = ("RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation", "RandomContrast",
+                       "RandomBrightness", "RandomErasing", "RandomGaussianBlur", "RandomSharpness",
+                       "GaussianNoise", "GaussianDropout", "Dropout", "SpatialDropout2D", "Identity")
+#: keras.applications networks without preprocessing layers, by their default model name, and the mode
+#: their ``preprocess_input`` implements; only named in the reason, never chosen from a name alone
+#: (a user's own model may carry the name).
+_APPLICATION_MODES = ((r"resnet\d+v2", "ResNet V2", "tf"), (r"resnet\d+", "ResNet", "caffe"),
+                      (r"vgg\d+", "VGG", "caffe"), (r"densenet\d+", "DenseNet", "torch"),
+                      (r"mobilenet", "MobileNet", "tf"), (r"xception", "Xception", "tf"),
+                      (r"inception", "Inception", "tf"), (r"nasnet", "NASNet", "tf"))
+
+
+def _leading_layers(model):
+    """The layers an input meets first, in order, nested models opened up."""
+    for layer in model.layers:
+        if type(layer).__name__ == "InputLayer":
+            continue
+        if hasattr(layer, "layers"):
+            yield from _leading_layers(layer)
+        else:
+            yield layer
+
+
+def _as_floats(value) -> list[float]:
+    """A layer's number, list or tensor as plain floats."""
+    return [float(v) for v in torch.as_tensor(value).detach().cpu().reshape(-1).tolist()]
+
+
+def _numbers(value) -> str:
+    return ", ".join(f"{v:.4g}" for v in _as_floats(value))
+
+
+def _describe(layer) -> str:
+    if type(layer).__name__ == "Rescaling":
+        return f"Rescaling(scale={_numbers(layer.scale)}, offset={_numbers(layer.offset)})"
+    return f"Normalization(mean={_numbers(layer.mean)})"
+
+
+def detect_preprocessing(keras_model) -> tuple[str, str]:
+    """The input scaling a Keras model expects, read from its first layers: ``(mode, reason)``.
+
+    keras.applications' EfficientNet, EfficientNetV2, MobileNetV3 and ConvNeXt
+    (and many user models) preprocess inside the model, with ``Rescaling`` and
+    ``Normalization`` layers right after the input (possibly inside a nested
+    model, possibly after augmentation layers that do nothing at inference):
+
+    * a leading ``Rescaling`` (``1/255``; ``1/127.5 - 1``) takes 0-255 pixels: ``raw``;
+    * a leading ``Normalization`` takes the pixels its statistics describe:
+      0-255 when its mean exceeds 1.5 (ConvNeXt's 123.7, 116.3, 103.5): ``raw``;
+      otherwise 0-1: ``rescale``;
+    * no such layer: ``rescale`` (x/255), with a hint when the model carries the
+      name of a keras.applications network whose ``preprocess_input`` differs.
+    """
+    found = []
+    for layer in _leading_layers(keras_model):
+        kind = type(layer).__name__
+        if kind == "Rescaling" or (kind == "Normalization" and getattr(layer, "mean", None) is not None
+                                   and not getattr(layer, "invert", False)):
+            found.append(layer)
+        elif kind not in _INFERENCE_IDENTITY:
+            break
+    if found:
+        chain = " + ".join(_describe(layer) for layer in found)
+        first = found[0]
+        if type(first).__name__ == "Normalization" and max(abs(m) for m in _as_floats(first.mean)) <= 1.5:
+            return "rescale", f"the model starts with {chain}, statistics of 0-1 pixels: x/255"
+        return "raw", f"the model starts with {chain} and takes 0-255 pixels"
+    reason = "no Rescaling or Normalization layer at the model's input: x/255"
+    names = [keras_model.name.lower()] + [layer.name.lower() for layer in _first_layers(keras_model)[:1]]
+    for pattern, network, mode in _APPLICATION_MODES:
+        if any(re.match(pattern, name) for name in names):
+            return "rescale", f"{reason}; keras.applications' {network} expects --preprocessing {mode}"
+    return "rescale", reason
+
+
 def wrap_keras(keras_model, name: str | None = None, preprocessing: str | None = None,
                labels: list[str] | None = None) -> Model:
-    """Wrap an in-memory Keras model as a :class:`Model`."""
+    """Wrap an in-memory Keras model as a :class:`Model`.
+
+    ``preprocessing`` ``None`` reads it from the model (:func:`detect_preprocessing`);
+    ``model.info["preprocessing"]`` and ``["preprocessing_reason"]`` say what was chosen and why.
+    The model's declared input size is the only one it is fed (``info["fixed_input_size"]``);
+    a model that declares none takes :data:`DEFAULT_SIZE` images by default, and any other size.
+    """
     import_keras()
     shape = keras_model.input_shape
     if isinstance(shape, list):
         raise ConvlensError("models with several inputs are not supported; pass a single-input image model")
-    if len(shape) != 4 or shape[1] is None or shape[2] is None:
+    if len(shape) != 4 or shape[3] is None:
         raise ConvlensError(f"expected a channels-last image input (None, H, W, C), got {shape}")
     layers = _first_layers(keras_model)
     if preprocessing is None:
-        starts_rescaled = bool(layers) and type(layers[0]).__name__ == "Rescaling"
-        preprocessing = "raw" if starts_rescaled else "rescale"
+        preprocessing, reason = detect_preprocessing(keras_model)
+    else:
+        reason = "as requested"
     if preprocessing not in KERAS_MODES:
         raise ConvlensError(f"unknown preprocessing {preprocessing!r}; choose one of {', '.join(KERAS_MODES)}")
     last = layers[-1] if layers else None
@@ -97,7 +184,10 @@ def wrap_keras(keras_model, name: str | None = None, preprocessing: str | None =
     if type(last).__name__ == "Softmax":
         activation = "softmax"
     output = activation if activation in ("softmax", "sigmoid") else "logits"
-    size = (int(shape[1]), int(shape[2]))
+    # A declared size is the only one the model is fed; without one (keras.applications built without
+    # input_shape, e.g. MobileNetV3) any size runs, and images are resized to ImageNet's 224 by default.
+    fixed = shape[1] is not None and shape[2] is not None
+    size = (int(shape[1] or DEFAULT_SIZE), int(shape[2] or DEFAULT_SIZE))
     return Model(
         module=ChannelsLastAdapter(keras_model),
         name=name or keras_model.name,
@@ -108,7 +198,7 @@ def wrap_keras(keras_model, name: str | None = None, preprocessing: str | None =
         output=output,
         framework="keras",
         keras_model=keras_model,
-        info={"preprocessing": preprocessing},
+        info={"preprocessing": preprocessing, "preprocessing_reason": reason, "fixed_input_size": fixed},
     )
 
 

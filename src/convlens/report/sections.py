@@ -2,6 +2,16 @@
 
 A section is a function ``(context) -> Section``; :data:`SECTIONS` lists them in page order,
 so a new section is one function and one line.
+
+A heatmap method that does not apply to the model (CAM without a global-average-pooling +
+linear head, guided backpropagation without ReLU layers) is left out of the heatmap and
+evaluation sections, and the section's note names it with the reason: one inapplicable
+method never costs the user the whole report.
+
+Options (``build_report(..., **options)``): ``methods`` (heatmap methods, default all),
+``activation_layers``, ``filter_layers``, ``filter_steps`` (default 96), ``filter_count``
+(filters per layer, default 16), ``classes`` (class-model classes, default the first 8),
+``evaluation_images``, ``evaluation_methods``.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import numpy as np
 from markupsafe import Markup
 from PIL import Image, ImageOps
 
+from ..errors import ConvlensError
 from ..models import Model, Summary
 from .html import data_uri
 
@@ -92,6 +103,13 @@ def _thumbnail(image: Image.Image, size: int = 160) -> Image.Image:
     return ImageOps.contain(image, (size, size), Image.BILINEAR)
 
 
+def _left_out(skipped: dict[str, str], why: str = "as they do not apply to this model") -> str:
+    """`` Left out, <why>: name: reason; ...`` for a section's note (empty when nothing was)."""
+    if not skipped:
+        return ""
+    return f" Left out, {why}: " + "; ".join(f"{name}: {reason}" for name, reason in skipped.items()) + "."
+
+
 def heatmaps_section(ctx: Context) -> Section:
     """Every registered method over every image, side by side; the ground-truth outline where known."""
     from ..heatmaps import METHODS, explain
@@ -100,13 +118,16 @@ def heatmaps_section(ctx: Context) -> Section:
     methods = ctx.options.get("methods") or list(METHODS)
     pictures = [item.image for item in ctx.images]
     x = ctx.model.preprocess(pictures)
-    columns = {}
+    columns, skipped = {}, {}
     for name in methods:
         ctx.step(f"heatmaps: {name}")
-        result = explain(ctx.model, x, method=name, layer=ctx.summary.auto_layer)  # already found once
+        try:
+            result = explain(ctx.model, x, method=name, layer=ctx.summary.auto_layer)  # already found once
+        except ConvlensError as err:  # the method does not apply to this model: say so, show the rest
+            skipped[name] = str(err)
+            continue
         columns[name] = (result, result.overlay(pictures))
-    first = next(iter(columns.values()))[0]
-    headers = ["image", *methods]
+    headers = ["image", *columns]
     rows = []
     for i, item in enumerate(ctx.images):
         cells = [_cell(item.image if item.mask is None else outline(item.image, item.mask), item.name)]
@@ -115,12 +136,17 @@ def heatmaps_section(ctx: Context) -> Section:
             flag = " (flat map)" if result.flat[i] else ""
             cells.append(_cell(shown, f"{result.target_names[i]}{flag}"))
         rows.append(cells)
-    layer = first.layer if isinstance(first.layer, str) else ", ".join(first.layer or [])
-    note = (f"Each map explains the top-1 class ({', '.join(sorted(set(first.target_names)))}) at layer "
-            f"{layer} for the CAM methods; jet colormap at opacity 0.4 over the original image."
-            + (" White outlines are the ground-truth object masks." if any(i.mask is not None for i in ctx.images)
-               else ""))
-    return Section("heatmaps", "Where the model looked", Markup(_parts.grid(headers, rows)), note)
+    if columns:
+        first = next(iter(columns.values()))[0]
+        layer = first.layer if isinstance(first.layer, str) else ", ".join(first.layer or [])
+        note = (f"Each map explains the top-1 class ({', '.join(sorted(set(first.target_names)))}) at layer "
+                f"{layer} for the CAM methods; jet colormap at opacity 0.4 over the original image."
+                + (" White outlines are the ground-truth object masks."
+                   if any(i.mask is not None for i in ctx.images) else ""))
+    else:
+        note = "No heatmap method applies to this model."
+    return Section("heatmaps", "Where the model looked", Markup(_parts.grid(headers, rows)),
+                   note + _left_out(skipped))
 
 
 def _cell(image: Image.Image, caption: str) -> dict:
@@ -153,27 +179,40 @@ def activations_section(ctx: Context) -> Section:
 def filters_section(ctx: Context) -> Section:
     """Filter patterns by gradient ascent (all filters of a layer in one batch) and class-model images."""
     from ..inside import class_model, filter_patterns
+    from ..inside.inputs import fixed_input_size
     from ..render.grid import filter_grid
 
-    convs = [n for n in ctx.layers if "pool" not in type(ctx.model.named_layers()[n]).__name__.lower()]
-    layers = ctx.options.get("filter_layers") or _spread(convs, 3)
-    size = max(ctx.model.input_size)
+    layers = ctx.options.get("filter_layers") or _spread(
+        [n for n in ctx.layers if "pool" not in type(ctx.model.named_layers()[n]).__name__.lower()], 3)
+    # A model that takes one input size only (Keras) is optimised at it, others at a square of the larger side.
+    size = tuple(ctx.model.input_size) if fixed_input_size(ctx.model) else max(ctx.model.input_size)
     steps = ctx.options.get("filter_steps", 96)
-    items = []
+    items, skipped = [], {}
     for name in layers:
         ctx.step(f"filters: {name}")
-        patterns = filter_patterns(ctx.model, name, max_filters=16, size=size, steps=steps, seed=0)
+        try:
+            patterns = filter_patterns(ctx.model, name, max_filters=ctx.options.get("filter_count", 16), size=size,
+                                       steps=steps, seed=0)
+        except ConvlensError as err:  # the model cannot run this part (a dense head at another size): say so
+            skipped[name] = str(err)
+            continue
         labels = [f"{f}: {a:.2f}" for f, a in zip(patterns.filters, patterns.activations.tolist())]
         items.append(figure(filter_grid(patterns.images, labels, name), name))
-    classes = list(range(min(len(ctx.model.labels or []) or 8, 8)))
+    classes = ctx.options.get("classes") or list(range(min(len(ctx.model.labels or []) or 8, 8)))
     ctx.step("class models")
-    models = class_model(ctx.model, classes, size=size, steps=steps, seed=0)
-    class_labels = [ctx.model.label(c) for c in models.classes]
-    items.append(figure(filter_grid(models.images, class_labels, "class models (pre-softmax logits)"),
-                        "class-model images"))
-    note = (f"Each tile is the {size}x{size} image that maximises one filter's mean activation ({steps} steps, "
+    try:
+        models = class_model(ctx.model, classes, size=size, steps=steps, seed=0)
+    except ConvlensError as err:
+        skipped["class models"] = str(err)
+    else:
+        class_labels = [ctx.model.label(c) for c in models.classes]
+        items.append(figure(filter_grid(models.images, class_labels, "class models (pre-softmax logits)"),
+                            "class-model images"))
+    height, width = (size, size) if isinstance(size, int) else size
+    note = (f"Each tile is the {height}x{width} image that maximises one filter's mean activation ({steps} steps, "
             "Fourier parameterisation with decorrelated colour, jitter/scale/rotation robustness); the number "
-            "under it is the filter index and its final activation. Class-model images maximise a class logit.")
+            "under it is the filter index and its final activation. Class-model images maximise a class logit."
+            + _left_out(skipped, "as the model cannot run them"))
     return Section("filters", "What the filters want to see", Markup(_parts.figures(items)), note)
 
 
@@ -229,7 +268,12 @@ def evaluation_section(ctx: Context) -> Section | None:
     metrics = ["pointing", "pointing_scaled", "pointing_strict", "pointing_box", "energy_pointing", "iou", "deletion",
                "insertion", "drop", "increase"]
     ctx.step("evaluation")
-    _, summary = evaluate_images(ctx.model, images, methods=methods, metrics=metrics)
+    summary, skipped = {}, {}
+    for method in methods:  # one at a time, so a method that does not apply leaves the others' rows
+        try:
+            summary.update(evaluate_images(ctx.model, images, methods=[method], metrics=metrics)[1])
+        except ConvlensError as err:
+            skipped[method] = str(err)
     headers, rows = summary_table(summary, {name: METRICS[name] for name in metrics})
     note = (f"Mean \u00b1 95% confidence half-width (number of images) over {len(images)} images with "
             "ground-truth masks, each explained for the model's top class. Pointing game: the map's maximum "
@@ -237,7 +281,8 @@ def evaluation_section(ctx: Context) -> Section | None:
             "exactly (strict), or inside the box of one of the mask's regions (box); energy pointing game: the "
             "share of the map's energy inside the mask; IoU of the map thresholded at 0.5; deletion/insertion: area under the class-probability "
             "curve as pixels are removed/added most-important first; Average Drop / Increase in Confidence "
-            "with the image multiplied by the map. \u2191 higher is better, \u2193 lower is better.")
+            "with the image multiplied by the map. \u2191 higher is better, \u2193 lower is better."
+            + _left_out(skipped))
     return Section("evaluation", "Which heatmap to trust", Markup(_parts.table(headers, rows)), note)
 
 

@@ -1,0 +1,75 @@
+"""pytorch-grad-cam as the reference for the CAM family, shared by the reference tests and the model zoo.
+
+Like is compared with like. pytorch-grad-cam min-max normalises at the layer's
+resolution and then resizes with OpenCV, while convlens upsamples and then
+normalises (the extremes of a bilinear upsampling are not the layer's), so the
+comparison is made at the layer's resolution: the peer's target size is set to
+the layer's, and convlens's ``raw`` gets the same ReLU + min-max. Differences
+by design, switched to the peer's behaviour through the method's options:
+Eigen-CAM (no sign correction: ``sign_correction=False``), Score-CAM
+(``UpsamplingBilinear2d`` aligns corners: ``align_corners=True``). pytorch-grad-
+cam has no CAM (Zhou et al.); on a GAP + linear model CAM is Grad-CAM times
+``h * w``, so CAM is compared with its GradCAM.
+"""
+
+from __future__ import annotations
+
+import torch
+from pytorch_grad_cam import (AblationCAM, EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM,
+                              XGradCAM)
+
+TOLERANCE = 1e-3
+
+#: method -> (pytorch-grad-cam class, convlens options that select the peer's variant)
+CAM_PEERS = {
+    "cam": (GradCAM, {}),
+    "gradcam": (GradCAM, {}),
+    "gradcam++": (GradCAMPlusPlus, {}),
+    "xgradcam": (XGradCAM, {}),
+    "hirescam": (HiResCAM, {}),
+    "layercam": (LayerCAM, {}),
+    "eigencam": (EigenCAM, {"sign_correction": False}),
+    "scorecam": (ScoreCAM, {"align_corners": True}),
+    "ablationcam": (AblationCAM, {}),
+}
+
+
+def minmax(maps: torch.Tensor) -> torch.Tensor:
+    """ReLU, then per-map min-max to [0, 1]; a constant map becomes zeros (as both libraries return it)."""
+    maps = torch.as_tensor(maps).float().clamp(min=0)
+    flat = maps.flatten(1)
+    low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    span = high - low
+    scaled = torch.where(span > 0, (flat - low) / torch.where(span > 0, span, torch.ones_like(span)), 0.0)
+    return scaled.view_as(maps)
+
+
+def peer_cam(method, module, layer_module, x, targets, layer_size, reshape=None) -> torch.Tensor:
+    """pytorch-grad-cam's map for ``method`` at the layer's resolution ``layer_size`` (h, w)."""
+    peer_class, _ = CAM_PEERS[method]
+    kwargs = {"batch_size": 64} if method == "ablationcam" else {}
+    peer = peer_class(module, [layer_module], reshape_transform=reshape, **kwargs)
+    peer.batch_size = 64
+    peer.get_target_width_height = lambda tensor: layer_size[::-1]  # compare at the layer's resolution
+    try:
+        return torch.as_tensor(peer(x, targets))
+    finally:
+        peer.activations_and_grads.release()
+
+
+def difference(method, raw, theirs) -> float:
+    """Max abs difference after the same ReLU + min-max; Eigen-CAM up to the SVD's arbitrary sign."""
+    gap = (minmax(raw) - theirs).abs().max()
+    if method == "eigencam":  # LAPACK builds may return either sign of a singular vector
+        gap = min(gap, (minmax(-raw) - theirs).abs().max())
+    return float(gap)
+
+
+class Logit:
+    """A pytorch-grad-cam target: class ``index`` of a row; for a single sigmoid output, its logit."""
+
+    def __init__(self, index: int, sigmoid: bool = False):
+        self.index, self.sigmoid = index, sigmoid
+
+    def __call__(self, row):
+        return torch.logit(row[0].double()).float() if self.sigmoid else row[self.index]

@@ -1,0 +1,139 @@
+"""The model zoo: CNNs nobody here wrote, built offline with seeded random weights.
+
+Each :class:`ZooEntry` says how to build the model and what convlens must answer
+on it: which heatmap methods refuse (with which words), which preprocessing a
+Keras model gets, and for the timm models a narrow early layer on which the
+perturbation CAMs are compared with pytorch-grad-cam (they score one masked
+input per channel, so the reference runs one forward pass per channel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import convlens as cl
+from convlens.models.loading import from_module
+
+#: the one-line reasons of the refusals the zoo expects (a substring of the ConvlensError message)
+NO_GAP_HEAD = "global average pooling and a linear head"
+NO_RELU = "guided backpropagation needs ReLU layers"
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    framework: str                      # "timm" or "keras"
+    build: Callable[[], cl.Model]
+    refuses: dict[str, str] = field(default_factory=dict)  # method -> words of its one-line reason
+    narrow_layer: str | None = None     # timm: few channels, for Score-CAM / Ablation-CAM against the reference
+    preprocessing: str | None = None    # keras: the mode convlens must choose by itself
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _jitter_norms(module: torch.nn.Module, seed: int) -> None:
+    """Give every BatchNorm trained-looking statistics and affine parameters.
+
+    timm initialises the last BatchNorm of each residual block with a zero scale
+    (``zero_init_last``), so a fresh ResNet or RegNet is a chain of identities
+    and many channels are exactly dead; that hides the numerics a trained model
+    exercises. The draws are seeded, so every run builds the same model.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for norm in module.modules():
+            if isinstance(norm, torch.nn.modules.batchnorm._BatchNorm):
+                if norm.affine:
+                    norm.weight.uniform_(0.5, 1.5, generator=generator)
+                    norm.bias.uniform_(-0.2, 0.2, generator=generator)
+                if norm.track_running_stats:
+                    norm.running_mean.uniform_(-0.2, 0.2, generator=generator)
+                    norm.running_var.uniform_(0.5, 1.5, generator=generator)
+
+
+def timm_model(name: str, size: int = 96, classes: int = 10) -> Callable[[], cl.Model]:
+    def build() -> cl.Model:
+        import timm
+
+        torch.manual_seed(0)
+        module = timm.create_model(name, pretrained=False, num_classes=classes).eval()
+        _jitter_norms(module, seed=0)
+        return from_module(module, name=name, input_size=size)
+
+    return build
+
+
+def _jitter_keras_norms(keras_model, seed: int) -> None:
+    """:func:`_jitter_norms` for Keras: without it a fresh MobileNetV2's logits are ~1e-12, all classes tied."""
+    from convlens.models.keras import keras_layers
+
+    rng = np.random.default_rng(seed)
+    for layer in keras_layers(keras_model).values():
+        if type(layer).__name__ == "BatchNormalization":
+            for variable, (low, high) in ((layer.gamma, (0.5, 1.5)), (layer.beta, (-0.2, 0.2)),
+                                          (layer.moving_mean, (-0.2, 0.2)), (layer.moving_variance, (0.5, 1.5))):
+                if variable is not None:
+                    variable.assign(rng.uniform(low, high, variable.shape).astype("float32"))
+
+
+def keras_model(name: str, classes: int = 10) -> Callable[[], cl.Model]:
+    def build() -> cl.Model:
+        import keras
+
+        keras.utils.set_random_seed(0)
+        model = getattr(keras.applications, name)(weights=None, classes=classes)
+        _jitter_keras_norms(model, seed=0)
+        return cl.load_model(model)
+
+    return build
+
+
+TIMM = [
+    ZooEntry("resnet18d", "timm", timm_model("resnet18d"), narrow_layer="layer1"),
+    ZooEntry("efficientnet_b0", "timm", timm_model("efficientnet_b0"), narrow_layer="blocks.2",
+             refuses={"guided_backprop": NO_RELU, "guided_gradcam": NO_RELU}),
+    # the classifier reads a 1x1 conv after the pooling, not the pooled features
+    ZooEntry("mobilenetv3_small_050", "timm", timm_model("mobilenetv3_small_050"), narrow_layer="blocks.2",
+             refuses={"cam": NO_GAP_HEAD}),
+    ZooEntry("regnetx_002", "timm", timm_model("regnetx_002"), narrow_layer="s1"),
+    # pooling, then LayerNorm, then the linear layer; GELU everywhere
+    ZooEntry("convnext_atto", "timm", timm_model("convnext_atto"), narrow_layer="stages.0",
+             refuses={"cam": NO_GAP_HEAD, "guided_backprop": NO_RELU, "guided_gradcam": NO_RELU}),
+    # in-place ReLUs and concatenations: the classic trap for hooks
+    ZooEntry("densenet121", "timm", timm_model("densenet121"), narrow_layer="features.pool0"),
+    ZooEntry("ghostnet_050", "timm", timm_model("ghostnet_050"), narrow_layer="blocks.3",
+             refuses={"cam": NO_GAP_HEAD}),
+    ZooEntry("repvgg_a0", "timm", timm_model("repvgg_a0"), narrow_layer="stages.0"),
+]
+
+KERAS = [
+    ZooEntry("ResNet50", "keras", keras_model("ResNet50"), preprocessing="rescale"),
+    ZooEntry("MobileNetV2", "keras", keras_model("MobileNetV2"), preprocessing="rescale"),
+    # Rescaling(1/255) + Normalization at the input: the model takes 0-255 pixels; SiLU, no ReLU
+    ZooEntry("EfficientNetB0", "keras", keras_model("EfficientNetB0"), preprocessing="raw",
+             refuses={"guided_backprop": NO_RELU, "guided_gradcam": NO_RELU}),
+    # Normalization with 0-255 ImageNet statistics; pooling, then LayerNorm, then Dense; GELU
+    ZooEntry("ConvNeXtTiny", "keras", keras_model("ConvNeXtTiny"), preprocessing="raw",
+             refuses={"cam": NO_GAP_HEAD, "guided_backprop": NO_RELU, "guided_gradcam": NO_RELU}),
+    ZooEntry("Xception", "keras", keras_model("Xception"), preprocessing="rescale"),
+    ZooEntry("DenseNet121", "keras", keras_model("DenseNet121"), preprocessing="rescale"),
+]
+
+ZOO = TIMM + KERAS
+
+
+def flatten_dense_keras(size: int = 32, preprocessing_layers: tuple = (), name: str | None = None):
+    """A small Keras classifier that takes ``size`` x ``size`` only: its Dense layer reads a Flatten."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((size, size, 3)), *preprocessing_layers,
+                             keras.layers.Conv2D(4, 3, activation="relu", name="conv"),
+                             keras.layers.MaxPooling2D(2, name="pool"),
+                             keras.layers.Flatten(name="flatten"),
+                             keras.layers.Dense(3, name="logits")], name=name)
