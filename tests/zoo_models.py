@@ -32,8 +32,8 @@ class ZooEntry:
     narrow_layer: str | None = None     # timm: few channels, for Score-CAM / Ablation-CAM against the reference
     preprocessing: str | None = None    # keras: the mode convlens must choose by itself
 
-    def __str__(self) -> str:
-        return self.name
+    def __str__(self) -> str:  # the test id: ``pytest -k timm`` or ``-k "not keras-"`` picks a side
+        return f"{self.framework}-{self.name}"
 
 
 def _jitter_norms(module: torch.nn.Module, seed: int) -> None:
