@@ -310,3 +310,12 @@ def test_vit_ablationcam_zeroes_one_channel_of_the_patch_grid():
             weights.append((base - rec.forward(x)[0, target]) / base)
     expected = torch.einsum("k,khw->hw", torch.stack(weights), acts)
     torch.testing.assert_close(ours.raw[0], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_vit_runs_at_its_own_size_and_refuses_another(vit):
+    model = cl.load_model(vit)
+    assert model.info["fixed_input_size"] and model.input_size == (64, 64)
+    with pytest.raises(cl.ConvlensError, match="fixed input size of 64x64; it cannot run at another one"):
+        cl.load_model(vit, input_size=96)
+    with pytest.raises(cl.ConvlensError, match="cannot run on a 32x32 input"):
+        cl.summarize(model, (32, 32))

@@ -31,6 +31,8 @@ class ZooEntry:
     refuses: dict[str, str] = field(default_factory=dict)  # method -> words of its one-line reason
     narrow_layer: str | None = None     # timm: few channels, for Score-CAM / Ablation-CAM against the reference
     preprocessing: str | None = None    # keras: the mode convlens must choose by itself
+    tokens: int = 0                     # a ViT: class tokens in front of its patch grid (the layers are token maps)
+    output: int | str | None = None     # a model with several outputs: the one with the class scores
 
     def __str__(self) -> str:  # the test id: ``pytest -k timm`` or ``-k "not keras-"`` picks a side
         return f"{self.framework}-{self.name}"
@@ -64,6 +66,38 @@ def timm_model(name: str, size: int = 96, classes: int = 10) -> Callable[[], cl.
         module = timm.create_model(name, pretrained=False, num_classes=classes).eval()
         _jitter_norms(module, seed=0)
         return from_module(module, name=name, input_size=size)
+
+    return build
+
+
+class WithFeatures(torch.nn.Module):
+    """A timm CNN that returns ``(logits, pooled features)``, as a detector or retrieval model would."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        features = self.net.forward_features(x)
+        return self.net.forward_head(features), features.mean(dim=(2, 3))
+
+
+def two_outputs(name: str, size: int = 96) -> Callable[[], cl.Model]:
+    def build() -> cl.Model:
+        model = timm_model(name, size)()
+        return cl.load_model(WithFeatures(model.module), input_size=size, output=0)
+
+    return build
+
+
+def vit_model(name: str, size: int = 96, classes: int = 10) -> Callable[[], cl.Model]:
+    def build() -> cl.Model:
+        import timm
+
+        torch.manual_seed(0)
+        module = timm.create_model(name, pretrained=False, num_classes=classes, img_size=size).eval()
+        _jitter_norms(module, seed=0)
+        return from_module(module, name=name)  # the size comes from the ViT itself
 
     return build
 
@@ -111,6 +145,16 @@ TIMM = [
     ZooEntry("repvgg_a0", "timm", timm_model("repvgg_a0"), narrow_layer="stages.0"),
 ]
 
+#: models nobody would call CNNs, through the same API: two outputs, a ViT, a hybrid ViT (ResNet stem)
+OTHERS = [
+    ZooEntry("resnet18d-two-outputs", "timm", two_outputs("resnet18d"), narrow_layer="net.layer1", output=0),
+    # class token read by LayerNorm + linear head; GELU
+    ZooEntry("vit_tiny_patch16", "timm", vit_model("vit_tiny_patch16_224"), narrow_layer="blocks.0.norm1",
+             tokens=1, refuses={"cam": NO_GAP_HEAD, "guided_backprop": NO_RELU, "guided_gradcam": NO_RELU}),
+    ZooEntry("vit_tiny_r_s16_p8", "timm", vit_model("vit_tiny_r_s16_p8_224"), narrow_layer="blocks.0.norm1",
+             tokens=1, refuses={"cam": NO_GAP_HEAD}),
+]
+
 KERAS = [
     ZooEntry("ResNet50", "keras", keras_model("ResNet50"), preprocessing="rescale"),
     ZooEntry("MobileNetV2", "keras", keras_model("MobileNetV2"), preprocessing="rescale"),
@@ -124,7 +168,7 @@ KERAS = [
     ZooEntry("DenseNet121", "keras", keras_model("DenseNet121"), preprocessing="rescale"),
 ]
 
-ZOO = TIMM + KERAS
+ZOO = TIMM + OTHERS + KERAS
 
 
 def flatten_dense_keras(size: int = 32, preprocessing_layers: tuple = (), name: str | None = None):

@@ -63,7 +63,7 @@ def activations(model: Model | nn.Module, image_or_batch: ImageLike | Sequence[I
     with capture(model, names, stop=True) as rec, torch.no_grad():
         try:
             rec.forward(x)
-        except RuntimeError as err:
+        except (RuntimeError, AssertionError) as err:  # timm asserts a ViT's input size
             raise run_failure(err, tuple(x.shape[-2:])) from None
     missing = [name for name in names if name not in rec.outputs]
     if missing:

@@ -63,10 +63,10 @@ def _probe(model: Model, layer: str | None, size: tuple[int, int]) -> torch.Tens
             output = rec.forward(input_normalizer(model)(gray))
         except ConvlensError:
             raise
-        except (RuntimeError, ValueError) as err:  # Keras reports a wrong input shape as a ValueError
+        except (RuntimeError, ValueError, AssertionError) as err:  # Keras: ValueError; timm's ViT: AssertionError
             raise run_failure(err, size, fixed_input_size(model)) from None
     if layer is None:
-        return output
+        return model.scores(output)
     if layer not in rec.outputs:
         raise ConvlensError(f"layer {layer!r} did not run in the forward pass; choose a layer the model uses")
     return rec.outputs[layer]

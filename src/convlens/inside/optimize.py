@@ -127,9 +127,11 @@ def maximize(model: Model, objective: Objective, *, batch: int = 1, size: int | 
                 output = rec.forward(inputs)
             except ConvlensError:
                 raise
-            except (RuntimeError, ValueError) as err:  # Keras reports a wrong input shape as a ValueError
+            except (RuntimeError, ValueError, AssertionError) as err:  # Keras: ValueError; timm's ViT: AssertionError
                 raise run_failure(err, tuple(images.shape[-2:]), fixed) from None
-            return objective(rec.outputs, output).float()
+            # a class objective reads the class scores: one tensor even from a model with several outputs
+            scores = model.scores(output) if objective.needs_output and output is not None else output
+            return objective(rec.outputs, scores).float()
 
         with torch.no_grad():
             initial = evaluate(image.render())

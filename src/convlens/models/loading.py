@@ -150,7 +150,7 @@ def resized(model: Model, input_size: int | Sequence[int]) -> Model:
     if size == tuple(model.input_size):
         return model
     spec = model.info.get("transform")
-    if spec is None:
+    if spec is None or model.info.get("fixed_input_size"):
         raise ConvlensError(f"{model.name} has a fixed input size of {model.input_size[0]}x{model.input_size[1]}; "
                             "it cannot run at another one")
     model.transform, model.preprocessing = make_transform(size, **spec)
@@ -188,6 +188,7 @@ def from_module(module: nn.Module, name: str | None = None, labels: list[str] | 
     crop is assumed for a module that does not say it was trained with one.
     """
     spec = _timm_spec(module) or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop": None}
+    fixed = spec.pop("fixed", False)
     size = _size_pair(input_size) if input_size is not None else spec.pop("size", (224, 224))
     spec.pop("size", None)
     transform, described = make_transform(size, **spec)
@@ -199,7 +200,7 @@ def from_module(module: nn.Module, name: str | None = None, labels: list[str] | 
         labels=labels,
         output=detect_output(module),
         preprocessing=described,
-        info={"transform": spec},
+        info={"transform": spec, **({"fixed_input_size": True} if fixed else {})},
     )
 
 
@@ -210,10 +211,12 @@ def _timm_spec(module: nn.Module) -> dict | None:
         return None
     _, height, width = cfg["input_size"]
     embed = getattr(module, "patch_embed", None)
-    if getattr(embed, "strict_img_size", False) and getattr(embed, "img_size", None):
+    fixed = bool(getattr(embed, "strict_img_size", False) and getattr(embed, "img_size", None))
+    if fixed:
         height, width = embed.img_size  # a ViT built for another size than its config's only runs at that one
     return {"size": (int(height), int(width)), "mean": tuple(cfg.get("mean", IMAGENET_MEAN)),
-            "std": tuple(cfg.get("std", IMAGENET_STD)), "crop": cfg.get("crop_pct"), "source": "timm pretrained_cfg"}
+            "std": tuple(cfg.get("std", IMAGENET_STD)), "crop": cfg.get("crop_pct"), "source": "timm pretrained_cfg",
+            "fixed": fixed}
 
 
 def _load_named(name: str, weights, labels: list[str] | None) -> Model:

@@ -158,7 +158,7 @@ def survey(model: Model, x: torch.Tensor, *, logits: bool = False) -> tuple[Summ
             rewrite = merge_rewrites(model.logit_rewrites(), recording) if logits else recording
             with capture(model, rewrite=rewrite) as rec, torch.no_grad():
                 output = rec.forward(x)
-    except RuntimeError as err:
+    except (RuntimeError, AssertionError) as err:  # timm asserts a ViT's input size
         raise ConvlensError(
             f"the model cannot run on a {size[0]}x{size[1]} input ({first_line(err)}); "
             "try another --input-size"
