@@ -61,18 +61,15 @@ def test_state_restored_after_a_failure(trained_tiny, image_batch, method):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_state_restored_after_a_failure_inside_the_model(trained_tiny, image_batch, method):
-    """An exception raised in the middle of the method's own forward pass, after the hooks are on."""
-    calls = []
+    """An exception raised in the middle of a forward pass, after the hooks are on."""
 
     def fail_later(module, inputs):
-        calls.append(1)
-        if len(calls) > 1:  # the first pass is the request's check (check_request); fail in the method's
-            raise RuntimeError("boom")
+        raise RuntimeError("boom")
 
     handle = trained_tiny.conv2.register_forward_pre_hook(fail_later)
     before, hooks = _state(trained_tiny), _hook_count(trained_tiny)
     try:
-        with pytest.raises(RuntimeError, match="boom"):
+        with pytest.raises(RuntimeError, match="boom"):  # the layer is named: no layer-finding pass first
             explain(trained_tiny, image_batch, method=method, layer="relu2", **FAST.get(method, {}))
         _assert_same_state(trained_tiny, before, hooks)
     finally:
@@ -110,8 +107,7 @@ def test_scorecam_scores_identical_masks_once(tiny, image_batch):
         explain(tiny, image_batch[:1], method="scorecam", layer="relu2")
     finally:
         handle.remove()
-    # the request's check, the method's clean pass (activations and scores), then 4 live channels and one zero mask
-    assert sum(calls) == 1 + 1 + (8 - 4 + 1)
+    assert sum(calls) == 1 + (8 - 4 + 1)  # the clean pass, then 4 live channels and one zero mask
 
 
 def test_in_place_relu_after_the_layer(tiny, image_batch):
@@ -172,3 +168,15 @@ def test_layercam_across_stages_averages_normalised_layers(tiny, image_batch):
     from convlens.heatmaps.base import normalise
 
     torch.testing.assert_close(both.maps, normalise((one[0] + one[1]) / 2)[0])
+
+
+@pytest.mark.parametrize("layer,passes", [("relu2", 1), ("auto", 2)])
+def test_a_one_off_gradcam_runs_the_model_once_on_a_named_layer(tiny, image_batch, layer, passes):
+    """The target is settled on the method's own clean pass; only 'auto' needs a pass to find the layer."""
+    calls = []
+    handle = tiny.fc.register_forward_hook(lambda module, inputs, output: calls.append(1))
+    try:
+        explain(tiny, image_batch, method="gradcam", layer=layer)
+    finally:
+        handle.remove()
+    assert len(calls) == passes

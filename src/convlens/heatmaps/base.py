@@ -20,7 +20,8 @@ from torch import nn
 from ..capture import capture, merge_rewrites
 from ..errors import ConvlensError
 from ..models import Model, Summary, summarize
-from ..targets import AllClasses, ScoreFn
+from ..models.model import ensure_finite
+from ..targets import AllClasses, ScoreFn, TargetSpec, resolve_targets
 
 Progress = Callable[[int, int], None]  # progress(done, total)
 
@@ -56,19 +57,39 @@ class RawMaps:
 
 @dataclass
 class Request:
-    """Everything a method needs: the borrowed model, the batch, the layers and the resolved target.
+    """Everything a method needs: the borrowed model, the batch, the layers and the target.
 
     ``x`` is channels-first ``(N, C, H, W)`` in the model's dtype, never the caller's tensor.
-    ``score_fn`` and ``class_indices`` were settled on the clean batch before the
-    method runs (:func:`check_request`); a method only scores its own passes.
+    The target is settled on a pass over the clean batch ``x``, once: by
+    :func:`~convlens.heatmaps.engine.check_request` before the method runs (then
+    ``score_fn`` is given), or, so that a one-off Grad-CAM costs one forward pass and
+    not two, by the method itself on its own first pass over ``x``:
+    ``request.score(output, clean=True)``. A method whose first pass is not over the
+    clean batch (SmoothGrad's noisy copies) calls :meth:`settle_on_clean_batch` first.
+    Scoring any other pass before the target is settled is a programming error.
     """
 
     model: Model
     x: torch.Tensor
     layers: list[str]
-    score_fn: ScoreFn
-    class_indices: list[int]
+    score_fn: ScoreFn | None
+    class_indices: list[int] | None
     progress: Progress | None = None
+    target: TargetSpec = None
+
+    def settle(self, output) -> None:
+        """Resolve the target (and check the output is finite) on ``output``, a pass over the clean batch."""
+        if self.score_fn is None:
+            ensure_finite(self.model, self.x, output)
+            with torch.no_grad():
+                self.score_fn, self.class_indices = resolve_targets(self.target, output, self.model.labels,
+                                                                    self.model.select)
+
+    def settle_on_clean_batch(self) -> None:
+        """:meth:`settle`, with a pass of its own when the target is not settled yet."""
+        if self.score_fn is None:
+            with torch.inference_mode(), self.capture([]) as rec:
+                self.settle(rec.forward(self.x))
 
     def rewrites(self, extra: Mapping[nn.Module, Callable] | None = None) -> dict[nn.Module, Callable]:
         """The model's logit rewrites (skip a final softmax/sigmoid) merged with ``extra``."""
@@ -80,9 +101,23 @@ class Request:
         return capture(self.model, self.layers if layers is None else layers, graph=graph, stop=stop,
                        rewrite=self.rewrites(rewrite))
 
-    def score(self, output) -> torch.Tensor:
-        """The target score per image ``(N,)`` of a pass over the request's batch; ``(N, K)`` for ``target="all"``."""
+    def score(self, output, *, clean: bool = False) -> torch.Tensor:
+        """The target score per image ``(N,)`` of a pass over the request's batch; ``(N, K)`` for ``target="all"``.
+
+        ``clean``: ``output`` is of a pass over the clean batch ``x``, on which the target may be settled.
+        """
+        if clean:
+            self.settle(output)
+        elif self.score_fn is None:
+            raise RuntimeError("a method scored a pass before the target was settled on the clean batch")
         return _checked_scores(self.score_fn(output), self.x.shape[0], self.score_fn)
+
+    @property
+    def all_classes(self) -> bool:
+        """Whether the target is every class (``"all"``), settled or not."""
+        if self.score_fn is not None:
+            return isinstance(self.score_fn, AllClasses)
+        return isinstance(self.target, str) and self.target.lower() == "all"
 
     def layer_output(self, rec, name: str) -> torch.Tensor:
         """The recorded ``(N, C, h, w)`` output of ``name``; a non-spatial layer is a user error."""

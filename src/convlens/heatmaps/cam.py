@@ -41,7 +41,7 @@ def weighted_channel_sum(request: Request, weighting: Weighting) -> RawMaps:
     """
     with request.capture(graph=True) as rec:
         output = rec.forward(request.x)
-        scores = request.score(output)
+        scores = request.score(output, clean=True)
         acts = [request.layer_output(rec, name) for name in request.layers]
         # The gradient only down to the recorded outputs: the layers before them never see a backward pass.
         grads = _class_gradients(scores, acts) if scores.ndim == 2 else torch.autograd.grad(
@@ -164,7 +164,7 @@ def eigencam(request: Request, *, sign_correction: bool = True) -> RawMaps:
     """
     with torch.inference_mode(), request.capture() as rec:
         output = rec.forward(request.x)
-        request.score(output)
+        request.score(output, clean=True)
         acts = [request.layer_output(rec, name).float() for name in request.layers]
     maps = []
     for act in acts:
@@ -199,7 +199,8 @@ def class_activation_map(request: Request) -> RawMaps:
     Only defined when the layer's global average is exactly what the final
     linear layer reads; anything else is a one-line error.
     """
-    if not isinstance(request.score_fn, (ClassLogits, AllClasses)):
+    if callable(request.target) and not isinstance(request.target, (str, torch.Tensor)) or (
+            request.score_fn is not None and not isinstance(request.score_fn, (ClassLogits, AllClasses))):
         raise ConvlensError("CAM explains a class; pass a class index or name as the target, not a function")
     head, weight = _linear_head(request)
     head_inputs: list[torch.Tensor] = []
@@ -211,7 +212,7 @@ def class_activation_map(request: Request) -> RawMaps:
     name = request.layers[0]
     with torch.inference_mode(), request.capture(rewrite={head: record_head_input}) as rec:
         output = rec.forward(request.x)
-        request.score(output)
+        request.score(output, clean=True)
         act = request.layer_output(rec, name).float()
     pooled = act.mean(dim=(2, 3))
     features = head_inputs[-1].float().flatten(1) if head_inputs else None
@@ -221,7 +222,7 @@ def class_activation_map(request: Request) -> RawMaps:
                             "this model's classifier reads something else: use gradcam (the same map where CAM applies)")
     weight = weight.float().to(act.device)
     weight = class_logits(weight.T).T  # one logit: the negative class's weights are the negated ones
-    if isinstance(request.score_fn, AllClasses):
+    if request.all_classes:
         return RawMaps([torch.einsum("kc,nchw->nkhw", weight, act)])
     rows = weight[torch.as_tensor(request.class_indices, device=act.device)]
     return RawMaps([torch.einsum("nc,nchw->nhw", rows, act)])

@@ -184,6 +184,30 @@ def check_request(model, inputs, methods: Sequence[str], layer: str | nn.Module 
     return Plan(loaded, x, images, names, score_fn, indices, output)
 
 
+def _request(method: Method, model, inputs, layer, target, plan: Plan | None,
+             progress: Progress | None) -> tuple[Request, list | None]:
+    """The method's request: from ``plan``; else settled by a checking pass when the layer is ``auto``
+    (that pass finds the layer); else left to the method's own first pass over the clean batch, so a
+    one-off Grad-CAM on a named layer runs the model once, not twice."""
+    if plan is None and method.uses_layer and _names_auto(layer):
+        plan = check_request(model, inputs, [method.name], layer, target)
+    if plan is not None:
+        names = plan.layers if method.uses_layer else []
+        return Request(plan.model, plan.x, names, plan.score_fn, plan.class_indices, progress), plan.images
+    loaded = as_model(model)
+    x, images = loaded.as_batch(inputs)
+    refs = layer if isinstance(layer, (list, tuple)) else [layer]
+    names = list(dict.fromkeys(resolve_layers(loaded, refs))) if method.uses_layer else []
+    if method.uses_layer and not names:
+        raise ConvlensError("no layer given; pass a layer name or 'auto'")
+    return Request(loaded, x, names, None, None, progress, target), images
+
+
+def _names_auto(layer) -> bool:
+    refs = layer if isinstance(layer, (list, tuple)) else [layer]
+    return any(isinstance(ref, str) and ref == "auto" for ref in refs)
+
+
 def explain(model, inputs=None, method: str = "gradcam", layer: str | nn.Module | Sequence = "auto",
             target: TargetSpec = None, *, plan: Plan | None = None, progress: Progress | None = None,
             **options) -> Explanation:
@@ -213,18 +237,16 @@ def explain(model, inputs=None, method: str = "gradcam", layer: str | nn.Module 
     _check_options(chosen, options)
     # A caller inside torch.inference_mode() (an evaluation loop) still gets gradients here.
     with torch.inference_mode(False):
-        if plan is None:
-            plan = check_request(model, inputs, [chosen.name], layer, target)
-        names = plan.layers if chosen.uses_layer else []
-        if isinstance(plan.score_fn, AllClasses) and not chosen.all_classes:
+        request, images = _request(chosen, model, inputs, layer, target, plan, progress)
+        if request.all_classes and not chosen.all_classes:
             capable = ", ".join(name for name, m in METHODS.items() if m.all_classes)
             raise ConvlensError(f"method {chosen.name!r} explains one class at a time; target='all' "
                                 f"(one map per class from one pass) is for {capable}")
+        names = request.layers
         if len(names) > 1 and not chosen.multi_layer:
             raise ConvlensError(f"method {chosen.name!r} takes one layer, got {len(names)}: {', '.join(names)}")
-        loaded, x = plan.model, plan.x
-        request = Request(loaded, x, names, plan.score_fn, plan.class_indices, progress)
         result = chosen.compute(request, **options)
+    loaded, x = request.model, request.x
     per_layer = [m.detach().float() for m in result.per_layer]
     classes = per_layer[0].shape[1] if per_layer[0].ndim == 4 else 0  # target="all": (N, K, h, w)
     if classes:  # every (image, class) map goes through the contract on its own
@@ -241,4 +263,4 @@ def explain(model, inputs=None, method: str = "gradcam", layer: str | nn.Module 
         targets=indices, target_names=[loaded.label(i) if i >= 0 else "custom target" for i in indices],
         flat=flat,
         attributions=None if result.attributions is None else loaded.from_internal(result.attributions.detach().float()),
-        images=plan.images, transform=loaded.transform)
+        images=images, transform=loaded.transform)

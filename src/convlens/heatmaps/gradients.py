@@ -36,12 +36,20 @@ def _row_score(request: Request, rows: list[int]):
 
 def input_gradients(request: Request, inputs: torch.Tensor, rows: list[int], batch_size: int,
                     rewrite: dict | None = None) -> torch.Tensor:
-    """``dS/dx`` for each row of ``inputs`` ``(B, C, H, W)`` (row ``r`` scored with image ``rows[r]``'s target)."""
+    """``dS/dx`` for each row of ``inputs`` ``(B, C, H, W)`` (row ``r`` scored with image ``rows[r]``'s target).
+
+    When ``inputs`` is the clean batch itself in one chunk, its pass settles the target.
+    """
+    clean = inputs is request.x and batch_size >= inputs.shape[0]
+    if not clean:
+        request.settle_on_clean_batch()
     grads = []
     for start in range(0, inputs.shape[0], batch_size):
         chunk = inputs[start:start + batch_size].detach().clone().requires_grad_()
         with request.capture([], rewrite=rewrite) as rec, torch.enable_grad():
             output = rec.forward(chunk)
+            if clean:
+                request.settle(output)
             scores = _row_score(request, rows[start:start + batch_size])(output)
             grad, = torch.autograd.grad(scores.sum(), chunk)
         grads.append(grad.float())

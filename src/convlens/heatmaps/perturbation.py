@@ -47,7 +47,7 @@ def _layer_activations(request: Request) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass: resolves the targets; returns the layer's ``(N, C, h, w)`` output and the scores."""
     with torch.inference_mode(), request.capture() as rec:
         output = rec.forward(request.x)
-        scores = request.score(output).float()
+        scores = request.score(output, clean=True).float()
         return request.layer_output(rec, request.layers[0]).float(), scores
 
 
