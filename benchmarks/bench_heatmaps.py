@@ -7,7 +7,8 @@ Full mode (CPU, 2 threads by default; seeded random weights, nothing downloads):
   parameter gradients: the least any Grad-CAM can do) and vs pytorch-grad-cam's
   ``GradCAM`` on the same batch. convlens twice: ``explain`` on a plan (the
   method alone, as the CLI and the report run each method after one checking
-  pass per batch) and a one-off ``explain`` call (its own checking pass first).
+  pass per batch) and a one-off ``explain`` call (on a named layer it settles the
+  target on the method's own pass).
 * Score-CAM, resnet18, layer4, one image: convlens (exact) vs pytorch-grad-cam's
   ``ScoreCAM`` (its defaults), with the max abs difference of the maps at the
   layer's resolution after the same ReLU + min-max; and the approximate mode
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
     print(f"  {'forward + backward to layer (baseline)':42s} {base * 1000:9.1f} ms")
     print(f"  {'convlens gradcam, on a plan (method only)':42s} {planned * 1000:9.1f} ms   {planned / base:5.2f}x "
           "baseline (target <= 1.15)")
-    print(f"  {'convlens explain (check pass + method)':42s} {ours * 1000:9.1f} ms   {ours / base:5.2f}x baseline")
+    print(f"  {'convlens explain, one-off call':42s} {ours * 1000:9.1f} ms   {ours / base:5.2f}x baseline")
     print(f"  {'pytorch-grad-cam GradCAM':42s} {peer * 1000:9.1f} ms   convlens is {peer / ours:5.2f}x faster "
           f"(target >= 2)")
 
