@@ -7,8 +7,11 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+from pathlib import Path
+
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 torch.set_num_threads(2)
@@ -41,6 +44,14 @@ def tiny() -> TinyNet:
         net.bn.running_mean.uniform_(-0.2, 0.2)
         net.bn.running_var.uniform_(0.5, 1.5)
     return net
+
+
+@pytest.fixture
+def picture(tmp_path) -> Path:
+    """A small red PNG file (20 x 16)."""
+    path = tmp_path / "pic.png"
+    Image.new("RGB", (20, 16), (200, 30, 30)).save(path)
+    return path
 
 
 @pytest.fixture

@@ -32,13 +32,6 @@ def one_line_error(code: int, err: str) -> bool:
 
 
 @pytest.fixture
-def picture(tmp_path) -> Path:
-    path = tmp_path / "pic.png"
-    Image.new("RGB", (20, 16), (200, 30, 30)).save(path)
-    return path
-
-
-@pytest.fixture
 def scripted(tmp_path) -> Path:
     path = tmp_path / "tiny.ts"
     torch.jit.save(torch.jit.script(TinyNet().eval()), path)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 import convlens as cl
 from convlens.cli import main
@@ -43,13 +42,6 @@ def trojan(tmp_path) -> tuple[Path, Path]:
     torch.save(_Trojan(marker), path)
     assert not marker.exists()
     return path, marker
-
-
-@pytest.fixture
-def picture(tmp_path) -> Path:
-    path = tmp_path / "pic.png"
-    Image.new("RGB", (20, 16), (200, 30, 30)).save(path)
-    return path
 
 
 @pytest.fixture
