@@ -318,7 +318,7 @@ def capture(
             hooked = list(resolved.values()) + list(rewrite or {})
             if any(isinstance(m, torch.jit.ScriptModule) for m in hooked):
                 raise ConvlensError("a TorchScript model cannot be hooked, so its layers cannot be captured; "
-                                    "load the eager model (torch.save(model) or a state dict with --arch)")
+                                    "load the eager model instead: its state dict with --arch (or the module in memory)")
             if resolved:
                 # The input's size tells spatial axes from others (spatial_view); read it from whoever calls the model.
                 handles.append(module.register_forward_pre_hook(note_input))
