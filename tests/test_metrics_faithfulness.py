@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import convlens as cl
 from convlens.errors import ConvlensError
 from convlens.metrics import (METRICS, average_drop, confidence_change, deletion, gaussian_blur,
                               increase_in_confidence, insertion)
@@ -166,7 +167,7 @@ def test_metrics_never_change_the_callers_tensors(tiny, image_batch):
     (lambda m, x: deletion(m, x, torch.rand(2, 16, 16), baseline="noise"), "unknown baseline"),
     (lambda m, x: deletion(m, x, torch.rand(2, 16, 16), step=0), "step must be"),
     (lambda m, x: insertion(m, x, torch.rand(2, 16, 16), targets=[0, 7]), "out of range"),
-    (lambda m, x: insertion(m, x, torch.rand(2, 16, 16), targets=[0]), "one class index per image"),
+    (lambda m, x: insertion(m, x, torch.rand(2, 16, 16), targets=[0]), "1 targets given for 2 images"),
     (lambda m, x: average_drop(m, x, torch.rand(2, 16, 16), batch_size=0), "batch size"),
     (lambda m, x: deletion(m, x.numpy(), torch.rand(2, 16, 16)), "cannot read an image from an array"),
 ])
@@ -199,3 +200,16 @@ def test_logit_score_of_a_single_logit_model():
     x = torch.ones(1, 3, 4, 4)
     curve = insertion(MeanLogit(), x, torch.rand(1, 4, 4), targets=0, step=16, baseline="zeros", score="logit")
     assert curve.scores[0].tolist() == pytest.approx([1.0, -3.0])  # class 0 is -(4 * mean - 1)
+
+
+def test_targets_follow_the_one_target_contract(tiny, image_batch):
+    """Class names and per-image lists read as in explain; a function or 'all' is a one-line refusal."""
+    model = cl.load_model(tiny, labels=["cat", "dog", "fox"], input_size=16)
+    maps = torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(3))
+    by_name = deletion(model, image_batch, maps, targets=["fox", "cat"])
+    by_index = deletion(model, image_batch, maps, targets=[2, 0])
+    assert torch.equal(by_name.scores, by_index.scores)
+    with pytest.raises(ConvlensError, match="not a function"):
+        deletion(model, image_batch, maps, targets=lambda output: output[:, 0])
+    with pytest.raises(ConvlensError, match="target='all' is for heatmaps"):
+        deletion(model, image_batch, maps, targets="all")

@@ -9,8 +9,9 @@ The contract of every metric in :mod:`convlens.metrics`:
 * ``maps``: heatmaps ``(N, H, W)`` (or ``(H, W)`` for one image), larger =
   more important. Maps at another resolution are resized bilinearly to the
   input's. An object with a ``.maps`` attribute (an ``Explanation``) is accepted.
-* ``targets``: the class each map explains: ``None`` (the model's top class),
-  one ``int`` for all images, or one ``int`` per image.
+* ``targets``: the class each map explains, by the one target contract
+  (:mod:`convlens.targets`): ``None`` (the model's top class), an index or a
+  class name for all images, or one per image.
 * The score of an input is the probability of the target class: softmax of the
   logits, or the sigmoid of a single-logit model (``Model.probabilities``).
   ``score="logit"`` uses the raw target output instead (``-z`` / ``z`` for the
@@ -35,9 +36,9 @@ from ..heatmaps import explain
 from ..heatmaps.base import normalise
 from ..models import Model, as_model
 from ..scoring import score_batches
-from ..targets import class_logits
+from ..targets import AllClasses, class_logits, resolve_targets
 
-Targets = Union[None, int, Sequence[int], torch.Tensor]
+Targets = Union[None, int, str, Sequence[Union[int, str]], torch.Tensor]
 Score = Literal["probability", "logit"]
 
 
@@ -99,20 +100,17 @@ def class_scores(model: Model, output: torch.Tensor, targets: torch.Tensor, scor
 
 
 def as_targets(model: Model, x: torch.Tensor, targets: Targets) -> torch.Tensor:
-    """Target classes ``(N,)``: the model's top class when ``None``; checked against the output size."""
-    n = x.shape[0]
-    probabilities = model.probabilities(forward(model, x if targets is None else x[:1]))
-    if targets is None:
-        return probabilities.argmax(1)
-    classes = probabilities.shape[1]
-    if isinstance(targets, int):
-        targets = [targets] * n
-    targets = torch.as_tensor(targets, dtype=torch.long, device=x.device).flatten()
-    if targets.numel() != n:
-        raise ConvlensError(f"got {targets.numel()} targets for {n} images; pass one class index per image")
-    if ((targets < 0) | (targets >= classes)).any():
-        raise ConvlensError(f"target class out of range: the model has {classes} classes (0..{classes - 1})")
-    return targets
+    """Target classes ``(N,)`` by the one target contract (:func:`convlens.targets.resolve_targets`).
+
+    ``None`` is each image's top class; an index or a class name for all images, or one per image.
+    """
+    if callable(targets) and not isinstance(targets, (str, torch.Tensor)):
+        raise ConvlensError("a metric scores the probability of a class; pass class indices or names as "
+                            "targets, not a function")
+    score_fn, indices = resolve_targets(targets, forward(model, x), model.labels, model.select)
+    if isinstance(score_fn, AllClasses):
+        raise ConvlensError("a metric scores one class per image; target='all' is for heatmaps")
+    return torch.as_tensor(indices, dtype=torch.long, device=x.device)
 
 
 def prepare(model, x: torch.Tensor, maps, targets: Targets = None) -> Prepared:
