@@ -31,11 +31,12 @@ def report_html(tmp_path_factory):
 
 def test_report_has_every_section_and_embedded_pictures(report_html):
     _, html = report_html
-    for section in ("model", "predictions", "heatmaps", "activations", "filters"):
+    for section in ("model", "predictions", "heatmaps", "classes", "activations", "filters"):
         assert f'<section id="{section}">' in html
     assert "conv2" in html and "Conv2d" in html  # the layer table
-    # 3 thumbnails + 3 images x (original + 3 methods) + 2 activation grids + 2 filter grids + class models
-    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 3 + 3 * 4 + 2 + 2 + 1
+    # 3 thumbnails + 3 images x (original + 3 methods) + one map per class (3) + 2 activation grids
+    # + 2 filter grids + class models
+    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 3 + 3 * 4 + 3 + 2 + 2 + 1
     assert "ground-truth object masks" in html
     # self-contained: nothing fetched from anywhere
     assert not re.search(r'(src|href)="(https?:)?//', html)
@@ -78,3 +79,16 @@ def test_report_opens_in_headless_chromium_without_console_errors(report_html, t
         assert errors == []
     finally:
         driver.quit()
+
+
+def test_the_class_grid_is_one_gradcam_per_class_and_only_for_few_classes(tmp_path):
+    from convlens.report.sections import MAX_CLASS_GRID, Context, classes_section
+
+    torch.manual_seed(0)
+    model = cl.load_model(TinyNet(), input_size=16)
+    picture = cl.sample_image("chelsea")
+    ctx = Context(model, cl.summarize(model), [ReportImage("cat", picture)])
+    section = classes_section(ctx)
+    assert section.html.count("<img ") == 3 and "every class's gradient from the same forward pass" in section.note
+    many = cl.load_model(TinyNet(classes=MAX_CLASS_GRID + 1), input_size=16)
+    assert classes_section(Context(many, cl.summarize(many), [ReportImage("cat", picture)])) is None

@@ -223,8 +223,9 @@ def test_report_is_written_and_names_what_does_not_apply(zoo, tmp_path):
     for section in ("model", "predictions", "heatmaps", "activations", "filters"):
         assert f'<section id="{section}">' in html
     shown = 0 if "cam" in zoo.entry.refuses else 1
-    # thumbnail, original + heatmap, one activation grid, one filter grid, the class models
-    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 1 + 1 + shown + 1 + 1 + 1
+    # thumbnail, original + heatmap, every class's map, one activation grid, one filter grid, the class models
+    classes = zoo.logits.shape[1]  # 10: one Grad-CAM per class for the first image
+    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 1 + 1 + shown + classes + 1 + 1 + 1
     if "cam" in zoo.entry.refuses:
         assert "Left out, as they do not apply to this model: cam: CAM needs" in html
     else:
@@ -291,7 +292,7 @@ def test_report_leaves_out_the_methods_that_do_not_apply_and_says_why(tmp_path):
                         methods=["cam", "gradcam", "guided_backprop"], evaluation_methods=["cam", "gradcam"],
                         filter_steps=1, filter_count=2, classes=[0])
     html = path.read_text()
-    heatmaps = html[html.index('<section id="heatmaps">'):html.index('<section id="activations">')]
+    heatmaps = html[html.index('<section id="heatmaps">'):html.index('<section id="classes">')]
     assert ("Left out, as they do not apply to this model: cam: CAM needs layer &#39;act&#39; followed by global "
             "average pooling and a linear head") in heatmaps
     assert "; guided_backprop: guided backpropagation needs ReLU layers" in heatmaps

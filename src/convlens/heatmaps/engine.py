@@ -102,23 +102,36 @@ class Explanation:
     transform: Callable | None = field(default=None, repr=False)
 
     def overlay(self, images=None, colormap: str = "jet", alpha: float = 0.4) -> list:
-        """The heatmaps over the original images, as PIL images at the originals' full resolution.
+        """The heatmaps over the original images, as PIL images (longest side at most 2048 px).
 
         For a resize + centre-crop preprocessing the map is placed on the crop
-        region of the original; outside it the original shows unchanged.
+        region of the original; outside it the original shows unchanged. The
+        drawing is :func:`convlens.render.overlay.overlay_heatmaps`, called here.
         """
-        from ..images import load_images
         from ..render.overlay import overlay_heatmaps
+
+        if self.maps.ndim != 3:
+            raise ConvlensError("overlay() draws one map per image; with target='all' pick a class: overlay_class(k)")
+        return overlay_heatmaps(self._pictures(images), self.maps, transform=self.transform, colormap=colormap,
+                                alpha=alpha)
+
+    def overlay_class(self, k: int, images=None, colormap: str = "jet", alpha: float = 0.4) -> list:
+        """With ``target="all"``: class ``k``'s maps over the original images (see :meth:`overlay`)."""
+        from ..render.overlay import overlay_heatmaps
+
+        pictures = self._pictures(images)
+        return overlay_heatmaps(pictures, self.maps[:, k], transform=self.transform, colormap=colormap, alpha=alpha)
+
+    def _pictures(self, images) -> list:
+        from ..images import load_images
 
         images = self.images if images is None else images
         if images is None:
             raise ConvlensError("pass the original images to overlay(); explain() was given a tensor")
         pictures = load_images(images)
-        if self.maps.ndim != 3:
-            raise ConvlensError("overlay() draws one map per image; with target='all' pick a class: maps[:, k]")
         if len(pictures) != self.maps.shape[0]:
             raise ConvlensError(f"{len(pictures)} images given for {self.maps.shape[0]} heatmaps")
-        return overlay_heatmaps(pictures, self.maps, transform=self.transform, colormap=colormap, alpha=alpha)
+        return pictures
 
 
 # -- post-processing ----------------------------------------------------------

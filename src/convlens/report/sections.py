@@ -149,6 +149,26 @@ def heatmaps_section(ctx: Context) -> Section:
                    note + _left_out(skipped))
 
 
+#: Models with more classes than this get no per-class grid: one panel per class stops being readable.
+MAX_CLASS_GRID = 20
+
+
+def classes_section(ctx: Context) -> Section | None:
+    """Grad-CAM for every class of the first image, from one forward pass (``target="all"``)."""
+    from ..heatmaps import explain
+
+    item = ctx.images[0]
+    result = explain(ctx.model, [item.image], method="gradcam", layer=ctx.summary.auto_layer, target="all")
+    if len(result.targets) > MAX_CLASS_GRID:
+        return None
+    overlays = [result.overlay_class(k, [item.image])[0] for k in range(len(result.targets))]
+    items = [_cell(overlay, f"{name}{' (flat map)' if result.flat[0][k] else ''}")
+             for k, (name, overlay) in enumerate(zip(result.target_names, overlays))]
+    note = (f"Where the model would look for each of its {len(items)} classes in {item.name}: Grad-CAM at "
+            f"{result.layer}, every class's gradient from the same forward pass (target='all').")
+    return Section("classes", "Every class", Markup(_parts.figures(items)), note)
+
+
 def _cell(image: Image.Image, caption: str) -> dict:
     return figure(_thumbnail(image, 150), caption)
 
@@ -288,6 +308,7 @@ def evaluation_section(ctx: Context) -> Section | None:
 
 from .atlas_section import atlas_section  # noqa: E402  (it imports Context, Section and figure from here)
 
-SECTIONS = [summary_section, predictions_section, heatmaps_section, activations_section, filters_section,
+SECTIONS = [summary_section, predictions_section, heatmaps_section, classes_section, activations_section,
+            filters_section,
             training_section, evaluation_section]
 SECTIONS.append(atlas_section)
