@@ -235,8 +235,9 @@ def explain(model, inputs=None, method: str = "gradcam", layer: str | nn.Module 
         method: a name in :data:`METHODS` (``gradcam``, ``scorecam``, ...).
         layer: ``"auto"`` (the last layer with a spatial output), a layer name
             or module, or a list of them for methods that combine layers.
-        target: ``None`` (top-1), a class index or name, one per image, or a
-            callable on the output (see :mod:`convlens.targets`).
+        target: ``None`` (top-1), a class index or name, one per image, ``"all"``
+            (one map per class: ``maps`` is ``(N, K, H, W)``), or a callable on the
+            output (see :mod:`convlens.targets`).
         plan: what :func:`check_request` settled for these inputs, layer and target;
             when given, ``inputs``, ``layer`` and ``target`` are taken from it and
             the method runs without a checking pass of its own.
