@@ -76,6 +76,13 @@ class DataSource:
     def _sample(self, index: int):
         return shape_sample(index, self.spec["seed"], self.spec["size"], self.spec.get("classes"))
 
+    def image_and_masks(self, index: int) -> tuple[Image.Image, dict[str, np.ndarray]]:
+        """:meth:`image` and :meth:`concept_masks` of image ``index``, a generated one drawn once."""
+        if self.kind == "shapes":
+            sample = self._sample(index)
+            return Image.fromarray(sample.image), {sample.class_name: sample.mask}
+        return self.image(index), self.concept_masks(index)
+
     def concept_masks(self, index: int) -> dict[str, np.ndarray]:
         """``{concept: bool (H, W) mask}`` of image ``index`` at the image's size; only concepts it shows."""
         if self.kind == "shapes":

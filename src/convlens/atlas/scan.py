@@ -109,12 +109,12 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         height, width = self.model.input_size
         masks = torch.zeros(len(self.concepts), height, width, dtype=torch.bool)
-        try:
-            picture = self.source.image(index)
+        try:  # masks only when a concept is asked for: a generated image is then drawn once for both
+            picture, found = self.source.image_and_masks(index) if self.concepts else (self.source.image(index), {})
         except ConvlensError:
             return index, torch.zeros(3, height, width), self.source.labels[index], False, masks
         x = self.model.transform(picture)
-        for concept, mask in self.source.concept_masks(index).items():
+        for concept, mask in found.items():
             if concept in self.concepts:
                 masks[self.concepts.index(concept)] = mask_at_input(self.model, mask, picture.size)
         return index, x, self.source.labels[index], True, masks
