@@ -55,5 +55,19 @@ def picture(tmp_path) -> Path:
 
 
 @pytest.fixture
+def cli(capsys):
+    """Run the convlens CLI in this process (fast): ``cli(*args) -> (exit code, stdout, stderr)``."""
+    from convlens.cli import main
+
+    def invoke(*args):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return exit_info.value.code or 0, captured.out, captured.err
+
+    return invoke
+
+
+@pytest.fixture
 def image_batch() -> torch.Tensor:
     return torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))

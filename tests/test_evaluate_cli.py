@@ -171,21 +171,14 @@ def test_localisation_without_any_mask_is_an_error(model, tmp_path):
 # -- the command line --------------------------------------------------------------------------------
 
 @pytest.fixture
-def run(monkeypatch, capsys):
+def run(monkeypatch, cli):
     """``convlens ARGS`` in this process through ``main()``, the stand-in explainers registered for the test."""
-    from convlens.cli import main
     from convlens.evaluation import EXPLAINERS
 
     for name, fn in STAND_INS.items():
         monkeypatch.setitem(EXPLAINERS, name, fn)
 
-    def invoke(*args):
-        with pytest.raises(SystemExit) as exit_info:
-            main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return exit_info.value.code or 0, captured.out, captured.err
-
-    return invoke
+    return cli
 
 
 @pytest.fixture

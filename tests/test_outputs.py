@@ -110,16 +110,8 @@ def test_a_failure_half_way_leaves_nothing_behind(tmp_path):
 # -- the commands ----------------------------------------------------------------------------------
 
 @pytest.fixture
-def run(capsys):
-    from convlens.cli import main
-
-    def invoke(*args):
-        with pytest.raises(SystemExit) as exit_info:
-            main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return exit_info.value.code or 0, captured.out, captured.err
-
-    return invoke
+def run(cli):
+    return cli
 
 
 @pytest.fixture

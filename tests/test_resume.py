@@ -181,20 +181,13 @@ def test_with_run_json_damaged_the_lines_of_another_model_are_not_trusted(clean,
 # -- the command line -------------------------------------------------------------------------------
 
 @pytest.fixture
-def run(monkeypatch, capsys):
-    from convlens.cli import main
+def run(monkeypatch, cli):
     from convlens.evaluation import EXPLAINERS
 
     for name, fn in {"magnitude": magnitude, "brightness": brightness}.items():
         monkeypatch.setitem(EXPLAINERS, name, fn)
 
-    def invoke(*args):
-        with pytest.raises(SystemExit) as exit_info:
-            main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return exit_info.value.code or 0, captured.out, captured.err
-
-    return invoke
+    return cli
 
 
 def test_cli_refuses_another_model_under_the_same_file_name_and_restarts_on_request(run, data, tmp_path):
