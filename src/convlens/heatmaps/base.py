@@ -78,12 +78,9 @@ class Request:
     target: TargetSpec = None
 
     def settle(self, output) -> None:
-        """Resolve the target (and check the output is finite) on ``output``, a pass over the clean batch."""
+        """:func:`settle_target` on ``output``, a pass over the clean batch, unless already settled."""
         if self.score_fn is None:
-            ensure_finite(self.model, self.x, output)
-            with torch.no_grad():
-                self.score_fn, self.class_indices = resolve_targets(self.target, output, self.model.labels,
-                                                                    self.model.select)
+            self.score_fn, self.class_indices = settle_target(self.model, self.x, output, self.target)
 
     def settle_on_clean_batch(self) -> None:
         """:meth:`settle`, with a pass of its own when the target is not settled yet."""
@@ -131,6 +128,16 @@ class Request:
     def report(self, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(done, total)
+
+
+def settle_target(model: Model, x: torch.Tensor, output, target: TargetSpec) -> tuple[ScoreFn, list[int]]:
+    """The one place a target is settled on a clean pass: the output is finite, the target resolves, and
+    its scores have the right shape. Returns ``(score_fn, class_indices)``."""
+    ensure_finite(model, x, output)
+    with torch.no_grad():
+        score_fn, indices = resolve_targets(target, output, model.labels, model.select)
+        _checked_scores(score_fn(output), x.shape[0], score_fn)
+    return score_fn, indices
 
 
 def _checked_scores(scores, count: int, score_fn: ScoreFn) -> torch.Tensor:

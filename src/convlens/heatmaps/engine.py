@@ -43,9 +43,8 @@ from torch import nn
 from ..capture import resolve_layers
 from ..errors import ConvlensError
 from ..models import Model, as_model, survey
-from ..models.model import ensure_finite
-from ..targets import AllClasses, ScoreFn, TargetSpec, class_logits, resolve_targets
-from .base import Method, Progress, Request, _checked_scores, _not_spatial, normalise, upsample
+from ..targets import ScoreFn, TargetSpec, class_logits
+from .base import Method, Progress, Request, _not_spatial, normalise, settle_target, upsample
 from .registry import METHODS, get_method
 
 @dataclass
@@ -176,7 +175,6 @@ def check_request(model, inputs, methods: Sequence[str], layer: str | nn.Module 
     resolve_layers(loaded, explicit)  # an unknown name fails before the pass
     with torch.inference_mode(False):
         summary, output = survey(loaded, x, logits=True)
-    ensure_finite(loaded, x, output)
     names = []
     for ref in refs if readers else []:
         if isinstance(ref, str) and ref == "auto":
@@ -191,9 +189,7 @@ def check_request(model, inputs, methods: Sequence[str], layer: str | nn.Module 
     for method in readers:
         if len(names) > 1 and not method.multi_layer:
             raise ConvlensError(f"method {method.name!r} takes one layer, got {len(names)}: {', '.join(names)}")
-    with torch.no_grad():
-        score_fn, indices = resolve_targets(target, output, loaded.labels, loaded.select)
-        _checked_scores(score_fn(output), x.shape[0], score_fn)
+    score_fn, indices = settle_target(loaded, x, output, target)
     return Plan(loaded, x, images, names, score_fn, indices, output)
 
 
