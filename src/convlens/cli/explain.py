@@ -58,8 +58,8 @@ def explain(
     layer: Annotated[str, typer.Option("--layer", help="'auto' (last spatial layer), a layer name, or several comma-separated.")] = "auto",
     target: Annotated[str, typer.Option("--target", help="top1, all (one map per class: CAM and Grad-CAM family), a class index or name, or one per image comma-separated.")] = "top1",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs and .npy maps.")] = Path("explanations"),
-    colormap: Annotated[str, typer.Option("--colormap", help="A matplotlib colormap.")] = "jet",
-    alpha: Annotated[float, typer.Option("--alpha", help="Heatmap opacity over the photo, 0-1.")] = 0.4,
+    colormap: Annotated[str | None, typer.Option("--colormap", help="A matplotlib colormap (default: jet over the photo; inferno for pixel-level maps, drawn alone).")] = None,
+    alpha: Annotated[float, typer.Option("--alpha", help="Heatmap opacity over the photo, 0-1 (CAM-style maps; pixel-level maps are drawn alone).")] = 0.4,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per pass.")] = 8,
     weights: WeightsOpt = "default",
     arch: ArchOpt = None,
@@ -79,7 +79,8 @@ def explain(
     Example: convlens explain resnet50 cat.jpg dog.jpg --method gradcam,scorecam --target top1 --out maps
     """
     check_output_dir(out)  # before any work: a bad --out must not cost a whole run
-    from ..render.overlay import bounded, check_style, comparison_figure, overlay_heatmap, save_figure  # matplotlib: slow import
+    from ..render.overlay import (STYLES, bounded, check_style, comparison_figure, describe_style,  # matplotlib: slow
+                                  overlay_heatmap, save_figure, style_for)
 
     methods = list(dict.fromkeys(get_method(name).name for name in comma_list(method)))
     if not methods:
@@ -108,6 +109,10 @@ def explain(
     # Cheap methods first, so a method-specific error (CAM without a GAP head) comes before the slow ones.
     order = sorted(methods, key=lambda name: get_method(name).kind == "perturbation")
     results: dict[str, list] = {name: [] for name in methods}
+    # one colour bar per drawing style, naming the methods drawn in it
+    legends = {style: (colormap or STYLES[style], ", ".join(n for n in methods if style_for(n) == style) + ": "
+                       + describe_style(style, colormap, alpha))
+               for style in dict.fromkeys(style_for(name) for name in methods)}
     with tqdm(total=len(order) * len(batches), desc="explain", unit="batch", disable=None) as bar:
         for name in order:
             for plan in plans:
@@ -132,20 +137,23 @@ def explain(
                             thumbnail = bounded(pictures[image_index], 512)  # K panels: small pictures suffice
                             grid = [(f"{label}{' (flat)' if result.flat[offset][k] else ''}",
                                      overlay_heatmap(thumbnail, result.maps[offset, k],
-                                                     transform=loaded.transform, colormap=colormap, alpha=alpha))
+                                                     transform=loaded.transform, colormap=colormap, alpha=alpha,
+                                                     style=style_for(name)))
                                     for k, label in enumerate(result.target_names)]
-                            figure = comparison_figure(thumbnail, grid, columns=6)
-                            figure.suptitle(f"{name}: every class", fontsize=10)
+                            figure = comparison_figure(thumbnail, grid, columns=6, title=f"{name}: every class",
+                                                       legends=[(legends[style_for(name)][0],
+                                                                 describe_style(style_for(name), colormap, alpha))])
                             save_figure(figure, stage / f"{stem}_{slug}.png")
                             continue
                         overlay = overlay_heatmap(pictures[image_index], result.maps[offset],
-                                                  transform=loaded.transform, colormap=colormap, alpha=alpha)
+                                                  transform=loaded.transform, colormap=colormap, alpha=alpha,
+                                                  style=style_for(name))
                         save_image(overlay, stage / f"{stem}_{slug}.png")
                         flat = " (flat map)" if result.flat[offset] else ""
                         panels.append((f"{name} — {result.target_names[offset]}{flat}", overlay))
                     if every_class:
                         continue
-                    figure = comparison_figure(pictures[image_index], panels)
+                    figure = comparison_figure(pictures[image_index], panels, legends=list(legends.values()))
                     figure.axes[0].set_title(f"original — predicted: {predicted[image_index]}", fontsize=9)
                     save_figure(figure, stage / f"{stem}_explain.png")
     except OSError as err:  # a full disk, a folder removed under us: nothing of the set is left behind

@@ -32,7 +32,10 @@ class Method:
 
     ``compute(request, **options)`` returns a :class:`RawMaps`. ``uses_layer``:
     the method reads a layer (CAM family, Guided Grad-CAM); ``multi_layer``: it
-    may combine several layers; ``all_classes``: it takes ``target="all"``.
+    may combine several layers; ``all_classes``: it takes ``target="all"``;
+    ``pixel_level``: the map has one value per input pixel and is sparse (input
+    gradients), so it is drawn on its own, not blended over the photo (see
+    :func:`convlens.render.overlay.style_for`).
     """
 
     name: str
@@ -41,6 +44,7 @@ class Method:
     uses_layer: bool = True
     multi_layer: bool = False
     all_classes: bool = False  # explains every class from one pass (target="all")
+    pixel_level: bool = False  # a sparse per-pixel map (input gradients), not a smooth layer-resolution one
 
     def option_names(self) -> list[str]:
         params = list(inspect.signature(self.compute).parameters.values())[1:]

@@ -100,26 +100,31 @@ class Explanation:
     images: list | None = None
     transform: Callable | None = field(default=None, repr=False)
 
-    def overlay(self, images=None, colormap: str = "jet", alpha: float = 0.4) -> list:
-        """The heatmaps over the original images, as PIL images (longest side at most 2048 px).
+    def overlay(self, images=None, colormap: str | None = None, alpha: float = 0.4, style: str | None = None) -> list:
+        """The heatmaps drawn for the original images, as PIL images (longest side at most 2048 px).
 
-        For a resize + centre-crop preprocessing the map is placed on the crop
-        region of the original; outside it the original shows unchanged. The
-        drawing is :func:`convlens.render.overlay.overlay_heatmaps`, called here.
+        ``style``: ``"blend"`` (over the photo at opacity ``alpha``) or ``"map"``
+        (the map alone, for sparse pixel-level maps); default chosen per method
+        kind by :func:`convlens.render.overlay.style_for`. ``colormap`` defaults to
+        the style's own (jet, inferno). For a resize + centre-crop preprocessing the
+        map is placed on the crop region of the original; outside it the original
+        shows unchanged. The drawing is :func:`convlens.render.overlay.overlay_heatmaps`.
         """
-        from ..render.overlay import overlay_heatmaps
+        from ..render.overlay import overlay_heatmaps, style_for
 
         if self.maps.ndim != 3:
             raise ConvlensError("overlay() draws one map per image; with target='all' pick a class: overlay_class(k)")
         return overlay_heatmaps(self._pictures(images), self.maps, transform=self.transform, colormap=colormap,
-                                alpha=alpha)
+                                alpha=alpha, style=style or style_for(self.method))
 
-    def overlay_class(self, k: int, images=None, colormap: str = "jet", alpha: float = 0.4) -> list:
-        """With ``target="all"``: class ``k``'s maps over the original images (see :meth:`overlay`)."""
-        from ..render.overlay import overlay_heatmaps
+    def overlay_class(self, k: int, images=None, colormap: str | None = None, alpha: float = 0.4,
+                      style: str | None = None) -> list:
+        """With ``target="all"``: class ``k``'s maps for the original images (see :meth:`overlay`)."""
+        from ..render.overlay import overlay_heatmaps, style_for
 
         pictures = self._pictures(images)
-        return overlay_heatmaps(pictures, self.maps[:, k], transform=self.transform, colormap=colormap, alpha=alpha)
+        return overlay_heatmaps(pictures, self.maps[:, k], transform=self.transform, colormap=colormap, alpha=alpha,
+                                style=style or style_for(self.method))
 
     def _pictures(self, images) -> list:
         from ..images import load_images

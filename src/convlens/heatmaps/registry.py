@@ -1,7 +1,8 @@
 """Every heatmap method by name, in one visible place.
 
 ``METHODS`` is a plain mapping: a method is a function and a :class:`Method`
-record here. To add your own, ``METHODS["mine"] = Method("mine", "cam", compute)``;
+record here. To add your own, ``METHODS["mine"] = Method("mine", "cam", compute)``
+(``pixel_level=True`` for a sparse per-pixel map, which is then drawn on its own);
 the suite's tests are parametrised over this mapping, so a method is tested the
 moment it is listed.
 """
@@ -24,11 +25,12 @@ METHODS: dict[str, Method] = {
     "eigencam": Method("eigencam", "cam", eigencam, multi_layer=True),
     "scorecam": Method("scorecam", "perturbation", scorecam),
     "ablationcam": Method("ablationcam", "perturbation", ablationcam),
-    "saliency": Method("saliency", "gradient", saliency, uses_layer=False),
-    "smoothgrad": Method("smoothgrad", "gradient", smoothgrad, uses_layer=False),
-    "integrated_gradients": Method("integrated_gradients", "gradient", integrated_gradients, uses_layer=False),
-    "guided_backprop": Method("guided_backprop", "gradient", guided_backprop, uses_layer=False),
-    "guided_gradcam": Method("guided_gradcam", "gradient", guided_gradcam),
+    "saliency": Method("saliency", "gradient", saliency, uses_layer=False, pixel_level=True),
+    "smoothgrad": Method("smoothgrad", "gradient", smoothgrad, uses_layer=False, pixel_level=True),
+    "integrated_gradients": Method("integrated_gradients", "gradient", integrated_gradients, uses_layer=False,
+                                   pixel_level=True),
+    "guided_backprop": Method("guided_backprop", "gradient", guided_backprop, uses_layer=False, pixel_level=True),
+    "guided_gradcam": Method("guided_gradcam", "gradient", guided_gradcam, pixel_level=True),
 }
 
 

@@ -12,6 +12,23 @@ but at most :data:`MAX_SIDE` (2048) pixels on the longest side (the
 with it, so an 8000x8000 photo costs about what a 2048x2048 one does, and the
 blending works in uint8 and float32 on the crop box only. The maps themselves
 (``.npy``, ``Explanation.maps``) are never scaled: the cap is for what is drawn.
+
+Two styles (:data:`STYLES`), chosen per method by :func:`style_for`:
+
+* ``"blend"``: the colour-mapped map over the photo at a fixed opacity (``jet``
+  at 0.4 by default). For the CAM family and the perturbation methods, whose maps
+  are smooth and cover whole objects.
+* ``"map"``: the map alone on black (``inferno`` by default), divided by its
+  99th percentile so its top 1 % of pixels show at full brightness. For the
+  pixel-level gradient maps (``Method.pixel_level``: saliency, SmoothGrad,
+  Integrated Gradients, guided backprop, Guided Grad-CAM): they are sparse, a few
+  bright pixels in a dark field, and blended at 0.4 over a photo they all but
+  vanish. Simonyan et al. 2013 (arXiv:1312.6034), Smilkov et al. 2017
+  (arXiv:1706.03825) and Sundararajan et al. 2017 (arXiv:1703.01365) show them
+  this way; the two SmoothGrad and IG papers clip at the 99th percentile too.
+
+:func:`colorbar_css` and the ``legends`` of :func:`comparison_figure` draw the
+colour bar that says what low and high mean.
 """
 
 from __future__ import annotations
@@ -34,13 +51,66 @@ Box = tuple[float, float, float, float]  # left, top, right, bottom in original 
 #: Longest side, in pixels, of the overlays and figures drawn from a photo; bigger photos are scaled down.
 MAX_SIDE = 2048
 
+#: The drawing styles and the colormap each uses when none is given (see the module docstring).
+STYLES: dict[str, str] = {"blend": "jet", "map": "inferno"}
 
-def check_style(colormap: str, alpha: float) -> None:
-    """A one-line error for an unknown colormap or an opacity outside [0, 1]."""
-    if colormap not in colormaps:
+#: In the ``"map"`` style, the percentile of the map drawn at full brightness (values above it saturate).
+SATURATION_PERCENTILE = 99.0
+
+
+def style_for(method) -> str:
+    """The style a method's maps are drawn in by default: ``"map"`` for pixel-level methods, else ``"blend"``.
+
+    ``method`` is a registered name or a :class:`~convlens.heatmaps.Method`.
+    """
+    if isinstance(method, str):
+        from ..heatmaps import get_method  # the registry says which methods are pixel-level
+
+        method = get_method(method)
+    return "map" if method.pixel_level else "blend"
+
+
+def check_style(colormap: str | None, alpha: float, style: str = "blend") -> None:
+    """A one-line error for an unknown colormap or style, or an opacity outside [0, 1]."""
+    if style not in STYLES:
+        raise ConvlensError(f"unknown heatmap style {style!r}{did_you_mean(style, list(STYLES))} "
+                            f"(choose from {', '.join(STYLES)})")
+    if colormap is not None and colormap not in colormaps:
         raise ConvlensError(f"unknown colormap {colormap!r}{did_you_mean(colormap, list(colormaps))}")
     if not 0.0 <= alpha <= 1.0:
         raise ConvlensError(f"alpha (the heatmap's opacity) must be between 0 and 1, got {alpha}")
+
+
+def describe_style(style: str, colormap: str | None = None, alpha: float = 0.4) -> str:
+    """How a style draws a map, in words for a caption or a note."""
+    colormap = colormap or STYLES[style]
+    if style == "map":
+        return (f"the map alone on black ({colormap}), its top {100 - SATURATION_PERCENTILE:g} % of pixels at "
+                "full brightness")
+    return f"{colormap} over the photo at opacity {alpha:g}"
+
+
+def saturate(values: np.ndarray, percentile: float = SATURATION_PERCENTILE) -> np.ndarray:
+    """``values`` divided by their ``percentile``-th percentile and clipped to [0, 1], float32.
+
+    A map whose percentile is 0 (mostly zeros: a flat map, or one with fewer bright
+    pixels than the percentile leaves out) is divided by its maximum instead, so
+    it is never blown up into noise nor divided by zero.
+    """
+    values = np.nan_to_num(np.asarray(values, dtype=np.float32))
+    top = float(np.percentile(values, percentile)) if values.size else 0.0
+    if top <= 0.0:
+        top = float(values.max()) if values.size else 0.0
+    if top <= 0.0:
+        return np.zeros_like(values)
+    return np.clip(values / top, 0.0, 1.0)
+
+
+def colorbar_css(colormap: str, stops: int = 16) -> str:
+    """A CSS ``linear-gradient`` left (0, low) to right (1, high) through ``colormap``: a colour bar without a picture."""
+    colours = colorize(np.linspace(0.0, 1.0, stops), colormap)
+    return "linear-gradient(to right, " + ", ".join("#%02x%02x%02x" % tuple(int(c) for c in rgb)
+                                                     for rgb in colours) + ")"
 
 
 def colorize(heatmap: np.ndarray, colormap: str = "jet") -> np.ndarray:
@@ -116,15 +186,24 @@ def bounded(image: Image.Image, max_side: int | None = MAX_SIDE) -> Image.Image:
 
 
 def overlay_heatmap(image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, transform=None,
-                    colormap: str = "jet", alpha: float = 0.4, max_side: int | None = MAX_SIDE) -> Image.Image:
-    """Blend one ``(H, W)`` heatmap in [0, 1] over ``image``, at most ``max_side`` pixels on the longest side.
+                    colormap: str | None = None, alpha: float = 0.4, style: str = "blend",
+                    max_side: int | None = MAX_SIDE) -> Image.Image:
+    """Draw one ``(H, W)`` heatmap in [0, 1] for ``image``, at most ``max_side`` pixels on the longest side.
+
+    ``style="blend"`` blends it over the photo at opacity ``alpha``; ``style="map"``
+    draws it alone on black, saturated at its 99th percentile (``alpha`` unused);
+    ``colormap`` defaults to the style's own (:data:`STYLES`). Either way the map
+    covers the part of the photo the model saw (:func:`crop_box`).
 
     A photo within ``max_side`` keeps its resolution; a bigger one is scaled
     down first (see the module docstring); ``max_side=None`` draws at full
     resolution whatever the size.
     """
-    check_style(colormap, alpha)
+    check_style(colormap, alpha, style)
+    colormap = colormap or STYLES[style]
     values = heatmap.detach().float().cpu().numpy() if isinstance(heatmap, torch.Tensor) else np.asarray(heatmap)
+    if style == "map":  # the percentile of the map itself, before resizing blurs its peaks
+        values = saturate(values)
     left, top, right, bottom = crop_box(transform, *image.size)  # in the original's pixels
     drawn = bounded(image, max_side)
     scale_x, scale_y = drawn.width / image.width, drawn.height / image.height
@@ -132,6 +211,11 @@ def overlay_heatmap(image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, t
            int(round(right * scale_x)), int(round(bottom * scale_y)))
     box_w, box_h = max(1, box[2] - box[0]), max(1, box[3] - box[1])
     resized = np.asarray(Image.fromarray(values.astype(np.float32)).resize((box_w, box_h), Image.BILINEAR))
+    if style == "map":
+        canvas = np.zeros((drawn.height, drawn.width, 3), dtype=np.uint8)
+        region = canvas[box[1]:box[1] + box_h, box[0]:box[0] + box_w]
+        region[...] = colorize(resized, colormap)[: region.shape[0], : region.shape[1]]
+        return Image.fromarray(canvas)
     blended = np.array(drawn, dtype=np.uint8)  # a copy: the caller's image is never changed
     region = blended[box[1]:box[1] + box_h, box[0]:box[0] + box_w]
     colours = colorize(resized, colormap)[: region.shape[0], : region.shape[1]]
@@ -146,33 +230,53 @@ def overlay_heatmap(image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, t
     return Image.fromarray(blended)
 
 
-def overlay_heatmaps(images: Sequence[Image.Image], maps: torch.Tensor, *, transform=None, colormap: str = "jet",
-                     alpha: float = 0.4, max_side: int | None = MAX_SIDE) -> list[Image.Image]:
+def overlay_heatmaps(images: Sequence[Image.Image], maps: torch.Tensor, *, transform=None,
+                     colormap: str | None = None, alpha: float = 0.4, style: str = "blend",
+                     max_side: int | None = MAX_SIDE) -> list[Image.Image]:
     """:func:`overlay_heatmap` for each image and its map ``maps[i]``."""
-    return [overlay_heatmap(image, heatmap, transform=transform, colormap=colormap, alpha=alpha, max_side=max_side)
+    return [overlay_heatmap(image, heatmap, transform=transform, colormap=colormap, alpha=alpha, style=style,
+                            max_side=max_side)
             for image, heatmap in zip(images, maps)]
 
 
 def comparison_figure(image: Image.Image, panels: Sequence[tuple[str, Image.Image]], *,
-                      panel_inches: float = 3.0, max_side: int | None = MAX_SIDE, columns: int | None = None) -> Figure:
+                      panel_inches: float = 3.0, max_side: int | None = MAX_SIDE, columns: int | None = None,
+                      legends: Sequence[tuple[str, str]] = (), title: str | None = None) -> Figure:
     """The original and one overlay per method, each titled (``"gradcam — tabby cat"``).
 
     One row, or rows of ``columns`` pictures. Every picture is handed to
     matplotlib at most ``max_side`` pixels on its longest side: the panels are
     a few hundred pixels wide, and matplotlib resamples what it is given in float.
+    ``legends``: ``(colormap, what it shows)`` pairs, one horizontal colour bar
+    each under the pictures, from "low" to "high" attribution. ``title``: a line
+    above everything.
     """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     count = 1 + len(panels)
     columns = min(columns or count, count)
     rows = -(-count // columns)
     aspect = image.size[1] / image.size[0]
-    figure = Figure(figsize=(panel_inches * columns, (panel_inches * aspect + 0.4) * rows), dpi=100)
+    height = (panel_inches * aspect + 0.4) * rows + 0.8 * len(legends) + (0.35 if title else 0.0)
+    # constrained layout makes room for the title and the colour bars (tight_layout does not know about them)
+    figure = Figure(figsize=(panel_inches * columns, height), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
-    for index, (title, picture) in enumerate([("original", image), *panels]):
+    pictures = []
+    for index, (caption, picture) in enumerate([("original", image), *panels]):
         axis = figure.add_subplot(rows, columns, index + 1)
         axis.imshow(np.asarray(bounded(picture, max_side)))
-        axis.set_title(title, fontsize=9)
+        axis.set_title(caption, fontsize=9)
         axis.axis("off")
-    figure.tight_layout()
+        pictures.append(axis)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    for colormap, label in reversed(legends):  # each bar goes nearest the pictures: the first one last
+        bar = figure.colorbar(ScalarMappable(Normalize(0, 1), colormaps[colormap]), ax=pictures, location="bottom",
+                              ticks=[0, 1], fraction=0.6 / height, shrink=min(1.0, 4.0 / (panel_inches * columns)),
+                              aspect=30)
+        bar.ax.set_xticklabels(["low", "high"], fontsize=8)
+        bar.set_label(f"attribution: {label}", fontsize=8, labelpad=1)
     return figure
 
 
