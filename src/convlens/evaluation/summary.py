@@ -22,7 +22,7 @@ th:first-child, td:first-child { text-align: left; } .best { font-weight: bold; 
 {{ "↑" if metric.higher_is_better else "↓" }}</th>{% endfor %}</tr>
 {% for row in rows %}<tr><td>{{ row[0] }}</td>
 {% for name, cell in zip(metrics, row[1:]) -%}
-<td class="{{ 'best' if best[name] == row[0] else '' }}">{{ cell }}</td>
+<td class="{{ 'best' if row[0] in best[name] else '' }}">{{ cell }}</td>
 {%- endfor %}
 </tr>{% endfor %}</table>
 {% for plot in plots %}<h2>{{ plot.stem }} curves</h2>
@@ -31,14 +31,18 @@ th:first-child, td:first-child { text-align: left; } .best { font-weight: bold; 
 """
 
 
-def _best(summary: Mapping[str, Mapping[str, MeanCI]], metrics: Mapping) -> dict[str, str | None]:
+def best_methods(summary: Mapping[str, Mapping[str, MeanCI]], metrics: Mapping, digits: int = 3
+                 ) -> dict[str, list[str]]:
+    """Per metric, the methods with the best mean in the metric's direction (``higher_is_better``).
+
+    Means are compared as shown, rounded to ``digits``: methods that tie in the
+    table are all best (in method order); a metric no method scored has none.
+    """
     best = {}
     for name, metric in metrics.items():
-        scored = [(ci.mean, method) for method, cells in summary.items() if (ci := cells[name]).n]
-        if not scored:
-            best[name] = None
-            continue
-        best[name] = (max if metric.higher_is_better else min)(scored)[1]
+        scored = {method: round(ci.mean, digits) for method, cells in summary.items() if (ci := cells[name]).n}
+        top = (max if metric.higher_is_better else min)(scored.values(), default=None)
+        best[name] = [method for method, mean in scored.items() if mean == top]
     return best
 
 
@@ -61,13 +65,13 @@ def write_summary(out_dir: Path, summary: Mapping[str, Mapping[str, MeanCI]], me
     """Write ``summary.md``, ``summary.html`` and the mean deletion/insertion curves; return the paths."""
     from jinja2 import Template
 
-    best = _best(summary, metrics)
+    best = best_methods(summary, metrics)
     headers, table_rows = summary_table(summary, metrics)
     lines = [f"{images} images; mean ± half-width of the 95 % t-interval (n images); "
              "↑ higher is better, ↓ lower is better; best in bold.", "",
              "| " + " | ".join(headers) + " |", "|---|" + "---:|" * len(metrics)]
     for method, *cells in table_rows:
-        shown = [f"**{cell}**" if best[n] == method else cell for n, cell in zip(metrics, cells)]
+        shown = [f"**{cell}**" if method in best[n] else cell for n, cell in zip(metrics, cells)]
         lines.append(f"| {method} | " + " | ".join(shown) + " |")
     files = [write_text(out_dir / "summary.md", "\n".join(lines) + "\n")]
     plots = [p for p in (_plot_curves(out_dir, name, rows) for name in ("deletion", "insertion") if name in metrics)

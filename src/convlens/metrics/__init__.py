@@ -30,12 +30,16 @@ class Metric:
 
     ``compute(model, x, maps, targets, masks, batch_size)`` returns a per-image
     tensor ``(N,)`` or a :class:`Curve` (whose ``.auc`` is the value).
+    ``higher_is_better`` is the metric's direction; ``needs_masks``: it scores
+    localisation against ground-truth masks (otherwise faithfulness to the model);
+    ``label``: its name for a person, in a table header (the report's).
     """
 
     compute: Callable
     higher_is_better: bool
     needs_masks: bool
     paper: str
+    label: str = ""
 
 
 def _faithfulness(fn: Callable, **options) -> Callable:
@@ -48,25 +52,34 @@ def _localization(fn: Callable, **options) -> Callable:
 
 
 METRICS: dict[str, Metric] = {
-    "deletion": Metric(_faithfulness(deletion), False, False, "Petsiuk et al. 2018, arXiv:1806.07421"),
-    "insertion": Metric(_faithfulness(insertion), True, False, "Petsiuk et al. 2018, arXiv:1806.07421"),
-    "drop": Metric(_faithfulness(average_drop), False, False, "Chattopadhay et al. 2018, arXiv:1710.11063"),
+    "deletion": Metric(_faithfulness(deletion), False, False, "Petsiuk et al. 2018, arXiv:1806.07421", "Deletion AUC"),
+    "insertion": Metric(_faithfulness(insertion), True, False, "Petsiuk et al. 2018, arXiv:1806.07421",
+                        "Insertion AUC"),
+    "drop": Metric(_faithfulness(average_drop), False, False, "Chattopadhay et al. 2018, arXiv:1710.11063",
+                   "Average drop %"),
     "increase": Metric(_faithfulness(increase_in_confidence), True, False,
-                       "Chattopadhay et al. 2018, arXiv:1710.11063"),
-    "road_morf": Metric(_faithfulness(road_score, order="morf"), False, False, "Rong et al. 2022, arXiv:2202.00449"),
-    "road_lerf": Metric(_faithfulness(road_score, order="lerf"), True, False, "Rong et al. 2022, arXiv:2202.00449"),
-    "road": Metric(_faithfulness(road_gap), True, False, "Rong et al. 2022, arXiv:2202.00449"),
-    "pointing": Metric(_localization(pointing_game), True, True, "Zhang et al. 2016, arXiv:1608.00507"),
+                       "Chattopadhay et al. 2018, arXiv:1710.11063", "Confidence increase %"),
+    "road_morf": Metric(_faithfulness(road_score, order="morf"), False, False, "Rong et al. 2022, arXiv:2202.00449",
+                        "ROAD, most relevant first"),
+    "road_lerf": Metric(_faithfulness(road_score, order="lerf"), True, False, "Rong et al. 2022, arXiv:2202.00449",
+                        "ROAD, least relevant first"),
+    "road": Metric(_faithfulness(road_gap), True, False, "Rong et al. 2022, arXiv:2202.00449", "ROAD gap"),
+    "pointing": Metric(_localization(pointing_game), True, True, "Zhang et al. 2016, arXiv:1608.00507",
+                       "Pointing game, 15 px"),
     "pointing_strict": Metric(_localization(pointing_game, tolerance=0), True, True,
-                              "Zhang et al. 2016, arXiv:1608.00507 (no tolerance)"),
+                              "Zhang et al. 2016, arXiv:1608.00507 (no tolerance)", "Pointing game, exact"),
     "pointing_scaled": Metric(lambda model, x, maps, targets, masks, batch_size:
                               pointing_game(maps, masks, tolerance=scaled_tolerance(maps)), True, True,
-                              "Zhang et al. 2016, arXiv:1608.00507 (15 px per 224 px of input)"),
+                              "Zhang et al. 2016, arXiv:1608.00507 (15 px per 224 px of input)",
+                              "Pointing game, scaled"),
     "pointing_box": Metric(lambda model, x, maps, targets, masks, batch_size:
                            pointing_game(maps, region_boxes(masks), tolerance=0), True, True,
-                           "Zhang et al. 2016, arXiv:1608.00507 (boxes of the mask's regions, no tolerance)"),
-    "energy_pointing": Metric(_localization(energy_pointing_game), True, True, "Wang et al. 2020, arXiv:1910.01279"),
-    "iou": Metric(_localization(iou), True, True, "IoU of the map thresholded at 0.5 with the mask"),
+                           "Zhang et al. 2016, arXiv:1608.00507 (boxes of the mask's regions, no tolerance)",
+                           "Pointing game, boxes"),
+    "energy_pointing": Metric(_localization(energy_pointing_game), True, True, "Wang et al. 2020, arXiv:1910.01279",
+                              "Energy inside the object"),
+    "iou": Metric(_localization(iou), True, True, "IoU of the map thresholded at 0.5 with the mask",
+                  "IoU with the object"),
 }
 
 
