@@ -1,45 +1,164 @@
-"""The report: the sections and pictures it must contain, and that a browser shows it cleanly."""
+"""The report: the sections and pictures it must contain, and that a browser shows it cleanly and readably."""
 
+import base64
+import math
 import re
 import shutil
+from html import unescape
 
 import pytest
 import torch
 from PIL import Image
 
 import convlens as cl
+from convlens.heatmaps import METHODS
+from convlens.metrics import METRICS
+from convlens.metrics.stats import MeanCI
 from convlens.report import ReportImage, build_report
 
 from conftest import TinyNet
+
+LABELS = ["circle", "square", "star"]
 
 
 @pytest.fixture(scope="module")
 def report_html(tmp_path_factory):
     torch.manual_seed(0)
-    model = cl.load_model(TinyNet(), labels=["circle", "square", "star"])
+    model = cl.load_model(TinyNet(), labels=LABELS)
     folder = tmp_path_factory.mktemp("report")
     picture = folder / "red.png"
     Image.new("RGB", (48, 40), (220, 40, 40)).save(picture)
     square = torch.zeros(40, 48, dtype=torch.bool)
     square[10:30, 12:36] = True
-    images = [picture, ReportImage("cat", cl.sample_image("chelsea")),
-              ReportImage("masked", Image.new("RGB", (48, 40), (30, 200, 30)), square.numpy())]
-    path = build_report(model, images, folder / "r.html", filter_steps=4,
-                        methods=["gradcam", "scorecam", "saliency"])
+    images = [picture, ReportImage("chelsea", cl.sample_image("chelsea"), label="cat"),
+              ReportImage("masked", Image.new("RGB", (48, 40), (30, 200, 30)), square.numpy(), label="square")]
+    # every method: fourteen panels per image are what overflowed a 1280 px page
+    path = build_report(model, images, folder / "r.html", filter_steps=4)
     return path, path.read_text()
+
+
+def _section(html: str, name: str) -> str:
+    start = html.index(f'<section id="{name}">')
+    return html[start:html.index("</section>", start)]
 
 
 def test_report_has_every_section_and_embedded_pictures(report_html):
     _, html = report_html
-    for section in ("model", "predictions", "heatmaps", "classes", "activations", "filters"):
+    for section in ("model", "predictions", "heatmaps", "classes", "activations", "filters", "evaluation"):
         assert f'<section id="{section}">' in html
     assert "conv2" in html and "Conv2d" in html  # the layer table
-    # 3 thumbnails + 3 images x (original + 3 methods) + one map per class (3) + 2 activation grids
+    # 3 thumbnails + 3 images x (original + every method) + one map per class (3) + 2 activation grids
     # + 2 filter grids + class models
-    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 3 + 3 * 4 + 3 + 2 + 2 + 1
+    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 3 + 3 * (1 + len(METHODS)) + 3 + 2 + 2 + 1
     assert "ground-truth object masks" in html
     # self-contained: nothing fetched from anywhere
     assert not re.search(r'(src|href)="(https?:)?//', html)
+
+
+def test_the_heatmaps_wrap_and_say_how_each_kind_is_drawn(report_html):
+    heatmaps = _section(report_html[1], "heatmaps")
+    assert heatmaps.count('class="hm-image"') == 3 and 'class="grid"' not in heatmaps  # no sideways-scrolling table
+    assert "Left out" not in heatmaps
+    pixel = [name for name, method in METHODS.items() if method.pixel_level]
+    others = [name for name in METHODS if name not in pixel]
+    assert pixel and others
+    # one colour bar per style, each naming its methods and what low/high mean
+    assert heatmaps.count('class="colorbar"') == 2 and heatmaps.count("&larr; attribution &rarr;") == 2
+    assert f"{', '.join(others)}: jet over the photo at opacity 0.4" in heatmaps
+    assert (f"{', '.join(pixel)}: the map alone on black (inferno), its top 1 % of pixels at full brightness"
+            in heatmaps)
+    assert "linear-gradient(to right, #000004" in heatmaps  # inferno starts black: the sparse maps' background
+
+
+def test_a_photo_outside_the_model_s_classes_is_called_one(report_html):
+    predictions = unescape(_section(report_html[1], "predictions"))
+    # the count and the names come from the model's class list
+    assert ("chelsea (cat) is outside the 3 classes this model knows (circle, square, star). A classifier always "
+            "answers with one of its own classes") in predictions
+    assert re.search(r"'(circle|square|star)' at \d+\.\d% for chelsea says which of its 3 classes", predictions)
+    assert "chelsea (cat: not one of the model's classes)" in predictions
+    assert "masked (square" not in predictions  # a square is one of its classes
+    assert "cat: not one of the model&#39;s classes" in _section(report_html[1], "heatmaps")
+
+
+def test_outside_classes_matches_whole_words_of_the_class_names():
+    from convlens.report.sections import outside_classes
+
+    shapes = cl.load_model(TinyNet(), labels=LABELS)
+    photo = Image.new("RGB", (8, 8))
+    assert outside_classes(shapes, ReportImage("c", photo, label="cat"))
+    assert not outside_classes(shapes, ReportImage("c", photo, label="Circle"))
+    assert not outside_classes(shapes, ReportImage("c", photo))  # no label: nothing to say
+    imagenet_like = cl.load_model(TinyNet(), labels=["tiger cat", "coffee mug", "bubble"])
+    assert not outside_classes(imagenet_like, ReportImage("chelsea", photo, label="cat"))
+    assert not outside_classes(imagenet_like, ReportImage("coffee", photo, label="coffee"))
+    assert outside_classes(imagenet_like, ReportImage("ring", photo, label="ring"))
+    assert not outside_classes(cl.load_model(TinyNet()), ReportImage("c", photo, label="cat"))  # no class names
+
+
+def test_the_trust_table_has_readable_headers_the_best_highlighted_and_a_verdict(report_html):
+    evaluation = _section(report_html[1], "evaluation")
+    from convlens.report.evaluation_section import DEFAULT_METRICS, SANITY_LABEL
+
+    for name in DEFAULT_METRICS:
+        metric = METRICS[name]
+        assert f"{metric.label} {'↑' if metric.higher_is_better else '↓'}</th>" in evaluation
+    assert "pointing_scaled" not in evaluation and f"{SANITY_LABEL} ↓</th>" in evaluation
+    assert 'class="num best"' in evaluation and '<p class="verdict"><b>Verdict.</b> ' in evaluation
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_every_metric_has_a_label_for_people(name):
+    assert METRICS[name].label and "_" not in METRICS[name].label
+
+
+def _ci(mean: float) -> MeanCI:
+    return MeanCI(mean, mean - 0.1, mean + 0.1, 8)
+
+
+def _table(values: dict[str, tuple[float, ...]]) -> dict:
+    """method -> (pointing, iou, deletion, insertion) means as a summary."""
+    names = ("pointing_scaled", "iou", "deletion", "insertion")
+    return {method: {name: _ci(v) for name, v in zip(names, row)} for method, row in values.items()}
+
+
+VERDICT_METRICS = {name: METRICS[name] for name in ("pointing_scaled", "iou", "deletion", "insertion")}
+
+
+def test_the_verdict_is_computed_from_the_numbers():
+    from convlens.report.evaluation_section import verdict
+
+    summary = _table({"gradcam": (0.9, 0.5, 0.30, 0.80), "saliency": (0.7, 0.1, 0.10, 0.90),
+                      "layercam": (0.8, 0.4, 0.20, 0.85)})
+    sanity = {"gradcam": _ci(0.05), "saliency": _ci(0.2), "layercam": _ci(0.93)}
+    said = verdict(summary, VERDICT_METRICS, sanity)
+    assert said == ("gradcam localises best (best on 2 of 2 localisation scores). saliency is the most faithful to "
+                    "the model (best on 2 of 2 faithfulness scores). layercam failed the sanity check: its maps stay "
+                    "alike when every weight is randomised (rank correlation 0.93; a pass is below 0.5), so its "
+                    "scores say little about this model.")
+    # other numbers, another verdict: deletion is lower-is-better, so 0.05 now wins it for layercam
+    summary["layercam"]["deletion"] = _ci(0.05)
+    summary["gradcam"]["iou"] = _ci(0.3)
+    sanity["layercam"] = _ci(0.3)
+    said = verdict(summary, VERDICT_METRICS, sanity)
+    assert said == ("gradcam and layercam localise best (each best on 1 of 2 localisation scores). layercam and "
+                    "saliency are the most faithful to the model (each best on 1 of 2 faithfulness scores). No method "
+                    "failed the sanity check: every map changes when the weights are randomised (rank correlation at "
+                    "most 0.30; a pass is below 0.5).")
+
+
+def test_the_verdict_names_tied_leaders_once_and_skips_what_was_not_run():
+    from convlens.evaluation import best_methods
+    from convlens.report.evaluation_section import verdict
+
+    # 0.8754 and 0.8751 both show as 0.875: a tie in the table is a tie in the verdict
+    summary = _table({"a": (0.8754, 0.5, 0.1, 0.9), "b": (0.8751, 0.5, 0.1, 0.9), "c": (0.5, 0.2, 0.3, 0.4)})
+    assert best_methods(summary, VERDICT_METRICS) == {name: ["a", "b"] for name in VERDICT_METRICS}
+    assert verdict(summary, VERDICT_METRICS) == (
+        "a and b both localise best (each best on 2 of 2 localisation scores) and are the most faithful to the "
+        "model (each best on 2 of 2 faithfulness scores).")
+    empty = {"a": {name: MeanCI(math.nan, math.nan, math.nan, 0) for name in VERDICT_METRICS}}
+    assert verdict(empty, VERDICT_METRICS) == ""
 
 
 def test_report_needs_a_spatial_layer(tmp_path):
@@ -51,34 +170,86 @@ def test_report_needs_a_spatial_layer(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+#: Measured in the page: the viewport, the heatmap section's overflow, its colour bars, the verdict and the
+#: methods whose row has a best cell in the trust table.
+MEASURE = """
+const width = document.documentElement.clientWidth;
+const section = document.getElementById('heatmaps');
+const inside = [section, ...section.querySelectorAll('*')];
+const wide = inside.filter(e => { const r = e.getBoundingClientRect();
+                                  return r.width > 0 && (r.left < -0.5 || r.right > width + 0.5); })
+                   .map(e => e.tagName + '.' + e.className);
+const scrolling = inside.filter(e => e.clientWidth > 0 && e.scrollWidth > e.clientWidth + 1)
+                        .map(e => e.tagName + '.' + e.className);
+const bars = [...section.querySelectorAll('.colorbar')].map(e => ({
+    width: e.getBoundingClientRect().width, image: getComputedStyle(e).backgroundImage}));
+const verdict = document.querySelector('#evaluation .verdict');
+const best = [...document.querySelectorAll('#evaluation td.best')].map(td => td.parentElement.cells[0].textContent);
+return {innerWidth: window.innerWidth, width: width, pageWidth: document.documentElement.scrollWidth,
+        wide: wide, scrolling: scrolling, bars: bars, verdict: verdict ? verdict.textContent : null,
+        best: [...new Set(best)], height: document.documentElement.scrollHeight};
+"""
+
+
 @pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
                     reason="Chromium is not installed (make test installs it when run as root)")
-def test_report_opens_in_headless_chromium_without_console_errors(report_html, tmp_path):
+def test_report_reads_in_headless_chromium_at_1280_px(report_html, tmp_path):
+    """At 1280 px: nothing of the heatmaps sideways, colour bars, a verdict naming a best method; screenshots kept."""
     webdriver = pytest.importorskip("selenium.webdriver")
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-                 "--window-size=1200,900"):
+                 "--window-size=1280,900", "--hide-scrollbars"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
     driver = webdriver.Chrome(options=options, service=service)
     try:
+        # the viewport itself is 1280 px wide, whatever the window decorations take
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                               {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False})
         path, _ = report_html
         driver.get(path.resolve().as_uri())
         assert driver.title.startswith("convlens report")
         loaded = driver.execute_script(
             "return Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
         assert loaded
-        shot = tmp_path / "shot.png"
-        assert driver.save_screenshot(str(shot))
-        colours = Image.open(shot).convert("RGB").getcolors(1 << 20)
+        page = driver.execute_script(MEASURE)
+        shots = _screenshots(driver, tmp_path, page["height"])
+        print(f"\nscreenshots at 1280 px: {', '.join(str(shot) for shot in shots)}")
+        assert page["innerWidth"] == 1280
+        assert page["wide"] == [] and page["scrolling"] == []  # every method visible, no sideways scroll
+        assert page["pageWidth"] <= page["width"]
+        assert len(page["bars"]) == 2
+        for bar in page["bars"]:
+            assert bar["width"] >= 100 and bar["image"].startswith("linear-gradient")
+        assert page["verdict"] and page["best"]
+        named = [method for method in page["best"] if re.search(rf"\b{re.escape(method)}\b", page["verdict"])]
+        assert named, (page["verdict"], page["best"])  # the verdict names a method the table shows as best
+        colours = Image.open(shots[0]).convert("RGB").getcolors(1 << 20)
         assert colours is not None and len(colours) > 50  # a real page, not a blank one
         errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
         assert errors == []
     finally:
         driver.quit()
+
+
+def _screenshots(driver, folder, height: int) -> list:
+    """The whole page at 1280 px wide, then the heatmap and evaluation sections, as PNGs in ``folder``."""
+    boxes = {"report-1280.png": [0, 0, 1280, height]}
+    for name in ("heatmaps", "evaluation"):
+        boxes[f"report-1280-{name}.png"] = driver.execute_script(
+            "const r = document.getElementById(arguments[0]).getBoundingClientRect();"
+            "return [r.left + window.scrollX, r.top + window.scrollY, r.width, r.height];", name)
+    shots = []
+    for filename, (x, y, width, tall) in boxes.items():
+        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+            "format": "png", "captureBeyondViewport": True,
+            "clip": {"x": x, "y": y, "width": width, "height": min(tall, 16000), "scale": 1}})
+        shots.append(folder / filename)
+        shots[-1].write_bytes(base64.b64decode(shot["data"]))
+    return shots
 
 
 def test_the_class_grid_is_one_gradcam_per_class_and_only_for_few_classes(tmp_path):

@@ -107,7 +107,7 @@ def saturate(values: np.ndarray, percentile: float = SATURATION_PERCENTILE) -> n
 
 
 def colorbar_css(colormap: str, stops: int = 16) -> str:
-    """A CSS ``linear-gradient`` left (0, low) to right (1, high) through ``colormap``: a colour bar without a picture."""
+    """A CSS ``linear-gradient``, left (0, low) to right (1, high), through ``colormap``: a colour bar, no picture."""
     colours = colorize(np.linspace(0.0, 1.0, stops), colormap)
     return "linear-gradient(to right, " + ", ".join("#%02x%02x%02x" % tuple(int(c) for c in rgb)
                                                      for rgb in colours) + ")"

@@ -24,7 +24,7 @@ __all__ = ["ReportImage", "build_report", "default_evaluation_images", "default_
 
 
 def default_images(shapes: int = 4, seed: int = 2026) -> list[ReportImage]:
-    """Generated shapes images with their masks, then two scikit-image photographs.
+    """Generated shapes images with their masks, then two scikit-image photographs (a cat, a coffee cup).
 
     The seed differs from the one the bundled model was trained on (0), so these are unseen images.
     """
@@ -34,8 +34,10 @@ def default_images(shapes: int = 4, seed: int = 2026) -> list[ReportImage]:
     from ..images import sample_image
 
     generated = [shape_sample(i, seed=seed) for i in range(shapes)]
-    return ([ReportImage(f"{s.class_name} #{i}", Image.fromarray(s.image), s.mask) for i, s in enumerate(generated)]
-            + [ReportImage(name, sample_image(name)) for name in ("chelsea", "coffee")])
+    return ([ReportImage(f"{s.class_name} #{i}", Image.fromarray(s.image), s.mask, s.class_name)
+             for i, s in enumerate(generated)]
+            + [ReportImage(name, sample_image(name), label=label) for name, label in (("chelsea", "cat"),
+                                                                                      ("coffee", "coffee"))])
 
 
 def default_evaluation_images(count: int = 12, seed: int = 2027) -> list[tuple]:

@@ -11,11 +11,16 @@ method never costs the user the whole report.
 Options (``build_report(..., **options)``): ``methods`` (heatmap methods, default all),
 ``activation_layers``, ``filter_layers``, ``filter_steps`` (default 96), ``filter_count``
 (filters per layer, default 16), ``classes`` (class-model classes, default the first 8),
-``evaluation_images``, ``evaluation_methods``.
+``evaluation_images``, ``evaluation_methods``, ``evaluation_metrics``.
+
+The page must read at 1280 px without sideways scrolling: the heatmaps are one
+block per image, its methods wrapping in a CSS grid beside it, and every picture
+drawn in a style is explained by a colour bar (``render.overlay.STYLES``).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -35,11 +40,33 @@ _parts = _env.get_template("parts.html.j2").module
 
 @dataclass
 class ReportImage:
-    """An input picture: its name, the RGB image, and its ground-truth mask when known."""
+    """An input picture: its name, the RGB image, its ground-truth mask and its true class when known.
+
+    ``label`` is what the picture shows ("circle", "cat"); when the model has no
+    class of that name (see :func:`outside_classes`), the report says so next to it.
+    """
 
     name: str
     image: Image.Image
     mask: np.ndarray | None = None
+    label: str | None = None
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def outside_classes(model: Model, item: ReportImage) -> bool:
+    """Whether ``item`` shows something none of the model's classes is: its ``label`` names no class.
+
+    A class counts when it contains every word of the label ("cat" is inside
+    ImageNet's "tiger cat"), so only a true outsider is called one. Unknown when
+    the image has no label or the model no class names: then False.
+    """
+    if item.label is None or not model.labels:
+        return False
+    wanted = _words(item.label)
+    return not any(wanted <= _words(name) for name in model.labels)
 
 
 @dataclass
@@ -90,13 +117,37 @@ def summary_section(ctx: Context) -> Section:
 
 def predictions_section(ctx: Context) -> Section:
     predictions = ctx.model.predict([item.image for item in ctx.images], top_k=3)
+    outsiders = [(item, preds[0]) for item, preds in zip(ctx.images, predictions) if outside_classes(ctx.model, item)]
     items, rows = [], []
     for item, preds in zip(ctx.images, predictions):
-        items.append(figure(_thumbnail(item.image), item.name))
+        caption = item.name + (f" ({item.label}: not one of the model's classes)"
+                               if outside_classes(ctx.model, item) else "")
+        items.append(figure(_thumbnail(item.image), caption))
         rows.append((item.name, *[f"{p.label} ({p.probability:.1%})" for p in preds]))
     k = max(len(p) for p in predictions)
-    html = _parts.figures(items) + _parts.table(["image", *[f"top {i + 1}" for i in range(k)]], rows)
+    callout = _parts.callout(_outsiders_note(ctx.model, outsiders)) if outsiders else ""
+    html = _parts.figures(items) + callout + _parts.table(["image", *[f"top {i + 1}" for i in range(k)]], rows)
     return Section("predictions", "Predictions", Markup(html))
+
+
+def _join(names: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _outsiders_note(model: Model, outsiders: list) -> str:
+    """Why a photo of a cat gets a shape's name: said with the model's own classes and answers."""
+    labels = list(model.labels)
+    count = len(labels)
+    listed = f" ({', '.join(labels)})" if count <= 20 else ""
+    shown = _join([item.name if _words(item.label) <= _words(item.name) else f"{item.name} ({item.label})"
+                   for item, _ in outsiders])
+    answers = _join([f"'{top.label}' at {top.probability:.1%} for {item.name}" for item, top in outsiders])
+    verb = "is" if len(outsiders) == 1 else "are"
+    return (f"{shown} {verb} outside the {count} classes this model knows{listed}. A classifier always answers "
+            f"with one of its own classes, however sure it sounds: {answers} says which of its {count} classes "
+            f"the picture resembles most, not what it shows. Look at where it looked (next section) to see "
+            f"what drove the answer.")
 
 
 def _thumbnail(image: Image.Image, size: int = 160) -> Image.Image:
@@ -111,8 +162,9 @@ def _left_out(skipped: dict[str, str], why: str = "as they do not apply to this 
 
 
 def heatmaps_section(ctx: Context) -> Section:
-    """Every registered method over every image, side by side; the ground-truth outline where known."""
+    """Every registered method for every image: one block per image, the methods wrapping beside it."""
     from ..heatmaps import METHODS, explain
+    from ..render.overlay import STYLES, colorbar_css, describe_style, style_for
     from .html import outline
 
     methods = ctx.options.get("methods") or list(METHODS)
@@ -126,27 +178,34 @@ def heatmaps_section(ctx: Context) -> Section:
         except ConvlensError as err:  # the method does not apply to this model: say so, show the rest
             skipped[name] = str(err)
             continue
-        columns[name] = (result, result.overlay(pictures))
-    headers = ["image", *columns]
-    rows = []
+        columns[name] = (result, result.overlay(pictures))  # each method in its kind's style
+    if not columns:
+        return Section("heatmaps", "Where the model looked", Markup(""),
+                       "No heatmap method applies to this model." + _left_out(skipped))
+    first = next(iter(columns.values()))[0]
+    blocks = []
     for i, item in enumerate(ctx.images):
-        cells = [_cell(item.image if item.mask is None else outline(item.image, item.mask), item.name)]
-        for name, (result, overlays) in columns.items():
-            shown = overlays[i] if item.mask is None else outline(overlays[i], item.mask)
-            flag = " (flat map)" if result.flat[i] else ""
-            cells.append(_cell(shown, f"{result.target_names[i]}{flag}"))
-        rows.append(cells)
-    if columns:
-        first = next(iter(columns.values()))[0]
-        layer = first.layer if isinstance(first.layer, str) else ", ".join(first.layer or [])
-        note = (f"Each map explains the top-1 class ({', '.join(sorted(set(first.target_names)))}) at layer "
-                f"{layer} for the CAM methods; jet colormap at opacity 0.4 over the original image."
-                + (" White outlines are the ground-truth object masks."
-                   if any(i.mask is not None for i in ctx.images) else ""))
-    else:
-        note = "No heatmap method applies to this model."
-    return Section("heatmaps", "Where the model looked", Markup(_parts.grid(headers, rows)),
-                   note + _left_out(skipped))
+        about = f"explained: {first.target_names[i]}"
+        if outside_classes(ctx.model, item):
+            about += f" ({item.label}: not one of the model's classes)"
+        original = _cell(item.image if item.mask is None else outline(item.image, item.mask), item.name)
+        panels = [_cell(overlays[i] if item.mask is None else outline(overlays[i], item.mask),
+                        f"{name}{' (flat map)' if result.flat[i] else ''}")
+                  for name, (result, overlays) in columns.items()]
+        blocks.append({"original": original, "about": about, "panels": panels})
+    by_style = {style: [name for name in columns if style_for(name) == style] for style in STYLES}
+    legends = [(colorbar_css(STYLES[style]), f"{', '.join(names)}: {describe_style(style)}")
+               for style, names in by_style.items() if names]
+    layer = first.layer if isinstance(first.layer, str) else ", ".join(first.layer or [])
+    note = (f"Each map explains the image's top-1 class, at layer {layer} for the CAM methods. "
+            + " ".join(f"{_join(names)}: {describe_style(style)}." for style, names in by_style.items() if names)
+            + (" Pixel-level gradient maps are sparse, a few bright pixels in a dark field: blended over the "
+               "photo they all but vanish, so they are shown alone, as their papers show them."
+               if by_style["map"] else "")
+            + (" White outlines are the ground-truth object masks." if any(i.mask is not None for i in ctx.images)
+               else ""))
+    html = _parts.colorbars(legends) + _parts.heatmaps(blocks)
+    return Section("heatmaps", "Where the model looked", Markup(html), note + _left_out(skipped))
 
 
 #: Models with more classes than this get no per-class grid: one panel per class stops being readable.
@@ -274,39 +333,8 @@ def training_section(ctx: Context) -> Section | None:
                    "Written by convlens train on the held-out validation split.")
 
 
-def evaluation_section(ctx: Context) -> Section | None:
-    """Which heatmap to trust: localisation against ground-truth masks and deletion/insertion faithfulness."""
-    from ..metrics import METRICS
-    from ..evaluation import summary_table
-    from ..evaluation.runner import evaluate_images
-
-    images = [(item.name, item.image, item.mask) for item in ctx.images if item.mask is not None]
-    images += ctx.options.get("evaluation_images", [])
-    if not images:
-        return None
-    methods = ctx.options.get("evaluation_methods", ["gradcam", "scorecam", "layercam", "saliency"])
-    metrics = ["pointing", "pointing_scaled", "pointing_strict", "pointing_box", "energy_pointing", "iou", "deletion",
-               "insertion", "drop", "increase"]
-    ctx.step("evaluation")
-    summary, skipped = {}, {}
-    for method in methods:  # one at a time, so a method that does not apply leaves the others' rows
-        try:
-            summary.update(evaluate_images(ctx.model, images, methods=[method], metrics=metrics)[1])
-        except ConvlensError as err:
-            skipped[method] = str(err)
-    headers, rows = summary_table(summary, {name: METRICS[name] for name in metrics})
-    note = (f"Mean \u00b1 95% confidence half-width (number of images) over {len(images)} images with "
-            "ground-truth masks, each explained for the model's top class. Pointing game: the map's maximum "
-            "falls on the object, within 15 px (the paper's tolerance), within 15 px per 224 px of input (scaled), "
-            "exactly (strict), or inside the box of one of the mask's regions (box); energy pointing game: the "
-            "share of the map's energy inside the mask; IoU of the map thresholded at 0.5; deletion/insertion: area under the class-probability "
-            "curve as pixels are removed/added most-important first; Average Drop / Increase in Confidence "
-            "with the image multiplied by the map. \u2191 higher is better, \u2193 lower is better."
-            + _left_out(skipped))
-    return Section("evaluation", "Which heatmap to trust", Markup(_parts.table(headers, rows)), note)
-
-
 from .atlas_section import atlas_section  # noqa: E402  (it imports Context, Section and figure from here)
+from .evaluation_section import evaluation_section  # noqa: E402  (likewise)
 
 SECTIONS = [summary_section, predictions_section, heatmaps_section, classes_section, activations_section,
             filters_section,
