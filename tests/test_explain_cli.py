@@ -48,7 +48,7 @@ def files(tmp_path_factory):
 
 def test_writes_overlays_raw_maps_and_a_figure_per_image(capsys, tmp_path, files):
     out = tmp_path / "maps"
-    code, stdout, err = run(capsys, "explain", files["tiny"], *files["pictures"], "-m", "gradcam,gradcam++,saliency",
+    code, stdout, err = run(capsys, "explain", files["tiny"], *files["pictures"], "--methods", "gradcam,gradcam++,saliency",
                             "--out", out, "--batch-size", "1", "--alpha", "0.5", "--colormap", "viridis")
     assert code == 0, err
     assert "layer: relu2 (auto)" in stdout
@@ -71,7 +71,7 @@ def test_writes_overlays_raw_maps_and_a_figure_per_image(capsys, tmp_path, files
 
 def test_one_target_per_image(capsys, tmp_path, files):
     out = tmp_path / "maps"
-    code, _, err = run(capsys, "explain", files["tiny"], *files["pictures"], "--target", "2,0", "--out", out)
+    code, _, err = run(capsys, "explain", files["tiny"], *files["pictures"], "--targets", "2,0", "--out", out)
     assert code == 0, err
     model = cl.load_model(files["tiny"], trust_code=True)
     api = cl.explain(model, [Image.open(files["pictures"][1])], method="gradcam", target=0)
@@ -79,12 +79,12 @@ def test_one_target_per_image(capsys, tmp_path, files):
 
 
 @pytest.mark.parametrize("args,match", [
-    (["-m", "gradcm"], "unknown method 'gradcm'; did you mean 'gradcam'"),
-    (["--layer", "fc"], "not a spatial feature map"),
-    (["--layer", "layer9"], "unknown layer"),
-    (["--target", "9"], "out of range"),
-    (["--target", "0,1,2"], "3 classes for 2 images"),
-    (["-m", "gradcam,cam", "--model", "no_gap"], "global average pooling"),
+    (["--methods", "gradcm"], "unknown method 'gradcm'; did you mean 'gradcam'"),
+    (["--layers", "fc"], "not a spatial feature map"),
+    (["--layers", "layer9"], "unknown layer"),
+    (["--targets", "9"], "out of range"),
+    (["--targets", "0,1,2"], "3 classes for 2 images"),
+    (["--methods", "gradcam,cam", "--model", "no_gap"], "global average pooling"),
     (["--colormap", "jett"], "unknown colormap"),
     (["--alpha", "2"], "between 0 and 1"),
     (["--picture", "missing.png"], "image not found"),
@@ -112,16 +112,16 @@ def test_one_checking_pass_plus_what_the_method_needs(capsys, files, tmp_path, m
     net = TinyNet()
     passes = []
     net.fc.register_forward_hook(lambda module, inputs, output: passes.append(output.shape[0]))
-    monkeypatch.setattr("convlens.cli.explain.open_model", lambda *args, **kwargs: cl.load_model(net, input_size=32))
-    code, _, err = run(capsys, "explain", "tiny", files["pictures"][0], "--method", method, "--out", tmp_path / "o")
+    monkeypatch.setattr("convlens.cli.common.ModelOptions.open", lambda self, source: cl.load_model(net, input_size=32))
+    code, _, err = run(capsys, "explain", "tiny", files["pictures"][0], "--methods", method, "--out", tmp_path / "o")
     assert code == 0, err
     assert len(passes) == 1 + own_passes
 
 
 def test_target_all_writes_the_per_class_grid(capsys, files, tmp_path):
     out = tmp_path / "all"
-    code, stdout, err = run(capsys, "explain", files["tiny"], *files["pictures"], "--method", "gradcam,cam",
-                            "--target", "all", "--out", out)
+    code, stdout, err = run(capsys, "explain", files["tiny"], *files["pictures"], "--methods", "gradcam,cam",
+                            "--targets", "all", "--out", out)
     assert code == 0, err
     stem = files["pictures"][0].stem
     raw = np.load(out / f"{stem}_gradcam.npy")
@@ -132,6 +132,6 @@ def test_target_all_writes_the_per_class_grid(capsys, files, tmp_path):
     with Image.open(out / f"{stem}_gradcam.png") as grid:
         assert grid.size[0] > grid.size[1]  # original + 3 classes in one row of 4
     assert not (out / f"{stem}_explain.png").exists()
-    code, _, err = run(capsys, "explain", files["tiny"], files["pictures"][0], "--method", "saliency",
-                       "--target", "all", "--out", tmp_path / "refused")
+    code, _, err = run(capsys, "explain", files["tiny"], files["pictures"][0], "--methods", "saliency",
+                       "--targets", "all", "--out", tmp_path / "refused")
     assert code == 2 and "one class at a time" in err and not (tmp_path / "refused").exists()

@@ -207,7 +207,7 @@ def test_cli_trains_a_binary_classifier_and_skips_unreadable_images(tmp_path, ca
     (data / "red" / "broken.png").write_bytes(b"\x89PNG not really")
     (data / "red" / "000.mask.png").write_bytes(b"masks are never read as images")
     out = tmp_path / "model"
-    code, stdout, stderr = cli(capsys, "train", data, "--out", out, "--epochs", "3", "--size", "16",
+    code, stdout, stderr = cli(capsys, "train", data, "--out", out, "--epochs", "3", "--input-size", "16",
                                "--widths", "6,12", "--batch-size", "8", "--lr", "0.02")
     assert code == 0, stderr
     assert "skipped 1 unreadable image" in stderr and "skipped 1 unreadable image" in stdout
@@ -256,7 +256,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, case
             torch.save({"weights": torch.zeros(2)}, checkpoint)
         extra = ["--optimizer", "adamm"] if case == "bad_optimizer" else ["--resume", checkpoint]
     out = tmp_path / "out"
-    code, stdout, stderr = cli(capsys, "train", data, "--out", out, "--epochs", "1", "--size", "16", *extra)
+    code, stdout, stderr = cli(capsys, "train", data, "--out", out, "--epochs", "1", "--input-size", "16", *extra)
     assert code == 2, stderr
     assert match in stderr and len(stderr.strip().splitlines()) - stderr.count("warning:") == 1
     assert "Traceback" not in stderr

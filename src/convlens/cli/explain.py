@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import numpy as np
 import typer
-from tqdm import tqdm
 
 from ..errors import ConvlensError
 from ..fileio import atomic_path, check_output_dir, save_image, staged_folder
-from ..heatmaps import check_request, explain as explain_images, get_method
-from ..images import load_images
 from . import app
-from .common import ArchOpt, ImagesArg, LabelsOpt, ModelArg, PreprocessingOpt, InputSizeOpt, OutputOpt, TrustCodeOpt, WeightsOpt, comma_list, open_model
+from .common import CmapAliasOpt, ColormapOpt, ImagesArg, ModelArg, ModelOptions, comma_list, grouped
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
-#: --target all draws one panel per class; beyond this many, a figure is no use to anyone.
+#: --targets all draws one panel per class; beyond this many, a figure is no use to anyone.
 MAX_CLASS_PANELS = 100
 
 
@@ -32,7 +31,7 @@ def _parse_target(text: str, count: int):
     if len(values) == 1:
         return values[0]
     if len(values) != count:
-        raise ConvlensError(f"--target lists {len(values)} classes for {count} images; give one, or one per image")
+        raise ConvlensError(f"--targets lists {len(values)} classes for {count} images; give one, or one per image")
     return values
 
 
@@ -46,28 +45,26 @@ def _slug(method: str) -> str:
 
 
 def _save_array(array: np.ndarray, path: Path) -> None:
+    import numpy as np
+
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.save(handle, array)
 
 
 @app.command()
+@grouped
 def explain(
     model: ModelArg,
     images: ImagesArg,
-    method: Annotated[str, typer.Option("--method", "-m", help="Comma-separated methods, e.g. gradcam,scorecam,saliency.")] = "gradcam",
-    layer: Annotated[str, typer.Option("--layer", help="'auto' (last spatial layer), a layer name, or several comma-separated.")] = "auto",
-    target: Annotated[str, typer.Option("--target", help="top1, all (one map per class: CAM and Grad-CAM family), a class index or name, or one per image comma-separated.")] = "top1",
+    method: Annotated[str, typer.Option("--methods", "--method", help="Comma-separated methods, e.g. gradcam,scorecam,saliency.")] = "gradcam",
+    layer: Annotated[str, typer.Option("--layers", "--layer", help="'auto' (last spatial layer), a layer name, or several comma-separated.")] = "auto",
+    target: Annotated[str, typer.Option("--targets", "--target", help="top1, all (one map per class: CAM and Grad-CAM family), a class index or name, or one per image comma-separated.")] = "top1",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs and .npy maps.")] = Path("explanations"),
-    colormap: Annotated[str, typer.Option("--colormap", help="A matplotlib colormap.")] = "jet",
+    colormap: ColormapOpt = "jet",
     alpha: Annotated[float, typer.Option("--alpha", help="Heatmap opacity over the photo, 0-1.")] = 0.4,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per pass.")] = 8,
-    weights: WeightsOpt = "default",
-    arch: ArchOpt = None,
-    labels: LabelsOpt = None,
-    preprocessing: PreprocessingOpt = None,
-    trust_code: TrustCodeOpt = False,
-    input_size: InputSizeOpt = None,
-    output: OutputOpt = None,
+    opts: ModelOptions = ModelOptions(),
+    cmap: CmapAliasOpt = None,
 ) -> None:
     """Show where the model looked: one heatmap per image per method (CAM family and gradient saliency).
 
@@ -76,17 +73,23 @@ def explain(
     IMAGE_explain.png (the original beside every method). Nothing is written if any
     input is wrong or the disk fills up: the set appears in --out complete or not at all.
 
-    Example: convlens explain resnet50 cat.jpg dog.jpg --method gradcam,scorecam --target top1 --out maps
+    Example: convlens explain resnet50 cat.jpg dog.jpg --methods gradcam,scorecam --targets top1 --out maps
     """
     check_output_dir(out)  # before any work: a bad --out must not cost a whole run
-    from ..render.overlay import bounded, check_style, comparison_figure, overlay_heatmap, save_figure  # matplotlib: slow import
+    from tqdm import tqdm
+
+    from ..heatmaps import check_request, explain as explain_images, get_method
+    from ..images import load_images
+    from ..render.overlay import bounded, check_style, comparison_figure, overlay_heatmap, save_figure
+
+    colormap = cmap or colormap
 
     methods = list(dict.fromkeys(get_method(name).name for name in comma_list(method)))
     if not methods:
-        raise ConvlensError("--method is empty; name at least one method, e.g. gradcam")
+        raise ConvlensError("--methods is empty; name at least one method, e.g. gradcam")
     check_style(colormap, alpha)
     pictures = load_images(images)
-    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code, input_size, output)
+    loaded = opts.open(model)
     layers = comma_list(layer) or ["auto"]
     layer_ref = layers[0] if len(layers) == 1 else layers
     targets = _parse_target(target, len(pictures))
@@ -102,8 +105,8 @@ def explain(
     chosen_layers = plans[0].layers
     every_class = targets == "all"
     if every_class and len(plans[0].class_indices) > MAX_CLASS_PANELS:
-        raise ConvlensError(f"--target all draws one panel per class and this model has {len(plans[0].class_indices)} "
-                            f"classes (at most {MAX_CLASS_PANELS}); name the classes instead, e.g. --target 3")
+        raise ConvlensError(f"--targets all draws one panel per class and this model has {len(plans[0].class_indices)} "
+                            f"classes (at most {MAX_CLASS_PANELS}); name the classes instead, e.g. --targets 3")
 
     # Cheap methods first, so a method-specific error (CAM without a GAP head) comes before the slow ones.
     order = sorted(methods, key=lambda name: get_method(name).kind == "perturbation")

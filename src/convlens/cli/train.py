@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from tqdm import tqdm
 
 from ..errors import ConvlensError
 from ..fileio import check_output_dir
 from . import app
-from .common import comma_list
+from .common import comma_list, use_threads
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -42,6 +41,8 @@ def shapes(
 
     Example: convlens shapes data --per-class 600 --seed 0 && convlens shapes data --per-class 100 --seed 1 --split val
     """
+    from tqdm import tqdm
+
     from ..data.shapes import check_classes, write_shapes
 
     check_output_dir(out_dir, option="OUT_DIR")
@@ -60,27 +61,33 @@ def shapes(
 def train(
     data_dir: Annotated[Path, typer.Argument(help="Folder of class folders (DATA/<class>/*.png), or holding train/ "
                                                   "(and val/) class folders.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="Folder for checkpoint.pt, model.pt, metrics.json and plots.",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for checkpoint.pt, model.pt, metrics.json and plots.",
                                       show_default=False)],
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs (default 20; with --resume, the checkpoint's).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per training step.")] = 64,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default 3e-3 adam, 0.05 sgd).")] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="adam (AdamW) or sgd (Nesterov momentum 0.9).")] = "adam",
     schedule: Annotated[str, typer.Option("--schedule", help="cosine, step or constant.")] = "cosine",
     seed: Annotated[int, typer.Option("--seed", help="Seeds the split, the weights and the augmentation.")] = 0,
-    size: Annotated[int, typer.Option("--size", help="Input size: images are resized to SIZE x SIZE.")] = 64,
+    size: Annotated[int, typer.Option("--input-size", "--size", help="Side of the model's square input: images "
+                                                                      "are resized to SIZE x SIZE.")] = 64,
     widths: Annotated[str, typer.Option("--widths", help="Channels per stage, comma-separated.")] = "16,32,64,128",
-    convs_per_stage: Annotated[int, typer.Option("--convs-per-stage", min=1)] = 1,
+    convs_per_stage: Annotated[int, typer.Option("--convs-per-stage", min=1, help="3x3 conv-BN-ReLU blocks in each "
+                                                                                 "stage (a 2x2 max-pool follows each).")] = 1,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of each class held out.")] = 0.2,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random flips and crops.")] = True,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="checkpoint.pt to continue from.")] = None,
 ) -> None:
     """Train a compact VGG-style CNN (BN, global average pooling, linear head) and evaluate it.
 
-    Example: convlens train data --out model --epochs 20 --size 64
+    Example: convlens train data --out model --epochs 20 --input-size 64
     """
+    from tqdm import tqdm
+
     from ..train import TrainConfig
     from ..train import train as run_training
+
+    use_threads()
 
     check_output_dir(out)
     config = TrainConfig(epochs=epochs or 20, batch_size=batch_size, lr=lr, optimizer=optimizer,
