@@ -8,6 +8,7 @@ count that does not oversubscribe the machine.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -138,3 +139,26 @@ def test_openmp_threads_set_by_the_user_are_left_alone(cli, monkeypatch):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+# -- the benchmark scripts still run (their figures live in the README) -------------------------------------
+def _bench(name: str):
+    path = ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_startup_benchmark_times_help_version_and_torch(capsys, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p))
+    best = _bench("bench_startup").main(["--repeat", "1"])
+    assert set(best) == {"convlens --help", "convlens --version", "python -c 'import torch'"}
+    assert "faster than importing torch alone" in capsys.readouterr().out
+
+
+def test_busy_benchmark_runs_quiet_then_beside_hogs(capsys, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p))
+    ratio = _bench("bench_busy").main(["--command=--version", "--hogs", "1", "--no-policy"])
+    out = capsys.readouterr().out
+    assert ratio > 0 and "OMP_WAIT_POLICY: ACTIVE" in out and "beside 1 CPU-bound procs" in out

@@ -251,13 +251,15 @@ def thread_count(cpus: int, quota: float | None = None, requested: str | None = 
     default is every core of the host, which in a container limited to two CPUs
     runs dozens of threads that wait on each other; the smaller of the two is used.
 
-    The load average is not subtracted. Beside two CPU-bound processes on a
-    2-CPU machine, a report-like workload with OMP_WAIT_POLICY=PASSIVE took about
-    the same time with 1 thread as with 2 (see the README), and in a container the
-    load average counts the whole host's processes, so it would starve a job that
-    has its CPUs to itself. Inter-op threads are left alone: convlens's commands
-    never start torch's inter-op pool (checked with ``torch.set_num_interop_threads``,
-    which refuses once the pool has started).
+    Busy CPUs (the load average) are not subtracted: it did not help when
+    measured. Beside two CPU-bound processes on a 2-CPU machine, Score-CAM,
+    Grad-CAM and saliency on the bundled model (OMP_WAIT_POLICY=PASSIVE) took a
+    median 25.8 s with 2 threads and 30.1 s with 1 (three runs each, on a machine
+    other jobs also used). In a container the load average also counts the whole
+    host's processes, and would starve a job that has its CPUs to itself.
+    Inter-op threads are left alone too: convlens's commands never start
+    torch's inter-op pool (``torch.set_num_interop_threads`` still accepts a
+    value after Score-CAM, Grad-CAM, saliency and integrated gradients ran).
     """
     if requested:
         return None
