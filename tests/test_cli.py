@@ -183,3 +183,20 @@ def test_the_old_cmap_spelling_still_works(cli, tiny_file, picture, tmp_path):
 def test_an_unknown_device_is_one_line(cli, tiny_file, picture, tmp_path):
     code, _, err = cli("predict", tiny_file, picture, "--trust-code", "--device", "gpu7")
     assert code == 2 and "cannot use device 'gpu7'" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("spelling", ["--input-size", "--size"])  # --size: train's old name, out of --help
+def test_train_takes_its_input_size_by_either_name(cli, tmp_path, monkeypatch, spelling):
+    import convlens.train
+    from convlens.errors import ConvlensError
+
+    seen = []
+
+    def stop(data_dir, out, config, **options):
+        seen.append(config.size)
+        raise ConvlensError("stopped by the test")
+
+    monkeypatch.setattr(convlens.train, "train", stop)
+    code, _, err = cli("train", tmp_path, "--out", tmp_path / "model", spelling, "16")
+    assert code == 2 and "stopped by the test" in err and seen == [16]
+    assert "--size" not in _help("train")

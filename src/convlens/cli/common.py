@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Optional
 
 import typer
-from typer.core import TyperCommand, TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from ..errors import ConvlensError
 
@@ -202,7 +202,7 @@ def _unwrap(text: str | None) -> str | None:
 
 def _quiet_types(params: list) -> None:
     for param in params:
-        if isinstance(param, typer.core.TyperArgument):
+        if isinstance(param, TyperArgument):
             param.metavar = param.metavar or param.name.upper()
             # the name already says what goes there; an instance attribute replaces typer's method for this one
             param.display_type_rich = lambda ctx: None
@@ -213,33 +213,27 @@ def _quiet_types(params: list) -> None:
             param.metavar = _VALUE_NAMES.get(bare, bare.upper())
 
 
-class Command(TyperCommand):
-    """A typer command whose help names values (``--out PATH``) and shows flags bare (``--trust-code``)."""
+class _QuietHelp:
+    """Help that names values (``--out PATH``), shows flags bare (``--trust-code``) and unwraps paragraphs."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.help = _unwrap(self.help)
         _quiet_types(self.params)
 
-    def get_help_option(self, ctx):  # built lazily by click, so it is quietened here
+    def get_help_option(self, ctx):  # click builds it on first use, after __init__
         option = super().get_help_option(ctx)
         if option is not None:
             _quiet_types([option])
         return option
 
 
-class Group(TyperGroup):
-    """The ``convlens`` group, with the same help layout as :class:`Command`."""
+class Command(_QuietHelp, TyperCommand):
+    """A ``convlens`` command (:class:`typer.core.TyperCommand` with :class:`_QuietHelp`)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _quiet_types(self.params)
 
-    def get_help_option(self, ctx):
-        option = super().get_help_option(ctx)
-        if option is not None:
-            _quiet_types([option])
-        return option
+class Group(_QuietHelp, TyperGroup):
+    """The ``convlens`` group of commands, with the same help layout."""
 
 
 # -- threads -------------------------------------------------------------------------------------------------
@@ -248,8 +242,8 @@ def thread_count(cpus: int, quota: float | None = None, requested: str | None = 
 
     ``cpus`` are the CPUs this process may run on (``os.sched_getaffinity``), ``quota``
     the CPUs its cgroup may use (``cpu.max``, ``None`` when unlimited). torch's own
-    default is every core of the host, which in a container limited to two CPUs
-    runs dozens of threads that wait on each other; the smaller of the two is used.
+    default follows the host's cores, which in a container limited to two CPUs
+    means dozens of threads waiting on each other; the smaller of the two is used.
 
     Busy CPUs (the load average) are not subtracted: it did not help when
     measured. Beside two CPU-bound processes on a 2-CPU machine, Score-CAM,
@@ -298,7 +292,7 @@ def use_threads() -> None:
     """Give torch the count of :func:`machine_threads`; called where a command starts to need torch.
 
     Set in this process only, not exported as ``OMP_NUM_THREADS``: child processes
-    choose their own (torch's data-loader workers use one thread, Ray one per actor's CPU).
+    choose their own (torch's data-loader workers use one thread, Ray sets its workers').
     """
     count = machine_threads()
     if count is not None:

@@ -82,7 +82,7 @@ def explain(
     from ..images import load_images
     from ..render.overlay import bounded, check_style, comparison_figure, overlay_heatmap, save_figure
 
-    colormap = cmap or colormap
+    colormap = colormap if cmap is None else cmap
 
     methods = list(dict.fromkeys(get_method(name).name for name in comma_list(method)))
     if not methods:

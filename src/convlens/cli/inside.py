@@ -131,7 +131,7 @@ def activations(
     from ..inside import activations as compute_activations
     from ..render.grid import activation_grid, channel_image
 
-    cmap = cmap or colormap
+    cmap = colormap if cmap is None else cmap
     picture = load_image(image)
     loaded = opts.open(model)
     maps = compute_activations(loaded, picture, _split(layers))

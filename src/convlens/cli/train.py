@@ -69,14 +69,15 @@ def train(
     optimizer: Annotated[str, typer.Option("--optimizer", help="adam (AdamW) or sgd (Nesterov momentum 0.9).")] = "adam",
     schedule: Annotated[str, typer.Option("--schedule", help="cosine, step or constant.")] = "cosine",
     seed: Annotated[int, typer.Option("--seed", help="Seeds the split, the weights and the augmentation.")] = 0,
-    size: Annotated[int, typer.Option("--input-size", "--size", help="Side of the model's square input: images "
-                                                                      "are resized to SIZE x SIZE.")] = 64,
+    size: Annotated[int, typer.Option("--input-size", help="Side of the model's square input: images are resized "
+                                                            "to SIZE x SIZE.")] = 64,
     widths: Annotated[str, typer.Option("--widths", help="Channels per stage, comma-separated.")] = "16,32,64,128",
     convs_per_stage: Annotated[int, typer.Option("--convs-per-stage", min=1, help="3x3 conv-BN-ReLU blocks in each "
                                                                                  "stage (a 2x2 max-pool follows each).")] = 1,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of each class held out.")] = 0.2,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random flips and crops.")] = True,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="checkpoint.pt to continue from.")] = None,
+    old_size: Annotated[Optional[int], typer.Option("--size", hidden=True)] = None,  # --input-size's old name
 ) -> None:
     """Train a compact VGG-style CNN (BN, global average pooling, linear head) and evaluate it.
 
@@ -88,6 +89,7 @@ def train(
     from ..train import train as run_training
 
     use_threads()
+    size = size if old_size is None else old_size
 
     check_output_dir(out)
     config = TrainConfig(epochs=epochs or 20, batch_size=batch_size, lr=lr, optimizer=optimizer,
