@@ -29,11 +29,12 @@ def evaluate(
     data: Annotated[Path, typer.Argument(help="A folder of images; masks as NAME.mask.png or in a masks/ folder.",
                                          show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable: run again to continue).")],
-    methods: Annotated[str, typer.Option("--methods", "--method", help="Comma-separated heatmap methods, e.g. gradcam,scorecam.")] = "gradcam",
-    metrics: Annotated[str, typer.Option("--metrics", "--metric", help="Comma-separated metrics: deletion, insertion, drop, "
-                                         "increase, road, road_morf, road_lerf, pointing, pointing_scaled, "
-                                         "pointing_strict, pointing_box, energy_pointing, iou.")
-                       ] = "deletion,insertion,drop,increase",
+    methods: Annotated[str, typer.Option(
+        "--methods", "--method", help="Comma-separated heatmap methods, e.g. gradcam,scorecam.")] = "gradcam",
+    metrics: Annotated[str, typer.Option(
+        "--metrics", "--metric", help="Comma-separated metrics: deletion, insertion, drop, increase, road, road_morf, "
+                                      "road_lerf, pointing, pointing_scaled, pointing_strict, pointing_box, "
+                                      "energy_pointing, iou.")] = "deletion,insertion,drop,increase",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N images.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Perturbed images per forward pass.")] = 64,
     restart: Annotated[bool, typer.Option("--restart", help="Discard the run already in --out and start over "

@@ -56,9 +56,13 @@ def _save_array(array: np.ndarray, path: Path) -> None:
 def explain(
     model: ModelArg,
     images: ImagesArg,
-    method: Annotated[str, typer.Option("--methods", "--method", help="Comma-separated methods, e.g. gradcam,scorecam,saliency.")] = "gradcam",
-    layer: Annotated[str, typer.Option("--layers", "--layer", help="'auto' (last spatial layer), a layer name, or several comma-separated.")] = "auto",
-    target: Annotated[str, typer.Option("--targets", "--target", help="top1, all (one map per class: CAM and Grad-CAM family), a class index or name, or one per image comma-separated.")] = "top1",
+    method: Annotated[str, typer.Option(
+        "--methods", "--method", help="Comma-separated methods, e.g. gradcam,scorecam,saliency.")] = "gradcam",
+    layer: Annotated[str, typer.Option(
+        "--layers", "--layer", help="'auto' (last spatial layer), a layer name, or several comma-separated.")] = "auto",
+    target: Annotated[str, typer.Option(
+        "--targets", "--target", help="top1, all (one map per class: CAM and Grad-CAM family), a class index or name, "
+                                      "or one per image comma-separated.")] = "top1",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs and .npy maps.")] = Path("explanations"),
     colormap: ColormapOpt = "jet",
     alpha: Annotated[float, typer.Option("--alpha", help="Heatmap opacity over the photo, 0-1.")] = 0.4,

@@ -113,7 +113,8 @@ def activations(
     model: ModelArg,
     image: ImageArg,
     layers: Annotated[Optional[str], typer.Option(
-        "--layers", "--layer", help="Comma-separated layer names (default: every conv and pooling layer up to the last spatial one).")] = None,
+        "--layers", "--layer", help="Comma-separated layer names (default: every conv and pooling layer up to the "
+                                    "last spatial one).")] = None,
     out: OutDirOpt = Path("activations"),
     per_row: Annotated[int, typer.Option("--per-row", min=1, help="Channels per row of the grid.")] = 16,
     colormap: ColormapOpt = "viridis",
@@ -240,8 +241,8 @@ def class_model_command(
 def deepdream(
     model: ModelArg,
     image: ImageArg,
-    layers: Annotated[str, typer.Option("--layers", "--layer", help="Comma-separated layers whose activations to amplify.",
-                                        show_default=False)],
+    layers: Annotated[str, typer.Option("--layers", "--layer", show_default=False,
+                                        help="Comma-separated layers whose activations to amplify.")],
     octaves: Annotated[int, typer.Option("--octaves", help="Number of scales, smallest first.")] = 4,
     octave_scale: Annotated[float, typer.Option("--octave-scale", help="Size ratio between octaves.")] = 1.4,
     steps: Annotated[int, typer.Option("--steps", help="Gradient-ascent steps per octave.")] = 20,
