@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from tqdm import tqdm
 
 from ..errors import ConvlensError
 from . import app
@@ -53,21 +52,12 @@ def _layers(text: str | None) -> list[str] | None:
     return names
 
 
-class _Bar:
-    """A tqdm bar opened at the first report, so an input error prints on one line with no bar."""
+def _bar(desc: str):
+    """Images done: a bar on a terminal, a line per 5 % in a log; nothing before the first report,
+    so an input error prints on one line with no bar."""
+    from ..progress import ProgressDisplay
 
-    def __init__(self, desc: str):
-        self.desc, self.bar = desc, None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            self.bar = tqdm(desc=self.desc, unit="img", total=total, leave=False)
-        self.bar.n = done
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    return ProgressDisplay(desc, unit="img", lines=20)
 
 
 @app.command()
@@ -104,7 +94,7 @@ def scan(
     from ..atlas import scan as run_scan
 
     loaded = open_model(model, weights, arch, labels, preprocessing, trust_code, input_size, output)
-    bar = _Bar("scan")
+    bar = _bar("scan")
     try:
         atlas = run_scan(loaded, data, _layers(layers), out=out, shapes=shapes, seed=seed, size=size, masks=masks,
                          k=top, batch_size=batch_size, workers=workers, part_size=part_size, engine=engine,
@@ -190,7 +180,7 @@ def dissect(
     from ..atlas.dissect import dissect as run_dissect
 
     loaded = open_model(model, weights, arch, labels, preprocessing, trust_code, input_size, output)
-    bar = _Bar("dissect")
+    bar = _bar("dissect")
     try:
         run_dissect(loaded, data, _layers(layers), out=out, shapes=shapes, seed=seed, size=size, masks=masks,
                     quantile=quantile, min_iou=min_iou, k=top, batch_size=batch_size, workers=workers,

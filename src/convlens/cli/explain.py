@@ -7,7 +7,6 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from tqdm import tqdm
 
 from ..errors import ConvlensError
 from ..fileio import atomic_path, check_output_dir, save_image, staged_folder
@@ -108,12 +107,13 @@ def explain(
     # Cheap methods first, so a method-specific error (CAM without a GAP head) comes before the slow ones.
     order = sorted(methods, key=lambda name: get_method(name).kind == "perturbation")
     results: dict[str, list] = {name: [] for name in methods}
-    with tqdm(total=len(order) * len(batches), desc="explain", unit="batch", disable=None) as bar:
+    from ..progress import ProgressDisplay
+
+    with ProgressDisplay("explain", total=len(order) * len(batches), unit="batch") as shown:
         for name in order:
-            for plan in plans:
-                bar.set_postfix_str(name)
+            for number, plan in enumerate(plans, 1):
+                shown.begin(name if len(plans) == 1 else f"{name}, batch {number}/{len(plans)}")
                 results[name].append(explain_images(loaded, method=name, plan=plan))
-                bar.update()
 
     # Everything is computed: only now does anything touch the disk, and only a complete set lands in --out.
     predicted = [label for plan in plans for label in plan.top1()]

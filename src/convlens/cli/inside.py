@@ -7,13 +7,11 @@ only then writes its files (each atomically), so a mistake never leaves half an 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import torch
 import typer
-from tqdm import tqdm
 
 from ..capture import resolve_layers
 from ..errors import ConvlensError, first_line
@@ -92,14 +90,11 @@ def _file_name(layer: str) -> str:
     return layer.replace("/", "_").replace("\\", "_")
 
 
-@contextmanager
 def _progress(total: int, description: str):
-    """A tqdm bar on a terminal (silent when output is redirected), as a ``(done, total)`` callback."""
-    bar = tqdm(total=total, desc=description, disable=None, leave=False)
-    try:
-        yield lambda done, _total: bar.update(done - bar.n)
-    finally:
-        bar.close()
+    """A bar on a terminal, a line per quarter of the steps in a log; a ``(done, total)`` callback for ``with``."""
+    from ..progress import ProgressDisplay
+
+    return ProgressDisplay(description, total, lines=4)
 
 
 @app.command()

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from tqdm import tqdm
 
 from ..fileio import check_output_file
 from ..report import build_report
@@ -37,10 +36,8 @@ def report(
     """
     check_output_file(out)  # before any work: a bad --out must not cost a whole report
     loaded = open_model(model, weights, arch, labels, preprocessing, trust_code, input_size, output) if model else None
-    with tqdm(desc="report", unit="section", leave=False) as bar:
-        def step(message: str) -> None:
-            bar.set_postfix_str(message)
-            bar.update()
+    from ..progress import ProgressDisplay
 
-        path = build_report(loaded, images or None, out, progress=step)
+    with ProgressDisplay("report", unit="section") as shown:  # a bar on a terminal, a line per step in a log
+        path = build_report(loaded, images or None, out, progress=shown.step)
     typer.echo(f"report written to {path.resolve()}")

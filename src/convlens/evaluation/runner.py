@@ -203,15 +203,21 @@ def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], m
 
 def evaluate_images(model, images: Sequence[tuple[str, ImageLike, np.ndarray | None]], *,
                     methods: Sequence[str] | Mapping[str, ExplainFn], metrics: Sequence[str],
-                    batch_size: int = 64) -> tuple[list[dict], dict[str, dict[str, MeanCI]]]:
+                    batch_size: int = 64, progress: Progress | None = None
+                    ) -> tuple[list[dict], dict[str, dict[str, MeanCI]]]:
     """:func:`evaluate` in memory, for the report: ``(name, image, mask or None)`` triples in,
-    ``(rows, summary)`` out, nothing written. Rows hold ``values`` and ``curves`` per (image, method)."""
+    ``(rows, summary)`` out, nothing written. Rows hold ``values`` and ``curves`` per (image, method),
+    image by image; ``progress(done, total)`` is called after each of them."""
     model = as_model(model)
     _check_metrics(metrics)
     explainers = resolve_methods(methods)
-    rows = [record for name, image, mask in images
-            for record in score_image(model, load_image(image), mask, explainers, metrics, name=name,
-                                      batch_size=batch_size)]
+    rows, total = [], len(images) * len(explainers)
+    for name, image, mask in images:
+        for record in score_image(model, load_image(image), mask, explainers, metrics, name=name,
+                                  batch_size=batch_size):
+            rows.append(record)
+            if progress is not None:
+                progress(len(rows), total)
     return rows, summarize_rows(rows, list(explainers), metrics)
 
 
