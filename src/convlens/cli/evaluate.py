@@ -33,7 +33,10 @@ def evaluate(
                                          "increase, road, road_morf, road_lerf, pointing, pointing_scaled, "
                                          "pointing_strict, pointing_box, energy_pointing, iou.")
                        ] = "deletion,insertion,drop,increase",
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N images.")] = None,
+    limit: Annotated[Optional[int], typer.Option(
+        "--limit", help="Only N images, sampled evenly across class folders (a flat folder is one class).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the --limit sample: the same seed, the same images.")
+                    ] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Perturbed images per forward pass.")] = 64,
     restart: Annotated[bool, typer.Option("--restart", help="Discard the run already in --out and start over "
                                           "(without it, a run with other settings is refused).")] = False,
@@ -77,7 +80,8 @@ def evaluate(
             warnings.simplefilter("always", UserWarning)
             warnings.showwarning = warn
             result = run_evaluation(loaded, data, methods=method_names, metrics=metric_names, out_dir=out,
-                                    batch_size=batch_size, limit=limit, progress=shown, restart=restart)
+                                    batch_size=batch_size, limit=limit, seed=seed, progress=shown,
+                                    restart=restart)
     finally:
         shown.close()
     typer.echo((out / "summary.md").read_text(encoding="utf-8"))
