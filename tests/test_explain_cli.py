@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -53,7 +57,7 @@ def test_writes_overlays_raw_maps_and_a_figure_per_image(capsys, tmp_path, files
     assert code == 0, err
     assert "layer: relu2 (auto)" in stdout
     expected = {f"{stem}_{m}.{ext}" for stem in ("red", "noise") for m in ("gradcam", "gradcampp", "saliency")
-                for ext in ("png", "npy")} | {"red_explain.png", "noise_explain.png"}
+                for ext in ("png", "npy")} | {"red_explain.png", "noise_explain.png", "index.csv", "index.json"}
     assert {p.name for p in out.iterdir()} == expected
     model = cl.load_model(files["tiny"], trust_code=True)
     for path in files["pictures"]:
@@ -101,7 +105,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(capsys, tmp_path, files
     out = tmp_path / "maps"
     code, _, err = run(capsys, "explain", model, *pictures, *args, "--out", out)
     assert code == 2
-    assert match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    # a log may show the steps that ran before the error ("[1/2] explain: gradcam"); the error is one line
+    errors = [line for line in err.strip().splitlines() if not re.match(r"\[\d+/\d+\] explain: ", line)]
+    assert match in err and len(errors) == 1 and "Traceback" not in err
     assert not out.exists() or not any(out.iterdir())
 
 
@@ -135,3 +141,68 @@ def test_target_all_writes_the_per_class_grid(capsys, files, tmp_path):
     code, _, err = run(capsys, "explain", files["tiny"], files["pictures"][0], "--methods", "saliency",
                        "--targets", "all", "--out", tmp_path / "refused")
     assert code == 2 and "one class at a time" in err and not (tmp_path / "refused").exists()
+
+
+# -- output names and the index ------------------------------------------------------------------------
+
+def test_stems_take_the_folders_that_tell_same_named_inputs_apart(tmp_path, monkeypatch):
+    from convlens.fileio import distinct_stems
+
+    monkeypatch.chdir(tmp_path)
+    assert distinct_stems(["data/circle/00000.png", "data/cross/00000.png", "cat.jpg"]) == [
+        "circle_00000", "cross_00000", "cat"]
+    # nested: each input takes only as many folders as it needs
+    assert distinct_stems(["a/x/1.png", "b/x/1.png", "c/y/1.png"]) == ["a_x_1", "b_x_1", "y_1"]
+    # the same file twice (however it is spelt), and names that would still clash, get a count
+    assert distinct_stems(["a.png", "./a.png", "a.jpg", "a-2.png"]) == ["a", "a-2", "a-3", "a-2-2"]
+
+
+def test_inputs_with_one_name_in_two_folders_and_the_index(capsys, tmp_path, files):
+    folders = {"circle": (220, 30, 30), "cross": (30, 30, 220)}
+    inputs = []
+    for folder, colour in folders.items():
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        inputs.append(tmp_path / "data" / folder / "00000.png")
+        Image.new("RGB", (24, 20), colour).save(inputs[-1])
+    inputs.append(inputs[0])  # the same file again
+    out = tmp_path / "maps"
+    code, stdout, err = run(capsys, "explain", files["tiny"], *inputs, "-m", "gradcam,saliency", "--out", out)
+    assert code == 0, err
+    stems = ["circle_00000", "cross_00000", "circle_00000-2"]
+    expected = {f"{stem}_{m}.{ext}" for stem in stems for m in ("gradcam", "saliency") for ext in ("png", "npy")}
+    expected |= {f"{stem}_explain.png" for stem in stems} | {"index.csv", "index.json"}
+    assert {p.name for p in out.iterdir()} == expected
+    assert np.array_equal(np.load(out / "circle_00000_gradcam.npy"), np.load(out / "circle_00000-2_gradcam.npy"))
+    assert "wrote 15 files" in stdout
+
+    model = cl.load_model(files["tiny"], trust_code=True)
+    api = cl.explain(model, [Image.open(p) for p in inputs], method="gradcam")
+    predicted = [p[0].label for p in model.predict([Image.open(p) for p in inputs])]
+    with open(out / "index.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows == json.loads((out / "index.json").read_text())
+    assert {row["file"] for row in rows} == expected - {"index.csv", "index.json"}
+    by_file = {row["file"]: row for row in rows}
+    for stem, path, target, guess in zip(stems, inputs, api.target_names, predicted):
+        assert by_file[f"{stem}_gradcam.npy"] == {"file": f"{stem}_gradcam.npy", "input": str(path),
+                                                  "method": "gradcam", "target_class": target,
+                                                  "predicted_class": guess}
+        assert by_file[f"{stem}_explain.png"]["method"] == "gradcam,saliency"
+        assert by_file[f"{stem}_saliency.png"]["target_class"] == target
+
+
+def test_the_index_says_all_for_the_per_class_grid(capsys, tmp_path, files):
+    out = tmp_path / "all"
+    code, _, err = run(capsys, "explain", files["tiny"], files["pictures"][0], "--target", "all", "--out", out)
+    assert code == 0, err
+    rows = json.loads((out / "index.json").read_text())
+    assert [(r["file"], r["target_class"]) for r in rows] == [("red_gradcam.png", "all"), ("red_gradcam.npy", "all")]
+
+
+def test_a_log_gets_one_line_per_method_and_batch(capsys, tmp_path, files):
+    code, _, err = run(capsys, "explain", files["tiny"], *files["pictures"], "-m", "gradcam,saliency",
+                       "--batch-size", "1", "--out", tmp_path / "o")
+    assert code == 0, err
+    assert "\r" not in err
+    assert err.splitlines() == ["[1/4] explain: gradcam, batch 1/2", "[2/4] explain: gradcam, batch 2/2",
+                                "[3/4] explain: saliency, batch 1/2", "[4/4] explain: saliency, batch 2/2"]

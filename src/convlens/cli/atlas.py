@@ -76,23 +76,12 @@ def _layers(text: str | None) -> list[str] | None:
     return names
 
 
-class _Bar:
-    """A tqdm bar opened at the first report, so an input error prints on one line with no bar."""
+def _bar(desc: str):
+    """Images done: a bar on a terminal, a line per 5 % in a log; nothing before the first report,
+    so an input error prints on one line with no bar."""
+    from ..progress import ProgressDisplay
 
-    def __init__(self, desc: str):
-        self.desc, self.bar = desc, None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(desc=self.desc, unit="img", total=total, leave=False)
-        self.bar.n = done
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    return ProgressDisplay(desc, unit="img", lines=20)
 
 
 @app.command()
@@ -112,7 +101,7 @@ def scan(
     from ..atlas import scan as run_scan
 
     loaded = opts.open(model)
-    bar = _Bar("scan")
+    bar = _bar("scan")
     try:
         atlas = run_scan(loaded, data, out=out, **run.run_options(), model_source=model, progress=bar)
     finally:
@@ -177,7 +166,7 @@ def dissect(
     from ..atlas.dissect import dissect as run_dissect
 
     loaded = opts.open(model)
-    bar = _Bar("dissect")
+    bar = _bar("dissect")
     try:
         run_dissect(loaded, data, out=out, quantile=quantile, min_iou=min_iou, figures=figures, **run.run_options(),
                     model_source=model, progress=bar)

@@ -35,7 +35,10 @@ def evaluate(
         "--metrics", "--metric", help="Comma-separated metrics: deletion, insertion, drop, increase, road, road_morf, "
                                       "road_lerf, pointing, pointing_scaled, pointing_strict, pointing_box, "
                                       "energy_pointing, iou.")] = "deletion,insertion,drop,increase",
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N images.")] = None,
+    limit: Annotated[Optional[int], typer.Option(
+        "--limit", help="Only N images, sampled evenly across class folders (a flat folder is one class).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the --limit sample: the same seed, the same images.")
+                    ] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Perturbed images per forward pass.")] = 64,
     restart: Annotated[bool, typer.Option("--restart", help="Discard the run already in --out and start over "
                                           "(without it, a run with other settings is refused).")] = False,
@@ -49,7 +52,7 @@ def evaluate(
 
     Example: convlens evaluate shapes data/val --methods gradcam,scorecam --metrics deletion,pointing --out eval
     """
-    from tqdm import tqdm
+    from ..progress import ProgressDisplay
 
     if engine not in ("local", "ray"):
         raise ConvlensError(f"unknown engine {engine!r}; choose local or ray")
@@ -63,13 +66,7 @@ def evaluate(
     check_output_dir(out)  # before the model loads: a bad --out must not cost anything
     method_names, metric_names = _names(methods, "--methods"), _names(metrics, "--metrics")
     loaded = opts.open(model)
-    bars: list[tqdm] = []  # opened at the first report, so input errors print on one line
-
-    def progress(done: int, total: int) -> None:
-        if not bars:
-            bars.append(tqdm(desc="evaluate", unit="map", total=total, initial=done - 1, leave=False))
-        bars[0].n = done
-        bars[0].refresh()
+    shown = ProgressDisplay("evaluate", unit="pair")  # silent until the first pair: input errors stay one line
 
     def warn(message, *_, **__) -> None:  # at once, on one line: a damaged journal is news before the long run
         typer.echo(f"convlens: warning: {message}", err=True)
@@ -79,9 +76,9 @@ def evaluate(
             warnings.simplefilter("always", UserWarning)
             warnings.showwarning = warn
             result = run_evaluation(loaded, data, methods=method_names, metrics=metric_names, out_dir=out,
-                                    batch_size=batch_size, limit=limit, progress=progress, restart=restart)
+                                    batch_size=batch_size, limit=limit, seed=seed, progress=shown,
+                                    restart=restart)
     finally:
-        for bar in bars:
-            bar.close()
+        shown.close()
     typer.echo((out / "summary.md").read_text(encoding="utf-8"))
     typer.echo("wrote " + ", ".join(str(path) for path in result.files))

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from ..errors import ConvlensError
-from ..fileio import atomic_path, check_output_dir, save_image, staged_folder
+from ..fileio import atomic_path, check_output_dir, distinct_stems, save_image, staged_folder, write_text
 from . import app
 from .common import CmapAliasOpt, ColormapOpt, ImagesArg, ModelArg, ModelOptions, comma_list, grouped
 
@@ -35,11 +35,6 @@ def _parse_target(text: str, count: int):
     return values
 
 
-def _stems(paths: list[Path]) -> list[str]:
-    stems = [p.stem for p in paths]
-    return [f"{stem}-{i}" if stems.count(stem) > 1 else stem for i, stem in enumerate(stems)]
-
-
 def _slug(method: str) -> str:
     return method.replace("++", "pp")
 
@@ -49,6 +44,23 @@ def _save_array(array: np.ndarray, path: Path) -> None:
 
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.save(handle, array)
+
+
+INDEX_COLUMNS = ("file", "input", "method", "target_class", "predicted_class")
+
+
+def _write_index(rows: list[dict], folder: Path) -> None:
+    """``index.csv`` and ``index.json``: which output file came from which input, method and class."""
+    import csv
+    import io
+    import json
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, INDEX_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(folder / "index.csv", buffer.getvalue())
+    write_text(folder / "index.json", json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
 
 
 @app.command()
@@ -74,16 +86,18 @@ def explain(
 
     Writes, per image, IMAGE_METHOD.png (overlay at the photo's resolution, at most
     2048 px a side), IMAGE_METHOD.npy (the raw map before normalisation) and
-    IMAGE_explain.png (the original beside every method). Nothing is written if any
-    input is wrong or the disk fills up: the set appears in --out complete or not at all.
+    IMAGE_explain.png (the original beside every method). IMAGE is the file's name, with
+    the folders that tell same-named inputs apart (circle_00000, cross_00000);
+    index.csv and index.json list each file's input, method, target and predicted class.
+    Nothing is written if any input is wrong or the disk fills up: the set appears in
+    --out complete or not at all.
 
     Example: convlens explain resnet50 cat.jpg dog.jpg --methods gradcam,scorecam --targets top1 --out maps
     """
     check_output_dir(out)  # before any work: a bad --out must not cost a whole run
-    from tqdm import tqdm
-
     from ..heatmaps import check_request, explain as explain_images, get_method
     from ..images import load_images
+    from ..progress import ProgressDisplay
     from ..render.overlay import bounded, check_style, comparison_figure, overlay_heatmap, save_figure
 
     colormap = colormap if cmap is None else cmap
@@ -115,16 +129,16 @@ def explain(
     # Cheap methods first, so a method-specific error (CAM without a GAP head) comes before the slow ones.
     order = sorted(methods, key=lambda name: get_method(name).kind == "perturbation")
     results: dict[str, list] = {name: [] for name in methods}
-    with tqdm(total=len(order) * len(batches), desc="explain", unit="batch", disable=None) as bar:
+    with ProgressDisplay("explain", total=len(order) * len(batches), unit="batch") as shown:
         for name in order:
-            for plan in plans:
-                bar.set_postfix_str(name)
+            for number, plan in enumerate(plans, 1):
+                shown.begin(name if len(plans) == 1 else f"{name}, batch {number}/{len(plans)}")
                 results[name].append(explain_images(loaded, method=name, plan=plan))
-                bar.update()
 
     # Everything is computed: only now does anything touch the disk, and only a complete set lands in --out.
     predicted = [label for plan in plans for label in plan.top1()]
-    stems = _stems(list(images))
+    stems = distinct_stems(images)  # circle_00000, cross_00000: named after the part of the paths that differs
+    index = []
     try:
         with staged_folder(out) as stage:
             for batch_number, indices in enumerate(batches):
@@ -134,6 +148,10 @@ def explain(
                     for name in methods:
                         result = results[name][batch_number]
                         slug = _slug(name)
+                        target_class = "all" if every_class else result.target_names[offset]
+                        index += [{"file": f"{stem}_{slug}.{ext}", "input": str(images[image_index]), "method": name,
+                                   "target_class": target_class, "predicted_class": predicted[image_index]}
+                                  for ext in ("png", "npy")]
                         _save_array(result.raw[offset].cpu().numpy(), stage / f"{stem}_{slug}.npy")
                         if every_class:  # one panel per class: the per-class grid
                             thumbnail = bounded(pictures[image_index], 512)  # K panels: small pictures suffice
@@ -155,9 +173,13 @@ def explain(
                     figure = comparison_figure(pictures[image_index], panels)
                     figure.axes[0].set_title(f"original — predicted: {predicted[image_index]}", fontsize=9)
                     save_figure(figure, stage / f"{stem}_explain.png")
+                    index.append({"file": f"{stem}_explain.png", "input": str(images[image_index]),
+                                  "method": ",".join(methods), "target_class": target_class,
+                                  "predicted_class": predicted[image_index]})
+            _write_index(index, stage)
     except OSError as err:  # a full disk, a folder removed under us: nothing of the set is left behind
         raise ConvlensError(f"cannot write the explanations to {out}: {err.strerror or err}; nothing was written "
                             "(free some space or pass another --out)") from None
     if chosen_layers:
         typer.echo(f"layer: {', '.join(chosen_layers)}{' (auto)' if 'auto' in layers else ''}")
-    typer.echo(f"wrote {len(pictures) * (2 * len(methods) + (0 if every_class else 1))} files to {out}")
+    typer.echo(f"wrote {len(index)} files to {out}, listed in {out / 'index.csv'}")

@@ -7,7 +7,6 @@ only then writes its files (each atomically), so a mistake never leaves half an 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -95,16 +94,11 @@ def _file_name(layer: str) -> str:
     return layer.replace("/", "_").replace("\\", "_")
 
 
-@contextmanager
 def _progress(total: int, description: str):
-    """A tqdm bar on a terminal (silent when output is redirected), as a ``(done, total)`` callback."""
-    from tqdm import tqdm
+    """A bar on a terminal, a line per quarter of the steps in a log; a ``(done, total)`` callback for ``with``."""
+    from ..progress import ProgressDisplay
 
-    bar = tqdm(total=total, desc=description, disable=None, leave=False)
-    try:
-        yield lambda done, _total: bar.update(done - bar.n)
-    finally:
-        bar.close()
+    return ProgressDisplay(description, total, lines=4)
 
 
 @app.command()

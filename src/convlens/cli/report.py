@@ -30,15 +30,11 @@ def report(
     Example: convlens report --model resnet18 --weights none cat.jpg --out report.html
     """
     check_output_file(out)  # before any work: a bad --out must not cost a whole report
-    from tqdm import tqdm
-
+    from ..progress import ProgressDisplay
     from ..report import build_report
 
     loaded = opts.open(model or "shapes")  # what build_report would load, with --device and --input-size applied
-    with tqdm(desc="report", unit="section", leave=False) as bar:
-        def step(message: str) -> None:
-            bar.set_postfix_str(message)
-            bar.update()
 
-        path = build_report(loaded, images or None, out, progress=step)
+    with ProgressDisplay("report", unit="section") as shown:  # a bar on a terminal, a line per step in a log
+        path = build_report(loaded, images or None, out, progress=shown.step)
     typer.echo(f"report written to {path.resolve()}")

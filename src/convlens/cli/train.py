@@ -41,18 +41,17 @@ def shapes(
 
     Example: convlens shapes data --per-class 600 --seed 0 && convlens shapes data --per-class 100 --seed 1 --split val
     """
-    from tqdm import tqdm
-
     from ..data.shapes import check_classes, write_shapes
 
     check_output_dir(out_dir, option="OUT_DIR")
     names = check_classes(comma_list(classes) if classes else None)
     if workers < 0:
         raise ConvlensError(f"--workers must be 0 (one per CPU core) or more, got {workers}")
-    with tqdm(total=per_class * len(names), unit="img", desc="shapes", disable=None) as bar:
+    from ..progress import ProgressDisplay
+
+    with ProgressDisplay("shapes", total=per_class * len(names), unit="img", lines=10) as shown:
         root = write_shapes(out_dir, per_class, seed, size=size, split=split or None, classes=names,
-                            progress=lambda done, total: bar.update(done - bar.n),
-                            workers=workers or os.cpu_count() or 1)
+                            progress=shown, workers=workers or os.cpu_count() or 1)
     typer.echo(f"wrote {per_class * len(names)} images of {len(names)} classes ({', '.join(names)}) "
                f"with masks to {root}")
 
@@ -83,8 +82,6 @@ def train(
 
     Example: convlens train data --out model --epochs 20 --input-size 64
     """
-    from tqdm import tqdm
-
     from ..train import TrainConfig
     from ..train import train as run_training
 
@@ -95,27 +92,30 @@ def train(
     config = TrainConfig(epochs=epochs or 20, batch_size=batch_size, lr=lr, optimizer=optimizer,
                          schedule=schedule, seed=seed, size=size, widths=_int_list(widths, "--widths"),
                          convs_per_stage=convs_per_stage, val_fraction=val_fraction, augment=augment)
-    bars: dict[str, tqdm] = {}
+    from ..progress import ProgressDisplay
+
+    # Loading: a bar, or a line per quarter of each folder. Training: a bar over the epochs naming the
+    # batch and loss, or one line as each epoch begins; each epoch's summary goes to stdout either way.
+    loading = ProgressDisplay("loading images", unit="img", lines=4)
+    epochs_shown = ProgressDisplay("train", unit="epoch")
+    bars = (loading, epochs_shown)
 
     def progress(event) -> None:
-        key = "load" if event.kind == "load" else "epoch"
-        if event.kind in ("load", "batch"):
-            if key not in bars or bars[key].total != event.steps or event.step == 1:
-                if key in bars:
-                    bars[key].close()
-                desc = "loading" if key == "load" else f"epoch {event.epoch}/{event.epochs}"
-                bars[key] = tqdm(total=event.steps, desc=desc, unit="img" if key == "load" else "batch",
-                                 leave=False, disable=None)
-            bars[key].update(event.step - bars[key].n)
-            if "loss" in event.values:
-                bars[key].set_postfix(loss=f"{event.values['loss']:.3f}")
+        if event.kind == "load":
+            loading.update(event.step, event.steps)
+            return
+        loading.close()
+        epochs_shown.total = event.epochs
+        if event.kind == "batch":
+            if event.step == 1:
+                epochs_shown.begin(f"epoch {event.epoch}", index=event.epoch)
+            epochs_shown.note(f"epoch {event.epoch}: batch {event.step}/{event.steps}, "
+                              f"loss {event.values['loss']:.3f}")
         else:
-            for bar in bars.values():
-                bar.close()
-            bars.clear()
             v = event.values
-            tqdm.write(f"epoch {event.epoch}/{event.epochs}: loss {v['train_loss']:.4f} acc {v['train_accuracy']:.4f}"
-                       f" | val loss {v['val_loss']:.4f} val acc {v['val_accuracy']:.4f} | lr {v['lr']:.2e}")
+            epochs_shown.write(f"epoch {event.epoch}/{event.epochs}: loss {v['train_loss']:.4f} "
+                               f"acc {v['train_accuracy']:.4f} | val loss {v['val_loss']:.4f} "
+                               f"val acc {v['val_accuracy']:.4f} | lr {v['lr']:.2e}")
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
@@ -123,7 +123,7 @@ def train(
             result = run_training(data_dir, out, None if (resume and epochs is None) else config,
                                   resume=resume, progress=progress)
         finally:
-            for bar in bars.values():
+            for bar in bars:
                 bar.close()
             for warning in caught:
                 typer.echo(f"convlens: warning: {warning.message}", err=True)

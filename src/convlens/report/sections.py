@@ -26,6 +26,7 @@ from PIL import Image, ImageOps
 
 from ..errors import ConvlensError
 from ..models import Model, Summary
+from ..progress import Steps
 from .html import data_uri
 
 _env = jinja2.Environment(loader=jinja2.PackageLoader("convlens.report", "templates"),
@@ -48,11 +49,19 @@ class Context:
     summary: Summary
     images: list[ReportImage]
     options: dict = field(default_factory=dict)
-    progress: object = None  # callable(str) or None
+    progress: Steps = field(default_factory=Steps)  # build_report begins each section on it
+
+    def expect(self, count: int) -> None:
+        """The current section will report ``count`` sub-steps (said before the first, so callers know the total)."""
+        self.progress.expect(count)
 
     def step(self, message: str) -> None:
-        if self.progress is not None:
-            self.progress(message)
+        """The current section reaches its next sub-step, ``message``."""
+        self.progress.advance(message)
+
+    def skip(self, count: int) -> None:
+        """``count`` of the announced sub-steps will not run."""
+        self.progress.skip(count)
 
     @cached_property
     def layers(self) -> list[str]:
@@ -119,8 +128,9 @@ def heatmaps_section(ctx: Context) -> Section:
     pictures = [item.image for item in ctx.images]
     x = ctx.model.preprocess(pictures)
     columns, skipped = {}, {}
+    ctx.expect(len(methods))
     for name in methods:
-        ctx.step(f"heatmaps: {name}")
+        ctx.step(name)
         try:
             result = explain(ctx.model, x, method=name, layer=ctx.summary.auto_layer)  # already found once
         except ConvlensError as err:  # the method does not apply to this model: say so, show the rest
@@ -208,8 +218,9 @@ def filters_section(ctx: Context) -> Section:
     size = tuple(ctx.model.input_size) if fixed_input_size(ctx.model) else max(ctx.model.input_size)
     steps = ctx.options.get("filter_steps", 96)
     items, skipped = [], {}
+    ctx.expect(len(layers) + 1)  # the layers, then the class models
     for name in layers:
-        ctx.step(f"filters: {name}")
+        ctx.step(name)
         try:
             patterns = filter_patterns(ctx.model, name, max_filters=ctx.options.get("filter_count", 16), size=size,
                                        steps=steps, seed=0)
@@ -287,13 +298,20 @@ def evaluation_section(ctx: Context) -> Section | None:
     methods = ctx.options.get("evaluation_methods", ["gradcam", "scorecam", "layercam", "saliency"])
     metrics = ["pointing", "pointing_scaled", "pointing_strict", "pointing_box", "energy_pointing", "iou", "deletion",
                "insertion", "drop", "increase"]
-    ctx.step("evaluation")
     summary, skipped = {}, {}
+    ctx.expect(len(methods) * len(images))  # one sub-step per scored (method, image) pair: the long part
+
+    def scored(method: str):
+        return lambda done, _total: ctx.step(f"{method} on {images[done - 1][0]}")
+
     for method in methods:  # one at a time, so a method that does not apply leaves the others' rows
+        before = ctx.progress.part
         try:
-            summary.update(evaluate_images(ctx.model, images, methods=[method], metrics=metrics)[1])
+            summary.update(evaluate_images(ctx.model, images, methods=[method], metrics=metrics,
+                                           progress=scored(method))[1])
         except ConvlensError as err:
             skipped[method] = str(err)
+            ctx.skip(len(images) - (ctx.progress.part - before))
     headers, rows = summary_table(summary, {name: METRICS[name] for name in metrics})
     note = (f"Mean \u00b1 95% confidence half-width (number of images) over {len(images)} images with "
             "ground-truth masks, each explained for the model's top class. Pointing game: the map's maximum "
