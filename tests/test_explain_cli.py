@@ -166,7 +166,7 @@ def test_inputs_with_one_name_in_two_folders_and_the_index(capsys, tmp_path, fil
         Image.new("RGB", (24, 20), colour).save(inputs[-1])
     inputs.append(inputs[0])  # the same file again
     out = tmp_path / "maps"
-    code, stdout, err = run(capsys, "explain", files["tiny"], *inputs, "-m", "gradcam,saliency", "--out", out)
+    code, stdout, err = run(capsys, "explain", files["tiny"], *inputs, "--methods", "gradcam,saliency", "--out", out)
     assert code == 0, err
     stems = ["circle_00000", "cross_00000", "circle_00000-2"]
     expected = {f"{stem}_{m}.{ext}" for stem in stems for m in ("gradcam", "saliency") for ext in ("png", "npy")}
@@ -200,7 +200,7 @@ def test_the_index_says_all_for_the_per_class_grid(capsys, tmp_path, files):
 
 
 def test_a_log_gets_one_line_per_method_and_batch(capsys, tmp_path, files):
-    code, _, err = run(capsys, "explain", files["tiny"], *files["pictures"], "-m", "gradcam,saliency",
+    code, _, err = run(capsys, "explain", files["tiny"], *files["pictures"], "--methods", "gradcam,saliency",
                        "--batch-size", "1", "--out", tmp_path / "o")
     assert code == 0, err
     assert "\r" not in err
