@@ -136,7 +136,7 @@ def test_report_cli_prints_one_plain_line_per_step_when_not_a_terminal(report_ru
         out.write_text("<html></html>")
         return out
 
-    monkeypatch.setattr("convlens.cli.report.build_report", replay)
+    monkeypatch.setattr("convlens.report.build_report", replay)  # the command imports it when it runs
     code, stdout, stderr = cli("report", "--out", tmp_path / "r.html")
     assert code == 0, stderr
     assert "\r" not in stderr and "report written to" in stdout
