@@ -79,7 +79,7 @@ def peak_rss(args: list[str]) -> int:
 
 def _command(command: str, model: list[str], image: Path, out: Path) -> list[str]:
     if command == "explain":
-        return ["explain", *model, str(image), "--method", "gradcam,saliency", "--out", str(out / "maps")]
+        return ["explain", *model, str(image), "--methods", "gradcam,saliency", "--out", str(out / "maps")]
     name, *weights = model
     return ["report", str(image), "--model", name, *weights, "--out", str(out / "report.html")]
 

@@ -299,11 +299,18 @@ def test_report_atlas_section_shows_detectors_with_patterns_and_examples(shapes_
     from convlens.report.atlas_section import atlas_section
     from convlens.report.sections import SECTIONS, Context
 
+    from convlens.progress import Steps
+
     assert SECTIONS[-1] is atlas_section
+    seen = []
+    steps = Steps(1, seen.append)
     ctx = Context(shapes_model, cl.summarize(shapes_model), [],
                   {"atlas_images": 48, "atlas_layers": ["features.relu4"], "atlas_units": 2, "atlas_examples": 2,
-                   "atlas_steps": 2})
+                   "atlas_steps": 2}, steps)
+    steps.begin("atlas")
     section = atlas_section(ctx)
+    assert [str(step) for step in seen] == ["[1/1] atlas", "[1/1] atlas: dissection (1/2)",
+                                            "[1/1] atlas: examples of features.relu4 (2/2)"]
     html = str(section.html)
     assert "features.relu4" in html and html.count("data:image/png;base64,") == 2 * 3  # pattern + 2 examples
     assert "unique" in section.note and "48 generated shapes images" in section.note

@@ -2,15 +2,19 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import typer
 from PIL import Image
 from typer.testing import CliRunner
 
+import convlens
 from convlens.cli import app
 
 from conftest import TinyNet
@@ -90,3 +94,109 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_file, picture, args, ma
 def test_empty_image_list_is_a_usage_error(tiny_file):
     code, _, err = run("predict", str(tiny_file))
     assert code == 2 and "Missing argument" in err
+
+
+# -- one vocabulary ---------------------------------------------------------------------------------------
+COMMANDS = typer.main.get_command(app).commands
+#: Commands that run a model take --device and --input-size (examples runs at the size its atlas was scanned
+#: at, so it has --device only; train builds its model at --input-size and trains on the CPU).
+MODEL_COMMANDS = ["activations", "class-model", "deepdream", "dissect", "evaluate", "explain", "filters", "layers",
+                  "predict", "report", "scan"]
+PLURALS = {"--methods": "--method", "--layers": "--layer", "--targets": "--target", "--metrics": "--metric"}
+
+
+def _help(command: str) -> str:
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_every_command_is_listed_once():
+    assert sorted(COMMANDS) == sorted(MODEL_COMMANDS + ["examples", "shapes", "train"])
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_describes_every_option_without_type_clutter(command):
+    text = _help(command)
+    for param in COMMANDS[command].params:
+        if getattr(param, "hidden", False):
+            continue
+        assert (param.help or "").strip(), f"{command} {param.name} has no help"
+        for name in param.opts if param.param_type_name == "option" else [param.metavar]:
+            assert name in text, f"{command} --help does not show {name}"
+    assert not re.search(r"<(bool|str|int|float|path|list)\b", text, re.IGNORECASE), text
+
+
+def test_flags_read_bare_and_values_read_with_a_name():
+    text = _help("explain")
+    assert re.search(r"--trust-code +Allow", text) and re.search(r"--out +-o +PATH", text)
+    assert re.search(r"--input-size +SIZE", text) and re.search(r"--batch-size +INTEGER", text)
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS + ["examples"])
+def test_model_commands_take_device_and_input_size(command):
+    names = {name for param in COMMANDS[command].params for name in param.opts}
+    assert "--device" in names
+    assert ("--input-size" in names) == (command != "examples")
+    assert {"--weights", "--arch", "--trust-code"} <= names
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_lists_are_plural_with_the_singular_accepted(command):
+    for param in COMMANDS[command].params:
+        for plural, singular in PLURALS.items():
+            if plural in param.opts:
+                assert singular in param.opts, f"{command} {plural} lacks {singular}"
+            elif singular in param.opts and not (command == "examples" and singular == "--layer"):
+                pytest.fail(f"{command} spells {singular} without {plural}")
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_short_m_means_model_and_colormap_is_one_name(command):
+    for param in COMMANDS[command].params:
+        if "-m" in param.opts:
+            assert param.opts == ["--model", "-m"], f"{command}: -m is {param.opts}"
+        if "--cmap" in param.opts:  # the old name, kept working but out of --help
+            assert param.hidden and any("--colormap" in p.opts for p in COMMANDS[command].params)
+
+
+def test_singular_spellings_and_one_item_lists_give_what_the_plurals_give(cli, tiny_file, picture, tmp_path):
+    for spelling, out in [(["--methods", "gradcam", "--layers", "conv2", "--targets", "1"], tmp_path / "plural"),
+                          (["--method", "gradcam", "--layer", "conv2", "--target", "1"], tmp_path / "singular")]:
+        code, _, err = cli("explain", tiny_file, picture, "--trust-code", *spelling, "--out", out)
+        assert code == 0, err
+    plural, singular = (np.load(tmp_path / name / f"{picture.stem}_gradcam.npy") for name in ("plural", "singular"))
+    model = convlens.load_model(tiny_file, trust_code=True)
+    expected = convlens.explain(model, [picture], method="gradcam", layer="conv2", target=1).raw[0].numpy()
+    np.testing.assert_array_equal(plural, singular)
+    np.testing.assert_allclose(plural, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_old_cmap_spelling_still_works(cli, tiny_file, picture, tmp_path):
+    for option, out in [("--colormap", tmp_path / "new"), ("--cmap", tmp_path / "old")]:
+        code, _, err = cli("activations", tiny_file, picture, "--trust-code", "--layers", "conv2", option, "magma",
+                           "--out", out)
+        assert code == 0, err
+    assert (tmp_path / "new" / "conv2.png").read_bytes() == (tmp_path / "old" / "conv2.png").read_bytes()
+
+
+def test_an_unknown_device_is_one_line(cli, tiny_file, picture, tmp_path):
+    code, _, err = cli("predict", tiny_file, picture, "--trust-code", "--device", "gpu7")
+    assert code == 2 and "cannot use device 'gpu7'" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("spelling", ["--input-size", "--size"])  # --size: train's old name, out of --help
+def test_train_takes_its_input_size_by_either_name(cli, tmp_path, monkeypatch, spelling):
+    import convlens.train
+    from convlens.errors import ConvlensError
+
+    seen = []
+
+    def stop(data_dir, out, config, **options):
+        seen.append(config.size)
+        raise ConvlensError("stopped by the test")
+
+    monkeypatch.setattr(convlens.train, "train", stop)
+    code, _, err = cli("train", tmp_path, "--out", tmp_path / "model", spelling, "16")
+    assert code == 2 and "stopped by the test" in err and seen == [16]
+    assert "--size" not in _help("train")

@@ -259,12 +259,60 @@ def test_in_memory_evaluation_matches_the_folder_run(model, data, tmp_path):
 
     metrics = ["drop", "pointing_strict", "energy_pointing"]
     on_disk = evaluate(model, data, methods=STAND_INS, metrics=metrics, out_dir=tmp_path / "out", limit=2)
-    images = [(f"images/a{i}.png", Image.open(data / "images" / f"a{i}.png"),
-               find_mask(data / "images" / f"a{i}.png")) for i in range(2)]
-    rows, summary = evaluate_images(model, images, methods=STAND_INS, metrics=metrics)
+    keys = sorted({r["image"] for r in on_disk.rows})  # the --limit sample: one image of each folder
+    images = [(key, Image.open(data / key), find_mask(data / key)) for key in keys]
+    reported = []
+    rows, summary = evaluate_images(model, images, methods=STAND_INS, metrics=metrics,
+                                    progress=lambda done, total: reported.append((done, total)))
+    assert reported == [(k, 4) for k in range(1, 5)]  # after each (image, method) pair
     expected = {(r["image"], r["method"]): r["values"] for r in on_disk.rows}
     assert {(r["image"], r["method"]): r["values"] for r in rows} == expected
     headers, table = summary_table(summary, {m: REGISTRY[m] for m in metrics})
     assert headers == ["method", "drop ↓", "pointing_strict ↑", "energy_pointing ↑"]
     assert [row[0] for row in table] == ["magnitude", "saliency"]
     assert table[0][1] == summary["magnitude"]["drop"].format() + " (2)"
+
+
+# -- --limit: a seeded sample across classes ---------------------------------------------------------
+
+def _classes(paths, root):
+    from collections import Counter
+
+    return Counter(p.parent.relative_to(root).as_posix() for p in paths)
+
+
+def test_limit_samples_evenly_across_class_folders_with_a_seed(tmp_path):
+    from convlens.evaluation.runner import sample_images
+
+    sizes = {"circle": 10, "cross": 6, "ring": 8, "star": 12}  # sorted order would give 10 circles and 6 crosses
+    images = [tmp_path / name / f"{i:05d}.png" for name, count in sizes.items() for i in range(count)]
+    chosen = sample_images(images, tmp_path, 16)
+    assert _classes(chosen, tmp_path) == {name: 4 for name in sizes}
+    assert chosen == sorted(chosen) and len(set(chosen)) == 16
+    assert sample_images(list(reversed(images)), tmp_path, 16) == chosen  # the order given does not matter
+    assert sample_images(images, tmp_path, 16, seed=1) != chosen
+    assert _classes(sample_images(images, tmp_path, 16, seed=1), tmp_path) == {name: 4 for name in sizes}
+    # counts differ by at most one; a class that runs out leaves its turns to the others
+    assert sorted(_classes(sample_images(images, tmp_path, 18), tmp_path).values()) == [4, 4, 5, 5]
+    few = [tmp_path / "rare" / "0.png", tmp_path / "rare" / "1.png"] + images
+    assert _classes(sample_images(few, tmp_path, 14), tmp_path)["rare"] == 2
+    assert sorted(_classes(sample_images(few, tmp_path, 14), tmp_path).values()) == [2, 3, 3, 3, 3]
+    # a flat folder is one class; no limit, or one past the count, is everything in sorted order
+    flat = [tmp_path / f"{i}.png" for i in range(5)]
+    assert sample_images(flat, tmp_path, 3, seed=2) == sample_images(flat, tmp_path, 3, seed=2)
+    assert sample_images(flat[::-1], tmp_path, None) == flat == sample_images(flat, tmp_path, 9)
+
+
+def test_cli_limit_takes_a_class_folder_each_says_so_and_logs_a_line_per_pair(run, model_file, data, tmp_path):
+    out = tmp_path / "eval"
+    code, stdout, stderr = run("evaluate", str(model_file), str(data), "--methods", "magnitude,saliency",
+                               "--metrics", "drop", "--out", str(out), "--limit", "2")
+    assert code == 0, stderr
+    rows = _table(out / "results.csv")
+    assert sorted(r["image"].split("/")[0] for r in rows) == ["images", "images", "loose", "loose"]
+    said = "a sample of 2 of 4 images, stratified by class folder (2 classes: 1 each), seed 0"
+    assert said in stdout and said in (out / "summary.md").read_text() and said in (out / "summary.html").read_text()
+    assert json.loads((out / "run.json").read_text())["options"] == {"limit": 2, "seed": 0}
+    # stderr is no terminal here: one plain line per (image, method) pair, no bar fragments
+    assert "\r" not in stderr
+    assert stderr.splitlines() == [f"[{k}/4] evaluate" for k in range(1, 5)]

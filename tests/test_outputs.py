@@ -128,11 +128,11 @@ def photos(tmp_path) -> list[Path]:
 @pytest.fixture
 def calls(monkeypatch):
     """Records every model load, heatmap, report, training and dataset run a command starts."""
-    import convlens.cli.common
-    import convlens.cli.explain
-    import convlens.cli.report
     import convlens.data.shapes
     import convlens.evaluation.runner
+    import convlens.heatmaps
+    import convlens.models
+    import convlens.report
     import convlens.train
 
     record = []
@@ -143,8 +143,9 @@ def calls(monkeypatch):
             raise RuntimeError(f"{name} ran before the output place was checked")
         return called
 
-    for module, name in [(convlens.cli.common, "load_model"), (convlens.cli.explain, "explain_images"),
-                         (convlens.cli.report, "build_report"), (convlens.evaluation.runner, "evaluate"),
+    # the commands import these when they run, so the modules that define them are patched
+    for module, name in [(convlens.models, "load_model"), (convlens.heatmaps, "explain"),
+                         (convlens.report, "build_report"), (convlens.evaluation.runner, "evaluate"),
                          (convlens.train, "train"), (convlens.data.shapes, "write_shapes")]:
         monkeypatch.setattr(module, name, recorder(name))
     return record
@@ -216,7 +217,7 @@ def test_explain_leaves_no_part_of_the_set_when_the_disk_fills(run, photos, tmp_
     before = _listing(tmp_path)
     for out in (tmp_path / "maps", tmp_path / "kept"):
         saved.clear()
-        code, _, err = run("explain", "shapes", *photos, "--method", "gradcam,saliency", "--out", out)
+        code, _, err = run("explain", "shapes", *photos, "--methods", "gradcam,saliency", "--out", out)
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert f"cannot write the explanations to {out}: No space left on device; nothing was written" in err
         assert len(saved) == 2  # two overlays (and their .npy) had been written when the disk filled
@@ -227,7 +228,7 @@ def test_explain_leaves_no_part_of_the_set_when_the_disk_fills(run, photos, tmp_
 def test_explain_writes_the_whole_set(run, photos, tmp_path):
     (tmp_path / "maps").mkdir()
     (tmp_path / "maps" / "notes.txt").write_text("mine")
-    code, out, err = run("explain", "shapes", *photos, "--method", "gradcam,saliency", "--out", tmp_path / "maps")
+    code, out, err = run("explain", "shapes", *photos, "--methods", "gradcam,saliency", "--out", tmp_path / "maps")
     assert code == 0, err
     names = sorted(p.name for p in (tmp_path / "maps").iterdir())
     assert names == sorted(["notes.txt", *(f"{stem}_{kind}" for stem in ("one", "two") for kind in (

@@ -22,7 +22,8 @@ LABELS = ["circle", "square", "star"]
 
 
 @pytest.fixture(scope="module")
-def report_html(tmp_path_factory):
+def report_run(tmp_path_factory):
+    """The report on a tiny model: its path, its HTML and every progress step it reported."""
     torch.manual_seed(0)
     model = cl.load_model(TinyNet(), labels=LABELS)
     folder = tmp_path_factory.mktemp("report")
@@ -32,9 +33,15 @@ def report_html(tmp_path_factory):
     square[10:30, 12:36] = True
     images = [picture, ReportImage("chelsea", cl.sample_image("chelsea"), label="cat"),
               ReportImage("masked", Image.new("RGB", (48, 40), (30, 200, 30)), square.numpy(), label="square")]
+    steps = []
     # every method: fourteen panels per image are what overflowed a 1280 px page
-    path = build_report(model, images, folder / "r.html", filter_steps=4)
-    return path, path.read_text()
+    path = build_report(model, images, folder / "r.html", filter_steps=4, progress=steps.append)
+    return path, path.read_text(), steps
+
+
+@pytest.fixture(scope="module")
+def report_html(report_run):
+    return report_run[:2]
 
 
 def _section(html: str, name: str) -> str:
@@ -263,3 +270,72 @@ def test_the_class_grid_is_one_gradcam_per_class_and_only_for_few_classes(tmp_pa
     assert section.html.count("<img ") == 3 and "every class's gradient from the same forward pass" in section.note
     many = cl.load_model(TinyNet(classes=MAX_CLASS_GRID + 1), input_size=16)
     assert classes_section(Context(many, cl.summarize(many), [ReportImage("cat", picture)])) is None
+
+
+# -- progress ----------------------------------------------------------------------------------------
+
+def test_progress_announces_the_totals_it_then_reports(report_run):
+    from convlens.report.sections import SECTIONS
+
+    steps = report_run[2]
+    sections = [step for step in steps if step.part == 0]
+    # every section begins once, in order, and the first step already says how many there are
+    assert [(s.index, s.total) for s in sections] == [(k, len(SECTIONS)) for k in range(1, len(SECTIONS) + 1)]
+    assert {s.total for s in steps} == {len(SECTIONS)}
+    parts = {}
+    for step in steps:
+        if step.part:
+            parts.setdefault(step.name, []).append(step)
+    # each long section announced its sub-steps before the first and then reported exactly that many
+    for name, reported in parts.items():
+        assert [s.part for s in reported] == list(range(1, len(reported) + 1))
+        assert {s.parts for s in reported} == {len(reported)}, name
+    assert [s.detail for s in parts["heatmaps"]] == list(METHODS)
+    assert len(parts["filters"]) == 2 + 1  # two layers of TinyNet, then the class models
+    # the evaluation: the one masked image, for each of the four default methods, then their sanity checks
+    evaluated = ("gradcam", "scorecam", "layercam", "saliency")
+    assert [s.detail for s in parts["evaluation"]] == ([f"{m} on masked" for m in evaluated]
+                                                       + [f"sanity check, {m}" for m in evaluated])
+    assert str(parts["heatmaps"][1]) == f"[3/{len(SECTIONS)}] heatmaps: gradcam (2/{len(METHODS)})"
+
+
+def test_report_cli_prints_one_plain_line_per_step_when_not_a_terminal(report_run, cli, monkeypatch, tmp_path):
+    steps = report_run[2]
+
+    def replay(model, images, out, *, progress):  # the real report's steps, without building it again
+        for step in steps:
+            progress(step)
+        out.write_text("<html></html>")
+        return out
+
+    monkeypatch.setattr("convlens.report.build_report", replay)  # the command imports it when it runs
+    code, stdout, stderr = cli("report", "--out", tmp_path / "r.html")
+    assert code == 0, stderr
+    assert "\r" not in stderr and "report written to" in stdout
+    assert stderr.splitlines() == [str(step) for step in steps]
+    assert all(re.match(r"\[\d+/\d+\] ", line) for line in stderr.splitlines())
+
+
+def test_an_evaluation_method_that_does_not_apply_still_ends_on_the_announced_count():
+    from torch import nn
+
+    from convlens.progress import Steps
+    from convlens.report.sections import Context, evaluation_section
+
+    torch.manual_seed(0)
+    max_pooled = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+                               nn.Linear(4, 3))  # no global average pooling: CAM does not apply
+    model = cl.load_model(max_pooled, input_size=16)
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[4:12, 4:12] = True
+    images = [ReportImage(f"green {i}", Image.new("RGB", (16, 16), (30, 200, 30 * i)), mask.numpy()) for i in range(2)]
+    seen = []
+    steps = Steps(1, seen.append)
+    steps.begin("evaluation")
+    options = {"evaluation_methods": ["cam", "saliency"]}
+    section = evaluation_section(Context(model, cl.summarize(model), images, options, steps))
+    assert "cam: " in section.note  # left out with its reason
+    # cam's two pairs and its sanity check are skipped, counted all the same
+    assert [str(s) for s in seen] == ["[1/1] evaluation", "[1/1] evaluation: saliency on green 0 (4/6)",
+                                      "[1/1] evaluation: saliency on green 1 (5/6)",
+                                      "[1/1] evaluation: sanity check, saliency (6/6)"]

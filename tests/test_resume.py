@@ -113,6 +113,23 @@ def test_the_same_run_again_is_continued_not_refused(clean, data, methods, calls
     assert calls == [] and len(result.rows) == 8
 
 
+def test_a_limited_sample_is_continued_with_the_same_seed_and_refused_with_another(data, methods, calls, tmp_path):
+    out = tmp_path / "sample"
+    first = evaluate(tiny(), data, methods=methods, metrics=METRICS, out_dir=out, limit=2, seed=0)
+    assert "a sample of 2 of 4 images" in first.sample and len(calls) == 4
+    calls.clear()
+    again = evaluate(tiny(), data, methods=methods, metrics=METRICS, out_dir=out, limit=2, seed=0)
+    assert calls == [] and again.rows == first.rows
+    with pytest.raises(ConvlensError, match="--seed: 0 → 1"):
+        evaluate(tiny(), data, methods=methods, metrics=METRICS, out_dir=out, limit=2, seed=1)
+    assert calls == []
+    # without --limit the seed chooses nothing, so it is no reason to refuse
+    evaluate(tiny(), data, methods=methods, metrics=METRICS, out_dir=tmp_path / "all", seed=3)
+    calls.clear()
+    evaluate(tiny(), data, methods=methods, metrics=METRICS, out_dir=tmp_path / "all", seed=4)
+    assert calls == []
+
+
 def test_restart_discards_the_old_run(clean, data, methods, calls, tmp_path):
     other = tiny(seed=1)
     evaluate(other, data, methods={"magnitude": methods["magnitude"]}, metrics=["drop"], out_dir=clean,

@@ -3,6 +3,7 @@ bad input is one line and exit 2 with nothing written."""
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -207,11 +208,17 @@ def test_cli_trains_a_binary_classifier_and_skips_unreadable_images(tmp_path, ca
     (data / "red" / "broken.png").write_bytes(b"\x89PNG not really")
     (data / "red" / "000.mask.png").write_bytes(b"masks are never read as images")
     out = tmp_path / "model"
-    code, stdout, stderr = cli(capsys, "train", data, "--out", out, "--epochs", "3", "--size", "16",
+    code, stdout, stderr = cli(capsys, "train", data, "--out", out, "--epochs", "3", "--input-size", "16",
                                "--widths", "6,12", "--batch-size", "8", "--lr", "0.02")
     assert code == 0, stderr
     assert "skipped 1 unreadable image" in stderr and "skipped 1 unreadable image" in stdout
     assert "validation accuracy" in stdout and "ROC AUC" in stdout
+    # not a terminal: a line as each epoch begins (and a quarter of the images loaded), each epoch's summary on stdout
+    assert "\r" not in stderr and "[21/21] loading images" in stderr
+    epochs = [line for line in stderr.splitlines() if "train:" in line]
+    assert epochs == [f"[{k}/3] train: epoch {k}" for k in (1, 2, 3)]
+    assert [line.split(":")[0] for line in stdout.splitlines() if line.startswith("epoch ")] == [
+        "epoch 1/3", "epoch 2/3", "epoch 3/3"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["skipped_images"] == 1 and metrics["train_images"] + metrics["val_images"] == 20
     assert len(metrics["history"]) == 3 and (out / "roc.png").is_file()
@@ -256,9 +263,11 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, case
             torch.save({"weights": torch.zeros(2)}, checkpoint)
         extra = ["--optimizer", "adamm"] if case == "bad_optimizer" else ["--resume", checkpoint]
     out = tmp_path / "out"
-    code, stdout, stderr = cli(capsys, "train", data, "--out", out, "--epochs", "1", "--size", "16", *extra)
+    code, stdout, stderr = cli(capsys, "train", data, "--out", out, "--epochs", "1", "--input-size", "16", *extra)
     assert code == 2, stderr
-    assert match in stderr and len(stderr.strip().splitlines()) - stderr.count("warning:") == 1
+    # the log may show the images loaded before the error ("[2/4] loading images"); the error is one line
+    errors = [line for line in stderr.strip().splitlines() if not re.match(r"\[\d+/\d+\] loading images$", line)]
+    assert match in stderr and len(errors) - stderr.count("warning:") == 1
     assert "Traceback" not in stderr
     assert not out.exists()
 

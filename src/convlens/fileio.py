@@ -13,7 +13,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import ConvlensError
@@ -145,3 +145,41 @@ def staged_folder(folder: str | os.PathLike) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 parent.rmdir()
         raise
+
+
+def distinct_stems(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """A short, distinct output name per input path: the file's stem, with as many parent folders as it
+    takes to tell it from the other inputs, joined by ``_``.
+
+    ``data/circle/00000.png`` and ``data/cross/00000.png`` become ``circle_00000``
+    and ``cross_00000``; a stem no other input shares stays as it is. Paths are
+    compared made absolute, so ``a.png`` and ``./a.png`` are the same file, and
+    the same file given again gets ``-2``, ``-3``, ... (as does any name that
+    would still clash, e.g. ``x.png`` beside ``x.jpg``).
+
+    Example::
+
+        distinct_stems(["data/circle/00000.png", "data/cross/00000.png", "cat.jpg"])
+        # ['circle_00000', 'cross_00000', 'cat']
+    """
+    tokens = []
+    for path in paths:
+        absolute = Path(os.path.abspath(path))
+        tokens.append([*absolute.parent.parts[1:], absolute.stem])  # parts[0] is the root, never a name
+    names = []
+    for mine in tokens:
+        others = [theirs for theirs in tokens if theirs != mine]
+        depth = 1
+        while depth < len(mine) and any(theirs[-depth:] == mine[-depth:] for theirs in others):
+            depth += 1
+        names.append("_".join(mine[-depth:]))
+    used: set[str] = set()
+    unique = []
+    for name in names:
+        candidate, count = name, 1
+        while candidate in used:
+            count += 1
+            candidate = f"{name}-{count}"
+        used.add(candidate)
+        unique.append(candidate)
+    return unique

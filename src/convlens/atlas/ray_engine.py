@@ -224,7 +224,8 @@ class EvaluateWorker:
 
 
 def evaluate_ray(model, data, *, methods, metrics: Sequence[str], out_dir, batch_size: int = 64,
-                 limit: int | None = None, find_mask: Callable | None = None, progress: Callable | None = None,
+                 limit: int | None = None, seed: int = 0, find_mask: Callable | None = None,
+                 progress: Callable | None = None,
                  restart: bool = False, ray_address: str | None = None, concurrency: int | None = None,
                  num_gpus: float | None = None):
     """:func:`convlens.evaluation.evaluate` with the (image, method) pairs scored on Ray actors.
@@ -245,17 +246,17 @@ def evaluate_ray(model, data, *, methods, metrics: Sequence[str], out_dir, batch
     connect(ray_address)
     names = list(methods) if not isinstance(methods, dict) else list(methods.keys())
     find_mask = find_mask or runner.find_mask
-    options = dict(metrics=metrics, out_dir=out_dir, batch_size=batch_size, limit=limit, find_mask=find_mask)
+    options = dict(metrics=metrics, out_dir=out_dir, batch_size=batch_size, limit=limit, seed=seed, find_mask=find_mask)
     try:
         return runner.evaluate(model, data, methods={name: _pending for name in names}, restart=restart, **options)
     except _Pending:
         pass
     runner.resolve_methods(methods)  # unknown names are an error before any actor starts
     root = Path(data)
-    images = runner.list_images(root)[:limit]
+    images = runner.sample_images(runner.list_images(root), root, limit, seed)  # evaluate's own sample
     keys = [path.name if root.is_file() else path.relative_to(root).as_posix() for path in images]  # evaluate's keys
     masks = [find_mask(path) for path in images]
-    fingerprint = resume.run_fingerprint(model, names, metrics, list(zip(keys, images)), masks, limit)
+    fingerprint = resume.run_fingerprint(model, names, metrics, list(zip(keys, images)), masks, limit, seed)
     journal = resume.Journal(Path(out_dir) / "journal.jsonl", resume.run_id(fingerprint))
     done = journal.done()
     rows = []

@@ -12,18 +12,16 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from tqdm import tqdm
 
 from ..errors import ConvlensError
 from . import app
-from .common import (ArchOpt, InputSizeOpt, LabelsOpt, ModelArg, OutputOpt, PreprocessingOpt, TrustCodeOpt,
-                     WeightsOpt, comma_list, open_model)
+from .common import ModelArg, ModelOptions, OptionGroup, comma_list, grouped
 
 DataArg = Annotated[Optional[Path], typer.Argument(
     help="A folder of class folders, a flat folder, or a .txt/.csv list of image paths (or use --shapes N).",
     show_default=False)]
 LayersOpt = Annotated[Optional[str], typer.Option(
-    "--layers", help="Comma-separated spatial layers (default: every conv and pooling layer).")]
+    "--layers", "--layer", help="Comma-separated spatial layers (default: every conv and pooling layer).")]
 ShapesOpt = Annotated[Optional[int], typer.Option(
     "--shapes", help="Generate N shapes images in memory instead of reading DATA (no files written).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the generated shapes images.")]
@@ -44,6 +42,31 @@ GpusOpt = Annotated[Optional[float], typer.Option(
     "--num-gpus", help="GPUs per Ray actor (default: 1 when CUDA is available, else 0).")]
 
 
+class ScanOptions(OptionGroup):
+    """What ``scan`` and ``dissect`` share: the layers, the data, and how the pass runs."""
+
+    OPTIONS = {
+        "layers": (LayersOpt, None),
+        "shapes": (ShapesOpt, None),
+        "seed": (SeedOpt, 0),
+        "size": (SizeOpt, None),
+        "masks": (MasksOpt, None),
+        "top": (TopOpt, 16),
+        "batch_size": (BatchOpt, 64),
+        "workers": (WorkersOpt, 0),
+        "part_size": (PartOpt, 1024),
+        "engine": (EngineOpt, "local"),
+        "ray_address": (RayAddressOpt, None),
+        "concurrency": (ConcurrencyOpt, None),
+        "num_gpus": (GpusOpt, None),
+    }
+
+    def run_options(self) -> dict:
+        """Keyword arguments of :func:`convlens.atlas.scan` and :func:`~convlens.atlas.dissect`."""
+        options = {name: value for name, value in self.values.items() if name not in ("layers", "top")}
+        return {"layers": _layers(self.layers), "k": self.top, **options}
+
+
 def _layers(text: str | None) -> list[str] | None:
     if text is None:
         return None
@@ -53,49 +76,23 @@ def _layers(text: str | None) -> list[str] | None:
     return names
 
 
-class _Bar:
-    """A tqdm bar opened at the first report, so an input error prints on one line with no bar."""
+def _bar(desc: str):
+    """Images done: a bar on a terminal, a line per 5 % in a log; nothing before the first report,
+    so an input error prints on one line with no bar."""
+    from ..progress import ProgressDisplay
 
-    def __init__(self, desc: str):
-        self.desc, self.bar = desc, None
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            self.bar = tqdm(desc=self.desc, unit="img", total=total, leave=False)
-        self.bar.n = done
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    return ProgressDisplay(desc, unit="img", lines=20)
 
 
 @app.command()
+@grouped
 def scan(
     model: ModelArg,
     data: DataArg = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="The atlas store to write (SQLite), resumed if it exists.")
                    ] = Path("atlas.sqlite"),
-    layers: LayersOpt = None,
-    shapes: ShapesOpt = None,
-    seed: SeedOpt = 0,
-    size: SizeOpt = None,
-    masks: MasksOpt = None,
-    top: TopOpt = 16,
-    batch_size: BatchOpt = 64,
-    workers: WorkersOpt = 0,
-    part_size: PartOpt = 1024,
-    engine: EngineOpt = "local",
-    ray_address: RayAddressOpt = None,
-    concurrency: ConcurrencyOpt = None,
-    num_gpus: GpusOpt = None,
-    weights: WeightsOpt = "default",
-    arch: ArchOpt = None,
-    labels: LabelsOpt = None,
-    preprocessing: PreprocessingOpt = None,
-    trust_code: TrustCodeOpt = False,
-    input_size: InputSizeOpt = None,
-    output: OutputOpt = None,
+    run: ScanOptions = ScanOptions(),
+    opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Stream a dataset once through the model and store per-unit statistics and top images.
 
@@ -103,13 +100,10 @@ def scan(
     """
     from ..atlas import scan as run_scan
 
-    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code, input_size, output)
-    bar = _Bar("scan")
+    loaded = opts.open(model)
+    bar = _bar("scan")
     try:
-        atlas = run_scan(loaded, data, _layers(layers), out=out, shapes=shapes, seed=seed, size=size, masks=masks,
-                         k=top, batch_size=batch_size, workers=workers, part_size=part_size, engine=engine,
-                         ray_address=ray_address, concurrency=concurrency, num_gpus=num_gpus, model_source=model,
-                         progress=bar)
+        atlas = run_scan(loaded, data, out=out, **run.run_options(), model_source=model, progress=bar)
     finally:
         bar.close()
     for layer, stats in atlas.stats.items():
@@ -118,6 +112,7 @@ def scan(
 
 
 @app.command()
+@grouped
 def examples(
     atlas: Annotated[Path, typer.Argument(help="An atlas store written by 'convlens scan'.", show_default=False)],
     layer: Annotated[str, typer.Option("--layer", help="A scanned layer.")],
@@ -126,10 +121,9 @@ def examples(
     top: Annotated[Optional[int], typer.Option("--top", help="Images per unit (default: all the scan kept).")] = None,
     steps: Annotated[int, typer.Option("--steps", help="Filter-pattern steps (0: no pattern).")] = 128,
     model: Annotated[Optional[str], typer.Option(
-        "--model", "-m", help="The scanned model, when it cannot be loaded again from the atlas's MODEL.")] = None,
-    weights: WeightsOpt = "default",
-    arch: ArchOpt = None,
-    trust_code: TrustCodeOpt = False,
+        "--model", "-m", help="The scanned model, when it cannot be loaded again from the atlas's MODEL (it runs "
+                              "at the size the atlas was scanned at).")] = None,
+    opts: ModelOptions = ModelOptions(without=("labels", "preprocessing", "input_size", "output")),
 ) -> None:
     """For each unit: its top dataset images, whole with the map overlaid and cropped around the maximum,
     beside its filter pattern.
@@ -145,43 +139,25 @@ def examples(
     except ValueError:
         raise ConvlensError(f"--units must be comma-separated integers, got {units!r}") from None
     opened = open_atlas(atlas)
-    loaded = open_scanned_model(opened, model or opened.meta["model_source"], weights=weights, arch=arch,
-                                trust_code=trust_code)
+    loaded = opts.place(open_scanned_model(opened, model or opened.meta["model_source"], **opts.load_options()))
     files = write_examples(opened, layer, unit_list, out, model=loaded, k=top, pattern_steps=steps)
     typer.echo("wrote " + ", ".join(str(path) for path in files))
 
 
 @app.command()
+@grouped
 def dissect(
     model: ModelArg,
     data: DataArg = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (atlas.sqlite, dissection.csv, "
                                                            "summary.md, figures/); resumed if it exists.")
                    ] = Path("dissection"),
-    layers: LayersOpt = None,
-    shapes: ShapesOpt = None,
-    seed: SeedOpt = 0,
-    size: SizeOpt = None,
-    masks: MasksOpt = None,
     quantile: Annotated[float, typer.Option("--quantile", help="Activation quantile of each unit's threshold.")
                         ] = 0.995,
     min_iou: Annotated[float, typer.Option("--min-iou", help="IoU a detector's concept must exceed.")] = 0.04,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="One figure per detector.")] = True,
-    top: TopOpt = 16,
-    batch_size: BatchOpt = 64,
-    workers: WorkersOpt = 0,
-    part_size: PartOpt = 1024,
-    engine: EngineOpt = "local",
-    ray_address: RayAddressOpt = None,
-    concurrency: ConcurrencyOpt = None,
-    num_gpus: GpusOpt = None,
-    weights: WeightsOpt = "default",
-    arch: ArchOpt = None,
-    labels: LabelsOpt = None,
-    preprocessing: PreprocessingOpt = None,
-    trust_code: TrustCodeOpt = False,
-    input_size: InputSizeOpt = None,
-    output: OutputOpt = None,
+    run: ScanOptions = ScanOptions(),
+    opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Network Dissection (Bau et al. 2017): label units with the concept their top 0.5 % activations cover.
 
@@ -189,13 +165,11 @@ def dissect(
     """
     from ..atlas.dissect import dissect as run_dissect
 
-    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code, input_size, output)
-    bar = _Bar("dissect")
+    loaded = opts.open(model)
+    bar = _bar("dissect")
     try:
-        run_dissect(loaded, data, _layers(layers), out=out, shapes=shapes, seed=seed, size=size, masks=masks,
-                    quantile=quantile, min_iou=min_iou, k=top, batch_size=batch_size, workers=workers,
-                    part_size=part_size, engine=engine, ray_address=ray_address, concurrency=concurrency,
-                    num_gpus=num_gpus, model_source=model, figures=figures, progress=bar)
+        run_dissect(loaded, data, out=out, quantile=quantile, min_iou=min_iou, figures=figures, **run.run_options(),
+                    model_source=model, progress=bar)
     finally:
         bar.close()
     typer.echo((out / "summary.md").read_text(encoding="utf-8"))

@@ -1,18 +1,31 @@
-"""Options shared by the commands, and the one way the CLI opens a model."""
+"""What the commands share: option declarations, the one way the CLI opens a model, help layout, threads.
+
+Nothing here imports torch at import time: ``convlens --help`` and a mistyped
+option must answer before the heavy libraries would have loaded. The commands
+import what they need when they run.
+"""
 
 from __future__ import annotations
 
+import copy
+import functools
+import inspect
+import math
+import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Optional
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from ..errors import ConvlensError
-from ..models import Model, load_model
+
+if TYPE_CHECKING:
+    from ..models import Model
 
 ModelArg = Annotated[str, typer.Argument(
-    help="A torchvision name (resnet50), a .pt/.pth/TorchScript file, a convlens checkpoint, or a Keras .keras/.h5 file.",
-    show_default=False)]
+    help="A torchvision name (resnet50), 'shapes' (the bundled demo model), a .pt/.pth/TorchScript file, a convlens "
+         "checkpoint, or a Keras .keras/.h5 file.", show_default=False)]
 ImagesArg = Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, ...).", show_default=False)]
 WeightsOpt = Annotated[str, typer.Option(
     "--weights", help="For a torchvision name: 'default' (download once), 'none' (random), or a state-dict file.")]
@@ -25,14 +38,136 @@ PreprocessingOpt = Annotated[Optional[str], typer.Option(
 TrustCodeOpt = Annotated[bool, typer.Option(
     "--trust-code", help="Allow a pickled module (torch.save(model)): loading it runs code from the file, "
                          "so only for files you trust. State dicts, checkpoints and TorchScript never need it.")]
-
-
 InputSizeOpt = Annotated[Optional[str], typer.Option(
-    "--input-size", help="H or HxW to run the model at (default: what the model says; 224 for a plain module).")]
+    "--input-size", metavar="SIZE",
+    help="H or HxW to run the model at (default: what the model says; 224 for a plain module).")]
 OutputOpt = Annotated[Optional[str], typer.Option(
-    "--output", help="Models with several outputs (tuple, list, dict): the index or key of the class scores.")]
+    "--output", metavar="KEY", help="Models with several outputs (tuple, list, dict): the index or key of the class "
+                                    "scores.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(
+    "--device", metavar="DEVICE", help="cpu, cuda, cuda:1, ... (default: cuda when present, else cpu).")]
+ColormapOpt = Annotated[str, typer.Option("--colormap", help="A matplotlib colormap, e.g. jet, viridis, magma.")]
+#: The old spelling of --colormap (activations had it), still accepted and left out of --help.
+CmapAliasOpt = Annotated[Optional[str], typer.Option("--cmap", hidden=True)]
 
 
+# -- option groups: options several commands share, declared once ---------------------------------------
+class OptionGroup:
+    """Options several commands share, declared once and received as one value.
+
+    A subclass lists its options in ``OPTIONS`` (name: typer annotation and
+    default, in ``--help`` order). A command takes the group as a parameter whose
+    default is an instance, ``without`` the options it has no use for and with
+    its own defaults, and is decorated with :func:`grouped`:
+
+        @app.command()
+        @grouped
+        def layers(model: ModelArg, opts: ModelOptions = ModelOptions(without=("labels",), weights="none")):
+            loaded = opts.open(model)
+
+    typer reads a command's options from its signature, so without this eleven
+    commands repeated the same eight model options.
+    """
+
+    OPTIONS: ClassVar[dict[str, tuple[Any, Any]]] = {}
+
+    def __init__(self, without: tuple[str, ...] = (), **defaults: Any) -> None:
+        unknown = (set(without) | set(defaults)) - set(self.OPTIONS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no options {sorted(unknown)}")
+        #: The option values: the defaults in a declaration, what the user gave in a command.
+        self.values = {name: defaults.get(name, default) for name, (_, default) in self.OPTIONS.items()
+                       if name not in without}
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(f"{type(self).__name__} has no option {name!r}")
+
+    def parameters(self) -> list[inspect.Parameter]:
+        """The options as the signature parameters typer reads."""
+        return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=self.OPTIONS[name][0],
+                                  default=default) for name, default in self.values.items()]
+
+    def given(self, values: dict[str, Any]) -> OptionGroup:
+        """This group with the values a command received."""
+        chosen = copy.copy(self)
+        chosen.values = {name: values[name] for name in self.values}
+        return chosen
+
+
+def grouped(command: Callable) -> Callable:
+    """Put the options of each :class:`OptionGroup` parameter of ``command`` in its place, for typer to read."""
+    signature = inspect.signature(command, eval_str=True)
+    groups = {p.name: p.default for p in signature.parameters.values() if isinstance(p.default, OptionGroup)}
+    if not groups:
+        raise TypeError(f"{command.__name__} has no OptionGroup parameter")
+    parameters = []
+    for parameter in signature.parameters.values():
+        if parameter.name in groups:
+            parameters += groups[parameter.name].parameters()
+        else:  # keyword-only: typer passes every value by name, and required options may follow defaults
+            parameters.append(parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+    names = [p.name for p in parameters]
+    if len(set(names)) != len(names):
+        raise TypeError(f"{command.__name__}: an option group repeats a parameter name")
+
+    @functools.wraps(command)
+    def run(**values: Any) -> Any:
+        for name, group in groups.items():
+            values[name] = group.given({option: values.pop(option) for option in group.values})
+        return command(**values)
+
+    run.__signature__ = signature.replace(parameters=parameters)  # what typer reads
+    run.__annotations__ = {p.name: p.annotation for p in parameters}
+    return run
+
+
+class ModelOptions(OptionGroup):
+    """How to load and place a model: ``--weights`` ... ``--device``."""
+
+    OPTIONS = {
+        "weights": (WeightsOpt, "default"),
+        "arch": (ArchOpt, None),
+        "labels": (LabelsOpt, None),
+        "preprocessing": (PreprocessingOpt, None),
+        "trust_code": (TrustCodeOpt, False),
+        "input_size": (InputSizeOpt, None),
+        "output": (OutputOpt, None),
+        "device": (DeviceOpt, None),
+    }
+
+    def load_options(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`convlens.load_model` (``--device`` apart: see :meth:`place`)."""
+        options = {name: value for name, value in self.values.items() if name != "device"}
+        if "input_size" in options:
+            options["input_size"] = parse_size(options["input_size"])
+        return options
+
+    def open(self, source: str) -> Model:
+        """:func:`convlens.load_model` with these options, on ``--device``."""
+        from ..models import load_model
+
+        return self.place(load_model(source, **self.load_options()))
+
+    def place(self, model: Model) -> Model:
+        """Move ``model`` to ``--device`` (default: the GPU when there is one), one line if it cannot go there."""
+        use_threads()  # torch is loaded by now: give it the thread count chosen for this machine
+        import torch
+
+        from ..errors import first_line
+
+        device = self.values.get("device") or ("cuda" if torch.cuda.is_available() else None)
+        if device is not None:
+            try:
+                model.to(device)
+            except (RuntimeError, AssertionError) as err:  # an unknown or absent device
+                raise ConvlensError(f"cannot use device {device!r}: {first_line(err)}") from None
+        return model
+
+
+# -- small parsers ---------------------------------------------------------------------------------------
 def parse_size(text: str | None) -> tuple[int, int] | None:
     """``"224"`` -> ``(224, 224)``, ``"224x160"`` -> ``(224, 160)``, ``None`` -> ``None``."""
     if text is None:
@@ -52,9 +187,115 @@ def comma_list(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
-def open_model(model: str, weights: str = "default", arch: str | None = None, labels: Path | None = None,
-               preprocessing: str | None = None, trust_code: bool = False, input_size: str | None = None,
-               output: str | None = None) -> Model:
-    """:func:`convlens.load_model` with the CLI's options; ``trust_code`` is ``--trust-code``."""
-    return load_model(model, weights=weights, arch=arch, labels=labels, preprocessing=preprocessing,
-                      trust_code=trust_code, input_size=parse_size(input_size), output=output)
+# -- help without type clutter ---------------------------------------------------------------------------
+#: typer prints a type beside every parameter (``--trust-code <bool>``, ``--out <path>``); a value is
+#: named like click does (``--out PATH``) and a flag gets nothing, as it takes no value.
+_VALUE_NAMES = {"str": "TEXT", "int": "INTEGER", "float": "NUMBER", "Path": "PATH"}
+
+
+def _unwrap(text: str | None) -> str | None:
+    """A docstring's paragraphs each on one line: typer's rich help keeps the source's line breaks mid-sentence."""
+    if not text:
+        return text
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in inspect.cleandoc(text).split("\n\n"))
+
+
+def _quiet_types(params: list) -> None:
+    for param in params:
+        if isinstance(param, TyperArgument):
+            param.metavar = param.metavar or param.name.upper()
+            # the name already says what goes there; an instance attribute replaces typer's method for this one
+            param.display_type_rich = lambda ctx: None
+        elif param.is_flag or param.count:
+            param.metavar = ""
+        elif param.metavar is None:
+            bare = param.bare_type()
+            param.metavar = _VALUE_NAMES.get(bare, bare.upper())
+
+
+class _QuietHelp:
+    """Help that names values (``--out PATH``), shows flags bare (``--trust-code``) and unwraps paragraphs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = _unwrap(self.help)
+        _quiet_types(self.params)
+
+    def get_help_option(self, ctx):  # click builds it on first use, after __init__
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _quiet_types([option])
+        return option
+
+
+class Command(_QuietHelp, TyperCommand):
+    """A ``convlens`` command (:class:`typer.core.TyperCommand` with :class:`_QuietHelp`)."""
+
+
+class Group(_QuietHelp, TyperGroup):
+    """The ``convlens`` group of commands, with the same help layout."""
+
+
+# -- threads -------------------------------------------------------------------------------------------------
+def thread_count(cpus: int, quota: float | None = None, requested: str | None = None) -> int | None:
+    """How many threads torch should use: ``None`` to leave the user's ``OMP_NUM_THREADS`` in charge.
+
+    ``cpus`` are the CPUs this process may run on (``os.sched_getaffinity``), ``quota``
+    the CPUs its cgroup may use (``cpu.max``, ``None`` when unlimited). torch's own
+    default follows the host's cores, which in a container limited to two CPUs
+    means dozens of threads waiting on each other; the smaller of the two is used.
+
+    Busy CPUs (the load average) are not subtracted: it did not help when
+    measured. Beside two CPU-bound processes on a 2-CPU machine, Score-CAM,
+    Grad-CAM and saliency on the bundled model (OMP_WAIT_POLICY=PASSIVE) took a
+    median 25.8 s with 2 threads and 30.1 s with 1 (three runs each, on a machine
+    other jobs also used). In a container the load average also counts the whole
+    host's processes, and would starve a job that has its CPUs to itself.
+    Inter-op threads are left alone too: convlens's commands never start
+    torch's inter-op pool (``torch.set_num_interop_threads`` still accepts a
+    value after Score-CAM, Grad-CAM, saliency and integrated gradients ran).
+    """
+    if requested:
+        return None
+    count = cpus if quota is None else min(cpus, math.ceil(quota))
+    return max(1, count)
+
+
+def _cgroup_cpus(path: str = "/sys/fs/cgroup/cpu.max") -> float | None:
+    """CPUs allowed by cgroup v2's ``cpu.max`` (``"200000 100000"`` -> 2.0), ``None`` when unlimited or unknown."""
+    try:
+        quota, period = Path(path).read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def wait_passively(environ: dict | None = None) -> None:
+    """Make idle OpenMP threads sleep instead of spinning, unless the user chose ``OMP_WAIT_POLICY``.
+
+    Called by :func:`convlens.cli.main` before any command imports torch, since
+    OpenMP reads the variable once, when it starts. Beside two CPU hogs on a
+    2-CPU machine, ``convlens report`` took 94.9 s spinning and 54.1 s passive;
+    child processes (data loaders, Ray workers) inherit the setting.
+    """
+    (os.environ if environ is None else environ).setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def machine_threads(environ: dict | None = None) -> int | None:
+    """:func:`thread_count` for this process: its CPU affinity, its cgroup quota, ``OMP_NUM_THREADS``."""
+    environ = os.environ if environ is None else environ
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return thread_count(cpus, _cgroup_cpus(), environ.get("OMP_NUM_THREADS"))
+
+
+def use_threads() -> None:
+    """Give torch the count of :func:`machine_threads`; called where a command starts to need torch.
+
+    Set in this process only, not exported as ``OMP_NUM_THREADS``: child processes
+    choose their own (torch's data-loader workers use one thread, Ray sets its workers').
+    """
+    count = machine_threads()
+    if count is not None:
+        import torch
+
+        torch.set_num_threads(count)

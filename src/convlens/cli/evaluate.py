@@ -12,7 +12,7 @@ import typer
 from ..errors import ConvlensError
 from ..fileio import check_output_dir
 from . import app
-from .common import ArchOpt, LabelsOpt, ModelArg, PreprocessingOpt, InputSizeOpt, OutputOpt, TrustCodeOpt, WeightsOpt, comma_list, open_model
+from .common import ModelArg, ModelOptions, comma_list, grouped
 
 
 def _names(text: str, option: str) -> list[str]:
@@ -23,37 +23,36 @@ def _names(text: str, option: str) -> list[str]:
 
 
 @app.command()
+@grouped
 def evaluate(
     model: ModelArg,
     data: Annotated[Path, typer.Argument(help="A folder of images; masks as NAME.mask.png or in a masks/ folder.",
                                          show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable: run again to continue).")],
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated heatmap methods.")] = "gradcam",
-    metrics: Annotated[str, typer.Option("--metrics", help="Comma-separated metrics: deletion, insertion, drop, "
-                                         "increase, road, road_morf, road_lerf, pointing, pointing_scaled, "
-                                         "pointing_strict, pointing_box, energy_pointing, iou.")
-                       ] = "deletion,insertion,drop,increase",
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N images.")] = None,
+    methods: Annotated[str, typer.Option(
+        "--methods", "--method", help="Comma-separated heatmap methods, e.g. gradcam,scorecam.")] = "gradcam",
+    metrics: Annotated[str, typer.Option(
+        "--metrics", "--metric", help="Comma-separated metrics: deletion, insertion, drop, increase, road, road_morf, "
+                                      "road_lerf, pointing, pointing_scaled, pointing_strict, pointing_box, "
+                                      "energy_pointing, iou.")] = "deletion,insertion,drop,increase",
+    limit: Annotated[Optional[int], typer.Option(
+        "--limit", help="Only N images, sampled evenly across class folders (a flat folder is one class).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the --limit sample: the same seed, the same images.")
+                    ] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Perturbed images per forward pass.")] = 64,
     restart: Annotated[bool, typer.Option("--restart", help="Discard the run already in --out and start over "
                                           "(without it, a run with other settings is refused).")] = False,
-    weights: WeightsOpt = "default",
-    arch: ArchOpt = None,
-    labels: LabelsOpt = None,
-    preprocessing: PreprocessingOpt = None,
-    trust_code: TrustCodeOpt = False,
-    input_size: InputSizeOpt = None,
-    output: OutputOpt = None,
     engine: Annotated[str, typer.Option("--engine", help="local, or ray (Ray Data actors score images).")] = "local",
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster HOST:PORT.")] = None,
     concurrency: Annotated[Optional[int], typer.Option("--concurrency", help="Ray actors.")] = None,
     num_gpus: Annotated[Optional[float], typer.Option("--num-gpus", help="GPUs per Ray actor.")] = None,
+    opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Run every method on every image and write a CSV table, a Markdown/HTML summary and curve plots.
 
     Example: convlens evaluate shapes data/val --methods gradcam,scorecam --metrics deletion,pointing --out eval
     """
-    from tqdm import tqdm
+    from ..progress import ProgressDisplay
 
     if engine not in ("local", "ray"):
         raise ConvlensError(f"unknown engine {engine!r}; choose local or ray")
@@ -66,14 +65,8 @@ def evaluate(
 
     check_output_dir(out)  # before the model loads: a bad --out must not cost anything
     method_names, metric_names = _names(methods, "--methods"), _names(metrics, "--metrics")
-    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code, input_size, output)
-    bars: list[tqdm] = []  # opened at the first report, so input errors print on one line
-
-    def progress(done: int, total: int) -> None:
-        if not bars:
-            bars.append(tqdm(desc="evaluate", unit="map", total=total, initial=done - 1, leave=False))
-        bars[0].n = done
-        bars[0].refresh()
+    loaded = opts.open(model)
+    shown = ProgressDisplay("evaluate", unit="pair")  # silent until the first pair: input errors stay one line
 
     def warn(message, *_, **__) -> None:  # at once, on one line: a damaged journal is news before the long run
         typer.echo(f"convlens: warning: {message}", err=True)
@@ -83,9 +76,9 @@ def evaluate(
             warnings.simplefilter("always", UserWarning)
             warnings.showwarning = warn
             result = run_evaluation(loaded, data, methods=method_names, metrics=metric_names, out_dir=out,
-                                    batch_size=batch_size, limit=limit, progress=progress, restart=restart)
+                                    batch_size=batch_size, limit=limit, seed=seed, progress=shown,
+                                    restart=restart)
     finally:
-        for bar in bars:
-            bar.close()
+        shown.close()
     typer.echo((out / "summary.md").read_text(encoding="utf-8"))
     typer.echo("wrote " + ", ".join(str(path) for path in result.files))

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Optional
 
-import numpy as np
 import typer
-from tqdm import tqdm
 
 from ..errors import ConvlensError
-from ..fileio import atomic_path, check_output_dir, save_image, staged_folder
-from ..heatmaps import check_request, explain as explain_images, get_method
-from ..images import load_images
+from ..fileio import atomic_path, check_output_dir, distinct_stems, save_image, staged_folder, write_text
 from . import app
-from .common import ArchOpt, ImagesArg, LabelsOpt, ModelArg, PreprocessingOpt, InputSizeOpt, OutputOpt, TrustCodeOpt, WeightsOpt, comma_list, open_model
+from .common import CmapAliasOpt, ImagesArg, ModelArg, ModelOptions, comma_list, grouped
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
-#: --target all draws one panel per class; beyond this many, a figure is no use to anyone.
+#: --targets all draws one panel per class; beyond this many, a figure is no use to anyone.
 MAX_CLASS_PANELS = 100
 
 
@@ -32,13 +31,8 @@ def _parse_target(text: str, count: int):
     if len(values) == 1:
         return values[0]
     if len(values) != count:
-        raise ConvlensError(f"--target lists {len(values)} classes for {count} images; give one, or one per image")
+        raise ConvlensError(f"--targets lists {len(values)} classes for {count} images; give one, or one per image")
     return values
-
-
-def _stems(paths: list[Path]) -> list[str]:
-    stems = [p.stem for p in paths]
-    return [f"{stem}-{i}" if stems.count(stem) > 1 else stem for i, stem in enumerate(stems)]
 
 
 def _slug(method: str) -> str:
@@ -46,48 +40,78 @@ def _slug(method: str) -> str:
 
 
 def _save_array(array: np.ndarray, path: Path) -> None:
+    import numpy as np
+
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.save(handle, array)
 
 
+INDEX_COLUMNS = ("file", "input", "method", "target_class", "predicted_class")
+
+
+def _write_index(rows: list[dict], folder: Path) -> None:
+    """``index.csv`` and ``index.json``: which output file came from which input, method and class."""
+    import csv
+    import io
+    import json
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, INDEX_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(folder / "index.csv", buffer.getvalue())
+    write_text(folder / "index.json", json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+
+
 @app.command()
+@grouped
 def explain(
     model: ModelArg,
     images: ImagesArg,
-    method: Annotated[str, typer.Option("--method", "-m", help="Comma-separated methods, e.g. gradcam,scorecam,saliency.")] = "gradcam",
-    layer: Annotated[str, typer.Option("--layer", help="'auto' (last spatial layer), a layer name, or several comma-separated.")] = "auto",
-    target: Annotated[str, typer.Option("--target", help="top1, all (one map per class: CAM and Grad-CAM family), a class index or name, or one per image comma-separated.")] = "top1",
+    method: Annotated[str, typer.Option(
+        "--methods", "--method", help="Comma-separated methods, e.g. gradcam,scorecam,saliency.")] = "gradcam",
+    layer: Annotated[str, typer.Option(
+        "--layers", "--layer", help="'auto' (last spatial layer), a layer name, or several comma-separated.")] = "auto",
+    target: Annotated[str, typer.Option(
+        "--targets", "--target", help="top1, all (one map per class: CAM and Grad-CAM family), a class index or name, "
+                                      "or one per image comma-separated.")] = "top1",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs and .npy maps.")] = Path("explanations"),
-    colormap: Annotated[str | None, typer.Option("--colormap", help="A matplotlib colormap (default: jet over the photo; inferno for pixel-level maps, drawn alone).")] = None,
-    alpha: Annotated[float, typer.Option("--alpha", help="Heatmap opacity over the photo, 0-1 (CAM-style maps; pixel-level maps are drawn alone).")] = 0.4,
+    colormap: Annotated[Optional[str], typer.Option(
+        "--colormap", help="A matplotlib colormap (default: jet over the photo; inferno for pixel-level maps, "
+                           "drawn alone).")] = None,
+    alpha: Annotated[float, typer.Option(
+        "--alpha", help="Heatmap opacity over the photo, 0-1 (pixel-level maps are drawn alone).")] = 0.4,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per pass.")] = 8,
-    weights: WeightsOpt = "default",
-    arch: ArchOpt = None,
-    labels: LabelsOpt = None,
-    preprocessing: PreprocessingOpt = None,
-    trust_code: TrustCodeOpt = False,
-    input_size: InputSizeOpt = None,
-    output: OutputOpt = None,
+    opts: ModelOptions = ModelOptions(),
+    cmap: CmapAliasOpt = None,
 ) -> None:
     """Show where the model looked: one heatmap per image per method (CAM family and gradient saliency).
 
     Writes, per image, IMAGE_METHOD.png (overlay at the photo's resolution, at most
     2048 px a side), IMAGE_METHOD.npy (the raw map before normalisation) and
-    IMAGE_explain.png (the original beside every method). Nothing is written if any
-    input is wrong or the disk fills up: the set appears in --out complete or not at all.
+    IMAGE_explain.png (the original beside every method). IMAGE is the file's name, with
+    the folders that tell same-named inputs apart (circle_00000, cross_00000);
+    index.csv and index.json list each file's input, method, target and predicted class.
+    Nothing is written if any input is wrong or the disk fills up: the set appears in
+    --out complete or not at all.
 
-    Example: convlens explain resnet50 cat.jpg dog.jpg --method gradcam,scorecam --target top1 --out maps
+    Example: convlens explain resnet50 cat.jpg dog.jpg --methods gradcam,scorecam --targets top1 --out maps
     """
     check_output_dir(out)  # before any work: a bad --out must not cost a whole run
-    from ..render.overlay import (STYLES, bounded, check_style, comparison_figure, describe_style,  # matplotlib: slow
-                                  overlay_heatmap, save_figure, style_for)
+    from ..heatmaps import check_request, explain as explain_images, get_method
+    from ..images import load_images
+    from ..progress import ProgressDisplay
+    from ..render.overlay import (STYLES, bounded, check_style, comparison_figure, describe_style, overlay_heatmap,
+                                  save_figure, style_for)
+
+    colormap = colormap if cmap is None else cmap
 
     methods = list(dict.fromkeys(get_method(name).name for name in comma_list(method)))
     if not methods:
-        raise ConvlensError("--method is empty; name at least one method, e.g. gradcam")
+        raise ConvlensError("--methods is empty; name at least one method, e.g. gradcam")
     check_style(colormap, alpha)
     pictures = load_images(images)
-    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code, input_size, output)
+    loaded = opts.open(model)
     layers = comma_list(layer) or ["auto"]
     layer_ref = layers[0] if len(layers) == 1 else layers
     targets = _parse_target(target, len(pictures))
@@ -103,8 +127,8 @@ def explain(
     chosen_layers = plans[0].layers
     every_class = targets == "all"
     if every_class and len(plans[0].class_indices) > MAX_CLASS_PANELS:
-        raise ConvlensError(f"--target all draws one panel per class and this model has {len(plans[0].class_indices)} "
-                            f"classes (at most {MAX_CLASS_PANELS}); name the classes instead, e.g. --target 3")
+        raise ConvlensError(f"--targets all draws one panel per class and this model has {len(plans[0].class_indices)} "
+                            f"classes (at most {MAX_CLASS_PANELS}); name the classes instead, e.g. --targets 3")
 
     # Cheap methods first, so a method-specific error (CAM without a GAP head) comes before the slow ones.
     order = sorted(methods, key=lambda name: get_method(name).kind == "perturbation")
@@ -113,16 +137,16 @@ def explain(
     legends = {style: (colormap or STYLES[style], ", ".join(n for n in methods if style_for(n) == style) + ": "
                        + describe_style(style, colormap, alpha))
                for style in dict.fromkeys(style_for(name) for name in methods)}
-    with tqdm(total=len(order) * len(batches), desc="explain", unit="batch", disable=None) as bar:
+    with ProgressDisplay("explain", total=len(order) * len(batches), unit="batch") as shown:
         for name in order:
-            for plan in plans:
-                bar.set_postfix_str(name)
+            for number, plan in enumerate(plans, 1):
+                shown.begin(name if len(plans) == 1 else f"{name}, batch {number}/{len(plans)}")
                 results[name].append(explain_images(loaded, method=name, plan=plan))
-                bar.update()
 
     # Everything is computed: only now does anything touch the disk, and only a complete set lands in --out.
     predicted = [label for plan in plans for label in plan.top1()]
-    stems = _stems(list(images))
+    stems = distinct_stems(images)  # circle_00000, cross_00000: named after the part of the paths that differs
+    index = []
     try:
         with staged_folder(out) as stage:
             for batch_number, indices in enumerate(batches):
@@ -132,6 +156,10 @@ def explain(
                     for name in methods:
                         result = results[name][batch_number]
                         slug = _slug(name)
+                        target_class = "all" if every_class else result.target_names[offset]
+                        index += [{"file": f"{stem}_{slug}.{ext}", "input": str(images[image_index]), "method": name,
+                                   "target_class": target_class, "predicted_class": predicted[image_index]}
+                                  for ext in ("png", "npy")]
                         _save_array(result.raw[offset].cpu().numpy(), stage / f"{stem}_{slug}.npy")
                         if every_class:  # one panel per class: the per-class grid
                             thumbnail = bounded(pictures[image_index], 512)  # K panels: small pictures suffice
@@ -156,9 +184,13 @@ def explain(
                     figure = comparison_figure(pictures[image_index], panels, legends=list(legends.values()))
                     figure.axes[0].set_title(f"original — predicted: {predicted[image_index]}", fontsize=9)
                     save_figure(figure, stage / f"{stem}_explain.png")
+                    index.append({"file": f"{stem}_explain.png", "input": str(images[image_index]),
+                                  "method": ",".join(methods), "target_class": target_class,
+                                  "predicted_class": predicted[image_index]})
+            _write_index(index, stage)
     except OSError as err:  # a full disk, a folder removed under us: nothing of the set is left behind
         raise ConvlensError(f"cannot write the explanations to {out}: {err.strerror or err}; nothing was written "
                             "(free some space or pass another --out)") from None
     if chosen_layers:
         typer.echo(f"layer: {', '.join(chosen_layers)}{' (auto)' if 'auto' in layers else ''}")
-    typer.echo(f"wrote {len(pictures) * (2 * len(methods) + (0 if every_class else 1))} files to {out}")
+    typer.echo(f"wrote {len(index)} files to {out}, listed in {out / 'index.csv'}")

@@ -7,26 +7,15 @@ only then writes its files (each atomically), so a mistake never leaves half an 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
-from tqdm import tqdm
 
-from ..capture import resolve_layers
-from ..errors import ConvlensError, first_line
+from ..errors import ConvlensError
 from ..fileio import check_output_dir, check_output_file, save_image, write_text
-from ..images import load_image
-from ..inside import activations as compute_activations
-from ..inside import class_model as compute_class_model
-from ..inside import deepdream as compute_deepdream
-from ..inside import filter_patterns
-from ..inside.optimize import check_settings
-from ..render.grid import activation_grid, channel_image, filter_grid, to_pil
 from . import app
-from .common import ArchOpt, LabelsOpt, ModelArg, PreprocessingOpt, InputSizeOpt, OutputOpt, TrustCodeOpt, WeightsOpt, comma_list, open_model
+from .common import CmapAliasOpt, ColormapOpt, ModelArg, ModelOptions, OptionGroup, comma_list, grouped
 
 ImageArg = Annotated[Path, typer.Argument(help="An image file (PNG, JPEG, ...).", show_default=False)]
 OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder to write into (created if missing).")]
@@ -42,7 +31,33 @@ TransformsOpt = Annotated[str, typer.Option("--transforms", help="Robustness tra
 TvOpt = Annotated[float, typer.Option("--tv", help="Weight of the total-variation penalty.")]
 LpOpt = Annotated[float, typer.Option("--lp", help="Weight of the L6-norm penalty.")]
 BlurOpt = Annotated[float, typer.Option("--blur", help="Weight of the blur penalty.")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1... (default: cuda when present).")]
+
+
+class AscentOptions(OptionGroup):
+    """How ``filters`` and ``class-model`` optimise their images (see :func:`convlens.inside.optimize.maximize`)."""
+
+    OPTIONS = {
+        "steps": (StepsOpt, 128),
+        "seed": (SeedOpt, 0),
+        "param": (ParamOpt, "fourier"),
+        "optimizer": (OptimizerOpt, "adam"),
+        "lr": (LrOpt, None),
+        "transforms": (TransformsOpt, "standard"),
+        "tv": (TvOpt, 0.0),
+        "lp": (LpOpt, 0.0),
+        "blur": (BlurOpt, 0.0),
+    }
+
+    def settings(self) -> dict:
+        """Keyword arguments of :func:`~convlens.filter_patterns` and :func:`~convlens.class_model`."""
+        settings = {name: value for name, value in self.values.items() if name not in ("tv", "lp", "blur")}
+        return {**settings, "regularizers": {"tv": self.tv, "lp": self.lp, "blur": self.blur}}
+
+    def check(self, size: int | None) -> None:
+        """Refuse a bad setting before any work (one line)."""
+        from ..inside.optimize import check_settings
+
+        check_settings(self.optimizer, self.param, self.transforms, self.settings()["regularizers"], self.steps, size)
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -75,59 +90,45 @@ def _grid(text: str) -> tuple[int, int]:
     return rows, cols
 
 
-def _open(model: str, weights: str, arch, labels, preprocessing, device: str | None, trust_code: bool = False,
-          input_size: str | None = None, output: str | None = None):
-    """Open the model on ``device`` (default: the GPU when there is one)."""
-    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code, input_size, output)
-    device = device or ("cuda" if torch.cuda.is_available() else None)
-    if device is not None:
-        try:
-            loaded.to(device)
-        except (RuntimeError, AssertionError) as err:  # an unknown or absent device
-            raise ConvlensError(f"cannot use device {device!r}: {first_line(err)}") from None
-    return loaded
-
-
 def _file_name(layer: str) -> str:
     return layer.replace("/", "_").replace("\\", "_")
 
 
-@contextmanager
 def _progress(total: int, description: str):
-    """A tqdm bar on a terminal (silent when output is redirected), as a ``(done, total)`` callback."""
-    bar = tqdm(total=total, desc=description, disable=None, leave=False)
-    try:
-        yield lambda done, _total: bar.update(done - bar.n)
-    finally:
-        bar.close()
+    """A bar on a terminal, a line per quarter of the steps in a log; a ``(done, total)`` callback for ``with``."""
+    from ..progress import ProgressDisplay
+
+    return ProgressDisplay(description, total, lines=4)
 
 
 @app.command()
+@grouped
 def activations(
     model: ModelArg,
     image: ImageArg,
     layers: Annotated[Optional[str], typer.Option(
-        "--layers", help="Comma-separated layer names (default: every conv and pooling layer up to the last spatial one).")] = None,
+        "--layers", "--layer", help="Comma-separated layer names (default: every conv and pooling layer up to the "
+                                    "last spatial one).")] = None,
     out: OutDirOpt = Path("activations"),
     per_row: Annotated[int, typer.Option("--per-row", min=1, help="Channels per row of the grid.")] = 16,
-    cmap: Annotated[str, typer.Option("--cmap", help="Matplotlib colormap.")] = "viridis",
+    colormap: ColormapOpt = "viridis",
     channel: Annotated[Optional[int], typer.Option(
         "--channel", help="Also draw this channel of each layer on its own, full size (LAYER.channelK.png).")] = None,
-    weights: WeightsOpt = "default",
-    arch: ArchOpt = None,
-    preprocessing: PreprocessingOpt = None,
-    device: DeviceOpt = None,
-    trust_code: TrustCodeOpt = False,
-    input_size: InputSizeOpt = None,
-    output: OutputOpt = None,
+    opts: ModelOptions = ModelOptions(without=("labels",)),
+    cmap: CmapAliasOpt = None,
 ) -> None:
     """Write one PNG per layer with every channel of its activation on IMAGE, tiled in a grid.
 
     Example: convlens activations resnet18 cat.jpg --layers layer1,layer2 --out acts/
     """
     check_output_dir(out)
+    from ..images import load_image
+    from ..inside import activations as compute_activations
+    from ..render.grid import activation_grid, channel_image
+
+    cmap = colormap if cmap is None else cmap
     picture = load_image(image)
-    loaded = _open(model, weights, arch, None, preprocessing, device, trust_code, input_size, output)
+    loaded = opts.open(model)
     maps = compute_activations(loaded, picture, _split(layers))
     rendered = {}
     for name, value in maps.items():
@@ -144,54 +145,43 @@ def activations(
 
 
 @app.command()
+@grouped
 def filters(
     model: ModelArg,
-    layers: Annotated[str, typer.Option("--layers", help="Comma-separated layer names.", show_default=False)],
+    layers: Annotated[str, typer.Option("--layers", "--layer", help="Comma-separated layer names.", show_default=False)],
     grid: Annotated[str, typer.Option("--grid", help="Rows x columns: renders filters 0..rows*cols-1.")] = "8x8",
     filter_indices: Annotated[Optional[str], typer.Option(
         "--filters", help="Comma-separated filter indices instead of the grid's first ones.")] = None,
-    steps: StepsOpt = 128,
     size: SizeOpt = None,
-    seed: SeedOpt = 0,
-    param: ParamOpt = "fourier",
-    optimizer: OptimizerOpt = "adam",
-    lr: LrOpt = None,
-    transforms: TransformsOpt = "standard",
-    tv: TvOpt = 0.0,
-    lp: LpOpt = 0.0,
-    blur: BlurOpt = 0.0,
+    ascent: AscentOptions = AscentOptions(),
     out: OutDirOpt = Path("filters"),
-    weights: WeightsOpt = "default",
-    arch: ArchOpt = None,
-    preprocessing: PreprocessingOpt = None,
-    device: DeviceOpt = None,
-    trust_code: TrustCodeOpt = False,
-    input_size: InputSizeOpt = None,
-    output: OutputOpt = None,
+    opts: ModelOptions = ModelOptions(without=("labels",)),
 ) -> None:
     """Render each layer's filter patterns as one grid (LAYER.png) plus their activations (LAYER.json).
 
     Example: convlens filters resnet18 --layers layer1,layer2 --grid 8x8 --steps 128 --size 128 --out filters/
     """
     check_output_dir(out)
+    from ..capture import resolve_layers
+    from ..inside import filter_patterns
+    from ..render.grid import filter_grid
+
     rows, cols = _grid(grid)
     chosen = _integers(filter_indices, "--filters")  # None: the grid's first rows*cols filters
-    regularizers = {"tv": tv, "lp": lp, "blur": blur}
-    check_settings(optimizer, param, transforms, regularizers, steps, size)
-    loaded = _open(model, weights, arch, None, preprocessing, device, trust_code, input_size, output)
+    ascent.check(size)
+    loaded = opts.open(model)
     names = list(resolve_layers(loaded, _split(layers)))
     written = {}
     for name in names:
-        with _progress(steps, name) as progress:
-            patterns = filter_patterns(loaded, name, chosen, max_filters=rows * cols, size=size, steps=steps,
-                                       seed=seed, param=param, optimizer=optimizer, lr=lr, transforms=transforms,
-                                       regularizers=regularizers, progress=progress)
+        with _progress(ascent.steps, name) as progress:
+            patterns = filter_patterns(loaded, name, chosen, max_filters=rows * cols, size=size, **ascent.settings(),
+                                       progress=progress)
         written[f"{_file_name(name)}.png"] = filter_grid(patterns.images, [f"#{i}" for i in patterns.filters],
                                                          f"{name}: filter patterns", per_row=cols)
         height, width = patterns.images.shape[-2:]  # the size used: --size, or the model's own
         written[f"{_file_name(name)}.json"] = json.dumps({
-            "layer": name, "size": height if height == width else [height, width], "steps": steps, "seed": seed,
-            "param": param, "optimizer": optimizer,
+            "layer": name, "size": height if height == width else [height, width], "steps": ascent.steps,
+            "seed": ascent.seed, "param": ascent.param, "optimizer": ascent.optimizer,
             "filters": [{"index": i, "activation": float(a), "initial_activation": float(a0)}
                         for i, a, a0 in zip(patterns.filters, patterns.activations, patterns.initial_activations)],
         }, indent=2)
@@ -208,42 +198,28 @@ def _write_all(written: dict, out: Path) -> None:
 
 
 @app.command("class-model")
+@grouped
 def class_model_command(
     model: ModelArg,
     classes: Annotated[str, typer.Option("--classes", help="Comma-separated class indices.", show_default=False)],
-    steps: StepsOpt = 128,
     size: Annotated[Optional[int], typer.Option("--size", help="Image side (default: the model's input size).")] = None,
-    seed: SeedOpt = 0,
-    param: ParamOpt = "fourier",
-    optimizer: OptimizerOpt = "adam",
-    lr: LrOpt = None,
-    transforms: TransformsOpt = "standard",
-    tv: TvOpt = 0.0,
-    lp: LpOpt = 0.0,
-    blur: BlurOpt = 0.0,
+    ascent: AscentOptions = AscentOptions(),
     out: OutDirOpt = Path("class_model"),
-    weights: WeightsOpt = "default",
-    arch: ArchOpt = None,
-    labels: LabelsOpt = None,
-    preprocessing: PreprocessingOpt = None,
-    device: DeviceOpt = None,
-    trust_code: TrustCodeOpt = False,
-    input_size: InputSizeOpt = None,
-    output: OutputOpt = None,
+    opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Render the image each class's logit likes best (class_model.png and class_model.json).
 
     Example: convlens class-model resnet50 --classes 281,285 --steps 256 --out classes/
     """
     check_output_dir(out)
+    from ..inside import class_model as compute_class_model
+    from ..render.grid import filter_grid
+
     indices = _integers(classes, "--classes")
-    regularizers = {"tv": tv, "lp": lp, "blur": blur}
-    check_settings(optimizer, param, transforms, regularizers, steps, size)
-    loaded = _open(model, weights, arch, labels, preprocessing, device, trust_code, input_size, output)
-    with _progress(steps, "class model") as progress:
-        result = compute_class_model(loaded, indices, size=size, steps=steps, seed=seed, param=param,
-                                     optimizer=optimizer, lr=lr, transforms=transforms, regularizers=regularizers,
-                                     progress=progress)
+    ascent.check(size)
+    loaded = opts.open(model)
+    with _progress(ascent.steps, "class model") as progress:
+        result = compute_class_model(loaded, indices, size=size, **ascent.settings(), progress=progress)
     names = [loaded.label(i) for i in result.classes]
     _write_all({
         "class_model.png": filter_grid(result.images, [f"{i}: {n}"[:24] for i, n in zip(result.classes, names)],
@@ -255,32 +231,31 @@ def class_model_command(
 
 
 @app.command()
+@grouped
 def deepdream(
     model: ModelArg,
     image: ImageArg,
-    layers: Annotated[str, typer.Option("--layers", help="Comma-separated layers whose activations to amplify.",
-                                        show_default=False)],
+    layers: Annotated[str, typer.Option("--layers", "--layer", show_default=False,
+                                        help="Comma-separated layers whose activations to amplify.")],
     octaves: Annotated[int, typer.Option("--octaves", help="Number of scales, smallest first.")] = 4,
     octave_scale: Annotated[float, typer.Option("--octave-scale", help="Size ratio between octaves.")] = 1.4,
     steps: Annotated[int, typer.Option("--steps", help="Gradient-ascent steps per octave.")] = 20,
     lr: Annotated[float, typer.Option("--lr", help="Step size (pixels in [0, 1]).")] = 0.01,
     seed: SeedOpt = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output image file.")] = Path("dream.png"),
-    weights: WeightsOpt = "default",
-    arch: ArchOpt = None,
-    preprocessing: PreprocessingOpt = None,
-    device: DeviceOpt = None,
-    trust_code: TrustCodeOpt = False,
-    input_size: InputSizeOpt = None,
-    output: OutputOpt = None,
+    opts: ModelOptions = ModelOptions(without=("labels",)),
 ) -> None:
     """Amplify what LAYERS see in IMAGE (DeepDream with octaves and detail re-injection).
 
     Example: convlens deepdream resnet18 cat.jpg --layers layer2,layer3 --octaves 4 --out dream.png
     """
     check_output_file(out)
+    from ..images import load_image
+    from ..inside import deepdream as compute_deepdream
+    from ..render.grid import to_pil
+
     picture = load_image(image)
-    loaded = _open(model, weights, arch, None, preprocessing, device, trust_code, input_size, output)
+    loaded = opts.open(model)
     with _progress(octaves * steps, "deepdream") as progress:
         dream = compute_deepdream(loaded, picture, _split(layers), octaves=octaves, octave_scale=octave_scale,
                                   steps=steps, lr=lr, seed=seed, progress=progress)

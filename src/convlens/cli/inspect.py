@@ -6,13 +6,9 @@ import json
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from ..images import load_images
-from ..models import summarize
 from . import app
-from .common import ArchOpt, ImagesArg, LabelsOpt, ModelArg, PreprocessingOpt, InputSizeOpt, OutputOpt, TrustCodeOpt, WeightsOpt, open_model
+from .common import ImagesArg, ModelArg, ModelOptions, grouped
 
 
 def _preprocessing_line(model) -> str | None:
@@ -29,20 +25,21 @@ def _preprocessing_line(model) -> str | None:
 
 
 @app.command()
+@grouped
 def layers(
     model: ModelArg,
-    weights: WeightsOpt = "none",
-    arch: ArchOpt = None,
-    preprocessing: PreprocessingOpt = None,
-    trust_code: TrustCodeOpt = False,
-    input_size: InputSizeOpt = None,
-    output: OutputOpt = None,
+    opts: ModelOptions = ModelOptions(without=("labels",), weights="none"),
 ) -> None:
     """Print every layer: name, type, output shape, parameters; '*' marks explanation targets.
 
     Example: convlens layers resnet18 --input-size 160
     """
-    loaded = open_model(model, weights, arch, None, preprocessing, trust_code, input_size, output)
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..models import summarize
+
+    loaded = opts.open(model)
     summary = summarize(loaded)
     table = Table(title=f"{loaded.name}  (input {summary.input_size[0]}x{summary.input_size[1]})")
     for column, justify in (("layer", "left"), ("type", "left"), ("output shape", "left"),
@@ -64,25 +61,25 @@ def layers(
 
 
 @app.command()
+@grouped
 def predict(
     model: ModelArg,
     images: ImagesArg,
     top: Annotated[int, typer.Option("--top", "-k", min=1, help="How many classes to show per image.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    weights: WeightsOpt = "default",
-    arch: ArchOpt = None,
-    labels: LabelsOpt = None,
-    preprocessing: PreprocessingOpt = None,
-    trust_code: TrustCodeOpt = False,
-    input_size: InputSizeOpt = None,
-    output: OutputOpt = None,
+    opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Print the top classes and their probabilities for each image.
 
     Example: convlens predict resnet50 cat.jpg dog.png --top 3 --json
     """
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..images import load_images
+
     pictures = load_images(images)  # reads (and checks) every image before the model loads
-    loaded = open_model(model, weights, arch, labels, preprocessing, trust_code, input_size, output)
+    loaded = opts.open(model)
     results = loaded.predict(pictures, top_k=top)
     line = _preprocessing_line(loaded)
     if line:

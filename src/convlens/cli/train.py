@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from tqdm import tqdm
 
 from ..errors import ConvlensError
 from ..fileio import check_output_dir
 from . import app
-from .common import comma_list
+from .common import comma_list, use_threads
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -48,10 +47,11 @@ def shapes(
     names = check_classes(comma_list(classes) if classes else None)
     if workers < 0:
         raise ConvlensError(f"--workers must be 0 (one per CPU core) or more, got {workers}")
-    with tqdm(total=per_class * len(names), unit="img", desc="shapes", disable=None) as bar:
+    from ..progress import ProgressDisplay
+
+    with ProgressDisplay("shapes", total=per_class * len(names), unit="img", lines=10) as shown:
         root = write_shapes(out_dir, per_class, seed, size=size, split=split or None, classes=names,
-                            progress=lambda done, total: bar.update(done - bar.n),
-                            workers=workers or os.cpu_count() or 1)
+                            progress=shown, workers=workers or os.cpu_count() or 1)
     typer.echo(f"wrote {per_class * len(names)} images of {len(names)} classes ({', '.join(names)}) "
                f"with masks to {root}")
 
@@ -60,53 +60,62 @@ def shapes(
 def train(
     data_dir: Annotated[Path, typer.Argument(help="Folder of class folders (DATA/<class>/*.png), or holding train/ "
                                                   "(and val/) class folders.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="Folder for checkpoint.pt, model.pt, metrics.json and plots.",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for checkpoint.pt, model.pt, metrics.json and plots.",
                                       show_default=False)],
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs (default 20; with --resume, the checkpoint's).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per training step.")] = 64,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default 3e-3 adam, 0.05 sgd).")] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="adam (AdamW) or sgd (Nesterov momentum 0.9).")] = "adam",
     schedule: Annotated[str, typer.Option("--schedule", help="cosine, step or constant.")] = "cosine",
     seed: Annotated[int, typer.Option("--seed", help="Seeds the split, the weights and the augmentation.")] = 0,
-    size: Annotated[int, typer.Option("--size", help="Input size: images are resized to SIZE x SIZE.")] = 64,
+    size: Annotated[int, typer.Option("--input-size", help="Side of the model's square input: images are resized "
+                                                            "to SIZE x SIZE.")] = 64,
     widths: Annotated[str, typer.Option("--widths", help="Channels per stage, comma-separated.")] = "16,32,64,128",
-    convs_per_stage: Annotated[int, typer.Option("--convs-per-stage", min=1)] = 1,
+    convs_per_stage: Annotated[int, typer.Option("--convs-per-stage", min=1, help="3x3 conv-BN-ReLU blocks in each "
+                                                                                 "stage (a 2x2 max-pool follows each).")] = 1,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of each class held out.")] = 0.2,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random flips and crops.")] = True,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="checkpoint.pt to continue from.")] = None,
+    old_size: Annotated[Optional[int], typer.Option("--size", hidden=True)] = None,  # --input-size's old name
 ) -> None:
     """Train a compact VGG-style CNN (BN, global average pooling, linear head) and evaluate it.
 
-    Example: convlens train data --out model --epochs 20 --size 64
+    Example: convlens train data --out model --epochs 20 --input-size 64
     """
     from ..train import TrainConfig
     from ..train import train as run_training
+
+    use_threads()
+    size = size if old_size is None else old_size
 
     check_output_dir(out)
     config = TrainConfig(epochs=epochs or 20, batch_size=batch_size, lr=lr, optimizer=optimizer,
                          schedule=schedule, seed=seed, size=size, widths=_int_list(widths, "--widths"),
                          convs_per_stage=convs_per_stage, val_fraction=val_fraction, augment=augment)
-    bars: dict[str, tqdm] = {}
+    from ..progress import ProgressDisplay
+
+    # Loading: a bar, or a line per quarter of each folder. Training: a bar over the epochs naming the
+    # batch and loss, or one line as each epoch begins; each epoch's summary goes to stdout either way.
+    loading = ProgressDisplay("loading images", unit="img", lines=4)
+    epochs_shown = ProgressDisplay("train", unit="epoch")
+    bars = (loading, epochs_shown)
 
     def progress(event) -> None:
-        key = "load" if event.kind == "load" else "epoch"
-        if event.kind in ("load", "batch"):
-            if key not in bars or bars[key].total != event.steps or event.step == 1:
-                if key in bars:
-                    bars[key].close()
-                desc = "loading" if key == "load" else f"epoch {event.epoch}/{event.epochs}"
-                bars[key] = tqdm(total=event.steps, desc=desc, unit="img" if key == "load" else "batch",
-                                 leave=False, disable=None)
-            bars[key].update(event.step - bars[key].n)
-            if "loss" in event.values:
-                bars[key].set_postfix(loss=f"{event.values['loss']:.3f}")
+        if event.kind == "load":
+            loading.update(event.step, event.steps)
+            return
+        loading.close()
+        epochs_shown.total = event.epochs
+        if event.kind == "batch":
+            if event.step == 1:
+                epochs_shown.begin(f"epoch {event.epoch}", index=event.epoch)
+            epochs_shown.note(f"epoch {event.epoch}: batch {event.step}/{event.steps}, "
+                              f"loss {event.values['loss']:.3f}")
         else:
-            for bar in bars.values():
-                bar.close()
-            bars.clear()
             v = event.values
-            tqdm.write(f"epoch {event.epoch}/{event.epochs}: loss {v['train_loss']:.4f} acc {v['train_accuracy']:.4f}"
-                       f" | val loss {v['val_loss']:.4f} val acc {v['val_accuracy']:.4f} | lr {v['lr']:.2e}")
+            epochs_shown.write(f"epoch {event.epoch}/{event.epochs}: loss {v['train_loss']:.4f} "
+                               f"acc {v['train_accuracy']:.4f} | val loss {v['val_loss']:.4f} "
+                               f"val acc {v['val_accuracy']:.4f} | lr {v['lr']:.2e}")
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
@@ -114,7 +123,7 @@ def train(
             result = run_training(data_dir, out, None if (resume and epochs is None) else config,
                                   resume=resume, progress=progress)
         finally:
-            for bar in bars.values():
+            for bar in bars:
                 bar.close()
             for warning in caught:
                 typer.echo(f"convlens: warning: {warning.message}", err=True)

@@ -135,13 +135,15 @@ def data_fingerprint(images: Sequence[tuple[str, Path]], masks: Sequence[np.ndar
 
 def run_fingerprint(model: Model, methods: Sequence[str], metrics: Sequence[str],
                     images: Sequence[tuple[str, Path]], masks: Sequence[np.ndarray | None],
-                    limit: int | None) -> dict:
+                    limit: int | None, seed: int = 0) -> dict:
     """Everything a resumed run must share with the run it continues: model, methods, metrics, data, options.
 
-    Methods given as functions are known by their names only.
+    Methods given as functions are known by their names only. The seed of the
+    ``limit`` sample is kept only with a limit: without one it chooses nothing.
     """
+    options = {"limit": limit} if limit is None else {"limit": limit, "seed": seed}
     return {"version": FINGERPRINT_VERSION, "model": model_fingerprint(model), "methods": list(methods),
-            "metrics": list(metrics), "data": data_fingerprint(images, masks), "options": {"limit": limit}}
+            "metrics": list(metrics), "data": data_fingerprint(images, masks), "options": options}
 
 
 def run_id(fingerprint: dict) -> str:

@@ -87,6 +87,56 @@ def list_images(data: str | os.PathLike) -> list[Path]:
     return images
 
 
+def sample_images(images: Sequence[Path], root: str | os.PathLike, limit: int | None,
+                  seed: int = 0) -> list[Path]:
+    """``limit`` of ``images``, drawn evenly across classes and seeded; all of them when ``limit`` is ``None``
+    or not smaller.
+
+    An image's class is its folder under ``root`` (a flat folder is one class).
+    The classes take turns, in an order drawn from ``seed``, each giving the
+    next image of its own seeded shuffle, so the counts per class differ by at
+    most one (unless a class runs out of images). Taking the first files in
+    sorted order instead would fill the sample from the first classes only.
+    The same images and seed give the same files, returned in sorted order.
+    """
+    import random
+
+    images = sorted(images)
+    if limit is None or limit >= len(images):
+        return images
+    root = Path(root)
+    classes: dict[str, list[Path]] = {}
+    for path in images:
+        classes.setdefault(_class_of(root, path), []).append(path)
+    rng = random.Random(seed)
+    order = sorted(classes)
+    rng.shuffle(order)
+    for name in order:
+        rng.shuffle(classes[name])
+    chosen, turn = [], 0
+    while len(chosen) < limit:
+        for name in order:
+            if turn < len(classes[name]) and len(chosen) < limit:
+                chosen.append(classes[name][turn])
+        turn += 1
+    return sorted(chosen)
+
+
+def describe_sample(images: Sequence[Path], root: str | os.PathLike, available: int, seed: int) -> str:
+    """``"a sample of 16 of 40 images, stratified by class folder (4 classes: 4 each), seed 0"``."""
+    from collections import Counter
+
+    counts = Counter(_class_of(Path(root), path) for path in images)
+    low, high = min(counts.values()), max(counts.values())
+    each = f"{low} each" if low == high else f"{low}-{high} each"
+    return (f"a sample of {len(images)} of {available} images, stratified by class folder "
+            f"({len(counts)} class{'es' if len(counts) != 1 else ''}: {each}), seed {seed}")
+
+
+def _class_of(root: Path, path: Path) -> str:
+    return path.parent.relative_to(root).as_posix() if root.is_dir() else "."
+
+
 def resolve_methods(methods: Sequence[str] | Mapping[str, ExplainFn]) -> dict[str, ExplainFn]:
     """Method names -> explain functions: :data:`EXPLAINERS` first, then ``convlens.METHODS``."""
     if isinstance(methods, Mapping):
@@ -130,10 +180,11 @@ class Evaluation:
     summary: dict[str, dict[str, MeanCI]]  # method -> metric -> mean with CI
     out_dir: Path
     files: list[Path]
+    sample: str = ""  # how the images were sampled (--limit), empty when all were used
 
 
 def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], metrics: Sequence[str],
-             out_dir: str | os.PathLike, batch_size: int = 64, limit: int | None = None,
+             out_dir: str | os.PathLike, batch_size: int = 64, limit: int | None = None, seed: int = 0,
              find_mask: Callable[[Path], np.ndarray | None] = find_mask,
              progress: Progress | None = None, restart: bool = False) -> Evaluation:
     """Score every method's heatmaps on every image of ``data`` with every metric; resumable.
@@ -146,7 +197,9 @@ def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], m
         metrics: names from :data:`convlens.metrics.METRICS`.
         out_dir: where the journal, table, summaries and plots go (see the module docstring).
         batch_size: perturbed images per forward pass.
-        limit: only the first ``limit`` images.
+        limit: only ``limit`` images, sampled evenly across class folders (:func:`sample_images`);
+            ``summary.md`` says so.
+        seed: the seed of that sample (the same seed, the same images).
         progress: ``progress(done, total)`` after each (image, method) pair.
         restart: discard what ``out_dir`` holds from an earlier run (its journal,
             table, summaries, plots) and start over, instead of continuing it.
@@ -165,13 +218,15 @@ def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], m
     if limit is not None and limit < 1:
         raise ConvlensError(f"--limit must be at least 1, got {limit}")
     root = Path(data)
-    images = list_images(root)[:limit]
+    available = list_images(root)
+    images = sample_images(available, root, limit, seed)
+    sample = describe_sample(images, root, len(available), seed) if len(images) < len(available) else ""
     masks = {path: find_mask(path) for path in images}
     if any(METRICS[m].needs_masks for m in metrics) and all(mask is None for mask in masks.values()):
         raise ConvlensError(f"no masks found for the images in {root} (expected <name>.mask.png beside each "
                             "image or a masks/ folder); drop the localisation metrics or add masks")
     fingerprint = run_fingerprint(model, list(explainers), metrics, [(_key(root, p), p) for p in images],
-                                  [masks[p] for p in images], limit)
+                                  [masks[p] for p in images], limit, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if restart:
@@ -198,20 +253,26 @@ def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], m
             if progress is not None:
                 progress(finished, total)
         _write_table(out_dir, journal.records, metrics)
-    return _finish(out_dir, journal.records, metrics, list(explainers), images, root)
+    return _finish(out_dir, journal.records, metrics, list(explainers), images, root, sample)
 
 
 def evaluate_images(model, images: Sequence[tuple[str, ImageLike, np.ndarray | None]], *,
                     methods: Sequence[str] | Mapping[str, ExplainFn], metrics: Sequence[str],
-                    batch_size: int = 64) -> tuple[list[dict], dict[str, dict[str, MeanCI]]]:
+                    batch_size: int = 64, progress: Progress | None = None
+                    ) -> tuple[list[dict], dict[str, dict[str, MeanCI]]]:
     """:func:`evaluate` in memory, for the report: ``(name, image, mask or None)`` triples in,
-    ``(rows, summary)`` out, nothing written. Rows hold ``values`` and ``curves`` per (image, method)."""
+    ``(rows, summary)`` out, nothing written. Rows hold ``values`` and ``curves`` per (image, method),
+    image by image; ``progress(done, total)`` is called after each of them."""
     model = as_model(model)
     _check_metrics(metrics)
     explainers = resolve_methods(methods)
-    rows = [record for name, image, mask in images
-            for record in score_image(model, load_image(image), mask, explainers, metrics, name=name,
-                                      batch_size=batch_size)]
+    rows, total = [], len(images) * len(explainers)
+    for name, image, mask in images:
+        for record in score_image(model, load_image(image), mask, explainers, metrics, name=name,
+                                  batch_size=batch_size):
+            rows.append(record)
+            if progress is not None:
+                progress(len(rows), total)
     return rows, summarize_rows(rows, list(explainers), metrics)
 
 
@@ -278,15 +339,15 @@ def _write_table(out_dir: Path, records: list[dict], metrics: Sequence[str]) -> 
     return write_text(out_dir / "results.csv", buffer.getvalue())
 
 
-def _finish(out_dir, records, metrics, methods, images, root) -> Evaluation:
+def _finish(out_dir, records, metrics, methods, images, root, sample: str = "") -> Evaluation:
 
     keys = {_key(root, p) for p in images}
     rows = [r for r in _latest(records) if r["method"] in methods and r["image"] in keys]
     summary = summarize_rows(rows, methods, metrics)
     files = [_write_table(out_dir, records, metrics)]
-    files += write_summary(out_dir, summary, {m: METRICS[m] for m in metrics}, rows, len(keys))
-    return Evaluation(rows, summary, out_dir, files)
+    files += write_summary(out_dir, summary, {m: METRICS[m] for m in metrics}, rows, len(keys), sample)
+    return Evaluation(rows, summary, out_dir, files, sample)
 
 
 __all__ = ["EXPLAINERS", "Evaluation", "evaluate", "evaluate_images", "find_mask", "list_images", "mask_for_model",
-           "score_image", "summarize_rows"]
+           "sample_images", "score_image", "summarize_rows"]

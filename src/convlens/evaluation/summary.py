@@ -16,7 +16,7 @@ table { border-collapse: collapse; } th, td { border: 1px solid #ccc; padding: .
 th:first-child, td:first-child { text-align: left; } .best { font-weight: bold; }
 </style></head><body>
 <h1>Heatmap evaluation</h1>
-<p>{{ images }} images. Mean ± half-width of the 95 % t-interval (n images);
+<p>{{ images }} images{% if sample %} ({{ sample }}){% endif %}. Mean ± half-width of the 95 % t-interval (n images);
 &uarr; higher is better, &darr; lower is better; the best mean per metric is bold.</p>
 <table><tr><th>method</th>{% for name, metric in metrics.items() %}<th title="{{ metric.paper }}">{{ name }}
 {{ "↑" if metric.higher_is_better else "↓" }}</th>{% endfor %}</tr>
@@ -61,13 +61,17 @@ def summary_table(summary: Mapping[str, Mapping[str, MeanCI]], metrics: Mapping)
 
 
 def write_summary(out_dir: Path, summary: Mapping[str, Mapping[str, MeanCI]], metrics: Mapping, rows: list[dict],
-                  images: int) -> list[Path]:
-    """Write ``summary.md``, ``summary.html`` and the mean deletion/insertion curves; return the paths."""
+                  images: int, sample: str = "") -> list[Path]:
+    """Write ``summary.md``, ``summary.html`` and the mean deletion/insertion curves; return the paths.
+
+    ``sample`` says how the images were chosen when they are a sample (``evaluate --limit``).
+    """
     from jinja2 import Template
 
     best = best_methods(summary, metrics)
     headers, table_rows = summary_table(summary, metrics)
-    lines = [f"{images} images; mean ± half-width of the 95 % t-interval (n images); "
+    counted = f"{images} images ({sample})" if sample else f"{images} images"
+    lines = [f"{counted}; mean ± half-width of the 95 % t-interval (n images); "
              "↑ higher is better, ↓ lower is better; best in bold.", "",
              "| " + " | ".join(headers) + " |", "|---|" + "---:|" * len(metrics)]
     for method, *cells in table_rows:
@@ -76,8 +80,8 @@ def write_summary(out_dir: Path, summary: Mapping[str, Mapping[str, MeanCI]], me
     files = [write_text(out_dir / "summary.md", "\n".join(lines) + "\n")]
     plots = [p for p in (_plot_curves(out_dir, name, rows) for name in ("deletion", "insertion") if name in metrics)
              if p is not None]
-    html = Template(_HTML, autoescape=True).render(images=images, metrics=metrics, rows=table_rows, best=best,
-                                                  plots=plots, zip=zip)
+    html = Template(_HTML, autoescape=True).render(images=images, sample=sample, metrics=metrics, rows=table_rows,
+                                                  best=best, plots=plots, zip=zip)
     files.append(write_text(out_dir / "summary.html", html))
     return files + plots
 

@@ -18,6 +18,7 @@ from ..errors import ConvlensError
 from ..fileio import write_text
 from ..images import ImageLike, load_image
 from ..models import Model, load_model, summarize
+from ..progress import Step, Steps
 from .sections import SECTIONS, Context, ReportImage
 
 __all__ = ["ReportImage", "build_report", "default_evaluation_images", "default_images"]
@@ -62,10 +63,16 @@ def build_report(
     images: Sequence[ImageLike | ReportImage] | None = None,
     out: str | os.PathLike = "convlens-report.html",
     *,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[Step], None] | None = None,
     **options,
 ) -> Path:
     """Write the HTML report for ``model`` on ``images`` and return its path.
+
+    ``progress`` receives a :class:`convlens.progress.Step` as each section begins
+    (``step.total`` is the number of sections, known from the first call) and at each
+    sub-step of the long sections (heatmap methods, filter layers, each scored
+    (method, image) pair of the evaluation), whose count the section announces
+    before its first one; ``str(step)`` reads ``[3/9] heatmaps: gradcam (2/4)``.
 
     Example:
         >>> path = build_report(cl.load_model("resnet18", weights="none"), out="/tmp/r.html")  # doctest: +SKIP
@@ -78,10 +85,11 @@ def build_report(
     summary = summarize(loaded)
     if not summary.spatial_layers:
         raise ConvlensError(f"{loaded.name} has no layer with a spatial output; the report needs a CNN")
-    ctx = Context(loaded, summary, reported, options, progress)
+    steps = Steps(len(SECTIONS), progress)
+    ctx = Context(loaded, summary, reported, options, steps)
     sections = []
     for build in SECTIONS:
-        ctx.step(build.__name__.removesuffix("_section"))
+        steps.begin(build.__name__.removesuffix("_section"))
         section = build(ctx)
         if section is not None:  # a section with nothing to show for this model is left out
             sections.append(section)

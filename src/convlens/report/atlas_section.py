@@ -57,12 +57,14 @@ def atlas_section(ctx: Context) -> Section | None:
     images = ctx.options.get("atlas_images", 200)
     seed = ctx.options.get("atlas_seed", 2028)
     layers = ctx.options.get("atlas_layers") or _default_layers(ctx)
-    ctx.step("atlas: dissection")
+    ctx.expect(1 + len(layers))  # the dissection, then each layer's examples
+    ctx.step("dissection")
     result = dissect(ctx.model, data, layers, shapes=None if data is not None else images, seed=seed, k=8,
                      figures=False)
     source = result.atlas.source() if data is None else None
     html, counts = [], []
     for layer in result.iou:
+        ctx.step(f"examples of {layer}")  # also for a layer without detectors, so the count holds
         detectors = result.detectors(layer)
         counts.append(f"{layer}: {len(detectors)} detectors, {result.unique_detectors[layer]} unique")
         html.append(f"<h3>{layer}</h3>")
@@ -73,7 +75,6 @@ def atlas_section(ctx: Context) -> Section | None:
         table = [(unit, label, f"{iou:.3f}") for unit, label, iou in detectors]
         html.append(_parts.table(["unit", "concept", "IoU"], table, numeric=(0, 2), scroll=True))
         shown = _shown_units(detectors, ctx.options.get("atlas_units", 4))
-        ctx.step(f"atlas: examples of {layer}")
         found = dataset_examples(result.atlas, layer, [unit for unit, _, _ in shown], model=ctx.model,
                                  k=ctx.options.get("atlas_examples", 4),
                                  pattern_steps=ctx.options.get("atlas_steps", 32),

@@ -141,13 +141,21 @@ def evaluation_section(ctx: Context) -> Section | None:
         return None
     methods = list(ctx.options.get("evaluation_methods", DEFAULT_METHODS))
     metrics = {name: METRICS[name] for name in ctx.options.get("evaluation_metrics", DEFAULT_METRICS)}
-    ctx.step("evaluation")
     summary, skipped = {}, {}
+    # one sub-step per scored (method, image) pair, the long part, then one per method's sanity check
+    ctx.expect(len(methods) * (len(images) + 1))
+
+    def scored(method: str):
+        return lambda done, _total: ctx.step(f"{method} on {images[done - 1][0]}")
+
     for method in methods:  # one at a time, so a method that does not apply leaves the others' rows
+        before = ctx.progress.part
         try:
-            summary.update(evaluate_images(ctx.model, images, methods=[method], metrics=list(metrics))[1])
+            summary.update(evaluate_images(ctx.model, images, methods=[method], metrics=list(metrics),
+                                           progress=scored(method))[1])
         except ConvlensError as err:
             skipped[method] = str(err)
+            ctx.skip(len(images) - (ctx.progress.part - before) + 1)  # its pairs and its sanity check
     if not summary:
         return Section("evaluation", "Which heatmap to trust", Markup(""),
                        "No evaluated method applies to this model." + _left_out(skipped))
@@ -199,11 +207,12 @@ def _sanity(ctx: Context, pictures: list, methods: list[str]) -> tuple[dict[str,
     count = min(len(pictures), ctx.options.get("sanity_images", 4))
     x = ctx.model.preprocess(pictures[:count])
     column = {}
-    for method in methods:
-        ctx.step(f"evaluation: sanity check, {method}")
+    for done, method in enumerate(methods):
+        ctx.step(f"sanity check, {method}")
         try:
             column[method] = mean_ci(randomisation_similarity(ctx.model, x, method).tolist())
         except ConvlensError as err:  # a Keras model: no column, and the note says why
+            ctx.skip(len(methods) - done - 1)
             return None, f" No sanity check: {err}."
     return column, (f" {SANITY_LABEL}: the sanity check of Adebayo et al. (2018) on {count} {_images(count == 1)}, "
                     "the Spearman rank correlation between the map of the trained model and that of a copy with "

@@ -31,6 +31,7 @@ from PIL import Image, ImageOps
 
 from ..errors import ConvlensError
 from ..models import Model, Summary
+from ..progress import Steps
 from .html import data_uri
 
 _env = jinja2.Environment(loader=jinja2.PackageLoader("convlens.report", "templates"),
@@ -75,11 +76,19 @@ class Context:
     summary: Summary
     images: list[ReportImage]
     options: dict = field(default_factory=dict)
-    progress: object = None  # callable(str) or None
+    progress: Steps = field(default_factory=Steps)  # build_report begins each section on it
+
+    def expect(self, count: int) -> None:
+        """The current section will report ``count`` sub-steps (said before the first, so callers know the total)."""
+        self.progress.expect(count)
 
     def step(self, message: str) -> None:
-        if self.progress is not None:
-            self.progress(message)
+        """The current section reaches its next sub-step, ``message``."""
+        self.progress.advance(message)
+
+    def skip(self, count: int) -> None:
+        """``count`` of the announced sub-steps will not run."""
+        self.progress.skip(count)
 
     @cached_property
     def layers(self) -> list[str]:
@@ -171,8 +180,9 @@ def heatmaps_section(ctx: Context) -> Section:
     pictures = [item.image for item in ctx.images]
     x = ctx.model.preprocess(pictures)
     columns, skipped = {}, {}
+    ctx.expect(len(methods))
     for name in methods:
-        ctx.step(f"heatmaps: {name}")
+        ctx.step(name)
         try:
             result = explain(ctx.model, x, method=name, layer=ctx.summary.auto_layer)  # already found once
         except ConvlensError as err:  # the method does not apply to this model: say so, show the rest
@@ -267,8 +277,9 @@ def filters_section(ctx: Context) -> Section:
     size = tuple(ctx.model.input_size) if fixed_input_size(ctx.model) else max(ctx.model.input_size)
     steps = ctx.options.get("filter_steps", 96)
     items, skipped = [], {}
+    ctx.expect(len(layers) + 1)  # the layers, then the class models
     for name in layers:
-        ctx.step(f"filters: {name}")
+        ctx.step(name)
         try:
             patterns = filter_patterns(ctx.model, name, max_filters=ctx.options.get("filter_count", 16), size=size,
                                        steps=steps, seed=0)

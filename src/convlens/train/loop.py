@@ -71,7 +71,7 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise ConvlensError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.size < 8:
-            raise ConvlensError(f"--size must be at least 8 pixels, got {self.size}")
+            raise ConvlensError(f"the input size (--input-size) must be at least 8 pixels, got {self.size}")
         if not self.widths or min(self.widths) < 1:
             raise ConvlensError(f"--widths must be positive channel counts, got {self.widths}")
 
