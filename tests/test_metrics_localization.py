@@ -138,6 +138,43 @@ def test_energy_pointing_game_agrees_with_quantus_relevance_mass():
     np.testing.assert_allclose(energy_pointing_game(maps, masks).numpy(), peer, rtol=1e-5)
 
 
+# The bottom-left quadrant as an 8x8 mask and as a 2x2 one: at the maps' 4x4 both are rows 2-3, columns 0-1.
+_QUADRANT_8 = torch.zeros(1, 8, 8)
+_QUADRANT_8[0, 4:, :4] = 1
+_QUADRANT_2 = torch.tensor([[[0.0, 0.0], [1.0, 0.0]]])
+
+
+@pytest.mark.parametrize("mask", [_QUADRANT_8, _QUADRANT_2], ids=["larger", "smaller"])
+def test_masks_of_another_size_are_resized_to_the_maps(mask):
+    def peak_at(row, col):
+        heatmap = torch.zeros(1, 4, 4)
+        heatmap[0, row, col] = 1.0
+        return heatmap
+
+    assert pointing_game(peak_at(2, 1), mask, tolerance=0).item() == 1.0   # on the quadrant
+    assert pointing_game(peak_at(1, 1), mask, tolerance=0).item() == 0.0   # one row above it
+    assert pointing_game(peak_at(1, 1), mask, tolerance=1).item() == 1.0   # 1 px from (2, 1)
+    assert pointing_game(peak_at(1, 2), mask, tolerance=1).item() == 0.0   # sqrt(2) px from (2, 1)
+    assert pointing_game(peak_at(1, 2), mask, tolerance=1.5).item() == 1.0
+    two_peaks = peak_at(3, 0) + peak_at(0, 3)  # one peak inside, one outside
+    assert energy_pointing_game(two_peaks, mask).item() == pytest.approx(1 / 2)
+    assert iou(two_peaks, mask).item() == pytest.approx(1 / 5)  # 1 shared pixel; 2 on + 4 object - 1
+    # region_boxes of a full-size mask, resized like the mask itself
+    assert pointing_game(peak_at(2, 1), region_boxes(mask), tolerance=0).item() == 1.0
+
+
+def test_resized_masks_sample_pixel_centres_like_pil_nearest():
+    """The same rule as `convlens evaluate`, which resizes masks with PIL's NEAREST."""
+    from PIL import Image
+
+    from convlens.metrics.localization import as_masks
+
+    mask = torch.rand(1, 37, 50, generator=torch.Generator().manual_seed(0)) > 0.5
+    maps = torch.zeros(1, 17, 23)
+    by_pil = Image.fromarray(mask[0].numpy().astype(np.uint8) * 255).resize((23, 17), Image.NEAREST)
+    assert torch.equal(as_masks(mask, maps)[0], torch.from_numpy(np.asarray(by_pil) > 127))
+
+
 def test_registry_entries_ignore_the_model(square):
     for name, metric in METRICS.items():
         if metric.needs_masks:
@@ -145,7 +182,7 @@ def test_registry_entries_ignore_the_model(square):
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda m: pointing_game(m, torch.zeros(1, 5, 5)), "do not match"),
+    (lambda m: pointing_game(m, torch.zeros(2, 10, 10)), "expected 1 mask"),
     (lambda m: pointing_game(m, m, tolerance=-1), "tolerance"),
     (lambda m: iou(m, m, threshold=2), "threshold"),
     (lambda m: energy_pointing_game(m, m.numpy()), "torch.Tensor"),

@@ -1,8 +1,13 @@
 """Does the heatmap point at the object? Pointing game, energy-based pointing game, IoU.
 
-Ground truth is a mask ``(N, H, W)`` (nonzero = object) at the heatmap's
-resolution; boxes convert with :func:`boxes_to_masks`. An image whose mask is
-empty gets NaN (there is nothing to point at), which the summaries skip.
+Ground truth is a mask ``(N, H, W)`` (nonzero = object); boxes convert with
+:func:`boxes_to_masks`. A mask of another size than the heatmaps (a full-size
+mask beside maps at the model's input resolution) is resized to the maps'
+size by nearest neighbour, so it stays a mask; that is right when the picture
+was resized the same way, whole. For a model that crops its input, put the
+mask through the model's own preprocessing first, as ``convlens evaluate``
+does (:func:`convlens.evaluation.runner.mask_for_model`). An image whose mask
+is empty gets NaN (there is nothing to point at), which the summaries skip.
 
 * Pointing game (Zhang, Bargal, Lin, Brandt, Shen & Sclaroff, "Top-down Neural
   Attention by Excitation Backprop", ECCV 2016, arXiv:1608.00507): a hit when
@@ -42,16 +47,27 @@ from .base import as_maps, normalize_maps
 
 
 def as_masks(masks, maps: torch.Tensor) -> torch.Tensor:
-    """Ground-truth masks as bool ``(N, H, W)`` matching ``maps``; checked, never resized."""
+    """Ground-truth masks as bool ``(N, H, W)`` at the resolution of ``maps`` ``(N, H, W)``.
+
+    Masks of any size are accepted and resized to the maps' by nearest neighbour
+    (see the module docstring); their number must match the maps'.
+    """
     if not isinstance(masks, torch.Tensor):
         raise ConvlensError(f"expected the masks as a torch.Tensor (N, H, W), got {type(masks).__name__}")
     if masks.ndim == 2:
         masks = masks.unsqueeze(0)
     if masks.ndim == 4 and masks.shape[1] == 1:
         masks = masks[:, 0]
-    if tuple(masks.shape) != tuple(maps.shape):
-        raise ConvlensError(f"masks of shape {tuple(masks.shape)} do not match heatmaps of shape {tuple(maps.shape)}")
-    return masks.to(maps.device) != 0
+    if masks.ndim != 3 or masks.shape[0] != maps.shape[0]:
+        raise ConvlensError(f"expected {maps.shape[0]} mask(s) (N, H, W) for heatmaps of shape {tuple(maps.shape)}, "
+                            f"got a tensor of shape {tuple(masks.shape)}")
+    masks = masks.to(maps.device) != 0
+    if masks.shape[-2:] != maps.shape[-2:]:
+        # "nearest-exact" samples the mask at each map pixel's centre, as PIL's NEAREST does for
+        # `convlens evaluate`; plain "nearest" samples the top-left corner, half a pixel off.
+        resized = F.interpolate(masks.unsqueeze(1).float(), size=tuple(maps.shape[-2:]), mode="nearest-exact")
+        masks = resized[:, 0] > 0.5
+    return masks
 
 
 def _maps_and_masks(maps, masks) -> tuple[torch.Tensor, torch.Tensor]:

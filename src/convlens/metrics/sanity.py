@@ -33,7 +33,11 @@ the caller's model is never touched.
 The data-randomisation test compares the maps of the model with those of a
 model of the same architecture trained on shuffled labels (:func:`data_randomization`).
 
-Example::
+Example (``explain_fn`` is any ``(model, x, targets) -> maps (N, H, W)``; ``targets`` are
+the class indices ``(N,)`` the trained model's maps explain)::
+
+    def my_explainer(model, x, targets):
+        return convlens.explain(model, x, method="saliency", target=targets.tolist()).maps
 
     result = parameter_randomization(model, x, explain_fn=my_explainer, mode="cascading")
     for row in result.rows():
