@@ -51,11 +51,6 @@ def _layer_activations(request: Request) -> tuple[torch.Tensor, torch.Tensor]:
         return request.layer_output(rec, request.layers[0]).float(), scores
 
 
-def _normalised_masks(acts: torch.Tensor) -> torch.Tensor:
-    """Per channel of ``(N, C, h, w)``, min-max to ``[0, 1]`` (:func:`normalise`); a flat channel gives the zero mask."""
-    return normalise(acts.flatten(0, 1))[0].view_as(acts)
-
-
 def scorecam(request: Request, *, batch_size: int = DEFAULT_BATCH_SIZE, top_k: int | None = None,
              align_corners: bool = False) -> RawMaps:
     """Score-CAM: each channel, upsampled and normalised, masks the input; the masked scores weight it.
@@ -84,16 +79,17 @@ def scorecam(request: Request, *, batch_size: int = DEFAULT_BATCH_SIZE, top_k: i
     maps = []
     for image in range(n):
         chosen = acts[image, keep[image]]
-        unique, inverse = torch.unique(_normalised_masks(chosen).flatten(1), dim=0, return_inverse=True)
-        representatives = torch.zeros(unique.shape[0], dtype=torch.long, device=acts.device)
-        representatives.scatter_(0, inverse, torch.arange(len(inverse), device=acts.device))
-        distinct = chosen[representatives].unsqueeze(1)
+        # Each channel min-maxed as a whole (a flat one gives the zero mask), then deduplicated.
+        unique, inverse = torch.unique(normalise(chosen)[0].flatten(1), dim=0, return_inverse=True)
+        distinct = unique.view(-1, 1, *chosen.shape[-2:])  # min-max normalised already, at the layer's size
         image_x = request.x[image].unsqueeze(0)
 
         def masked_inputs(start: int, stop: int, distinct=distinct, image_x=image_x):
-            # Masks are made per batch, so memory stays within batch_size full-size images.
-            upsampled = F.interpolate(distinct[start:stop], size=size, mode="bilinear", align_corners=align_corners)
-            return image_x * _normalised_masks(upsampled).to(image_x.dtype), {}
+            # Masks are made per batch, so memory stays within batch_size full-size images. Upsampling
+            # commutes with min-max (its weights sum to one), but its samples miss most of the layer's
+            # grid, extremes included: the upsampled mask is min-maxed again, as the paper's s(Up(A_k)) says.
+            masks = F.interpolate(distinct[start:stop], size=size, mode="bilinear", align_corners=align_corners)
+            return image_x * normalise(masks)[0].to(image_x.dtype), {}
 
         scores = score_variants(request, image, len(unique), masked_inputs, batch_size,
                                 done=image * channels, total=n * channels)[inverse]
