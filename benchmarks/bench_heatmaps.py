@@ -297,7 +297,7 @@ def main(argv=None) -> int:
         repeat_g, repeat_s, top_k = args.repeat or 5, args.repeat or 1, args.top_k or 64
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; load average "
-          f"{os.getloadavg()[0]:.2f} before")
+          f"{os.getloadavg()[0]:.2f} before (a quiet machine reads below 0.5)")
     if args.only != "scorecam":
         grad = bench_gradcam(gradcam_net, gradcam_layer, gradcam_x, repeat_g)
         base, ours, planned, peer = (grad[k][0] for k in ("baseline", "convlens", "convlens on a plan",
@@ -314,7 +314,7 @@ def main(argv=None) -> int:
         print(f"\nScore-CAM  {'quick net' if args.quick else 'resnet18'}, {score_layer}, one image "
               f"{score_x.shape[-1]}x{score_x.shape[-2]} (median of {repeat_s}, interleaved)")
         _print_scorecam(*bench_scorecam(score_net, score_layer, score_x, repeat_s, top_k), top_k)
-    print(f"\nload average {os.getloadavg()[0]:.2f} after (a quiet machine reads below 0.5 here)")
+    print(f"\nload average {os.getloadavg()[0]:.2f} after (this run's own threads count up to {args.threads})")
     return 0
 
 

@@ -26,8 +26,9 @@ from ..targets import ClassLogits
 #: Variants scored per forward pass unless the caller says otherwise.
 DEFAULT_BATCH_SIZE = 64
 #: Score-CAM's default batch on a CPU, in masked-image pixels: 16 images at 224x224. Smaller batches keep
-#: the activations nearer the cache, larger ones share the per-pass overhead; resnet18 at 224 px on a
-#: busy 2-core Xeon spent 26 ms of CPU per image at 16 (and at 8 within noise), 28 at 32 and 29 at 64.
+#: the activations nearer the cache, larger ones share the per-pass overhead; resnet18 at 224 px on a quiet
+#: 2-core Xeon (2 threads) took 13.4 ms per masked image at 8, 13.1 at 16, 14.5 at 32 and 15.9 at 64, the
+#: old default, which made convlens no faster than pytorch-grad-cam's channels-first batches of 16.
 CPU_BATCH_PIXELS = 16 * 224 * 224
 #: The same on an accelerator, where a bigger batch fills the device: 64 images at 224x224.
 ACCELERATOR_BATCH_PIXELS = 64 * 224 * 224
