@@ -4,6 +4,11 @@ Both methods score many perturbed variants of each image; they share
 :func:`score_variants`, which runs the variants in batches of at most
 ``batch_size`` under ``torch.inference_mode`` (the memory cap a user can set),
 in channels-last memory format, which oneDNN convolutions run faster on CPU.
+
+Score-CAM's cost is its masked forward passes, one per distinct channel
+(``benchmarks/bench_heatmaps.py`` times them alone): what is left to win is
+scoring fewer of them (identical masks once) and a batch size that suits the
+device (:func:`scorecam_batch_size`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,26 @@ from .base import RawMaps, Request, normalise
 from ..targets import ClassLogits
 
 #: Variants scored per forward pass unless the caller says otherwise.
-DEFAULT_BATCH_SIZE = 64  # the fastest of 16/32/64 for resnet18 at 224 px on 2 CPU threads
+DEFAULT_BATCH_SIZE = 64
+#: Score-CAM's default batch on a CPU, in masked-image pixels: 16 images at 224x224. Smaller batches keep
+#: the activations nearer the cache, larger ones share the per-pass overhead; resnet18 at 224 px on a quiet
+#: 2-core Xeon (2 threads) took 13.4 ms per masked image at 8, 13.1 at 16, 14.5 at 32 and 15.9 at 64, the
+#: old default, which made convlens no faster than pytorch-grad-cam's channels-first batches of 16.
+CPU_BATCH_PIXELS = 16 * 224 * 224
+#: The same on an accelerator, where a bigger batch fills the device: 64 images at 224x224.
+ACCELERATOR_BATCH_PIXELS = 64 * 224 * 224
+
+
+def scorecam_batch_size(x: torch.Tensor) -> int:
+    """Score-CAM's default masked images per forward pass for inputs like ``x`` ``(N, C, H, W)``.
+
+    A rule per device, not a timed probe: the same input always runs in the same
+    batches, so a map does not change with the machine's load. The pixel budget
+    gives 16 images of 224x224 on a CPU (64 on an accelerator) and proportionally
+    more of smaller images, whose passes are too short to fill the cores one by one.
+    """
+    budget = CPU_BATCH_PIXELS if x.device.type == "cpu" else ACCELERATOR_BATCH_PIXELS
+    return max(1, budget // (x.shape[-2] * x.shape[-1]))
 
 
 def _image_score(request: Request, image: int, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -51,12 +75,7 @@ def _layer_activations(request: Request) -> tuple[torch.Tensor, torch.Tensor]:
         return request.layer_output(rec, request.layers[0]).float(), scores
 
 
-def _normalised_masks(acts: torch.Tensor) -> torch.Tensor:
-    """Per channel of ``(N, C, h, w)``, min-max to ``[0, 1]`` (:func:`normalise`); a flat channel gives the zero mask."""
-    return normalise(acts.flatten(0, 1))[0].view_as(acts)
-
-
-def scorecam(request: Request, *, batch_size: int = DEFAULT_BATCH_SIZE, top_k: int | None = None,
+def scorecam(request: Request, *, batch_size: int | None = None, top_k: int | None = None,
              align_corners: bool = False) -> RawMaps:
     """Score-CAM: each channel, upsampled and normalised, masks the input; the masked scores weight it.
 
@@ -69,7 +88,8 @@ def scorecam(request: Request, *, batch_size: int = DEFAULT_BATCH_SIZE, top_k: i
     Exact savings only: channels with the same normalised mask (all dead
     channels, for one) are scored once, since min-max normalisation is blind to
     a channel's scale and offset and bilinear upsampling is linear.
-    ``batch_size`` caps how many masked images run at once (memory).
+    ``batch_size`` caps how many masked images run at once (memory); by default
+    :func:`scorecam_batch_size` chooses it for the input's size and device.
     ``align_corners=True`` upsamples the masks as pytorch-grad-cam's
     ``UpsamplingBilinear2d`` does; the default matches the engine.
     ``top_k`` (approximate, Faster Score-CAM, Wang 2020): only the ``k``
@@ -78,22 +98,30 @@ def scorecam(request: Request, *, batch_size: int = DEFAULT_BATCH_SIZE, top_k: i
     acts, _ = _layer_activations(request)
     n, channels = acts.shape[:2]
     size = tuple(request.x.shape[-2:])
+    batch_size = scorecam_batch_size(request.x) if batch_size is None else batch_size
     keep = torch.arange(channels, device=acts.device).expand(n, channels)
     if top_k is not None and top_k < channels:
         keep = acts.flatten(2).var(dim=2).topk(max(1, int(top_k)), dim=1).indices
+    # One buffer for every batch, already in the channels-last layout score_batches runs the model in:
+    # multiplying straight into it saves building each batch channels-first and copying it over.
+    rows = max(1, min(batch_size, keep.shape[1]))
+    buffer = torch.empty((rows, *request.x.shape[1:]), dtype=request.x.dtype, device=request.x.device,
+                         memory_format=torch.channels_last)
     maps = []
     for image in range(n):
         chosen = acts[image, keep[image]]
-        unique, inverse = torch.unique(_normalised_masks(chosen).flatten(1), dim=0, return_inverse=True)
-        representatives = torch.zeros(unique.shape[0], dtype=torch.long, device=acts.device)
-        representatives.scatter_(0, inverse, torch.arange(len(inverse), device=acts.device))
-        distinct = chosen[representatives].unsqueeze(1)
+        # Each channel min-maxed as a whole (a flat one gives the zero mask), then deduplicated.
+        unique, inverse = torch.unique(normalise(chosen)[0].flatten(1), dim=0, return_inverse=True)
+        distinct = unique.view(-1, 1, *chosen.shape[-2:])  # min-max normalised already, at the layer's size
         image_x = request.x[image].unsqueeze(0)
 
         def masked_inputs(start: int, stop: int, distinct=distinct, image_x=image_x):
-            # Masks are made per batch, so memory stays within batch_size full-size images.
-            upsampled = F.interpolate(distinct[start:stop], size=size, mode="bilinear", align_corners=align_corners)
-            return image_x * _normalised_masks(upsampled).to(image_x.dtype), {}
+            # Masks are made per batch, so memory stays within batch_size full-size images; the batch is
+            # scored before the next one overwrites the buffer. Upsampling commutes with min-max (its
+            # weights sum to one), but its samples miss most of the layer's grid, extremes included: the
+            # upsampled mask is min-maxed again, as the paper's s(Up(A_k)) says.
+            masks = F.interpolate(distinct[start:stop], size=size, mode="bilinear", align_corners=align_corners)
+            return torch.mul(image_x, normalise(masks)[0].to(image_x.dtype), out=buffer[:stop - start]), {}
 
         scores = score_variants(request, image, len(unique), masked_inputs, batch_size,
                                 done=image * channels, total=n * channels)[inverse]
