@@ -275,8 +275,9 @@ def wait_passively(environ: dict | None = None) -> None:
 
     Called by :func:`convlens.cli.main` before any command imports torch, since
     OpenMP reads the variable once, when it starts. Beside two CPU hogs on a
-    2-CPU machine, ``convlens report`` took 94.9 s spinning and 54.1 s passive;
-    child processes (data loaders, Ray workers) inherit the setting.
+    2-CPU machine, ``convlens report`` took 91.6 s spinning and 46.0 s passive
+    (``benchmarks/bench_busy.py``; alone it took 23.8 s and 30.3 s: sleeping threads
+    wake more slowly, the price of not taking CPU from others); child processes (data loaders, Ray workers) inherit the setting.
     """
     (os.environ if environ is None else environ).setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
