@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 import convlens as cl
-from convlens.heatmaps import METHODS
+from convlens.heatmaps import METHODS, style_for
 from convlens.render.overlay import (STYLES, colorbar_css, colorize, comparison_figure, describe_style,
-                                     overlay_heatmap, saturate, style_for)
+                                     overlay_heatmap, saturate)
 
 from conftest import TinyNet
 

@@ -98,11 +98,11 @@ def explain(
     Example: convlens explain resnet50 cat.jpg dog.jpg --methods gradcam,scorecam --targets top1 --out maps
     """
     check_output_dir(out)  # before any work: a bad --out must not cost a whole run
-    from ..heatmaps import check_request, explain as explain_images, get_method
+    from ..heatmaps import check_request, explain as explain_images, get_method, style_for
     from ..images import load_images
     from ..progress import ProgressDisplay
     from ..render.overlay import (STYLES, bounded, check_style, comparison_figure, describe_style, overlay_heatmap,
-                                  save_figure, style_for)
+                                  save_figure)
 
     colormap = colormap if cmap is None else cmap
 

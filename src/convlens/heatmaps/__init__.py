@@ -7,7 +7,7 @@
 
 from .base import Method
 from .engine import Explanation, Plan, check_request, explain
-from .registry import METHODS, get_method
+from .registry import METHODS, get_method, style_for
 from ..targets import ClassLogits, resolve_targets
 
-__all__ = ["METHODS", "ClassLogits", "Explanation", "Method", "Plan", "check_request", "explain", "get_method", "resolve_targets"]
+__all__ = ["METHODS", "ClassLogits", "Explanation", "Method", "Plan", "check_request", "explain", "get_method", "resolve_targets", "style_for"]

@@ -35,7 +35,7 @@ class Method:
     may combine several layers; ``all_classes``: it takes ``target="all"``;
     ``pixel_level``: the map has one value per input pixel and is sparse (input
     gradients), so it is drawn on its own, not blended over the photo (see
-    :func:`convlens.render.overlay.style_for`).
+    :func:`convlens.heatmaps.style_for`).
     """
 
     name: str

@@ -105,12 +105,13 @@ class Explanation:
 
         ``style``: ``"blend"`` (over the photo at opacity ``alpha``) or ``"map"``
         (the map alone, for sparse pixel-level maps); default chosen per method
-        kind by :func:`convlens.render.overlay.style_for`. ``colormap`` defaults to
+        kind by :func:`convlens.heatmaps.style_for`. ``colormap`` defaults to
         the style's own (jet, inferno). For a resize + centre-crop preprocessing the
         map is placed on the crop region of the original; outside it the original
         shows unchanged. The drawing is :func:`convlens.render.overlay.overlay_heatmaps`.
         """
-        from ..render.overlay import overlay_heatmaps, style_for
+        from ..render.overlay import overlay_heatmaps
+        from .registry import style_for
 
         if self.maps.ndim != 3:
             raise ConvlensError("overlay() draws one map per image; with target='all' pick a class: overlay_class(k)")
@@ -120,7 +121,8 @@ class Explanation:
     def overlay_class(self, k: int, images=None, colormap: str | None = None, alpha: float = 0.4,
                       style: str | None = None) -> list:
         """With ``target="all"``: class ``k``'s maps for the original images (see :meth:`overlay`)."""
-        from ..render.overlay import overlay_heatmaps, style_for
+        from ..render.overlay import overlay_heatmaps
+        from .registry import style_for
 
         pictures = self._pictures(images)
         return overlay_heatmaps(pictures, self.maps[:, k], transform=self.transform, colormap=colormap, alpha=alpha,

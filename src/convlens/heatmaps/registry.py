@@ -43,3 +43,14 @@ def get_method(name: str) -> Method:
         raise ConvlensError(f"unknown method {name!r}{did_you_mean(name, METHODS)} "
                             f"(choose from {', '.join(METHODS)})")
     return METHODS[aliases[key]]
+
+
+def style_for(method: str | Method) -> str:
+    """How a method's maps are drawn by default (a style of :data:`convlens.render.overlay.STYLES`).
+
+    ``"map"`` (the map alone) for pixel-level methods, whose sparse maps vanish when
+    blended over the photo; ``"blend"`` for the rest. ``method`` is a registered
+    name or a :class:`Method`. It lives beside the registry, which knows each
+    method's kind, so that rendering needs nothing from the heatmap package.
+    """
+    return "map" if (get_method(method) if isinstance(method, str) else method).pixel_level else "blend"

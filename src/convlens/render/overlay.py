@@ -13,7 +13,7 @@ with it, so an 8000x8000 photo costs about what a 2048x2048 one does, and the
 blending works in uint8 and float32 on the crop box only. The maps themselves
 (``.npy``, ``Explanation.maps``) are never scaled: the cap is for what is drawn.
 
-Two styles (:data:`STYLES`), chosen per method by :func:`style_for`:
+Two styles (:data:`STYLES`), chosen per method by :func:`convlens.heatmaps.style_for`:
 
 * ``"blend"``: the colour-mapped map over the photo at a fixed opacity (``jet``
   at 0.4 by default). For the CAM family and the perturbation methods, whose maps
@@ -56,18 +56,6 @@ STYLES: dict[str, str] = {"blend": "jet", "map": "inferno"}
 
 #: In the ``"map"`` style, the percentile of the map drawn at full brightness (values above it saturate).
 SATURATION_PERCENTILE = 99.0
-
-
-def style_for(method) -> str:
-    """The style a method's maps are drawn in by default: ``"map"`` for pixel-level methods, else ``"blend"``.
-
-    ``method`` is a registered name or a :class:`~convlens.heatmaps.Method`.
-    """
-    if isinstance(method, str):
-        from ..heatmaps import get_method  # the registry says which methods are pixel-level
-
-        method = get_method(method)
-    return "map" if method.pixel_level else "blend"
 
 
 def check_style(colormap: str | None, alpha: float, style: str = "blend") -> None:

@@ -172,8 +172,8 @@ def _left_out(skipped: dict[str, str], why: str = "as they do not apply to this 
 
 def heatmaps_section(ctx: Context) -> Section:
     """Every registered method for every image: one block per image, the methods wrapping beside it."""
-    from ..heatmaps import METHODS, explain
-    from ..render.overlay import STYLES, colorbar_css, describe_style, style_for
+    from ..heatmaps import METHODS, explain, style_for
+    from ..render.overlay import STYLES, colorbar_css, describe_style
     from .html import outline
 
     methods = ctx.options.get("methods") or list(METHODS)
