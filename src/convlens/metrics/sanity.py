@@ -60,6 +60,11 @@ from ..models import Model
 from ..kernels import gaussian_kernel
 from .base import ExplainFn, Targets, as_batch, as_maps, as_model, as_targets, heatmap_explainer, normalize_maps
 
+#: A method fails the sanity check when its maps keep this Spearman rank correlation (of the absolute
+#: maps) with the trained model's after every weight is randomised: such a map does not depend on the model.
+#: The report's verdict and ``benchmarks/shapes_figures.py`` both use it.
+SANITY_THRESHOLD = 0.5
+
 MODES = ("cascading", "independent")
 
 

@@ -10,7 +10,7 @@ trained model and from a copy with every weight redrawn (each parameter tensor
 from a Gaussian of its own mean and spread,
 :func:`convlens.metrics.sanity.randomize_layer`). A map that explains the model
 must change, so a method fails when the correlation stays at
-:data:`SANITY_THRESHOLD` (0.5) or above: the criterion of
+:data:`convlens.metrics.sanity.SANITY_THRESHOLD` (0.5) or above, as in
 ``benchmarks/shapes_figures.py``.
 
 :func:`verdict` turns the table into one or two sentences: which method localises
@@ -34,6 +34,7 @@ import torch
 from markupsafe import Markup
 
 from ..errors import ConvlensError
+from ..metrics.sanity import SANITY_THRESHOLD
 from ..metrics.stats import MeanCI, mean_ci
 from .sections import Context, Section, _join, _left_out, _parts
 
@@ -43,9 +44,6 @@ from .sections import Context, Section, _join, _left_out, _parts
 DEFAULT_METRICS = ("pointing_scaled", "energy_pointing", "iou", "deletion", "insertion", "drop", "increase")
 
 DEFAULT_METHODS = ("gradcam", "scorecam", "layercam", "saliency")
-
-#: A method fails the sanity check when its maps keep this rank correlation after every weight is randomised.
-SANITY_THRESHOLD = 0.5
 
 SANITY_LABEL = "Same map, random weights"
 
