@@ -81,11 +81,17 @@ def test_layers_table(tiny_file):
     (["predict", "{tiny}", "{garbage}", "--trust-code"], "cannot read image"),
     (["layers", "{tiny}", "--trust-code", "--input-size", "abc"], "--input-size"),
     (["predict", "resnet18", "{picture}", "--weights", "{garbage}"], "cannot read weights"),
+    # a list option given but empty: the one rule of cli.common.named_list, in each command family
+    (["explain", "{tiny}", "{picture}", "--trust-code", "--methods", ","], "--methods needs at least one name"),
+    (["activations", "{tiny}", "{picture}", "--trust-code", "--layers", " , "], "--layers needs at least one name"),
+    (["filters", "{tiny}", "--trust-code", "--layers", "conv1", "--filters", ","], "--filters needs at least one name"),
+    (["scan", "{tiny}", "--trust-code", "--shapes", "4", "--layers", ",", "--out", "{tmp}/atlas"],
+     "--layers needs at least one name"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_file, picture, args, match):
     garbage = tmp_path / "garbage.png"
     garbage.write_bytes(b"\x89PNG broken")
-    args = [a.format(picture=picture, tiny=tiny_file, garbage=garbage) for a in args]
+    args = [a.format(picture=picture, tiny=tiny_file, garbage=garbage, tmp=tmp_path) for a in args]
     code, out, err = run(*args)
     assert code == 2
     assert match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -15,7 +15,7 @@ import typer
 
 from ..errors import ConvlensError
 from . import app
-from .common import ModelArg, ModelOptions, OptionGroup, comma_list, grouped
+from .common import ModelArg, ModelOptions, OptionGroup, comma_list, grouped, named_list
 
 DataArg = Annotated[Optional[Path], typer.Argument(
     help="A folder of class folders, a flat folder, or a .txt/.csv list of image paths (or use --shapes N).",
@@ -64,16 +64,7 @@ class ScanOptions(OptionGroup):
     def run_options(self) -> dict:
         """Keyword arguments of :func:`convlens.atlas.scan` and :func:`~convlens.atlas.dissect`."""
         options = {name: value for name, value in self.values.items() if name not in ("layers", "top")}
-        return {"layers": _layers(self.layers), "k": self.top, **options}
-
-
-def _layers(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    names = comma_list(text)
-    if not names:
-        raise ConvlensError(f"--layers needs at least one layer name, got {text!r}")
-    return names
+        return {"layers": named_list(self.layers, "--layers", "layer4"), "k": self.top, **options}
 
 
 def _bar(desc: str):

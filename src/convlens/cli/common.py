@@ -187,6 +187,19 @@ def comma_list(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
+def named_list(text: str | None, option: str, example: str) -> list[str] | None:
+    """A list option's names: ``None`` when the option was not given, a one-line error when given but empty.
+
+    ``option`` and ``example`` make the message: ``--layers needs at least one name, e.g. --layers layer4``.
+    """
+    if text is None:
+        return None
+    names = comma_list(text)
+    if not names:
+        raise ConvlensError(f"{option} needs at least one name, e.g. {option} {example}; got {text!r}")
+    return names
+
+
 # -- help without type clutter ---------------------------------------------------------------------------
 #: typer prints a type beside every parameter (``--trust-code <bool>``, ``--out <path>``); a value is
 #: named like click does (``--out PATH``) and a flag gets nothing, as it takes no value.

@@ -12,14 +12,7 @@ import typer
 from ..errors import ConvlensError
 from ..fileio import check_output_dir
 from . import app
-from .common import ModelArg, ModelOptions, comma_list, grouped
-
-
-def _names(text: str, option: str) -> list[str]:
-    names = comma_list(text)
-    if not names:
-        raise ConvlensError(f"{option} needs at least one name, e.g. {option} gradcam,scorecam")
-    return names
+from .common import ModelArg, ModelOptions, grouped, named_list
 
 
 @app.command()
@@ -64,7 +57,8 @@ def evaluate(
         from ..evaluation.runner import evaluate as run_evaluation
 
     check_output_dir(out)  # before the model loads: a bad --out must not cost anything
-    method_names, metric_names = _names(methods, "--methods"), _names(metrics, "--metrics")
+    method_names = named_list(methods, "--methods", "gradcam,scorecam")
+    metric_names = named_list(metrics, "--metrics", "deletion,pointing")
     loaded = opts.open(model)
     shown = ProgressDisplay("evaluate", unit="pair")  # silent until the first pair: input errors stay one line
 

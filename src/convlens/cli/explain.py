@@ -10,7 +10,7 @@ import typer
 from ..errors import ConvlensError
 from ..fileio import atomic_path, check_output_dir, distinct_stems, save_image, staged_folder, write_text
 from . import app
-from .common import CmapAliasOpt, ImagesArg, ModelArg, ModelOptions, comma_list, grouped
+from .common import CmapAliasOpt, ImagesArg, ModelArg, ModelOptions, comma_list, grouped, named_list
 
 if TYPE_CHECKING:
     import numpy as np
@@ -106,9 +106,7 @@ def explain(
 
     colormap = colormap if cmap is None else cmap
 
-    methods = list(dict.fromkeys(get_method(name).name for name in comma_list(method)))
-    if not methods:
-        raise ConvlensError("--methods is empty; name at least one method, e.g. gradcam")
+    methods = list(dict.fromkeys(get_method(name).name for name in named_list(method, "--methods", "gradcam")))
     check_style(colormap, alpha)
     pictures = load_images(images)
     loaded = opts.open(model)

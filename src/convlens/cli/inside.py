@@ -15,7 +15,7 @@ import typer
 from ..errors import ConvlensError
 from ..fileio import check_output_dir, check_output_file, save_image, write_text
 from . import app
-from .common import CmapAliasOpt, ColormapOpt, ModelArg, ModelOptions, OptionGroup, comma_list, grouped
+from .common import CmapAliasOpt, ColormapOpt, ModelArg, ModelOptions, OptionGroup, grouped, named_list
 
 ImageArg = Annotated[Path, typer.Argument(help="An image file (PNG, JPEG, ...).", show_default=False)]
 OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder to write into (created if missing).")]
@@ -60,17 +60,8 @@ class AscentOptions(OptionGroup):
         check_settings(self.optimizer, self.param, self.transforms, self.settings()["regularizers"], self.steps, size)
 
 
-def _split(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    parts = comma_list(text)
-    if not parts:
-        raise ConvlensError(f"expected a comma-separated list, got {text!r}")
-    return parts
-
-
 def _integers(text: str | None, what: str) -> list[int] | None:
-    parts = _split(text)
+    parts = named_list(text, what, "0,1,2")
     if parts is None:
         return None
     try:
@@ -129,7 +120,7 @@ def activations(
     cmap = colormap if cmap is None else cmap
     picture = load_image(image)
     loaded = opts.open(model)
-    maps = compute_activations(loaded, picture, _split(layers))
+    maps = compute_activations(loaded, picture, named_list(layers, "--layers", "layer4"))
     rendered = {}
     for name, value in maps.items():
         if channel is not None and not 0 <= channel < value.shape[1]:
@@ -170,7 +161,7 @@ def filters(
     chosen = _integers(filter_indices, "--filters")  # None: the grid's first rows*cols filters
     ascent.check(size)
     loaded = opts.open(model)
-    names = list(resolve_layers(loaded, _split(layers)))
+    names = list(resolve_layers(loaded, named_list(layers, "--layers", "layer4")))
     written = {}
     for name in names:
         with _progress(ascent.steps, name) as progress:
@@ -257,7 +248,7 @@ def deepdream(
     picture = load_image(image)
     loaded = opts.open(model)
     with _progress(octaves * steps, "deepdream") as progress:
-        dream = compute_deepdream(loaded, picture, _split(layers), octaves=octaves, octave_scale=octave_scale,
-                                  steps=steps, lr=lr, seed=seed, progress=progress)
+        dream = compute_deepdream(loaded, picture, named_list(layers, "--layers", "layer4"), octaves=octaves,
+                                  octave_scale=octave_scale, steps=steps, lr=lr, seed=seed, progress=progress)
     save_image(to_pil(dream), out)
     typer.echo(f"wrote {out}")
