@@ -256,28 +256,18 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(shapes_model, tmp_path
     assert not (tmp_path / "ray.sqlite").exists()
 
 
-def _cli(capsys, *args) -> tuple[int, str, str]:
-    """Run the CLI in-process through main(); return (exit code, stdout, stderr)."""
-    from convlens.cli import main
-
-    with pytest.raises(SystemExit) as exited:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exited.value.code or 0, captured.out, captured.err
-
-
-def test_cli_scan_examples_dissect_and_their_errors(tmp_path, capsys):
+def test_cli_scan_examples_dissect_and_their_errors(tmp_path, cli):
     atlas = tmp_path / "atlas.sqlite"
-    code, out, err = _cli(capsys, "scan", "shapes", "--shapes", 32, "--seed", 3, "--layers", "features.relu4",
-                          "--top", 3, "--out", atlas)
+    code, out, err = cli("scan", "shapes", "--shapes", 32, "--seed", 3, "--layers", "features.relu4",
+                         "--top", 3, "--out", atlas)
     assert code == 0 and "features.relu4: 128 units, 32 images, map 8x8" in out, err
-    code, out, err = _cli(capsys, "examples", atlas, "--layer", "features.relu4", "--units", "0,5", "--steps", 4,
-                          "--out", tmp_path / "examples")
+    code, out, err = cli("examples", atlas, "--layer", "features.relu4", "--units", "0,5", "--steps", 4,
+                         "--out", tmp_path / "examples")
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "examples").iterdir()) == ["features.relu4-unit0.png",
                                                                          "features.relu4-unit5.png"]
-    code, out, err = _cli(capsys, "dissect", "shapes", "--shapes", 32, "--seed", 3, "--layers", "features.relu4",
-                          "--no-figures", "--out", tmp_path / "dissection")
+    code, out, err = cli("dissect", "shapes", "--shapes", 32, "--seed", 3, "--layers", "features.relu4",
+                         "--no-figures", "--out", tmp_path / "dissection")
     assert code == 0 and "| features.relu4 | 128 |" in out, err
     for args, message in [
         (["scan", "shapes", "--shapes", 0, "--out", tmp_path / "x.sqlite"], "the dataset is empty"),
@@ -290,7 +280,7 @@ def test_cli_scan_examples_dissect_and_their_errors(tmp_path, capsys):
         (["scan", "shapes", "--shapes", 4, "--engine", "ray", "--ray-address", "127.0.0.1:9",
           "--out", tmp_path / "x.sqlite"], "cannot reach the Ray cluster"),
     ]:
-        code, out, err = _cli(capsys, *args)
+        code, out, err = cli(*args)
         assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "x.sqlite").exists() and not (tmp_path / "e").exists()
 

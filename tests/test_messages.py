@@ -12,19 +12,10 @@ from PIL import Image
 from torch import nn
 
 import convlens as cl
-from convlens.cli import main
 from convlens.errors import first_line
 from convlens.models import ARCHITECTURES, Model
 
 from conftest import TinyNet
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    """The CLI in this process through main(): (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exited:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exited.value.code or 0, captured.out, captured.err
 
 
 def one_line_error(code: int, err: str) -> bool:
@@ -40,9 +31,9 @@ def scripted(tmp_path) -> Path:
 
 # -- TorchScript cannot be explained -------------------------------------------
 
-def test_explain_on_torchscript_says_it_cannot_be_hooked(capsys, tmp_path, scripted, picture):
+def test_explain_on_torchscript_says_it_cannot_be_hooked(cli, tmp_path, scripted, picture):
     out = tmp_path / "maps"
-    code, _, err = run(capsys, "explain", scripted, picture, "--out", out)
+    code, _, err = cli("explain", scripted, picture, "--out", out)
     assert one_line_error(code, err), err
     assert "TorchScript model cannot be hooked" in err and "--arch" in err and "spatial" not in err
     assert not out.exists()
@@ -50,8 +41,8 @@ def test_explain_on_torchscript_says_it_cannot_be_hooked(capsys, tmp_path, scrip
         cl.explain(cl.load_model(scripted), [Image.open(picture)], method="gradcam")
 
 
-def test_predict_on_torchscript_still_works(capsys, scripted, picture):
-    code, out, err = run(capsys, "predict", scripted, picture, "--json")
+def test_predict_on_torchscript_still_works(cli, scripted, picture):
+    code, out, err = cli("predict", scripted, picture, "--json")
     assert code == 0, err
     assert '"probability"' in out
 
@@ -59,10 +50,10 @@ def test_predict_on_torchscript_still_works(capsys, scripted, picture):
 # -- a corrupt Keras file is not "File not found" ------------------------------
 
 @pytest.mark.parametrize("name", ["model.keras", "model.h5"])
-def test_corrupt_keras_file_cannot_be_read_as_keras(capsys, tmp_path, name):
+def test_corrupt_keras_file_cannot_be_read_as_keras(cli, tmp_path, name):
     path = tmp_path / name
     path.write_bytes(b"PK\x03\x04 this is not really an archive" * 4)
-    code, _, err = run(capsys, "layers", path)
+    code, _, err = cli("layers", path)
     assert one_line_error(code, err), err
     assert "cannot be read as a Keras file" in err and "not found" not in err.lower()
 
@@ -70,9 +61,9 @@ def test_corrupt_keras_file_cannot_be_read_as_keras(capsys, tmp_path, name):
 # -- a missing file is not an "unknown model" ----------------------------------
 
 @pytest.mark.parametrize("source", ["model.pt", "weights.pth", "run/last.ckpt", "exports/net"])
-def test_missing_model_file_is_not_found(capsys, tmp_path, source):
+def test_missing_model_file_is_not_found(cli, tmp_path, source):
     path = tmp_path / source
-    code, _, err = run(capsys, "layers", path)
+    code, _, err = cli("layers", path)
     assert one_line_error(code, err), err
     assert f"model file not found: {path}" in err
     with pytest.raises(cl.ConvlensError, match="model file not found"):
@@ -86,11 +77,11 @@ def test_a_mistyped_name_is_still_an_unknown_model():
 
 # -- a symbolic link loop is not "image not found" -----------------------------
 
-def test_symlink_loop_image_says_so(capsys, tmp_path):
+def test_symlink_loop_image_says_so(cli, tmp_path):
     loop = tmp_path / "loop.png"
     os.symlink(tmp_path / "other.png", loop)
     os.symlink(loop, tmp_path / "other.png")
-    code, _, err = run(capsys, "predict", "shapes", loop)
+    code, _, err = cli("predict", "shapes", loop)
     assert one_line_error(code, err), err
     assert "symbolic link loop" in err and "not found" not in err
     dangling = tmp_path / "dangling.png"
@@ -103,11 +94,11 @@ def test_symlink_loop_image_says_so(capsys, tmp_path):
 
 # -- DeepDream on a tiny image says how large it must be -----------------------
 
-def test_deepdream_on_a_tiny_image_gives_the_size_it_needs(capsys, tmp_path):
+def test_deepdream_on_a_tiny_image_gives_the_size_it_needs(cli, tmp_path):
     tiny = tmp_path / "tiny.png"
     Image.new("RGB", (2, 2), (90, 120, 200)).save(tiny)
     out = tmp_path / "dream.png"
-    code, _, err = run(capsys, "deepdream", "shapes", tiny, "--layers", "features.conv4", "--steps", 1, "--out", out)
+    code, _, err = cli("deepdream", "shapes", tiny, "--layers", "features.conv4", "--steps", 1, "--out", out)
     assert one_line_error(code, err), err
     assert "too small for DeepDream" in err and "0x0" not in err
     assert "need at least 9x9" in err and "at least 24x24 pixels" in err
@@ -166,8 +157,8 @@ def test_an_empty_library_message_becomes_its_type_name(tmp_path, monkeypatch, s
     assert expected + "RuntimeError" in str(raised.value)  # was an IndexError from an empty message
 
 
-def test_cli_device_error_without_a_message(capsys, monkeypatch, picture, tmp_path):
+def test_cli_device_error_without_a_message(cli, monkeypatch, picture, tmp_path):
     monkeypatch.setattr(Model, "to", _raise_empty)
-    code, _, err = run(capsys, "activations", "shapes", picture, "--device", "cpu", "--out", tmp_path / "acts")
+    code, _, err = cli("activations", "shapes", picture, "--device", "cpu", "--out", tmp_path / "acts")
     assert one_line_error(code, err), err
     assert "cannot use device 'cpu': RuntimeError" in err

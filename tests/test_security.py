@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import convlens as cl
-from convlens.cli import main
 from convlens.models import ARCHITECTURES
 
 from conftest import TinyNet
@@ -58,13 +57,6 @@ def full_unpickler_calls(monkeypatch) -> list:
     return calls
 
 
-def run(capsys, *args) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exited:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exited.value.code or 0, captured.out, captured.err
-
-
 def _reference_logits(x: torch.Tensor) -> torch.Tensor:
     torch.manual_seed(0)
     with torch.no_grad():
@@ -84,10 +76,10 @@ def test_pickled_module_is_refused_by_default_and_runs_no_code(trojan):
 
 
 @pytest.mark.parametrize("command", ["layers", "predict"])
-def test_cli_refuses_pickled_module_with_one_line_and_exit_2(capsys, trojan, picture, command):
+def test_cli_refuses_pickled_module_with_one_line_and_exit_2(cli, trojan, picture, command):
     path, marker = trojan
     args = [command, path] + ([picture] if command == "predict" else [])
-    code, out, err = run(capsys, *args)
+    code, out, err = cli(*args)
     assert code == 2
     assert err.startswith("convlens: error:") and err.count("\n") == 1 and "--trust-code" in err
     assert not marker.exists()
@@ -102,14 +94,14 @@ def test_trust_code_loads_the_module_and_runs_its_code(trojan):
         torch.testing.assert_close(model(x), _reference_logits(x))
 
 
-def test_cli_trust_code_opts_in(capsys, trojan, picture):
+def test_cli_trust_code_opts_in(cli, trojan, picture):
     path, marker = trojan
-    code, out, err = run(capsys, "predict", path, picture, "--json", "--trust-code")
+    code, out, err = cli("predict", path, picture, "--json", "--trust-code")
     assert code == 0, err
     assert marker.exists() and '"predictions"' in out
 
 
-def test_state_dict_with_arch_loads_without_the_opt_in(tmp_path, monkeypatch, capsys, picture, full_unpickler_calls):
+def test_state_dict_with_arch_loads_without_the_opt_in(tmp_path, monkeypatch, cli, picture, full_unpickler_calls):
     monkeypatch.setitem(ARCHITECTURES, "tinynet", TinyNet)
     torch.manual_seed(0)
     path = tmp_path / "weights.pth"
@@ -118,7 +110,7 @@ def test_state_dict_with_arch_loads_without_the_opt_in(tmp_path, monkeypatch, ca
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(x), _reference_logits(x))
-    code, _, err = run(capsys, "predict", path, picture, "--arch", "tinynet")
+    code, _, err = cli("predict", path, picture, "--arch", "tinynet")
     assert code == 0, err
     assert full_unpickler_calls == []
 
@@ -141,7 +133,7 @@ def test_convlens_checkpoint_loads_without_the_opt_in(tmp_path, full_unpickler_c
     assert full_unpickler_calls == []
 
 
-def test_torchscript_loads_without_the_opt_in(tmp_path, capsys, picture, full_unpickler_calls):
+def test_torchscript_loads_without_the_opt_in(tmp_path, cli, picture, full_unpickler_calls):
     torch.manual_seed(0)
     path = tmp_path / "tiny.ts"
     torch.jit.save(torch.jit.script(TinyNet().eval()), path)
@@ -149,6 +141,6 @@ def test_torchscript_loads_without_the_opt_in(tmp_path, capsys, picture, full_un
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(x), _reference_logits(x))
-    code, out, err = run(capsys, "predict", path, picture, "--json")
+    code, out, err = cli("predict", path, picture, "--json")
     assert code == 0, err
     assert full_unpickler_calls == []

@@ -12,7 +12,6 @@ from PIL import Image
 from sklearn import metrics as skm
 
 import convlens
-from convlens.cli import main
 from convlens.data.folders import LabelledImages, load_class_folders, stratified_split
 from convlens.errors import ConvlensError
 from convlens.train import TrainConfig, learning_rate_at, read_checkpoint, train
@@ -49,17 +48,6 @@ def in_memory(n_per_class, classes, seed=0):
     images, labels = colour_images(n_per_class, classes, seed)
     return LabelledImages(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
                           torch.tensor(labels), list(classes))
-
-
-def cli(capsys, *args):
-    """Run ``convlens ARGS`` in-process through main(); return (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # -- learning -------------------------------------------------------------------
@@ -203,12 +191,12 @@ def test_binary_metrics_have_auc_with_confidence_interval():
 
 # -- command line and bad input -------------------------------------------------
 
-def test_cli_trains_a_binary_classifier_and_skips_unreadable_images(tmp_path, capsys):
+def test_cli_trains_a_binary_classifier_and_skips_unreadable_images(tmp_path, cli):
     data = colour_folder(tmp_path / "data", 10)
     (data / "red" / "broken.png").write_bytes(b"\x89PNG not really")
     (data / "red" / "000.mask.png").write_bytes(b"masks are never read as images")
     out = tmp_path / "model"
-    code, stdout, stderr = cli(capsys, "train", data, "--out", out, "--epochs", "3", "--input-size", "16",
+    code, stdout, stderr = cli("train", data, "--out", out, "--epochs", "3", "--input-size", "16",
                                "--widths", "6,12", "--batch-size", "8", "--lr", "0.02")
     assert code == 0, stderr
     assert "skipped 1 unreadable image" in stderr and "skipped 1 unreadable image" in stdout
@@ -242,7 +230,7 @@ def test_unreadable_images_warn_with_a_count(tmp_path):
     ("not_a_checkpoint", "not a convlens training checkpoint"),
     ("bad_optimizer", "unknown optimizer 'adamm'"),
 ])
-def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, case, match):
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, cli, case, match):
     data = tmp_path / "data"
     data.mkdir()
     extra = []
@@ -263,7 +251,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, case
             torch.save({"weights": torch.zeros(2)}, checkpoint)
         extra = ["--optimizer", "adamm"] if case == "bad_optimizer" else ["--resume", checkpoint]
     out = tmp_path / "out"
-    code, stdout, stderr = cli(capsys, "train", data, "--out", out, "--epochs", "1", "--input-size", "16", *extra)
+    code, stdout, stderr = cli("train", data, "--out", out, "--epochs", "1", "--input-size", "16", *extra)
     assert code == 2, stderr
     # the log may show the images loaded before the error ("[2/4] loading images"); the error is one line
     errors = [line for line in stderr.strip().splitlines() if not re.match(r"\[\d+/\d+\] loading images$", line)]
@@ -272,15 +260,15 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, case
     assert not out.exists()
 
 
-def test_shapes_command_writes_a_dataset(tmp_path, capsys):
-    code, stdout, stderr = cli(capsys, "shapes", tmp_path, "--per-class", "1", "--size", "32", "--seed", "3",
+def test_shapes_command_writes_a_dataset(tmp_path, cli):
+    code, stdout, stderr = cli("shapes", tmp_path, "--per-class", "1", "--size", "32", "--seed", "3",
                                "--classes", "ring,star")
     assert code == 0, stderr
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png")) == [
         "train/ring/00000.mask.png", "train/ring/00000.png", "train/star/00000.mask.png", "train/star/00000.png"]
-    code, _, stderr = cli(capsys, "shapes", tmp_path / "x", "--classes", "ring,sta")
+    code, _, stderr = cli("shapes", tmp_path / "x", "--classes", "ring,sta")
     assert code == 2 and "did you mean 'star'" in stderr and not (tmp_path / "x").exists()
-    code, _, stderr = cli(capsys, "shapes", tmp_path / "y", "--workers", "-1")
+    code, _, stderr = cli("shapes", tmp_path / "y", "--workers", "-1")
     assert code == 2 and "--workers must be 0" in stderr and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "y").exists()
 

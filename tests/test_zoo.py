@@ -24,7 +24,6 @@ import torch
 from PIL import Image
 
 import convlens as cl
-from convlens.cli import main
 from convlens.heatmaps import METHODS, explain
 from convlens.report import ReportImage, build_report
 
@@ -36,14 +35,6 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
     message = str(err.value)
     assert "\n" not in message, message
     return message
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exited:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exited.value.code or 0, captured.out, captured.err
 
 
 # -- the matrix -----------------------------------------------------------------------------------------
@@ -347,19 +338,19 @@ def test_filter_patterns_and_class_models_run_at_a_fixed_size_keras_models_size(
     assert convolutional.images.shape == (1, 3, 40, 40)
 
 
-def test_filters_and_class_model_commands_on_a_fixed_size_keras_file(capsys, fixed_keras, tmp_path):
+def test_filters_and_class_model_commands_on_a_fixed_size_keras_file(cli, fixed_keras, tmp_path):
     path = tmp_path / "small.keras"
     fixed_keras.save(path)
-    code, _, err = run_cli(capsys, "filters", path, "--layers", "logits", "--grid", "1x2", "--steps", 2,
-                           "--out", tmp_path / "filters")
+    code, _, err = cli("filters", path, "--layers", "logits", "--grid", "1x2", "--steps", 2,
+                       "--out", tmp_path / "filters")
     assert code == 0, err
     record = json.loads((tmp_path / "filters" / "logits.json").read_text())
     assert record["size"] == 32 and [f["index"] for f in record["filters"]] == [0, 1]
-    code, _, err = run_cli(capsys, "class-model", path, "--classes", "0,2", "--steps", 2, "--out", tmp_path / "cm")
+    code, _, err = cli("class-model", path, "--classes", "0,2", "--steps", 2, "--out", tmp_path / "cm")
     assert code == 0, err
     assert Image.open(tmp_path / "cm" / "class_model.png").size[0] > 0
-    code, _, err = run_cli(capsys, "filters", path, "--layers", "logits", "--size", 40, "--steps", 1,
-                           "--out", tmp_path / "bad")
+    code, _, err = cli("filters", path, "--layers", "logits", "--size", 40, "--steps", 1,
+                       "--out", tmp_path / "bad")
     assert code == 2 and "takes 32x32 images only" in err and err.count("\n") == 1
     assert not (tmp_path / "bad").exists()
 
@@ -409,7 +400,7 @@ def test_keras_preprocessing_names_the_applications_mode_and_obeys_the_caller():
     assert asked.info["preprocessing"] == "tf" and asked.info["preprocessing_reason"] == "as requested"
 
 
-def test_layers_and_predict_say_which_preprocessing_and_why(capsys, tmp_path):
+def test_layers_and_predict_say_which_preprocessing_and_why(cli, tmp_path):
     pytest.importorskip("keras")
     from zoo_models import flatten_dense_keras
 
@@ -417,16 +408,16 @@ def test_layers_and_predict_say_which_preprocessing_and_why(capsys, tmp_path):
     flatten_dense_keras(32, _preprocessing_cases()["normalization_255"][0]).save(path)
     line = ("preprocessing: raw (the model starts with Normalization(mean=123.7, 116.3, 103.5) "
             "and takes 0-255 pixels)")
-    code, out, err = run_cli(capsys, "layers", path)
+    code, out, err = cli("layers", path)
     assert code == 0, err
     assert line in out
     picture = tmp_path / "cat.png"
     cl.sample_image("chelsea").resize((40, 30)).save(picture)
-    code, out, err = run_cli(capsys, "predict", path, picture, "--json", "--top", "2")
+    code, out, err = cli("predict", path, picture, "--json", "--top", "2")
     assert code == 0, err
     assert len(json.loads(out)[0]["predictions"]) == 2  # stdout is still pure JSON
     assert line in err
-    code, out, err = run_cli(capsys, "predict", path, picture, "--preprocessing", "tf")
+    code, out, err = cli("predict", path, picture, "--preprocessing", "tf")
     assert code == 0, err
     assert "preprocessing: tf (as requested)" in out
 
