@@ -12,6 +12,7 @@ from PIL import Image
 
 import convlens as cl
 from convlens.heatmaps import METHODS
+from convlens.report.sections import REPORT_METHODS
 from convlens.metrics import METRICS
 from convlens.metrics.stats import MeanCI
 from convlens.report import ReportImage, build_report
@@ -56,7 +57,7 @@ def test_report_has_every_section_and_embedded_pictures(report_html):
     assert "conv2" in html and "Conv2d" in html  # the layer table
     # 3 thumbnails + 3 images x (original + every method) + one map per class (3) + 2 activation grids
     # + 2 filter grids + class models
-    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 3 + 3 * (1 + len(METHODS)) + 3 + 2 + 2 + 1
+    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 3 + 3 * (1 + len(REPORT_METHODS)) + 3 + 2 + 2 + 1
     assert "ground-truth object masks" in html
     # self-contained: nothing fetched from anywhere
     assert not re.search(r'(src|href)="(https?:)?//', html)
@@ -66,8 +67,8 @@ def test_the_heatmaps_wrap_and_say_how_each_kind_is_drawn(report_html):
     heatmaps = _section(report_html[1], "heatmaps")
     assert heatmaps.count('class="hm-image"') == 3 and 'class="grid"' not in heatmaps  # no sideways-scrolling table
     assert "Left out" not in heatmaps
-    pixel = [name for name, method in METHODS.items() if method.pixel_level]
-    others = [name for name in METHODS if name not in pixel]
+    pixel = [name for name in REPORT_METHODS if METHODS[name].pixel_level]
+    others = [name for name in REPORT_METHODS if name not in pixel]
     assert pixel and others
     # one colour bar per style, each naming its methods and what low/high mean
     assert heatmaps.count('class="colorbar"') == 2 and heatmaps.count("&larr; attribution &rarr;") == 2
@@ -290,13 +291,13 @@ def test_progress_announces_the_totals_it_then_reports(report_run):
     for name, reported in parts.items():
         assert [s.part for s in reported] == list(range(1, len(reported) + 1))
         assert {s.parts for s in reported} == {len(reported)}, name
-    assert [s.detail for s in parts["heatmaps"]] == list(METHODS)
+    assert [s.detail for s in parts["heatmaps"]] == list(REPORT_METHODS)
     assert len(parts["filters"]) == 2 + 1  # two layers of TinyNet, then the class models
     # the evaluation: the one masked image, for each of the four default methods, then their sanity checks
     evaluated = ("gradcam", "scorecam", "layercam", "saliency")
     assert [s.detail for s in parts["evaluation"]] == ([f"{m} on masked" for m in evaluated]
                                                        + [f"sanity check, {m}" for m in evaluated])
-    assert str(parts["heatmaps"][1]) == f"[3/{len(SECTIONS)}] heatmaps: gradcam (2/{len(METHODS)})"
+    assert str(parts["heatmaps"][1]) == f"[3/{len(SECTIONS)}] heatmaps: gradcam (2/{len(REPORT_METHODS)})"
 
 
 def test_report_cli_prints_one_plain_line_per_step_when_not_a_terminal(report_run, cli, monkeypatch, tmp_path):

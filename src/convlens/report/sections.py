@@ -170,13 +170,19 @@ def _left_out(skipped: dict[str, str], why: str = "as they do not apply to this 
     return f" Left out, {why}: " + "; ".join(f"{name}: {reason}" for name, reason in skipped.items()) + "."
 
 
+#: The heatmap methods a report shows unless ``methods=`` / ``--methods`` names others: one of each family,
+#: cheap enough that the default report stays quick. Every registered method can be asked for by name.
+REPORT_METHODS = ("cam", "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigencam", "scorecam",
+                  "ablationcam", "saliency", "smoothgrad", "integrated_gradients", "guided_backprop", "guided_gradcam")
+
+
 def heatmaps_section(ctx: Context) -> Section:
-    """Every registered method for every image: one block per image, the methods wrapping beside it."""
-    from ..heatmaps import METHODS, explain, style_for
+    """The report's methods for every image: one block per image, the methods wrapping beside it."""
+    from ..heatmaps import explain, style_for
     from ..render.overlay import STYLES, colorbar_css, describe_style
     from .html import outline
 
-    methods = ctx.options.get("methods") or list(METHODS)
+    methods = ctx.options.get("methods") or list(REPORT_METHODS)
     pictures = [item.image for item in ctx.images]
     x = ctx.model.preprocess(pictures)
     columns, skipped = {}, {}
