@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, NamedTuple, Union
 import torch
 from torch import nn
 
-from .errors import ConvlensError, did_you_mean
+from .errors import TORCHSCRIPT_FAILED, ConvlensError, did_you_mean, first_line
 
 if TYPE_CHECKING:
     from .models.model import Model
@@ -239,6 +239,11 @@ class Recorder:
             return self.module(x, *args, **kwargs)
         except _StopForward:
             return None
+        except Exception as err:  # a scripted model's failure: its own error, on one line
+            if not str(err).startswith(TORCHSCRIPT_FAILED):
+                raise
+            raise ConvlensError(f"the model failed on a {self.input_size[0]}x{self.input_size[1]} input: "
+                                f"{first_line(err)}") from None
 
     def _record(self, name: str) -> None:
         self._pending.discard(name)

@@ -15,6 +15,10 @@ class ConvlensError(ValueError):
     """A mistake in what the user asked for, with a message saying what to do."""
 
 
+class ConvlensWarning(UserWarning):
+    """Something the user should know that did not stop the work (the CLI prints it on one line)."""
+
+
 def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> str:
     """Return ``"; did you mean 'a', 'b'?"`` for the closest choices, or ``""``."""
     choices = list(choices)
@@ -33,11 +37,16 @@ def first_line(err: BaseException) -> str:
     Library errors often carry a multi-line message (a traceback of a scripted
     model, a list of missing keys); a one-line user error quotes only its first
     line. Keras wraps the message in an "Exception encountered when calling"
-    header and ANSI bold, both dropped. Some errors have no message at all, hence
-    the type name.
+    header and ANSI bold, both dropped; the TorchScript interpreter wraps a scripted
+    model's own error in its traceback, whose last line (``RuntimeError: ...``) is
+    what is quoted. Some errors have no message at all, hence the type name.
     """
-    for line in str(err).splitlines():
-        line = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
-        if line and not line.startswith("Exception encountered when calling"):
-            return line
-    return type(err).__name__
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+    lines = [line for line in lines if line and not line.startswith("Exception encountered when calling")]
+    if lines and lines[0].startswith(TORCHSCRIPT_FAILED):  # the model's own error ends the interpreter's traceback
+        return lines[-1].removeprefix("builtins.")
+    return lines[0] if lines else type(err).__name__
+
+
+#: how the TorchScript interpreter starts the message of an error raised while a scripted model runs
+TORCHSCRIPT_FAILED = "The following operation failed in the TorchScript interpreter"

@@ -11,12 +11,13 @@ command imports torch and the rest of convlens when it runs, so ``--help``,
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Annotated, Any
 
 import typer
 
 from .. import __version__
-from ..errors import ConvlensError
+from ..errors import ConvlensError, ConvlensWarning
 from .common import Command, Group, wait_passively
 
 
@@ -61,11 +62,23 @@ from . import report  # noqa: E402,F401
 from . import train  # noqa: E402,F401
 
 
+def _one_line_warnings(show):
+    """``warnings.showwarning`` that prints a :class:`ConvlensWarning` as ``convlens: warning: ...``, one line."""
+    def showwarning(message, category, *args, **kwargs):
+        if issubclass(category, ConvlensWarning):
+            print(f"convlens: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *args, **kwargs)
+    return showwarning
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the ``convlens`` command line (``argv`` defaults to ``sys.argv[1:]``)."""
     wait_passively()  # before any command imports torch: OpenMP reads it once, at start
     try:
-        app(args=argv, standalone_mode=True)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            app(args=argv, standalone_mode=True)
     except ConvlensError as err:
         print(f"convlens: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -36,8 +36,9 @@ LabelsOpt = Annotated[Optional[Path], typer.Option(
 PreprocessingOpt = Annotated[Optional[str], typer.Option(
     "--preprocessing", help="Keras models: rescale (x/255, default), raw, tf, torch or caffe.")]
 TrustCodeOpt = Annotated[bool, typer.Option(
-    "--trust-code", help="Allow a pickled module (torch.save(model)): loading it runs code from the file, "
-                         "so only for files you trust. State dicts, checkpoints and TorchScript never need it.")]
+    "--trust-code", help="Allow a pickled module (torch.save(model)), or a TorchScript file whose code does more than "
+                         "tensor maths (files, network): only for files you trust. State dicts and checkpoints never "
+                         "need it.")]
 InputSizeOpt = Annotated[Optional[str], typer.Option(
     "--input-size", metavar="SIZE",
     help="H or HxW to run the model at (default: what the model says; 224 for a plain module).")]

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import ConvlensError, first_line
+from ..errors import ConvlensError, ConvlensWarning, first_line
 from .model import ChannelsLastAdapter, Model
 from .transforms import KERAS_MODES, KerasTransform
 
@@ -67,11 +68,36 @@ def load_keras_file(path: Path, preprocessing: str | None = None, labels: list[s
         raise ConvlensError(f"{path} cannot be read as a Keras file: it is not {expected} (corrupt, truncated, "
                             "or not a .keras/.h5 model); save the model again with model.save()")
     keras = import_keras()
+    unsafe = _unsafe_members(path) if is_zip_format else []
     try:
-        keras_model = keras.saving.load_model(str(path), compile=False)
+        with warnings.catch_warnings():  # zipfile warns once per unsafe member; we say it once, below
+            warnings.filterwarnings("ignore", message="Skipping invalid path during archive extraction")
+            # Lambda layers are Python code in the file: safe_mode=True is stated, not defaulted, and held in a
+            # scope of our own, because Keras lets a global keras.config.enable_unsafe_deserialization() (called
+            # by anything else in the process) override the argument
+            with _safe_mode_scope():
+                keras_model = keras.saving.load_model(str(path), compile=False, safe_mode=True)
     except Exception as err:  # Keras raises many types for a bad file
         raise ConvlensError(f"cannot load Keras model {path}: {first_line(err)}") from None
+    if unsafe:
+        warnings.warn(f"{path} contains {len(unsafe)} member(s) with unsafe paths (such as {unsafe[0]!r}), which "
+                      "were skipped", ConvlensWarning, stacklevel=2)
     return wrap_keras(keras_model, name=path.name, preprocessing=preprocessing, labels=labels)
+
+
+def _safe_mode_scope():
+    """Keras's own scope that sets its global safe-mode flag for the duration (restored after)."""
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    return SafeModeScope(True)
+
+
+def _unsafe_members(path: Path) -> list[str]:
+    """Member names of a zip archive that would land outside the folder it is extracted to."""
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return [name for name in names if name.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", name)
+            or re.match(r"[A-Za-z]:", name)]
 
 
 def _first_layers(keras_model):

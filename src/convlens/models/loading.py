@@ -3,17 +3,17 @@
 Security: a *pickled module* (a ``torch.save(model)`` file) is a pickled Python
 object, and unpickling it runs whatever code the file names. So it is refused
 unless the caller opts in with ``trust_code=True`` (CLI: ``--trust-code``).
-Everything else is read without running code from the file: state dicts and
-convlens checkpoints through ``torch.load(weights_only=True)``, TorchScript
-files through ``torch.jit.load``. Only opt in for files from sources you trust;
-better, save ``model.state_dict()`` and load it with ``arch``.
+State dicts and convlens checkpoints are read without running code from the file,
+through ``torch.load(weights_only=True)``. A *TorchScript file* is code too: without
+the opt-in it loads only when its code holds nothing but tensor operations, checked
+before it runs (:mod:`convlens.models.torchscript`). Only opt in for files from
+sources you trust; better, save ``model.state_dict()`` and load it with ``arch``.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +26,7 @@ from ..errors import ConvlensError, did_you_mean, first_line
 from .keras import is_keras_model, load_keras_file, wrap_keras
 from .model import Model, detect_output
 from .nets import ShapesNet
+from .torchscript import load_torchscript
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, make_transform
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -88,9 +89,11 @@ def load_model(
         output: for a model that returns several outputs (tuple, list or dict), the
             index or key of the one that holds the class scores.
         trust_code: allow a pickled module (``torch.save(model)``), whose loading
-            runs code from the file. Off by default: such a file is refused with
-            a :class:`ConvlensError`. State dicts, convlens checkpoints and
-            TorchScript files never need it.
+            runs code from the file, and a TorchScript file whose code does more
+            than tensor maths (reads or writes files, calls the network, runs code
+            while loading). Off by default: such a file is refused with a
+            :class:`ConvlensError` naming what it would do. State dicts and
+            convlens checkpoints never need it.
 
     Example:
         >>> model = load_model("resnet18", weights="none")
@@ -263,6 +266,10 @@ def _read_state_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
+        if _needs_full_unpickler(err):
+            raise ConvlensError(f"weights file {path} is a pickled Python object{_imports(err)}, not plain weights, "
+                                "and reading it would run code from the file; save model.state_dict() and pass "
+                                "that file") from None
         raise ConvlensError(f"cannot read weights file {path}: {first_line(err)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -295,12 +302,22 @@ def _is_torchscript(path: Path) -> bool:
         return any("/code/" in name or name.endswith("constants.pkl") for name in archive.namelist())
 
 
+def _needs_full_unpickler(err: Exception) -> bool:
+    """Whether torch's safe unpickler refused the file for asking for something only a full one gives
+    (a global to import), not for being unreadable (torch says ``weights_only`` in both cases)."""
+    return "Unsupported global" in str(err)
+
+
+def _imports(err: Exception) -> str:
+    """``", which imports NAME"``: what the file asks to import, when torch's refusal says."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return f", which imports {found.group(1)}" if found else ""
+
+
 def _refuse_pickle(path: Path, err: Exception) -> ConvlensError:
     """The one-line refusal of a file that only a full (code-running) unpickler can read."""
-    found = re.search(r"GLOBAL ([\w.]+)", str(err))  # what the file asks to import, when torch says
-    needs = f", which imports {found.group(1)}" if found else ""
     return ConvlensError(
-        f"{path} is a pickled Python object (such as a full module saved with torch.save(model)){needs}, and "
+        f"{path} is a pickled Python object (such as a full module saved with torch.save(model)){_imports(err)}, and "
         "loading it runs code from the file; if you trust its source pass trust_code=True (CLI: --trust-code), "
         "or save model.state_dict() instead and load that with arch/--arch"
     )
@@ -308,17 +325,11 @@ def _refuse_pickle(path: Path, err: Exception) -> ConvlensError:
 
 def _load_torch_file(path: Path, arch: str | None, labels: list[str] | None, trust_code: bool = False) -> Model:
     if _is_torchscript(path):
-        try:
-            with warnings.catch_warnings():  # torch.jit is deprecated, but users still have such files
-                warnings.simplefilter("ignore", FutureWarning)
-                module = torch.jit.load(str(path), map_location="cpu")
-        except Exception as err:
-            raise ConvlensError(f"cannot load TorchScript file {path}: {first_line(err)}") from None
-        return from_module(module, name=path.name, labels=labels)
+        return from_module(load_torchscript(path, trust_code), name=path.name, labels=labels)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as safe_err:
-        if "weights_only" not in str(safe_err) and "Unsupported global" not in str(safe_err):
+        if not _needs_full_unpickler(safe_err):
             raise ConvlensError(f"cannot read model file {path}: {first_line(safe_err)}") from None
         # The safe unpickler refused something: only a full unpickler can read this file, and a
         # full unpickler calls whatever the file names, so that is the caller's decision, not ours.
