@@ -329,7 +329,10 @@ def _load_torch_file(path: Path, arch: str | None, labels: list[str] | None, tru
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as safe_err:
-        if not _needs_full_unpickler(safe_err):
+        # With the opt-in, anything the safe unpickler refuses is worth a full try (torch names
+        # weights_only in all its refusals); without it, only a file asking for imports is a pickle.
+        wants_full = "weights_only" in str(safe_err) if trust_code else _needs_full_unpickler(safe_err)
+        if not wants_full:
             raise ConvlensError(f"cannot read model file {path}: {first_line(safe_err)}") from None
         # The safe unpickler refused something: only a full unpickler can read this file, and a
         # full unpickler calls whatever the file names, so that is the caller's decision, not ours.
