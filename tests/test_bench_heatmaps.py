@@ -21,3 +21,15 @@ def test_quick_benchmark_runs_and_prints_ratios(capsys):
     assert re.search(r"batch 784 \(rule", out)  # 802,816 pixels / (32 x 32) masked pixels per image
     assert float(re.search(r"floor ratio \(peer's passes / convlens' passes\): +([\d.]+)x", out).group(1)) > 0
     assert "at most" in out and "of that peak" in out
+
+
+def test_quick_attribution_benchmark_compares_equal_outputs(capsys):
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_attribution.py"
+    spec = importlib.util.spec_from_file_location("bench_attribution", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--quick", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    diffs = [float(d) for d in re.findall(r"x\s+(\S+)\n", out)]
+    assert len(diffs) == 3 and all(d < 1e-4 for d in diffs)  # the same attributions, timed
+    assert re.search(r"convlens is [\d.]+x faster than captum's default", out)

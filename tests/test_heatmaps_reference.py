@@ -10,10 +10,12 @@ selected through options) is described in ``cam_reference``.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchvision
-from captum.attr import GuidedBackprop, GuidedGradCam, IntegratedGradients, NoiseTunnel, Saliency
+from captum.attr import (Deconvolution, GradientShap, GuidedBackprop, GuidedGradCam, InputXGradient,
+                         IntegratedGradients, NoiseTunnel, Occlusion, Saliency)
 
 import convlens as cl
 from convlens.capture import capture
@@ -47,6 +49,35 @@ def _captum_guided_gradcam(forward, x, targets, layer):
     return GuidedGradCam(forward, layer).attribute(x, target=targets, interpolate_mode="bilinear").abs().amax(1)
 
 
+def _captum_input_x_gradient(forward, x, targets, layer):
+    return InputXGradient(forward).attribute(x, target=targets).sum(1).abs()
+
+
+def _captum_deconvolution(forward, x, targets, layer):
+    return Deconvolution(forward).attribute(x, target=targets).abs().amax(1)
+
+
+def _captum_tunnel(nt_type):
+    def computation(forward, x, targets, layer):
+        torch.manual_seed(7)
+        tunnel = NoiseTunnel(Saliency(forward))
+        return tunnel.attribute(x, target=targets, abs=False, nt_type=nt_type, nt_samples=3, stdevs=0.3).amax(1)
+
+    return computation
+
+
+def _captum_gradient_shap(forward, x, targets, layer):
+    torch.manual_seed(7)
+    np.random.seed(7)
+    baselines = torch.stack([torch.zeros_like(x[0]), torch.ones_like(x[0])])
+    return GradientShap(forward).attribute(x, baselines=baselines, target=targets, n_samples=4).sum(1).abs()
+
+
+def _captum_occlusion(forward, x, targets, layer):
+    return Occlusion(forward).attribute(x, target=targets, sliding_window_shapes=(x.shape[1], 8, 8),
+                                        strides=(x.shape[1], 4, 4), baselines=0.0).mean(1)
+
+
 #: method -> (captum computation giving the (N, H, W) map, convlens options)
 GRADIENT_PEERS = {
     "saliency": (_captum_saliency, {}),
@@ -54,10 +85,25 @@ GRADIENT_PEERS = {
     "integrated_gradients": (_captum_ig, {"steps": 8}),
     "guided_backprop": (_captum_guided, {}),
     "guided_gradcam": (_captum_guided_gradcam, {}),
+    "input_x_gradient": (_captum_input_x_gradient, {}),
+    "deconvolution": (_captum_deconvolution, {}),
+    "smoothgrad_sq": (_captum_tunnel("smoothgrad_sq"), {"stdev": 0.3, "n_samples": 3, "seed": 7}),
+    "vargrad": (_captum_tunnel("vargrad"), {"stdev": 0.3, "n_samples": 3, "seed": 7}),
+    "gradient_shap": (_captum_gradient_shap, {"baselines": "zeros-and-ones", "n_samples": 4, "seed": 7}),
+    "occlusion": (_captum_occlusion, {"window": 8, "stride": 4}),
 }
 
-CAM_METHODS = [m for m in METHODS if METHODS[m].kind != "gradient"]
-GRADIENT_METHODS = [m for m in METHODS if METHODS[m].kind == "gradient"]
+
+def captum_options(method: str, x: torch.Tensor) -> dict:
+    """The convlens options of ``method`` that match its captum computation on inputs like ``x``."""
+    options = dict(GRADIENT_PEERS[method][1])
+    if options.get("baselines") == "zeros-and-ones":
+        options["baselines"] = torch.stack([torch.zeros_like(x[0]), torch.ones_like(x[0])])
+    return options
+
+CAM_METHODS = [m for m in METHODS if m in CAM_PEERS]
+#: compared with captum: the gradient methods and its perturbation family (occlusion)
+GRADIENT_METHODS = [m for m in METHODS if m in GRADIENT_PEERS]
 #: perturbation methods run one forward per channel: a narrower layer keeps them fast
 PERTURBATION = {"scorecam", "ablationcam"}
 
@@ -118,7 +164,7 @@ def test_gradient_methods_match_captum(request, case, method):
     fixture, size, layer, _ = TORCH_CASES[case]
     net = request.getfixturevalue(fixture)
     x = _batch(32)
-    ours = explain(net, x, method=method, layer=layer, **GRADIENT_PEERS[method][1])
+    ours = explain(net, x, method=method, layer=layer, **captum_options(method, x))
     layer_module = dict(net.named_modules())[layer]
     theirs = GRADIENT_PEERS[method][0](net, x, ours.targets, layer_module)
     difference = (ours.maps - minmax(theirs)).abs().max()
@@ -163,10 +209,11 @@ def test_keras_cam_needs_a_gap_head(keras_model):
         explain(keras_model, torch.rand(1, 48, 48, 3), method="cam")
 
 
-@pytest.mark.parametrize("method", ["saliency", "smoothgrad", "integrated_gradients"])
+@pytest.mark.parametrize("method", ["saliency", "smoothgrad", "integrated_gradients", "input_x_gradient",
+                                    "vargrad", "occlusion"])
 def test_keras_gradient_methods_match_captum(keras_model, method):
     x_last = torch.rand(2, 48, 48, 3, generator=torch.Generator().manual_seed(6))
-    ours = explain(keras_model, x_last, method=method, **GRADIENT_PEERS[method][1])
+    ours = explain(keras_model, x_last, method=method, **captum_options(method, x_last))
     theirs = GRADIENT_PEERS[method][0](_keras_logits(keras_model), x_last.permute(0, 3, 1, 2), 0, None)
     assert ours.attributions.shape == x_last.shape  # the user's channels-last layout
     assert (ours.maps - minmax(theirs)).abs().max() <= TOLERANCE

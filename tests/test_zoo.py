@@ -41,7 +41,8 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
 
 #: the documented speed options the slow methods run with here
 FAST = {"smoothgrad": {"n_samples": 2}, "integrated_gradients": {"steps": 2}, "scorecam": {"top_k": 8},
-        "ablationcam": {"batch_size": 512}}
+        "ablationcam": {"batch_size": 512}, "smoothgrad_sq": {"n_samples": 2}, "vargrad": {"n_samples": 2},
+        "gradient_shap": {"n_samples": 2}, "occlusion": {"window": 32, "stride": 32}}
 PERTURBATION = {"scorecam", "ablationcam"}
 
 

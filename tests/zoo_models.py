@@ -21,6 +21,9 @@ from convlens.models.loading import from_module
 #: the one-line reasons of the refusals the zoo expects (a substring of the ConvlensError message)
 NO_GAP_HEAD = "global average pooling and a linear head"
 NO_RELU = "guided backpropagation needs ReLU layers"
+#: what the ReLU-rewriting methods say on a model without ReLU modules
+RELU_REFUSALS = {"guided_backprop": NO_RELU, "guided_gradcam": NO_RELU,
+                 "deconvolution": "deconvolution needs ReLU layers"}
 
 
 @dataclass(frozen=True)
@@ -130,14 +133,14 @@ def keras_model(name: str, classes: int = 10) -> Callable[[], cl.Model]:
 TIMM = [
     ZooEntry("resnet18d", "timm", timm_model("resnet18d"), narrow_layer="layer1"),
     ZooEntry("efficientnet_b0", "timm", timm_model("efficientnet_b0"), narrow_layer="blocks.2",
-             refuses={"guided_backprop": NO_RELU, "guided_gradcam": NO_RELU}),
+             refuses={**RELU_REFUSALS}),
     # the classifier reads a 1x1 conv after the pooling, not the pooled features
     ZooEntry("mobilenetv3_small_050", "timm", timm_model("mobilenetv3_small_050"), narrow_layer="blocks.2",
              refuses={"cam": NO_GAP_HEAD}),
     ZooEntry("regnetx_002", "timm", timm_model("regnetx_002"), narrow_layer="s1"),
     # pooling, then LayerNorm, then the linear layer; GELU everywhere
     ZooEntry("convnext_atto", "timm", timm_model("convnext_atto"), narrow_layer="stages.0",
-             refuses={"cam": NO_GAP_HEAD, "guided_backprop": NO_RELU, "guided_gradcam": NO_RELU}),
+             refuses={"cam": NO_GAP_HEAD, **RELU_REFUSALS}),
     # in-place ReLUs and concatenations: the classic trap for hooks
     ZooEntry("densenet121", "timm", timm_model("densenet121"), narrow_layer="features.pool0"),
     ZooEntry("ghostnet_050", "timm", timm_model("ghostnet_050"), narrow_layer="blocks.3",
@@ -150,7 +153,7 @@ OTHERS = [
     ZooEntry("resnet18d-two-outputs", "timm", two_outputs("resnet18d"), narrow_layer="net.layer1", output=0),
     # class token read by LayerNorm + linear head; GELU
     ZooEntry("vit_tiny_patch16", "timm", vit_model("vit_tiny_patch16_224"), narrow_layer="blocks.0.norm1",
-             tokens=1, refuses={"cam": NO_GAP_HEAD, "guided_backprop": NO_RELU, "guided_gradcam": NO_RELU}),
+             tokens=1, refuses={"cam": NO_GAP_HEAD, **RELU_REFUSALS}),
     ZooEntry("vit_tiny_r_s16_p8", "timm", vit_model("vit_tiny_r_s16_p8_224"), narrow_layer="blocks.0.norm1",
              tokens=1, refuses={"cam": NO_GAP_HEAD}),
 ]
@@ -160,10 +163,10 @@ KERAS = [
     ZooEntry("MobileNetV2", "keras", keras_model("MobileNetV2"), preprocessing="rescale"),
     # Rescaling(1/255) + Normalization at the input: the model takes 0-255 pixels; SiLU, no ReLU
     ZooEntry("EfficientNetB0", "keras", keras_model("EfficientNetB0"), preprocessing="raw",
-             refuses={"guided_backprop": NO_RELU, "guided_gradcam": NO_RELU}),
+             refuses={**RELU_REFUSALS}),
     # Normalization with 0-255 ImageNet statistics; pooling, then LayerNorm, then Dense; GELU
     ZooEntry("ConvNeXtTiny", "keras", keras_model("ConvNeXtTiny"), preprocessing="raw",
-             refuses={"cam": NO_GAP_HEAD, "guided_backprop": NO_RELU, "guided_gradcam": NO_RELU}),
+             refuses={"cam": NO_GAP_HEAD, **RELU_REFUSALS}),
     ZooEntry("Xception", "keras", keras_model("Xception"), preprocessing="rescale"),
     ZooEntry("DenseNet121", "keras", keras_model("DenseNet121"), preprocessing="rescale"),
 ]

@@ -141,21 +141,28 @@ def _guide(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tens
     return _PositiveGradient.apply(output)
 
 
-def _relu_modules(request: Request) -> list[nn.Module]:
+def relu_modules(request: Request, method: str = "guided backpropagation", fused: bool = True) -> list[nn.Module]:
+    """The model's ReLU modules; ``fused``: also layers with a ReLU activation of their own (Keras ``Conv2D``)."""
     modules = []
     for module in request.model.named_layers().values():
         activation = getattr(getattr(module, "activation", None), "__name__", "")
-        if isinstance(module, nn.ReLU) or type(module).__name__ == "ReLU" or activation == "relu":
+        standalone = type(module).__name__ == "ReLU" or (type(module).__name__ == "Activation" and activation == "relu")
+        if isinstance(module, nn.ReLU) or standalone:  # a Keras Activation("relu") layer is a ReLU of its own
+            modules.append(module)
+        elif activation == "relu":
+            if not fused:
+                raise ConvlensError(f"{method} needs each ReLU as a layer of its own, and layer {type(module).__name__} "
+                                    "applies its ReLU inside; use guided_backprop or saliency")
             modules.append(module)
     if not modules:
-        raise ConvlensError("guided backpropagation needs ReLU layers (nn.ReLU modules); this model has none "
+        raise ConvlensError(f"{method} needs ReLU layers (nn.ReLU modules); this model has none "
                             "or calls ReLU as a function; use saliency or smoothgrad")
     return modules
 
 
 def guided_gradients(request: Request) -> torch.Tensor:
     """Springenberg's guided-backpropagation gradient ``(N, C, H, W)``."""
-    guide = {module: _guide for module in _relu_modules(request)}
+    guide = {module: _guide for module in relu_modules(request)}
     return input_gradients(request, request.x, list(range(request.x.shape[0])), len(request.x), guide)
 
 

@@ -10,6 +10,7 @@ moment it is listed.
 from __future__ import annotations
 
 from ..errors import ConvlensError, did_you_mean
+from .attribution import deconvolution, gradient_shap, input_x_gradient, occlusion, smoothgrad_sq, vargrad
 from .base import Method
 from .cam import class_activation_map, eigencam, gradcam, gradcam_plusplus, hirescam, layercam, xgradcam
 from .gradients import guided_backprop, guided_gradcam, integrated_gradients, saliency, smoothgrad
@@ -31,6 +32,12 @@ METHODS: dict[str, Method] = {
                                    pixel_level=True),
     "guided_backprop": Method("guided_backprop", "gradient", guided_backprop, uses_layer=False, pixel_level=True),
     "guided_gradcam": Method("guided_gradcam", "gradient", guided_gradcam, pixel_level=True),
+    "input_x_gradient": Method("input_x_gradient", "gradient", input_x_gradient, uses_layer=False, pixel_level=True),
+    "deconvolution": Method("deconvolution", "gradient", deconvolution, uses_layer=False, pixel_level=True),
+    "smoothgrad_sq": Method("smoothgrad_sq", "gradient", smoothgrad_sq, uses_layer=False, pixel_level=True),
+    "vargrad": Method("vargrad", "gradient", vargrad, uses_layer=False, pixel_level=True),
+    "gradient_shap": Method("gradient_shap", "gradient", gradient_shap, uses_layer=False, pixel_level=True),
+    "occlusion": Method("occlusion", "perturbation", occlusion, uses_layer=False),
 }
 
 
