@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from captum.attr import Deconvolution, GradientShap, InputXGradient, NoiseTunnel, Occlusion, Saliency
+from captum.attr import (Deconvolution, FeatureAblation, GradientShap, InputXGradient, NoiseTunnel, Occlusion, Saliency,
+                         ShapleyValueSampling)
 from torch import nn
 
 import convlens as cl
@@ -49,6 +50,18 @@ def _baselines(x):
     return torch.stack([torch.zeros_like(x[0]), torch.full_like(x[0], 0.5), -torch.ones_like(x[0])])
 
 
+def _blocks(size: int = 32, side: int = 8) -> torch.Tensor:
+    """Superpixels for the reference tests: a grid of ``side`` x ``side`` squares, ids 0..K-1."""
+    rows = torch.arange(size) // side
+    return rows.view(-1, 1) * (size // side) + rows.view(1, -1)
+
+
+def _shapley(net, x, targets):
+    torch.manual_seed(5)
+    return ShapleyValueSampling(net).attribute(x, target=targets, feature_mask=_blocks().view(1, 1, 32, 32),
+                                               baselines=0.1, n_samples=3, perturbations_per_eval=16)
+
+
 #: method -> (captum's attributions, convlens options)
 CAPTUM = {
     "input_x_gradient": (lambda net, x, t: InputXGradient(net).attribute(x, target=t), {}),
@@ -59,12 +72,16 @@ CAPTUM = {
     "occlusion": (lambda net, x, t: Occlusion(net).attribute(x, target=t, sliding_window_shapes=(3, 6, 6),
                                                              strides=(3, 2, 2), baselines=0.25),
                   {"window": 6, "stride": 2, "baseline": 0.25}),
+    "feature_ablation": (lambda net, x, t: FeatureAblation(net).attribute(
+        x, target=t, feature_mask=_blocks().view(1, 1, 32, 32), baselines=-0.5),
+        {"segments": _blocks(), "baseline": -0.5}),
+    "shapley_sampling": (_shapley, {"segments": _blocks(), "baseline": 0.1, "n_samples": 3, "seed": 5}),
 }
 
 
 @pytest.mark.parametrize("method", CAPTUM)
 def test_attributions_equal_captum_value_by_value(resnet18, method):
-    x = _x()
+    x = _x(1) if method == "shapley_sampling" else _x()  # captum shares one order across a batch
     options = dict(CAPTUM[method][1])
     if method == "gradient_shap":
         options["baselines"] = _baselines(x)
@@ -143,6 +160,34 @@ def test_deconvolution_ignores_the_forward_sign_of_each_relu():
     assert float(expected.abs().max()) > 0 and not guided.attributions.any()  # guided backprop masks by the sign
 
 
+def test_superpixel_methods_of_a_linear_model_are_each_segment_contribution():
+    # Additive score: leaving one superpixel out and every Shapley order give the same value.
+    net, x = Linear(), _x(1, 8)
+    segments = _blocks(8, 4)
+    contribution = ((x[0] - 0.2) * _w(net, 1)).sum(0)
+    expected = torch.zeros(8, 8)
+    for k in range(4):
+        expected[segments == k] = contribution[segments == k].sum()
+    for method, options in [("feature_ablation", {}), ("shapley_sampling", {"n_samples": 2})]:
+        result = explain(net, x, method=method, target=1, segments=segments, baseline=0.2, **options)
+        torch.testing.assert_close(result.raw[0], expected, msg=method)
+
+
+def test_slic_superpixels_cover_the_image_and_follow_its_regions():
+    # Two flat halves: every SLIC superpixel lies in one half, so ablation gives each half its own value.
+    x = torch.zeros(1, 3, 16, 16)
+    x[..., 8:] = 1.0
+    net = Linear.__new__(Linear)
+    nn.Module.__init__(net)
+    net.fc = nn.Linear(3 * 16 * 16, 2)
+    from convlens.heatmaps.base import Request
+    from convlens.heatmaps.superpixels import superpixels
+    ids = superpixels(Request(cl.load_model(net), x, [], None, None), n_segments=4)
+    assert ids.shape == (1, 16, 16) and int(ids.min()) == 0
+    assert all(ids[0][:, :8][ids[0][:, :8] == k].numel() == 0 or ids[0][:, 8:][ids[0][:, 8:] == k].numel() == 0
+               for k in ids.unique().tolist())
+
+
 # -- bad input: one line --------------------------------------------------------------------
 
 @pytest.mark.parametrize("method, options, words", [
@@ -152,6 +197,9 @@ def test_deconvolution_ignores_the_forward_sign_of_each_relu():
     ("vargrad", {"of": "lime"}, "smooths one of saliency, input_x_gradient"),
     ("occlusion", {"window": 9}, "occlusion window 9 is larger than the 8x8 input"),
     ("occlusion", {"stride": 0}, "window and stride must be at least 1"),
+    ("feature_ablation", {"segments": torch.zeros(4, 4, dtype=torch.long)}, "segments must be an integer map"),
+    ("shapley_sampling", {"n_samples": 0}, "n_samples must be at least 1"),
+    ("feature_ablation", {"n_segments": 0}, "n_segments must be at least 1"),
 ])
 def test_bad_options_are_one_line(method, options, words):
     with pytest.raises(cl.ConvlensError) as err:

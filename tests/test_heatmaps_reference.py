@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from captum.attr import (Deconvolution, GradientShap, GuidedBackprop, GuidedGradCam, InputXGradient,
-                         IntegratedGradients, NoiseTunnel, Occlusion, Saliency)
+from captum.attr import (Deconvolution, FeatureAblation, GradientShap, GuidedBackprop, GuidedGradCam, InputXGradient,
+                         IntegratedGradients, NoiseTunnel, Occlusion, Saliency, ShapleyValueSampling)
 
 import convlens as cl
 from convlens.capture import capture
@@ -78,6 +78,25 @@ def _captum_occlusion(forward, x, targets, layer):
                                         strides=(x.shape[1], 4, 4), baselines=0.0).mean(1)
 
 
+def _quarters(size: int) -> torch.Tensor:
+    rows = torch.arange(size) // (size // 4)
+    return rows.view(-1, 1) * 4 + rows.view(1, -1)  # 16 square superpixels
+
+
+def _captum_feature_ablation(forward, x, targets, layer):
+    mask = _quarters(x.shape[-1]).view(1, 1, x.shape[-2], x.shape[-1])
+    return FeatureAblation(forward).attribute(x, target=targets, feature_mask=mask).mean(1)
+
+
+def _captum_shapley(forward, x, targets, layer):
+    torch.manual_seed(7)
+    mask = _quarters(x.shape[-1]).view(1, 1, x.shape[-2], x.shape[-1])
+    rows = [ShapleyValueSampling(forward).attribute(x[i:i + 1], target=[targets[i]] if isinstance(targets, list)
+                                                    else targets, feature_mask=mask, n_samples=2,
+                                                    perturbations_per_eval=32) for i in range(len(x))]
+    return torch.cat(rows).mean(1)
+
+
 #: method -> (captum computation giving the (N, H, W) map, convlens options)
 GRADIENT_PEERS = {
     "saliency": (_captum_saliency, {}),
@@ -91,12 +110,16 @@ GRADIENT_PEERS = {
     "vargrad": (_captum_tunnel("vargrad"), {"stdev": 0.3, "n_samples": 3, "seed": 7}),
     "gradient_shap": (_captum_gradient_shap, {"baselines": "zeros-and-ones", "n_samples": 4, "seed": 7}),
     "occlusion": (_captum_occlusion, {"window": 8, "stride": 4}),
+    "feature_ablation": (_captum_feature_ablation, {"segments": "quarters"}),
+    "shapley_sampling": (_captum_shapley, {"segments": "quarters", "n_samples": 2, "seed": 7}),
 }
 
 
 def captum_options(method: str, x: torch.Tensor) -> dict:
     """The convlens options of ``method`` that match its captum computation on inputs like ``x``."""
     options = dict(GRADIENT_PEERS[method][1])
+    if options.get("segments") == "quarters":
+        options["segments"] = _quarters(x.shape[-2] if x.shape[1] <= 4 else x.shape[1])
     if options.get("baselines") == "zeros-and-ones":
         options["baselines"] = torch.stack([torch.zeros_like(x[0]), torch.ones_like(x[0])])
     return options

@@ -15,6 +15,7 @@ from .base import Method
 from .cam import class_activation_map, eigencam, gradcam, gradcam_plusplus, hirescam, layercam, xgradcam
 from .gradients import guided_backprop, guided_gradcam, integrated_gradients, saliency, smoothgrad
 from .perturbation import ablationcam, scorecam
+from .superpixels import feature_ablation, shapley_sampling
 
 METHODS: dict[str, Method] = {
     "cam": Method("cam", "cam", class_activation_map, all_classes=True),
@@ -38,6 +39,8 @@ METHODS: dict[str, Method] = {
     "vargrad": Method("vargrad", "gradient", vargrad, uses_layer=False, pixel_level=True),
     "gradient_shap": Method("gradient_shap", "gradient", gradient_shap, uses_layer=False, pixel_level=True),
     "occlusion": Method("occlusion", "perturbation", occlusion, uses_layer=False),
+    "feature_ablation": Method("feature_ablation", "perturbation", feature_ablation, uses_layer=False),
+    "shapley_sampling": Method("shapley_sampling", "perturbation", shapley_sampling, uses_layer=False),
 }
 
 
