@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import ipaddress
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -68,6 +69,22 @@ def default_dissection(model, cache: Path, fingerprint: str, progress=None) -> P
     return folder
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (port 0: a free one), or a one-line error."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listening = socket.socket(family, kind)
+    except OSError as err:
+        raise ConvlensError(f"cannot serve on {host}:{port}: {err.strerror or err}") from None
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listening.bind(address)
+    except OSError as err:
+        listening.close()
+        raise ConvlensError(f"cannot serve on {host}:{port}: {err.strerror or err}; pass another --port") from None
+    return listening
+
+
 class Server:
     """A running explorer: ``url``, ``stop()``; in a notebook it shows itself as the page in an IFrame.
 
@@ -91,15 +108,17 @@ class Server:
         config = uvicorn.Config(self.app, host=host, port=port, root_path=self.root_path, log_level="warning",
                                 lifespan="off", access_log=False)
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="convlens-serve", daemon=True)
+        listening = _bind(host, port)  # here, so a taken port is one line and not uvicorn's exit in a thread
+        self.port = listening.getsockname()[1]
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [listening]},
+                                        name="convlens-serve", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 30
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 self._cleanup()
-                raise ConvlensError(f"cannot serve on {host}:{port} (is the port taken? pass another --port)")
+                raise ConvlensError(f"the explorer did not start on {host}:{self.port}")
             time.sleep(0.02)
-        self.port = self._server.servers[0].sockets[0].getsockname()[1]
 
     @property
     def url(self) -> str:
@@ -172,4 +191,8 @@ def serve(model=None, data=None, atlas=None, *, host: str = "127.0.0.1", port: i
         data = default_data(where)
         atlas = default_dissection(model, where, model_fingerprint(model.module))
     explorer = Explorer(model, data, atlas, cache=cache, source=source, max_upload=max_upload)
-    return Server(explorer, host=host, port=port, root_path=root_path, height=height)
+    try:
+        return Server(explorer, host=host, port=port, root_path=root_path, height=height)
+    except BaseException:
+        explorer.close()
+        raise

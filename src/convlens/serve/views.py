@@ -149,8 +149,9 @@ class Explorer:
         from ..errors import did_you_mean
 
         if layer not in self.layers:
+            more = " ..." if len(self.layers) > 12 else ""
             raise ConvlensError(f"unknown layer {layer!r}{did_you_mean(layer, self.layers)}; the layers with a "
-                                f"spatial output are {', '.join(self.layers[:12])}{' ...' if len(self.layers) > 12 else ''}")
+                                f"spatial output are {', '.join(self.layers[:12])}{more}")
         return layer
 
     # -- the model --------------------------------------------------------------------------------
@@ -275,7 +276,8 @@ class Explorer:
                 try:
                     picture = load_image(temporary)
                 except ConvlensError as err:  # the message names our temporary file: name the upload instead
-                    raise ConvlensError(str(err).replace(repr(temporary), repr(name)).replace(temporary, name)) from None
+                    message = str(err).replace(repr(temporary), repr(name)).replace(temporary, name)
+                    raise ConvlensError(message) from None
             finally:
                 os.unlink(temporary)
             self.uploads[key] = picture
@@ -340,7 +342,7 @@ class Explorer:
             return activations(self.model, picture.image, [layer])[layer][0].float().cpu()
 
     def activation_grid(self, image: str, layer: str) -> tuple[bytes, dict]:
-        """Every channel of ``layer`` tiled (convlens.render.grid), and the layout that finds the channel under a click."""
+        """Every channel of ``layer`` tiled (convlens.render.grid), and the layout that finds a clicked channel."""
         from ..render.grid import activation_grid
 
         maps = self._layer_maps(image, layer)
