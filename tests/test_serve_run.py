@@ -115,7 +115,7 @@ def test_the_page_uses_relative_urls_only_and_each_names_a_route(model):
     from convlens.serve.views import Explorer
 
     html = page()
-    assert "/*APP_JS*/" not in html and "/*APP_CSS*/" not in html  # both inlined
+    assert not re.search(r"/\*(APP_JS|APP_CSS|TRUST_JS)\*/", html) and "showTrust" in html  # all inlined
     assert not re.search(r"""(src|href)=["']/|https?://|fetch\(["'`]/|url\(["'`]/""", html)
     used = set(re.findall(r"""["'`](api/[a-z/.]+)""", html))
     explorer = Explorer(model)

@@ -59,17 +59,39 @@ def _png(data: bytes, info: dict | None = None) -> Response:
 
 
 def page() -> str:
-    """The page: index.html with app.css and app.js inlined (one request, no path to get wrong)."""
+    """The page: index.html with app.css and app.js (trust.js inside it) inlined: one request, no path to get wrong."""
     static = resources.files("convlens.serve") / "static"
-    html = (static / "index.html").read_text(encoding="utf-8")
-    return (html.replace("/*APP_CSS*/", (static / "app.css").read_text(encoding="utf-8"))
-                .replace("/*APP_JS*/", (static / "app.js").read_text(encoding="utf-8")))
+
+    def read(name: str) -> str:
+        return (static / name).read_text(encoding="utf-8")
+
+    script = read("app.js").replace("/*TRUST_JS*/", read("trust.js"))
+    return read("index.html").replace("/*APP_CSS*/", read("app.css")).replace("/*APP_JS*/", script)
 
 
-def create_app(explorer: Explorer, *, root_path: str = "", jobs: JobRunner | None = None) -> FastAPI:
+class PrefixTolerant:
+    """ASGI wrapper: with a root path ``P`` (``--root-path``), answer ``P/x`` as ``/x`` too.
+
+    A proxy that strips the prefix sends ``/x`` (uvicorn then reports ``P/x`` with root path ``P``);
+    one that passes it on, or a browser pointed at the server itself, sends ``P/x``. Both reach the page.
+    """
+
+    def __init__(self, app, prefix: str):
+        self.app, self.prefix = app, prefix.rstrip("/")
+
+    async def __call__(self, scope, receive, send):
+        if self.prefix and scope["type"] in ("http", "websocket"):
+            root, path = scope.get("root_path", ""), scope["path"]
+            rest = path[len(root):] if root and path.startswith(root) else path
+            if rest == self.prefix or rest.startswith(self.prefix + "/"):
+                scope = dict(scope, path=root + (rest[len(self.prefix):] or "/"))
+        await self.app(scope, receive, send)
+
+
+def create_app(explorer: Explorer, *, jobs: JobRunner | None = None) -> FastAPI:
     """The ASGI app over ``explorer``; ``jobs`` defaults to a runner caching in ``explorer.cache``."""
     runner = jobs or JobRunner(explorer.cache / "jobs")
-    app = FastAPI(title="convlens explorer", root_path=root_path, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="convlens explorer", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.explorer, app.state.jobs = explorer, runner
     html = page()
 

@@ -97,15 +97,15 @@ class Server:
         try:
             import uvicorn
 
-            from .app import create_app
+            from .app import PrefixTolerant, create_app
         except ImportError as err:
             raise ConvlensError(f"the explorer needs FastAPI and uvicorn ({err.name} is missing): "
                                 "pip install 'convlens[serve]'") from None
 
         self.explorer = explorer
         self.host, self.root_path, self.height = host, root_path.rstrip("/"), height
-        self.app = create_app(explorer, root_path=self.root_path)
-        config = uvicorn.Config(self.app, host=host, port=port, root_path=self.root_path, log_level="warning",
+        self.app = create_app(explorer)
+        config = uvicorn.Config(PrefixTolerant(self.app, self.root_path), host=host, port=port, root_path=self.root_path, log_level="warning",
                                 lifespan="off", access_log=False)
         self._server = uvicorn.Server(config)
         listening = _bind(host, port)  # here, so a taken port is one line and not uvicorn's exit in a thread
