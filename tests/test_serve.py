@@ -258,6 +258,21 @@ def test_a_filter_pattern_is_a_job_with_progress_and_a_cache_keyed_by_the_weight
     app.state.jobs.close()
 
 
+def test_a_slow_method_runs_as_a_job_and_draws_what_the_heatmap_view_draws(client):
+    import base64
+
+    params = {"image": "ring/00000.png", "method": "scorecam", "target": "1", "opacity": 0.5}
+    started = client.post("/api/jobs/heatmap", params=params).json()
+    events = _events(client, started["id"])
+    assert events[-1]["state"] == "done" and events[-1]["total"] > 0  # Score-CAM reports its masked batches
+    found = client.get(f"/api/jobs/{started['id']}/result").json()
+    direct = client.get("/api/heatmap.png", params=params)
+    assert found["png"] == "data:image/png;base64," + base64.b64encode(direct.content).decode()
+    assert found["info"] == _info(direct) and found["info"]["target"] == 1
+    bad = client.post("/api/jobs/heatmap", params={**params, "layer": "nowhere"})
+    assert bad.status_code == 400 and "unknown layer 'nowhere'" in bad.json()["error"]
+
+
 def test_a_cancelled_job_stops_and_caches_nothing(client, explorer):
     started = client.post("/api/jobs/pattern", params={"layer": "conv1", "unit": 0, "steps": 2048}).json()
     for _ in range(200):  # until the optimisation is under way

@@ -96,6 +96,8 @@ def test_the_page_in_headless_chromium(world, tmp_path, prefix):
         _choose(driver, "image", "star/00000.png")  # pick an image
         _until(driver, "return location.hash.includes('image=star%2F00000.png') && "
                        "document.getElementById('original').complete")
+        _choose(driver, "method", "scorecam")  # a slow method: a background job, then the same panel
+        _until(driver, CAPTION + ".startsWith('scorecam at relu2')")
         _choose(driver, "method", "layercam")  # switch method
         _until(driver, CAPTION + ".startsWith('layercam at relu2')")
         _choose(driver, "layer", "conv1")  # switch layer: the heatmap and the grid follow

@@ -20,6 +20,7 @@ Routes (all ``GET`` unless said):
 ``api/unit/map.png?image=&layer=&unit=``  the unit's map over the image
 ``api/unit/example.png?layer=&unit=&rank=&kind=``  a top dataset image (whole or crop)
 ``POST api/jobs/pattern?layer=&unit=``  start (or find cached) a filter pattern
+``POST api/jobs/heatmap?...``      a slow method's heatmap (Score-CAM, Ablation-CAM) as a job
 ``POST api/jobs/trust?image=``     start (or find cached) the trust view
 ``api/jobs/{id}``                  a job's state; ``api/jobs/{id}/events`` the same as SSE
 ``DELETE api/jobs/{id}``           cancel
@@ -41,7 +42,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConvlensError, first_line
-from .jobs import JobRunner, pattern_job, trust_job
+from .jobs import JobRunner, heatmap_job, pattern_job, trust_job
 from .views import Explorer, NotFound, TooLarge, png_bytes
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,12 @@ def create_app(explorer: Explorer, *, jobs: JobRunner | None = None) -> FastAPI:
     def start_pattern(layer: str, unit: int, steps: int = Query(128)):
         key, compute = pattern_job(explorer, layer, unit, steps)
         return runner.submit("pattern", key, compute, "png").snapshot()
+
+    @app.post("/api/jobs/heatmap")
+    def start_heatmap(image: str, method: str = "scorecam", layer: str = "auto", target: str = "",
+                      opacity: float = Query(0.4)):
+        key, compute = heatmap_job(explorer, image, method, layer, target, opacity)
+        return runner.submit("heatmap", key, compute, "json").snapshot()
 
     @app.post("/api/jobs/trust")
     def start_trust(image: str):

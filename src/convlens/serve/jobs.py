@@ -185,15 +185,29 @@ def pattern_job(explorer, layer: str, unit: int, steps: int = PATTERN_STEPS) -> 
     return key, compute
 
 
+def heatmap_job(explorer, image: str, method: str, layer: str, target: str, opacity: float) -> tuple[dict, Callable]:
+    """A slow method's heatmap (Score-CAM, Ablation-CAM) in the background: ``{"png": data URI, "info": ...}``."""
+    import base64
+
+    chosen, picture = explorer.check_heatmap(image, method, layer, opacity)
+    content = hashlib.sha256(picture.image.tobytes()).hexdigest()[:16]
+    key = {"model": explorer.fingerprint, "image": content, "method": chosen.name, "layer": layer,
+           "target": target, "opacity": opacity}
+
+    def compute(progress):
+        data, info = explorer.heatmap(image, chosen.name, layer, target, opacity, progress=progress, job=True)
+        return {"png": "data:image/png;base64," + base64.b64encode(data).decode("ascii"), "info": info}
+
+    return key, compute
+
+
 #: The trust view's methods and metrics: the report's defaults (``convlens.report.evaluation_section``).
 def trust_job(explorer, image: str) -> tuple[dict, Callable]:
     """The key and computation of the trust view of one image: the report's metrics table, sanity check, verdict."""
-    import hashlib as _hashlib
-
     from ..report.evaluation_section import DEFAULT_METHODS, DEFAULT_METRICS
 
     picture = explorer.picture(image)
-    content = _hashlib.sha256(picture.image.tobytes()).hexdigest()[:16]
+    content = hashlib.sha256(picture.image.tobytes()).hexdigest()[:16]
     applicable = {m["name"] for m in explorer.methods() if m["applies"]}
     methods = [m for m in DEFAULT_METHODS if m in applicable]
     key = {"model": explorer.fingerprint, "image": content, "mask": picture.mask is not None, "methods": methods}

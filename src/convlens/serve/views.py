@@ -108,6 +108,7 @@ class Explorer:
         self.cache.mkdir(parents=True, exist_ok=True)
         self.uploads: OrderedDict[str, Image.Image] = OrderedDict()
         self._pictures: OrderedDict[str, Picture] = OrderedDict()
+        self._remembering = threading.Lock()  # the page's threads and the job thread share the picture cache
         self._methods: list[dict] | None = None
         self.atlas = None
         if atlas is not None:
@@ -244,9 +245,10 @@ class Explorer:
 
     def picture(self, image: str) -> Picture:
         """The decoded image ``image`` (a DATA-relative path or an upload id)."""
-        if image in self._pictures:
-            self._pictures.move_to_end(image)
-            return self._pictures[image]
+        with self._remembering:
+            if image in self._pictures:
+                self._pictures.move_to_end(image)
+                return self._pictures[image]
         if image.startswith("upload:"):
             if image not in self.uploads:
                 raise NotFound(f"no upload {image!r} (uploads are kept while the server runs, {MAX_UPLOADS} at most)")
@@ -256,9 +258,10 @@ class Explorer:
 
             path = self.confine(image)
             found = Picture(image, load_image(path), read_mask(path), path)
-        self._pictures[image] = found
-        while len(self._pictures) > MAX_PICTURES:
-            self._pictures.popitem(last=False)
+        with self._remembering:
+            self._pictures[image] = found
+            while len(self._pictures) > MAX_PICTURES:
+                self._pictures.popitem(last=False)
         return found
 
     def upload(self, content: bytes, name: str = "upload") -> dict:
@@ -299,21 +302,33 @@ class Explorer:
             found = self.model.predict([picture.image], top_k=top)[0]
         return [{"index": p.index, "label": p.label, "probability": p.probability} for p in found]
 
-    def heatmap(self, image: str, method: str = "gradcam", layer: str = "auto", target: str | None = None,
-                opacity: float = 0.4) -> tuple[bytes, dict]:
-        """The overlay PNG of one method's map, and what it shows (method, layer, target, flat)."""
-        from ..heatmaps import check_request, explain, get_method, style_for
-        from ..render.overlay import check_style, overlay_heatmap
+    def check_heatmap(self, image: str, method: str, layer: str, opacity: float):
+        """The method and the picture of a heatmap request, once its layer and opacity are known to be fine."""
+        from ..heatmaps import get_method, style_for
+        from ..render.overlay import check_style
 
         chosen = get_method(method)
         if layer != "auto":
             self.check_layer(layer)
+        check_style(None, opacity, style_for(chosen))
+        return chosen, self.picture(image)
+
+    def heatmap(self, image: str, method: str = "gradcam", layer: str = "auto", target: str | None = None,
+                opacity: float = 0.4, *, progress=None, job: bool = False) -> tuple[bytes, dict]:
+        """The overlay PNG of one method's map, and what it shows (method, layer, target, flat).
+
+        ``job``: run on the jobs' copy of the model (a slow method in the background); ``progress(done, total)``
+        is handed to the method.
+        """
+        from ..heatmaps import check_request, explain, style_for
+        from ..render.overlay import overlay_heatmap
+
+        chosen, picture = self.check_heatmap(image, method, layer, opacity)
         style = style_for(chosen)
-        check_style(None, opacity, style)
-        picture = self.picture(image)
-        with self.lock:  # the CLI's path: one checking pass settles layer and target, the method runs on its plan
-            plan = check_request(self.model, [picture.image], [chosen.name], layer, parse_target(target))
-            result = explain(self.model, method=chosen.name, plan=plan)
+        model, lock = (self.job_model, self.job_lock) if job else (self.model, self.lock)
+        with lock:  # the CLI's path: one checking pass settles layer and target, the method runs on its plan
+            plan = check_request(model, [picture.image], [chosen.name], layer, parse_target(target))
+            result = explain(model, method=chosen.name, plan=plan, progress=progress)
         drawn = overlay_heatmap(picture.image, result.maps[0], transform=self.model.transform, alpha=opacity,
                                 style=style, max_side=VIEW_SIDE)
         info = {"method": chosen.name, "layer": result.layer, "target": result.targets[0],

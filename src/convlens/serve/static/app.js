@@ -38,7 +38,7 @@
   }
   function setImage(img, src) {
     if (img.dataset.url) URL.revokeObjectURL(img.dataset.url);
-    img.dataset.url = src;
+    img.dataset.url = src.startsWith("blob:") ? src : "";
     img.src = src;
   }
 
@@ -142,11 +142,26 @@
   }
 
   async function drawPanel(figure, method, layer, token) {
-    const shown = await png("api/heatmap.png", {image: state.image, method, layer, target: state.target,
-                                                opacity: state.opacity});
-    if (token !== generation) return null;
-    setImage(figure.querySelector("img"), shown.src);
-    const info = shown.info;
+    const params = {image: state.image, method, layer, target: state.target, opacity: state.opacity};
+    const slow = model.methods.find((m) => m.name === method).kind === "perturbation";
+    const img = figure.querySelector("img");
+    figure.querySelector(".job-state").textContent = "";
+    let info;
+    if (slow) {  // Score-CAM, Ablation-CAM: a background job with progress and cancel
+      const job = await json("api/jobs/heatmap", params, {method: "POST"});
+      const found = await new Promise((resolve, reject) => follow(job, figure.querySelector("progress"),
+        figure.querySelector(".job-state"), figure.querySelector(".job-cancel"),
+        async () => { try { resolve(await json(`api/jobs/${job.id}/result`)); } catch (err) { reject(err); } },
+        () => resolve(null)));
+      if (!found || token !== generation) return null;
+      setImage(img, found.png);
+      info = found.info;
+    } else {
+      const shown = await png("api/heatmap.png", params);
+      if (token !== generation) return null;
+      setImage(img, shown.src);
+      info = shown.info;
+    }
     const where = info.layer ? ` at ${info.layer}` : "";
     figure.querySelector("figcaption").textContent =
       `${info.method}${where}: ${info.target_name}${info.flat ? " (flat map)" : ""}`;
@@ -281,7 +296,7 @@
     }
   }
 
-  function follow(job, bar, label, cancel, onDone) {
+  function follow(job, bar, label, cancel, onDone, onFail) {
     if (job.state === "done") { label.textContent = job.cached ? "from the cache" : "done"; onDone(job); return; }
     bar.hidden = false;
     cancel.hidden = false;
@@ -297,7 +312,10 @@
         bar.hidden = true;
         cancel.hidden = true;
         if (now.state === "done") onDone(now);
-        else label.textContent = now.state + (now.message ? ": " + now.message : "");
+        else {
+          label.textContent = now.state + (now.message ? ": " + now.message : "");
+          if (onFail) onFail(now);
+        }
       }
     };
     events.onerror = () => events.close();
