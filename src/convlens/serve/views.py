@@ -64,6 +64,8 @@ def parse_target(text: str | None):
     text = (text or "").strip()
     if not text or text.lower() in ("top1", "top-1"):
         return None
+    if text.lower() == "all":  # one map per class is the CLI's --targets all; a view shows one class
+        raise ConvlensError("the explorer shows one class at a time; pass a class index or name (or top1)")
     return int(text) if text.lstrip("-").isdigit() else text
 
 
@@ -227,6 +229,9 @@ class Explorer:
         if self.data is None:
             raise NotFound(f"no image folder was given (start with --data DIR); cannot open {image!r}")
         text = (image or "").replace("\\", "/")
+        if "\x00" in text or len(text) > 1024:
+            raise ConvlensError("image must be a path relative to the data folder, without NUL bytes, "
+                                "at most 1024 characters")
         relative = PurePosixPath(text)
         if not text or relative.is_absolute() or (relative.parts and ":" in relative.parts[0]):
             raise ConvlensError(f"image {image!r} must be a path relative to the data folder")
@@ -235,11 +240,13 @@ class Explorer:
         path = self.data.joinpath(*relative.parts)
         try:
             resolved = path.resolve()
-        except (OSError, RuntimeError):
-            raise ConvlensError(f"image {image!r} cannot be resolved (a symbolic link loop?)") from None
-        if not resolved.is_relative_to(self.data):
-            raise ConvlensError(f"image {image!r} leads outside the data folder (a symbolic link out of it)")
-        if not resolved.is_file():
+            if not resolved.is_relative_to(self.data):
+                raise ConvlensError(f"image {image!r} leads outside the data folder (a symbolic link out of it)")
+            found = resolved.is_file()
+        except (OSError, RuntimeError) as err:  # a link loop, a name too long for the file system
+            why = getattr(err, "strerror", None) or err
+            raise ConvlensError(f"image {image[:80]!r} cannot be opened: {why}") from None
+        if not found:
             raise NotFound(f"image not found in the data folder: {image}")
         return resolved
 
