@@ -290,6 +290,25 @@ def test_a_slow_method_runs_as_a_job_and_draws_what_the_heatmap_view_draws(clien
     assert bad.status_code == 400 and "unknown layer 'nowhere'" in bad.json()["error"]
 
 
+def test_the_event_stream_always_ends_with_the_final_state(client, tmp_path):
+    """A job that finishes between two looks still gets its last event (the page waited at "running 8/8")."""
+    from convlens.serve.jobs import Job
+
+    class Racing(Job):
+        looks = 0
+
+        def snapshot(self):
+            Racing.looks += 1
+            if Racing.looks == 1:  # it finishes just after its "running" snapshot is taken
+                self.state = "done"
+                return {**super().snapshot(), "state": "running"}
+            return super().snapshot()
+
+    job = Racing("race-1", "pattern", tmp_path / "none.png", state="running")
+    client.app.state.jobs.jobs[job.id] = job
+    assert [event["state"] for event in _events(client, job.id)] == ["running", "done"]
+
+
 def test_a_cancelled_job_stops_and_caches_nothing(client, explorer):
     started = client.post("/api/jobs/pattern", params={"layer": "conv1", "unit": 0, "steps": 2048}).json()
     for _ in range(200):  # until the optimisation is under way

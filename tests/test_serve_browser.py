@@ -55,8 +55,9 @@ def _until(driver, script: str, timeout: float = 30):
         if value:
             return value
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for: {script}; message: "
-                         + str(driver.execute_script("return document.getElementById('message').textContent")))
+    raise AssertionError(f"timed out waiting for: {script}; the page says: " + str(driver.execute_script(
+        "return [document.getElementById('message').textContent, "
+        "[...document.querySelectorAll('.job-state')].map(e => e.textContent)]")))
 
 
 CAPTION = "return document.querySelector('#panel-1 figcaption').textContent"

@@ -219,12 +219,15 @@ def create_app(explorer: Explorer, *, jobs: JobRunner | None = None) -> FastAPI:
         job = runner.get(job_id)
 
         async def stream():
-            seen = -1
+            sent = None
             while True:
-                if job.changed != seen:
-                    seen = job.changed
-                    yield f"data: {json.dumps(job.snapshot())}\n\n"
-                if job.finished or await request.is_disconnected():
+                # Decide from one snapshot: reading job.finished after sending an older snapshot could end
+                # the stream without its last event (the page then waited forever at "running 8/8").
+                now = job.snapshot()
+                if now != sent:
+                    sent = now
+                    yield f"data: {json.dumps(now)}\n\n"
+                if now["state"] in ("done", "error", "cancelled") or await request.is_disconnected():
                     return
                 await asyncio.sleep(0.05)
 

@@ -49,15 +49,17 @@ class Job:
     message: str = ""
     cached: bool = False
     cancel: threading.Event = field(default_factory=threading.Event, repr=False)
-    changed: int = 0        # bumped on every change, so a watcher sends only news
+    changed: int = 0        # bumped on every change
+    guard: threading.Lock = field(default_factory=threading.Lock, repr=False)  # a snapshot sees whole updates
 
     @property
     def finished(self) -> bool:
         return self.state in ("done", "error", "cancelled")
 
     def snapshot(self) -> dict:
-        return {"id": self.id, "kind": self.kind, "state": self.state, "done": self.done, "total": self.total,
-                "message": self.message, "cached": self.cached}
+        with self.guard:
+            return {"id": self.id, "kind": self.kind, "state": self.state, "done": self.done, "total": self.total,
+                    "message": self.message, "cached": self.cached}
 
     def result(self):
         if self.state != "done":
@@ -125,9 +127,10 @@ class JobRunner:
 
     @staticmethod
     def _update(job: Job, **values) -> None:
-        for name, value in values.items():
-            setattr(job, name, value)
-        job.changed += 1
+        with job.guard:
+            for name, value in values.items():
+                setattr(job, name, value)
+            job.changed += 1
 
     def _run(self, job: Job, compute: Callable) -> None:
         if job.cancel.is_set():

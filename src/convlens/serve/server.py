@@ -110,6 +110,8 @@ class Server:
         self._server = uvicorn.Server(config)
         listening = _bind(host, port)  # here, so a taken port is one line and not uvicorn's exit in a thread
         self.port = listening.getsockname()[1]
+        # which methods apply is found by trying each once: start now, so the first page load finds it done
+        threading.Thread(target=self._warm_up, name="convlens-serve-warm-up", daemon=True).start()
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [listening]},
                                         name="convlens-serve", daemon=True)
         self._thread.start()
@@ -119,6 +121,12 @@ class Server:
                 self._cleanup()
                 raise ConvlensError(f"the explorer did not start on {host}:{self.port}")
             time.sleep(0.02)
+
+    def _warm_up(self) -> None:
+        try:
+            self.explorer.methods()
+        except Exception:  # noqa: BLE001 - the page's own request will say what is wrong
+            pass
 
     @property
     def url(self) -> str:

@@ -112,6 +112,7 @@ class Explorer:
         self._pictures: OrderedDict[str, Picture] = OrderedDict()
         self._remembering = threading.Lock()  # the page's threads and the job thread share the picture cache
         self._methods: list[dict] | None = None
+        self._probing = threading.Lock()
         self.atlas = None
         if atlas is not None:
             from .atlas_view import AtlasView
@@ -179,28 +180,32 @@ class Explorer:
         The slow kinds are not run: Score-CAM and Ablation-CAM need only a spatial layer, which the
         auto layer is; the gradient methods with sample counts run with the smallest.
         """
-        if self._methods is None:
-            from ..heatmaps import METHODS, explain, style_for
-            from ..render.overlay import STYLES, colorbar_css
+        with self._probing:  # once, even when the first page load and the start-up warm-up ask together
+            if self._methods is None:
+                self._methods = self._probe_methods()
+            return self._methods
 
-            gray = Image.new("RGB", tuple(reversed(self.model.input_size)), (128, 128, 128))
-            cheapest = {"n_samples": 1, "steps": 2}
-            found = []
-            for name, method in METHODS.items():
-                reason = None
-                if method.kind != "perturbation":
-                    options = {k: v for k, v in cheapest.items() if k in method.option_names()}
-                    try:
-                        with self.lock:
-                            explain(self.model, [gray], method=name, layer="auto", **options)
-                    except ConvlensError as err:
-                        reason = str(err)
-                style = style_for(name)
-                found.append({"name": name, "kind": method.kind, "applies": reason is None, "reason": reason,
-                              "uses_layer": method.uses_layer, "style": style,
-                              "colorbar": colorbar_css(STYLES[style])})
-            self._methods = found
-        return self._methods
+    def _probe_methods(self) -> list[dict]:
+        from ..heatmaps import METHODS, explain, style_for
+        from ..render.overlay import STYLES, colorbar_css
+
+        gray = Image.new("RGB", tuple(reversed(self.model.input_size)), (128, 128, 128))
+        cheapest = {"n_samples": 1, "steps": 2}
+        found = []
+        for name, method in METHODS.items():
+            reason = None
+            if method.kind != "perturbation":
+                options = {k: v for k, v in cheapest.items() if k in method.option_names()}
+                try:
+                    with self.lock:
+                        explain(self.model, [gray], method=name, layer="auto", **options)
+                except ConvlensError as err:
+                    reason = str(err)
+            style = style_for(name)
+            found.append({"name": name, "kind": method.kind, "applies": reason is None, "reason": reason,
+                          "uses_layer": method.uses_layer, "style": style,
+                          "colorbar": colorbar_css(STYLES[style])})
+        return found
 
     # -- images -----------------------------------------------------------------------------------
     def images(self) -> list[dict]:
