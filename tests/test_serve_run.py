@@ -70,10 +70,15 @@ def test_the_cli_prints_the_url_warns_off_loopback_and_serves_the_model(cli, dat
         self.stop()
 
     monkeypatch.setattr(Server, "wait", visit_and_stop)
+    import webbrowser
+
+    opened = []
+    monkeypatch.setattr(webbrowser, "open", opened.append)
     code, out, err = cli("serve", "shapes", "--data", data, "--port", "0", "--host", "0.0.0.0",
-                         "--cache", tmp_path / "cache")
+                         "--cache", tmp_path / "cache", "--root-path", "/lens/", "--open")
     assert code == 0, err
-    assert re.search(r"convlens explorer on http://127\.0\.0\.1:\d+/ \(Ctrl-C stops it\)", out)
+    assert re.search(r"convlens explorer on http://127\.0\.0\.1:\d+/lens/ \(Ctrl-C stops it\)", out)
+    assert opened == [re.search(r"http://\S+", out).group()]  # --open: the page, prefix included
     assert err.count("convlens: warning: serving on 0.0.0.0") == 1
     assert answers["model"]["name"] == cl.load_model("shapes").name and answers["model"]["data"]
     code, out, err = cli("serve", "shapes", "--data", tmp_path / "missing", "--port", "0")
