@@ -28,6 +28,7 @@ _EXPORTS = {
     "activations": "inside", "class_model": "inside", "deepdream": "inside", "filter_patterns": "inside",
     "Model": "models", "auto_layer": "models", "load_model": "models", "summarize": "models",
     "dissect": "atlas", "scan": "atlas",
+    "serve": "serve",
 }
 #: Subpackages reachable as attributes (``convlens.metrics.deletion``) without an explicit import.
 _SUBMODULES = ("atlas", "data", "errors", "evaluation", "fileio", "heatmaps", "images", "inside", "kernels",
@@ -35,7 +36,7 @@ _SUBMODULES = ("atlas", "data", "errors", "evaluation", "fileio", "heatmaps", "i
 
 __all__ = ["METHODS", "ConvlensError", "Explanation", "Model", "activations", "auto_layer", "borrow", "capture",
            "class_model", "deepdream", "dissect", "explain", "filter_patterns", "load_image", "load_images",
-           "load_model", "metrics", "sample_image", "scan", "summarize"]
+           "load_model", "metrics", "sample_image", "scan", "serve", "summarize"]
 
 
 def __getattr__(name: str):
@@ -53,19 +54,23 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
 
 
-class _Package(types.ModuleType):
-    """The ``convlens`` module, keeping ``convlens.capture`` the function users call.
+#: Names that are both a submodule and the function it defines (``convlens.serve`` is ``cl.serve``).
+_FUNCTION_MODULES = ("capture", "serve")
 
-    ``capture`` names both a submodule and the context manager it defines. The
-    import system binds a submodule on its package when it first loads it, so
-    with lazy imports ``convlens.capture`` would become the module as soon as any
-    other part of convlens imported it; the function is kept instead, as the
-    eager ``from .capture import capture`` did before.
+
+class _Package(types.ModuleType):
+    """The ``convlens`` module, keeping ``convlens.capture`` and ``convlens.serve`` the functions users call.
+
+    ``capture`` names both a submodule and the context manager it defines (``serve``
+    a subpackage and its function). The import system binds a submodule on its
+    package when it first loads it, so with lazy imports ``convlens.capture`` would
+    become the module as soon as any other part of convlens imported it; the
+    function is kept instead, as the eager ``from .capture import capture`` did before.
     """
 
     def __setattr__(self, name: str, value) -> None:
-        if name == "capture" and isinstance(value, types.ModuleType):
-            value = value.capture
+        if name in _FUNCTION_MODULES and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
         super().__setattr__(name, value)
 
 

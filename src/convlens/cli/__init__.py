@@ -59,6 +59,7 @@ from . import explain  # noqa: E402,F401
 from . import inside  # noqa: E402,F401
 from . import inspect  # noqa: E402,F401
 from . import report  # noqa: E402,F401
+from . import serve  # noqa: E402,F401
 from . import train  # noqa: E402,F401
 
 

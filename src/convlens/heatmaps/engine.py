@@ -128,6 +128,53 @@ class Explanation:
         return overlay_heatmaps(pictures, self.maps[:, k], transform=self.transform, colormap=colormap, alpha=alpha,
                                 style=style or style_for(self.method))
 
+    # -- inline display in a notebook (IPython's rich display protocol) ------------------------------------
+    #: At most this many images are drawn inline, each this many pixels high.
+    SHOWN_IMAGES, SHOWN_HEIGHT = 8, 224
+
+    def _strip(self):
+        """The overlays of the first images side by side, one PIL image; ``None`` without images to draw on."""
+        if self.images is None or self.maps.ndim != 3:
+            return None
+        from PIL import Image
+
+        count = min(len(self.images), self.SHOWN_IMAGES)
+        drawn = [picture.resize((max(1, round(picture.width * self.SHOWN_HEIGHT / picture.height)), self.SHOWN_HEIGHT))
+                 for picture in Explanation(self.maps[:count], self.raw[:count], self.method, self.layer,
+                                            self.targets[:count], self.target_names[:count], self.flat[:count],
+                                            images=self.images[:count], transform=self.transform).overlay()]
+        strip = Image.new("RGB", (sum(p.width for p in drawn) + 4 * (len(drawn) - 1), self.SHOWN_HEIGHT), "white")
+        left = 0
+        for picture in drawn:
+            strip.paste(picture, (left, 0))
+            left += picture.width + 4
+        return strip
+
+    def _repr_png_(self) -> bytes | None:
+        """The overlays as one PNG (Jupyter shows an ``Explanation`` inline with it; no extension needed)."""
+        import io
+
+        strip = self._strip()
+        if strip is None:
+            return None
+        buffer = io.BytesIO()
+        strip.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def _repr_html_(self) -> str | None:
+        """The overlays with a caption saying what they show (method, layer, explained classes)."""
+        import base64
+        import html
+
+        data = self._repr_png_()
+        if data is None:
+            return None
+        layer = ", ".join(self.layer) if isinstance(self.layer, list) else self.layer
+        caption = f"{self.method}{f' at {layer}' if layer else ''}: " + ", ".join(
+            f"{name}{' (flat map)' if flat else ''}" for name, flat in zip(self.target_names, self.flat))
+        return (f'<figure style="margin:0"><img src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}" '
+                f'alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>')
+
     def _pictures(self, images) -> list:
         from ..images import load_images
 
