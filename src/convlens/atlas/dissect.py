@@ -47,10 +47,11 @@ from ..errors import ConvlensError
 from ..fileio import save_image, write_text
 from ..models import Model, as_model
 from ..data.shapes import mask_path
-from .accumulators import ConceptOverlap
+from .accumulators import MANTISSA_BITS, ConceptOverlap
 from .data import DataSource, open_data
-from .scan import CHECKED, Atlas, Part, PerLayerJob, Progress, check_options, execute, scan, scan_meta, split_parts
+from .scan import CHECKED, Atlas, Part, PerLayerJob, Progress, check_options, execute, plan_scan, run_scan, split_parts
 from .store import AtlasStore
+from .storefile import writer_lock
 
 QUANTILE = 0.995
 MIN_IOU = 0.04
@@ -163,33 +164,40 @@ def dissect(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource
     store_path = Path(out) / STORE_NAME if out is not None else None
     total_images = 2 * len(source)
     first_pass = (lambda done, total: progress(done, total_images)) if progress else None
-    options = dict(k=k, batch_size=batch_size, workers=workers, part_size=part_size, engine=engine,
-                   ray_address=ray_address, concurrency=concurrency, num_gpus=num_gpus, model_source=model_source)
-    atlas = scan(model, source, layers, out=store_path, progress=first_pass, **options)
-    thresholds = {layer: stats.threshold(quantile) for layer, stats in atlas.stats.items()}
-    job = DissectJob(atlas.layers, thresholds, list(source.concepts))
-    total = job.new_state()
-    parts = split_parts(len(source), part_size)
-    store = None
-    if store_path is not None:
-        meta = scan_meta(model, source, atlas.layers, k, int(atlas.meta["sketch_bits"]), part_size, model_source)
-        store = AtlasStore.create_or_resume(store_path, meta, checked=CHECKED)
-        done = store.done_parts("dissect")
-        if done:
-            total = {layer: store.load_overlap(layer) for layer in atlas.layers}
-        parts = [p for p in parts if p[0] not in done]
-    second_pass = (lambda done, total: progress(len(source) + done, total_images)) if progress else None
+    plan = plan_scan(model, source, layers, shapes=None, seed=seed, size=size, masks=masks, k=k,
+                     batch_size=batch_size, workers=workers, part_size=part_size, indices=None,
+                     sketch_bits=MANTISSA_BITS, engine=engine, ray_address=ray_address, model_source=model_source)
+    engine_options = dict(batch_size=batch_size, workers=workers, engine=engine, ray_address=ray_address,
+                          concurrency=concurrency, num_gpus=num_gpus)
+    with writer_lock(store_path):  # both passes and the outputs: one writer of this folder at a time
+        atlas = run_scan(plan, store_path, progress=first_pass, **engine_options)
+        thresholds = {layer: stats.threshold(quantile) for layer, stats in atlas.stats.items()}
+        job = DissectJob(atlas.layers, thresholds, list(source.concepts))
+        total = job.new_state()
+        parts = split_parts(len(source), part_size)
+        store = None
+        if store_path is not None:
+            store = AtlasStore.create_or_resume(store_path, plan.meta, checked=CHECKED)
+        second_pass = (lambda done, total: progress(len(source) + done, total_images)) if progress else None
 
-    def commit(s: AtlasStore, state: dict, part: Part) -> None:
-        s.commit_dissection(state, thresholds, job.concepts, part, min_iou)
+        def commit(s: AtlasStore, state: dict, part: Part) -> None:
+            s.commit_dissection(state, thresholds, job.concepts, part, min_iou)
 
-    execute(model, source, job, parts, total, store, batch_size=batch_size, workers=workers, engine=engine,
-            progress=second_pass, ray_address=ray_address, concurrency=concurrency, num_gpus=num_gpus, commit=commit)
-    if store is not None:
-        store.close()
-    result = Dissection(atlas, job.concepts, thresholds, {layer: total[layer].iou for layer in atlas.layers}, min_iou)
-    if out is not None:
-        result.files = write_outputs(result, Path(out), model, source, figures)
+        try:
+            if store is not None:
+                done = store.done_parts("dissect")
+                if done:
+                    with store.reading():
+                        total = {layer: store.load_overlap(layer) for layer in atlas.layers}
+                parts = [p for p in parts if p[0] not in done]
+            execute(model, source, job, parts, total, store, progress=second_pass, commit=commit, **engine_options)
+        finally:
+            if store is not None:
+                store.close()
+        result = Dissection(atlas, job.concepts, thresholds, {layer: total[layer].iou for layer in atlas.layers},
+                            min_iou)
+        if out is not None:
+            result.files = write_outputs(result, Path(out), model, source, figures)
     return result
 
 
