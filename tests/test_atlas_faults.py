@@ -124,3 +124,125 @@ def test_dissect_killed_at_six_points_then_run_again_equals_an_uninterrupted_dis
     for name in ("dissection.csv", "summary.md"):
         assert (folder / name).read_text() == (tmp_path / "reference" / name).read_text()
     assert sorted(p.name for p in folder.iterdir()) == ["atlas.sqlite", "dissection.csv", "summary.md"]
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_second_scan_of_a_store_being_written_is_refused_on_one_line_and_the_store_is_not_mixed(
+        tmp_path, cli, forkserver):
+    reference = tmp_path / "reference.sqlite"
+    assert cli("scan", "shapes", *SCAN, "--out", reference)[0] == 0
+    store = tmp_path / "atlas.sqlite"
+    # the first scan stops itself (SIGSTOP) right after committing part 1, holding the store's writer lock
+    first = forkserver.Process(target=_cli_child, args=([str(a) for a in ("scan", "shapes", *SCAN, "--out", store)],
+                                                        "scan:1:after:STOP"))
+    first.start()
+    try:
+        for _ in range(600):
+            if _stopped(first.pid):
+                break
+            first.join(0.05)
+        assert _stopped(first.pid)
+        before = store.read_bytes()
+        code, _, err = cli("scan", "shapes", *SCAN, "--out", store)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"another convlens scan or dissect is writing {store}" in err and "wait for it to finish" in err
+        assert store.read_bytes() == before and part_numbers(store, "scan") == [0, 1]
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+        first.join(60)
+    assert first.exitcode == 0
+    assert_same_store(store, reference)
+    assert not Path(f"{store}.lock").exists()
+
+
+def _hot_journal_child(path: str) -> None:
+    """Rewrite every unit row with a tiny page cache (pages spill into the file), then die before COMMIT."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA cache_size = 2")
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("UPDATE units SET mean = mean + 1, m2 = m2 + 1")
+    db.execute("UPDATE sketches SET counts = zeroblob(length(counts))")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_store_killed_mid_commit_is_refused_by_readers_and_rolled_back_by_the_resumed_scan(
+        tmp_path, cli, forkserver):
+    reference = tmp_path / "reference.sqlite"
+    assert cli("scan", "shapes", *SCAN, "--out", reference)[0] == 0
+    store = tmp_path / "atlas.sqlite"
+    store.write_bytes(reference.read_bytes())
+    child = forkserver.Process(target=_hot_journal_child, args=(str(store),))
+    child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    journal = Path(f"{store}-journal")
+    assert journal.exists() and store.read_bytes() != reference.read_bytes()  # the file holds half a commit
+    damaged, hot = store.read_bytes(), journal.read_bytes()
+    code, _, err = cli("examples", store, "--layer", "features.relu3", "--units", 0, "--steps", 0,
+                       "--out", tmp_path / "examples")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "left mid-write" in err, err
+    assert "run the same command again" in err
+    assert store.read_bytes() == damaged and journal.read_bytes() == hot and not (tmp_path / "examples").exists()
+    code, _, err = cli("scan", "shapes", *SCAN, "--out", store)  # SQLite rolls the journal back; nothing left to do
+    assert code == 0, err
+    assert store.read_bytes() == reference.read_bytes() and not journal.exists()
+
+
+# -- damaged files -------------------------------------------------------------------------
+
+DISSECT = ["--shapes", 8, "--seed", 3, "--layers", "features.relu3", "--top", 2, "--part-size", 4]
+
+
+@pytest.fixture(scope="module")
+def dissected(tmp_path_factory):
+    """A store with scan and dissection tables."""
+    from convlens.cli import main
+
+    folder = tmp_path_factory.mktemp("base") / "dissection"
+    with pytest.raises(SystemExit) as exited:
+        main([str(a) for a in ("dissect", "shapes", *DISSECT, "--no-figures", "--out", folder)])
+    assert not exited.value.code
+    return folder / "atlas.sqlite"
+
+
+def _damage(store: Path, how: str) -> None:
+    data = bytearray(store.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    if how == "header":
+        data[0:16] = b"not a database!!"
+    elif how == "truncated":
+        data = data[:len(data) // 2]
+    elif how == "middle page":
+        middle = (len(data) // page) // 2
+        data[middle * page:(middle + 1) * page] = bytes((i * 37 + 11) % 256 for i in range(page))
+    elif how == "bogus wal":
+        Path(f"{store}-wal").write_bytes(b"\x37\x7f\x06\x82" + bytes(range(256)) * 16)
+    store.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how, message", [
+    ("header", "is not a convlens atlas"), ("truncated", "is damaged"), ("middle page", "is damaged"),
+    ("bogus wal", "convlens writes a rollback journal, never a write-ahead log")])
+def test_a_damaged_store_is_one_line_for_examples_dissect_and_a_resumed_scan_and_is_left_as_it_was(
+        tmp_path, cli, dissected, how, message):
+    folder = tmp_path / "dissection"
+    folder.mkdir()
+    store = folder / "atlas.sqlite"
+    store.write_bytes(dissected.read_bytes())
+    _damage(store, how)
+    files = {path.name: path.read_bytes() for path in folder.iterdir()}
+    for args in [("examples", store, "--layer", "features.relu3", "--units", 0, "--steps", 0, "--out",
+                  tmp_path / "examples"),
+                 ("scan", "shapes", *DISSECT, "--out", store),
+                 ("dissect", "shapes", *DISSECT, "--no-figures", "--out", folder)]:
+        code, out, err = cli(*args)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (args[0], err)
+        assert "Traceback" not in err
+        assert {path.name: path.read_bytes() for path in folder.iterdir()} == files, args[0]
+    assert not (tmp_path / "examples").exists()

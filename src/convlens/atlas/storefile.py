@@ -14,9 +14,10 @@
   writing; a reader, which must not write, says to run the scan again.
 * :func:`sqlite_failure`: an SQLite error while writing as one line (disk full,
   I/O error, locked), saying what the store holds and how to resume.
-* :func:`kill_point`: the test hook ``CONVLENS_TEST_KILL=<job>:<part>:<before|after>``
-  SIGKILLs the process inside (before ``COMMIT``) or right after the commit of
-  a part, so the crash tests are deterministic. Unset, it does nothing.
+* :func:`kill_point`: the test hook ``CONVLENS_TEST_KILL=<job>:<part>:<before|after>[:STOP]``
+  SIGKILLs (or SIGSTOPs) the process inside (before ``COMMIT``) or right after
+  the commit of a part, so the crash and concurrency tests are deterministic.
+  Unset, it does nothing.
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ TEST_KILL = "CONVLENS_TEST_KILL"
 
 def kill_point(job: str, part: int, when: str) -> None:
     """Test hook: SIGKILL this process when ``CONVLENS_TEST_KILL`` names this point (see the module docstring)."""
-    if os.environ.get(TEST_KILL) == f"{job}:{part}:{when}":
+    point = os.environ.get(TEST_KILL, "")
+    if point == f"{job}:{part}:{when}":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif point == f"{job}:{part}:{when}:STOP":
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def lock_path(path: Path) -> Path:
