@@ -246,3 +246,58 @@ def test_a_damaged_store_is_one_line_for_examples_dissect_and_a_resumed_scan_and
         assert "Traceback" not in err
         assert {path.name: path.read_bytes() for path in folder.iterdir()} == files, args[0]
     assert not (tmp_path / "examples").exists()
+
+
+# -- a full disk ---------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB tmpfs (needs root and mount rights; skipped otherwise)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip() or 'not root'})")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """Fill ``disk`` until ``leave`` bytes are free."""
+    filler = disk / "filler"
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    filler.write_bytes(b"\0" * max(0, free - leave))
+    return filler
+
+
+def test_a_disk_that_fills_during_scan_is_one_line_and_leaves_a_store_of_whole_parts_a_rerun_resumes(
+        tmp_path, cli, small_disk):
+    reference = tmp_path / "reference.sqlite"
+    assert cli("scan", "shapes", *SCAN, "--out", reference)[0] == 0
+    size = reference.stat().st_size
+    # no room for the store: nothing is left behind
+    filler = _fill(small_disk, 8192)
+    store = small_disk / "atlas.sqlite"
+    code, _, err = cli("scan", "shapes", *SCAN, "--out", store)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no space left on the device" in err, err
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+    # room for the store but not for the journal of the next commit: the parts committed so far stay
+    filler.unlink()
+    filler = _fill(small_disk, size + size // 2)
+    code, _, err = cli("scan", "shapes", *SCAN, "--out", store)
+    lines = err.strip().splitlines()  # the progress lines of the parts done, then the error
+    assert code == 2 and lines[-1].startswith("convlens: error: no space left on the device"), err
+    assert all(line.endswith("] scan") for line in lines[:-1]), err
+    assert "run the same command again to resume" in err
+    db = sqlite3.connect(f"{store.as_uri()}?mode=ro", uri=True)
+    assert db.execute("PRAGMA quick_check").fetchone() == ("ok",)
+    committed = [row[0] for row in db.execute("SELECT part FROM parts ORDER BY part")]
+    assert 1 <= len(committed) < 6 and committed == list(range(len(committed)))
+    assert db.execute("SELECT images FROM layers").fetchone() == (2 * len(committed),)
+    db.close()
+    filler.unlink()
+    seen = []
+    atlas = cl.scan(cl.load_model("shapes"), shapes=12, seed=3, layers=["features.relu3"], k=3, batch_size=2,
+                    part_size=2, out=store, model_source="shapes", progress=lambda done, total: seen.append(total))
+    assert set(seen) == {12 - 2 * len(committed)} and atlas.stats["features.relu3"].images == 12
+    assert_same_store(store, reference)
