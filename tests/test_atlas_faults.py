@@ -11,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import convlens as cl
 from convlens.atlas.store import AtlasStore
@@ -301,3 +303,89 @@ def test_a_disk_that_fills_during_scan_is_one_line_and_leaves_a_store_of_whole_p
                     part_size=2, out=store, model_source="shapes", progress=lambda done, total: seen.append(total))
     assert set(seen) == {12 - 2 * len(committed)} and atlas.stats["features.relu3"].images == 12
     assert_same_store(store, reference)
+
+
+# -- names are data ------------------------------------------------------------------------
+
+HOSTILE_LAYER = "conv'\";DROP TABLE units;--<script>alert(1)</script>\nünï"
+HOSTILE_CLASSES = ["b\"q'uote; DROP TABLE classes;--", "<script>alert('x')</script>\nzweite Zeile ü"]
+
+
+class Named(torch.nn.Module):
+    """A 1x1 convolution (unit 0 = red, unit 1 = green) under a hostile name."""
+
+    def __init__(self):
+        super().__init__()
+        conv = torch.nn.Conv2d(3, 2, 1, bias=False)
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.weight[0, 0] = 1.0
+            conv.weight[1, 1] = 1.0
+        self.add_module(HOSTILE_LAYER, conv)
+        self.head = torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.head(getattr(self, HOSTILE_LAYER)(x).mean(dim=(2, 3)))
+
+
+def _hostile_data(root: Path) -> Path:
+    """Eight 32x32 images in a list file: a red square (class 0) or a green one (class 1), masks beside."""
+    import csv
+
+    from PIL import Image
+
+    rows = []
+    for i in range(8):
+        label = i % 2
+        image = np.zeros((32, 32, 3), dtype=np.uint8)
+        mask = np.zeros((32, 32), dtype=np.uint8)
+        y, x = 2 + 3 * i, 20 - 2 * i
+        image[y:y + 8, x:x + 8, label] = 255
+        mask[y:y + 8, x:x + 8] = 255
+        Image.fromarray(image).save(root / f"{i}.png")
+        Image.fromarray(mask).save(root / f"{i}.mask.png")
+        rows.append([f"{i}.png", HOSTILE_CLASSES[label]])
+    listing = root / "list.csv"
+    with open(listing, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(rows)
+    return listing
+
+
+def test_hostile_layer_and_class_names_go_through_the_store_the_outputs_and_the_report_as_data(tmp_path):
+    import csv
+
+    import jinja2
+
+    from convlens.models.loading import from_module
+    from convlens.report.atlas_section import atlas_section
+    from convlens.report.sections import Context
+
+    listing = _hostile_data(tmp_path)
+    model = from_module(Named(), name="named", input_size=32)
+    result = cl.dissect(model, listing, [HOSTILE_LAYER], out=tmp_path / "out", k=2, batch_size=4, figures=False)
+    assert sorted(result.concepts) == sorted(HOSTILE_CLASSES)
+    red, green = result.concepts.index(HOSTILE_CLASSES[0]), result.concepts.index(HOSTILE_CLASSES[1])
+    assert result.iou[HOSTILE_LAYER][0, red] == 1.0 and result.iou[HOSTILE_LAYER][1, green] == 1.0
+    with AtlasStore.open(tmp_path / "out" / "atlas.sqlite") as store:
+        assert store.layer_names() == [HOSTILE_LAYER]
+        assert store.classes() == sorted(HOSTILE_CLASSES) and store.concepts() == result.concepts
+        assert [row[3] for row in store.dissection()] == [HOSTILE_CLASSES[0], HOSTILE_CLASSES[1]]
+        assert sorted(name for name, in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")) == [
+            "class_means", "classes", "concept_pixels", "concepts", "dissection", "images", "layers", "meta",
+            "overlaps", "parts", "sketches", "tops", "units"]
+    reopened = cl.atlas.open_atlas(tmp_path / "out" / "atlas.sqlite")
+    np.testing.assert_array_equal(reopened.stats[HOSTILE_LAYER].top_image, result.atlas.stats[HOSTILE_LAYER].top_image)
+    with open(tmp_path / "out" / "dissection.csv", newline="", encoding="utf-8") as handle:
+        table = list(csv.reader(handle))
+    assert [(row[0], row[1], row[3]) for row in table[1:]] == [(HOSTILE_LAYER, "0", HOSTILE_CLASSES[0]),
+                                                               (HOSTILE_LAYER, "1", HOSTILE_CLASSES[1])]
+    summary = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8").splitlines()
+    assert len(summary) == 3  # header, rule, one row: no name breaks the table
+    ctx = Context(model, cl.summarize(model), [], {"atlas_data": listing, "atlas_layers": [HOSTILE_LAYER],
+                                                   "atlas_units": 2, "atlas_examples": 1, "atlas_steps": 0})
+    section = atlas_section(ctx)
+    # as report.html.j2 shows a section (autoescaped): the HTML as it is, the note as text
+    html = jinja2.Environment(autoescape=True).from_string(
+        '{{ s.html }}<p class="note">{{ s.note }}</p>').render(s=section)
+    assert "<script" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in html

@@ -32,6 +32,8 @@ Example::
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -201,22 +203,30 @@ def dissect(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource
     return result
 
 
+def _cell(name: str) -> str:
+    """A name as one Markdown table cell: its pipes escaped, its line breaks as spaces."""
+    return " ".join(name.replace("|", "\\|").splitlines())
+
+
 def write_outputs(result: Dissection, out: Path, model: Model, source: DataSource, figures: bool) -> list[Path]:
     """``dissection.csv``, ``summary.md`` and one figure per detector (each written atomically)."""
     from .examples import detector_figures
 
-    lines = ["layer,unit,threshold,label,iou"]
-    lines += [f"{layer},{unit},{threshold!r},{label or ''},{iou:.6f}"
-              for layer, unit, threshold, label, iou in result.table()]
-    files = [write_text(out / "dissection.csv", "\n".join(lines) + "\n")]
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")  # quotes a name holding a comma, a quote or a newline
+    writer.writerow(["layer", "unit", "threshold", "label", "iou"])
+    writer.writerows([layer, unit, repr(threshold), label or "", f"{iou:.6f}"]
+                     for layer, unit, threshold, label, iou in result.table())
+    files = [write_text(out / "dissection.csv", table.getvalue())]
     summary = ["| layer | units | detectors | unique detectors | labels (units) |", "|---|---:|---:|---:|---|"]
     for layer in result.iou:
         found = result.detectors(layer)
         counts: dict[str, int] = {}
         for _, label, _ in found:
             counts[label] = counts.get(label, 0) + 1
-        labels = ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-        summary.append(f"| {layer} | {len(result.thresholds[layer])} | {len(found)} | "
+        labels = ", ".join(f"{_cell(name)} ({n})"
+                           for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        summary.append(f"| {_cell(layer)} | {len(result.thresholds[layer])} | {len(found)} | "
                        f"{result.unique_detectors[layer]} | {labels or '-'} |")
     files.append(write_text(out / "summary.md", "\n".join(summary) + "\n"))
     if figures:
