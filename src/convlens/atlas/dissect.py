@@ -145,12 +145,12 @@ def dissect(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource
             quantile: float = QUANTILE, min_iou: float = MIN_IOU, k: int = 16, batch_size: int = 64,
             workers: int = 0, part_size: int = 1024, engine: str = "local", ray_address: str | None = None,
             concurrency: int | None = None, num_gpus: float | None = None, model_source: str | None = None,
-            figures: bool = True, progress: Progress | None = None) -> Dissection:
+            figures: bool = True, follow_links: bool = False, progress: Progress | None = None) -> Dissection:
     """Label the units of ``layers`` with concepts (see the module docstring); resumable with ``out``.
 
     Args:
         model, data, layers, shapes, seed, size, masks, k, batch_size, workers, part_size, engine,
-            ray_address, concurrency, num_gpus, model_source: as for :func:`convlens.scan`.
+            ray_address, concurrency, num_gpus, model_source, follow_links: as for :func:`convlens.scan`.
         out: a folder: ``atlas.sqlite`` (scan and dissection tables), ``dissection.csv``,
             ``summary.md`` and, with ``figures``, ``figures/<layer>-unit<c>.png`` per detector.
         quantile: the activation quantile that sets each unit's threshold (paper: 0.995).
@@ -161,7 +161,8 @@ def dissect(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource
     check_options(batch_size, workers, part_size, k, engine)
     if not 0 < quantile < 1:
         raise ConvlensError(f"the quantile must be between 0 and 1, got {quantile}")
-    source = open_data(data, shapes=shapes, seed=seed, size=size or model.input_size[0], masks=masks)
+    source = open_data(data, shapes=shapes, seed=seed, size=size or model.input_size[0], masks=masks,
+                       follow_links=follow_links)
     check_masks(source)
     store_path = Path(out) / STORE_NAME if out is not None else None
     total_images = 2 * len(source)

@@ -189,16 +189,18 @@ def forward_layers(model: Model, rec, x: torch.Tensor, layers: Sequence[str]) ->
 
 def probe_shapes(model: Model, source: DataSource, layers: Sequence[str]) -> dict[str, tuple[int, int, int]]:
     """``(C, h, w)`` of each layer on the first readable image; checks that every layer is spatial."""
-    for index in range(min(len(source), 16)):
+    first_error = None
+    for index in range(len(source)):  # a folder may start with many unreadable files: they are skipped later
         try:
             picture = source.image(index)
-        except ConvlensError:
+        except ConvlensError as err:
+            first_error = first_error or err
             continue
         x = model.transform(picture).unsqueeze(0)
         with capture(model, layers, stop=True) as rec, torch.inference_mode():
             outputs = forward_layers(model, rec, x, layers)
         return {name: tuple(int(d) for d in outputs[name].shape[1:]) for name in layers}
-    raise ConvlensError("none of the first images of the dataset can be read")
+    raise ConvlensError(f"none of the {len(source)} images of the dataset can be read (first: {first_error})")
 
 
 # -- the atlas -----------------------------------------------------------------------------
@@ -297,7 +299,8 @@ def scan(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource | 
          batch_size: int = 64, workers: int = 0, part_size: int = 1024, indices: range | None = None,
          sketch_bits: int = MANTISSA_BITS, engine: str = "local", ray_address: str | None = None,
          concurrency: int | None = None,
-         num_gpus: float | None = None, model_source: str | None = None, progress: Progress | None = None) -> Atlas:
+         num_gpus: float | None = None, model_source: str | None = None, follow_links: bool = False,
+         progress: Progress | None = None) -> Atlas:
     """Scan ``data`` (or ``shapes`` generated images) once through ``model`` and keep per-channel statistics.
 
     Args:
@@ -313,11 +316,13 @@ def scan(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource | 
         sketch_bits: mantissa bits of the quantile sketch (6: relative error 1/129).
         engine: ``"local"`` or ``"ray"`` (with ``ray_address``, ``concurrency``, ``num_gpus``).
         model_source: how ``convlens examples`` should load the model again (the CLI passes its MODEL).
+        follow_links: read symbolic links in a DATA folder that lead outside it (default: left out, one warning).
         progress: ``progress(done, total)`` in images.
     """
     plan = plan_scan(model, data, layers, shapes=shapes, seed=seed, size=size, masks=masks, k=k,
                      batch_size=batch_size, workers=workers, part_size=part_size, indices=indices,
-                     sketch_bits=sketch_bits, engine=engine, ray_address=ray_address, model_source=model_source)
+                     sketch_bits=sketch_bits, engine=engine, ray_address=ray_address, model_source=model_source,
+                     follow_links=follow_links)
     with writer_lock(out):
         return run_scan(plan, out, batch_size=batch_size, workers=workers, engine=engine, progress=progress,
                         ray_address=ray_address, concurrency=concurrency, num_gpus=num_gpus)
@@ -337,13 +342,14 @@ class ScanPlan:
 def plan_scan(model: Model | torch.nn.Module, data, layers: Sequence[LayerRef] | None, *, shapes: int | None,
               seed: int, size: int | None, masks, k: int, batch_size: int, workers: int, part_size: int,
               indices: range | None, sketch_bits: int, engine: str, ray_address: str | None,
-              model_source: str | None) -> ScanPlan:
+              model_source: str | None, follow_links: bool = False) -> ScanPlan:
     """Every check of :func:`scan` (options, data, layers, Ray address), nothing written."""
     from ..inside.activations import default_layers
 
     model = as_model(model)
     check_options(batch_size, workers, part_size, k, engine)
-    source = open_data(data, shapes=shapes, seed=seed, size=size or model.input_size[0], masks=masks)
+    source = open_data(data, shapes=shapes, seed=seed, size=size or model.input_size[0], masks=masks,
+                       follow_links=follow_links)
     if len(source) == 0:
         raise ConvlensError("the dataset is empty")
     names = list(resolve_layers(model, list(layers))) if layers else default_layers(model)

@@ -38,6 +38,8 @@ RayAddressOpt = Annotated[Optional[str], typer.Option(
     "--ray-address", help="Ray cluster to use, HOST:PORT (default: RAY_ADDRESS, else Ray starts here).")]
 ConcurrencyOpt = Annotated[Optional[int], typer.Option(
     "--concurrency", help="Ray actors (default: one per CPU, or per GPU with --num-gpus).")]
+FollowOpt = Annotated[bool, typer.Option(
+    "--follow-links", help="Read symbolic links in DATA that lead outside it (default: left out, with a warning).")]
 GpusOpt = Annotated[Optional[float], typer.Option(
     "--num-gpus", help="GPUs per Ray actor (default: 1 when CUDA is available, else 0).")]
 
@@ -59,6 +61,7 @@ class ScanOptions(OptionGroup):
         "ray_address": (RayAddressOpt, None),
         "concurrency": (ConcurrencyOpt, None),
         "num_gpus": (GpusOpt, None),
+        "follow_links": (FollowOpt, False),
     }
 
     def run_options(self) -> dict:
@@ -99,7 +102,8 @@ def scan(
         bar.close()
     for layer, stats in atlas.stats.items():
         typer.echo(f"{layer}: {stats.channels} units, {stats.images} images, map {stats.height}x{stats.width}")
-    typer.echo(f"atlas written to {out}")
+    skipped = f" ({atlas.skipped} unreadable image(s) skipped)" if atlas.skipped else ""
+    typer.echo(f"atlas written to {out}{skipped}")
 
 
 @app.command()
