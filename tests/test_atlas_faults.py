@@ -477,3 +477,42 @@ def _png_bytes(size: int = 8) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (size, size), (10, 200, 30)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+MEMORY_PROBE = r"""
+import io, os, resource, sys
+from pathlib import Path
+import numpy as np, torch
+from PIL import Image
+import convlens as cl
+from convlens.models.loading import from_module
+
+root = Path(sys.argv[1])
+buffer = io.BytesIO()
+Image.new("RGB", (16, 16), (200, 40, 40)).save(buffer, format="PNG")
+model = from_module(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()), input_size=16)
+# the scan is what is measured, not torchvision's per-image transform: a plain one keeps the test quick
+model.transform = lambda picture: torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255).permute(2, 0, 1)
+for count in (1000, 20000):
+    data = root / str(count)
+    for name in ("a", "b"):
+        (data / name).mkdir(parents=True)
+        first = data / name / "00000.png"
+        first.write_bytes(buffer.getvalue())
+        for i in range(1, count // 2):  # 20,000 files, one PNG's bytes: linked, not written again
+            os.link(first, data / name / f"{i:05d}.png")
+    atlas = cl.scan(model, data, ["1"], k=4, batch_size=500, part_size=5000, out=root / f"{count}.sqlite")
+    assert atlas.stats["1"].images == count
+    print(count, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+"""
+
+
+def test_twenty_thousand_tiny_images_scan_in_flat_memory(tmp_path):
+    done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    peaks = dict(line.split() for line in done.stdout.split("\n") if line)
+    growth_mib = (int(peaks["20000"]) - int(peaks["1000"])) / 1024  # ru_maxrss is in KiB on Linux
+    # holding the decoded images (16x16 RGB as float32: 3 KiB each) would add about 60 MiB
+    assert growth_mib < 20, growth_mib
+    assert cl.atlas.open_atlas(tmp_path / "20000.sqlite").keys[-1] == "b/09999.png"
