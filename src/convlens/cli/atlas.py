@@ -70,6 +70,14 @@ class ScanOptions(OptionGroup):
         return {"layers": named_list(self.layers, "--layers", "layer4"), "k": self.top, **options}
 
 
+def _check_ray(run: ScanOptions) -> None:
+    """A Ray address that is not a Ray cluster is refused before the model and the data are loaded."""
+    if run.engine == "ray":
+        from ..atlas.ray_engine import check_address
+
+        check_address(run.ray_address)
+
+
 def _bar(desc: str):
     """Images done: a bar on a terminal, a line per 5 % in a log; nothing before the first report,
     so an input error prints on one line with no bar."""
@@ -94,6 +102,7 @@ def scan(
     """
     from ..atlas import scan as run_scan
 
+    _check_ray(run)
     loaded = opts.open(model)
     bar = _bar("scan")
     try:
@@ -160,6 +169,7 @@ def dissect(
     """
     from ..atlas.dissect import dissect as run_dissect
 
+    _check_ray(run)
     loaded = opts.open(model)
     bar = _bar("dissect")
     try:

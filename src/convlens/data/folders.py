@@ -139,7 +139,8 @@ def walk_files(root: str | os.PathLike, *, follow_links: bool = False,
     visit(root, (), frozenset({_identity(root)}))
     if outside:
         warnings.warn(f"left out {len(outside)} symlink(s) under {root} that lead outside it (first: {outside[0]}); "
-                      "pass --follow-links (follow_links=True) to read them", ConvlensWarning, stacklevel=3)
+                      "to read them, pass --follow-links (scan, dissect) or follow_links=True",
+                      ConvlensWarning, stacklevel=3)
     return sorted(files)
 
 
