@@ -78,21 +78,21 @@ def killed_cli(context, *args, kill_at: str) -> int:
 
 
 def part_numbers(store: Path, job: str) -> list[int]:
-    if not store.exists():
-        return []
-    return sorted(row[1] for row in tables(store)["parts"] if row[0] == job)
+    found = tables(store) if store.exists() else {}
+    return sorted(row[1] for row in found.get("parts", []) if row[0] == job)
 
 
 # -- kill -9 ---------------------------------------------------------------------------------
 
-def test_scan_killed_at_five_points_then_run_again_equals_an_uninterrupted_scan(tmp_path, cli, forkserver):
+def test_scan_killed_at_six_points_then_run_again_equals_an_uninterrupted_scan(tmp_path, cli, forkserver):
     reference = tmp_path / "reference.sqlite"
     code, out, err = cli("scan", "shapes", *SCAN, "--out", reference)
     assert code == 0, err
     store = tmp_path / "atlas.sqlite"
-    # inside the commit of a part (the journal is hot), or right after it
-    for point, committed in [("scan:0:before", []), ("scan:1:after", [0, 1]), ("scan:2:before", [0, 1]),
-                             ("scan:3:after", [0, 1, 2, 3]), ("scan:4:before", [0, 1, 2, 3])]:
+    # inside the store's creation, inside the commit of a part (before COMMIT), or right after it
+    for point, committed in [("create:0:before", []), ("scan:0:before", []), ("scan:1:after", [0, 1]),
+                             ("scan:2:before", [0, 1]), ("scan:3:after", [0, 1, 2, 3]),
+                             ("scan:4:before", [0, 1, 2, 3])]:
         assert killed_cli(forkserver, "scan", "shapes", *SCAN, "--out", store, kill_at=point) == -signal.SIGKILL, point
         assert part_numbers(store, "scan") == committed, point
         if committed:  # the journal of a commit cut before it was synced is not hot: readers see the parts

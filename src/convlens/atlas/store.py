@@ -138,6 +138,8 @@ class AtlasStore:
         The caller holds :func:`~convlens.atlas.storefile.writer_lock`.
         """
         path = Path(path)
+        if path.is_file() and path.stat().st_size == 0:  # a creation killed before its commit: nothing to keep
+            remove_store(path)
         if path.exists():
             if not path.is_file():
                 raise ConvlensError(f"{path} is not a file; pass the path of an atlas store (.sqlite)")
@@ -159,6 +161,7 @@ class AtlasStore:
                 if statement.strip():
                     connection.execute(statement)
             connection.executemany("INSERT INTO meta VALUES (?, ?)", [("format", FORMAT), *meta.items()])
+            kill_point("create", 0, "before")
             connection.execute("COMMIT")
         except sqlite3.Error as err:
             if connection is not None:
