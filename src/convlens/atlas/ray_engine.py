@@ -40,7 +40,8 @@ import torch
 from ..errors import ConvlensError, first_line
 
 CONNECT_TIMEOUT_S = 3.0
-#: times a Ray actor is restarted, and a part retried, after its worker dies (Ray Data's default: forever)
+#: times a Ray actor is restarted, and a part retried, after its worker dies (Ray Data's default: forever);
+#: passed as actor options, which Ray Data 2.60 names no parameter for (it warns they go in 2.64)
 RETRIES = 3
 #: test hook: a file whose text is a part number; the worker that runs that part deletes it and SIGKILLs itself
 #: (with ``<part> always``, it kills itself on every try and keeps the file)
@@ -353,13 +354,21 @@ def evaluate_ray(model, data, *, methods, metrics: Sequence[str], out_dir, batch
     results = dataset.map_batches(
         EvaluateWorker, fn_constructor_kwargs={"model": [ray.put(model)], "methods": methods, "metrics": list(metrics),
                                                "batch_size": batch_size, "find_mask": find_mask, "num_gpus": gpus},
-        batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus, batch_format="numpy")
+        batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus, batch_format="numpy",
+        max_restarts=RETRIES, max_task_retries=RETRIES)
     total = len(images) * len(names)
     finished = total - sum(len(row["todo"].split("\n")) for row in rows)
-    for row in results.iter_rows():
-        for line in str(row["records"]).splitlines():
-            journal.append(json.loads(line))
-            finished += 1
-            if progress is not None:
-                progress(finished, total)
+    try:
+        for row in results.iter_rows():
+            for line in str(row["records"]).splitlines():
+                journal.append(json.loads(line))
+                finished += 1
+                if progress is not None:
+                    progress(finished, total)
+    except ConvlensError:
+        raise
+    except Exception as err:  # as in ray_parts: the journal keeps every record appended so far
+        raise ConvlensError(f"the Ray job stopped: {first_line(err)} (after up to {RETRIES} retries of an image); "
+                            "the journal keeps every pair scored so far: run the same command again to "
+                            "resume") from None
     return runner.evaluate(model, data, methods=methods, **options)
