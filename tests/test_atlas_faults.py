@@ -388,3 +388,10 @@ def test_hostile_layer_and_class_names_go_through_the_store_the_outputs_and_the_
         '{{ s.html }}<p class="note">{{ s.note }}</p>').render(s=section)
     assert "<script" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in html
+
+
+def test_a_store_in_a_folder_that_cannot_be_made_is_one_line(cli):
+    code, out, err = cli("scan", "shapes", *SCAN, "--out", "/proc/convlens-nowhere/atlas.sqlite")
+    assert code == 2 and err.strip().splitlines() == [
+        "convlens: error: cannot write the atlas /proc/convlens-nowhere/atlas.sqlite (No such file or directory); "
+        "pass an --out in a folder you can write"], err

@@ -55,10 +55,14 @@ def writer_lock(path: str | os.PathLike | None) -> Iterator[None]:
         yield
         return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lock = lock_path(path)
     while True:
-        handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise ConvlensError(f"cannot write the atlas {path} ({err.strerror or err}); pass an --out in a "
+                                "folder you can write") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
