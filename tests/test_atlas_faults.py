@@ -361,7 +361,9 @@ def test_hostile_layer_and_class_names_go_through_the_store_the_outputs_and_the_
 
     listing = _hostile_data(tmp_path)
     model = from_module(Named(), name="named", input_size=32)
-    result = cl.dissect(model, listing, [HOSTILE_LAYER], out=tmp_path / "out", k=2, batch_size=4, figures=False)
+    result = cl.dissect(model, listing, [HOSTILE_LAYER], out=tmp_path / "out", k=2, batch_size=4)
+    figures = sorted(p.name for p in (tmp_path / "out" / "figures").iterdir())  # flat: a '/' in a name is no folder
+    assert figures == [f"conv_DROP_TABLE_units_--_script_alert_1_script_ünï-unit{u}.png" for u in (0, 1)]
     assert sorted(result.concepts) == sorted(HOSTILE_CLASSES)
     red, green = result.concepts.index(HOSTILE_CLASSES[0]), result.concepts.index(HOSTILE_CLASSES[1])
     assert result.iou[HOSTILE_LAYER][0, red] == 1.0 and result.iou[HOSTILE_LAYER][1, green] == 1.0
@@ -395,3 +397,24 @@ def test_a_store_in_a_folder_that_cannot_be_made_is_one_line(cli):
     assert code == 2 and err.strip().splitlines() == [
         "convlens: error: cannot write the atlas /proc/convlens-nowhere/atlas.sqlite (No such file or directory); "
         "pass an --out in a folder you can write"], err
+
+
+def test_a_layer_named_like_a_path_writes_its_figures_inside_the_output_folder(tmp_path):
+    from convlens.models.loading import from_module
+
+    escape = str(tmp_path / "escaped")  # an absolute path: joined as it is, it would replace the output folder
+    module = torch.nn.Sequential()
+    module.add_module(escape, torch.nn.Conv2d(3, 2, 1))
+    model = from_module(module, input_size=16)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        from PIL import Image
+
+        Image.new("RGB", (16, 16), (60 * i, 20, 200)).save(data / f"{i}.png")
+    files = cl.atlas.write_examples(cl.scan(model, data, [escape], k=2), escape, [0, 1], tmp_path / "out",
+                                    model=model, pattern_steps=0)
+    assert [f.parent for f in files] == [tmp_path / "out"] * 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        f"_{escape[1:].replace('/', '_')}-unit{u}.png" for u in (0, 1)]
+    assert not list(tmp_path.glob("escaped*"))

@@ -211,7 +211,7 @@ def _cell(name: str) -> str:
 
 def write_outputs(result: Dissection, out: Path, model: Model, source: DataSource, figures: bool) -> list[Path]:
     """``dissection.csv``, ``summary.md`` and one figure per detector (each written atomically)."""
-    from .examples import detector_figures
+    from .examples import detector_figures, unit_file_name
 
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")  # quotes a name holding a comma, a quote or a newline
@@ -234,5 +234,6 @@ def write_outputs(result: Dissection, out: Path, model: Model, source: DataSourc
         for layer in result.iou:
             drawn = detector_figures(model, source, result.atlas, layer, result.detectors(layer), result.concepts,
                                      result.thresholds[layer])
-            files += [save_image(figure, out / "figures" / f"{layer}-unit{unit}.png") for unit, figure in drawn.items()]
+            files += [save_image(figure, out / "figures" / unit_file_name(layer, unit))
+                      for unit, figure in drawn.items()]
     return files
