@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..data.folders import IMAGE_SUFFIXES
-from ..data.shapes import SHAPE_CLASSES, check_classes, is_mask_file, mask_path, shape_sample
+from ..data.folders import IMAGE_SUFFIXES, is_image_file, walk_files
+from ..data.shapes import SHAPE_CLASSES, check_classes, mask_path, shape_sample
 from ..errors import ConvlensError
 from ..images import load_image
 
@@ -132,17 +132,6 @@ def shapes_source(count: int, seed: int = 0, size: int = 64, classes: Sequence[s
     return DataSource(spec, keys, [i % len(classes) for i in range(count)], classes, concepts=list(classes))
 
 
-def _images_under(folder: Path, skip: Path | None) -> list[Path]:
-    found = []
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder).parts
-        if (path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and not is_mask_file(path)
-                and not any(part.startswith(".") for part in relative)
-                and not (skip is not None and path.is_relative_to(skip))):
-            found.append(path)
-    return found
-
-
 def _concepts(masks_dir: Path | None, paths: list[Path], classes: list[str]) -> list[str]:
     """The classes when images have masks beside them (one concept per class), then ``masks_dir``'s folders."""
     beside = list(classes) if classes and any(mask_path(p).is_file() for p in paths) else []
@@ -151,28 +140,37 @@ def _concepts(masks_dir: Path | None, paths: list[Path], classes: list[str]) -> 
     return beside + [name for name in folders if name not in beside]
 
 
-def folder_source(root: str | os.PathLike, masks: str | os.PathLike | None = None) -> DataSource:
-    """A folder: class folders give labels; images directly in it (and no class folders) are unlabelled."""
+def folder_source(root: str | os.PathLike, masks: str | os.PathLike | None = None, *,
+                  follow_links: bool = False) -> DataSource:
+    """A folder: class folders give labels; images directly in it (and no class folders) are unlabelled.
+
+    Symbolic links that lead outside ``root`` are left out unless ``follow_links``
+    (:func:`convlens.data.folders.walk_files`)."""
     root = Path(root)
     if not root.is_dir():
         raise ConvlensError(f"data folder not found: {root}")
     masks_dir = Path(masks) if masks is not None else root / "masks"
-    skip = masks_dir if masks_dir.is_dir() else None
-    loose = [p for p in sorted(root.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-             and not is_mask_file(p)]
-    folders = {d.name: _images_under(d, skip) for d in sorted(root.iterdir())
-               if d.is_dir() and not d.name.startswith(".") and d != skip}
-    folders = {name: files for name, files in folders.items() if files}
+    skip = masks_dir.resolve() if masks_dir.is_dir() else None
+    found = [path for path in walk_files(root, follow_links=follow_links,
+                                         prune=lambda parts: skip is not None and root.joinpath(*parts).resolve() == skip)
+             if is_image_file(path)]
+    loose = [path for path in found if path.parent == root]
+    folders: dict[str, list[Path]] = {}
+    for path in found:
+        if path.parent != root:
+            folders.setdefault(path.relative_to(root).parts[0], []).append(path)
     if loose or not folders:  # a flat folder: every image below it, no labels
-        paths, labels, classes = _images_under(root, skip), None, []
+        paths, labels, classes = found, None, []
     else:
-        classes = list(folders)
+        classes = sorted(folders)
         paths = [p for name in classes for p in folders[name]]
         labels = [i for i, name in enumerate(classes) for _ in folders[name]]
     if not paths:
         raise ConvlensError(f"the dataset is empty: no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
     keys = [p.relative_to(root).as_posix() for p in paths]
     spec = {"kind": "folder", "root": str(root.resolve()), "masks": str(masks_dir.resolve())}
+    if follow_links:  # only when set, so stores scanned before the option keep their fingerprint
+        spec["follow_links"] = True
     return DataSource(spec, keys, labels or [-1] * len(paths), classes, paths, masks_dir,
                       _concepts(masks_dir, paths, classes))
 
@@ -208,7 +206,7 @@ def list_source(list_file: str | os.PathLike, masks: str | os.PathLike | None = 
 
 
 def open_data(data: str | os.PathLike | DataSource | None = None, *, shapes: int | None = None, seed: int = 0,
-              size: int = 64, masks: str | os.PathLike | None = None) -> DataSource:
+              size: int = 64, masks: str | os.PathLike | None = None, follow_links: bool = False) -> DataSource:
     """The :class:`DataSource` for a path (folder or list file), or ``shapes`` generated images.
 
     Example::
@@ -231,7 +229,7 @@ def open_data(data: str | os.PathLike | DataSource | None = None, *, shapes: int
         raise ConvlensError(f"{path} is neither a folder of images nor a list file ({', '.join(LIST_SUFFIXES)})")
     if not path.exists():
         raise ConvlensError(f"data not found: {path}")
-    return folder_source(path, masks)
+    return folder_source(path, masks, follow_links=follow_links)
 
 
 def from_spec(spec: dict) -> DataSource:
@@ -240,4 +238,4 @@ def from_spec(spec: dict) -> DataSource:
         return shapes_source(spec["count"], spec["seed"], spec["size"], spec.get("classes"))
     if spec["kind"] == "list":
         return list_source(spec["root"], spec.get("masks"))
-    return folder_source(spec["root"], spec.get("masks"))
+    return folder_source(spec["root"], spec.get("masks"), follow_links=spec.get("follow_links") in (True, "True"))

@@ -32,6 +32,8 @@ Example::
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,10 +49,11 @@ from ..errors import ConvlensError
 from ..fileio import save_image, write_text
 from ..models import Model, as_model
 from ..data.shapes import mask_path
-from .accumulators import ConceptOverlap
+from .accumulators import MANTISSA_BITS, ConceptOverlap
 from .data import DataSource, open_data
-from .scan import CHECKED, Atlas, Part, PerLayerJob, Progress, check_options, execute, scan, scan_meta, split_parts
+from .scan import CHECKED, Atlas, Part, PerLayerJob, Progress, check_options, execute, plan_scan, run_scan, split_parts
 from .store import AtlasStore
+from .storefile import writer_lock
 
 QUANTILE = 0.995
 MIN_IOU = 0.04
@@ -142,12 +145,12 @@ def dissect(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource
             quantile: float = QUANTILE, min_iou: float = MIN_IOU, k: int = 16, batch_size: int = 64,
             workers: int = 0, part_size: int = 1024, engine: str = "local", ray_address: str | None = None,
             concurrency: int | None = None, num_gpus: float | None = None, model_source: str | None = None,
-            figures: bool = True, progress: Progress | None = None) -> Dissection:
+            figures: bool = True, follow_links: bool = False, progress: Progress | None = None) -> Dissection:
     """Label the units of ``layers`` with concepts (see the module docstring); resumable with ``out``.
 
     Args:
         model, data, layers, shapes, seed, size, masks, k, batch_size, workers, part_size, engine,
-            ray_address, concurrency, num_gpus, model_source: as for :func:`convlens.scan`.
+            ray_address, concurrency, num_gpus, model_source, follow_links: as for :func:`convlens.scan`.
         out: a folder: ``atlas.sqlite`` (scan and dissection tables), ``dissection.csv``,
             ``summary.md`` and, with ``figures``, ``figures/<layer>-unit<c>.png`` per detector.
         quantile: the activation quantile that sets each unit's threshold (paper: 0.995).
@@ -158,62 +161,79 @@ def dissect(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource
     check_options(batch_size, workers, part_size, k, engine)
     if not 0 < quantile < 1:
         raise ConvlensError(f"the quantile must be between 0 and 1, got {quantile}")
-    source = open_data(data, shapes=shapes, seed=seed, size=size or model.input_size[0], masks=masks)
+    source = open_data(data, shapes=shapes, seed=seed, size=size or model.input_size[0], masks=masks,
+                       follow_links=follow_links)
     check_masks(source)
     store_path = Path(out) / STORE_NAME if out is not None else None
     total_images = 2 * len(source)
     first_pass = (lambda done, total: progress(done, total_images)) if progress else None
-    options = dict(k=k, batch_size=batch_size, workers=workers, part_size=part_size, engine=engine,
-                   ray_address=ray_address, concurrency=concurrency, num_gpus=num_gpus, model_source=model_source)
-    atlas = scan(model, source, layers, out=store_path, progress=first_pass, **options)
-    thresholds = {layer: stats.threshold(quantile) for layer, stats in atlas.stats.items()}
-    job = DissectJob(atlas.layers, thresholds, list(source.concepts))
-    total = job.new_state()
-    parts = split_parts(len(source), part_size)
-    store = None
-    if store_path is not None:
-        meta = scan_meta(model, source, atlas.layers, k, int(atlas.meta["sketch_bits"]), part_size, model_source)
-        store = AtlasStore.create_or_resume(store_path, meta, checked=CHECKED)
-        done = store.done_parts("dissect")
-        if done:
-            total = {layer: store.load_overlap(layer) for layer in atlas.layers}
-        parts = [p for p in parts if p[0] not in done]
-    second_pass = (lambda done, total: progress(len(source) + done, total_images)) if progress else None
+    plan = plan_scan(model, source, layers, shapes=None, seed=seed, size=size, masks=masks, k=k,
+                     batch_size=batch_size, workers=workers, part_size=part_size, indices=None,
+                     sketch_bits=MANTISSA_BITS, engine=engine, ray_address=ray_address, model_source=model_source)
+    engine_options = dict(batch_size=batch_size, workers=workers, engine=engine, ray_address=ray_address,
+                          concurrency=concurrency, num_gpus=num_gpus)
+    with writer_lock(store_path):  # both passes and the outputs: one writer of this folder at a time
+        atlas = run_scan(plan, store_path, progress=first_pass, **engine_options)
+        thresholds = {layer: stats.threshold(quantile) for layer, stats in atlas.stats.items()}
+        job = DissectJob(atlas.layers, thresholds, list(source.concepts))
+        total = job.new_state()
+        parts = split_parts(len(source), part_size)
+        store = None
+        if store_path is not None:
+            store = AtlasStore.create_or_resume(store_path, plan.meta, checked=CHECKED)
+        second_pass = (lambda done, total: progress(len(source) + done, total_images)) if progress else None
 
-    def commit(s: AtlasStore, state: dict, part: Part) -> None:
-        s.commit_dissection(state, thresholds, job.concepts, part, min_iou)
+        def commit(s: AtlasStore, state: dict, part: Part) -> None:
+            s.commit_dissection(state, thresholds, job.concepts, part, min_iou)
 
-    execute(model, source, job, parts, total, store, batch_size=batch_size, workers=workers, engine=engine,
-            progress=second_pass, ray_address=ray_address, concurrency=concurrency, num_gpus=num_gpus, commit=commit)
-    if store is not None:
-        store.close()
-    result = Dissection(atlas, job.concepts, thresholds, {layer: total[layer].iou for layer in atlas.layers}, min_iou)
-    if out is not None:
-        result.files = write_outputs(result, Path(out), model, source, figures)
+        try:
+            if store is not None:
+                done = store.done_parts("dissect")
+                if done:
+                    with store.reading():
+                        total = {layer: store.load_overlap(layer) for layer in atlas.layers}
+                parts = [p for p in parts if p[0] not in done]
+            execute(model, source, job, parts, total, store, progress=second_pass, commit=commit, **engine_options)
+        finally:
+            if store is not None:
+                store.close()
+        result = Dissection(atlas, job.concepts, thresholds, {layer: total[layer].iou for layer in atlas.layers},
+                            min_iou)
+        if out is not None:
+            result.files = write_outputs(result, Path(out), model, source, figures)
     return result
+
+
+def _cell(name: str) -> str:
+    """A name as one Markdown table cell: its pipes escaped, its line breaks as spaces."""
+    return " ".join(name.replace("|", "\\|").splitlines())
 
 
 def write_outputs(result: Dissection, out: Path, model: Model, source: DataSource, figures: bool) -> list[Path]:
     """``dissection.csv``, ``summary.md`` and one figure per detector (each written atomically)."""
-    from .examples import detector_figures
+    from .examples import detector_figures, unit_file_name
 
-    lines = ["layer,unit,threshold,label,iou"]
-    lines += [f"{layer},{unit},{threshold!r},{label or ''},{iou:.6f}"
-              for layer, unit, threshold, label, iou in result.table()]
-    files = [write_text(out / "dissection.csv", "\n".join(lines) + "\n")]
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")  # quotes a name holding a comma, a quote or a newline
+    writer.writerow(["layer", "unit", "threshold", "label", "iou"])
+    writer.writerows([layer, unit, repr(threshold), label or "", f"{iou:.6f}"]
+                     for layer, unit, threshold, label, iou in result.table())
+    files = [write_text(out / "dissection.csv", table.getvalue())]
     summary = ["| layer | units | detectors | unique detectors | labels (units) |", "|---|---:|---:|---:|---|"]
     for layer in result.iou:
         found = result.detectors(layer)
         counts: dict[str, int] = {}
         for _, label, _ in found:
             counts[label] = counts.get(label, 0) + 1
-        labels = ", ".join(f"{name} ({n})" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-        summary.append(f"| {layer} | {len(result.thresholds[layer])} | {len(found)} | "
+        labels = ", ".join(f"{_cell(name)} ({n})"
+                           for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        summary.append(f"| {_cell(layer)} | {len(result.thresholds[layer])} | {len(found)} | "
                        f"{result.unique_detectors[layer]} | {labels or '-'} |")
     files.append(write_text(out / "summary.md", "\n".join(summary) + "\n"))
     if figures:
         for layer in result.iou:
             drawn = detector_figures(model, source, result.atlas, layer, result.detectors(layer), result.concepts,
                                      result.thresholds[layer])
-            files += [save_image(figure, out / "figures" / f"{layer}-unit{unit}.png") for unit, figure in drawn.items()]
+            files += [save_image(figure, out / "figures" / unit_file_name(layer, unit))
+                      for unit, figure in drawn.items()]
     return files

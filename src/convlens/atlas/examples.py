@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,10 +236,17 @@ def examples_figure(examples: UnitExamples) -> Image.Image:
     return _grid(f"{examples.layer}  unit {examples.unit}", rows)
 
 
+def unit_file_name(layer: str, unit: int) -> str:
+    """``<layer>-unit<u>.png`` with the layer name made a plain file name: a module may be named
+    ``/etc/x`` or hold a newline, which must not choose where the file goes."""
+    stem = re.sub(r"[^\w.-]+", "_", layer).lstrip(".") or "layer"
+    return f"{stem}-unit{unit}.png"
+
+
 def write_examples(atlas: Atlas | str | os.PathLike, layer: str, units: Sequence[int], out_dir: str | os.PathLike,
                    **options) -> list[Path]:
     """One PNG per unit, ``out_dir/<layer>-unit<u>.png``, computed first and then written (each atomically)."""
-    figures = [(f"{e.layer}-unit{e.unit}.png", examples_figure(e))
+    figures = [(unit_file_name(e.layer, e.unit), examples_figure(e))
                for e in dataset_examples(atlas, layer, units, **options)]
     return [save_image(figure, Path(out_dir) / name) for name, figure in figures]
 

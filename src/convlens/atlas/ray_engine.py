@@ -15,16 +15,23 @@ on the engine. Counts and top-k images are identical to the local engine's;
 means and spreads agree to float64 rounding (the merge order differs).
 
 ``ray_address`` (or the ``RAY_ADDRESS`` environment variable) connects to an
-existing cluster; without one, Ray starts on this machine. An address that
-does not answer is a one-line error after a few seconds (Ray itself would
-retry for minutes). This module is imported only for ``engine="ray"``.
+existing cluster; without one, Ray starts on this machine. An address where
+nothing listens, or where something other than Ray answers (told apart by an
+HTTP/2 client preface: Ray's head is a gRPC server), is a one-line error within
+``CONNECT_TIMEOUT_S`` (Ray itself would retry for minutes), before Ray starts
+or prints anything. An actor whose worker dies is restarted and its part run
+again, up to ``RETRIES`` times; past that the run stops on one line, and the
+store keeps every part committed, so the same command resumes it. This module
+is imported only for ``engine="ray"``.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -32,7 +39,13 @@ import torch
 
 from ..errors import ConvlensError, first_line
 
-CONNECT_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 3.0
+#: times a Ray actor is restarted, and a part retried, after its worker dies (Ray Data's default: forever);
+#: passed as actor options, which Ray Data 2.60 names no parameter for (it warns they go in 2.64)
+RETRIES = 3
+#: test hook: a file whose text is a part number; the worker that runs that part deletes it and SIGKILLs itself
+#: (with ``<part> always``, it kills itself on every try and keeps the file)
+TEST_KILL_WORKER = "CONVLENS_TEST_KILL_WORKER"
 
 
 def _ray():
@@ -44,17 +57,58 @@ def _ray():
     return ray
 
 
-def _reachable(address: str) -> bool:
-    """Whether ``host:port`` (optionally ``ray://host:port``) accepts a TCP connection within a few seconds."""
+def _host_port(address: str) -> tuple[str, int]:
     host_port = address.split("://", 1)[-1].rstrip("/")
     host, _, port = host_port.rpartition(":")
     if not host or not port.isdigit():
         raise ConvlensError(f"a Ray address looks like HOST:PORT or ray://HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+#: the HTTP/2 client preface and an empty SETTINGS frame (RFC 9113, sections 3.4 and 6.5)
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _probe(address: str) -> str | None:
+    """Why ``address`` is not a Ray cluster, or ``None`` when it answers as one, within ``CONNECT_TIMEOUT_S``.
+
+    Ray's head (the GCS, and the Ray Client server of ``ray://``) is a gRPC server, so it answers an
+    HTTP/2 client preface with its own SETTINGS frame. Anything else (nothing listening, a web
+    server, a silent port) is told apart here, before ``ray.init`` would retry it for minutes.
+    """
+    host, port = _host_port(address)
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
     try:
-        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S) as connection:
+            connection.sendall(_H2_PREFACE)
+            header = b""
+            while len(header) < 9:
+                connection.settimeout(max(0.01, deadline - time.monotonic()))
+                chunk = connection.recv(9 - len(header))
+                if not chunk:
+                    break
+                header += chunk
+    except socket.timeout:
+        return f"something accepts connections there but says nothing within {CONNECT_TIMEOUT_S:.0f} s"
+    except OSError as err:
+        return f"nothing answers there ({err.strerror or err})"
+    if len(header) == 9 and header[3] == 0x04:  # a SETTINGS frame: an HTTP/2 (gRPC) server
+        return None
+    if header.startswith((b"HTTP/", b"<")):  # a status line, or the bare HTML page of an HTTP/0.9-style error
+        return "a web server answers there, not Ray"
+    return "something answers there, but not as Ray's gRPC server"
+
+
+def check_address(address: str | None = None) -> str | None:
+    """The cluster address to use (``address``, else ``RAY_ADDRESS``, else ``None``: Ray starts here), once it
+    answers as Ray; otherwise a one-line error within ``CONNECT_TIMEOUT_S``. Starts nothing."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    problem = _probe(address) if address not in (None, "auto", "local") else None
+    if problem is not None:
+        raise ConvlensError(f"cannot reach the Ray cluster at {address!r}: {problem}; check --ray-address / "
+                            "RAY_ADDRESS (the head node's HOST:PORT, 6379 by default, or ray://HOST:10001), "
+                            "or leave it out to run Ray on this machine")
+    return address
 
 
 def connect(address: str | None = None) -> None:
@@ -62,11 +116,7 @@ def connect(address: str | None = None) -> None:
     ray = _ray()
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address not in (None, "auto", "local") and not _reachable(address):
-        raise ConvlensError(f"cannot reach the Ray cluster at {address!r} (no answer within "
-                            f"{CONNECT_TIMEOUT_S:.0f} s); check --ray-address / RAY_ADDRESS, or leave it out "
-                            "to run Ray on this machine")
+    address = check_address(address)
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as err:
@@ -122,6 +172,7 @@ class PartWorker:
         images = _Images(self.model, self.source, self.job.concepts)
         parts, blobs, counts, skipped = [], [], [], []
         indices, owners = batch["index"].astype(np.int64), batch["part"].astype(np.int64)
+        _test_kill_worker(owners)
         with capture(self.model, self.job.layers, stop=True) as rec, torch.inference_mode():
             for part in np.unique(owners):
                 members = indices[owners == part]
@@ -145,6 +196,24 @@ class PartWorker:
                 "images": np.array(counts, dtype=np.int64), "skipped": np.array(skipped, dtype=np.int64)}
 
 
+def _test_kill_worker(owners: np.ndarray) -> None:
+    """The test hook :data:`TEST_KILL_WORKER`: SIGKILL this worker when it runs the named part."""
+    hook = os.environ.get(TEST_KILL_WORKER)
+    if not hook:
+        return
+    try:
+        words = open(hook, encoding="utf-8").read().split()
+    except FileNotFoundError:
+        return
+    if words and int(words[0]) in owners.tolist():
+        if words[1:] != ["always"]:
+            try:
+                os.unlink(hook)  # only the worker that removes it dies: a retry runs
+            except FileNotFoundError:
+                return
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def ray_parts(model, source, job, parts: Sequence[tuple[int, int, int]], *, batch_size: int,
               on_part: Callable, progress: Callable[[int], None] | None = None, concurrency: int | None = None,
               num_gpus: float | None = None) -> int:
@@ -166,22 +235,36 @@ def ray_parts(model, source, job, parts: Sequence[tuple[int, int, int]], *, batc
     results = dataset.map_batches(
         PartWorker, fn_constructor_kwargs={"model": [model_ref], "source": source, "job": job,
                                            "batch_size": batch_size, "num_gpus": gpus},
-        batch_size=part_size, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus, batch_format="numpy")
+        batch_size=part_size, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus, batch_format="numpy",
+        max_restarts=RETRIES, max_task_retries=RETRIES)
     by_number = {p[0]: p for p in parts}
     waiting = {number: stop - first for number, first, stop in parts}
     pending: dict[int, dict] = {}
     skipped = 0
-    for row in results.iter_rows():  # the aggregation step, on the driver
-        number = int(row["part"])
-        state = job.from_arrays(unpack(row["state"]))
-        pending[number] = job.merge(pending[number], state) if number in pending else state
-        waiting[number] -= int(row["images"])
-        skipped += int(row["skipped"])
-        if progress is not None:
-            progress(int(row["images"]))
-        if waiting[number] == 0:
-            on_part(by_number[number], pending.pop(number))
+    try:
+        for row in results.iter_rows():  # the aggregation step, on the driver
+            skipped += _aggregate(job, row, pending, waiting, by_number, on_part, progress)
+    except ConvlensError:
+        raise
+    except Exception as err:  # a Ray error: a worker that died on every try, a task that raised
+        raise ConvlensError(f"the Ray job stopped: {first_line(err)} (after up to {RETRIES} retries of a part); "
+                            "the store keeps every part committed so far: run the same command again to "
+                            "resume") from None
     return skipped
+
+
+def _aggregate(job, row: dict, pending: dict, waiting: dict, by_number: dict, on_part: Callable,
+               progress: Callable[[int], None] | None) -> int:
+    """Merge one actor's partial state into its part; commit the part when it is complete. Returns images skipped."""
+    number = int(row["part"])
+    state = job.from_arrays(unpack(row["state"]))
+    pending[number] = job.merge(pending[number], state) if number in pending else state
+    waiting[number] -= int(row["images"])
+    if progress is not None:
+        progress(int(row["images"]))
+    if waiting[number] == 0:
+        on_part(by_number[number], pending.pop(number))
+    return int(row["skipped"])
 
 
 # -- evaluate on Ray ---------------------------------------------------------------------
@@ -271,13 +354,21 @@ def evaluate_ray(model, data, *, methods, metrics: Sequence[str], out_dir, batch
     results = dataset.map_batches(
         EvaluateWorker, fn_constructor_kwargs={"model": [ray.put(model)], "methods": methods, "metrics": list(metrics),
                                                "batch_size": batch_size, "find_mask": find_mask, "num_gpus": gpus},
-        batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus, batch_format="numpy")
+        batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus, batch_format="numpy",
+        max_restarts=RETRIES, max_task_retries=RETRIES)
     total = len(images) * len(names)
     finished = total - sum(len(row["todo"].split("\n")) for row in rows)
-    for row in results.iter_rows():
-        for line in str(row["records"]).splitlines():
-            journal.append(json.loads(line))
-            finished += 1
-            if progress is not None:
-                progress(finished, total)
+    try:
+        for row in results.iter_rows():
+            for line in str(row["records"]).splitlines():
+                journal.append(json.loads(line))
+                finished += 1
+                if progress is not None:
+                    progress(finished, total)
+    except ConvlensError:
+        raise
+    except Exception as err:  # as in ray_parts: the journal keeps every record appended so far
+        raise ConvlensError(f"the Ray job stopped: {first_line(err)} (after up to {RETRIES} retries of an image); "
+                            "the journal keeps every pair scored so far: run the same command again to "
+                            "resume") from None
     return runner.evaluate(model, data, methods=methods, **options)

@@ -36,12 +36,13 @@ import torch
 from PIL import Image
 
 from ..capture import LayerRef, capture, resolve_layers
-from ..errors import ConvlensError, first_line
+from ..errors import ConvlensError, ConvlensWarning, first_line
 from ..models import Model, as_model
 from ..render.overlay import crop_box
 from .accumulators import MANTISSA_BITS, LayerStats, SketchGrid
 from .data import DataSource, from_spec, open_data
 from .store import AtlasStore, model_fingerprint
+from .storefile import writer_lock
 
 Progress = Callable[[int, int], None]
 Part = tuple[int, int, int]  # (part number, first image, stop image)
@@ -188,16 +189,18 @@ def forward_layers(model: Model, rec, x: torch.Tensor, layers: Sequence[str]) ->
 
 def probe_shapes(model: Model, source: DataSource, layers: Sequence[str]) -> dict[str, tuple[int, int, int]]:
     """``(C, h, w)`` of each layer on the first readable image; checks that every layer is spatial."""
-    for index in range(min(len(source), 16)):
+    first_error = None
+    for index in range(len(source)):  # a folder may start with many unreadable files: they are skipped later
         try:
             picture = source.image(index)
-        except ConvlensError:
+        except ConvlensError as err:
+            first_error = first_error or err
             continue
         x = model.transform(picture).unsqueeze(0)
         with capture(model, layers, stop=True) as rec, torch.inference_mode():
             outputs = forward_layers(model, rec, x, layers)
         return {name: tuple(int(d) for d in outputs[name].shape[1:]) for name in layers}
-    raise ConvlensError("none of the first images of the dataset can be read")
+    raise ConvlensError(f"none of the {len(source)} images of the dataset can be read (first: {first_error})")
 
 
 # -- the atlas -----------------------------------------------------------------------------
@@ -233,7 +236,7 @@ class Atlas:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Atlas:
-        with AtlasStore.open(path) as store:
+        with AtlasStore.open(path) as store, store.reading():
             keys, labels = store.images()
             stats = {layer: store.load_stats(layer) for layer in store.layer_names()}
             return cls(stats, keys, labels, store.classes(), store.meta(), Path(path))
@@ -296,7 +299,8 @@ def scan(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource | 
          batch_size: int = 64, workers: int = 0, part_size: int = 1024, indices: range | None = None,
          sketch_bits: int = MANTISSA_BITS, engine: str = "local", ray_address: str | None = None,
          concurrency: int | None = None,
-         num_gpus: float | None = None, model_source: str | None = None, progress: Progress | None = None) -> Atlas:
+         num_gpus: float | None = None, model_source: str | None = None, follow_links: bool = False,
+         progress: Progress | None = None) -> Atlas:
     """Scan ``data`` (or ``shapes`` generated images) once through ``model`` and keep per-channel statistics.
 
     Args:
@@ -312,13 +316,40 @@ def scan(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource | 
         sketch_bits: mantissa bits of the quantile sketch (6: relative error 1/129).
         engine: ``"local"`` or ``"ray"`` (with ``ray_address``, ``concurrency``, ``num_gpus``).
         model_source: how ``convlens examples`` should load the model again (the CLI passes its MODEL).
+        follow_links: read symbolic links in a DATA folder that lead outside it (default: left out, one warning).
         progress: ``progress(done, total)`` in images.
     """
+    plan = plan_scan(model, data, layers, shapes=shapes, seed=seed, size=size, masks=masks, k=k,
+                     batch_size=batch_size, workers=workers, part_size=part_size, indices=indices,
+                     sketch_bits=sketch_bits, engine=engine, ray_address=ray_address, model_source=model_source,
+                     follow_links=follow_links)
+    with writer_lock(out):
+        return run_scan(plan, out, batch_size=batch_size, workers=workers, engine=engine, progress=progress,
+                        ray_address=ray_address, concurrency=concurrency, num_gpus=num_gpus)
+
+
+@dataclass
+class ScanPlan:
+    """A checked scan, before anything is written: the model, the data, the job, its parts and the store's meta."""
+
+    model: Model
+    source: DataSource
+    job: ScanJob
+    parts: list[Part]
+    meta: dict[str, str]
+
+
+def plan_scan(model: Model | torch.nn.Module, data, layers: Sequence[LayerRef] | None, *, shapes: int | None,
+              seed: int, size: int | None, masks, k: int, batch_size: int, workers: int, part_size: int,
+              indices: range | None, sketch_bits: int, engine: str, ray_address: str | None,
+              model_source: str | None, follow_links: bool = False) -> ScanPlan:
+    """Every check of :func:`scan` (options, data, layers, Ray address), nothing written."""
     from ..inside.activations import default_layers
 
     model = as_model(model)
     check_options(batch_size, workers, part_size, k, engine)
-    source = open_data(data, shapes=shapes, seed=seed, size=size or model.input_size[0], masks=masks)
+    source = open_data(data, shapes=shapes, seed=seed, size=size or model.input_size[0], masks=masks,
+                       follow_links=follow_links)
     if len(source) == 0:
         raise ConvlensError("the dataset is empty")
     names = list(resolve_layers(model, list(layers))) if layers else default_layers(model)
@@ -332,27 +363,40 @@ def scan(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource | 
     parts = [(number, max(first, span.start), min(stop, span.stop))
              for number, first, stop in split_parts(len(source), part_size) if first < span.stop and stop > span.start]
     meta = scan_meta(model, source, names, k, sketch_bits, part_size, model_source)
-    engine_options = {"ray_address": ray_address, "concurrency": concurrency, "num_gpus": num_gpus}
     if engine == "ray":
         from .ray_engine import connect
 
         connect(ray_address)  # an unreachable address fails here, before anything is written
+    return ScanPlan(model, source, job, parts, meta)
+
+
+def run_scan(plan: ScanPlan, out: str | os.PathLike | None, *, batch_size: int, workers: int, engine: str,
+             progress: Progress | None, ray_address: str | None, concurrency: int | None,
+             num_gpus: float | None) -> Atlas:
+    """Run a planned scan, committing to ``out`` part by part; the caller holds the store's writer lock."""
+    source, job, parts = plan.source, plan.job, plan.parts
     total = job.new_state()
     store = None
     if out is not None:
-        store = AtlasStore.create_or_resume(out, meta, checked=CHECKED)
-        store.write_images(source.keys, source.labels, source.classes)
-        done = store.done_parts("scan")
-        if done:
-            total = {name: store.load_stats(name) for name in names}
-        parts = [p for p in parts if p[0] not in done]
-    skipped = execute(model, source, job, parts, total, store, batch_size=batch_size, workers=workers,
-                      engine=engine, progress=progress, **engine_options)
-    if store is not None:
-        store.close()
+        store = AtlasStore.create_or_resume(out, plan.meta, checked=CHECKED)
+    try:
+        if store is not None:
+            store.write_images(source.keys, source.labels, source.classes)
+            done = store.done_parts("scan")
+            if done:
+                with store.reading():
+                    total = {name: store.load_stats(name) for name in job.layers}
+            parts = [p for p in parts if p[0] not in done]
+        execute(plan.model, source, job, parts, total, store, batch_size=batch_size, workers=workers,
+                engine=engine, progress=progress, ray_address=ray_address, concurrency=concurrency, num_gpus=num_gpus)
+    finally:
+        if store is not None:
+            store.close()
+    # counted from the totals, so a resumed scan also counts the images its earlier runs skipped
+    skipped = sum(stop - first for _, first, stop in plan.parts) - total[job.layers[0]].images
     if skipped:
-        warnings.warn(f"skipped {skipped} unreadable image(s)", stacklevel=2)
-    return Atlas(total, source.keys, source.labels, source.classes, meta, Path(out) if out else None, skipped)
+        warnings.warn(f"skipped {skipped} unreadable image(s) of {len(source)}", ConvlensWarning, stacklevel=3)
+    return Atlas(total, source.keys, source.labels, source.classes, plan.meta, Path(out) if out else None, skipped)
 
 
 def execute(model: Model, source: DataSource, job, parts: list[Part], total: dict, store: AtlasStore | None, *,

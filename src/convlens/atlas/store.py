@@ -47,6 +47,7 @@ import torch
 
 from ..errors import ConvlensError
 from .accumulators import ConceptOverlap, LayerStats, SketchGrid
+from .storefile import connect, kill_point, read_failure, remove_store, sqlite_failure
 
 FORMAT = "convlens-atlas-1"
 
@@ -91,7 +92,10 @@ def _blob(array: np.ndarray) -> bytes:
 
 
 def _unblob(blob: bytes, rows: int, columns: int) -> np.ndarray:
-    return np.frombuffer(zlib.decompress(blob), dtype="<i8").reshape(rows, columns).astype(np.int64)
+    try:
+        return np.frombuffer(zlib.decompress(blob), dtype="<i8").reshape(rows, columns).astype(np.int64)
+    except (zlib.error, ValueError, TypeError) as err:  # zlib's checksum catches a damaged blob
+        raise sqlite3.DatabaseError(f"a quantile sketch is damaged ({err})") from None
 
 
 class AtlasStore:
@@ -104,18 +108,20 @@ class AtlasStore:
     # -- opening ----------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike) -> AtlasStore:
-        """Open an existing store for reading; a missing file or another kind of file is a one-line error."""
+        """Open an existing store for reading (read-only, checked); a missing, damaged or foreign file is one line."""
         path = Path(path)
         if not path.is_file():
             raise ConvlensError(f"atlas not found: {path} (write one with 'convlens scan')")
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        return cls._checked(path, connect(path, write=False))
+
+    @classmethod
+    def _checked(cls, path: Path, connection: sqlite3.Connection) -> AtlasStore:
         store = cls(path, connection)
         try:
-            store.meta()
+            fmt = store.meta().get("format")
         except sqlite3.DatabaseError:
-            connection.close()
-            raise ConvlensError(f"{path} is not a convlens atlas (an SQLite file written by 'convlens scan')") from None
-        if store.meta().get("format") != FORMAT:
+            fmt = None
+        if fmt != FORMAT:
             connection.close()
             raise ConvlensError(f"{path} is not a convlens atlas (an SQLite file written by 'convlens scan')")
         return store
@@ -127,28 +133,42 @@ class AtlasStore:
 
         ``checked`` lists ``(meta key, what it is)`` pairs that must match an existing
         store (model, layers, data): a mismatch is a one-line error and nothing is written.
+        An existing store is checked (``PRAGMA quick_check``) before anything is written;
+        a hot journal of a killed writer is rolled back by SQLite on opening.
+        The caller holds :func:`~convlens.atlas.storefile.writer_lock`.
         """
         path = Path(path)
+        if path.is_file() and path.stat().st_size == 0:  # a creation killed before its commit: nothing to keep
+            remove_store(path)
         if path.exists():
-            store = cls.open(path)
+            if not path.is_file():
+                raise ConvlensError(f"{path} is not a file; pass the path of an atlas store (.sqlite)")
+            store = cls._checked(path, connect(path, write=True))
             stored = store.meta()
-            store.close()
             for key, what in checked:
                 if stored.get(key) != meta.get(key):
+                    store.close()
                     raise ConvlensError(
                         f"{path} was written for {what} {stored.get(key)!r}, not {meta.get(key)!r}; "
                         "pass another output path or delete that file")
-            connection = sqlite3.connect(path, isolation_level=None)
-            return cls(path, connection)
+            return store
         path.parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(path, isolation_level=None)
-        store = cls(path, connection)
-        with store.transaction():
+        connection = None
+        try:
+            connection = sqlite3.connect(path, isolation_level=None)
+            connection.execute("BEGIN IMMEDIATE")
             for statement in SCHEMA.strip().split(";"):
                 if statement.strip():
                     connection.execute(statement)
             connection.executemany("INSERT INTO meta VALUES (?, ?)", [("format", FORMAT), *meta.items()])
-        return store
+            kill_point("create", 0, "before")
+            connection.execute("COMMIT")
+        except sqlite3.Error as err:
+            if connection is not None:
+                connection.close()
+            remove_store(path)
+            raise sqlite_failure(path, err, new=True) from None
+        return cls(path, connection)
 
     def close(self) -> None:
         self.db.close()
@@ -160,17 +180,40 @@ class AtlasStore:
         self.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """All or nothing: the block's writes are committed together or rolled back."""
-        self.db.execute("BEGIN IMMEDIATE")
+    def transaction(self, kill: tuple[str, int] | None = None) -> Iterator[sqlite3.Connection]:
+        """All or nothing: the block's writes are committed together or rolled back.
+
+        An SQLite error (disk full, I/O error) is a one-line :class:`ConvlensError`; the store
+        is then as it was after the last commit. ``kill`` ``(job, part)`` names the test hook's
+        points (:func:`~convlens.atlas.storefile.kill_point`).
+        """
         try:
+            self.db.execute("BEGIN IMMEDIATE")
             yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
+            if kill is not None:
+                kill_point(*kill, "before")
+            self.db.execute("COMMIT")
+        except BaseException as err:
+            if self.db.in_transaction:  # SQLite has already rolled back after some errors (SQLITE_FULL)
+                try:
+                    self.db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            if isinstance(err, sqlite3.Error):
+                raise sqlite_failure(self.path, err) from None
             raise
-        self.db.execute("COMMIT")
+        if kill is not None:
+            kill_point(*kill, "after")
 
     # -- reading ----------------------------------------------------------
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Reads inside the block that hit damage SQLite's quick check cannot see are one-line errors."""
+        try:
+            yield
+        except sqlite3.Error as err:
+            raise read_failure(self.path, err) from None
+
     def meta(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT key, value FROM meta"))
 
@@ -250,7 +293,7 @@ class AtlasStore:
 
     def commit_scan(self, stats: dict[str, LayerStats], part: tuple[int, int, int] | None) -> None:
         """Write the running totals of every layer and mark ``part`` ``(part, first, stop)`` done, atomically."""
-        with self.transaction() as db:
+        with self.transaction(("scan", part[0]) if part is not None else None) as db:
             for position, (layer, s) in enumerate(stats.items()):
                 self._write_layer(db, position, layer, s)
             if part is not None:
@@ -281,7 +324,7 @@ class AtlasStore:
                           concepts: Sequence[str], part: tuple[int, int, int] | None,
                           min_iou: float) -> None:
         """Write the dissection sums, each unit's label and IoU, and mark ``part`` done, atomically."""
-        with self.transaction() as db:
+        with self.transaction(("dissect", part[0]) if part is not None else None) as db:
             if not db.execute("SELECT COUNT(*) FROM concepts").fetchone()[0]:
                 db.executemany("INSERT INTO concepts VALUES (?, ?)", enumerate(concepts))
             for layer, overlap in overlaps.items():

@@ -38,6 +38,8 @@ RayAddressOpt = Annotated[Optional[str], typer.Option(
     "--ray-address", help="Ray cluster to use, HOST:PORT (default: RAY_ADDRESS, else Ray starts here).")]
 ConcurrencyOpt = Annotated[Optional[int], typer.Option(
     "--concurrency", help="Ray actors (default: one per CPU, or per GPU with --num-gpus).")]
+FollowOpt = Annotated[bool, typer.Option(
+    "--follow-links", help="Read symbolic links in DATA that lead outside it (default: left out, with a warning).")]
 GpusOpt = Annotated[Optional[float], typer.Option(
     "--num-gpus", help="GPUs per Ray actor (default: 1 when CUDA is available, else 0).")]
 
@@ -59,12 +61,21 @@ class ScanOptions(OptionGroup):
         "ray_address": (RayAddressOpt, None),
         "concurrency": (ConcurrencyOpt, None),
         "num_gpus": (GpusOpt, None),
+        "follow_links": (FollowOpt, False),
     }
 
     def run_options(self) -> dict:
         """Keyword arguments of :func:`convlens.atlas.scan` and :func:`~convlens.atlas.dissect`."""
         options = {name: value for name, value in self.values.items() if name not in ("layers", "top")}
         return {"layers": named_list(self.layers, "--layers", "layer4"), "k": self.top, **options}
+
+
+def _check_ray(run: ScanOptions) -> None:
+    """A Ray address that is not a Ray cluster is refused before the model and the data are loaded."""
+    if run.engine == "ray":
+        from ..atlas.ray_engine import check_address
+
+        check_address(run.ray_address)
 
 
 def _bar(desc: str):
@@ -91,6 +102,7 @@ def scan(
     """
     from ..atlas import scan as run_scan
 
+    _check_ray(run)
     loaded = opts.open(model)
     bar = _bar("scan")
     try:
@@ -99,7 +111,8 @@ def scan(
         bar.close()
     for layer, stats in atlas.stats.items():
         typer.echo(f"{layer}: {stats.channels} units, {stats.images} images, map {stats.height}x{stats.width}")
-    typer.echo(f"atlas written to {out}")
+    skipped = f" ({atlas.skipped} unreadable image(s) skipped)" if atlas.skipped else ""
+    typer.echo(f"atlas written to {out}{skipped}")
 
 
 @app.command()
@@ -156,6 +169,7 @@ def dissect(
     """
     from ..atlas.dissect import dissect as run_dissect
 
+    _check_ray(run)
     loaded = opts.open(model)
     bar = _bar("dissect")
     try:

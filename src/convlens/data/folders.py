@@ -13,6 +13,7 @@ folder, or one with fewer than two classes of readable images, is an error.
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from ..errors import ConvlensError
+from ..errors import ConvlensError, ConvlensWarning
 from ..images import load_image
 from .shapes import is_mask_file
 
@@ -83,22 +84,88 @@ def resolve_data_dirs(root: str | os.PathLike) -> tuple[Path, Path | None]:
     return root, None
 
 
-def image_files(folder: str | os.PathLike) -> list[Path]:
+def walk_files(root: str | os.PathLike, *, follow_links: bool = False,
+               prune: Callable[[tuple[str, ...]], bool] | None = None) -> list[Path]:
+    """Every file under ``root`` (hidden files and folders left out), sorted, without reading any.
+
+    A symbolic link whose target lies outside ``root`` is left out unless ``follow_links``
+    (one warning gives their count); a link to a file inside is read; a link to a folder
+    is walked only with ``follow_links``. A link that leads back into a folder being walked
+    (a loop) is a one-line error. ``prune(relative parts)`` leaves a folder out.
+    """
+    root = Path(root)
+    inside = root.resolve()
+    files: list[Path] = []
+    outside: list[Path] = []
+
+    def loop(path: Path) -> ConvlensError:
+        return ConvlensError(f"symlink loop: {path} leads back into a folder it is in; remove the link "
+                             "(or the loop) and run again")
+
+    def visit(folder: Path, relative: tuple[str, ...], seen: frozenset) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as err:
+            raise ConvlensError(f"cannot list the folder {folder}: {err.strerror}") from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path, parts = folder / entry.name, (*relative, entry.name)
+            if entry.is_symlink():
+                try:
+                    target = Path(os.path.realpath(path, strict=True))
+                except OSError as err:
+                    if err.errno == errno.ELOOP:
+                        raise loop(path) from None
+                    continue  # a dangling link: nothing to read
+                if not follow_links and not target.is_relative_to(inside):
+                    outside.append(path)
+                elif target.is_dir():
+                    if follow_links and not (prune and prune(parts)):
+                        key = _identity(target)
+                        if key in seen:
+                            raise loop(path)
+                        visit(path, parts, seen | {key})
+                else:
+                    files.append(path)
+            elif entry.is_dir(follow_symlinks=False):
+                if not (prune and prune(parts)):
+                    visit(path, parts, seen | {_identity(path)})
+            elif entry.is_file(follow_symlinks=False):
+                files.append(path)
+
+    if not root.is_dir():
+        raise ConvlensError(f"data folder not found: {root}")
+    visit(root, (), frozenset({_identity(root)}))
+    if outside:
+        warnings.warn(f"left out {len(outside)} symlink(s) under {root} that lead outside it (first: {outside[0]}); "
+                      "to read them, pass --follow-links (scan, dissect) or follow_links=True",
+                      ConvlensWarning, stacklevel=3)
+    return sorted(files)
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
+
+
+def is_image_file(path: Path) -> bool:
+    """An image by its name: an image suffix and not a mask (``*.mask.png``)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(path)
+
+
+def image_files(folder: str | os.PathLike, *, follow_links: bool = False) -> list[Path]:
     """The image files under ``folder``, recursively and sorted: the one image lister of convlens.
 
-    Masks (``*.mask.png`` and anything inside a ``masks/`` folder) and hidden files and folders are left out.
+    Masks (``*.mask.png`` and anything inside a ``masks/`` folder) and hidden files and folders are
+    left out; symbolic links as :func:`walk_files` says.
     """
-    folder = Path(folder)
-    found = []
-    for path in sorted(folder.rglob("*")):
-        parts = path.relative_to(folder).parts
-        if (path.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(path) and "masks" not in parts[:-1]
-                and not any(part.startswith(".") for part in parts) and path.is_file()):
-            found.append(path)
-    return found
+    return [path for path in walk_files(folder, follow_links=follow_links, prune=lambda parts: parts[-1] == "masks")
+            if is_image_file(path)]
 
 
-def scan_class_folders(root: str | os.PathLike, classes: Sequence[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
+def scan_class_folders(root: str | os.PathLike, classes: Sequence[str] | None = None, *,
+                       follow_links: bool = False) -> tuple[list[Path], list[int], list[str]]:
     """``(paths, labels, class names)`` of a class-folder tree, without reading the images.
 
     ``classes`` fixes the class names and their order (a validation folder must
@@ -107,8 +174,13 @@ def scan_class_folders(root: str | os.PathLike, classes: Sequence[str] | None = 
     root = Path(root)
     if not root.is_dir():
         raise ConvlensError(f"data folder not found: {root}")
-    folders = {d.name: image_files(d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
-    folders = {name: files for name, files in folders.items() if files}
+    found = walk_files(root, follow_links=follow_links, prune=lambda parts: len(parts) > 1 and parts[-1] == "masks")
+    folders: dict[str, list[Path]] = {}
+    for path in found:
+        parts = path.relative_to(root).parts
+        if len(parts) > 1 and is_image_file(path):
+            folders.setdefault(parts[0], []).append(path)
+    folders = dict(sorted(folders.items()))
     if classes is None:
         if not folders:
             loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -132,14 +204,15 @@ def scan_class_folders(root: str | os.PathLike, classes: Sequence[str] | None = 
 
 
 def load_class_folders(root: str | os.PathLike, size: int, classes: Sequence[str] | None = None,
-                       progress: Callable[[int, int], None] | None = None) -> LabelledImages:
+                       progress: Callable[[int, int], None] | None = None, *,
+                       follow_links: bool = False) -> LabelledImages:
     """Read every image of a class-folder tree, resized to ``size`` x ``size``, into memory.
 
     The resize is the one :func:`convlens.models.transforms.plain_transform`
     applies at prediction time, so a trained model sees the same pixels then.
     Unreadable images are skipped with one warning giving their count.
     """
-    paths, labels, classes = scan_class_folders(root, classes)
+    paths, labels, classes = scan_class_folders(root, classes, follow_links=follow_links)
     resize = v2.Compose([v2.ToImage(), v2.Resize((size, size), antialias=True)])
     images, kept_paths, kept_labels, skipped = [], [], [], []
     for done, (path, label) in enumerate(zip(paths, labels), 1):

@@ -67,7 +67,7 @@ def atlas_section(ctx: Context) -> Section | None:
         ctx.step(f"examples of {layer}")  # also for a layer without detectors, so the count holds
         detectors = result.detectors(layer)
         counts.append(f"{layer}: {len(detectors)} detectors, {result.unique_detectors[layer]} unique")
-        html.append(f"<h3>{layer}</h3>")
+        html.append(Markup("<h3>{}</h3>").format(layer))  # a layer name is data: escaped
         if not detectors:
             html.append("<p class=\"note\">No unit of this layer detects a concept (IoU &gt; "
                         f"{result.min_iou}).</p>")
