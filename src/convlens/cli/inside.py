@@ -1,7 +1,8 @@
 """``convlens activations``, ``filters``, ``class-model`` and ``deepdream``: look inside the network.
 
 Each command checks every input, computes everything, renders it in memory, and
-only then writes its files (each atomically), so a mistake never leaves half an output.
+only then writes its files as one set (a staged folder), so a mistake, a full
+disk or an interruption never leaves half an output.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import ConvlensError
-from ..fileio import check_output_dir, check_output_file, save_image, write_text
+from ..fileio import check_output_dir, check_output_file, save_image, staged_folder, write_text
 from . import app
 from .common import CmapAliasOpt, ColormapOpt, ModelArg, ModelOptions, OptionGroup, grouped, named_list
 
@@ -130,8 +131,9 @@ def activations(
         if channel is not None:
             rendered[f"{_file_name(name)}.channel{channel}.png"] = channel_image(
                 value[0, channel], f"{name}, channel {channel}", cmap=cmap)
-    for file_name, picture_out in rendered.items():
-        save_image(picture_out, out / file_name)
+    with staged_folder(out) as stage:  # all the grids or none: a full disk leaves the folder as it was
+        for file_name, picture_out in rendered.items():
+            save_image(picture_out, stage / file_name)
     typer.echo(f"wrote {len(rendered)} images to {out}")
 
 
@@ -180,11 +182,13 @@ def filters(
 
 
 def _write_all(written: dict, out: Path) -> None:
-    for file_name, content in written.items():
-        if isinstance(content, str):
-            write_text(out / file_name, content)
-        else:
-            save_image(content, out / file_name)
+    """Write the files as one set (:func:`~convlens.fileio.staged_folder`): a full disk leaves ``out`` as it was."""
+    with staged_folder(out) as stage:
+        for file_name, content in written.items():
+            if isinstance(content, str):
+                write_text(stage / file_name, content)
+            else:
+                save_image(content, stage / file_name)
     typer.echo(f"wrote {len(written)} files to {out}")
 
 
