@@ -11,6 +11,7 @@ process to signal, so they start one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -25,6 +26,9 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+
+from convlens.errors import ConvlensError
+from convlens.fileio import disk_error
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRESS = re.compile(r"\[\d+/\d+\] ")  # a progress line of the work done before the fault
@@ -172,6 +176,47 @@ def test_filters_on_a_full_disk_leave_the_earlier_set_as_it_was(cli, files, smal
     assert code == 2
     _disk_full_line(err, out)
     assert _leftovers(small_disk) == [] and _listing(small_disk) == before
+
+
+def test_a_journal_line_the_disk_half_took_is_taken_back(tmp_path, monkeypatch):
+    """Before: a full disk mid-append left half a line, and the next run's line was glued to it."""
+    import errno as errnos
+
+    from convlens.evaluation import resume
+
+    journal = resume.Journal(tmp_path / "journal.jsonl", "run1")
+    record = {"image": "a.png", "method": "gradcam", "target": 0, "values": {"deletion": 0.5}, "curves": {}}
+    journal.append(record)
+    before = (tmp_path / "journal.jsonl").read_bytes()
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        if len(data) > 10:
+            return real_write(fd, data[: len(data) // 2])
+        raise OSError(errnos.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(resume.os, "write", half_then_full)
+    with pytest.raises(ConvlensError, match=r"^no space left on device while writing .*journal\.jsonl; nothing half"):
+        journal.append({**record, "image": "b.png"})
+    assert (tmp_path / "journal.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("code,words", [(errno.ENOSPC, "no space left on device while writing out/r.html; nothing "
+                                                       "half-written was left; free some space or choose another --out"),
+                                        (errno.EDQUOT, "disk quota exceeded while writing out/r.html"),
+                                        (errno.EROFS, "read-only file system while writing out/r.html; nothing "
+                                                      "half-written was left; choose another --out")])
+def test_disk_errors_read_as_one_line(code, words):
+    assert disk_error(OSError(code, os.strerror(code)), "out/r.html").startswith(words)
+
+
+@pytest.mark.parametrize("args,shows", [(["report", "--no-such-flag"], "No such option: --no-such-flag"),
+                                        (["filters", "shapes", "--layers", "x", "--steps", "many"], "'--steps'"),
+                                        (["explain", "shapes"], "Missing argument 'IMAGES'")])
+def test_usage_mistakes_are_one_line(cli, args, shows):
+    code, _, err = cli(*args)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("convlens: error: ") and shows in err and f"(see convlens {args[0]} --help)" in err
 
 
 # -- SIGINT and SIGTERM mid-command ------------------------------------------------------------------------

@@ -110,17 +110,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             image.save(tmp, format="PNG")
     """
     path = Path(path)
+    tmp = None
     with writing(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-        os.close(fd)
         try:
+            with signals_held():  # a signal between creating the name and knowing it would leave it behind
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+                os.close(fd)
             yield Path(tmp)
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
             os.replace(tmp, path)
         finally:
             with signals_held():
-                if os.path.exists(tmp):
+                if tmp is not None and os.path.exists(tmp):
                     os.unlink(tmp)
 
 
@@ -209,11 +211,12 @@ def staged_folder(folder: str | os.PathLike) -> Iterator[Path]:
     stage = None
     try:
         with writing(folder):
-            for parent in reversed(folder.parents):
-                if not parent.exists():
-                    parent.mkdir()
-                    created.append(parent)
-            stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
+            with signals_held():  # a signal between making a folder and noting it would leave the folder behind
+                for parent in reversed(folder.parents):
+                    if not parent.exists():
+                        parent.mkdir()
+                        created.append(parent)
+                stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
             yield stage
             with signals_held():  # the renames: all of them, or (after an error) none left half-way
                 if folder.is_dir():
