@@ -195,3 +195,22 @@ def test_the_imagenet_preprocessing_of_a_strip_stays_small(size):
     resized = transform.transforms[1](transform.transforms[0](Image.new("RGB", size)))
     assert max(resized.shape[-2:]) == 8 * 256 and min(resized.shape[-2:]) >= 1
     assert transform(Image.new("RGB", size)).shape == (3, 224, 224)
+
+
+def test_a_torchvision_preset_gets_the_middle_of_a_strip_not_the_whole_strip():
+    """Before: resnet18's preset resized a 1x3000 strip to 256x768000 (0.6 GB) to keep 224 pixels of it."""
+    model = cl.load_model("resnet18", weights="none")
+    preset, seen = model.transform, []
+
+    def recording(image):
+        seen.append(image.size)
+        return preset(image)
+
+    recording.resize_size, recording.crop_size = preset.resize_size, preset.crop_size  # still a preset
+    model.transform = recording
+    strip = Image.fromarray(np.random.default_rng(0).integers(0, 256, (3000, 1, 3), dtype=np.uint8))
+    assert model.preprocess([strip]).shape == (1, 3, 224, 224)
+    assert seen == [(1, 8)]  # the middle 8 pixels: the 224 crop is 0.875 of them
+    model.transform = preset
+    moderate = Image.fromarray(np.random.default_rng(1).integers(0, 256, (400, 10, 3), dtype=np.uint8))
+    assert torch.equal(model.preprocess([moderate])[0], preset(moderate))  # same result as the preset alone
