@@ -6,6 +6,9 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# what convlens.cli.main sets, but OpenMP reads it once, when torch loads (below): without it the in-process CLI
+# tests spin-wait, and a tiny report took 29 s instead of 3 s beside other jobs on 2 cores
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pathlib import Path
 

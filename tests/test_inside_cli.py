@@ -82,7 +82,7 @@ def test_class_model_and_deepdream(capsys, model_file, picture, tmp_path):
      "filter index 99 is out of range"),
     (["filters", "{model}", "--layers", "3,9"], "unknown layer '9'"),
     (["filters", "{model}", "--layers", "3", "--grid", "8by8"], "--grid must look like 8x8"),
-    (["filters", "{model}", "--layers", "3", "--size", "1"], "at least 8 pixels"),
+    (["filters", "{model}", "--layers", "3", "--size", "1"], "'--size': Input should be greater than or equal to 8"),
     (["class-model", "{model}", "--classes", "7", "--size", "16"], "class index 7 is out of range"),
     (["deepdream", "{model}", "{picture}", "--layers", "3", "--octaves", "7", "--octave-scale", "2"],
      "too small for DeepDream"),

@@ -5,18 +5,99 @@ Commands check where they will write before they start the work
 temporary name (:func:`atomic_path`), and a set of files that belongs together
 into a temporary folder that only moves into place once it is complete
 (:func:`staged_folder`).
+
+A write that fails because the disk is full, over quota or read-only
+(:data:`DISK_ERRORS`) becomes one :class:`ConvlensError` line naming the file
+(:func:`writing`, used by both), and the temporary name is removed on every way
+out, a signal included: the clean-up runs with SIGINT and SIGTERM held
+(:func:`signals_held`), so an interruption cannot cut it short.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import signal
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import ConvlensError
+
+
+#: errno values that mean the place being written cannot take the file (full, over quota, read-only, too big).
+DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+_DISK_ADVICE = {
+    errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the file system", errno.EROFS: "read-only file system",
+}
+
+
+def disk_error(err: OSError, path: str | os.PathLike, *, option: str = "--out") -> str:
+    """The one line for a write that ``err`` (errno in :data:`DISK_ERRORS`) stopped: what, where, what to do.
+
+    Example::
+
+        disk_error(OSError(errno.ENOSPC, "No space left on device"), "out/report.html")
+        # 'no space left on device while writing out/report.html; nothing half-written was left;
+        #  free some space or choose another --out'  (one line)
+    """
+    what = _DISK_ADVICE.get(err.errno, (err.strerror or str(err)).lower())
+    todo = f"choose another {option}" if err.errno == errno.EROFS else f"free some space or choose another {option}"
+    return f"{what} while writing {path}; nothing half-written was left; {todo}"
+
+
+class DiskError(ConvlensError):
+    """A write stopped by a full, over-quota or read-only disk (:func:`writing`); ``error`` is the OSError."""
+
+    def __init__(self, error: OSError, path: str | os.PathLike, option: str = "--out"):
+        super().__init__(disk_error(error, path, option=option))
+        self.error, self.path, self.option = error, path, option
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, *, option: str = "--out") -> Iterator[None]:
+    """Turn a full, over-quota or read-only disk (:data:`DISK_ERRORS`) met in the block into one :class:`DiskError`.
+
+    Other errors pass unchanged. Nested, the outermost names the place: a file
+    written inside a :func:`staged_folder` is reported as the folder the user
+    asked for, not as its temporary name. Example::
+
+        with writing("out/journal.jsonl"), open("out/journal.jsonl", "a") as handle:
+            handle.write(line)
+    """
+    try:
+        yield
+    except DiskError as err:
+        raise DiskError(err.error, path, option) from None
+    except OSError as err:
+        if err.errno not in DISK_ERRORS:
+            raise
+        raise DiskError(err, path, option) from None
+
+
+#: The signals ``convlens`` turns into an exception (see :func:`convlens.cli.main`).
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM for the block: a clean-up or a set of renames is never cut in half.
+
+    A signal that arrives meanwhile is delivered when the block ends, so an
+    interruption still interrupts, just after the clean-up.
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: nothing to hold
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 @contextlib.contextmanager
@@ -29,16 +110,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             image.save(tmp, format="PNG")
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    tmp = None
+    with writing(path):
+        try:
+            with signals_held():  # a signal between creating the name and knowing it would leave it behind
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+                os.close(fd)
+            yield Path(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
+            os.replace(tmp, path)
+        finally:
+            with signals_held():
+                if tmp is not None and os.path.exists(tmp):
+                    os.unlink(tmp)
 
 
 def _umask() -> int:
@@ -123,27 +208,31 @@ def staged_folder(folder: str | os.PathLike) -> Iterator[Path]:
     """
     folder = Path(folder)
     created = []
-    for parent in reversed(folder.parents):
-        if not parent.exists():
-            parent.mkdir()
-            created.append(parent)
     stage = None
     try:
-        stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
-        yield stage
-        if folder.is_dir():
-            for entry in sorted(stage.iterdir()):
-                os.replace(entry, folder / entry.name)
-            stage.rmdir()
-        else:
-            os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; outputs get the usual mode
-            os.rename(stage, folder)
+        with writing(folder):
+            with signals_held():  # a signal between making a folder and noting it would leave the folder behind
+                for parent in reversed(folder.parents):
+                    if not parent.exists():
+                        parent.mkdir()
+                        created.append(parent)
+                stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".part", dir=folder.parent))
+            yield stage
+            with signals_held():  # the renames: all of them, or (after an error) none left half-way
+                if folder.is_dir():
+                    for entry in sorted(stage.iterdir()):
+                        os.replace(entry, folder / entry.name)
+                    stage.rmdir()
+                else:
+                    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; outputs get the usual mode
+                    os.rename(stage, folder)
     except BaseException:
-        if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
-        for parent in reversed(created):
-            with contextlib.suppress(OSError):
-                parent.rmdir()
+        with signals_held():
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)
+            for parent in reversed(created):
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
         raise
 
 

@@ -1,7 +1,11 @@
 """The ``convlens`` command: thin commands over the Python API.
 
 Each command lives in its own module and registers itself on :data:`app`.
-A :class:`~convlens.ConvlensError` is printed on one line and exits with status 2.
+A :class:`~convlens.ConvlensError`, a usage mistake (unknown option, a value
+that is not a number) and a full or read-only disk are each printed on one line
+and exit with status 2. SIGINT and SIGTERM end a command on one line too, with
+status 130 and 143: the signal becomes :class:`Interrupted`, so every staged
+write removes its temporary files on the way out (:mod:`convlens.fileio`).
 
 Importing this package loads typer and the command declarations only: each
 command imports torch and the rest of convlens when it runs, so ``--help``,
@@ -10,14 +14,19 @@ command imports torch and the rest of convlens when it runs, so ``--help``,
 
 from __future__ import annotations
 
+import functools
+import signal
 import sys
+import threading
 import warnings
 from typing import Annotated, Any
 
 import typer
+import typer.main
 
 from .. import __version__
 from ..errors import ConvlensError, ConvlensWarning
+from ..fileio import DISK_ERRORS, HELD_SIGNALS, disk_error
 from .common import Command, Group, wait_passively
 
 
@@ -73,13 +82,66 @@ def _one_line_warnings(show):
     return showwarning
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: a ``BaseException``, so no ``except Exception`` swallows it and cleanup runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    for held in HELD_SIGNALS:  # a second Ctrl-C must not cut the clean-up of the first short
+        signal.signal(held, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def _usage_line(err: typer.TyperException) -> str:
+    """A click usage mistake on one line, with where to look: ``No such option: --x (see convlens report --help)``."""
+    message = " ".join(err.format_message().split())
+    context = getattr(err, "ctx", None)
+    return f"{message} (see {context.command_path} --help)" if context is not None else message
+
+
+@functools.cache
+def _command() -> Any:
+    """The click command typer builds from :data:`app`, built once: building it takes ~50 ms, parsing 0.3 ms."""
+    return typer.main.get_command(app)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run the ``convlens`` command line (``argv`` defaults to ``sys.argv[1:]``)."""
+    """Run the ``convlens`` command line (``argv`` defaults to ``sys.argv[1:]``); always ends in ``SystemExit``."""
     wait_passively()  # before any command imports torch: OpenMP reads it once, at start
+    own_signals = threading.current_thread() is threading.main_thread()
+    previous = {held: signal.signal(held, _interrupt) for held in HELD_SIGNALS} if own_signals else {}
+    code = 0
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warnings(warnings.showwarning)
-            app(args=argv, standalone_mode=True)
+            result = _command().main(args=argv, prog_name="convlens", standalone_mode=False)
+        code = result if isinstance(result, int) else 0  # typer.Exit and --version give their code
     except ConvlensError as err:
         print(f"convlens: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    except typer.TyperException as err:  # usage mistakes: click's several lines (usage, hint, error) as one
+        if type(err).__name__ == "NoArgsIsHelpError":  # plain `convlens`: the help, as before
+            err.show()
+        else:
+            print(f"convlens: error: {_usage_line(err)}", file=sys.stderr)
+        code = err.exit_code
+    except typer.Abort:  # end of input at a prompt
+        print("convlens: aborted", file=sys.stderr)
+        code = 1
+    except Interrupted as err:
+        name = signal.Signals(err.signum).name
+        print(f"convlens: interrupted ({name}); nothing half-written was left", file=sys.stderr)
+        code = 128 + err.signum
+    except OSError as err:  # a disk error a staged write did not name (e.g. while creating a folder)
+        if err.errno not in DISK_ERRORS:
+            raise
+        print(f"convlens: error: {disk_error(err, err.filename or 'the output')}", file=sys.stderr)
+        code = 2
+    finally:
+        for held, handler in previous.items():
+            signal.signal(held, handler)
+    sys.exit(code)

@@ -15,7 +15,8 @@ import typer
 
 from ..errors import ConvlensError
 from . import app
-from .common import ModelArg, ModelOptions, OptionGroup, comma_list, grouped, named_list
+from .common import (BATCH_MAX, GPUS_MAX, IMAGES_MAX, SEED_MAX, SIDE_MAX, STEPS_MAX, TOP_MAX, WORKERS_MAX, ModelArg,
+                     ModelOptions, OptionGroup, comma_list, grouped, named_list)
 
 DataArg = Annotated[Optional[Path], typer.Argument(
     help="A folder of class folders, a flat folder, or a .txt/.csv list of image paths (or use --shapes N).",
@@ -23,25 +24,25 @@ DataArg = Annotated[Optional[Path], typer.Argument(
 LayersOpt = Annotated[Optional[str], typer.Option(
     "--layers", "--layer", help="Comma-separated spatial layers (default: every conv and pooling layer).")]
 ShapesOpt = Annotated[Optional[int], typer.Option(
-    "--shapes", help="Generate N shapes images in memory instead of reading DATA (no files written).")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the generated shapes images.")]
+    "--shapes", min=1, max=IMAGES_MAX, help="Generate N shapes images in memory instead of reading DATA (no files written).")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed of the generated shapes images.")]
 SizeOpt = Annotated[Optional[int], typer.Option(
-    "--size", help="Side of the generated images (default: the model's input).")]
+    "--size", min=1, max=SIDE_MAX, help="Side of the generated images (default: the model's input).")]
 MasksOpt = Annotated[Optional[Path], typer.Option(
     "--masks", help="Concept masks folder, masks/<concept>/<image>.png (default: DATA/masks).")]
-TopOpt = Annotated[int, typer.Option("--top", help="Top images kept per unit.")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")]
-WorkersOpt = Annotated[int, typer.Option("--workers", help="DataLoader processes reading images (local engine).")]
-PartOpt = Annotated[int, typer.Option("--part-size", help="Images per committed part (the unit of resume).")]
+TopOpt = Annotated[int, typer.Option("--top", min=1, max=TOP_MAX, help="Top images kept per unit.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, max=BATCH_MAX, help="Images per forward pass.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=0, max=WORKERS_MAX, help="DataLoader processes reading images (local engine).")]
+PartOpt = Annotated[int, typer.Option("--part-size", min=1, max=IMAGES_MAX, help="Images per committed part (the unit of resume).")]
 EngineOpt = Annotated[str, typer.Option("--engine", help="local, or ray (Ray Data; pip install 'convlens[ray]').")]
 RayAddressOpt = Annotated[Optional[str], typer.Option(
     "--ray-address", help="Ray cluster to use, HOST:PORT (default: RAY_ADDRESS, else Ray starts here).")]
 ConcurrencyOpt = Annotated[Optional[int], typer.Option(
-    "--concurrency", help="Ray actors (default: one per CPU, or per GPU with --num-gpus).")]
+    "--concurrency", min=1, max=WORKERS_MAX, help="Ray actors (default: one per CPU, or per GPU with --num-gpus).")]
 FollowOpt = Annotated[bool, typer.Option(
     "--follow-links", help="Read symbolic links in DATA that lead outside it (default: left out, with a warning).")]
 GpusOpt = Annotated[Optional[float], typer.Option(
-    "--num-gpus", help="GPUs per Ray actor (default: 1 when CUDA is available, else 0).")]
+    "--num-gpus", min=0, max=GPUS_MAX, help="GPUs per Ray actor (default: 1 when CUDA is available, else 0).")]
 
 
 class ScanOptions(OptionGroup):
@@ -122,8 +123,8 @@ def examples(
     layer: Annotated[str, typer.Option("--layer", help="A scanned layer.")],
     units: Annotated[str, typer.Option("--units", help="Comma-separated unit (channel) indices, e.g. 0,5,17.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write one PNG per unit into.")],
-    top: Annotated[Optional[int], typer.Option("--top", help="Images per unit (default: all the scan kept).")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Filter-pattern steps (0: no pattern).")] = 128,
+    top: Annotated[Optional[int], typer.Option("--top", min=1, max=TOP_MAX, help="Images per unit (default: all the scan kept).")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=0, max=STEPS_MAX, help="Filter-pattern steps (0: no pattern).")] = 128,
     model: Annotated[Optional[str], typer.Option(
         "--model", "-m", help="The scanned model, when it cannot be loaded again from the atlas's MODEL (it runs "
                               "at the size the atlas was scanned at).")] = None,
@@ -156,9 +157,9 @@ def dissect(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (atlas.sqlite, dissection.csv, "
                                                            "summary.md, figures/); resumed if it exists.")
                    ] = Path("dissection"),
-    quantile: Annotated[float, typer.Option("--quantile", help="Activation quantile of each unit's threshold.")
+    quantile: Annotated[float, typer.Option("--quantile", min=0, max=1, help="Activation quantile of each unit's threshold.")
                         ] = 0.995,
-    min_iou: Annotated[float, typer.Option("--min-iou", help="IoU a detector's concept must exceed.")] = 0.04,
+    min_iou: Annotated[float, typer.Option("--min-iou", min=0, max=1, help="IoU a detector's concept must exceed.")] = 0.04,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="One figure per detector.")] = True,
     run: ScanOptions = ScanOptions(),
     opts: ModelOptions = ModelOptions(),

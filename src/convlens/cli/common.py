@@ -168,6 +168,27 @@ class ModelOptions(OptionGroup):
         return model
 
 
+# -- bounds of the number options: beyond them a run would take hours or all the memory -----------------------
+#: Seeds: what numpy's and torch's generators both take, and what a person types.
+SEED_MAX = 2**32 - 1
+#: Gradient-ascent steps (filters, class models, DeepDream, example patterns).
+STEPS_MAX = 100_000
+#: Side of an image convlens makes (generated shapes, optimised patterns), in pixels.
+SIDE_MAX = 4096
+#: Images per forward pass.
+BATCH_MAX = 65_536
+#: Worker processes or Ray actors.
+WORKERS_MAX = 256
+#: Training epochs.
+EPOCHS_MAX = 10_000
+#: Images kept per unit or shown per class.
+TOP_MAX = 10_000
+#: GPUs per Ray actor.
+GPUS_MAX = 64
+#: Images generated for a run (scan, dissect --shapes; shapes --per-class).
+IMAGES_MAX = 10_000_000
+
+
 # -- small parsers ---------------------------------------------------------------------------------------
 def parse_size(text: str | None) -> tuple[int, int] | None:
     """``"224"`` -> ``(224, 224)``, ``"224x160"`` -> ``(224, 160)``, ``None`` -> ``None``."""
@@ -243,7 +264,19 @@ class _QuietHelp:
 
 
 class Command(_QuietHelp, TyperCommand):
-    """A ``convlens`` command (:class:`typer.core.TyperCommand` with :class:`_QuietHelp`)."""
+    """A ``convlens`` command (:class:`typer.core.TyperCommand` with :class:`_QuietHelp`).
+
+    A number option given NaN or an infinity is refused before the command runs:
+    no option of convlens means anything with them, and ranges let NaN through
+    (every comparison with it is false).
+    """
+
+    def invoke(self, ctx: Any) -> Any:
+        for param in self.params:
+            value = ctx.params.get(param.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise typer.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
+        return super().invoke(ctx)
 
 
 class Group(_QuietHelp, TyperGroup):

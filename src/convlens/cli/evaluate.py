@@ -12,7 +12,7 @@ import typer
 from ..errors import ConvlensError
 from ..fileio import check_output_dir
 from . import app
-from .common import ModelArg, ModelOptions, grouped, named_list
+from .common import BATCH_MAX, GPUS_MAX, SEED_MAX, WORKERS_MAX, ModelArg, ModelOptions, grouped, named_list
 
 
 @app.command()
@@ -29,16 +29,16 @@ def evaluate(
                                       "road_lerf, pointing, pointing_scaled, pointing_strict, pointing_box, "
                                       "energy_pointing, iou.")] = "deletion,insertion,drop,increase",
     limit: Annotated[Optional[int], typer.Option(
-        "--limit", help="Only N images, sampled evenly across class folders (a flat folder is one class).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the --limit sample: the same seed, the same images.")
+        "--limit", min=1, help="Only N images, sampled evenly across class folders (a flat folder is one class).")] = None,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed of the --limit sample: the same seed, the same images.")
                     ] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Perturbed images per forward pass.")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=BATCH_MAX, help="Perturbed images per forward pass.")] = 64,
     restart: Annotated[bool, typer.Option("--restart", help="Discard the run already in --out and start over "
                                           "(without it, a run with other settings is refused).")] = False,
     engine: Annotated[str, typer.Option("--engine", help="local, or ray (Ray Data actors score images).")] = "local",
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster HOST:PORT.")] = None,
-    concurrency: Annotated[Optional[int], typer.Option("--concurrency", help="Ray actors.")] = None,
-    num_gpus: Annotated[Optional[float], typer.Option("--num-gpus", help="GPUs per Ray actor.")] = None,
+    concurrency: Annotated[Optional[int], typer.Option("--concurrency", min=1, max=WORKERS_MAX, help="Ray actors.")] = None,
+    num_gpus: Annotated[Optional[float], typer.Option("--num-gpus", min=0, max=GPUS_MAX, help="GPUs per Ray actor.")] = None,
     opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Run every method on every image and write a CSV table, a Markdown/HTML summary and curve plots.

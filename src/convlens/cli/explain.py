@@ -10,7 +10,7 @@ import typer
 from ..errors import ConvlensError
 from ..fileio import atomic_path, check_output_dir, distinct_stems, save_image, staged_folder, write_text
 from . import app
-from .common import CmapAliasOpt, ImagesArg, ModelArg, ModelOptions, comma_list, grouped, named_list
+from .common import BATCH_MAX, CmapAliasOpt, ImagesArg, ModelArg, ModelOptions, comma_list, grouped, named_list
 
 if TYPE_CHECKING:
     import numpy as np
@@ -81,7 +81,7 @@ def explain(
                            "drawn alone).")] = None,
     alpha: Annotated[float, typer.Option(
         "--alpha", help="Heatmap opacity over the photo, 0-1 (pixel-level maps are drawn alone).")] = 0.4,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per pass.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=BATCH_MAX, help="Images per pass.")] = 8,
     opts: ModelOptions = ModelOptions(),
     cmap: CmapAliasOpt = None,
 ) -> None:

@@ -1,7 +1,8 @@
 """``convlens activations``, ``filters``, ``class-model`` and ``deepdream``: look inside the network.
 
 Each command checks every input, computes everything, renders it in memory, and
-only then writes its files (each atomically), so a mistake never leaves half an output.
+only then writes its files as one set (a staged folder), so a mistake, a full
+disk or an interruption never leaves half an output.
 """
 
 from __future__ import annotations
@@ -13,24 +14,24 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import ConvlensError
-from ..fileio import check_output_dir, check_output_file, save_image, write_text
+from ..fileio import check_output_dir, check_output_file, save_image, staged_folder, write_text
 from . import app
-from .common import CmapAliasOpt, ColormapOpt, ModelArg, ModelOptions, OptionGroup, grouped, named_list
+from .common import SEED_MAX, SIDE_MAX, STEPS_MAX, CmapAliasOpt, ColormapOpt, ModelArg, ModelOptions, OptionGroup, grouped, named_list
 
 ImageArg = Annotated[Path, typer.Argument(help="An image file (PNG, JPEG, ...).", show_default=False)]
 OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder to write into (created if missing).")]
-StepsOpt = Annotated[int, typer.Option("--steps", help="Gradient-ascent steps.")]
+StepsOpt = Annotated[int, typer.Option("--steps", min=0, max=STEPS_MAX, help="Gradient-ascent steps.")]
 SizeOpt = Annotated[Optional[int], typer.Option(
-    "--size", help="Side of the optimised square images, in pixels (default: the model's input size when it "
+    "--size", min=8, max=SIDE_MAX, help="Side of the optimised square images, in pixels (default: the model's input size when it "
                    "takes one size only, as Keras models do; else 128).", show_default=False)]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same images.")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed: the same seed gives the same images.")]
 ParamOpt = Annotated[str, typer.Option("--param", help="Image parameterisation: fourier (default) or pixel.")]
 OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="adam (default), rmsprop or normalized.")]
-LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Step size (default depends on the optimizer).")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", min=0, help="Step size (default depends on the optimizer).")]
 TransformsOpt = Annotated[str, typer.Option("--transforms", help="Robustness transforms: standard, jitter or none.")]
-TvOpt = Annotated[float, typer.Option("--tv", help="Weight of the total-variation penalty.")]
-LpOpt = Annotated[float, typer.Option("--lp", help="Weight of the L6-norm penalty.")]
-BlurOpt = Annotated[float, typer.Option("--blur", help="Weight of the blur penalty.")]
+TvOpt = Annotated[float, typer.Option("--tv", min=0, help="Weight of the total-variation penalty.")]
+LpOpt = Annotated[float, typer.Option("--lp", min=0, help="Weight of the L6-norm penalty.")]
+BlurOpt = Annotated[float, typer.Option("--blur", min=0, help="Weight of the blur penalty.")]
 
 
 class AscentOptions(OptionGroup):
@@ -101,10 +102,10 @@ def activations(
         "--layers", "--layer", help="Comma-separated layer names (default: every conv and pooling layer up to the "
                                     "last spatial one).")] = None,
     out: OutDirOpt = Path("activations"),
-    per_row: Annotated[int, typer.Option("--per-row", min=1, help="Channels per row of the grid.")] = 16,
+    per_row: Annotated[int, typer.Option("--per-row", min=1, max=SIDE_MAX, help="Channels per row of the grid.")] = 16,
     colormap: ColormapOpt = "viridis",
     channel: Annotated[Optional[int], typer.Option(
-        "--channel", help="Also draw this channel of each layer on its own, full size (LAYER.channelK.png).")] = None,
+        "--channel", min=0, help="Also draw this channel of each layer on its own, full size (LAYER.channelK.png).")] = None,
     opts: ModelOptions = ModelOptions(without=("labels",)),
     cmap: CmapAliasOpt = None,
 ) -> None:
@@ -130,8 +131,9 @@ def activations(
         if channel is not None:
             rendered[f"{_file_name(name)}.channel{channel}.png"] = channel_image(
                 value[0, channel], f"{name}, channel {channel}", cmap=cmap)
-    for file_name, picture_out in rendered.items():
-        save_image(picture_out, out / file_name)
+    with staged_folder(out) as stage:  # all the grids or none: a full disk leaves the folder as it was
+        for file_name, picture_out in rendered.items():
+            save_image(picture_out, stage / file_name)
     typer.echo(f"wrote {len(rendered)} images to {out}")
 
 
@@ -180,11 +182,13 @@ def filters(
 
 
 def _write_all(written: dict, out: Path) -> None:
-    for file_name, content in written.items():
-        if isinstance(content, str):
-            write_text(out / file_name, content)
-        else:
-            save_image(content, out / file_name)
+    """Write the files as one set (:func:`~convlens.fileio.staged_folder`): a full disk leaves ``out`` as it was."""
+    with staged_folder(out) as stage:
+        for file_name, content in written.items():
+            if isinstance(content, str):
+                write_text(stage / file_name, content)
+            else:
+                save_image(content, stage / file_name)
     typer.echo(f"wrote {len(written)} files to {out}")
 
 
@@ -193,7 +197,7 @@ def _write_all(written: dict, out: Path) -> None:
 def class_model_command(
     model: ModelArg,
     classes: Annotated[str, typer.Option("--classes", help="Comma-separated class indices.", show_default=False)],
-    size: Annotated[Optional[int], typer.Option("--size", help="Image side (default: the model's input size).")] = None,
+    size: Annotated[Optional[int], typer.Option("--size", min=8, max=SIDE_MAX, help="Image side (default: the model's input size).")] = None,
     ascent: AscentOptions = AscentOptions(),
     out: OutDirOpt = Path("class_model"),
     opts: ModelOptions = ModelOptions(),
@@ -228,10 +232,10 @@ def deepdream(
     image: ImageArg,
     layers: Annotated[str, typer.Option("--layers", "--layer", show_default=False,
                                         help="Comma-separated layers whose activations to amplify.")],
-    octaves: Annotated[int, typer.Option("--octaves", help="Number of scales, smallest first.")] = 4,
-    octave_scale: Annotated[float, typer.Option("--octave-scale", help="Size ratio between octaves.")] = 1.4,
-    steps: Annotated[int, typer.Option("--steps", help="Gradient-ascent steps per octave.")] = 20,
-    lr: Annotated[float, typer.Option("--lr", help="Step size (pixels in [0, 1]).")] = 0.01,
+    octaves: Annotated[int, typer.Option("--octaves", min=1, max=16, help="Number of scales, smallest first.")] = 4,
+    octave_scale: Annotated[float, typer.Option("--octave-scale", min=1, max=4, help="Size ratio between octaves.")] = 1.4,
+    steps: Annotated[int, typer.Option("--steps", min=1, max=STEPS_MAX, help="Gradient-ascent steps per octave.")] = 20,
+    lr: Annotated[float, typer.Option("--lr", min=0, help="Step size (pixels in [0, 1]).")] = 0.01,
     seed: SeedOpt = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output image file.")] = Path("dream.png"),
     opts: ModelOptions = ModelOptions(without=("labels",)),

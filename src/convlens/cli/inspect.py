@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from . import app
-from .common import ImagesArg, ModelArg, ModelOptions, grouped
+from .common import TOP_MAX, ImagesArg, ModelArg, ModelOptions, grouped
 
 
 def _preprocessing_line(model) -> str | None:
@@ -65,7 +65,7 @@ def layers(
 def predict(
     model: ModelArg,
     images: ImagesArg,
-    top: Annotated[int, typer.Option("--top", "-k", min=1, help="How many classes to show per image.")] = 5,
+    top: Annotated[int, typer.Option("--top", "-k", min=1, max=TOP_MAX, help="How many classes to show per image.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     opts: ModelOptions = ModelOptions(),
 ) -> None:

@@ -12,7 +12,7 @@ import typer
 from ..errors import ConvlensError
 from ..fileio import check_output_dir
 from . import app
-from .common import comma_list, use_threads
+from .common import BATCH_MAX, EPOCHS_MAX, IMAGES_MAX, SEED_MAX, SIDE_MAX, WORKERS_MAX, comma_list, use_threads
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -29,12 +29,12 @@ def _int_list(text: str, option: str) -> list[int]:
 def shapes(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write DIR/<split>/<class>/NNNNN.png (+ .mask.png) into.",
                                             show_default=False)],
-    per_class: Annotated[int, typer.Option("--per-class", help="Images per class.")] = 600,
-    seed: Annotated[int, typer.Option("--seed", help="Same seed, same images.")] = 0,
-    size: Annotated[int, typer.Option("--size", help="Image height and width in pixels.")] = 128,
+    per_class: Annotated[int, typer.Option("--per-class", min=1, max=IMAGES_MAX, help="Images per class.")] = 600,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Same seed, same images.")] = 0,
+    size: Annotated[int, typer.Option("--size", min=24, max=SIDE_MAX, help="Image height and width in pixels.")] = 128,
     split: Annotated[str, typer.Option("--split", help="Subfolder name; '' writes the class folders into OUT_DIR.")] = "train",
     classes: Annotated[Optional[str], typer.Option("--classes", help="Comma-separated subset of the classes.")] = None,
-    workers: Annotated[int, typer.Option("--workers", help="Processes drawing and writing images (0: one per CPU "
+    workers: Annotated[int, typer.Option("--workers", min=0, max=WORKERS_MAX, help="Processes drawing and writing images (0: one per CPU "
                                                             "core); the files do not depend on it.")] = 0,
 ) -> None:
     """Write the procedural shapes dataset (images with object masks and boxes) in class-folder layout.
@@ -62,21 +62,21 @@ def train(
                                                   "(and val/) class folders.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for checkpoint.pt, model.pt, metrics.json and plots.",
                                       show_default=False)],
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs (default 20; with --resume, the checkpoint's).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per training step.")] = 64,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default 3e-3 adam, 0.05 sgd).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, max=EPOCHS_MAX, help="Epochs (default 20; with --resume, the checkpoint's).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=BATCH_MAX, help="Images per training step.")] = 64,
+    lr: Annotated[Optional[float], typer.Option("--lr", min=0, help="Learning rate (default 3e-3 adam, 0.05 sgd).")] = None,
     optimizer: Annotated[str, typer.Option("--optimizer", help="adam (AdamW) or sgd (Nesterov momentum 0.9).")] = "adam",
     schedule: Annotated[str, typer.Option("--schedule", help="cosine, step or constant.")] = "cosine",
-    seed: Annotated[int, typer.Option("--seed", help="Seeds the split, the weights and the augmentation.")] = 0,
-    size: Annotated[int, typer.Option("--input-size", help="Side of the model's square input: images are resized "
+    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seeds the split, the weights and the augmentation.")] = 0,
+    size: Annotated[int, typer.Option("--input-size", min=8, max=SIDE_MAX, help="Side of the model's square input: images are resized "
                                                             "to SIZE x SIZE.")] = 64,
     widths: Annotated[str, typer.Option("--widths", help="Channels per stage, comma-separated.")] = "16,32,64,128",
-    convs_per_stage: Annotated[int, typer.Option("--convs-per-stage", min=1, help="3x3 conv-BN-ReLU blocks in each "
+    convs_per_stage: Annotated[int, typer.Option("--convs-per-stage", min=1, max=16, help="3x3 conv-BN-ReLU blocks in each "
                                                                                  "stage (a 2x2 max-pool follows each).")] = 1,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of each class held out.")] = 0.2,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0, max=0.9, help="Share of each class held out.")] = 0.2,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random flips and crops.")] = True,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="checkpoint.pt to continue from.")] = None,
-    old_size: Annotated[Optional[int], typer.Option("--size", hidden=True)] = None,  # --input-size's old name
+    old_size: Annotated[Optional[int], typer.Option("--size", hidden=True, min=8, max=SIDE_MAX)] = None,  # --input-size's old name
 ) -> None:
     """Train a compact VGG-style CNN (BN, global average pooling, linear head) and evaluate it.
 

@@ -36,6 +36,7 @@ import json
 import math
 import multiprocessing
 import os
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -343,10 +344,12 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     try:
-        with Image.open(path) as opened:
-            values = np.asarray(opened.convert("L"))
-    except OSError as err:
-        raise ConvlensError(f"cannot read mask {path}: {err}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # as load_image: refused, not decoded
+            with Image.open(path) as opened:
+                values = np.asarray(opened.convert("L"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ConvlensError(f"cannot read mask {path}: {' '.join(str(err).split())}") from None  # Pillow's, one line
     top = int(values.max(initial=0))
     return values > top / 2 if top > 0 else np.zeros(values.shape, dtype=bool)
 

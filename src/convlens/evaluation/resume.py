@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import ConvlensError
-from ..fileio import write_text
+from ..fileio import signals_held, write_text, writing
 from ..models import Model
 
 #: Bumped when the fingerprint's contents change, so an older run is never taken for a match.
@@ -71,11 +71,23 @@ class Journal:
         return {(r["image"], r["method"]) for r in self.records}
 
     def append(self, record: dict) -> None:
+        """Add one whole line; a write the disk refuses takes its part-line back and raises one ConvlensError line."""
         record = {**record, "run": self.run_id}
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        line = (json.dumps(record) + "\n").encode("utf-8")
+        with writing(self.path), signals_held():
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                end = os.lseek(fd, 0, os.SEEK_END)
+                try:
+                    written = 0
+                    while written < len(line):  # unbuffered: a failed write leaves no buffer to flush later
+                        written += os.write(fd, line[written:])
+                    os.fsync(fd)
+                except OSError:  # a full disk may take half the line: cut it off, the journal stays whole lines
+                    os.ftruncate(fd, end)
+                    raise
+            finally:
+                os.close(fd)
         self.records.append(record)
 
 

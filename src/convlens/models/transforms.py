@@ -17,11 +17,47 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 KERAS_MODES = ("rescale", "raw", "tf", "torch", "caffe")
 
 
+#: The long side of a resize-then-crop is kept within this many times the short side's size: a 1x3000 strip
+#: resized to a short side of 256 would otherwise become a 256x768000 image (gigabytes) for a 224 crop.
+MAX_ASPECT = 8
+
+
+class ShortSideResize(torch.nn.Module):
+    """torchvision's ``Resize(size, max_size=...)`` for the short side, that never shrinks a side to 0 pixels.
+
+    The short side becomes ``size`` and the long side follows (truncated, as
+    torchvision does); when that would exceed ``max_size`` the long side becomes
+    ``max_size`` and the short one follows, at least 1 pixel (torchvision's own
+    ``max_size`` fails there on a 1x3000 strip).
+    """
+
+    def __init__(self, size: int, max_size: int):
+        super().__init__()
+        self.size, self.max_size = int(size), int(max_size)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        short, long = min(height, width), max(height, width)
+        new_short, new_long = self.size, int(self.size * long / short)
+        if new_long > self.max_size:
+            new_short, new_long = max(1, int(self.max_size * new_short / new_long)), self.max_size
+        size = [new_short, new_long] if height <= width else [new_long, new_short]
+        return v2.functional.resize(image, size, antialias=True)
+
+    def __repr__(self) -> str:
+        return f"ShortSideResize(size={self.size}, max_size={self.max_size})"
+
+
 def imagenet_transform(crop: int = 224, resize: int | None = 256) -> v2.Compose:
-    """Resize the short side, centre-crop, scale to [0, 1], normalise with ImageNet statistics."""
+    """Resize the short side, centre-crop, scale to [0, 1], normalise with ImageNet statistics.
+
+    The long side is capped at :data:`MAX_ASPECT` times ``resize`` (torchvision's
+    ``max_size``): a photo more than 8 times longer than wide shrinks to that
+    length instead, and the crop pads its short side with zeros.
+    """
     steps = [v2.ToImage()]
     if resize:
-        steps += [v2.Resize(resize, antialias=True), v2.CenterCrop(crop)]
+        steps += [ShortSideResize(resize, max_size=MAX_ASPECT * resize), v2.CenterCrop(crop)]
     else:
         steps += [v2.Resize((crop, crop), antialias=True)]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]

@@ -120,23 +120,23 @@ def colorize(heatmap: np.ndarray, colormap: str = "jet") -> np.ndarray:
     return table[index]
 
 
-def _sizes(transform) -> tuple[int | Sequence[int] | None, Sequence[int] | None]:
-    """``(resize, crop)`` of a torchvision transform, ``(None, None)`` when it does not crop."""
+def _sizes(transform) -> tuple[int | Sequence[int] | None, Sequence[int] | None, int | None]:
+    """``(resize, crop, max_size)`` of a torchvision transform, ``(None, None, None)`` when it does not crop."""
     if hasattr(transform, "resize_size") and hasattr(transform, "crop_size"):  # weights.transforms()
-        return transform.resize_size, transform.crop_size
-    resize = crop = None
+        return transform.resize_size, transform.crop_size, None
+    resize = crop = max_size = None
     for step in getattr(transform, "transforms", []):
         name = type(step).__name__
-        if name == "Resize":
-            resize = step.size
+        if name in ("Resize", "ShortSideResize"):
+            resize, max_size = step.size, getattr(step, "max_size", None)
         elif name == "CenterCrop":
             crop = step.size
-    return resize, crop
+    return resize, crop, max_size
 
 
 def crop_box(transform, width: int, height: int) -> Box:
     """The region of a ``width`` x ``height`` original that ``transform`` turns into the model input."""
-    resize, crop = _sizes(transform)
+    resize, crop, max_size = _sizes(transform)
     if crop is None:
         return (0.0, 0.0, float(width), float(height))
     crop_h, crop_w = (crop[0], crop[-1]) if isinstance(crop, (list, tuple)) else (crop, crop)
@@ -147,6 +147,8 @@ def crop_box(transform, width: int, height: int) -> Box:
     else:  # a single size: the short side becomes that size, the aspect ratio is kept
         short = resize[0] if isinstance(resize, (list, tuple)) else resize
         scale_x = scale_y = short / min(width, height)
+        if max_size is not None and scale_x * max(width, height) > max_size:  # a long strip: its long side is capped
+            scale_x = scale_y = max_size / max(width, height)
     resized_w, resized_h = width * scale_x, height * scale_y
     left = (resized_w - crop_w) / 2
     top = (resized_h - crop_h) / 2
@@ -245,7 +247,9 @@ def comparison_figure(image: Image.Image, panels: Sequence[tuple[str, Image.Imag
     count = 1 + len(panels)
     columns = min(columns or count, count)
     rows = -(-count // columns)
-    aspect = image.size[1] / image.size[0]
+    # within 1:4 and 4:1: a 1x3000 strip made a figure 9000 inches tall (134 s to draw); imshow keeps the
+    # picture's own aspect inside its panel either way
+    aspect = min(max(image.size[1] / image.size[0], 0.25), 4.0)
     height = (panel_inches * aspect + 0.4) * rows + 0.8 * len(legends) + (0.35 if title else 0.0)
     # constrained layout makes room for the title and the colour bars (tight_layout does not know about them)
     figure = Figure(figsize=(panel_inches * columns, height), dpi=100, layout="constrained")
