@@ -270,7 +270,7 @@ def test_cli_scan_examples_dissect_and_their_errors(tmp_path, cli):
                          "--no-figures", "--out", tmp_path / "dissection")
     assert code == 0 and "| features.relu4 | 128 |" in out, err
     for args, message in [
-        (["scan", "shapes", "--shapes", 0, "--out", tmp_path / "x.sqlite"], "the dataset is empty"),
+        (["scan", "shapes", "--shapes", 0, "--out", tmp_path / "x.sqlite"], "Invalid value for '--shapes'"),
         (["scan", "shapes", "--shapes", 4, "--layers", "head", "--out", tmp_path / "x.sqlite"],
          "has no spatial output"),
         (["scan", "shapes", "--shapes", 32, "--seed", 3, "--layers", "features.relu3", "--out", atlas],

@@ -44,6 +44,8 @@ BASE = {
                   "--out", "{out}/d.png"),
     "predict": ("predict", *TINY, "{pic}"),
     "shapes": ("shapes", "{out}/s", "--per-class", "2", "--size", "24", "--classes", "circle,cross", "--split", ""),
+    # serve: started on a free port and stopped at once (see stop_servers_at_once)
+    "serve": ("serve", *TINY, "--data", "{data}", "--port", "0", "--cache", "{out}/cache"),
     "train": ("train", "{shapes}", "--out", "{out}/t", "--epochs", "1", "--input-size", "16", "--widths", "4",
               "--batch-size", "8", "--no-augment"),
 }
@@ -63,6 +65,14 @@ def _number_options() -> list[tuple[str, str, type]]:
 
 
 OPTIONS = _number_options()
+
+
+@pytest.fixture(autouse=True)
+def stop_servers_at_once(monkeypatch):
+    """``convlens serve`` would serve until Ctrl-C: here it stops as soon as it serves."""
+    from convlens.serve.server import Server
+
+    monkeypatch.setattr(Server, "wait", Server.stop)
 
 
 def test_every_command_with_a_number_option_has_a_smallest_run():

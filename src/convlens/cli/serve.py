@@ -32,7 +32,7 @@ def serve(
     cache: Annotated[Optional[Path], typer.Option(
         "--cache", help="Folder for cached filter patterns, trust views and the default data "
                         "(default: ~/.cache/convlens/serve).")] = None,
-    max_upload: Annotated[int, typer.Option("--max-upload", min=1, help="Largest upload accepted, in MB.")] = 20,
+    max_upload: Annotated[int, typer.Option("--max-upload", min=1, max=4096, help="Largest upload accepted, in MB.")] = 20,
     opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Explore a model in the browser: images, predictions, heatmaps, activations, unit pages, trust view.
