@@ -44,7 +44,7 @@ from ..capture import resolve_layers
 from ..errors import ConvlensError
 from ..models import Model, as_model, survey
 from ..targets import ScoreFn, TargetSpec, class_logits
-from .base import Method, Progress, Request, _not_spatial, normalise, settle_target, upsample
+from .base import Method, Progress, Request, _not_spatial, normalise, prepare_target, settle_target, upsample
 from .registry import METHODS, get_method
 
 @dataclass
@@ -174,6 +174,7 @@ def check_request(model, inputs, methods: Sequence[str], layer: str | nn.Module 
     chosen = [get_method(name) for name in methods]
     loaded = as_model(model)
     x, images = loaded.as_batch(inputs)
+    target = prepare_target(loaded, target)
     readers = [method for method in chosen if method.uses_layer]  # they all read the same layers
     refs = layer if isinstance(layer, (list, tuple)) else [layer]
     if readers and not refs:
@@ -212,6 +213,7 @@ def _request(method: Method, model, inputs, layer, target, plan: Plan | None,
         return Request(plan.model, plan.x, names, plan.score_fn, plan.class_indices, progress), plan.images
     loaded = as_model(model)
     x, images = loaded.as_batch(inputs)
+    target = prepare_target(loaded, target)
     refs = layer if isinstance(layer, (list, tuple)) else [layer]
     names = list(dict.fromkeys(resolve_layers(loaded, refs))) if method.uses_layer else []
     if method.uses_layer and not names:
