@@ -63,6 +63,11 @@ def select_output(output, key: OutputKey = None) -> torch.Tensor:
     """The tensor of class scores in a model's output (see the module docstring)."""
     if isinstance(output, torch.Tensor):
         return output
+    from .tasks import detections
+
+    if detections(output) is not None:
+        raise ConvlensError("this model is a detector: it returns boxes, labels and scores per image, no class-score "
+                            "tensor; explain one of its detections with a box target (Box, CLI --targets box:INDEX)")
     parts = output_parts(output)
     keys = [k for k, _ in parts]
     if key is None:

@@ -100,7 +100,7 @@ def read_mask(mask, size: tuple[int, int]) -> torch.Tensor:
             raise ConvlensError(f"cannot read mask {path}: {err}") from None
     if isinstance(mask, Image.Image):
         mask = np.asarray(mask.convert("L"))
-    values = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask).detach().cpu()
+    values = (mask if isinstance(mask, torch.Tensor) else torch.from_numpy(np.array(mask))).detach().cpu()
     if values.ndim == 3 and values.shape[0] == 1:
         values = values[0]
     if values.ndim != 2:
