@@ -36,7 +36,7 @@ from ..heatmaps import explain
 from ..heatmaps.base import normalise
 from ..models import Model, as_model
 from ..scoring import score_batches
-from ..targets import AllClasses, class_logits, resolve_targets
+from ..targets import AllClasses, ClassLogits, class_logits, resolve_targets
 
 Targets = Union[None, int, str, Sequence[Union[int, str]], torch.Tensor]
 Score = Literal["probability", "logit"]
@@ -110,6 +110,9 @@ def as_targets(model: Model, x: torch.Tensor, targets: Targets) -> torch.Tensor:
     score_fn, indices = resolve_targets(targets, forward(model, x), model.labels, model.select)
     if isinstance(score_fn, AllClasses):
         raise ConvlensError("a metric scores one class per image; target='all' is for heatmaps")
+    if not isinstance(score_fn, ClassLogits):  # a Region, Box or Similarity: no class probability to perturb
+        raise ConvlensError(f"the metrics score a classifier's class probability, and this model's target is a "
+                            f"{type(score_fn).__name__} (a segmenter, detector or embedding model): not supported yet")
     return torch.as_tensor(indices, dtype=torch.long, device=x.device)
 
 

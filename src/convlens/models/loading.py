@@ -194,6 +194,9 @@ def from_module(module: nn.Module, name: str | None = None, labels: list[str] | 
     (a timm model's ``pretrained_cfg``), else from ``input_size`` (default 224)
     with ImageNet's mean and std and a plain resize of the whole picture: no
     crop is assumed for a module that does not say it was trained with one.
+    A torchvision detector normalises itself: it gets pictures in [0, 1], and its own
+    resize is set to the input size (default: its own short side), so it resizes nothing
+    more (:mod:`convlens.models.tasks`). A segmenter's class map is its ``out``.
     """
     spec = _timm_spec(module) or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop": None}
     task = task_of(module)
