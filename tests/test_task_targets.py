@@ -70,7 +70,8 @@ def fcn():
 def detector():
     torch.manual_seed(0)
     module = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
-        weights=None, weights_backbone=None, min_size=SIZE, max_size=SIZE, box_score_thresh=0.0)
+        weights=None, weights_backbone=None, min_size=SIZE, max_size=SIZE, box_score_thresh=0.0,
+        rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=100, box_detections_per_img=20)
     return cl.load_model(module, labels=list(torchvision.models.detection.FasterRCNN_MobileNet_V3_Large_FPN_Weights
                                              .DEFAULT.meta["categories"]))
 

@@ -4,7 +4,8 @@ Each row runs as a user would, offline and small (64-96 px, random weights, seed
 ``predict`` (pixel shares, detections), ``explain`` with every method that applies (the others
 refuse on one line) and ``report``; bad input to ``--targets`` is one line and exit 2.
 The detector and the embedding model reach the CLI as pickled modules (``--trust-code``): a random
-detector finds nothing at torchvision's score threshold, so it is built with threshold 0.
+detector finds nothing at torchvision's score threshold, so it is built with threshold 0 (and with
+100 proposals and 10 detections instead of 1000 and 100, to stay quick).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def files(tmp_path_factory):
     Image.fromarray(np.zeros((72, 90), np.uint8)).save(folder / "empty.png")
     torch.manual_seed(0)
     torch.save(torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
-        weights=None, weights_backbone=None, min_size=64, max_size=64, box_score_thresh=0.0), folder / "det.pt")
+        weights=None, weights_backbone=None, min_size=64, max_size=64, box_score_thresh=0.0,
+        rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=100, box_detections_per_img=10), folder / "det.pt")
     embedder = torchvision.models.resnet18(weights=None)
     embedder.fc = torch.nn.Identity()
     torch.save(embedder, folder / "emb.pt")
@@ -131,7 +133,7 @@ def test_explain_cli_writes_the_rows_target(row, cli, files, tmp_path):
 BAD = [
     ("segment", "region:21", "class 21 is out of range: the model has 21 classes"),
     ("segment", "region:0:{folder}/empty.png", "the mask given holds no pixel"),
-    ("detect", "box:500", "box 500 is past the detections: the detector found 100"),
+    ("detect", "box:500", "box 500 is past the detections: the detector found 10"),
     ("detect", "box:3@1,2", "needs four numbers after '@'"),
     ("embed", "similar:{folder}/missing.png", "not found"),
     ("detect", "3", "this model is a detector: its target is a box"),
