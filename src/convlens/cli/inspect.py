@@ -124,5 +124,6 @@ def _task_table(title: str, rows: list, kind: str):
         if kind == "PixelShare":
             table.add_row(str(rank + 1), row.label, str(row.index), f"{row.share:.4f}")
         else:
-            table.add_row(str(rank), row.label, str(row.index), f"{row.score:.4f}", ", ".join(f"{v:g}" for v in row.box))
+            box = ", ".join(f"{v:g}" for v in row.box)
+            table.add_row(str(rank), row.label, str(row.index), f"{row.score:.4f}", box)
     return table

@@ -131,7 +131,8 @@ def load_model(
             raise ConvlensError(f"model file not found: {path}")
         else:
             raise ConvlensError(
-                f"unknown model {str(source)!r}{did_you_mean(str(source), [*BUNDLED_MODELS, *torchvision_names(), *task_names(), *ARCHITECTURES])}"
+                f"unknown model {str(source)!r}"
+                f"{did_you_mean(str(source), [*BUNDLED_MODELS, *torchvision_names(), *task_names(), *ARCHITECTURES])}"
                 " (pass a torchvision name, or a path to a .pt/.pth/.keras/.h5 file)"
             )
     if input_size is not None:

@@ -150,8 +150,8 @@ def load_task_model(name: str, weights, labels: list[str] | None, input_size: Se
         else:
             module = torchvision.models.get_model(name, weights=None, weights_backbone=None, **extra)
     except (OSError, RuntimeError) as err:
-        raise ConvlensError(f"cannot download the default weights of {name} ({first_line(err)}); "
-                            "pass a local weights file with --weights PATH, or --weights none for random weights") from None
+        raise ConvlensError(f"cannot download the default weights of {name} ({first_line(err)}); pass a local "
+                            "weights file with --weights PATH, or --weights none for random weights") from None
     if weights not in (None, "none", "default"):
         _load_state_dict(module, _read_state_dict(Path(weights)), Path(weights), name)
     task = "detect" if detect else "segment"
@@ -169,5 +169,5 @@ def load_task_model(name: str, weights, labels: list[str] | None, input_size: Se
                  select="out" if task == "segment" else None, preprocessing=described)
 
 
-__all__ = ["load_task_model", "task_names", "BACKGROUND", "Detection", "PixelShare", "detector_size", "is_detector", "is_segmenter",
-           "pixel_shares", "set_detector_size", "task_info", "task_of", "task_predictions"]
+__all__ = ["BACKGROUND", "Detection", "PixelShare", "detector_size", "is_detector", "is_segmenter", "load_task_model",
+           "pixel_shares", "set_detector_size", "task_info", "task_names", "task_of", "task_predictions"]

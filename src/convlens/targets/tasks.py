@@ -214,9 +214,10 @@ class Similarity:
             vectors = embed(model, self.reference, chosen)
         n, size = embedding.shape
         if vectors.shape[1] != size:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else describe_outputs(output)
             raise ConvlensError(f"the reference embedding has {vectors.shape[1]} values and the model's output has "
-                                f"{size} per image ({describe_outputs(output) if not isinstance(output, torch.Tensor) else tuple(output.shape)}); "
-                                "pass a reference image for this model or a vector of its output's size")
+                                f"{size} per image ({shape}); pass a reference image for this model or a vector "
+                                "of its output's size")
         if vectors.shape[0] not in (1, n):
             raise ConvlensError(f"{vectors.shape[0]} references given for {n} images; give one, or one per image")
         settled = Similarity(self.reference, chosen)
