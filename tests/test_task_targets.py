@@ -136,6 +136,29 @@ def test_region_gradcam_on_a_hand_made_dense_model_is_the_class_logit_map_times_
     assert classes == [2] and torch.allclose(settled(net(x)), score.view(1))
 
 
+def test_deletion_scores_the_region_with_its_mask_fixed_on_the_clean_image():
+    from convlens.metrics import deletion
+
+    torch.manual_seed(1)
+    net = DenseNet().eval()
+    x = torch.rand(1, 3, 8, 8)
+    maps = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits = net(x)
+    k = int(torch.bincount(logits.argmax(1).flatten()).argmax())
+    mask = (logits[0].argmax(0) == k).float()
+    curve = deletion(net, x, maps, targets=Region(k), step=16)
+    order = maps.flatten().argsort(descending=True)
+    expected = []
+    for count in (0, 16, 32, 48, 64):  # the most important pixels set to the zero baseline first
+        deleted = x.clone().flatten(2)
+        deleted[..., order[:count]] = 0
+        with torch.no_grad():
+            expected.append(float((net(deleted.view_as(x))[0, k] * mask).sum()))
+    assert curve.scores[0].tolist() == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    assert len(set(round(v, 4) for v in expected)) > 2  # the region's score does move as pixels go
+
+
 def test_region_refuses_a_class_out_of_range_and_an_empty_mask_on_one_line(deeplab, picture_batch):
     with pytest.raises(ConvlensError, match="out of range: the model has 21 classes") as err:
         cl.explain(deeplab, picture_batch, method="gradcam", target=Region(21))

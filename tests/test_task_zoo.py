@@ -159,10 +159,12 @@ def test_an_embedding_reference_of_another_size_is_one_line(cli, files, tmp_path
     assert "\n" not in str(caught.value)
 
 
-def test_evaluate_refuses_a_task_model_on_one_line(cli, files, tmp_path):
-    code, _, err = cli("evaluate", *_args("segment", files), str(files), "--out", tmp_path / "eval",
-                       "--metrics", "deletion")
-    assert code == 2 and "not supported yet" in err and err.count("convlens: error:") == 1, err
+def test_evaluate_scores_a_segmenters_region(cli, files, tmp_path):
+    code, out, err = cli("evaluate", *_args("segment", files), str(files), "--out", tmp_path / "eval",
+                         "--metrics", "deletion,drop", "--limit", "1")
+    assert code == 0, err
+    rows = (tmp_path / "eval" / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("image,method,target,deletion,drop") and len(rows) == 2
 
 
 def test_report_shows_each_kind_and_leaves_out_what_does_not_apply(row, files, tmp_path):

@@ -204,7 +204,9 @@ class Similarity:
                model=None) -> tuple[Similarity, list[int]]:
         chosen = self.select if self.select is not None else select
         embedding = select_output(output, chosen).detach().flatten(1)
-        if self._is_vector():
+        if self._vectors is not None:  # settled already (the same images again): keep its reference
+            vectors = self._vectors
+        elif self._is_vector():
             vectors = torch.as_tensor(self.reference).detach()
             vectors = vectors.reshape(1, -1) if vectors.ndim == 1 else vectors
         else:
