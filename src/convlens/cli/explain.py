@@ -20,8 +20,44 @@ if TYPE_CHECKING:
 MAX_CLASS_PANELS = 100
 
 
+def _parse_task_target(text: str):
+    """``region:CLASS[:MASK.png]``, ``box:INDEX``, ``box:LABEL@x0,y0,x1,y1``, ``similar:REF.png``; else ``None``."""
+    from ..targets import Box, Region, Similarity
+
+    kind, _, rest = text.strip().partition(":")
+    kind = kind.lower()
+    if kind not in ("region", "box", "similar") or not rest.strip():
+        if kind in ("region", "box", "similar"):
+            raise ConvlensError(f"--targets {text!r} names no {'class' if kind == 'region' else kind}; "
+                                "e.g. region:3, box:0, box:dog@10,20,80,90, similar:ref.png")
+        return None
+    rest = rest.strip()
+    if kind == "similar":
+        return Similarity(rest)
+    if kind == "region":
+        name, _, mask = rest.partition(":")
+        return Region(int(name) if name.lstrip("-").isdigit() else name, mask=mask or None)
+    label, at, box = rest.partition("@")
+    if not at:
+        if not label.isdigit():
+            raise ConvlensError(f"--targets box:{label} is not a detection index; use box:INDEX or "
+                                "box:LABEL@x0,y0,x1,y1 (the box in the model input's pixels)")
+        return Box(int(label))
+    try:
+        coords = [float(v) for v in box.split(",")]
+    except ValueError:
+        coords = []
+    if len(coords) != 4:
+        raise ConvlensError(f"--targets box:{rest} needs four numbers after '@': box:LABEL@x0,y0,x1,y1")
+    return Box(int(label) if label.isdigit() else label, iou_with=coords)
+
+
 def _parse_target(text: str, count: int):
-    """``top1`` -> None; ``all`` -> every class; ``3`` or ``tabby`` -> one target; ``a,b,...`` one per image."""
+    """``top1`` -> None; ``all`` -> every class; ``3`` or ``tabby`` -> one target; ``a,b,...`` one per image;
+    ``region:``, ``box:`` and ``similar:`` -> the target of a segmenter, a detector, an embedding model."""
+    task = _parse_task_target(text)
+    if task is not None:
+        return task
     parts = comma_list(text)
     if len(parts) == 1 and parts[0].lower() == "all":
         return "all"
@@ -74,7 +110,9 @@ def explain(
         "--layers", "--layer", help="'auto' (last spatial layer), a layer name, or several comma-separated.")] = "auto",
     target: Annotated[str, typer.Option(
         "--targets", "--target", help="top1, all (one map per class: CAM and Grad-CAM family), a class index or name, "
-                                      "or one per image comma-separated.")] = "top1",
+                                      "or one per image comma-separated; region:CLASS[:MASK.png] (segmentation), "
+                                      "box:INDEX or box:LABEL@x0,y0,x1,y1 (detection, input pixels), "
+                                      "similar:REF.png (embeddings).")] = "top1",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs and .npy maps.")] = Path("explanations"),
     colormap: Annotated[Optional[str], typer.Option(
         "--colormap", help="A matplotlib colormap (default: jet over the photo; inferno for pixel-level maps, "
@@ -101,8 +139,8 @@ def explain(
     from ..heatmaps import check_request, explain as explain_images, get_method, style_for
     from ..images import load_images
     from ..progress import ProgressDisplay
-    from ..render.overlay import (STYLES, bounded, check_style, comparison_figure, describe_style, overlay_heatmap,
-                                  save_figure)
+    from ..render.overlay import (STYLES, bounded, check_style, comparison_figure, describe_style, draw_box,
+                                  overlay_heatmap, save_figure)
 
     colormap = colormap if cmap is None else cmap
 
@@ -174,6 +212,10 @@ def explain(
                         overlay = overlay_heatmap(pictures[image_index], result.maps[offset],
                                                   transform=loaded.transform, colormap=colormap, alpha=alpha,
                                                   style=style_for(name))
+                        if result.boxes is not None:  # a box target: the detection explained, drawn
+                            overlay = draw_box(overlay, result.boxes[offset].tolist(),
+                                               original_size=pictures[image_index].size,
+                                               input_size=tuple(result.maps.shape[-2:]), transform=loaded.transform)
                         save_image(overlay, stage / f"{stem}_{slug}.png")
                         flat = " (flat map)" if result.flat[offset] else ""
                         panels.append((f"{name} — {result.target_names[offset]}{flat}", overlay))

@@ -71,6 +71,9 @@ def predict(
 ) -> None:
     """Print the top classes and their probabilities for each image.
 
+    A segmentation model gives the classes that win the most pixels and their shares; a detector its
+    first detections (class, score, box in the input's pixels); a detector that found nothing says so.
+
     Example: convlens predict resnet50 cat.jpg dog.png --top 3 --json
     """
     from rich.console import Console
@@ -90,6 +93,11 @@ def predict(
         typer.echo(json.dumps(payload, indent=2))
         return
     console = Console(width=120)
+    kind = type(next((p for preds in results for p in preds), None)).__name__
+    if kind in ("PixelShare", "Detection"):
+        for path, preds in zip(images, results):
+            console.print(_task_table(str(path), preds, kind))
+        return
     for path, preds in zip(images, results):
         table = Table(title=str(path))
         table.add_column("rank", justify="right")
@@ -99,3 +107,23 @@ def predict(
         for rank, p in enumerate(preds, 1):
             table.add_row(str(rank), p.label, str(p.index), f"{p.probability:.4f}")
         console.print(table)
+
+
+def _task_table(title: str, rows: list, kind: str):
+    """A segmenter's pixel shares or a detector's detections as a table."""
+    from rich.table import Table
+
+    if not rows:
+        return Table(title=f"{title}: the detector found nothing (no box scored above its threshold)")
+    table = Table(title=title)
+    columns = ("rank", "class", "index", "pixel share") if kind == "PixelShare" else (
+        "box", "class", "index", "score", "x0, y0, x1, y1")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for rank, row in enumerate(rows):
+        if kind == "PixelShare":
+            table.add_row(str(rank + 1), row.label, str(row.index), f"{row.share:.4f}")
+        else:
+            box = ", ".join(f"{v:g}" for v in row.box)
+            table.add_row(str(rank), row.label, str(row.index), f"{row.score:.4f}", box)
+    return table

@@ -134,12 +134,17 @@ class Request:
             self.progress(done, total)
 
 
+def prepare_target(model: Model, target: TargetSpec) -> TargetSpec:
+    """A target that runs the model itself (a similarity's reference image) does so here, before any capture."""
+    return target.prepare(model, model.select) if hasattr(target, "prepare") else target
+
+
 def settle_target(model: Model, x: torch.Tensor, output, target: TargetSpec) -> tuple[ScoreFn, list[int]]:
     """The one place a target is settled on a clean pass: the output is finite, the target resolves, and
     its scores have the right shape. Returns ``(score_fn, class_indices)``."""
     ensure_finite(model, x, output)
     with torch.no_grad():
-        score_fn, indices = resolve_targets(target, output, model.labels, model.select)
+        score_fn, indices = resolve_targets(target, output, model.labels, model.select, model)
         _checked_scores(score_fn(output), x.shape[0], score_fn)
     return score_fn, indices
 

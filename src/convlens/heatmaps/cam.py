@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ConvlensError
-from ..targets import AllClasses, ClassLogits, class_logits
+from ..targets import AllClasses, Box, ClassLogits, Region, Similarity, class_logits
 from .base import RawMaps, Request
 
 Weighting = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -199,6 +199,10 @@ def class_activation_map(request: Request) -> RawMaps:
     Only defined when the layer's global average is exactly what the final
     linear layer reads; anything else is a one-line error.
     """
+    if hasattr(request.target, "settle") or isinstance(request.score_fn, (Region, Box, Similarity)):
+        kind = type(request.score_fn if request.score_fn is not None else request.target).__name__
+        raise ConvlensError(f"CAM reads a classifier's linear head and cannot serve a {kind} target; "
+                            "use gradcam (or another gradient CAM) instead")
     if callable(request.target) and not isinstance(request.target, (str, torch.Tensor)) or (
             request.score_fn is not None and not isinstance(request.score_fn, (ClassLogits, AllClasses))):
         raise ConvlensError("CAM explains a class; pass a class index or name as the target, not a function")

@@ -44,7 +44,7 @@ from ..capture import resolve_layers
 from ..errors import ConvlensError
 from ..models import Model, as_model, survey
 from ..targets import ScoreFn, TargetSpec, class_logits
-from .base import Method, Progress, Request, _not_spatial, normalise, settle_target, upsample
+from .base import Method, Progress, Request, _not_spatial, normalise, prepare_target, settle_target, upsample
 from .registry import METHODS, get_method
 
 @dataclass
@@ -64,7 +64,13 @@ class Plan:
     output: object = field(repr=False, default=None)  # the model's (logit) output of the clean batch
 
     def top1(self) -> list[str]:
-        """The predicted class name of each image, from the same pass."""
+        """The predicted class name of each image, from the same pass (a segmenter: the class of most
+        pixels; a detector: its top detection, or ``nothing found``)."""
+        from ..models.tasks import task_predictions
+
+        special = task_predictions(self.output, self.model.select, self.model.label, 1)
+        if special is not None:
+            return [rows[0].label if rows else "nothing found" for rows in special]
         return [self.model.label(int(i)) for i in class_logits(self.model.scores(self.output)).argmax(1)]
 
 
@@ -99,13 +105,24 @@ class Explanation:
     attributions: torch.Tensor | None = None
     images: list | None = None
     transform: Callable | None = field(default=None, repr=False)
+    boxes: torch.Tensor | None = None  # a detection target's box per image (N, 4), in the input's pixels
+
+    def _drawn(self, pictures: list, overlays: list) -> list:
+        """The overlays with each image's detection box drawn on them, for a box target."""
+        if self.boxes is None:
+            return overlays
+        from ..render.overlay import draw_box
+
+        size = tuple(self.maps.shape[-2:])
+        return [draw_box(drawn, box.tolist(), original_size=picture.size, input_size=size, transform=self.transform)
+                for picture, drawn, box in zip(pictures, overlays, self.boxes)]
 
     def overlay(self, images=None, colormap: str | None = None, alpha: float = 0.4, style: str | None = None) -> list:
         """The heatmaps drawn for the original images, as PIL images (longest side at most 2048 px).
 
         ``style``: ``"blend"`` (over the photo at opacity ``alpha``) or ``"map"``
         (the map alone, for sparse pixel-level maps); default chosen per method
-        kind by :func:`convlens.heatmaps.style_for`. ``colormap`` defaults to
+        kind by :func:`convlens.heatmaps.style_for`. A box target's detection is drawn on it. ``colormap`` defaults to
         the style's own (jet, inferno). For a resize + centre-crop preprocessing the
         map is placed on the crop region of the original; outside it the original
         shows unchanged. The drawing is :func:`convlens.render.overlay.overlay_heatmaps`.
@@ -115,8 +132,9 @@ class Explanation:
 
         if self.maps.ndim != 3:
             raise ConvlensError("overlay() draws one map per image; with target='all' pick a class: overlay_class(k)")
-        return overlay_heatmaps(self._pictures(images), self.maps, transform=self.transform, colormap=colormap,
-                                alpha=alpha, style=style or style_for(self.method))
+        pictures = self._pictures(images)
+        return self._drawn(pictures, overlay_heatmaps(pictures, self.maps, transform=self.transform, colormap=colormap,
+                                                      alpha=alpha, style=style or style_for(self.method)))
 
     def overlay_class(self, k: int, images=None, colormap: str | None = None, alpha: float = 0.4,
                       style: str | None = None) -> list:
@@ -221,6 +239,7 @@ def check_request(model, inputs, methods: Sequence[str], layer: str | nn.Module 
     chosen = [get_method(name) for name in methods]
     loaded = as_model(model)
     x, images = loaded.as_batch(inputs)
+    target = prepare_target(loaded, target)
     readers = [method for method in chosen if method.uses_layer]  # they all read the same layers
     refs = layer if isinstance(layer, (list, tuple)) else [layer]
     if readers and not refs:
@@ -259,6 +278,7 @@ def _request(method: Method, model, inputs, layer, target, plan: Plan | None,
         return Request(plan.model, plan.x, names, plan.score_fn, plan.class_indices, progress), plan.images
     loaded = as_model(model)
     x, images = loaded.as_batch(inputs)
+    target = prepare_target(loaded, target)
     refs = layer if isinstance(layer, (list, tuple)) else [layer]
     names = list(dict.fromkeys(resolve_layers(loaded, refs))) if method.uses_layer else []
     if method.uses_layer and not names:
@@ -327,4 +347,9 @@ def explain(model, inputs=None, method: str = "gradcam", layer: str | nn.Module 
         targets=indices, target_names=[loaded.label(i) if i >= 0 else "custom target" for i in indices],
         flat=flat,
         attributions=None if result.attributions is None else loaded.from_internal(result.attributions.detach().float()),
-        images=images, transform=loaded.transform)
+        images=images, transform=loaded.transform, boxes=_boxes(request.score_fn))
+
+
+def _boxes(score_fn) -> torch.Tensor | None:
+    boxes = getattr(score_fn, "boxes", None)
+    return boxes.detach().float().cpu() if isinstance(boxes, torch.Tensor) else None

@@ -22,14 +22,13 @@ from torch import nn
 from ..errors import ConvlensError
 from .cam import gradcam
 from .base import RawMaps, Request, upsample
-from ..targets import ClassLogits
 
 DEFAULT_BATCH_SIZE = 16
 
 
 def _row_score(request: Request, rows: list[int]):
     """Score for a batch whose row ``r`` is a variant of image ``rows[r]``."""
-    if isinstance(request.score_fn, ClassLogits):
+    if hasattr(request.score_fn, "rows"):  # a target that holds something per image
         return request.score_fn.rows(rows)
     return request.score_fn
 

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from ..capture import prefix_tokens, spatial_view
 from ..scoring import MakeBatch, score_batches
 from .base import RawMaps, Request, normalise
-from ..targets import ClassLogits
 
 #: Variants scored per forward pass unless the caller says otherwise.
 DEFAULT_BATCH_SIZE = 64
@@ -48,7 +47,7 @@ def scorecam_batch_size(x: torch.Tensor) -> int:
 
 def _image_score(request: Request, image: int, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """The target of image ``image``, applied to each of ``rows`` rows of a batch of its variants."""
-    if isinstance(request.score_fn, ClassLogits):
+    if hasattr(request.score_fn, "rows"):  # a target that holds something per image
         return request.score_fn.rows([image] * rows)
     return request.score_fn  # a callable target must score each row on its own
 

@@ -11,7 +11,11 @@ The contract of every metric in :mod:`convlens.metrics`:
   input's. An object with a ``.maps`` attribute (an ``Explanation``) is accepted.
 * ``targets``: the class each map explains, by the one target contract
   (:mod:`convlens.targets`): ``None`` (the model's top class), an index or a
-  class name for all images, or one per image.
+  class name for all images, or one per image. On a segmenter or a detector
+  (and with a ``Region``, ``Box`` or ``Similarity``) the target is settled on the
+  clean images and each perturbed input gets *its* score (the region's logit sum
+  over the fixed mask, the matched detection's score, the cosine similarity):
+  see :class:`TargetRows`.
 * The score of an input is the probability of the target class: softmax of the
   logits, or the sigmoid of a single-logit model (``Model.probabilities``).
   ``score="logit"`` uses the raw target output instead (``-z`` / ``z`` for the
@@ -36,7 +40,7 @@ from ..heatmaps import explain
 from ..heatmaps.base import normalise
 from ..models import Model, as_model
 from ..scoring import score_batches
-from ..targets import AllClasses, class_logits, resolve_targets
+from ..targets import AllClasses, ClassLogits, class_logits, resolve_targets
 
 Targets = Union[None, int, str, Sequence[Union[int, str]], torch.Tensor]
 Score = Literal["probability", "logit"]
@@ -49,7 +53,7 @@ class Prepared:
     model: Model
     x: torch.Tensor        # (N, C, H, W), channels-first, float
     maps: torch.Tensor     # (N, H, W) float32
-    targets: torch.Tensor  # (N,) long
+    targets: torch.Tensor  # (N,) long; a TargetRows for a segmenter's, detector's or embedding's target
 
 
 def as_batch(model: Model, x) -> torch.Tensor:
@@ -87,9 +91,48 @@ def forward(model: Model, x: torch.Tensor) -> torch.Tensor:
         return rec.forward(x)
 
 
+class TargetRows:
+    """A settled task target (Region, Box, Similarity) and the image each input row is scored for.
+
+    It stands where a classifier's ``(N,)`` class indices stand (repeated, sliced, moved) so every
+    metric scores a segmenter's region, a detector's box or an embedding's similarity the same way:
+    the target's own score replaces the class probability (``score`` does not apply).
+    """
+
+    def __init__(self, target, rows: torch.Tensor, classes: list[int]):
+        self.target, self.rows, self.classes = target, rows, list(classes)
+
+    def repeat_interleave(self, count: int) -> TargetRows:
+        return TargetRows(self.target, self.rows.repeat_interleave(count), self.classes)
+
+    def repeat(self, count: int) -> TargetRows:
+        return TargetRows(self.target, self.rows.repeat(count), self.classes)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return TargetRows(self.target, self.rows[index], self.classes)
+        return torch.tensor(self.classes[int(self.rows[index])])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+    def to(self, device) -> TargetRows:
+        return self
+
+    def scores(self, output) -> torch.Tensor:
+        return self.target.rows(self.rows.tolist())(output).float()
+
+
 def class_scores(model: Model, output: torch.Tensor, targets: torch.Tensor, score: Score = "probability"
                  ) -> torch.Tensor:
-    """The score of each row's target class: its probability, or its raw output (``"logit"``)."""
+    """The score of each row's target class: its probability, or its raw output (``"logit"``);
+    for a task target (:class:`TargetRows`) the target's own score."""
+    if isinstance(targets, TargetRows):
+        return targets.scores(output)
     if score == "probability":
         values = model.probabilities(output)
     elif score == "logit":
@@ -104,12 +147,16 @@ def as_targets(model: Model, x: torch.Tensor, targets: Targets) -> torch.Tensor:
 
     ``None`` is each image's top class; an index or a class name for all images, or one per image.
     """
-    if callable(targets) and not isinstance(targets, (str, torch.Tensor)):
+    if isinstance(targets, TargetRows):  # settled already, on these images
+        return targets
+    if callable(targets) and not isinstance(targets, (str, torch.Tensor)) and not hasattr(targets, "settle"):
         raise ConvlensError("a metric scores the probability of a class; pass class indices or names as "
                             "targets, not a function")
-    score_fn, indices = resolve_targets(targets, forward(model, x), model.labels, model.select)
+    score_fn, indices = resolve_targets(targets, forward(model, x), model.labels, model.select, model)
     if isinstance(score_fn, AllClasses):
         raise ConvlensError("a metric scores one class per image; target='all' is for heatmaps")
+    if hasattr(score_fn, "rows") and not isinstance(score_fn, ClassLogits):  # a Region, Box or Similarity
+        return TargetRows(score_fn, torch.arange(x.shape[0], device=x.device), indices)
     return torch.as_tensor(indices, dtype=torch.long, device=x.device)
 
 
@@ -148,6 +195,8 @@ def heatmap_explainer(method: str, **options) -> ExplainFn:
     """An ``explain_fn`` that calls ``convlens.explain(model, x, method=method, target=targets)``."""
 
     def explain_fn(model: Model, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if isinstance(targets, TargetRows):  # the settled region, box or similarity: the same on the same images
+            return explain(model, x, method=method, target=targets.target.rows(targets.rows.tolist()), **options).maps
         return explain(model, x, method=method, target=[int(t) for t in targets], **options).maps
 
     explain_fn.__name__ = f"explain_{method}"

@@ -26,6 +26,7 @@ from ..errors import ConvlensError, did_you_mean, first_line
 from .keras import is_keras_model, load_keras_file, wrap_keras
 from .model import Model, detect_output
 from .nets import ShapesNet
+from .tasks import detector_size, load_task_model, set_detector_size, task_info, task_names, task_of
 from .torchscript import load_torchscript
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, make_transform
 
@@ -120,6 +121,8 @@ def load_model(
 
             model = _load_torch_file(demo_model_path(), None, names)
             model.name = str(source)
+        elif str(source) in task_names():
+            model = load_task_model(str(source), weights, names, None if input_size is None else _size_pair(input_size))
         elif str(source) in torchvision_names() or str(source) in ARCHITECTURES:
             model = _load_named(str(source), weights, names)
         elif _looks_like_path(source):  # a typo in a path should not read as an unknown model name
@@ -128,7 +131,8 @@ def load_model(
             raise ConvlensError(f"model file not found: {path}")
         else:
             raise ConvlensError(
-                f"unknown model {str(source)!r}{did_you_mean(str(source), [*BUNDLED_MODELS, *torchvision_names(), *ARCHITECTURES])}"
+                f"unknown model {str(source)!r}"
+                f"{did_you_mean(str(source), [*BUNDLED_MODELS, *torchvision_names(), *task_names(), *ARCHITECTURES])}"
                 " (pass a torchvision name, or a path to a .pt/.pth/.keras/.h5 file)"
             )
     if input_size is not None:
@@ -158,6 +162,8 @@ def resized(model: Model, input_size: int | Sequence[int]) -> Model:
                             "it cannot run at another one")
     model.transform, model.preprocessing = make_transform(size, **spec)
     model.input_size = size
+    if model.info.get("task") == "detect":
+        set_detector_size(model.module, size)
     return model
 
 
@@ -189,12 +195,22 @@ def from_module(module: nn.Module, name: str | None = None, labels: list[str] | 
     (a timm model's ``pretrained_cfg``), else from ``input_size`` (default 224)
     with ImageNet's mean and std and a plain resize of the whole picture: no
     crop is assumed for a module that does not say it was trained with one.
+    A torchvision detector normalises itself: it gets pictures in [0, 1], and its own
+    resize is set to the input size (default: its own short side), so it resizes nothing
+    more (:mod:`convlens.models.tasks`). A segmenter's class map is its ``out``.
     """
     spec = _timm_spec(module) or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop": None}
+    task = task_of(module)
+    if task == "detect":  # it normalises and resizes itself: convlens resizes to the size it runs at
+        spec = {"mean": None, "std": None, "crop": None, "source": "detector, which normalises itself"}
+        if input_size is None:
+            input_size = detector_size(module)[0]
+        set_detector_size(module, _size_pair(input_size))
     fixed = spec.pop("fixed", False)
     size = _size_pair(input_size) if input_size is not None else spec.pop("size", (224, 224))
     spec.pop("size", None)
     transform, described = make_transform(size, **spec)
+    extra = task_info(module, task) if task else {}
     return Model(
         module=module,
         name=name or type(module).__name__,
@@ -203,7 +219,8 @@ def from_module(module: nn.Module, name: str | None = None, labels: list[str] | 
         labels=labels,
         output=detect_output(module),
         preprocessing=described,
-        info={"transform": spec, **({"fixed_input_size": True} if fixed else {})},
+        info={"transform": spec, **({"fixed_input_size": True} if fixed else {}), **extra},
+        select="out" if task == "segment" else None,
     )
 
 

@@ -167,18 +167,26 @@ class Model:
             return self.labels[index]
         return f"class {index}"
 
-    def predict(self, images: ImageLike | Sequence[ImageLike] | torch.Tensor, top_k: int = 5) -> list[list[Prediction]]:
-        """Top-k classes per image with their probabilities.
+    def predict(self, images: ImageLike | Sequence[ImageLike] | torch.Tensor, top_k: int = 5) -> list[list]:
+        """Top-k classes per image with their probabilities (:class:`Prediction`).
 
+        A segmentation model (a dense output ``(N, K, H, W)``) gives each image's classes by the share
+        of pixels they win (:class:`~convlens.models.tasks.PixelShare`), a detector its first ``top_k``
+        detections (:class:`~convlens.models.tasks.Detection`), never a flattened index.
         ``images``: anything :meth:`as_batch` reads. A model whose output is not
         finite is a one-line error naming the first layer that produced NaN or infinity.
         """
+        from .tasks import task_predictions
+
         from ..capture import capture
 
         x, _ = self.as_batch(images)
         with torch.inference_mode(), capture(self) as rec:
             output = rec.forward(x)
         ensure_finite(self, x, output)
+        special = task_predictions(output, self.select, self.label, top_k)
+        if special is not None:
+            return special
         probs = self.probabilities(output)
         k = max(1, min(top_k, probs.shape[1]))
         values, indices = probs.topk(k, dim=1)

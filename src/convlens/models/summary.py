@@ -96,6 +96,9 @@ def _reaches_output(model: Model, x: torch.Tensor, names: list[str]) -> list[str
 
 def _choose_auto(model: Model, x: torch.Tensor, rows: list[LayerRow], order: list[str]) -> str | None:
     candidates = _auto_candidates(rows, order)
+    within = model.info.get("auto_within")  # a segmenter's or detector's features, not its heads
+    if within and any(n.startswith(within + ".") for n in candidates):
+        candidates = [n for n in candidates if n.startswith(within + ".")]
     if not candidates:
         return None
     layouts = {r.name: r.layout for r in rows}

@@ -220,6 +220,24 @@ def overlay_heatmap(image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, t
     return Image.fromarray(blended)
 
 
+def draw_box(drawn: Image.Image, box: Sequence[float], *, original_size: tuple[int, int],
+             input_size: Sequence[int], transform=None, colour: str = "white") -> Image.Image:
+    """``drawn`` (an overlay of a ``original_size`` = (width, height) photo) with ``box`` ``(x0, y0, x1, y1)``,
+    given in the model input's pixels (``input_size`` = (H, W)), drawn as a rectangle where it lies on the photo."""
+    from PIL import ImageDraw
+
+    left, top, right, bottom = crop_box(transform, *original_size)  # the part of the photo the input shows
+    sx = (right - left) / input_size[1] * drawn.width / original_size[0]
+    sy = (bottom - top) / input_size[0] * drawn.height / original_size[1]
+    ox, oy = left * drawn.width / original_size[0], top * drawn.height / original_size[1]
+    x0, y0, x1, y1 = (float(v) for v in box)
+    picture = drawn.copy()
+    width = max(2, round(max(picture.size) / 200))
+    ImageDraw.Draw(picture).rectangle((ox + x0 * sx, oy + y0 * sy, ox + x1 * sx, oy + y1 * sy), outline=colour,
+                                      width=width)
+    return picture
+
+
 def overlay_heatmaps(images: Sequence[Image.Image], maps: torch.Tensor, *, transform=None,
                      colormap: str | None = None, alpha: float = 0.4, style: str = "blend",
                      max_side: int | None = MAX_SIDE) -> list[Image.Image]:

@@ -126,14 +126,15 @@ def summary_section(ctx: Context) -> Section:
 
 def predictions_section(ctx: Context) -> Section:
     predictions = ctx.model.predict([item.image for item in ctx.images], top_k=3)
-    outsiders = [(item, preds[0]) for item, preds in zip(ctx.images, predictions) if outside_classes(ctx.model, item)]
+    outsiders = [(item, preds[0]) for item, preds in zip(ctx.images, predictions)
+                 if preds and hasattr(preds[0], "probability") and outside_classes(ctx.model, item)]
     items, rows = [], []
     for item, preds in zip(ctx.images, predictions):
         caption = item.name + (f" ({item.label}: not one of the model's classes)"
                                if outside_classes(ctx.model, item) else "")
         items.append(figure(_thumbnail(item.image), caption))
-        rows.append((item.name, *[f"{p.label} ({p.probability:.1%})" for p in preds]))
-    k = max(len(p) for p in predictions)
+        rows.append((item.name, *[describe_prediction(p) for p in preds]))
+    k = max(1, max(len(p) for p in predictions))
     callout = _parts.callout(_outsiders_note(ctx.model, outsiders)) if outsiders else ""
     html = _parts.figures(items) + callout + _parts.table(["image", *[f"top {i + 1}" for i in range(k)]], rows)
     return Section("predictions", "Predictions", Markup(html))
@@ -233,7 +234,10 @@ def classes_section(ctx: Context) -> Section | None:
     from ..heatmaps import explain
 
     item = ctx.images[0]
-    result = explain(ctx.model, [item.image], method="gradcam", layer=ctx.summary.auto_layer, target="all")
+    try:
+        result = explain(ctx.model, [item.image], method="gradcam", layer=ctx.summary.auto_layer, target="all")
+    except ConvlensError:  # not a classifier (a segmenter, a detector): its own section shows its classes
+        return None
     if len(result.targets) > MAX_CLASS_GRID:
         return None
     overlays = [result.overlay_class(k, [item.image])[0] for k in range(len(result.targets))]
@@ -352,8 +356,10 @@ def training_section(ctx: Context) -> Section | None:
 
 from .atlas_section import atlas_section  # noqa: E402  (it imports Context, Section and figure from here)
 from .evaluation_section import evaluation_section  # noqa: E402  (likewise)
+from .tasks_section import describe_prediction, segmentation_section  # noqa: E402  (likewise)
 
-SECTIONS = [summary_section, predictions_section, heatmaps_section, classes_section, activations_section,
+SECTIONS = [summary_section, predictions_section, heatmaps_section, segmentation_section, classes_section,
+            activations_section,
             filters_section,
             training_section, evaluation_section]
 SECTIONS.append(atlas_section)

@@ -35,7 +35,7 @@ from typing import Any, Union
 
 import torch
 
-from .errors import ConvlensError, did_you_mean
+from ..errors import ConvlensError, did_you_mean
 
 TargetSpec = Union[None, int, str, Sequence, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 ScoreFn = Callable[[Any], torch.Tensor]
@@ -63,6 +63,11 @@ def select_output(output, key: OutputKey = None) -> torch.Tensor:
     """The tensor of class scores in a model's output (see the module docstring)."""
     if isinstance(output, torch.Tensor):
         return output
+    from .tasks import detections
+
+    if detections(output) is not None:
+        raise ConvlensError("this model is a detector: it returns boxes, labels and scores per image, no class-score "
+                            "tensor; explain one of its detections with a box target (Box, CLI --targets box:INDEX)")
     parts = output_parts(output)
     keys = [k for k, _ in parts]
     if key is None:
@@ -182,7 +187,7 @@ def _one_index(spec, output: torch.Tensor, labels: list[str] | None, image: int)
 
 
 def resolve_targets(target: TargetSpec, output, labels: list[str] | None = None,
-                    select: OutputKey = None) -> tuple[ScoreFn, list[int]]:
+                    select: OutputKey = None, model=None) -> tuple[ScoreFn, list[int]]:
     """Turn what the user asked for into ``(score_fn, class_indices)`` given the model's output.
 
     Args:
@@ -191,14 +196,37 @@ def resolve_targets(target: TargetSpec, output, labels: list[str] | None = None,
             or a tuple/list/dict of tensors).
         labels: class names, for targets given by name.
         select: which part of a multi-part output holds the class scores.
+        model: the :class:`~convlens.Model`, for targets that run it (a similarity's reference image).
+
+    A target with a ``settle`` method (:mod:`convlens.targets.tasks`) settles itself on ``output``.
+    On a segmentation model (a dense output ``(N, K, H, W)``) ``None``, a class or one per image
+    is a :class:`~convlens.targets.tasks.Region` of that class; on a detector (a list of boxes,
+    labels and scores per image) ``None`` is :class:`~convlens.targets.tasks.Box` ``(0)``, its top detection.
 
     Returns:
         ``score_fn(output) -> (N,)`` and the class index explained for each image
         (``-1`` for a callable target); for ``"all"``, ``score_fn(output) -> (N, K)`` and the K classes.
     """
+    from .tasks import Box, Region, detections, is_dense
+
+    if hasattr(target, "settle"):
+        return target.settle(output, labels=labels, select=select, model=model)
     if callable(target) and not isinstance(target, (str, torch.Tensor)):
         return target, [-1] * _batch_size(output)
+    if detections(output) is not None:
+        if target is None or (isinstance(target, str) and target.lower() in ("top1", "top-1")):
+            return Box(0).settle(output, labels=labels)
+        raise ConvlensError(f"this model is a detector: its target is a box, not {target!r}; pass Box(index) or "
+                            "Box(label, iou_with=(x0, y0, x1, y1)) (CLI: box:INDEX or box:LABEL@x0,y0,x1,y1)")
     output = select_output(output, select).detach()
+    if is_dense(output):
+        if isinstance(target, str) and target.lower() == "all":
+            raise ConvlensError("target 'all' is for classifiers; a segmentation model explains one class's "
+                                "region at a time: pass a class (a Region)")
+        spec = None if isinstance(target, str) and target.lower() in ("top1", "top-1") else target
+        spec = list(spec) if isinstance(spec, (tuple, torch.Tensor)) and not (
+            isinstance(spec, torch.Tensor) and spec.ndim == 0) else spec
+        return Region(spec).settle(output, labels=labels)
     count = output.shape[0]
     if isinstance(target, str) and target.lower() == "all":
         return AllClasses(select), list(range(_class_count(output)))
