@@ -5,11 +5,16 @@ import re
 from pathlib import Path
 
 
-def test_quick_benchmark_runs_and_prints_ratios(capsys):
-    path = Path(__file__).parent.parent / "benchmarks" / "bench_heatmaps.py"
-    spec = importlib.util.spec_from_file_location("bench_heatmaps", path)
+def _load(name: str):
+    path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_quick_benchmark_runs_and_prints_ratios(capsys):
+    bench = _load("bench_heatmaps")
     assert bench.main(["--quick", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "x baseline" in out
@@ -24,10 +29,7 @@ def test_quick_benchmark_runs_and_prints_ratios(capsys):
 
 
 def test_quick_attribution_benchmark_compares_equal_outputs(capsys):
-    path = Path(__file__).parent.parent / "benchmarks" / "bench_attribution.py"
-    spec = importlib.util.spec_from_file_location("bench_attribution", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load("bench_attribution")
     assert bench.main(["--quick", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     diffs = [float(d) for d in re.findall(r"x\s+(\S+)\n", out)]

@@ -22,12 +22,8 @@ import torch
 
 from ..errors import ConvlensError
 from .base import RawMaps, Request
-from .gradients import DEFAULT_BATCH_SIZE, input_gradients, relu_modules
+from .gradients import DEFAULT_BATCH_SIZE, input_gradients, noisy_gradients, relu_modules
 from .perturbation import score_variants
-
-#: The attributions a NoiseTunnel variant may smooth.
-TUNNELLED = ("saliency", "input_x_gradient")
-
 
 def _rows(request: Request) -> list[int]:
     return list(range(request.x.shape[0]))
@@ -83,28 +79,6 @@ def deconvolution(request: Request) -> RawMaps:
     return RawMaps([grads.abs().amax(dim=1)], grads)
 
 
-def _noisy_gradients(request: Request, of: str, n_samples: int, noise_level: float, stdev: float | None,
-                     seed: int, batch_size: int) -> torch.Tensor:
-    """``(N, n_samples, C, H, W)``: attributions of ``of`` on noisy copies, drawn as captum's NoiseTunnel draws."""
-    if of not in TUNNELLED:
-        raise ConvlensError(f"a NoiseTunnel variant smooths one of {', '.join(TUNNELLED)}, got {of!r}")
-    if n_samples < 1:
-        raise ConvlensError(f"n_samples must be at least 1, got {n_samples}")
-    x = request.x.float()
-    n = x.shape[0]
-    if stdev is None:
-        sigma = noise_level * (x.flatten(1).amax(1) - x.flatten(1).amin(1))
-    else:
-        sigma = torch.full((n,), float(stdev), device=x.device)
-    noise = torch.randn((n * n_samples, *x.shape[1:]), generator=torch.Generator().manual_seed(seed)).to(x.device)
-    noisy = x.repeat_interleave(n_samples, dim=0) + noise * sigma.repeat_interleave(n_samples).view(-1, 1, 1, 1)
-    rows = [i for i in range(n) for _ in range(n_samples)]
-    grads = input_gradients(request, noisy.to(request.x.dtype), rows, batch_size)
-    if of == "input_x_gradient":
-        grads = grads * noisy
-    return grads.view(n, n_samples, *x.shape[1:])
-
-
 def smoothgrad_sq(request: Request, *, of: str = "saliency", n_samples: int = 25, noise_level: float = 0.15,
                   stdev: float | None = None, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE) -> RawMaps:
     """SmoothGrad-Squared: the mean of the squared attributions over noisy copies.
@@ -114,7 +88,7 @@ def smoothgrad_sq(request: Request, *, of: str = "saliency", n_samples: int = 25
     gradient (``of="saliency"``) or input x gradient; noise as :func:`smoothgrad`
     (captum's ``NoiseTunnel(nt_type="smoothgrad_sq")``); ``M = max_c A_c``.
     """
-    attributions = _noisy_gradients(request, of, n_samples, noise_level, stdev, seed, batch_size).square().mean(1)
+    attributions = noisy_gradients(request, of, n_samples, noise_level, stdev, seed, batch_size).square().mean(1)
     return RawMaps([attributions.amax(dim=1)], attributions)
 
 
@@ -128,7 +102,7 @@ def vargrad(request: Request, *, of: str = "saliency", n_samples: int = 25, nois
     ``NoiseTunnel(nt_type="vargrad")``) of the signed gradient; captum's
     ``Saliency`` takes its magnitude first unless told ``abs=False``; ``M = max_c A_c``.
     """
-    grads = _noisy_gradients(request, of, n_samples, noise_level, stdev, seed, batch_size)
+    grads = noisy_gradients(request, of, n_samples, noise_level, stdev, seed, batch_size)
     attributions = (grads.square().mean(1) - grads.mean(1).square()).clamp(min=0)
     return RawMaps([attributions.amax(dim=1)], attributions)
 

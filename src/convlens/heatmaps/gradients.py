@@ -66,17 +66,20 @@ def saliency(request: Request) -> RawMaps:
     return RawMaps([grads.amax(dim=1)], grads)
 
 
-def smoothgrad(request: Request, *, n_samples: int = 25, noise_level: float = 0.15, stdev: float | None = None,
-               seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE) -> RawMaps:
-    """SmoothGrad: the saliency averaged over noisy copies of the image.
+#: The attributions a NoiseTunnel variant (SmoothGrad-Squared, VarGrad) may smooth.
+TUNNELLED = ("saliency", "input_x_gradient")
 
-    Smilkov et al. 2017, "SmoothGrad: removing noise by adding noise",
-    arXiv:1706.03825: ``A = 1/n sum_s |dS/dx (x + e_s)|``, ``e_s ~ N(0, sigma^2)``,
-    ``sigma = noise_level * (max(x) - min(x))`` per image (the paper's 10-20%),
-    or ``stdev`` when given; ``M = max_c A_c``. Noise comes from a
-    ``torch.Generator`` seeded with ``seed``, drawn image by image in the order
-    captum's ``NoiseTunnel`` uses, so equal seeds give equal noise.
+
+def noisy_gradients(request: Request, of: str, n_samples: int, noise_level: float, stdev: float | None,
+                    seed: int, batch_size: int) -> torch.Tensor:
+    """``(N, n_samples, C, H, W)``: the gradients (``of="saliency"``) or input x gradients of noisy copies.
+
+    ``sigma = noise_level * (max(x) - min(x))`` per image, or ``stdev`` when given; the
+    noise comes from a ``torch.Generator`` seeded with ``seed``, drawn image by image in
+    the order captum's ``NoiseTunnel`` uses, so equal seeds give equal noise.
     """
+    if of not in TUNNELLED:
+        raise ConvlensError(f"a NoiseTunnel variant smooths one of {', '.join(TUNNELLED)}, got {of!r}")
     if n_samples < 1:
         raise ConvlensError(f"n_samples must be at least 1, got {n_samples}")
     x = request.x.float()
@@ -85,12 +88,25 @@ def smoothgrad(request: Request, *, n_samples: int = 25, noise_level: float = 0.
         sigma = noise_level * (x.flatten(1).amax(1) - x.flatten(1).amin(1))
     else:
         sigma = torch.full((n,), float(stdev), device=x.device)
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((n * n_samples, *x.shape[1:]), generator=generator).to(x.device)
+    noise = torch.randn((n * n_samples, *x.shape[1:]), generator=torch.Generator().manual_seed(seed)).to(x.device)
     noisy = x.repeat_interleave(n_samples, dim=0) + noise * sigma.repeat_interleave(n_samples).view(-1, 1, 1, 1)
     rows = [i for i in range(n) for _ in range(n_samples)]
-    grads = input_gradients(request, noisy.to(request.x.dtype), rows, batch_size).abs()
-    attributions = grads.view(n, n_samples, *x.shape[1:]).mean(dim=1)
+    grads = input_gradients(request, noisy.to(request.x.dtype), rows, batch_size)
+    if of == "input_x_gradient":
+        grads = grads * noisy
+    return grads.view(n, n_samples, *x.shape[1:])
+
+
+def smoothgrad(request: Request, *, n_samples: int = 25, noise_level: float = 0.15, stdev: float | None = None,
+               seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE) -> RawMaps:
+    """SmoothGrad: the saliency averaged over noisy copies of the image.
+
+    Smilkov et al. 2017, "SmoothGrad: removing noise by adding noise",
+    arXiv:1706.03825: ``A = 1/n sum_s |dS/dx (x + e_s)|``, ``e_s ~ N(0, sigma^2)``,
+    ``sigma = noise_level * (max(x) - min(x))`` per image (the paper's 10-20%),
+    or ``stdev`` when given; ``M = max_c A_c``. Noise as :func:`noisy_gradients`.
+    """
+    attributions = noisy_gradients(request, "saliency", n_samples, noise_level, stdev, seed, batch_size).abs().mean(1)
     return RawMaps([attributions.amax(dim=1)], attributions)
 
 
