@@ -42,7 +42,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConvlensError, first_line
-from .jobs import JobRunner, heatmap_job, pattern_job, trust_job
+from .jobs import DISSECT_SHAPES, JobRunner, dissect_job, heatmap_job, pattern_job, trust_job
 from .views import Explorer, NotFound, TooLarge, png_bytes
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,14 @@ def create_app(explorer: Explorer, *, jobs: JobRunner | None = None) -> FastAPI:
     def start_trust(image: str):
         key, compute = trust_job(explorer, image)
         return runner.submit("trust", key, compute, "json").snapshot()
+
+    @app.post("/api/jobs/dissect")
+    def start_dissect(layers: str = Query("", max_length=2000), shapes: int = Query(DISSECT_SHAPES)):
+        key, compute = dissect_job(explorer, layers, shapes)
+        job = runner.submit("dissect", key, compute, "json")
+        if getattr(job, "cached", False):  # done before: its folder is the atlas again
+            explorer.use_atlas(json.loads(job.path.read_text())["folder"])
+        return job.snapshot()
 
     @app.get("/api/jobs/{job_id}")
     def job(job_id: str):

@@ -222,3 +222,40 @@ def trust_job(explorer, image: str) -> tuple[dict, Callable]:
             return trust_table(explorer.job_model, picture, methods, DEFAULT_METRICS, progress)
 
     return key, compute
+
+
+#: Generated shapes images a dissection job labels units with when the explorer has no data of its own.
+DISSECT_SHAPES = 200
+
+
+def dissect_job(explorer, layers: str = "", shapes: int = DISSECT_SHAPES) -> tuple[dict, Callable]:
+    """Network Dissection of ``layers`` (comma-separated; default the auto layer) as a background job.
+
+    On the explorer's ``--data`` folder when it has concept masks (a shapes folder), else on
+    ``shapes`` generated shapes images; written once per request under the explorer's cache and
+    then used as the explorer's atlas. The result is ``{"folder": ..., "layers": [...]}``.
+    """
+    names = [explorer.check_layer(name.strip()) for name in layers.split(",") if name.strip()] or \
+        [explorer.summary.auto]
+    if not 8 <= shapes <= 5000:
+        raise ConvlensError(f"shapes must be between 8 and 5000, got {shapes}")
+    folder_masks = explorer.data is not None and (
+        (explorer.data / "masks").is_dir() or next(explorer.data.rglob("*.mask.png"), None) is not None)
+    data = explorer.data if folder_masks else None
+    key = {"model": explorer.fingerprint, "layers": names, "data": str(data) if data else None,
+           "shapes": None if data else shapes}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    folder = explorer.cache / f"dissection-{digest}"
+
+    def compute(progress):
+        from ..atlas.dissect import STORE_NAME, dissect
+        from ..fileio import staged_folder
+
+        if not (folder / STORE_NAME).is_file():
+            with explorer.job_lock, staged_folder(folder) as stage:
+                dissect(explorer.job_model, data, names, shapes=None if data else shapes, k=8, out=stage,
+                        figures=False, progress=progress)
+        explorer.use_atlas(folder)
+        return {"folder": str(folder), "layers": names}
+
+    return key, compute

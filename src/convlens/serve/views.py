@@ -118,8 +118,14 @@ class Explorer:
             from .atlas_view import AtlasView
 
             self.atlas = AtlasView(atlas, self.model)
-        # Long jobs (filter patterns, trust views) run on their own copy, so the page stays quick meanwhile.
+        # Long jobs (filter patterns, trust views, dissections) run on their own copy, so the page stays quick meanwhile.
         self.job_model, self.job_lock = self._job_copy()
+
+    def use_atlas(self, atlas) -> None:
+        """Make ``atlas`` (a store or a dissection folder of this model) the one the unit pages read."""
+        from .atlas_view import AtlasView
+
+        self.atlas = AtlasView(atlas, self.model)
 
     # -- setup ------------------------------------------------------------------------------------
     @staticmethod

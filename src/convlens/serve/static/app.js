@@ -255,8 +255,9 @@
     examples.innerHTML = "";
     const atlas = found.atlas;
     if (!atlas) {
-      box.textContent = model.atlas ? `The atlas has no layer ${found.layer} (its layers: ${model.atlas.layers.join(", ")}).`
-                                    : "No atlas: start the server with --atlas to see top dataset examples and labels.";
+      box.textContent = model.atlas ? `The atlas has no layer ${found.layer} (its layers: ${model.atlas.layers.join(", ")}). `
+                                    : "No atlas yet (--atlas gives one). ";
+      dissectButton(box, found);
       return;
     }
     const facts = document.createElement("p");
@@ -319,6 +320,27 @@
       }
     };
     events.onerror = () => events.close();
+  }
+
+  function dissectButton(box, found) {
+    // Network Dissection of this layer on the served data (or generated shapes), as a background job.
+    const start = document.createElement("button");
+    start.id = "dissect";
+    start.textContent = `dissect ${found.layer}`;
+    const bar = document.createElement("progress");
+    const label = document.createElement("span");
+    const cancel = document.createElement("button");
+    cancel.textContent = "cancel";
+    bar.hidden = cancel.hidden = true;
+    start.onclick = async () => {
+      try {
+        const job = await json("api/jobs/dissect", {layers: found.layer}, {method: "POST"});
+        follow(job, bar, label, cancel, () => openUnit(found.layer, found.unit));
+      } catch (err) {
+        showError(err.message);
+      }
+    };
+    box.append(start, " ", bar, " ", label, " ", cancel);
   }
 
   async function startPattern() {
