@@ -118,7 +118,7 @@ def _help(command: str) -> str:
 
 
 def test_every_command_is_listed_once():
-    assert sorted(COMMANDS) == sorted(MODEL_COMMANDS + ["examples", "shapes", "train"])
+    assert sorted(COMMANDS) == sorted(MODEL_COMMANDS + ["examples", "serve", "shapes", "train"])
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
