@@ -23,7 +23,7 @@ import torch
 from ..errors import ConvlensError
 from .base import RawMaps, Request
 from .gradients import DEFAULT_BATCH_SIZE, input_gradients, noisy_gradients, relu_modules
-from .perturbation import score_variants
+from .perturbation import clean_scores, score_variants
 
 def _rows(request: Request) -> list[int]:
     return list(range(request.x.shape[0]))
@@ -177,8 +177,7 @@ def occlusion(request: Request, *, window: int = 16, stride: int = 8, baseline: 
     if window > min(height, width):
         raise ConvlensError(f"occlusion window {window} is larger than the {height}x{width} input; "
                             f"choose a window of at most {min(height, width)}")
-    with torch.inference_mode(), request.capture([]) as rec:
-        clean = request.score(rec.forward(x), clean=True).float()
+    clean = clean_scores(request)
     patches = [(top, left) for top in _windows(height, window, stride) for left in _windows(width, window, stride)]
     coverage = torch.zeros((height, width), device=x.device)
     for top, left in patches:

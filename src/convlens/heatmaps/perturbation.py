@@ -66,6 +66,12 @@ def score_variants(request: Request, image: int, count: int, make_batch: MakeBat
                          progress=lambda stop, _: request.report(done + stop, total))
 
 
+def clean_scores(request: Request) -> torch.Tensor:
+    """``(N,)`` float32: the target score of each clean image, from one pass that settles the target."""
+    with torch.inference_mode(), request.capture([]) as rec:
+        return request.score(rec.forward(request.x), clean=True).float()
+
+
 def _layer_activations(request: Request) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass: resolves the targets; returns the layer's ``(N, C, h, w)`` output and the scores."""
     with torch.inference_mode(), request.capture() as rec:

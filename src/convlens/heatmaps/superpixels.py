@@ -16,7 +16,7 @@ from skimage.segmentation import slic
 
 from ..errors import ConvlensError
 from .base import RawMaps, Request
-from .perturbation import score_variants
+from .perturbation import clean_scores, score_variants
 
 
 def superpixels(request: Request, segments=None, n_segments: int = 50, compactness: float = 10.0) -> torch.Tensor:
@@ -41,11 +41,6 @@ def superpixels(request: Request, segments=None, n_segments: int = 50, compactne
     return torch.stack(maps).long().to(x.device)
 
 
-def _clean_scores(request: Request) -> torch.Tensor:
-    with torch.inference_mode(), request.capture([]) as rec:
-        return request.score(rec.forward(request.x), clean=True).float()
-
-
 def _per_pixel(values: torch.Tensor, ids: torch.Tensor, channels: int) -> torch.Tensor:
     """``(C, H, W)``: each pixel gets the value of its superpixel."""
     return values[ids].expand(channels, -1, -1)
@@ -61,7 +56,7 @@ def feature_ablation(request: Request, *, segments=None, n_segments: int = 50, c
     """
     ids = superpixels(request, segments, n_segments, compactness)
     x = request.x
-    clean = _clean_scores(request)
+    clean = clean_scores(request)
     attributions = []
     for image in range(x.shape[0]):
         count = int(ids[image].max()) + 1
