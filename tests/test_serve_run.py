@@ -52,6 +52,30 @@ def test_cl_serve_runs_in_a_thread_shows_itself_as_an_iframe_and_stops(model, da
         httpx.get(server.url, timeout=5)
 
 
+def test_starting_a_server_leaves_the_callers_logging_alone(model, tmp_path):
+    """uvicorn's default log config ran dictConfig, which closes every handler of the process: in a
+    notebook it wiped the user's logging set-up, and absl's handler (loaded by Keras) closed sys.stderr
+    itself, which took the test suite down ("lost sys.stderr")."""
+    import logging
+
+    class Closing(logging.StreamHandler):  # closes its stream, as absl's handler does
+        def close(self):
+            super().close()
+            self.stream.close()
+
+    stream = io.StringIO()
+    handler = Closing(stream)
+    mine = logging.getLogger("users.own")
+    mine.addHandler(handler)
+    try:
+        server = cl.serve(model, cache=tmp_path / "cache")
+        server.stop()
+        mine.warning("still here")
+        assert handler in mine.handlers and not stream.closed and stream.getvalue() == "still here\n"
+    finally:
+        mine.removeHandler(handler)
+
+
 def test_a_taken_port_is_one_line(model):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -105,8 +105,11 @@ class Server:
         self.explorer = explorer
         self.host, self.root_path, self.height = host, root_path.rstrip("/"), height
         self.app = create_app(explorer)
-        config = uvicorn.Config(PrefixTolerant(self.app, self.root_path), host=host, port=port, root_path=self.root_path, log_level="warning",
-                                lifespan="off", access_log=False)
+        # log_config=None: uvicorn's own config runs logging.config.dictConfig, which closes every handler
+        # of the process (the caller's, absl's that closes sys.stderr); its loggers propagate instead
+        config = uvicorn.Config(PrefixTolerant(self.app, self.root_path), host=host, port=port,
+                                root_path=self.root_path, log_config=None, log_level="warning", lifespan="off",
+                                access_log=False)
         self._server = uvicorn.Server(config)
         listening = _bind(host, port)  # here, so a taken port is one line and not uvicorn's exit in a thread
         self.port = listening.getsockname()[1]
