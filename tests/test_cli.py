@@ -106,8 +106,8 @@ def test_empty_image_list_is_a_usage_error(tiny_file):
 COMMANDS = typer.main.get_command(app).commands
 #: Commands that run a model take --device and --input-size (examples runs at the size its atlas was scanned
 #: at, so it has --device only; train builds its model at --input-size and trains on the CPU).
-MODEL_COMMANDS = ["activations", "class-model", "deepdream", "dissect", "evaluate", "explain", "filters", "layers",
-                  "predict", "report", "scan"]
+MODEL_COMMANDS = ["activations", "class-model", "deepdream", "dissect", "evaluate", "explain", "factorize", "filters",
+                  "layers", "predict", "report", "scan"]
 PLURALS = {"--methods": "--method", "--layers": "--layer", "--targets": "--target", "--metrics": "--metric"}
 
 

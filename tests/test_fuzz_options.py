@@ -43,6 +43,7 @@ BASE = {
     "deepdream": ("deepdream", *TINY[:2], "{pic}", "--layers", "2", "--octaves", "1", "--steps", "2",
                   "--out", "{out}/d.png"),
     "predict": ("predict", *TINY, "{pic}"),
+    "factorize": ("factorize", *TINY, "{data}/0.png", "{data}/1.png", "--components", "2", "--out", "{out}/k"),
     "shapes": ("shapes", "{out}/s", "--per-class", "2", "--size", "24", "--classes", "circle,cross", "--split", ""),
     # serve: started on a free port and stopped at once (see stop_servers_at_once)
     "serve": ("serve", *TINY, "--data", "{data}", "--port", "0", "--cache", "{out}/cache"),

@@ -116,6 +116,8 @@ SUBSTITUTIONS = [
                  "pretrained weights would be downloaded"),
     Substitution("convlens class-model resnet50", "convlens class-model resnet18 --weights none --input-size 64",
                  "pretrained weights would be downloaded; resnet50 at 224 px takes minutes per step batch"),
+    Substitution("convlens factorize resnet50", "convlens factorize resnet18 --weights none --input-size 64",
+                 "pretrained weights would be downloaded"),
     Substitution("convlens deepdream resnet18", "convlens deepdream resnet18 --weights none",
                  "pretrained weights would be downloaded"),
     # Size: the same commands on a few images and steps instead of thousands.

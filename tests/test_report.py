@@ -52,15 +52,29 @@ def _section(html: str, name: str) -> str:
 
 def test_report_has_every_section_and_embedded_pictures(report_html):
     _, html = report_html
-    for section in ("model", "predictions", "heatmaps", "classes", "activations", "filters", "evaluation"):
+    for section in ("model", "predictions", "heatmaps", "concepts", "classes", "activations", "filters", "evaluation"):
         assert f'<section id="{section}">' in html
     assert "conv2" in html and "Conv2d" in html  # the layer table
-    # 3 thumbnails + 3 images x (original + every method) + one map per class (3) + 2 activation grids
-    # + 2 filter grids + class models
-    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 3 + 3 * (1 + len(REPORT_METHODS)) + 3 + 2 + 2 + 1
+    # 3 thumbnails + 3 images x (original + every method) + a concepts figure per image + one map per class (3)
+    # + 2 activation grids + 2 filter grids + class models
+    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == \
+        3 + 3 * (1 + len(REPORT_METHODS)) + 3 + 3 + 2 + 2 + 1
     assert "ground-truth object masks" in html
     # self-contained: nothing fetched from anywhere
     assert not re.search(r'(src|href)="(https?:)?//', html)
+
+
+def test_the_concepts_section_is_the_factorization_of_the_explained_layer(report_run):
+    path, html, _ = report_run
+    concepts = _section(html, "concepts")
+    assert concepts.count("<figure>") == 3 and "split into 4 non-negative concepts" in concepts
+    torch.manual_seed(0)
+    model = cl.load_model(TinyNet(), labels=LABELS)  # the report's model, seeded alike, on the same three images
+    pictures = [Image.open(path.parent / "red.png").convert("RGB"), cl.sample_image("chelsea"),
+                Image.new("RGB", (48, 40), (30, 200, 30))]
+    parts = cl.factorize(model, model.preprocess(pictures), cl.auto_layer(model), 4)
+    assert "over all 3 images" in concepts and f"leaves {parts.error:.0%} of the activations" in concepts
+    assert f"{parts.layer}&#39;s activations" in concepts or f"{parts.layer}'s activations" in concepts
 
 
 def test_the_heatmaps_wrap_and_say_how_each_kind_is_drawn(report_html):

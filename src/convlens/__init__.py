@@ -25,7 +25,8 @@ _EXPORTS = {
     "ConvlensError": "errors",
     "METHODS": "heatmaps", "Explanation": "heatmaps", "explain": "heatmaps",
     "load_image": "images", "load_images": "images", "sample_image": "images",
-    "activations": "inside", "class_model": "inside", "deepdream": "inside", "filter_patterns": "inside",
+    "activations": "inside", "class_model": "inside", "deepdream": "inside", "factorize": "inside",
+    "filter_patterns": "inside",
     "Model": "models", "auto_layer": "models", "load_model": "models", "summarize": "models",
     "dissect": "atlas", "scan": "atlas",
     "serve": "serve",
@@ -35,7 +36,7 @@ _SUBMODULES = ("atlas", "data", "errors", "evaluation", "fileio", "heatmaps", "i
                "metrics", "models", "render", "report", "scoring", "targets", "train")
 
 __all__ = ["METHODS", "ConvlensError", "Explanation", "Model", "activations", "auto_layer", "borrow", "capture",
-           "class_model", "deepdream", "dissect", "explain", "filter_patterns", "load_image", "load_images",
+           "class_model", "deepdream", "dissect", "explain", "factorize", "filter_patterns", "load_image", "load_images",
            "load_model", "metrics", "sample_image", "scan", "serve", "summarize"]
 
 

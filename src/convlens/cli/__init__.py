@@ -65,6 +65,7 @@ def _options(
 from . import atlas  # noqa: E402,F401
 from . import evaluate  # noqa: E402,F401
 from . import explain  # noqa: E402,F401
+from . import factorize  # noqa: E402,F401
 from . import inside  # noqa: E402,F401
 from . import inspect  # noqa: E402,F401
 from . import report  # noqa: E402,F401

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ConvlensError
+from ..models.heads import linear_head
 from ..targets import AllClasses, Box, ClassLogits, Region, Similarity, class_logits
 from .base import RawMaps, Request
 
@@ -182,13 +183,10 @@ def eigencam(request: Request, *, sign_correction: bool = True) -> RawMaps:
 
 def _linear_head(request: Request) -> tuple[nn.Module, torch.Tensor]:
     """The last linear layer and its weight ``(K, C)``; a Keras ``Dense`` counts too."""
-    for name, module in reversed(list(request.model.named_layers().items())):
-        if isinstance(module, nn.Linear):
-            return module, module.weight.detach()
-        if type(module).__name__ == "Dense" and hasattr(module, "kernel"):
-            return module, torch.as_tensor(module.kernel.value).detach().T
-    raise ConvlensError("CAM needs a global-average-pooling + linear head and this model has no linear layer; "
-                        "use gradcam, which equals CAM on such models")
+    head, weight, _ = linear_head(request.model.named_layers(),
+                                  "CAM needs a global-average-pooling + linear head and this model has no linear "
+                                  "layer; use gradcam, which equals CAM on such models")
+    return head, weight
 
 
 def class_activation_map(request: Request) -> RawMaps:

@@ -355,10 +355,12 @@ def training_section(ctx: Context) -> Section | None:
 
 
 from .atlas_section import atlas_section  # noqa: E402  (it imports Context, Section and figure from here)
+from .concepts_section import concepts_section  # noqa: E402  (likewise)
 from .evaluation_section import evaluation_section  # noqa: E402  (likewise)
 from .tasks_section import describe_prediction, segmentation_section  # noqa: E402  (likewise)
 
-SECTIONS = [summary_section, predictions_section, heatmaps_section, segmentation_section, classes_section,
+SECTIONS = [summary_section, predictions_section, heatmaps_section, concepts_section, segmentation_section,
+            classes_section,
             activations_section,
             filters_section,
             training_section, evaluation_section]
