@@ -86,7 +86,8 @@ def captum_superpixels(method: str, forward, x: torch.Tensor, targets, segments:
                        seed: int, baseline: float = 0.0) -> torch.Tensor:
     """captum's Lime (with a least-squares surrogate, convlens's) or KernelShap over ``segments``."""
     torch.manual_seed(seed)
-    explainer = Lime(forward, interpretable_model=SkLearnLinearRegression()) if method == "lime" else KernelShap(forward)
+    surrogate = SkLearnLinearRegression()
+    explainer = Lime(forward, interpretable_model=surrogate) if method == "lime" else KernelShap(forward)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return explainer.attribute(x, target=targets, feature_mask=segments.view(1, 1, *segments.shape),
@@ -196,6 +197,10 @@ def test_superpixel_surrogates_equal_captum_with_the_same_seed(resnet18, method)
     ours = explain(resnet18, x, method=method, segments=_blocks(), n_samples=30, seed=3, baseline=0.1)
     theirs = captum_superpixels(method, resnet18, x, ours.targets, _blocks(), 30, 3, baseline=0.1)
     assert _relative(ours.attributions, theirs) <= RELATIVE
+    if method == "kernel_shap":  # the end points' weight of 10^6 pins sum_k A_k to S(x) - S(baseline)
+        per_superpixel = ours.raw[:, ::8, ::8].sum((1, 2))
+        difference = _score_differences(resnet18, x, torch.full_like(x, 0.1), ours.targets)
+        torch.testing.assert_close(per_superpixel, difference, rtol=1e-3, atol=1e-4)
 
 
 class Linear(nn.Module):

@@ -20,12 +20,21 @@ input; ``M = |sum_c A_c|``. When every nonlinearity of the model is such a layer
 (attention's softmax, a squeeze-excitation product, LayerNorm) passes the plain
 gradient, as in captum, and completeness is then approximate.
 
-Departures from captum's ``DeepLift``, which hooks modules and keeps one input
-per module: a layer called twice (torchvision's ResNet blocks call their
-``relu`` twice) gets the rule at each call, where captum refuses the model; the
-max-pool rule scatters each window's share back by the pooling's own backward,
-which adds the shares of overlapping windows that share a maximum, where
-captum's ``max_unpool`` keeps one of them (and loses completeness).
+Departures from captum's ``DeepLift`` (0.9), each of which costs it completeness
+or the model: a layer called twice (torchvision's ResNet blocks call their
+``relu`` twice) gets the rule at each call, where captum keeps one input per
+module and refuses the model; a nonlinearity whose output feeds a max pooling
+rescales the pooling's multiplier, where captum's hooks on that shared tensor
+hand it the pooling's plain gradient; and the max-pool rule sends each window's
+share back by the pooling's own backward, which adds the shares of overlapping
+windows with a common maximum, where captum's ``max_unpool2d`` keeps one.
+``tests/test_deeplift_lime.py`` shows captum equal to this once a copy of the
+model and its scatter avoid the three.
+
+Example::
+
+    res = convlens.explain(model, x, method="deeplift", baseline=0.0)
+    res.attributions.sum((1, 2, 3))  # S(x) - S(0) per image, when every nonlinearity is a layer
 """
 
 from __future__ import annotations
@@ -102,7 +111,11 @@ class _Multiplier(torch.autograd.Function):
             top = torch.maximum(value[:half], value[half:])
             routed = ctx.vjp(grad * torch.cat([top - value[half:], value[:half] - top]))
             shared = (routed[:half] + routed[half:]).repeat(2, *([1] * (inputs.ndim - 1)))
-        return torch.where(delta_in.abs() < EPS, ctx.vjp(grad), shared / delta_in), None, None, None
+        tiny = delta_in.abs() < EPS
+        rescaled = shared / torch.where(tiny, 1.0, delta_in)
+        if tiny.any():  # no difference to rescale: the layer's own gradient, as captum
+            rescaled = torch.where(tiny, ctx.vjp(grad), rescaled)
+        return rescaled, None, None, None
 
 
 @contextlib.contextmanager
@@ -165,7 +178,7 @@ def deeplift(request: Request, *, baseline=None, batch_size: int = DEFAULT_BATCH
 
 
 def default_baselines(request: Request, count: int, seed: int) -> torch.Tensor:
-    """``(count, C, H, W)`` uniform noise images within the batch's value range, from a generator seeded with ``seed``."""
+    """``(count, C, H, W)`` uniform noise within the batch's value range, from a generator seeded with ``seed``."""
     x = request.x.float()
     noise = torch.rand((count, *x.shape[1:]), generator=torch.Generator().manual_seed(seed)).to(x.device)
     return x.min() + noise * (x.max() - x.min())
