@@ -140,7 +140,9 @@ def weighted_least_squares(features: torch.Tensor, targets: torch.Tensor, weight
     As scikit-learn's ``LinearRegression(sample_weight=w)`` (what captum fits):
     centred on the weighted means, rows scaled by ``sqrt(w)``, the minimum-norm
     least-squares solution (SVD, on the CPU, in float64), so that fewer samples
-    than superpixels still give an answer.
+    than superpixels still give an answer. captum fits in float32, which with
+    KernelSHAP's weights of 10^6 is off by ~4e-4 relative at 49 superpixels;
+    scikit-learn in float64 agrees with this to ~1e-13.
     """
     features, targets, weights = (t.detach().cpu().double() for t in (features, targets, weights))
     weights = weights / weights.sum()
