@@ -24,6 +24,7 @@ from convlens.heatmaps import METHODS, explain
 from cam_reference import CAM_PEERS, TOLERANCE, Logit, minmax
 from cam_reference import difference as _difference
 from cam_reference import peer_cam as _peer_cam
+from test_deeplift_lime import captum_deeplift, captum_superpixels
 
 
 def _captum_saliency(forward, x, targets, layer):
@@ -97,6 +98,22 @@ def _captum_shapley(forward, x, targets, layer):
     return torch.cat(rows).mean(1)
 
 
+def _captum_deeplift(forward, x, targets, layer):
+    return captum_deeplift(forward, x, torch.zeros_like(x), targets).sum(1).abs()
+
+
+def _captum_deeplift_shap(forward, x, targets, layer):
+    baselines = torch.stack([torch.zeros_like(x[0]), torch.ones_like(x[0])])
+    return captum_deeplift(forward, x, baselines, targets, shap=True).sum(1).abs()
+
+
+def _captum_surrogate(method):
+    def computation(forward, x, targets, layer):
+        return captum_superpixels(method, forward, x, targets, _quarters(x.shape[-1]), 12, 7).mean(1)
+
+    return computation
+
+
 #: method -> (captum computation giving the (N, H, W) map, convlens options)
 GRADIENT_PEERS = {
     "saliency": (_captum_saliency, {}),
@@ -112,6 +129,10 @@ GRADIENT_PEERS = {
     "occlusion": (_captum_occlusion, {"window": 8, "stride": 4}),
     "feature_ablation": (_captum_feature_ablation, {"segments": "quarters"}),
     "shapley_sampling": (_captum_shapley, {"segments": "quarters", "n_samples": 2, "seed": 7}),
+    "deeplift": (_captum_deeplift, {}),
+    "deeplift_shap": (_captum_deeplift_shap, {"baselines": "zeros-and-ones"}),
+    "lime": (_captum_surrogate("lime"), {"segments": "quarters", "n_samples": 12, "seed": 7}),
+    "kernel_shap": (_captum_surrogate("kernel_shap"), {"segments": "quarters", "n_samples": 12, "seed": 7}),
 }
 
 

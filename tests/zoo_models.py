@@ -24,6 +24,9 @@ NO_RELU = "guided backpropagation needs ReLU layers"
 #: what the ReLU-rewriting methods say on a model without ReLU modules
 RELU_REFUSALS = {"guided_backprop": NO_RELU, "guided_gradcam": NO_RELU,
                  "deconvolution": "deconvolution needs ReLU layers"}
+#: what DeepLIFT says on a Keras model whose convolutions apply their activation inside
+FUSED = "needs each nonlinearity as a layer of its own"
+DEEPLIFT_REFUSALS = {"deeplift": FUSED, "deeplift_shap": FUSED}
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,7 @@ KERAS = [
     ZooEntry("MobileNetV2", "keras", keras_model("MobileNetV2"), preprocessing="rescale"),
     # Rescaling(1/255) + Normalization at the input: the model takes 0-255 pixels; SiLU, no ReLU
     ZooEntry("EfficientNetB0", "keras", keras_model("EfficientNetB0"), preprocessing="raw",
-             refuses={**RELU_REFUSALS}),
+             refuses={**RELU_REFUSALS, **DEEPLIFT_REFUSALS}),  # its squeeze-excitation convolutions apply SiLU
     # Normalization with 0-255 ImageNet statistics; pooling, then LayerNorm, then Dense; GELU
     ZooEntry("ConvNeXtTiny", "keras", keras_model("ConvNeXtTiny"), preprocessing="raw",
              refuses={"cam": NO_GAP_HEAD, **RELU_REFUSALS}),

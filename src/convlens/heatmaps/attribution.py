@@ -107,7 +107,7 @@ def vargrad(request: Request, *, of: str = "saliency", n_samples: int = 25, nois
     return RawMaps([attributions.amax(dim=1)], attributions)
 
 
-def _baselines(request: Request, baselines) -> torch.Tensor:
+def baseline_batch(request: Request, baselines) -> torch.Tensor:
     """The ``(B, C, H, W)`` baseline distribution in the model's internal layout."""
     x = request.x
     reference = torch.as_tensor(0.0 if baselines is None else baselines, dtype=torch.float32, device=x.device)
@@ -142,7 +142,7 @@ def gradient_shap(request: Request, *, baselines=None, n_samples: int = 25, stde
         raise ConvlensError(f"n_samples must be at least 1, got {n_samples}")
     x = request.x.float()
     n = x.shape[0]
-    reference = _baselines(request, baselines)
+    reference = baseline_batch(request, baselines)
     numpy_draws = np.random.RandomState(seed)
     chosen = reference[torch.as_tensor(numpy_draws.choice(reference.shape[0], n * n_samples))]
     noise = torch.randn((n * n_samples, *x.shape[1:]), generator=torch.Generator().manual_seed(seed)).to(x.device)

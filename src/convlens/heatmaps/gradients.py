@@ -34,22 +34,29 @@ def _row_score(request: Request, rows: list[int]):
 
 
 def input_gradients(request: Request, inputs: torch.Tensor, rows: list[int], batch_size: int,
-                    rewrite: dict | None = None) -> torch.Tensor:
+                    rewrite: dict | None = None, references: torch.Tensor | None = None) -> torch.Tensor:
     """``dS/dx`` for each row of ``inputs`` ``(B, C, H, W)`` (row ``r`` scored with image ``rows[r]``'s target).
 
     When ``inputs`` is the clean batch itself in one chunk, its pass settles the target.
+    ``references`` ``(B, C, H, W)``: each chunk runs stacked on top of its references
+    (DeepLIFT's paired pass), both halves scored, the gradient taken to the inputs.
     """
-    clean = inputs is request.x and batch_size >= inputs.shape[0]
+    clean = inputs is request.x and batch_size >= inputs.shape[0] and references is None
     if not clean:
         request.settle_on_clean_batch()
     grads = []
     for start in range(0, inputs.shape[0], batch_size):
         chunk = inputs[start:start + batch_size].detach().clone().requires_grad_()
+        chunk_rows = rows[start:start + batch_size]
+        batch = chunk
+        if references is not None:
+            batch = torch.cat([chunk, references[start:start + batch_size].detach().to(chunk.dtype)])
+            chunk_rows = chunk_rows * 2
         with request.capture([], rewrite=rewrite) as rec, torch.enable_grad():
-            output = rec.forward(chunk)
+            output = rec.forward(batch)
             if clean:
                 request.settle(output)
-            scores = _row_score(request, rows[start:start + batch_size])(output)
+            scores = _row_score(request, chunk_rows)(output)
             grad, = torch.autograd.grad(scores.sum(), chunk)
         grads.append(grad.float())
         request.report(min(start + batch_size, inputs.shape[0]), inputs.shape[0])

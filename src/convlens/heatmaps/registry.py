@@ -12,10 +12,11 @@ from __future__ import annotations
 from ..errors import ConvlensError, did_you_mean
 from .attribution import deconvolution, gradient_shap, input_x_gradient, occlusion, smoothgrad_sq, vargrad
 from .base import Method
+from .deeplift import deeplift, deeplift_shap
 from .cam import class_activation_map, eigencam, gradcam, gradcam_plusplus, hirescam, layercam, xgradcam
 from .gradients import guided_backprop, guided_gradcam, integrated_gradients, saliency, smoothgrad
 from .perturbation import ablationcam, scorecam
-from .superpixels import feature_ablation, shapley_sampling
+from .superpixels import feature_ablation, kernel_shap, lime, shapley_sampling
 
 METHODS: dict[str, Method] = {
     "cam": Method("cam", "cam", class_activation_map, all_classes=True),
@@ -41,6 +42,10 @@ METHODS: dict[str, Method] = {
     "occlusion": Method("occlusion", "perturbation", occlusion, uses_layer=False),
     "feature_ablation": Method("feature_ablation", "perturbation", feature_ablation, uses_layer=False),
     "shapley_sampling": Method("shapley_sampling", "perturbation", shapley_sampling, uses_layer=False),
+    "deeplift": Method("deeplift", "gradient", deeplift, uses_layer=False, pixel_level=True),
+    "deeplift_shap": Method("deeplift_shap", "gradient", deeplift_shap, uses_layer=False, pixel_level=True),
+    "lime": Method("lime", "perturbation", lime, uses_layer=False),
+    "kernel_shap": Method("kernel_shap", "perturbation", kernel_shap, uses_layer=False),
 }
 
 
