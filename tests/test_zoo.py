@@ -42,7 +42,7 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
 #: the documented speed options the slow methods run with here
 FAST = {"smoothgrad": {"n_samples": 2}, "integrated_gradients": {"steps": 2}, "scorecam": {"top_k": 8},
         "ablationcam": {"batch_size": 512}, "smoothgrad_sq": {"n_samples": 2}, "vargrad": {"n_samples": 2},
-        "gradient_shap": {"n_samples": 2}, "occlusion": {"window": 32, "stride": 32},
+        "gradient_shap": {"n_samples": 2}, "occlusion": {"window": 64, "stride": 64},
         "feature_ablation": {"n_segments": 8}, "shapley_sampling": {"n_segments": 4, "n_samples": 1},
         "deeplift_shap": {"n_baselines": 1}, "lime": {"n_segments": 8, "n_samples": 3},
         "kernel_shap": {"n_segments": 8, "n_samples": 3}}
