@@ -251,3 +251,67 @@ def test_the_model_is_given_back_as_it_was(tiny, tmp_path):
             inputs=tmp_path / "concepts" / "red")
     assert tiny.training and {name: p.requires_grad for name, p in tiny.named_parameters()} == before
     assert not tiny._forward_hooks and not any(m._forward_hooks for m in tiny.modules())
+
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory):
+    """A tiny saved model, generated shapes as concepts (masks beside) and class inputs, a pool of noise images."""
+    from conftest import TinyNet
+    from convlens.data import write_shapes
+
+    root = tmp_path_factory.mktemp("tcav_cli")
+    torch.manual_seed(0)
+    torch.save(TinyNet().eval(), root / "tiny.pt")
+    (root / "labels.txt").write_text("circle\ncross\nsquare\n")
+    write_shapes(root / "concepts", 10, seed=1, size=24, split=None, classes=["circle", "cross"])
+    write_shapes(root / "inputs", 3, seed=2, size=24, split=None, classes=["circle", "cross"])
+    _images(root / "pool", 24, (120, 120, 120), seed=4)
+    args = ["tcav", root / "tiny.pt", "--trust-code", "--input-size", "24", "--labels", root / "labels.txt",
+            "--concepts", root / "concepts", "--random", root / "pool", "--inputs", root / "inputs",
+            "--classes", "circle,cross", "--layers", "relu1,conv2", "--random-size", "12"]
+    return root, args
+
+
+def test_the_cli_writes_the_apis_table_csv_and_figures(shapes_run, cli, tmp_path):
+    import csv
+
+    root, args = shapes_run
+    code, out, err = cli(*args, "--out", tmp_path / "t")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["tcav.csv", "tcav.md", "tcav_conv2.png",
+                                                                  "tcav_relu1.png"]
+    model = cl.load_model(str(root / "tiny.pt"), trust_code=True, input_size=(24, 24), labels=root / "labels.txt")
+    expected = cl.tcav(model, ["circle", "cross"], root / "concepts", ["relu1", "conv2"], root / "pool",
+                       inputs=root / "inputs", random_size=12)
+    with open(tmp_path / "t" / "tcav.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(expected.rows) == 8  # 2 classes x 2 concepts x 2 layers
+    for row, want in zip(rows, expected.rows):
+        assert (row["class"], row["concept"], row["layer"]) == (want.class_, want.concept, want.layer)
+        assert float(row["tcav"]) == want.score and float(row["p_value"]) == want.p_value
+        assert row["significant"] == str(want.significant)
+    assert expected.markdown() in out  # the table is printed
+
+
+@pytest.mark.parametrize("case, message", [
+    ("nine", "has 9 image(s)"),
+    ("missing random", "random folder not found"),
+    ("runs", "'--runs': Input should be greater than or equal to 10"),
+])
+def test_bad_cli_input_is_one_line_exit_2_and_nothing_written(shapes_run, cli, tmp_path, case, message):
+    import shutil
+
+    root, args = shapes_run
+    args = list(args)
+    if case == "nine":
+        shutil.copytree(root / "concepts", tmp_path / "concepts")
+        for path in sorted((tmp_path / "concepts" / "cross").glob("0000[0-9].png"))[:1]:
+            path.unlink()
+        args[args.index("--concepts") + 1] = tmp_path / "concepts"
+    elif case == "missing random":
+        args[args.index("--random") + 1] = tmp_path / "nowhere"
+    else:
+        args += ["--runs", "0"]
+    code, out, err = cli(*args, "--out", tmp_path / "t")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "t").exists() and not list(tmp_path.glob(".t.*"))

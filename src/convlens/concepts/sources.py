@@ -172,17 +172,18 @@ def input_sets(inputs: Images | Mapping, classes: Sequence, *, labels: Sequence[
         missing = [c for c in classes if c not in inputs]
         if missing:
             raise ConvlensError(f"no inputs given for class {missing[0]!r}: inputs has {sorted(map(str, inputs))}")
-        return {c: image_set(str(c), inputs[c], minimum=1, what="class inputs of") for c in classes}
+        return {c: image_set(str(c), inputs[c], minimum=1, what="inputs of class") for c in classes}
     if isinstance(inputs, (str, os.PathLike)):
         folder = Path(inputs)
         if not folder.is_dir():
             raise ConvlensError(f"inputs folder not found: {folder}")
 
         def own(c) -> Path | None:
-            names = [str(c)] + ([labels[c]] if isinstance(c, int) and labels and 0 <= c < len(labels) else [])
+            index = int(c) if isinstance(c, int) or (isinstance(c, str) and c.isdigit()) else None
+            names = [str(c)] + ([labels[index]] if index is not None and labels and index < len(labels) else [])
             return next((folder / n for n in names if (folder / n).is_dir()), None)
 
         if all(own(c) is not None for c in classes):
-            return {c: image_set(str(c), own(c), minimum=1, what="class inputs of") for c in classes}
+            return {c: image_set(str(c), own(c), minimum=1, what="inputs of class") for c in classes}
     shared = image_set("inputs", inputs, minimum=1, what="inputs")
     return {c: shared for c in classes}

@@ -217,7 +217,7 @@ def p_value(scores: Sequence[float], random_scores: Sequence[float]) -> float:
 class TCAVRow:
     """One (class, concept, layer): the mean TCAV score over runs and its test against random CAVs."""
 
-    class_: str
+    class_: str  # the class's label (its index when the model has no labels)
     concept: str
     layer: str
     score: float
@@ -230,6 +230,7 @@ class TCAVRow:
     scores: list[float] = field(repr=False, default_factory=list)  # per run
     random_scores: list[float] = field(repr=False, default_factory=list)
     magnitudes: list[float] = field(repr=False, default_factory=list)  # mean S(x) per run
+    class_index: int = -1
 
     COLUMNS = ("class", "concept", "layer", "tcav", "std", "random", "random_std", "p_value", "significant",
                "cav_accuracy")
@@ -252,7 +253,7 @@ class TCAVResult:
 
     def row(self, class_, concept: str, layer: str) -> TCAVRow:
         for row in self.rows:
-            if row.class_ == str(class_) and row.concept == concept and row.layer == layer:
+            if str(class_) in (row.class_, str(row.class_index)) and row.concept == concept and row.layer == layer:
                 return row
         raise KeyError((class_, concept, layer))
 
@@ -333,5 +334,5 @@ def tcav(model: Model | torch.nn.Module, class_, concepts: Mapping[str, Images] 
                 rows.append(TCAVRow(label, concept.name, layer, float(np.mean(scores)), float(np.std(scores)),
                                     float(np.mean(random_scores)), float(np.std(random_scores)), p, p < threshold,
                                     float(np.mean([cav.accuracy for cav in runs])), scores, random_scores,
-                                    [float(values.mean()) for values in s]))
+                                    [float(values.mean()) for values in s], index))
     return TCAVResult(rows, cavs, random_cavs, alpha, threshold, n_runs)
