@@ -54,8 +54,8 @@ def tcav(
         "--concepts", help="A folder of concept folders (CONCEPTS/<concept>/*.png, 10 images or more each), or a "
                            "data folder with dissection masks (masks/<concept>/<image>.png).", show_default=False)],
     random: Annotated[Path, typer.Option(
-        "--random", help="A folder of random folders (one per run), or one pool folder of images to draw the random "
-                         "sets from.", show_default=False)],
+        "--random", help="A folder of random folders (one per run), or a pool of images to draw the random sets "
+                         "from (images directly in it, or any folder with --random-size).", show_default=False)],
     inputs: Annotated[Path, typer.Option(
         "--inputs", help="The classes' images: a folder with a folder per class, or one folder for every class.",
         show_default=False)],
@@ -69,7 +69,8 @@ def tcav(
                                       help="CAVs per concept and layer, each against another random set.")] = 10,
     random_size: Annotated[Optional[int], typer.Option(
         "--random-size", min=10, max=IMAGES_MAX,
-        help="Images per random set drawn from a pool (default: half the pool, at most 50).")] = None,
+        help="Draw the random sets from every image under --random, this many each (default for a folder of "
+             "loose images: half of them, at most 50).")] = None,
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed of the CAVs' splits and the draws.")
                     ] = 0,
     alpha: Annotated[float, typer.Option("--alpha", min=0, max=1,

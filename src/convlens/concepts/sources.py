@@ -31,7 +31,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from ..data.folders import image_files
+from ..data.folders import image_files, is_image_file
 from ..data.shapes import mask_path
 from ..errors import ConvlensError
 from ..images import ImageLike
@@ -128,8 +128,11 @@ def random_sets(random: Images | Sequence[Images], runs: int, *, seed: int = 0, 
                 ) -> list[ImageSet]:
     """``runs`` random image sets: the first ``runs`` folders given, or ``runs`` draws from a pool folder.
 
-    A pool's sets hold ``size`` images each (default: half the pool, at most 50),
-    drawn without replacement within a set, independently across sets (``seed``).
+    A folder is a pool when images lie directly in it or when ``size`` is given (then
+    every image under it, class folders included, is in the pool); else each of its
+    folders is one random set. A pool's sets hold ``size`` images each (default: half
+    the pool, at most 50), drawn without replacement within a set, independently
+    across sets (``seed``).
     """
     if runs < MIN_RANDOM_SETS:
         raise ConvlensError(f"TCAV's t-test needs at least {MIN_RANDOM_SETS} runs against random concepts, "
@@ -144,13 +147,13 @@ def random_sets(random: Images | Sequence[Images], runs: int, *, seed: int = 0, 
             raise ConvlensError(f"random folder not found: {folder}")
         subfolders = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")
                             and d.name != "masks")
-        if subfolders:
-            sets = [image_set(d.name, d, what="random set") for d in subfolders]
-        else:
+        loose = any(p.is_file() and is_image_file(p) for p in folder.iterdir())
+        if size is not None or loose or not subfolders:
             return _drawn(folder, runs, seed, size)
+        sets = [image_set(d.name, d, what="random set") for d in subfolders]
     if len(sets) < runs:
         raise ConvlensError(f"{len(sets)} random set(s) given for {runs} runs; give at least {runs} random folders "
-                            "(or one pool folder of images to draw them from)")
+                            "(or one pool of images to draw them from, with a set size)")
     return sets[:runs]
 
 

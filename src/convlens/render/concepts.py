@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 def tcav_figure(result, layer: str) -> Figure:
     """Bars of the mean TCAV score (± std over runs) per class and concept at ``layer``, the random mean as a line.
 
-    A concept that fails the t-test is drawn pale and marked ``n.s.``.
+    A concept that fails the t-test is drawn pale and marked ``n.s.`` at its foot.
     """
     rows = [row for row in result.rows if row.layer == layer]
     figure = Figure(figsize=(max(4.0, 0.55 * len(rows) + 1.5), 3.4), dpi=100)
@@ -22,12 +22,14 @@ def tcav_figure(result, layer: str) -> Figure:
         axes.hlines(row.random_score, x - 0.4, x + 0.4, colors="tab:red", linestyles="dashed",
                     label="random CAVs" if x == 0 else None)
         if not row.significant:
-            axes.text(x, min(1.0, row.score + row.std) + 0.03, "n.s.", ha="center", fontsize=8)
+            axes.text(x, 0.02, "n.s.", ha="center", va="bottom", fontsize=8)
     axes.set_xticks(positions, [f"{row.class_}\n{row.concept}" for row in rows], fontsize=8)
-    axes.set_ylim(0, 1.12)
+    axes.set_ylim(0, 1.3)  # room for the legend above the bars
+    axes.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    axes.set_xlabel("class / concept", fontsize=8)
     axes.set_ylabel("TCAV score")
     axes.set_title(f"TCAV at {layer} ({result.runs} runs)", fontsize=10)
     if rows:
-        axes.legend(loc="upper right", fontsize=8)
+        axes.legend(loc="upper center", fontsize=8, frameon=False)
     figure.tight_layout()
     return figure
