@@ -315,3 +315,35 @@ def test_bad_cli_input_is_one_line_exit_2_and_nothing_written(shapes_run, cli, t
     code, out, err = cli(*args, "--out", tmp_path / "t")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "t").exists() and not list(tmp_path.glob(".t.*"))
+
+
+def test_store_gets_a_tcav_table_and_another_models_store_is_refused(shapes_run, cli, tmp_path):
+    import sqlite3
+
+    root, args = shapes_run
+    model = cl.load_model(str(root / "tiny.pt"), trust_code=True, input_size=(24, 24))
+    cl.scan(model, shapes=4, size=24, layers=["conv2"], out=tmp_path / "atlas.sqlite")
+    code, _, err = cli(*args, "--store", tmp_path / "atlas.sqlite", "--no-figures", "--out", tmp_path / "t")
+    assert code == 0, err
+    with open(tmp_path / "t" / "tcav.csv") as handle:
+        expected = [line.split(",") for line in handle.read().splitlines()[1:]]
+    with sqlite3.connect(tmp_path / "atlas.sqlite") as db:
+        stored = db.execute("SELECT * FROM tcav").fetchall()
+    assert len(stored) == len(expected) == 8
+    for row, want in zip(stored, expected):
+        assert row[:3] == tuple(want[:3]) and row[3] == float(want[3]) and row[7] == float(want[7])
+        assert row[8] == (want[8] == "True") and row[10] == 10
+    code, _, err = cli(*args, "--store", tmp_path / "atlas.sqlite", "--no-figures", "--out", tmp_path / "t")
+    with sqlite3.connect(tmp_path / "atlas.sqlite") as db:  # a second run replaces its rows
+        assert db.execute("SELECT COUNT(*) FROM tcav").fetchone()[0] == 8
+    from convlens.atlas.store import AtlasStore
+
+    with AtlasStore.open(tmp_path / "atlas.sqlite") as store:
+        assert sorted(store.tcav()) == sorted(stored)
+
+    torch.manual_seed(1)
+    other = cl.load_model(nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()), input_size=24)
+    cl.scan(other, shapes=4, size=24, layers=["0"], out=tmp_path / "other.sqlite")
+    code, _, err = cli(*args, "--store", tmp_path / "other.sqlite", "--out", tmp_path / "u")
+    assert code == 2 and "written for another model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "u").exists()

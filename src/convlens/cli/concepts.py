@@ -26,8 +26,13 @@ def _file_name(layer: str) -> str:
     return "tcav_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", layer) + ".png"
 
 
-def write_tcav(result, out: Path, *, figures: bool = True) -> list[Path]:
-    """``tcav.csv``, ``tcav.md`` and (with ``figures``) ``tcav_<layer>.png`` in ``out``, all or none of them."""
+def write_tcav(result, out: Path, *, figures: bool = True, store: Path | None = None, model=None) -> list[Path]:
+    """``tcav.csv``, ``tcav.md`` and (with ``figures``) ``tcav_<layer>.png`` in ``out``, all or none of them.
+
+    With ``store``, the rows go into its ``tcav`` table last, inside the staged write: a store that
+    cannot be written leaves no ``out`` either.
+    """
+    from ..concepts.storing import store_tcav
     from ..fileio import staged_folder, write_text
     from ..render.concepts import tcav_figure
     from ..render.overlay import save_figure
@@ -43,6 +48,8 @@ def write_tcav(result, out: Path, *, figures: bool = True) -> list[Path]:
         if figures:
             for layer in result.layers:
                 save_figure(tcav_figure(result, layer), stage / _file_name(layer))
+        if store is not None:
+            store_tcav(result, store, model)
     return [out / name for name in names]
 
 
@@ -81,6 +88,9 @@ def tcav(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=BATCH_MAX, help="Images per forward pass.")
                           ] = 32,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="One bar figure per layer.")] = True,
+    store: Annotated[Optional[Path], typer.Option(
+        "--store", help="An atlas store of this model (convlens scan/dissect) to add the rows to, table tcav.")
+                     ] = None,
     opts: ModelOptions = ModelOptions(),
 ) -> None:
     """TCAV (Kim et al. 2018): how much each class's logit leans on each concept, tested against random concepts.
@@ -89,15 +99,18 @@ def tcav(
     --layers features.relu3 --out tcav
     """
     from ..concepts import tcav as run_tcav
+    from ..concepts.storing import check_store
     from ..fileio import check_output_dir
     from ..models import auto_layer
 
     check_output_dir(out)
     class_list = named_list(classes, "--classes", "0")
     loaded = opts.open(model)
+    if store is not None:
+        check_store(store, loaded)
     layer_list = named_list(layers, "--layers", "layer4") or [auto_layer(loaded)]
     result = run_tcav(loaded, class_list, concepts, layer_list, random, inputs=inputs, n_runs=runs, seed=seed,
                       batch_size=batch_size, alpha=alpha, bonferroni=bonferroni, masks=masks, random_size=random_size)
     typer.echo(result.markdown())
-    files = write_tcav(result, out, figures=figures)
-    typer.echo("wrote " + ", ".join(str(path) for path in files))
+    files = write_tcav(result, out, figures=figures, store=store, model=loaded)
+    typer.echo("wrote " + ", ".join(str(path) for path in files) + (f"; rows added to {store}" if store else ""))
