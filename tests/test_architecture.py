@@ -13,7 +13,7 @@ from pathlib import Path
 import convlens
 
 ROOT = Path(convlens.__file__).parent
-CORE = ("heatmaps", "inside", "metrics", "models", "capture", "targets")
+CORE = ("heatmaps", "inside", "metrics", "models", "capture", "targets", "concepts")
 EDGES_OUT = ("render", "report", "cli")
 #: The one documented exception: ``Explanation.overlay`` is a one-line call into render.
 ALLOWED = {("heatmaps/engine.py", "render")}

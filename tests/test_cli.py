@@ -107,7 +107,7 @@ COMMANDS = typer.main.get_command(app).commands
 #: Commands that run a model take --device and --input-size (examples runs at the size its atlas was scanned
 #: at, so it has --device only; train builds its model at --input-size and trains on the CPU).
 MODEL_COMMANDS = ["activations", "class-model", "deepdream", "dissect", "evaluate", "explain", "factorize", "filters",
-                  "layers", "predict", "report", "scan"]
+                  "layers", "predict", "report", "scan", "tcav"]
 PLURALS = {"--methods": "--method", "--layers": "--layer", "--targets": "--target", "--metrics": "--metric"}
 
 

@@ -47,6 +47,8 @@ BASE = {
     "shapes": ("shapes", "{out}/s", "--per-class", "2", "--size", "24", "--classes", "circle,cross", "--split", ""),
     # serve: started on a free port and stopped at once (see stop_servers_at_once)
     "serve": ("serve", *TINY, "--data", "{data}", "--port", "0", "--cache", "{out}/cache"),
+    "tcav": ("tcav", *TINY, "--concepts", "{concepts}", "--random", "{pool}", "--random-size", "10", "--inputs",
+             "{data}", "--classes", "0", "--layers", "2", "--no-figures", "--out", "{out}/t"),
     "train": ("train", "{shapes}", "--out", "{out}/t", "--epochs", "1", "--input-size", "16", "--widths", "4",
               "--batch-size", "8", "--no-augment"),
 }
@@ -95,8 +97,12 @@ def places(tmp_path_factory):
     rng = np.random.default_rng(0)
     for index in range(2):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "data" / f"{index}.png")
+    for folder, count in (("concepts/c", 10), ("pool", 20)):  # tcav: 10 images a concept, two random sets' worth
+        (root / folder).mkdir(parents=True)
+        for index in range(count):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / folder / f"{index}.png")
     values = {"tiny": root / "tiny.pt", "pic": root / "pic.png", "data": root / "data", "atlas": root / "atlas.sqlite",
-              "shapes": root / "shapes"}
+              "shapes": root / "shapes", "concepts": root / "concepts", "pool": root / "pool"}
     for args in (BASE["scan"], BASE["shapes"]):
         with pytest.raises(SystemExit) as done:
             main([a.format(**values, out=root) for a in args])

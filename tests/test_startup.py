@@ -64,7 +64,7 @@ def test_every_command_help_leaves_torch_numpy_and_pil_unloaded():
             "print('loaded:', sorted(m for m in ('torch', 'numpy', 'PIL', 'matplotlib', 'jinja2', 'fastapi', 'uvicorn') if m in sys.modules))")
     result = _fresh(code)
     assert result.stdout.strip().splitlines()[-1] == "loaded: []", result.stderr
-    assert result.stdout.count("Usage: ") == len(commands) == 16
+    assert result.stdout.count("Usage: ") == len(commands) == 17
 
 
 def test_version_is_the_package_version():

@@ -29,15 +29,16 @@ _EXPORTS = {
     "filter_patterns": "inside",
     "Model": "models", "auto_layer": "models", "load_model": "models", "summarize": "models",
     "dissect": "atlas", "scan": "atlas",
+    "tcav": "concepts",
     "serve": "serve",
 }
 #: Subpackages reachable as attributes (``convlens.metrics.deletion``) without an explicit import.
-_SUBMODULES = ("atlas", "data", "errors", "evaluation", "fileio", "heatmaps", "images", "inside", "kernels",
+_SUBMODULES = ("atlas", "concepts", "data", "errors", "evaluation", "fileio", "heatmaps", "images", "inside", "kernels",
                "metrics", "models", "render", "report", "scoring", "targets", "train")
 
 __all__ = ["METHODS", "ConvlensError", "Explanation", "Model", "activations", "auto_layer", "borrow", "capture",
-           "class_model", "deepdream", "dissect", "explain", "factorize", "filter_patterns", "load_image", "load_images",
-           "load_model", "metrics", "sample_image", "scan", "serve", "summarize"]
+           "class_model", "deepdream", "dissect", "explain", "factorize", "filter_patterns", "load_image",
+           "load_images", "load_model", "metrics", "sample_image", "scan", "serve", "summarize", "tcav"]
 
 
 def __getattr__(name: str):

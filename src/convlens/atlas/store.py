@@ -18,7 +18,12 @@ zlib-compressed little-endian int64 array)::
     concept_pixels(layer TEXT, concept INTEGER, pixels INTEGER, images INTEGER)
     overlaps(layer TEXT, unit INTEGER, concept INTEGER, intersection INTEGER, union_pixels INTEGER, iou REAL)
     dissection(layer TEXT, unit INTEGER, threshold REAL, unit_pixels INTEGER, label TEXT, iou REAL)
+    tcav(class TEXT, concept TEXT, layer TEXT, score REAL, std REAL, random REAL, random_std REAL,
+         p_value REAL, significant INTEGER, cav_accuracy REAL, runs INTEGER)  -- convlens tcav --store
 
+The ``tcav`` table is made when ``convlens tcav --store`` first writes to a store (stores
+written before it have none, and are read as before); a row replaces the one of the
+same class, concept and layer.
 ``count`` is values seen per channel (images x height x width); ``y``/``x`` are
 the position of the image's maximum in the layer's map; ``label`` is NULL
 for a unit that detects no concept. Example query::
@@ -74,6 +79,11 @@ CREATE TABLE overlaps(layer TEXT, unit INTEGER, concept INTEGER, intersection IN
 CREATE TABLE dissection(layer TEXT, unit INTEGER, threshold REAL, unit_pixels INTEGER, label TEXT, iou REAL,
                         PRIMARY KEY(layer, unit));
 """
+
+
+#: Made on first use by :meth:`AtlasStore.commit_tcav`, so older stores need no migration.
+TCAV_TABLE = ("CREATE TABLE IF NOT EXISTS tcav(class TEXT, concept TEXT, layer TEXT, score REAL, std REAL, "
+              "random REAL, random_std REAL, p_value REAL, significant INTEGER, cav_accuracy REAL, runs INTEGER)")
 
 
 def model_fingerprint(module: torch.nn.Module) -> str:
@@ -283,7 +293,22 @@ class AtlasStore:
                  "ON d.layer = l.layer" + (" WHERE d.layer = ?" if layer else "") + " ORDER BY l.position, d.unit")
         return self.db.execute(query, (layer,) if layer else ()).fetchall()
 
+    def tcav(self) -> list[tuple]:
+        """Rows of the ``tcav`` table (``convlens tcav --store``), by class, concept, layer; ``[]`` without one."""
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tcav'").fetchone():
+            return []
+        return self.db.execute("SELECT * FROM tcav ORDER BY class, concept, layer").fetchall()
+
     # -- writing ----------------------------------------------------------
+    def commit_tcav(self, rows: Sequence[tuple], runs: int) -> None:
+        """Write TCAV rows ``(class, concept, layer, score, std, random, random_std, p, significant, accuracy)``."""
+        with self.transaction() as db:
+            db.execute(TCAV_TABLE)
+            for row in rows:
+                db.execute("DELETE FROM tcav WHERE class = ? AND concept = ? AND layer = ?", row[:3])
+            db.executemany("INSERT INTO tcav VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           [(*row[:8], int(row[8]), row[9], runs) for row in rows])
+
     def write_images(self, keys: Sequence[str], labels: Sequence[int], classes: Sequence[str]) -> None:
         if self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]:
             return

@@ -63,6 +63,7 @@ def _options(
 
 # Commands register themselves on app when their module is imported.
 from . import atlas  # noqa: E402,F401
+from . import concepts  # noqa: E402,F401
 from . import evaluate  # noqa: E402,F401
 from . import explain  # noqa: E402,F401
 from . import factorize  # noqa: E402,F401
