@@ -2,7 +2,8 @@
 
 Each row runs as a user would, offline and small (64-96 px, random weights, seeded): ``layers``,
 ``predict`` (pixel shares, detections), ``explain`` with every method that applies (the others
-refuse on one line) and ``report``; bad input to ``--targets`` is one line and exit 2.
+refuse on one line), ``report`` and ``evaluate --targets`` (the CLI's scores equal the API's for the same
+target); bad input to ``--targets`` is one line and exit 2, in ``explain`` and ``evaluate``.
 The detector and the embedding model reach the CLI as pickled modules (``--trust-code``): a random
 detector finds nothing at torchvision's score threshold, so it is built with threshold 0 (and with
 100 proposals and 10 detections instead of 1000 and 100, to stay quick).
@@ -165,6 +166,52 @@ def test_evaluate_scores_a_segmenters_region(cli, files, tmp_path):
     assert code == 0, err
     rows = (tmp_path / "eval" / "results.csv").read_text().splitlines()
     assert rows[0].startswith("image,method,target,deletion,drop") and len(rows) == 2
+
+
+def test_evaluate_targets_scores_what_the_api_scores_for_that_target(row, cli, files, tmp_path):
+    from convlens.metrics import average_drop, deletion
+    from convlens.targets import Region
+
+    kind, args, model, _, _ = row
+    picture = files / "pic.png"
+    if kind == "segment":  # the row's own random weights, through --weights FILE
+        torch.save(model.module.state_dict(), tmp_path / "seg.pt")
+        args = [args[0], "--weights", str(tmp_path / "seg.pt"), *args[3:]]
+        mask = np.zeros((64, 64), np.uint8)
+        mask[8:40, 4:30] = 255
+        Image.fromarray(mask).save(tmp_path / "mask.png")
+        k = 1 + int(model.predict([picture], top_k=1)[0][0].index == 1)  # a class that is not the winner
+        text, target = f"region:{k}:{tmp_path / 'mask.png'}", Region(k, mask=tmp_path / "mask.png")
+    elif kind == "detect":
+        text, target = "box:1", Box(1)
+    else:
+        text, target = f"similar:{files / 'ref.png'}", Similarity(files / "ref.png")
+    code, out, err = cli("evaluate", *args, picture, "--out", tmp_path / "eval", "--targets", text,
+                         "--metrics", "deletion,drop")
+    assert code == 0, err
+    header, line = (tmp_path / "eval" / "results.csv").read_text().splitlines()
+    values = dict(zip(header.split(","), line.split(",")))
+    x = model.preprocess([picture])
+    maps = cl.explain(model, x, method="gradcam", target=target).maps
+    expected_deletion = float(deletion(model, x, maps, targets=target).auc[0])
+    expected_drop = float(average_drop(model, x, maps, targets=target)[0])
+    assert float(values["deletion"]) == pytest.approx(expected_deletion, rel=1e-4, abs=1e-6)
+    assert float(values["drop"]) == pytest.approx(expected_drop, rel=1e-4, abs=1e-6)
+    if kind == "segment":
+        assert values["target"] == str(k)
+        # the same folder with another target is another run: refused on one line, naming the change
+        code, _, err = cli("evaluate", *args, picture, "--out", tmp_path / "eval", "--metrics", "deletion,drop")
+        assert code == 2 and f"--targets: Region(class_={k}, mask={tmp_path / 'mask.png'} (" in err, err
+
+
+@pytest.mark.parametrize("kind, target, words", [*BAD, ("segment", "all", "one target on every image")],
+                         ids=[b[1].split(":")[0] + str(i) for i, b in enumerate(BAD)] + ["all"])
+def test_evaluate_refuses_a_bad_target_on_one_line_before_writing(cli, files, tmp_path, kind, target, words):
+    code, _, err = cli("evaluate", *_args(kind, files), files / "pic.png", "--targets", target.format(folder=files),
+                       "--out", tmp_path / "eval")
+    assert code == 2 and words in err, err
+    assert err.count("convlens: error:") == 1 and "Traceback" not in err
+    assert not (tmp_path / "eval").exists()  # no run.json that would tie the folder to a target that cannot run
 
 
 def test_report_shows_each_kind_and_leaves_out_what_does_not_apply(row, files, tmp_path):
