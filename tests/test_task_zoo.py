@@ -39,6 +39,8 @@ def files(tmp_path_factory):
     Image.fromarray((rng.random((72, 90, 3)) * 255).astype("uint8")).save(folder / "pic.png")
     Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")).save(folder / "ref.png")
     Image.fromarray(np.zeros((72, 90), np.uint8)).save(folder / "empty.png")
+    np.save(folder / "short.npy", np.ones(7, np.float32))  # a reference embedding of another model
+    np.save(folder / "vector.npy", np.random.default_rng(1).standard_normal(512).astype(np.float32))
     torch.manual_seed(0)
     torch.save(torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
         weights=None, weights_backbone=None, min_size=64, max_size=64, box_score_thresh=0.0,
@@ -137,6 +139,7 @@ BAD = [
     ("detect", "box:500", "box 500 is past the detections: the detector found 10"),
     ("detect", "box:3@1,2", "needs four numbers after '@'"),
     ("embed", "similar:{folder}/missing.png", "not found"),
+    ("embed", "similar:{folder}/short.npy", "the reference embedding has 7 values and the model's output has 512"),
     ("detect", "3", "this model is a detector: its target is a box"),
 ]
 
@@ -154,6 +157,13 @@ def test_an_embedding_reference_of_another_size_is_one_line(cli, files, tmp_path
     code, _, err = cli("explain", *_args("embed", files), str(files / "pic.png"), "--targets",
                        f"similar:{files / 'pic.png'}", "--out", tmp_path / "ok")
     assert code == 0, err  # an image of another size is resized by the model's preprocessing
+    code, _, err = cli("explain", *_args("embed", files), str(files / "pic.png"), "--targets",
+                       f"similar:{files / 'vector.npy'}", "--out", tmp_path / "vector")
+    assert code == 0, err  # a saved embedding is a reference too: the map is the API's for that vector
+    model = cl.load_model(str(files / "emb.pt"), trust_code=True, input_size=64)
+    expected = cl.explain(model, [files / "pic.png"], target=Similarity(torch.from_numpy(np.load(files / "vector.npy"))))
+    np.testing.assert_allclose(np.load(tmp_path / "vector" / "pic_gradcam.npy"), expected.raw[0].numpy(), rtol=1e-5,
+                               atol=1e-7)
     with pytest.raises(cl.ConvlensError, match="reference embedding has 7 values") as caught:
         cl.explain(cl.load_model(str(files / "emb.pt"), trust_code=True, input_size=64), [files / "pic.png"],
                    target=Similarity(torch.ones(7)))
