@@ -239,3 +239,30 @@ def test_report_shows_each_kind_and_leaves_out_what_does_not_apply(row, files, t
         assert "of pixels)" in html and "predicted mask:" in html
     if kind == "detect":
         assert re.search(r"\(0\.\d\d\) at [\d.]+, [\d.]+, [\d.]+, [\d.]+", html)
+
+
+def test_report_explains_and_scores_the_target_given(row, files, tmp_path, cli):
+    from convlens.evaluation.runner import evaluate_images
+    from convlens.metrics.stats import mean_ci
+
+    kind, args, model, _, auto = row
+    if kind == "segment":
+        pytest.skip("a segmenter's report explains its top classes' regions (the segmentation section)")
+    target = Box(1) if kind == "detect" else Similarity(files / "ref.png")  # not what the default explains
+    picture = Image.open(files / "pic.png").convert("RGB")
+    mask = np.zeros((72, 90), bool)
+    mask[10:50, 20:70] = True
+    path = build_report(model, [ReportImage("pic", picture)], tmp_path / "r.html", methods=["gradcam"],
+                        activation_layers=[auto], filter_layers=[auto], filter_steps=0, filter_count=2, classes=[0],
+                        evaluation_images=[("masked", picture, mask)], evaluation_methods=["gradcam"],
+                        evaluation_metrics=["drop"], sanity_images=1, targets=target)
+    html = path.read_text()
+    assert f"Each map explains the target given, {target!r}" in html
+    _, summary = evaluate_images(model, [("masked", picture, mask)], methods=["gradcam"], metrics=["drop"],
+                                 targets=target)
+    assert f">{summary['gradcam']['drop'].format()}<" in html  # the evaluation scored that target too
+    code, _, err = cli("report", "--model", *args, str(files / "pic.png"), "--targets",
+                       "box:500" if kind == "detect" else f"similar:{files / 'short.npy'}", "--out", tmp_path / "bad.html")
+    assert code == 2 and err.count("convlens: error:") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "bad.html").exists()
+
