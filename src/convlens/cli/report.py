@@ -41,5 +41,6 @@ def report(
     loaded = opts.open(model or "shapes")  # what build_report would load, with --device and --input-size applied
 
     with ProgressDisplay("report", unit="section") as shown:  # a bar on a terminal, a line per step in a log
-        path = build_report(loaded, images or None, out, progress=shown.step, targets=targets)
+        chosen = {} if targets is None else {"targets": targets}
+        path = build_report(loaded, images or None, out, progress=shown.step, **chosen)
     typer.echo(f"report written to {path.resolve()}")
