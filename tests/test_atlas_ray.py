@@ -87,10 +87,12 @@ def test_cli_evaluate_engine_ray_writes_evaluates_outputs(ray_cluster, tmp_path,
     data = write_shapes(tmp_path / "data", 1, seed=6, size=64, split=None, classes=["circle", "ring"])
     with pytest.raises(SystemExit) as exited:
         main(["evaluate", "shapes", str(data), "--methods", "gradcam", "--metrics", "pointing", "--engine", "ray",
-              "--concurrency", "1", "--out", str(tmp_path / "out")])
+              "--concurrency", "1", "--targets", "star", "--out", str(tmp_path / "out")])
     assert exited.value.code in (0, None), capsys.readouterr().err
     rows = (tmp_path / "out" / "results.csv").read_text().splitlines()
     assert rows[0] == "image,method,target,pointing" and len(rows) == 3
+    star = cl.load_model("shapes").labels.index("star")  # --targets reaches the actors: neither image shows one
+    assert [row.split(",")[2] for row in rows[1:]] == [str(star)] * 2
     with pytest.raises(SystemExit) as exited:
         main(["evaluate", "shapes", str(data), "--engine", "spark", "--out", str(tmp_path / "other")])
     assert exited.value.code == 2 and "unknown engine 'spark'" in capsys.readouterr().err

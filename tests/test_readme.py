@@ -158,6 +158,7 @@ NOT_RUN = {
 #: The reader's own files: written into a block's folder when the block names them.
 FILES = {
     "cat.jpg": "photo:chelsea",
+    "cat.mask.png": "mask:chelsea",
     "dog.jpg": "photo:coffee",
     "dog.png": "photo:coffee",
     "pic.png": "photo:astronaut",
@@ -232,6 +233,15 @@ def make_file(name: str, folder: Path) -> None:
         photo = Image.fromarray(getattr(data, arg)())
         # A third of scikit-image's size: deepdream and the overlays work at the photo's own size.
         photo.resize((photo.width // 3, photo.height // 3), Image.BILINEAR).save(path)
+    elif kind == "mask":  # the object's mask beside its photo: white where the object is (here, the middle)
+        import numpy as np
+        from PIL import Image
+        from skimage import data
+
+        height, width = (side // 3 for side in getattr(data, arg)().shape[:2])
+        inside = np.zeros((height, width), np.uint8)
+        inside[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
+        Image.fromarray(inside).save(path)
     elif kind == "shape":
         from PIL import Image
 

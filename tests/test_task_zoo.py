@@ -2,7 +2,8 @@
 
 Each row runs as a user would, offline and small (64-96 px, random weights, seeded): ``layers``,
 ``predict`` (pixel shares, detections), ``explain`` with every method that applies (the others
-refuse on one line) and ``report``; bad input to ``--targets`` is one line and exit 2.
+refuse on one line), ``report`` and ``evaluate --targets`` (the CLI's scores equal the API's for the same
+target); bad input to ``--targets`` is one line and exit 2, in ``explain`` and ``evaluate``.
 The detector and the embedding model reach the CLI as pickled modules (``--trust-code``): a random
 detector finds nothing at torchvision's score threshold, so it is built with threshold 0 (and with
 100 proposals and 10 detections instead of 1000 and 100, to stay quick).
@@ -39,6 +40,8 @@ def files(tmp_path_factory):
     Image.fromarray((rng.random((72, 90, 3)) * 255).astype("uint8")).save(folder / "pic.png")
     Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")).save(folder / "ref.png")
     Image.fromarray(np.zeros((72, 90), np.uint8)).save(folder / "empty.png")
+    np.save(folder / "short.npy", np.ones(7, np.float32))  # a reference embedding of another model
+    np.save(folder / "vector.npy", np.random.default_rng(1).standard_normal(512).astype(np.float32))
     torch.manual_seed(0)
     torch.save(torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
         weights=None, weights_backbone=None, min_size=64, max_size=64, box_score_thresh=0.0,
@@ -137,6 +140,7 @@ BAD = [
     ("detect", "box:500", "box 500 is past the detections: the detector found 10"),
     ("detect", "box:3@1,2", "needs four numbers after '@'"),
     ("embed", "similar:{folder}/missing.png", "not found"),
+    ("embed", "similar:{folder}/short.npy", "the reference embedding has 7 values and the model's output has 512"),
     ("detect", "3", "this model is a detector: its target is a box"),
 ]
 
@@ -154,6 +158,13 @@ def test_an_embedding_reference_of_another_size_is_one_line(cli, files, tmp_path
     code, _, err = cli("explain", *_args("embed", files), str(files / "pic.png"), "--targets",
                        f"similar:{files / 'pic.png'}", "--out", tmp_path / "ok")
     assert code == 0, err  # an image of another size is resized by the model's preprocessing
+    code, _, err = cli("explain", *_args("embed", files), str(files / "pic.png"), "--targets",
+                       f"similar:{files / 'vector.npy'}", "--out", tmp_path / "vector")
+    assert code == 0, err  # a saved embedding is a reference too: the map is the API's for that vector
+    model = cl.load_model(str(files / "emb.pt"), trust_code=True, input_size=64)
+    expected = cl.explain(model, [files / "pic.png"], target=Similarity(torch.from_numpy(np.load(files / "vector.npy"))))
+    np.testing.assert_allclose(np.load(tmp_path / "vector" / "pic_gradcam.npy"), expected.raw[0].numpy(), rtol=1e-5,
+                               atol=1e-7)
     with pytest.raises(cl.ConvlensError, match="reference embedding has 7 values") as caught:
         cl.explain(cl.load_model(str(files / "emb.pt"), trust_code=True, input_size=64), [files / "pic.png"],
                    target=Similarity(torch.ones(7)))
@@ -166,6 +177,57 @@ def test_evaluate_scores_a_segmenters_region(cli, files, tmp_path):
     assert code == 0, err
     rows = (tmp_path / "eval" / "results.csv").read_text().splitlines()
     assert rows[0].startswith("image,method,target,deletion,drop") and len(rows) == 2
+
+
+def test_evaluate_targets_scores_what_the_api_scores_for_that_target(row, cli, files, tmp_path):
+    from convlens.metrics import average_drop, increase_in_confidence, deletion
+    from convlens.targets import Region
+
+    kind, args, model, _, _ = row
+    picture = files / "pic.png"
+    if kind == "segment":  # the row's own random weights, through --weights FILE
+        torch.save(model.module.state_dict(), tmp_path / "seg.pt")
+        args = [args[0], "--weights", str(tmp_path / "seg.pt"), *args[3:]]
+        mask = np.zeros((64, 64), np.uint8)
+        mask[8:40, 4:30] = 255
+        Image.fromarray(mask).save(tmp_path / "mask.png")
+        k = 1 + int(model.predict([picture], top_k=1)[0][0].index == 1)  # a class that is not the winner
+        text, target = f"region:{k}:{tmp_path / 'mask.png'}", Region(k, mask=tmp_path / "mask.png")
+    elif kind == "detect":
+        text, target = "box:1", Box(1)
+    else:
+        text, target = f"similar:{files / 'ref.png'}", Similarity(files / "ref.png")
+    # a detector's deletion curve is 225 passes of it, twice here: its row checks the cheap metrics
+    metrics = ["drop", "increase"] if kind == "detect" else ["deletion", "drop"]
+    code, out, err = cli("evaluate", *args, picture, "--out", tmp_path / "eval", "--targets", text,
+                         "--metrics", ",".join(metrics))
+    assert code == 0, err
+    header, line = (tmp_path / "eval" / "results.csv").read_text().splitlines()
+    values = dict(zip(header.split(","), line.split(",")))
+    x = model.preprocess([picture])
+    maps = cl.explain(model, x, method="gradcam", target=target).maps
+    expected = {"drop": float(average_drop(model, x, maps, targets=target)[0])}
+    if "deletion" in metrics:
+        expected["deletion"] = float(deletion(model, x, maps, targets=target).auc[0])
+    else:
+        expected["increase"] = float(increase_in_confidence(model, x, maps, targets=target)[0])
+    for name, value in expected.items():
+        assert float(values[name]) == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    if kind == "segment":
+        assert values["target"] == str(k)
+        # the same folder with another target is another run: refused on one line, naming the change
+        code, _, err = cli("evaluate", *args, picture, "--out", tmp_path / "eval", "--metrics", "deletion,drop")
+        assert code == 2 and f"--targets: Region(class_={k}, mask={tmp_path / 'mask.png'} (" in err, err
+
+
+@pytest.mark.parametrize("kind, target, words", [*BAD, ("segment", "all", "one target on every image")],
+                         ids=[b[1].split(":")[0] + str(i) for i, b in enumerate(BAD)] + ["all"])
+def test_evaluate_refuses_a_bad_target_on_one_line_before_writing(cli, files, tmp_path, kind, target, words):
+    code, _, err = cli("evaluate", *_args(kind, files), files / "pic.png", "--targets", target.format(folder=files),
+                       "--out", tmp_path / "eval")
+    assert code == 2 and words in err, err
+    assert err.count("convlens: error:") == 1 and "Traceback" not in err
+    assert not (tmp_path / "eval").exists()  # no run.json that would tie the folder to a target that cannot run
 
 
 def test_report_shows_each_kind_and_leaves_out_what_does_not_apply(row, files, tmp_path):
@@ -183,3 +245,30 @@ def test_report_shows_each_kind_and_leaves_out_what_does_not_apply(row, files, t
         assert "of pixels)" in html and "predicted mask:" in html
     if kind == "detect":
         assert re.search(r"\(0\.\d\d\) at [\d.]+, [\d.]+, [\d.]+, [\d.]+", html)
+
+
+def test_report_explains_and_scores_the_target_given(row, files, tmp_path, cli):
+    from convlens.evaluation.runner import evaluate_images
+    from convlens.metrics.stats import mean_ci
+
+    kind, args, model, _, auto = row
+    if kind == "segment":
+        pytest.skip("a segmenter's report explains its top classes' regions (the segmentation section)")
+    target = Box(1) if kind == "detect" else Similarity(files / "ref.png")  # not what the default explains
+    picture = Image.open(files / "pic.png").convert("RGB")
+    mask = np.zeros((72, 90), bool)
+    mask[10:50, 20:70] = True
+    path = build_report(model, [ReportImage("pic", picture)], tmp_path / "r.html", methods=["gradcam"],
+                        activation_layers=[auto], filter_layers=[auto], filter_steps=0, filter_count=2, classes=[0],
+                        evaluation_images=[("masked", picture, mask)], evaluation_methods=["gradcam"],
+                        evaluation_metrics=["drop"], sanity_images=1, targets=target)
+    html = path.read_text()
+    assert f"Each map explains the target given, {target!r}" in html
+    _, summary = evaluate_images(model, [("masked", picture, mask)], methods=["gradcam"], metrics=["drop"],
+                                 targets=target)
+    assert f">{summary['gradcam']['drop'].format()}<" in html  # the evaluation scored that target too
+    code, _, err = cli("report", "--model", *args, str(files / "pic.png"), "--targets",
+                       "box:500" if kind == "detect" else f"similar:{files / 'short.npy'}", "--out", tmp_path / "bad.html")
+    assert code == 2 and err.count("convlens: error:") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "bad.html").exists()
+

@@ -280,7 +280,8 @@ def _pending(model, x, targets):
 class EvaluateWorker:
     """A Ray Data actor scoring images with ``score_image``: the model is loaded once per actor."""
 
-    def __init__(self, model, methods, metrics: Sequence[str], batch_size: int, find_mask, num_gpus: float):
+    def __init__(self, model, methods, metrics: Sequence[str], batch_size: int, find_mask, num_gpus: float,
+                 targets=None):
         from ..evaluation.runner import resolve_methods
 
         ray = _ray()
@@ -288,7 +289,7 @@ class EvaluateWorker:
         if num_gpus > 0 and torch.cuda.is_available():
             self.model.to("cuda")
         self.explainers = resolve_methods(methods)
-        self.metrics, self.batch_size, self.find_mask = list(metrics), batch_size, find_mask
+        self.metrics, self.batch_size, self.find_mask, self.targets = list(metrics), batch_size, find_mask, targets
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import json
@@ -301,7 +302,7 @@ class EvaluateWorker:
         for path, key, todo in zip(batch["path"], batch["key"], batch["todo"]):
             explainers = {name: self.explainers[name] for name in str(todo).split("\n")}
             records = score_image(self.model, load_image(str(path)), self.find_mask(Path(str(path))), explainers,
-                                  self.metrics, name=str(key), batch_size=self.batch_size)
+                                  self.metrics, name=str(key), batch_size=self.batch_size, targets=self.targets)
             lines.append("".join(json.dumps(record) + "\n" for record in records))
         return {"records": np.array(lines, dtype=object)}
 
@@ -310,7 +311,7 @@ def evaluate_ray(model, data, *, methods, metrics: Sequence[str], out_dir, batch
                  limit: int | None = None, seed: int = 0, find_mask: Callable | None = None,
                  progress: Callable | None = None,
                  restart: bool = False, ray_address: str | None = None, concurrency: int | None = None,
-                 num_gpus: float | None = None):
+                 num_gpus: float | None = None, targets=None):
     """:func:`convlens.evaluation.evaluate` with the (image, method) pairs scored on Ray actors.
 
     The outputs, the journal and resuming are ``evaluate``'s own: ``evaluate`` checks the inputs and
@@ -329,7 +330,8 @@ def evaluate_ray(model, data, *, methods, metrics: Sequence[str], out_dir, batch
     connect(ray_address)
     names = list(methods) if not isinstance(methods, dict) else list(methods.keys())
     find_mask = find_mask or runner.find_mask
-    options = dict(metrics=metrics, out_dir=out_dir, batch_size=batch_size, limit=limit, seed=seed, find_mask=find_mask)
+    options = dict(metrics=metrics, out_dir=out_dir, batch_size=batch_size, limit=limit, seed=seed, find_mask=find_mask,
+                   targets=targets)
     try:
         return runner.evaluate(model, data, methods={name: _pending for name in names}, restart=restart, **options)
     except _Pending:
@@ -339,7 +341,7 @@ def evaluate_ray(model, data, *, methods, metrics: Sequence[str], out_dir, batch
     images = runner.sample_images(runner.list_images(root), root, limit, seed)  # evaluate's own sample
     keys = [path.name if root.is_file() else path.relative_to(root).as_posix() for path in images]  # evaluate's keys
     masks = [find_mask(path) for path in images]
-    fingerprint = resume.run_fingerprint(model, names, metrics, list(zip(keys, images)), masks, limit, seed)
+    fingerprint = resume.run_fingerprint(model, names, metrics, list(zip(keys, images)), masks, limit, seed, targets)
     journal = resume.Journal(Path(out_dir) / "journal.jsonl", resume.run_id(fingerprint))
     done = journal.done()
     rows = []
@@ -353,7 +355,8 @@ def evaluate_ray(model, data, *, methods, metrics: Sequence[str], out_dir, batch
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * actors)))
     results = dataset.map_batches(
         EvaluateWorker, fn_constructor_kwargs={"model": [ray.put(model)], "methods": methods, "metrics": list(metrics),
-                                               "batch_size": batch_size, "find_mask": find_mask, "num_gpus": gpus},
+                                               "batch_size": batch_size, "find_mask": find_mask, "num_gpus": gpus,
+                                               "targets": runner.prepare_target(model, targets)},
         batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus, batch_format="numpy",
         max_restarts=RETRIES, max_task_retries=RETRIES)
     total = len(images) * len(names)

@@ -222,6 +222,58 @@ def named_list(text: str | None, option: str, example: str) -> list[str] | None:
     return names
 
 
+TASK_TARGET_EXAMPLES = "e.g. region:3, box:0, box:dog@10,20,80,90, similar:ref.png"
+
+
+def parse_task_target(text: str):
+    """``region:CLASS[:MASK.png]``, ``box:INDEX``, ``box:LABEL@x0,y0,x1,y1``, ``similar:REF.png|REF.npy``
+    as a :class:`~convlens.targets.Region`, :class:`~convlens.targets.Box` or :class:`~convlens.targets.Similarity`;
+    ``None`` for anything else (a class). ``explain`` and ``evaluate`` read ``--targets`` with it."""
+    from ..targets import Box, Region, Similarity
+
+    kind, _, rest = text.strip().partition(":")
+    kind = kind.lower()
+    if kind not in ("region", "box", "similar") or not rest.strip():
+        if kind in ("region", "box", "similar"):
+            raise ConvlensError(f"--targets {text!r} names no {'class' if kind == 'region' else kind}; "
+                                + TASK_TARGET_EXAMPLES)
+        return None
+    rest = rest.strip()
+    if kind == "similar":
+        return Similarity(rest)
+    if kind == "region":
+        name, _, mask = rest.partition(":")
+        return Region(int(name) if name.lstrip("-").isdigit() else name, mask=mask or None)
+    label, at, box = rest.partition("@")
+    if not at:
+        if not label.isdigit():
+            raise ConvlensError(f"--targets box:{label} is not a detection index; use box:INDEX or "
+                                "box:LABEL@x0,y0,x1,y1 (the box in the model input's pixels)")
+        return Box(int(label))
+    try:
+        coords = [float(v) for v in box.split(",")]
+    except ValueError:
+        coords = []
+    if len(coords) != 4:
+        raise ConvlensError(f"--targets box:{rest} needs four numbers after '@': box:LABEL@x0,y0,x1,y1")
+    return Box(int(label) if label.isdigit() else label, iou_with=coords)
+
+
+def parse_one_target(text: str | None):
+    """One target for every image: ``top1`` (or nothing) -> ``None``, a class index or name, or a task target
+    (:func:`parse_task_target`); ``all`` and one-per-image lists are refused (``evaluate`` scores a folder)."""
+    task = parse_task_target(text or "")
+    if task is not None:
+        return task
+    parts = comma_list(text)
+    if not parts or (len(parts) == 1 and parts[0].lower() in ("top1", "top-1")):
+        return None
+    if len(parts) > 1 or parts[0].lower() == "all":
+        raise ConvlensError(f"--targets {text!r}: evaluate scores one target on every image of the folder: top1, a "
+                            f"class index or name, or {TASK_TARGET_EXAMPLES.removeprefix('e.g. ')}")
+    return int(parts[0]) if parts[0].lstrip("-").isdigit() else parts[0]
+
+
 # -- help without type clutter ---------------------------------------------------------------------------
 #: typer prints a type beside every parameter (``--trust-code <bool>``, ``--out <path>``); a value is
 #: named like click does (``--out PATH``) and a flag gets nothing, as it takes no value.

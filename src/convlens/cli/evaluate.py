@@ -12,7 +12,8 @@ import typer
 from ..errors import ConvlensError
 from ..fileio import check_output_dir
 from . import app
-from .common import BATCH_MAX, GPUS_MAX, SEED_MAX, WORKERS_MAX, ModelArg, ModelOptions, grouped, named_list
+from .common import (BATCH_MAX, GPUS_MAX, SEED_MAX, WORKERS_MAX, ModelArg, ModelOptions, grouped, named_list,
+                     parse_one_target)
 
 
 @app.command()
@@ -28,6 +29,10 @@ def evaluate(
         "--metrics", "--metric", help="Comma-separated metrics: deletion, insertion, drop, increase, road, road_morf, "
                                       "road_lerf, pointing, pointing_scaled, pointing_strict, pointing_box, "
                                       "energy_pointing, iou.")] = "deletion,insertion,drop,increase",
+    target: Annotated[str, typer.Option(
+        "--targets", "--target", help="What each image is scored for: top1, a class index or name; "
+                                      "region:CLASS[:MASK.png] (segmentation), box:INDEX or box:LABEL@x0,y0,x1,y1 "
+                                      "(detection, input pixels), similar:REF.png or REF.npy (embeddings).")] = "top1",
     limit: Annotated[Optional[int], typer.Option(
         "--limit", min=1, help="Only N images, sampled evenly across class folders (a flat folder is one class).")] = None,
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed of the --limit sample: the same seed, the same images.")
@@ -42,6 +47,9 @@ def evaluate(
     opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Run every method on every image and write a CSV table, a Markdown/HTML summary and curve plots.
+
+    A segmenter, a detector or an embedding model is scored on its own target (--targets region:,
+    box:, similar:): the region's logits, the detection's score, the cosine similarity.
 
     Example: convlens evaluate shapes data/val --methods gradcam,scorecam --metrics deletion,pointing --out eval
     """
@@ -59,6 +67,7 @@ def evaluate(
     check_output_dir(out)  # before the model loads: a bad --out must not cost anything
     method_names = named_list(methods, "--methods", "gradcam,scorecam")
     metric_names = named_list(metrics, "--metrics", "deletion,pointing")
+    targets = parse_one_target(target)
     loaded = opts.open(model)
     shown = ProgressDisplay("evaluate", unit="pair")  # silent until the first pair: input errors stay one line
 
@@ -71,7 +80,7 @@ def evaluate(
             warnings.showwarning = warn
             result = run_evaluation(loaded, data, methods=method_names, metrics=metric_names, out_dir=out,
                                     batch_size=batch_size, limit=limit, seed=seed, progress=shown,
-                                    restart=restart)
+                                    restart=restart, targets=targets)
     finally:
         shown.close()
     typer.echo((out / "summary.md").read_text(encoding="utf-8"))

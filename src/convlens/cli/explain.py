@@ -10,7 +10,8 @@ import typer
 from ..errors import ConvlensError
 from ..fileio import atomic_path, check_output_dir, distinct_stems, save_image, staged_folder, write_text
 from . import app
-from .common import BATCH_MAX, CmapAliasOpt, ImagesArg, ModelArg, ModelOptions, comma_list, grouped, named_list
+from .common import (BATCH_MAX, CmapAliasOpt, ImagesArg, ModelArg, ModelOptions, comma_list, grouped, named_list,
+                     parse_task_target)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -20,42 +21,10 @@ if TYPE_CHECKING:
 MAX_CLASS_PANELS = 100
 
 
-def _parse_task_target(text: str):
-    """``region:CLASS[:MASK.png]``, ``box:INDEX``, ``box:LABEL@x0,y0,x1,y1``, ``similar:REF.png``; else ``None``."""
-    from ..targets import Box, Region, Similarity
-
-    kind, _, rest = text.strip().partition(":")
-    kind = kind.lower()
-    if kind not in ("region", "box", "similar") or not rest.strip():
-        if kind in ("region", "box", "similar"):
-            raise ConvlensError(f"--targets {text!r} names no {'class' if kind == 'region' else kind}; "
-                                "e.g. region:3, box:0, box:dog@10,20,80,90, similar:ref.png")
-        return None
-    rest = rest.strip()
-    if kind == "similar":
-        return Similarity(rest)
-    if kind == "region":
-        name, _, mask = rest.partition(":")
-        return Region(int(name) if name.lstrip("-").isdigit() else name, mask=mask or None)
-    label, at, box = rest.partition("@")
-    if not at:
-        if not label.isdigit():
-            raise ConvlensError(f"--targets box:{label} is not a detection index; use box:INDEX or "
-                                "box:LABEL@x0,y0,x1,y1 (the box in the model input's pixels)")
-        return Box(int(label))
-    try:
-        coords = [float(v) for v in box.split(",")]
-    except ValueError:
-        coords = []
-    if len(coords) != 4:
-        raise ConvlensError(f"--targets box:{rest} needs four numbers after '@': box:LABEL@x0,y0,x1,y1")
-    return Box(int(label) if label.isdigit() else label, iou_with=coords)
-
-
 def _parse_target(text: str, count: int):
     """``top1`` -> None; ``all`` -> every class; ``3`` or ``tabby`` -> one target; ``a,b,...`` one per image;
     ``region:``, ``box:`` and ``similar:`` -> the target of a segmenter, a detector, an embedding model."""
-    task = _parse_task_target(text)
+    task = parse_task_target(text)
     if task is not None:
         return task
     parts = comma_list(text)

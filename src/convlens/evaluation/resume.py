@@ -147,15 +147,41 @@ def data_fingerprint(images: Sequence[tuple[str, Path]], masks: Sequence[np.ndar
 
 def run_fingerprint(model: Model, methods: Sequence[str], metrics: Sequence[str],
                     images: Sequence[tuple[str, Path]], masks: Sequence[np.ndarray | None],
-                    limit: int | None, seed: int = 0) -> dict:
+                    limit: int | None, seed: int = 0, targets=None) -> dict:
     """Everything a resumed run must share with the run it continues: model, methods, metrics, data, options.
 
     Methods given as functions are known by their names only. The seed of the
-    ``limit`` sample is kept only with a limit: without one it chooses nothing.
+    ``limit`` sample is kept only with a limit: without one it chooses nothing;
+    the target only when one is given (:func:`target_fingerprint`), so a run of
+    the default target keeps the fingerprint it had before targets were options.
     """
     options = {"limit": limit} if limit is None else {"limit": limit, "seed": seed}
+    if targets is not None:
+        options["targets"] = target_fingerprint(targets)
     return {"version": FINGERPRINT_VERSION, "model": model_fingerprint(model), "methods": list(methods),
             "metrics": list(metrics), "data": data_fingerprint(images, masks), "options": options}
+
+
+def target_fingerprint(target) -> str:
+    """A target as text that is the same in every process: a class as itself; a Region, Box or Similarity
+    by its settings, with arrays, tensors and pictures by a digest of their values and files by name, size
+    and modification time (as the images are)."""
+    if target is None or isinstance(target, (int, float, str, os.PathLike)):
+        return str(target)
+    if isinstance(target, (list, tuple)):
+        return "[" + ", ".join(_setting(value) for value in target) + "]"
+    if isinstance(target, torch.Tensor) or hasattr(target, "__array__") or hasattr(target, "tobytes"):
+        values = np.ascontiguousarray(target.detach().cpu().numpy() if isinstance(target, torch.Tensor) else target)
+        return f"array{values.shape} sha256 {hashlib.sha256(values.tobytes()).hexdigest()[:16]}"
+    settings = {key: value for key, value in vars(target).items() if not key.startswith("_")}
+    return f"{type(target).__name__}(" + ", ".join(f"{key}={_setting(value)}" for key, value in settings.items()) + ")"
+
+
+def _setting(value) -> str:
+    if isinstance(value, (str, os.PathLike)) and Path(value).is_file():
+        info = Path(value).stat()
+        return f"{value} ({info.st_size} bytes, mtime {info.st_mtime_ns})"
+    return target_fingerprint(value)
 
 
 def run_id(fingerprint: dict) -> str:
@@ -184,8 +210,9 @@ def _differences(old: dict, new: dict) -> list[str]:
         changes.append("data: image files renamed, edited or copied (names, sizes or times differ)")
     if data_old.get("masks_sha256") != data_new["masks_sha256"] and data_old.get("images") == data_new["images"]:
         changes.append("data: other masks")
-    for key, value in new["options"].items():
-        before = (old.get("options") or {}).get(key)
+    before_options = old.get("options") or {}
+    for key in dict.fromkeys([*new["options"], *before_options]):
+        before, value = before_options.get(key), new["options"].get(key)
         if before != value:
             changes.append(f"--{key}: {'none' if before is None else before} → {'none' if value is None else value}")
     return changes or ["settings differ"]

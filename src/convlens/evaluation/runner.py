@@ -21,7 +21,10 @@ Outputs in ``out_dir``:
   fingerprint's digest, so a damaged ``run.json`` is rewritten and only the
   lines of this very run are kept.
 
-Each image is explained for the model's top class. Ground-truth masks for the
+Each image is explained for the model's top class, or for ``targets`` (one for every image: a class,
+or a :class:`~convlens.targets.Region`, :class:`~convlens.targets.Box` or :class:`~convlens.targets.Similarity`,
+settled on each clean image and scored on its perturbed copies by :class:`~convlens.metrics.base.TargetRows`;
+the target is part of the run's fingerprint). Ground-truth masks for the
 localisation metrics come from ``find_mask(image_path)`` (:func:`find_mask` by
 default); an image without a mask gets NaN for those metrics.
 """
@@ -186,7 +189,7 @@ class Evaluation:
 def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], metrics: Sequence[str],
              out_dir: str | os.PathLike, batch_size: int = 64, limit: int | None = None, seed: int = 0,
              find_mask: Callable[[Path], np.ndarray | None] = find_mask,
-             progress: Progress | None = None, restart: bool = False) -> Evaluation:
+             progress: Progress | None = None, restart: bool = False, targets=None) -> Evaluation:
     """Score every method's heatmaps on every image of ``data`` with every metric; resumable.
 
     Args:
@@ -204,6 +207,9 @@ def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], m
         restart: discard what ``out_dir`` holds from an earlier run (its journal,
             table, summaries, plots) and start over, instead of continuing it.
             Without it, an ``out_dir`` made with other settings is refused.
+        targets: what each image is explained and scored for: ``None`` (its top class; a segmenter's
+            winning region, a detector's top box), a class index or name, or a ``Region``, ``Box`` or
+            ``Similarity`` (see the module docstring). It is tried on the first image before anything is written.
 
     Example::
 
@@ -226,7 +232,10 @@ def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], m
         raise ConvlensError(f"no masks found for the images in {root} (expected <name>.mask.png beside each "
                             "image or a masks/ folder); drop the localisation metrics or add masks")
     fingerprint = run_fingerprint(model, list(explainers), metrics, [(_key(root, p), p) for p in images],
-                                  [masks[p] for p in images], limit, seed)
+                                  [masks[p] for p in images], limit, seed, targets)
+    target = prepare_target(model, targets)
+    if target is not None:  # a target the model cannot serve is one line now, before run.json ties the folder to it
+        _settle(model, model.preprocess([load_image(images[0])]), target, _key(root, images[0]))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if restart:
@@ -247,7 +256,7 @@ def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], m
         if not todo:
             continue
         for record in score_image(model, load_image(path), masks[path], todo, metrics, name=key,
-                                  batch_size=batch_size):
+                                  batch_size=batch_size, targets=target):
             journal.append(record)
             finished += 1
             if progress is not None:
@@ -258,7 +267,7 @@ def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], m
 
 def evaluate_images(model, images: Sequence[tuple[str, ImageLike, np.ndarray | None]], *,
                     methods: Sequence[str] | Mapping[str, ExplainFn], metrics: Sequence[str],
-                    batch_size: int = 64, progress: Progress | None = None
+                    batch_size: int = 64, progress: Progress | None = None, targets=None
                     ) -> tuple[list[dict], dict[str, dict[str, MeanCI]]]:
     """:func:`evaluate` in memory, for the report: ``(name, image, mask or None)`` triples in,
     ``(rows, summary)`` out, nothing written. Rows hold ``values`` and ``curves`` per (image, method),
@@ -266,10 +275,11 @@ def evaluate_images(model, images: Sequence[tuple[str, ImageLike, np.ndarray | N
     model = as_model(model)
     _check_metrics(metrics)
     explainers = resolve_methods(methods)
+    target = prepare_target(model, targets)
     rows, total = [], len(images) * len(explainers)
     for name, image, mask in images:
         for record in score_image(model, load_image(image), mask, explainers, metrics, name=name,
-                                  batch_size=batch_size):
+                                  batch_size=batch_size, targets=target):
             rows.append(record)
             if progress is not None:
                 progress(len(rows), total)
@@ -277,11 +287,12 @@ def evaluate_images(model, images: Sequence[tuple[str, ImageLike, np.ndarray | N
 
 
 def score_image(model: Model, picture: Image.Image, mask: np.ndarray | None, explainers: Mapping[str, ExplainFn],
-                metrics: Sequence[str], *, name: str, batch_size: int = 64) -> Iterator[dict]:
-    """Explain one image (for the model's top class) with each method and score the maps; one record per method."""
+                metrics: Sequence[str], *, name: str, batch_size: int = 64, targets=None) -> Iterator[dict]:
+    """Explain one image (for ``targets``: by default the model's top class) with each method and score the
+    maps; one record per method."""
 
     x = model.preprocess([picture])
-    targets = as_targets(model, as_batch(model, x), None)
+    targets = _settle(model, x, targets, name)
     truth = None if mask is None else mask_for_model(model, mask, picture.size)
     for method, explain_fn in explainers.items():
         maps = explain_fn(model, x, targets)  # a tensor or an Explanation: both are accepted
@@ -299,6 +310,20 @@ def score_image(model: Model, picture: Image.Image, mask: np.ndarray | None, exp
             value = float(result[0])
             record["values"][metric_name] = None if np.isnan(value) else value
         yield record
+
+
+def prepare_target(model: Model, targets):
+    """The target with a similarity's reference image embedded once, not again for every image."""
+    prepare = getattr(targets, "prepare", None)
+    return targets if prepare is None else prepare(model, model.select)
+
+
+def _settle(model: Model, x: torch.Tensor, targets, name: str):
+    """The target settled on one image's clean pass; what it cannot serve there is one line naming the image."""
+    try:
+        return as_targets(model, as_batch(model, x), targets)
+    except ConvlensError as err:
+        raise ConvlensError(f"{name}: {err}") from None
 
 
 def summarize_rows(rows: list[dict], methods: Sequence[str], metrics: Sequence[str]) -> dict[str, dict[str, MeanCI]]:
@@ -350,4 +375,4 @@ def _finish(out_dir, records, metrics, methods, images, root, sample: str = "") 
 
 
 __all__ = ["EXPLAINERS", "Evaluation", "evaluate", "evaluate_images", "find_mask", "list_images", "mask_for_model",
-           "sample_images", "score_image", "summarize_rows"]
+           "prepare_target", "sample_images", "score_image", "summarize_rows"]

@@ -58,6 +58,12 @@ def _as_report_image(image: ImageLike | ReportImage) -> ReportImage:
     return ReportImage(name, load_image(image))
 
 
+def _prepared(model: Model, target):
+    from ..evaluation.runner import prepare_target
+
+    return prepare_target(model, target)
+
+
 def build_report(
     model: Model | str | None = None,
     images: Sequence[ImageLike | ReportImage] | None = None,
@@ -67,6 +73,11 @@ def build_report(
     **options,
 ) -> Path:
     """Write the HTML report for ``model`` on ``images`` and return its path.
+
+    ``targets`` (an option): what the heatmaps and the evaluation explain, one for every image: a class,
+    or a :class:`~convlens.targets.Region`, :class:`~convlens.targets.Box` or
+    :class:`~convlens.targets.Similarity` (default: each image's top class, a segmenter's winning region,
+    a detector's top box); it is tried on the images before any section runs.
 
     ``progress`` receives a :class:`convlens.progress.Step` as each section begins
     (``step.total`` is the number of sections, known from the first call) and at each
@@ -85,6 +96,11 @@ def build_report(
     summary = summarize(loaded)
     if not summary.spatial_layers:
         raise ConvlensError(f"{loaded.name} has no layer with a spatial output; the report needs a CNN")
+    if options.get("targets") is not None:  # what the model cannot explain is one line now, not a page of gaps
+        from ..metrics.base import as_targets
+
+        options["targets"] = _prepared(loaded, options["targets"])
+        as_targets(loaded, loaded.preprocess([item.image for item in reported]), options["targets"])
     steps = Steps(len(SECTIONS), progress)
     ctx = Context(loaded, summary, reported, options, steps)
     sections = []

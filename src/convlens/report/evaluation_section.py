@@ -36,7 +36,7 @@ from markupsafe import Markup
 from ..errors import ConvlensError
 from ..metrics.sanity import SANITY_THRESHOLD
 from ..metrics.stats import MeanCI, mean_ci
-from .sections import Context, Section, _join, _left_out, _parts
+from .sections import Context, Section, _join, _left_out, _parts, explained
 
 #: The columns by default: one pointing game (its tolerance scaled to the input, so it means the same at
 #: 64 and 224 px; at 64 px the paper's 15 px is met by every method), the map's energy and IoU against the
@@ -48,10 +48,10 @@ DEFAULT_METHODS = ("gradcam", "scorecam", "layercam", "saliency")
 SANITY_LABEL = "Same map, random weights"
 
 
-def randomisation_similarity(model, x: torch.Tensor, method: str, *, seed: int = 0) -> torch.Tensor:
+def randomisation_similarity(model, x: torch.Tensor, method: str, *, seed: int = 0, targets=None) -> torch.Tensor:
     """Spearman rank correlation ``(N,)`` of each image's map, trained model against fully randomised copy.
 
-    Both maps explain the trained model's top class. The caller's model is never
+    Both maps explain the trained model's top class (or ``targets``, settled on the trained model). The caller's model is never
     touched: the randomised one is a deep copy.
     """
     from ..metrics import heatmap_explainer, spearman
@@ -61,7 +61,7 @@ def randomisation_similarity(model, x: torch.Tensor, method: str, *, seed: int =
     if model.keras_model is not None:
         raise ConvlensError("the sanity check randomises PyTorch parameters; Keras models are not supported")
     explain_fn = heatmap_explainer(method)
-    targets = as_targets(model, as_batch(model, x), None)
+    targets = as_targets(model, as_batch(model, x), targets)
     trained = explain_fn(model, x, targets)
     randomised = dataclasses.replace(model, module=copy.deepcopy(model.module))
     randomize_layer(randomised.module, torch.Generator().manual_seed(seed))  # the root: every parameter
@@ -150,7 +150,7 @@ def evaluation_section(ctx: Context) -> Section | None:
         before = ctx.progress.part
         try:
             summary.update(evaluate_images(ctx.model, images, methods=[method], metrics=list(metrics),
-                                           progress=scored(method))[1])
+                                           progress=scored(method), targets=ctx.options.get("targets"))[1])
         except ConvlensError as err:
             skipped[method] = str(err)
             ctx.skip(len(images) - (ctx.progress.part - before) + 1)  # its pairs and its sanity check
@@ -186,7 +186,7 @@ def evaluation_section(ctx: Context) -> Section | None:
     count = counts.pop() if len(counts) == 1 else None
     over = f"{count} {_images(count == 1)}" if count else "the images"
     note = (f"Mean \u00b1 95% confidence half-width over {over} with ground-truth masks"
-            f"{' (number of images in brackets)' if show_n else ''}, each explained for the model's top class; "
+            f"{' (number of images in brackets)' if show_n else ''}, each explained for {explained(ctx)}; "
             "\u2191 higher is better, \u2193 lower is better; the best of each column is highlighted (ties "
             "included). Pointing game: the map's maximum falls on the object, within 15 px per 224 px of input; "
             "energy inside the object: the share of the map's energy inside the mask; IoU of the map thresholded "
@@ -208,7 +208,8 @@ def _sanity(ctx: Context, pictures: list, methods: list[str]) -> tuple[dict[str,
     for done, method in enumerate(methods):
         ctx.step(f"sanity check, {method}")
         try:
-            column[method] = mean_ci(randomisation_similarity(ctx.model, x, method).tolist())
+            column[method] = mean_ci(randomisation_similarity(ctx.model, x, method,
+                                                              targets=ctx.options.get("targets")).tolist())
         except ConvlensError as err:  # a Keras model: no column, and the note says why
             ctx.skip(len(methods) - done - 1)
             return None, f" No sanity check: {err}."

@@ -11,7 +11,8 @@ method never costs the user the whole report.
 Options (``build_report(..., **options)``): ``methods`` (heatmap methods, default all),
 ``activation_layers``, ``filter_layers``, ``filter_steps`` (default 96), ``filter_count``
 (filters per layer, default 16), ``classes`` (class-model classes, default the first 8),
-``evaluation_images``, ``evaluation_methods``, ``evaluation_metrics``.
+``evaluation_images``, ``evaluation_methods``, ``evaluation_metrics``, ``targets`` (what the heatmaps
+and the evaluation explain: a class, a Region, a Box or a Similarity; default each image's top class).
 
 The page must read at 1280 px without sideways scrolling: the heatmaps are one
 block per image, its methods wrapping in a CSS grid beside it, and every picture
@@ -191,7 +192,8 @@ def heatmaps_section(ctx: Context) -> Section:
     for name in methods:
         ctx.step(name)
         try:
-            result = explain(ctx.model, x, method=name, layer=ctx.summary.auto_layer)  # already found once
+            result = explain(ctx.model, x, method=name, layer=ctx.summary.auto_layer,  # already found once
+                             target=ctx.options.get("targets"))
         except ConvlensError as err:  # the method does not apply to this model: say so, show the rest
             skipped[name] = str(err)
             continue
@@ -214,7 +216,7 @@ def heatmaps_section(ctx: Context) -> Section:
     legends = [(colorbar_css(STYLES[style]), f"{', '.join(names)}: {describe_style(style)}")
                for style, names in by_style.items() if names]
     layer = first.layer if isinstance(first.layer, str) else ", ".join(first.layer or [])
-    note = (f"Each map explains the image's top-1 class, at layer {layer} for the CAM methods. "
+    note = (f"Each map explains {explained(ctx)}, at layer {layer} for the CAM methods. "
             + " ".join(f"{_join(names)}: {describe_style(style)}." for style, names in by_style.items() if names)
             + (" Pixel-level gradient maps are sparse, a few bright pixels in a dark field: blended over the "
                "photo they all but vanish, so they are shown alone, as their papers show them."
@@ -246,6 +248,12 @@ def classes_section(ctx: Context) -> Section | None:
     note = (f"Where the model would look for each of its {len(items)} classes in {item.name}: Grad-CAM at "
             f"{result.layer}, every class's gradient from the same forward pass (target='all').")
     return Section("classes", "Every class", Markup(_parts.figures(items)), note)
+
+
+def explained(ctx: Context) -> str:
+    """What the maps explain, in words: the image's top class, or the target the report was given."""
+    target = ctx.options.get("targets")
+    return "the image's top-1 class" if target is None else f"the target given, {target!r}"
 
 
 def _cell(image: Image.Image, caption: str) -> dict:

@@ -181,10 +181,13 @@ class Similarity:
 
     ``reference``: an image (a path, PIL image, array ``(H, W[, C])`` or tensor ``(C, H, W)``/``(N, C, H, W)``),
     embedded by the model itself without gradients, or an embedding: a 1-D vector, or ``(N, D)``
-    one per image. The model's output (``select`` picks it from several) is flattened per image.
+    one per image, or a ``.npy`` file holding one. The model's output (``select`` picks it from several)
+    is flattened per image.
     """
 
     def __init__(self, reference, select: OutputKey = None):
+        if isinstance(reference, (str, Path)) and str(reference).lower().endswith(".npy"):
+            reference = read_vector(reference)
         self.reference, self.select = reference, select
         self._vectors: torch.Tensor | None = None
 
@@ -239,6 +242,21 @@ class Similarity:
 
     def __repr__(self) -> str:
         return "Similarity()"
+
+
+def read_vector(path) -> torch.Tensor:
+    """A reference embedding saved with ``numpy.save``: a vector ``(D,)`` or one per image ``(N, D)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConvlensError(f"reference file not found: {path}")
+    try:
+        values = np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise ConvlensError(f"cannot read the reference embedding {path}: {str(err).splitlines()[0]}") from None
+    if values.ndim not in (1, 2) or values.size == 0 or not np.issubdtype(values.dtype, np.number):
+        raise ConvlensError(f"a reference embedding is a vector (D,) or (N, D) of numbers; {path} holds "
+                            f"{values.dtype} of shape {values.shape}")
+    return torch.from_numpy(values.astype(np.float32))
 
 
 def embed(model, images, select: OutputKey = None) -> torch.Tensor:
