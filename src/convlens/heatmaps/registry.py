@@ -14,6 +14,7 @@ from .attribution import deconvolution, gradient_shap, input_x_gradient, occlusi
 from .base import Method
 from .cam import class_activation_map, eigencam, gradcam, gradcam_plusplus, hirescam, layercam, xgradcam
 from .gradients import guided_backprop, guided_gradcam, integrated_gradients, saliency, smoothgrad
+from .lrp import lrp, lrp_alpha_beta, lrp_epsilon_gamma_box
 from .perturbation import ablationcam, scorecam
 from .superpixels import feature_ablation, shapley_sampling
 
@@ -41,6 +42,10 @@ METHODS: dict[str, Method] = {
     "occlusion": Method("occlusion", "perturbation", occlusion, uses_layer=False),
     "feature_ablation": Method("feature_ablation", "perturbation", feature_ablation, uses_layer=False),
     "shapley_sampling": Method("shapley_sampling", "perturbation", shapley_sampling, uses_layer=False),
+    "lrp": Method("lrp", "gradient", lrp, uses_layer=False, pixel_level=True),
+    "lrp_epsilon_gamma_box": Method("lrp_epsilon_gamma_box", "gradient", lrp_epsilon_gamma_box, uses_layer=False,
+                                    pixel_level=True),
+    "lrp_alpha_beta": Method("lrp_alpha_beta", "gradient", lrp_alpha_beta, uses_layer=False, pixel_level=True),
 }
 
 
