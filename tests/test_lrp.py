@@ -210,3 +210,18 @@ def test_explain_cli_writes_the_apis_lrp_maps(cli, tmp_path, picture):
         api = explain(model, [Image.open(picture)], method=method)
         np.testing.assert_allclose(np.load(out / f"pic_{method}.npy"), api.raw[0].numpy(), rtol=1e-5, atol=1e-7)
         assert (out / f"pic_{method}.png").exists()
+
+
+def test_timms_batchnorm_with_its_relu_is_folded_like_a_batchnorm_then_a_relu(image_batch):
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    plain = _jitter_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                        nn.Flatten(), nn.Linear(4, 3)))
+    fused = nn.Sequential(plain[0], BatchNormAct2d(4, act_layer=nn.ReLU), *plain[3:]).eval()
+    fused[1].load_state_dict(plain[1].state_dict())
+    for method in ZENNIT:
+        options = ZENNIT[method][2]
+        expected = explain(plain, image_batch, method=method, target=2, **options).attributions
+        torch.testing.assert_close(explain(fused, image_batch, method=method, target=2, **options).attributions,
+                                   expected)

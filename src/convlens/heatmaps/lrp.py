@@ -51,7 +51,8 @@ from .lrp_rules import AlphaBeta, Epsilon, Flat, Gamma, NormRelevance, Relevance
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-PASSING = (nn.ReLU, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout, nn.Dropout2d, nn.Identity)
+PASSING = (nn.ReLU, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout, nn.Dropout2d, nn.Identity,
+           nn.Sequential)  # an empty Sequential is the identity
 SUPPORTED = "Conv2d, Linear, BatchNorm after a Conv2d/Linear, ReLU, max/average pooling, Flatten, Dropout, Identity"
 
 
@@ -66,6 +67,13 @@ class Composite:
     stabilizer: float = 1e-6  # of the Norm rule (pooling, sums of branches)
 
 
+def _norm_with_activation(module: nn.Module) -> bool:
+    """A BatchNorm followed by a ReLU (or nothing) in one module: timm's ``BatchNormAct2d``."""
+    children = list(module.children())
+    return (isinstance(module, NORMS) and bool(children) and hasattr(module, "act")
+            and all(isinstance(child, PASSING) and not list(child.children()) for child in children))
+
+
 def assign_rules(module: nn.Module, composite: Composite, skip: Sequence[nn.Module] = ()) -> dict[nn.Module, Rule]:
     """Each ``Conv2d``/``Linear`` of ``module`` with its rule; a module LRP has no rule for is a one-line error.
 
@@ -73,6 +81,7 @@ def assign_rules(module: nn.Module, composite: Composite, skip: Sequence[nn.Modu
     """
     rules: dict[nn.Module, Rule] = {}
     first_done = composite.first is None
+    inside_norms = {id(c) for m in module.modules() if _norm_with_activation(m) for c in m.children()}
     for name, child in module.named_modules():
         if child in skip:
             continue
@@ -86,7 +95,9 @@ def assign_rules(module: nn.Module, composite: Composite, skip: Sequence[nn.Modu
                 rules[child], first_done = composite.first, True
             else:
                 rules[child] = composite.conv if isinstance(child, nn.Conv2d) else composite.linear
-        elif isinstance(child, NORMS + POOLS + PASSING) and not children:
+        elif isinstance(child, NORMS + POOLS + PASSING) and not children or _norm_with_activation(child):
+            continue
+        elif id(child) in inside_norms:  # the activation of a norm-and-activation module
             continue
         elif own_params or not children:
             raise ConvlensError(f"LRP has no rule for {name or 'the model'} ({type(child).__name__}); "
@@ -106,6 +117,12 @@ def _folded(layer: nn.Module, norm: nn.Module) -> tuple[torch.Tensor, torch.Tens
     if norm.bias is not None:
         folded_bias = folded_bias + norm.bias
     return layer.weight * scale.view(-1, *([1] * (layer.weight.ndim - 1))), folded_bias
+
+
+def _plain_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The BatchNorm alone of a norm-and-activation module, in eval mode."""
+    return torch.nn.functional.batch_norm(x, module.running_mean, module.running_var, module.weight, module.bias,
+                                          False, 0.0, module.eps)
 
 
 class _Branches(TorchFunctionMode):
@@ -147,7 +164,7 @@ class _Pass:
     def hooks(self, module: nn.Module) -> dict[nn.Module, object]:
         hooks: dict[nn.Module, object] = {m: self.layer for m in self.rules}
         for child in module.modules():
-            if isinstance(child, NORMS) and not list(child.children()):
+            if isinstance(child, NORMS) and (not list(child.children()) or _norm_with_activation(child)):
                 hooks[child] = self.norm
             elif isinstance(child, POOLS):
                 hooks[child] = self.pool
@@ -167,7 +184,11 @@ class _Pass:
                                 f"into that layer); supported: {SUPPORTED}")
         _, layer, x = entry
         weight, bias = _folded(layer, module)
-        return Relevance.apply(x, output.detach(), self.rules[layer], affine(layer, weight, bias))
+        if not _norm_with_activation(module):
+            return Relevance.apply(x, output.detach(), self.rules[layer], affine(layer, weight, bias))
+        normalised = _plain_norm(module, inputs[0])
+        routed = Relevance.apply(x, normalised.detach(), self.rules[layer], affine(layer, weight, bias))
+        return module.act(module.drop(routed) if hasattr(module, "drop") else routed)
 
     def pool(self, module, inputs, output):
         return NormRelevance.apply(lambda t: type(module).forward(module, t), self.stabilizer, inputs[0])
@@ -176,6 +197,8 @@ class _Pass:
 def relevance(request: Request, composite: Composite) -> torch.Tensor:
     """The input relevance ``(N, C, H, W)`` of the request's target under ``composite``."""
     module = request.model.module
+    if request.model.framework == "keras":
+        raise ConvlensError(f"LRP has no rule for Keras layers; it runs on PyTorch models ({SUPPORTED})")
     rules = assign_rules(module, composite, skip=list(request.rewrites()))
     propagation = _Pass(module, rules, composite.stabilizer)
     x = request.x.detach().clone().requires_grad_()
