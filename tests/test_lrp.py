@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import numpy as np
 import pytest
 import torch
@@ -77,6 +78,19 @@ def test_relevance_equals_zennits_composite(torchvision_nets, arch, method):
     # the map sums three channels, each within 1e-4 of the largest relevance
     torch.testing.assert_close(ours.raw, theirs.sum(1), rtol=0, atol=3e-4 * float(theirs.abs().max()))
     assert all(isinstance(p, nn.Parameter) for p in net.parameters())  # nothing folded into the model itself
+
+
+def test_relevance_equals_zennits_to_float64_precision_where_its_merged_batchnorms_are_exact(torchvision_nets):
+    # zennit's canonizer leaves each merged BatchNorm computing x / sqrt(1 + eps), so its relevances shrink by
+    # ~eps/2 per BatchNorm on the path (the 1e-4 above); with eps = 0 the two are equal to float64 precision.
+    net = copy.deepcopy(torchvision_nets["resnet18"][0]).double()
+    for norm in net.modules():
+        if isinstance(norm, nn.BatchNorm2d):
+            norm.eps = 0.0
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ours = explain(net, x, method="lrp", target=3).attributions.double()
+    theirs = _zennit(net, zennit_torchvision.ResNetCanonizer, "EpsilonPlusFlat", {}, x, [3])
+    assert float((ours - theirs).abs().max() / theirs.abs().max()) <= 1e-6
 
 
 def _request(net: nn.Module, x: torch.Tensor, target: int) -> Request:

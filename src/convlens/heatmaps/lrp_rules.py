@@ -38,8 +38,7 @@ from torch import nn
 
 def stabilise(denominator: torch.Tensor, epsilon: float) -> torch.Tensor:
     """``d + epsilon * sign(d)``, ``sign(0) = 1`` (zennit's ``stabilize``)."""
-    sign = (denominator == 0).to(denominator) + denominator.sign()
-    return denominator + sign * epsilon
+    return denominator + torch.where(denominator >= 0, epsilon, -epsilon)
 
 
 def divide(relevance: torch.Tensor, denominator: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -92,8 +91,9 @@ def _part(tensor: torch.Tensor | None, positive: bool) -> torch.Tensor | None:
 
 def _signed_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(x+, x-)``; ``x-`` is ``None`` when no input is negative (after a ReLU), so its terms, all zero, are skipped."""
-    negative = x.clamp(max=0)
-    return x.clamp(min=0), (negative if bool((negative != 0).any()) else None)
+    if bool(x.min() >= 0):
+        return x, None
+    return x.clamp(min=0), x.clamp(max=0)
 
 
 def _terms(layer: Affine, inputs: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]]):
