@@ -96,14 +96,22 @@ def _signed_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     return x.clamp(min=0), x.clamp(max=0)
 
 
+def _total(tensors) -> torch.Tensor:
+    """The sum of the tensors, without ``sum()``'s extra ``0 +`` pass over the first."""
+    first, *rest = tensors
+    for tensor in rest:
+        first = first + tensor
+    return first
+
+
 def _terms(layer: Affine, inputs: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]]):
     """``sum_i layer(input_i; w_i, b_i)`` over the inputs that are not ``None``, biases only where given."""
-    return sum(layer.forward(x, w, b) for x, w, b in inputs if x is not None)
+    return _total([layer.forward(x, w, b) for x, w, b in inputs if x is not None])
 
 
 def _back(layer: Affine, scaled: torch.Tensor, inputs: list[tuple[torch.Tensor | None, torch.Tensor]]):
     """``sum_i x_i * J_i^T scaled`` over the inputs that are not ``None``."""
-    return sum(x * layer.backward(x.shape, w, scaled) for x, w in inputs if x is not None)
+    return _total([x * layer.backward(x.shape, w, scaled) for x, w in inputs if x is not None])
 
 
 @dataclass(frozen=True)
@@ -124,7 +132,7 @@ class ZPlus:
 
     def __call__(self, layer: Affine, x, z, relevance):
         positive, negative = _signed_inputs(x)
-        w_pos, w_neg = _part(layer.weight, True), _part(layer.weight, False)
+        w_pos, w_neg = _part(layer.weight, True), None if negative is None else _part(layer.weight, False)
         denominator = _terms(layer, [(positive, w_pos, _part(layer.bias, True)), (negative, w_neg, None)])
         scaled = divide(relevance, denominator, self.stabilizer)
         return _back(layer, scaled, [(positive, w_pos), (negative, w_neg)])
