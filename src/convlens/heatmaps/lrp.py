@@ -146,7 +146,7 @@ class _Branches(TorchFunctionMode):
         kwargs = kwargs or {}
         both = (len(args) == 2 and all(isinstance(a, torch.Tensor) and a.requires_grad for a in args))
         if both and func in self.SUMS and not kwargs and args[0].shape == args[1].shape:
-            total = NormRelevance.apply(torch.add, self.stabilizer, *args)
+            total = NormRelevance.apply(torch.add, self.stabilizer, func is torch.Tensor.add_, *args)
             if func is torch.Tensor.add_:
                 return args[0].copy_(total)  # in place, as the caller expects; the graph now goes through the rule
             return total
@@ -176,7 +176,7 @@ class _Pass:
 
     def layer(self, module, inputs, output):
         x = inputs[0]
-        routed = Relevance.apply(x, output.detach(), self.rules[module], affine(module, module.weight, module.bias))
+        routed = Relevance.apply(x, self.rules[module], affine(module, module.weight, module.bias), [output.detach()])
         self.pending[id(routed)] = (routed, module, x)
         return routed
 
@@ -189,13 +189,13 @@ class _Pass:
         _, layer, x = entry
         weight, bias = _folded(layer, module)
         if not _norm_with_activation(module):
-            return Relevance.apply(x, output.detach(), self.rules[layer], affine(layer, weight, bias))
+            return Relevance.apply(x, self.rules[layer], affine(layer, weight, bias), [output.detach()])
         normalised = _plain_norm(module, inputs[0])
-        routed = Relevance.apply(x, normalised.detach(), self.rules[layer], affine(layer, weight, bias))
+        routed = Relevance.apply(x, self.rules[layer], affine(layer, weight, bias), [normalised.detach()])
         return module.act(module.drop(routed) if hasattr(module, "drop") else routed)
 
     def pool(self, module, inputs, output):
-        return NormRelevance.apply(lambda t: type(module).forward(module, t), self.stabilizer, inputs[0])
+        return NormRelevance.apply(lambda t: type(module).forward(module, t), self.stabilizer, False, inputs[0])
 
 
 def relevance(request: Request, composite: Composite) -> torch.Tensor:

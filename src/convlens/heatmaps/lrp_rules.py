@@ -134,7 +134,10 @@ class ZPlus:
         positive, negative = _signed_inputs(x)
         w_pos, w_neg = _part(layer.weight, True), None if negative is None else _part(layer.weight, False)
         denominator = _terms(layer, [(positive, w_pos, _part(layer.bias, True)), (negative, w_neg, None)])
-        scaled = divide(relevance, denominator, self.stabilizer)
+        if negative is None and self.stabilizer:  # a sum of non-negative terms: its stabilised value is d + eps
+            scaled = relevance / denominator.add_(self.stabilizer)
+        else:
+            scaled = divide(relevance, denominator, self.stabilizer)
         return _back(layer, scaled, [(positive, w_pos), (negative, w_neg)])
 
 
@@ -211,19 +214,32 @@ class Flat:
 Rule = Epsilon | ZPlus | AlphaBeta | Gamma | ZBox | Flat
 
 
+#: the rules whose formula reads the layer's output ``z`` (the others need only its input)
+READS_OUTPUT = (Epsilon, Gamma, ZBox)
+
+
 class Relevance(torch.autograd.Function):
-    """Forward: the layer's output ``z`` as it is; backward: the rule's input relevance instead of the gradient."""
+    """Forward: the layer's output as it is; backward: the rule's input relevance instead of the gradient.
+
+    ``output`` is a one-element list holding the output detached: a tensor that is not an input of the
+    function is returned without a copy, and an in-place op after the layer (ReLU) may change it; a rule
+    that reads the output keeps a copy of its own.
+    """
 
     @staticmethod
-    def forward(ctx, x, z, rule, layer):
+    def forward(ctx, x, rule, layer, output):
+        z = output[0]
         ctx.rule, ctx.layer = rule, layer
-        ctx.save_for_backward(x, z)
-        return z.clone()  # an in-place op after the layer (ReLU) must not overwrite the saved output
+        ctx.z = z.clone() if isinstance(rule, READS_OUTPUT) else None
+        ctx.save_for_backward(x)
+        return z
 
     @staticmethod
     def backward(ctx, relevance):
-        x, z = ctx.saved_tensors
-        return ctx.rule(ctx.layer, x, z, relevance), None, None, None
+        x, = ctx.saved_tensors
+        result = ctx.rule(ctx.layer, x, ctx.z, relevance)
+        ctx.z = None
+        return result, None, None, None
 
 
 class NormRelevance(torch.autograd.Function):
@@ -231,18 +247,22 @@ class NormRelevance(torch.autograd.Function):
     ``R_x = x * J_f^T (R / stabilise(f(x)))``; the sum ``a + b`` gives ``R_a = a R / (a + b)``."""
 
     @staticmethod
-    def forward(ctx, fn, stabilizer, *inputs):
+    def forward(ctx, fn, stabilizer, overwritten, *inputs):
         with torch.enable_grad():
-            # copies: an in-place sum (``out += identity``) overwrites its first input afterwards
-            leaves = [x.detach().clone().requires_grad_() for x in inputs]
+            # ``overwritten``: an in-place sum (``out += identity``) overwrites its first input afterwards: a copy
+            leaves = [(x.detach().clone() if overwritten and i == 0 else x.detach()).requires_grad_()
+                      for i, x in enumerate(inputs)]
             output = fn(*leaves)
         ctx.stabilizer, ctx.leaves, ctx.output = stabilizer, leaves, output
-        return output.detach().clone()
+        ctx.versions = [x._version for x in leaves]  # a detached tensor shares its original's version counter
+        return output.detach()
 
     @staticmethod
     def backward(ctx, relevance):
+        if [x._version for x in ctx.leaves] != ctx.versions:
+            raise RuntimeError("an input of a summed or pooled layer was modified in place after the layer ran")
         scaled = divide(relevance, ctx.output.detach(), ctx.stabilizer)
         grads = torch.autograd.grad(ctx.output, ctx.leaves, scaled)
         relevances = tuple(x.detach() * g for x, g in zip(ctx.leaves, grads))
         del ctx.leaves, ctx.output
-        return (None, None, *relevances)
+        return (None, None, None, *relevances)
