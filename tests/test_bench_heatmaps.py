@@ -35,3 +35,11 @@ def test_quick_attribution_benchmark_compares_equal_outputs(capsys):
     diffs = [float(d) for d in re.findall(r"x\s+(\S+)\n", out)]
     assert len(diffs) == 9 and all(d < 1e-4 for d in diffs)  # occlusion, LIME, KernelSHAP: the same attributions
     assert re.search(r"convlens is [\d.]+x faster than captum's default", out)
+
+
+def test_quick_lrp_benchmark_compares_equal_outputs_with_zennit(capsys):
+    bench = _load("bench_lrp")
+    assert bench.main(["--quick", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert float(re.search(r"convlens lrp .* (\S+)\n", out).group(1)) < 1e-4  # the same relevances, timed
+    assert re.search(r"convlens lrp takes [\d.]+x one forward \+ backward and is [\d.]+x faster than zennit", out)

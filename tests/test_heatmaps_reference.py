@@ -1,7 +1,7 @@
 """Every registered heatmap method agrees with an independent implementation.
 
 CAM methods are compared with pytorch-grad-cam (PyPI ``grad-cam``), gradient
-methods with captum, on the same model, input, layer and target: max abs
+methods with captum, LRP with zennit, on the same model, input, layer and target: max abs
 difference <= 1e-3 on maps normalised to [0, 1].
 
 The comparison (same resolution, same post-processing, the peer's variant
@@ -114,6 +114,21 @@ def _captum_surrogate(method):
     return computation
 
 
+def _zennit(composite: str, **arguments):
+    def computation(net, x, targets, layer):  # zennit's own relevance, positive part summed over channels
+        from zennit import composites, torchvision as canonizers
+
+        canonizer = canonizers.ResNetCanonizer if isinstance(net, torchvision.models.ResNet) else canonizers.VGGCanonizer
+        x = x.clone().requires_grad_()
+        with getattr(composites, composite)(canonizers=[canonizer()], **arguments).context(net) as modified:
+            output = modified(x)
+            one_hot = torch.nn.functional.one_hot(torch.as_tensor(targets), output.shape[1]).to(output)
+            relevance, = torch.autograd.grad(output, x, grad_outputs=one_hot * output)
+        return relevance.sum(1).clamp(min=0)
+
+    return computation
+
+
 #: method -> (captum computation giving the (N, H, W) map, convlens options)
 GRADIENT_PEERS = {
     "saliency": (_captum_saliency, {}),
@@ -133,6 +148,10 @@ GRADIENT_PEERS = {
     "deeplift_shap": (_captum_deeplift_shap, {"baselines": "zeros-and-ones"}),
     "lime": (_captum_surrogate("lime"), {"segments": "quarters", "n_samples": 12, "seed": 7}),
     "kernel_shap": (_captum_surrogate("kernel_shap"), {"segments": "quarters", "n_samples": 12, "seed": 7}),
+    # LRP against zennit (the pixel box of the z^B rule given to both)
+    "lrp": (_zennit("EpsilonPlusFlat"), {}),
+    "lrp_epsilon_gamma_box": (_zennit("EpsilonGammaBox", low=-3.0, high=3.0), {"low": -3.0, "high": 3.0}),
+    "lrp_alpha_beta": (_zennit("EpsilonAlpha2Beta1Flat"), {}),
 }
 
 

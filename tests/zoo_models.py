@@ -187,3 +187,12 @@ def flatten_dense_keras(size: int = 32, preprocessing_layers: tuple = (), name: 
                              keras.layers.MaxPooling2D(2, name="pool"),
                              keras.layers.Flatten(name="flatten"),
                              keras.layers.Dense(3, name="logits")], name=name)
+
+
+#: LRP's refusal (a layer without a rule: SiLU, Hardswish, LayerNorm, a BatchNorm after a concatenation, attention,
+#: a product of two activations, Keras layers) on every zoo model but the ReLU ResNets and RegNet, which it explains
+NO_LRP_RULE = "LRP has no rule"
+LRP_EXPLAINS = {"resnet18d", "regnetx_002", "resnet18d-two-outputs"}
+for _entry in ZOO:
+    if _entry.name not in LRP_EXPLAINS:
+        _entry.refuses.update({m: NO_LRP_RULE for m in ("lrp", "lrp_epsilon_gamma_box", "lrp_alpha_beta")})

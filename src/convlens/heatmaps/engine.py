@@ -10,7 +10,8 @@ The heatmap contract (stated once, here):
 * **Sign.** Heatmaps show evidence *for* the target: ``maps`` is
   ``min-max(upsample(ReLU(raw)))``. CAM ``raw`` is signed (the weighted
   channel sum); gradient methods' ``raw`` is already non-negative (magnitudes,
-  see :mod:`convlens.heatmaps.gradients`).
+  see :mod:`convlens.heatmaps.gradients`); LRP's is the signed relevance
+  (see :mod:`convlens.heatmaps.lrp`).
 * **Upsampling.** Bilinear, ``align_corners=False`` (pixel centres aligned, as
   OpenCV's ``resize`` does), from the layer to the input tensor.
 * **Normalisation.** Per image, min-max to ``[0, 1]``. A constant map (all

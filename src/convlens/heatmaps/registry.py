@@ -15,6 +15,7 @@ from .base import Method
 from .deeplift import deeplift, deeplift_shap
 from .cam import class_activation_map, eigencam, gradcam, gradcam_plusplus, hirescam, layercam, xgradcam
 from .gradients import guided_backprop, guided_gradcam, integrated_gradients, saliency, smoothgrad
+from .lrp import lrp, lrp_alpha_beta, lrp_epsilon_gamma_box
 from .perturbation import ablationcam, scorecam
 from .superpixels import feature_ablation, kernel_shap, lime, shapley_sampling
 
@@ -46,6 +47,10 @@ METHODS: dict[str, Method] = {
     "deeplift_shap": Method("deeplift_shap", "gradient", deeplift_shap, uses_layer=False, pixel_level=True),
     "lime": Method("lime", "perturbation", lime, uses_layer=False),
     "kernel_shap": Method("kernel_shap", "perturbation", kernel_shap, uses_layer=False),
+    "lrp": Method("lrp", "gradient", lrp, uses_layer=False, pixel_level=True),
+    "lrp_epsilon_gamma_box": Method("lrp_epsilon_gamma_box", "gradient", lrp_epsilon_gamma_box, uses_layer=False,
+                                    pixel_level=True),
+    "lrp_alpha_beta": Method("lrp_alpha_beta", "gradient", lrp_alpha_beta, uses_layer=False, pixel_level=True),
 }
 
 
