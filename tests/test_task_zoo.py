@@ -29,6 +29,8 @@ FAST = {"smoothgrad": {"n_samples": 2}, "integrated_gradients": {"steps": 2}, "s
 #: Ablation-CAM runs the rest of the network once per channel (256 FPN channels through the detector's
 #: heads, 960 backbone channels through DeepLab's): minutes on two cores; it runs on the embedding row.
 SLOW = {"ablationcam"}
+#: (row, method) -> words of the one-line refusal, beside CAM's
+REFUSES = {("detect", "shapleycam"): "needs second derivatives"}  # torchvision's roi_align has none
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +103,15 @@ def test_every_method_explains_the_rows_target_or_says_why_not(row, files, metho
     if method in SLOW and kind != "embed":
         pytest.skip(f"{method} takes minutes on this row (see SLOW)")
     x = model.preprocess([files / "pic.png"])
-    if method == "cam":  # a region, a box or a similarity is not a class of a linear head
+    if method in ("cam", "finercam"):  # a region, a box or a similarity is not a class (of a linear head)
         with pytest.raises(cl.ConvlensError) as err:
             cl.explain(model, x, method=method, layer=auto, target=target)
         assert "\n" not in str(err.value) and ("cannot serve" in str(err.value) or "CAM needs" in str(err.value))
+        return
+    if (kind, method) in REFUSES:
+        with pytest.raises(cl.ConvlensError, match=REFUSES[kind, method]) as err:
+            cl.explain(model, x, method=method, layer=auto, target=target)
+        assert "\n" not in str(err.value)
         return
     result = cl.explain(model, x, method=method, layer=auto, target=target, **FAST.get(method, {}))
     assert result.maps.shape == (1, *x.shape[-2:]) and torch.isfinite(result.maps).all()

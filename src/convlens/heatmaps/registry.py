@@ -13,6 +13,7 @@ from ..errors import ConvlensError, did_you_mean
 from .attribution import deconvolution, gradient_shap, input_x_gradient, occlusion, smoothgrad_sq, vargrad
 from .base import Method
 from .cam import class_activation_map, eigencam, gradcam, gradcam_plusplus, hirescam, layercam, xgradcam
+from .cam_variants import eigengradcam, fem, finercam, fullgrad, gradcam_elementwise, kpcacam, shapleycam
 from .gradients import guided_backprop, guided_gradcam, integrated_gradients, saliency, smoothgrad
 from .perturbation import ablationcam, scorecam
 from .superpixels import feature_ablation, shapley_sampling
@@ -25,6 +26,14 @@ METHODS: dict[str, Method] = {
     "hirescam": Method("hirescam", "cam", hirescam, multi_layer=True, all_classes=True),
     "layercam": Method("layercam", "cam", layercam, multi_layer=True, all_classes=True),
     "eigencam": Method("eigencam", "cam", eigencam, multi_layer=True),
+    "eigengradcam": Method("eigengradcam", "cam", eigengradcam, multi_layer=True),
+    "gradcam_elementwise": Method("gradcam_elementwise", "cam", gradcam_elementwise, multi_layer=True,
+                                  all_classes=True),
+    "fullgrad": Method("fullgrad", "cam", fullgrad, uses_layer=False),  # a sum of upsampled layer maps: blended
+    "kpcacam": Method("kpcacam", "cam", kpcacam, multi_layer=True),
+    "fem": Method("fem", "cam", fem, multi_layer=True),
+    "shapleycam": Method("shapleycam", "cam", shapleycam, multi_layer=True),
+    "finercam": Method("finercam", "cam", finercam, multi_layer=True),
     "scorecam": Method("scorecam", "perturbation", scorecam),
     "ablationcam": Method("ablationcam", "perturbation", ablationcam),
     "saliency": Method("saliency", "gradient", saliency, uses_layer=False, pixel_level=True),
