@@ -35,3 +35,12 @@ def test_quick_attribution_benchmark_compares_equal_outputs(capsys):
     diffs = [float(d) for d in re.findall(r"x\s+(\S+)\n", out)]
     assert len(diffs) == 3 and all(d < 1e-4 for d in diffs)  # the same attributions, timed
     assert re.search(r"convlens is [\d.]+x faster than captum's default", out)
+
+
+def test_quick_fullgrad_benchmark_prints_ratios_and_equal_maps(capsys):
+    bench = _load("bench_fullgrad")
+    assert bench.main(["--quick", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    ratios = [float(r) for r in re.findall(r"([\d.]+)x baseline", out)]
+    assert len(ratios) == 3 and all(r > 0 for r in ratios)
+    assert float(re.search(r"max \|map diff\| \(biases='exact'\) (\S+)", out).group(1)) < 1e-5
