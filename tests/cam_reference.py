@@ -91,3 +91,24 @@ class Logit:
 
     def __call__(self, row):
         return torch.logit(row[0].double()).float() if self.sigmoid else row[self.index]
+
+
+#: torch-cam's noise variants: method -> (torchcam.methods class name, convlens options that select torch-cam's
+#: reading); both sides draw the same noise: convlens from ``seed``, torch-cam after ``torch.manual_seed(seed)``
+TORCHCAM_PEERS = {
+    "smoothgradcam++": ("SmoothGradCAMpp", {"like_torchcam": True, "n_samples": 4, "stdev": 0.3}),
+}
+
+
+def torchcam_cam(method, module, layer_name, x, class_indices, seed) -> torch.Tensor:
+    """torch-cam's map for ``method`` at the layer's resolution (min-max normalised, as it returns it)."""
+    import torchcam.methods
+
+    peer_class = getattr(torchcam.methods, TORCHCAM_PEERS[method][0])
+    options = {k: v for k, v in TORCHCAM_PEERS[method][1].items() if k in ("n_samples", "stdev")}
+    renamed = {"n_samples": "num_samples", "stdev": "std"}
+    with peer_class(module, layer_name, input_shape=tuple(x.shape[1:]),
+                    **{renamed[k]: v for k, v in options.items()}) as extractor:
+        scores = module(x)
+        torch.manual_seed(seed)
+        return extractor(list(class_indices), scores)[0].detach()

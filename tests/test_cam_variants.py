@@ -22,7 +22,7 @@ from convlens.targets import ClassLogits
 from conftest import TinyNet
 from test_heatmaps_hand import Features
 
-NEW = ["eigengradcam", "gradcam_elementwise", "fullgrad", "kpcacam", "fem", "shapleycam", "finercam"]
+NEW = ["eigengradcam", "gradcam_elementwise", "fullgrad", "kpcacam", "fem", "shapleycam", "finercam", "smoothgradcam++"]
 
 
 def _conv2_gradient(tiny: TinyNet, x: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +204,25 @@ def test_fullgrad_sums_the_rescaled_input_and_bias_terms(rescale, dims):
     assert res.layer is None
 
 
+def test_smoothgradcampp_without_noise_is_the_closed_form_on_the_clean_gradient(tiny, image_batch):
+    tiny.eval()
+    pre, grad = _conv2_gradient(tiny, image_batch, 0)
+    alpha = grad ** 2 / (2 * grad ** 2 + (grad ** 3 * pre).sum((2, 3), keepdim=True) + 1e-8)
+    expected = ((alpha * grad.clamp(min=0)).sum((2, 3), keepdim=True) * pre).sum(1)
+    for like_torchcam in (False, True):  # without noise the last pass is the clean one
+        res = explain(tiny, image_batch, method="smoothgradcam++", layer="conv2", target=0, stdev=0.0, n_samples=2,
+                      like_torchcam=like_torchcam)
+        torch.testing.assert_close(res.raw, expected)
+
+
+def test_smoothgradcampp_noise_follows_the_seed(tiny, image_batch):
+    runs = [explain(tiny, image_batch, method="smoothgradcam++", layer="conv2", seed=seed).raw for seed in (1, 1, 2)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
 @pytest.mark.parametrize("method,options,match", [
+    ("smoothgradcam++", {"n_samples": 0}, "n_samples >= 1 and stdev >= 0"),
+    ("smoothgradcam++", {"stdev": -1.0}, "n_samples >= 1 and stdev >= 0"),
     ("fem", {"k": float("inf")}, "finite number of standard deviations"),
     ("kpcacam", {"kernel": "laplace"}, "unknown kpcacam kernel 'laplace'; choose from sigmoid"),
     ("kpcacam", {"gamma": 0.0}, "gamma must be positive"),

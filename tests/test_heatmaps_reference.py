@@ -21,9 +21,10 @@ import convlens as cl
 from convlens.capture import capture
 from convlens.heatmaps import METHODS, explain
 
-from cam_reference import CAM_PEERS, TOLERANCE, Logit, minmax
+from cam_reference import CAM_PEERS, TOLERANCE, TORCHCAM_PEERS, Logit, minmax
 from cam_reference import difference as _difference
 from cam_reference import peer_cam as _peer_cam
+from cam_reference import torchcam_cam
 
 
 def _captum_saliency(forward, x, targets, layer):
@@ -132,7 +133,7 @@ PERTURBATION = {"scorecam", "ablationcam"}
 
 
 def test_every_method_has_a_reference():
-    assert set(METHODS) == set(CAM_PEERS) | set(GRADIENT_PEERS)
+    assert set(METHODS) == set(CAM_PEERS) | set(GRADIENT_PEERS) | set(TORCHCAM_PEERS)
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +180,18 @@ def test_cam_methods_match_pytorch_grad_cam(request, case, method):
     difference = _difference(method, ours.raw, theirs)
     assert difference <= TOLERANCE, f"{method} on {case}: {difference}"
     assert ours.maps.shape == (x.shape[0], size, size) and ours.maps.dtype == torch.float32
+
+
+@pytest.mark.parametrize("case", TORCH_CASES)
+@pytest.mark.parametrize("method", list(TORCHCAM_PEERS))
+def test_noise_cams_match_torchcam_with_the_same_draws(request, case, method):
+    fixture, size, layer, _ = TORCH_CASES[case]
+    net = request.getfixturevalue(fixture)
+    x = _batch(size)
+    ours = explain(net, x, method=method, layer=layer, seed=11, **TORCHCAM_PEERS[method][1])
+    theirs = torchcam_cam(method, net, layer, x, ours.targets, seed=11)
+    difference = float((minmax(ours.raw) - theirs).abs().max())
+    assert difference <= TOLERANCE, f"{method} on {case}: {difference}"
 
 
 @pytest.mark.parametrize("case", TORCH_CASES)

@@ -303,3 +303,47 @@ def fullgrad(request: Request, *, rescale: str = "channel", biases: str = "all",
             bias = found[name].float().to(grad.device).view(1, -1, 1, 1)
             total = total + upsample(_rescaled_sum((grad.float() * bias).abs(), per_channel, eps), size)
     return RawMaps([total])
+
+
+# -- torch-cam's noise variants ----------------------------------------------------------------------------
+
+def smoothgradcam_plusplus(request: Request, *, n_samples: int = 4, stdev: float = 0.3, seed: int = 0,
+                           eps: float = 1e-8, like_torchcam: bool = False) -> RawMaps:
+    """Smooth Grad-CAM++: Grad-CAM++'s pixel coefficients from gradients averaged over noisy inputs.
+
+    Omeiza et al. 2019, "Smooth Grad-CAM++: An Enhanced Inference Level Visualization
+    Technique for Deep Convolutional Neural Network Models", arXiv:1908.01224, in
+    torch-cam's reading (``SmoothGradCAMpp``): with ``G_m`` the gradient at the layer for
+    the input plus noise ``e_m ~ N(0, stdev^2)`` (``stdev`` absolute, on the preprocessed
+    input), ``D2 = mean_m G_m^2``, ``D3 = mean_m G_m^3``,
+    ``alpha = D2 / (2 D2 + sum_ab A_ab D3_ab + eps)``, ``w_k = sum_ij alpha ReLU(mean_m G_m)``,
+    ``M = sum_k w_k A_k`` with ``A`` the clean activations. torch-cam 0.5.0 weights the
+    *last* noisy pass's gradient and activations instead of the mean gradient and the
+    clean activations: ``like_torchcam=True`` does the same. The noise comes from a
+    ``torch.Generator`` seeded with ``seed``, drawn sample by sample for the whole batch
+    (torch-cam's order: ``torch.manual_seed(seed)`` before its call gives the same draws).
+    """
+    if n_samples < 1 or not stdev >= 0:
+        raise ConvlensError(f"smoothgradcam++ needs n_samples >= 1 and stdev >= 0, got n_samples={n_samples}, "
+                            f"stdev={stdev}")
+    clean_acts, _ = layer_gradients(request)
+    generator = torch.Generator().manual_seed(seed)
+    square = cube = mean = last_acts = last_grads = None
+    for _ in range(n_samples):
+        noise = torch.randn(request.x.shape, generator=generator).to(request.x.device) * stdev
+        noisy = Request(request.model, (request.x.float() + noise).to(request.x.dtype), request.layers,
+                        request.score_fn, request.class_indices, request.progress, request.target)
+        last_acts, last_grads = layer_gradients(noisy)
+        if square is None:
+            square, cube, mean = ([torch.zeros_like(g) for g in last_grads] for _ in range(3))
+        for layer, grad in enumerate(last_grads):
+            square[layer] += grad.pow(2) / n_samples
+            cube[layer] += grad.pow(3) / n_samples
+            mean[layer] += grad / n_samples
+    maps = []
+    for layer, act in enumerate(clean_acts):
+        alpha = square[layer] / (2 * square[layer] + (cube[layer] * act).sum(dim=(2, 3), keepdim=True) + eps)
+        grad, read = (last_grads[layer], last_acts[layer]) if like_torchcam else (mean[layer], act)
+        weights = (alpha * grad.clamp(min=0)).sum(dim=(2, 3), keepdim=True)
+        maps.append((weights * read).sum(dim=1))
+    return RawMaps(maps)

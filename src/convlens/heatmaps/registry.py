@@ -13,7 +13,8 @@ from ..errors import ConvlensError, did_you_mean
 from .attribution import deconvolution, gradient_shap, input_x_gradient, occlusion, smoothgrad_sq, vargrad
 from .base import Method
 from .cam import class_activation_map, eigencam, gradcam, gradcam_plusplus, hirescam, layercam, xgradcam
-from .cam_variants import eigengradcam, fem, finercam, fullgrad, gradcam_elementwise, kpcacam, shapleycam
+from .cam_variants import (eigengradcam, fem, finercam, fullgrad, gradcam_elementwise, kpcacam, shapleycam,
+                           smoothgradcam_plusplus)
 from .gradients import guided_backprop, guided_gradcam, integrated_gradients, saliency, smoothgrad
 from .perturbation import ablationcam, scorecam
 from .superpixels import feature_ablation, shapley_sampling
@@ -34,6 +35,7 @@ METHODS: dict[str, Method] = {
     "fem": Method("fem", "cam", fem, multi_layer=True),
     "shapleycam": Method("shapleycam", "cam", shapleycam, multi_layer=True),
     "finercam": Method("finercam", "cam", finercam, multi_layer=True),
+    "smoothgradcam++": Method("smoothgradcam++", "cam", smoothgradcam_plusplus, multi_layer=True),
     "scorecam": Method("scorecam", "perturbation", scorecam),
     "ablationcam": Method("ablationcam", "perturbation", ablationcam),
     "saliency": Method("saliency", "gradient", saliency, uses_layer=False, pixel_level=True),
