@@ -97,6 +97,8 @@ class Logit:
 #: reading); both sides draw the same noise: convlens from ``seed``, torch-cam after ``torch.manual_seed(seed)``
 TORCHCAM_PEERS = {
     "smoothgradcam++": ("SmoothGradCAMpp", {"like_torchcam": True, "n_samples": 4, "stdev": 0.3}),
+    "sscam": ("SSCAM", {"n_samples": 2, "stdev": 2.0}),
+    "iscam": ("ISCAM", {"n_samples": 3}),
 }
 
 
@@ -106,7 +108,9 @@ def torchcam_cam(method, module, layer_name, x, class_indices, seed) -> torch.Te
 
     peer_class = getattr(torchcam.methods, TORCHCAM_PEERS[method][0])
     options = {k: v for k, v in TORCHCAM_PEERS[method][1].items() if k in ("n_samples", "stdev")}
-    renamed = {"n_samples": "num_samples", "stdev": "std"}
+    if method in ("sscam", "iscam"):
+        options["batch_size"] = 64
+    renamed = {"n_samples": "num_samples", "stdev": "std", "batch_size": "batch_size"}
     with peer_class(module, layer_name, input_shape=tuple(x.shape[1:]),
                     **{renamed[k]: v for k, v in options.items()}) as extractor:
         scores = module(x)

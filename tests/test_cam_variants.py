@@ -22,7 +22,8 @@ from convlens.targets import ClassLogits
 from conftest import TinyNet
 from test_heatmaps_hand import Features
 
-NEW = ["eigengradcam", "gradcam_elementwise", "fullgrad", "kpcacam", "fem", "shapleycam", "finercam", "smoothgradcam++"]
+NEW = ["eigengradcam", "gradcam_elementwise", "fullgrad", "kpcacam", "fem", "shapleycam", "finercam", "smoothgradcam++",
+       "sscam", "iscam"]
 
 
 def _conv2_gradient(tiny: TinyNet, x: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,7 +221,52 @@ def test_smoothgradcampp_noise_follows_the_seed(tiny, image_batch):
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
 
+def _masked_scores(model: nn.Module, x: torch.Tensor, masks: torch.Tensor, target: int) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x * masks.unsqueeze(1))[:, target]
+
+
+def test_iscam_integrates_each_mask_over_torchcams_growing_strengths():
+    first = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    second = torch.tensor([[2.0, 0.0], [0.0, 4.0]])
+    x = torch.stack([first, second]).unsqueeze(0)
+    torch.manual_seed(0)
+    model = Features(channels=2).eval()
+    res = explain(model, x, method="iscam", layer="feat", target=1, n_samples=3)
+    masks = torch.stack([first, second / 4])  # min-max per channel at the layer's (here the input's) size
+    strengths = [1 / 3, 1 / 3 + 2 / 3, 1 / 3 + 2 / 3 + 3 / 3]
+    scores = torch.stack([_masked_scores(model, x, c * masks, 1) for c in strengths]).mean(0)
+    weights = torch.softmax(scores, 0)
+    torch.testing.assert_close(res.raw[0], weights[0] * first + weights[1] * second)
+
+
+def test_sscam_averages_the_scores_of_noisy_masks_drawn_from_the_seed():
+    first = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    second = torch.tensor([[2.0, 0.0], [0.0, 4.0]])
+    x = torch.stack([first, second]).unsqueeze(0)
+    torch.manual_seed(0)
+    model = Features(channels=2).eval()
+    res = explain(model, x, method="sscam", layer="feat", target=0, n_samples=2, stdev=0.5, seed=3)
+    masks = torch.stack([first, second / 4])
+    generator = torch.Generator().manual_seed(3)
+    noisy = [masks + 0.5 * torch.randn((1, 2, 2, 2), generator=generator)[0] for _ in range(2)]
+    weights = torch.softmax(torch.stack([_masked_scores(model, x, m, 0) for m in noisy]).mean(0), 0)
+    torch.testing.assert_close(res.raw[0], weights[0] * first + weights[1] * second)
+
+
+@pytest.mark.parametrize("method", ["sscam", "iscam"])
+def test_noise_scorecams_in_small_batches_and_top_k(tiny, image_batch, method):
+    whole = explain(tiny, image_batch, method=method, layer="relu2", n_samples=2, batch_size=1000)
+    chunked = explain(tiny, image_batch, method=method, layer="relu2", n_samples=2, batch_size=3)
+    torch.testing.assert_close(chunked.raw, whole.raw, atol=1e-6, rtol=1e-5)
+    every = explain(tiny, image_batch, method=method, layer="relu2", n_samples=2, top_k=8)  # 8 = all channels
+    torch.testing.assert_close(every.raw, whole.raw, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method,options,match", [
+    ("sscam", {"n_samples": 0}, "sscam needs n_samples >= 1"),
+    ("sscam", {"stdev": -0.1}, "stdev >= 0"),
+    ("iscam", {"top_k": 0}, "iscam needs n_samples >= 1"),
     ("smoothgradcam++", {"n_samples": 0}, "n_samples >= 1 and stdev >= 0"),
     ("smoothgradcam++", {"stdev": -1.0}, "n_samples >= 1 and stdev >= 0"),
     ("fem", {"k": float("inf")}, "finite number of standard deviations"),

@@ -44,7 +44,8 @@ FAST = {"smoothgrad": {"n_samples": 2}, "integrated_gradients": {"steps": 2}, "s
         "ablationcam": {"batch_size": 512}, "smoothgrad_sq": {"n_samples": 2}, "vargrad": {"n_samples": 2},
         "gradient_shap": {"n_samples": 2}, "occlusion": {"window": 32, "stride": 32},
         "feature_ablation": {"n_segments": 8}, "shapley_sampling": {"n_segments": 4, "n_samples": 1},
-        "smoothgradcam++": {"n_samples": 2}}
+        "smoothgradcam++": {"n_samples": 2}, "sscam": {"n_samples": 1, "top_k": 4},
+        "iscam": {"n_samples": 1, "top_k": 4}}
 PERTURBATION = {"scorecam", "ablationcam"}
 
 

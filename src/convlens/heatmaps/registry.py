@@ -17,6 +17,7 @@ from .cam_variants import (eigengradcam, fem, finercam, fullgrad, gradcam_elemen
                            smoothgradcam_plusplus)
 from .gradients import guided_backprop, guided_gradcam, integrated_gradients, saliency, smoothgrad
 from .perturbation import ablationcam, scorecam
+from .scorecam_variants import iscam, sscam
 from .superpixels import feature_ablation, shapley_sampling
 
 METHODS: dict[str, Method] = {
@@ -38,6 +39,8 @@ METHODS: dict[str, Method] = {
     "smoothgradcam++": Method("smoothgradcam++", "cam", smoothgradcam_plusplus, multi_layer=True),
     "scorecam": Method("scorecam", "perturbation", scorecam),
     "ablationcam": Method("ablationcam", "perturbation", ablationcam),
+    "sscam": Method("sscam", "perturbation", sscam),
+    "iscam": Method("iscam", "perturbation", iscam),
     "saliency": Method("saliency", "gradient", saliency, uses_layer=False, pixel_level=True),
     "smoothgrad": Method("smoothgrad", "gradient", smoothgrad, uses_layer=False, pixel_level=True),
     "integrated_gradients": Method("integrated_gradients", "gradient", integrated_gradients, uses_layer=False,
