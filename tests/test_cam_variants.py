@@ -263,6 +263,14 @@ def test_noise_scorecams_in_small_batches_and_top_k(tiny, image_batch, method):
     torch.testing.assert_close(every.raw, whole.raw, atol=1e-6, rtol=1e-5)
 
 
+def test_kpcacam_refuses_a_layer_whose_kernel_would_not_fit(tiny):
+    with pytest.raises(cl.ConvlensError, match=r"layer 'relu2' has 65x65 = 4225 positions, more than") as err:
+        explain(tiny, torch.rand(1, 3, 65, 65), method="kpcacam", layer="relu2")
+    assert "\n" not in str(err.value)
+    small = explain(tiny, torch.rand(1, 3, 65, 65), method="kpcacam", layer="relu2", max_positions=5000)
+    assert small.maps.shape == (1, 65, 65)
+
+
 @pytest.mark.parametrize("method,options,match", [
     ("sscam", {"n_samples": 0}, "sscam needs n_samples >= 1"),
     ("sscam", {"stdev": -0.1}, "stdev >= 0"),
@@ -306,11 +314,12 @@ def test_explain_cli_writes_the_apis_maps_for_every_new_method(cli, tmp_path):
 
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(picture)
     out = tmp_path / "maps"
-    code, _, err = cli("explain", model_file, picture, "--methods", ",".join(NEW), "--out", out, "--trust-code")
+    code, _, err = cli("explain", model_file, picture, "--methods", ",".join(NEW), "--out", out, "--trust-code",
+                       "--input-size", "32")
     assert code == 0, err
     files = {row["method"]: row["file"] for row in json.loads((out / "index.json").read_text())
              if row["file"].endswith(".npy")}
-    model = cl.load_model(model_file, trust_code=True)
+    model = cl.load_model(model_file, trust_code=True, input_size=32)
     for method in NEW:
         api = explain(model, [Image.open(picture)], method=method)
         np.testing.assert_allclose(np.load(out / files[method]), api.raw[0].numpy(), rtol=1e-5, atol=1e-6)

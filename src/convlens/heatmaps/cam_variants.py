@@ -63,7 +63,7 @@ def fem(request: Request, *, k: float = 2.0) -> RawMaps:
 
 
 def kpcacam(request: Request, *, kernel: str = "sigmoid", gamma: float | None = None, coef0: float = 1.0,
-            degree: int = 3) -> RawMaps:
+            degree: int = 3, max_positions: int = 4096) -> RawMaps:
     """KPCA-CAM: the activations projected on their first kernel principal component (no gradients).
 
     Karmani et al. 2024, "KPCA-CAM: Visual Explainability of Deep Computer Vision
@@ -75,15 +75,20 @@ def kpcacam(request: Request, *, kernel: str = "sigmoid", gamma: float | None = 
     (the default, as the reference's), ``rbf`` ``exp(-gamma |a - b|^2)``,
     ``poly`` ``(gamma <a, b> + coef0)^degree``, ``linear``, ``cosine``; ``gamma``
     defaults to ``1 / C``. The sign is scikit-learn's: the largest-magnitude pixel
-    positive. The kernel is ``(h*w)^2``: use a late layer.
+    positive. The kernel is ``(h*w)^2`` float64 numbers: a layer with more than
+    ``max_positions`` positions (default 4096, 64x64: a 134 MB kernel) is refused.
     """
     if kernel not in _KERNELS:
         raise ConvlensError(f"unknown kpcacam kernel {kernel!r}; choose from {', '.join(_KERNELS)}")
     if gamma is not None and not gamma > 0:
         raise ConvlensError(f"kpcacam's gamma must be positive, got {gamma}")
     maps = []
-    for act in _activations(request):
+    for name, act in zip(request.layers, _activations(request)):
         n, c, h, w = act.shape
+        if h * w > max_positions:
+            raise ConvlensError(f"kpcacam's kernel matrix is (h*w)^2 and layer {name!r} has {h}x{w} = {h * w} "
+                                f"positions, more than max_positions={max_positions}; choose a later layer "
+                                "or a smaller input (or raise max_positions)")
         points = torch.nan_to_num(act.double(), nan=0.0).flatten(2).transpose(1, 2)  # (N, h*w, C)
         points = points - points.mean(dim=1, keepdim=True)
         gram = _KERNELS[kernel](points, 1.0 / c if gamma is None else gamma, coef0, degree)
