@@ -265,10 +265,11 @@ def test_noise_scorecams_in_small_batches_and_top_k(tiny, image_batch, method):
 
 def test_kpcacam_refuses_a_layer_whose_kernel_would_not_fit(tiny):
     with pytest.raises(cl.ConvlensError, match=r"layer 'relu2' has 65x65 = 4225 positions, more than") as err:
-        explain(tiny, torch.rand(1, 3, 65, 65), method="kpcacam", layer="relu2")
+        explain(tiny, torch.rand(1, 3, 65, 65), method="kpcacam", layer="relu2")  # refused before any kernel
     assert "\n" not in str(err.value)
-    small = explain(tiny, torch.rand(1, 3, 65, 65), method="kpcacam", layer="relu2", max_positions=5000)
-    assert small.maps.shape == (1, 65, 65)
+    with pytest.raises(cl.ConvlensError, match=r"9x9 = 81 positions, more than max_positions=80"):
+        explain(tiny, torch.rand(1, 3, 9, 9), method="kpcacam", layer="relu2", max_positions=80)
+    assert explain(tiny, torch.rand(1, 3, 9, 9), method="kpcacam", layer="relu2", max_positions=81).maps.shape == (1, 9, 9)
 
 
 @pytest.mark.parametrize("method,options,match", [
