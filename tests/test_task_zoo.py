@@ -26,7 +26,8 @@ from convlens.targets import Box, Similarity
 
 #: the documented speed options the slow methods run with here
 FAST = {"smoothgrad": {"n_samples": 2}, "integrated_gradients": {"steps": 2}, "scorecam": {"top_k": 4},
-        "sscam": {"n_samples": 1, "top_k": 4}, "iscam": {"n_samples": 1, "top_k": 4}, "smoothgradcam++": {"n_samples": 2}}
+        "sscam": {"n_samples": 1, "top_k": 4}, "iscam": {"n_samples": 1, "top_k": 4},
+        "smoothgradcam++": {"n_samples": 2}}
 #: Ablation-CAM runs the rest of the network once per channel (256 FPN channels through the detector's
 #: heads, 960 backbone channels through DeepLab's): minutes on two cores; it runs on the embedding row.
 SLOW = {"ablationcam"}
