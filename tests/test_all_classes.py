@@ -13,7 +13,7 @@ ALL = [name for name, method in METHODS.items() if method.all_classes]
 
 
 def test_the_methods_that_take_all_classes():
-    assert set(ALL) == {"cam", "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam"}
+    assert set(ALL) == {"cam", "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "gradcam_elementwise"}
 
 
 @pytest.mark.parametrize("method", ALL)

@@ -43,3 +43,12 @@ def test_quick_lrp_benchmark_compares_equal_outputs_with_zennit(capsys):
     out = capsys.readouterr().out
     assert float(re.search(r"convlens lrp .* (\S+)\n", out).group(1)) < 1e-4  # the same relevances, timed
     assert re.search(r"convlens lrp takes [\d.]+x one forward \+ backward and is [\d.]+x faster than zennit", out)
+
+
+def test_quick_fullgrad_benchmark_prints_ratios_and_equal_maps(capsys):
+    bench = _load("bench_fullgrad")
+    assert bench.main(["--quick", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    ratios = [float(r) for r in re.findall(r"([\d.]+)x baseline", out)]
+    assert len(ratios) == 3 and all(r > 0 for r in ratios)
+    assert float(re.search(r"max \|map diff\| \(biases='exact'\) (\S+)", out).group(1)) < 1e-5

@@ -14,7 +14,8 @@ from conftest import TinyNet
 #: small option values so that the slower methods stay fast here
 FAST = {"smoothgrad": {"n_samples": 3}, "integrated_gradients": {"steps": 4}, "shapley_sampling": {"n_samples": 2},
         "smoothgrad_sq": {"n_samples": 3}, "vargrad": {"n_samples": 3}, "gradient_shap": {"n_samples": 3},
-        "deeplift_shap": {"n_baselines": 2}, "lime": {"n_samples": 8}, "kernel_shap": {"n_samples": 8}}
+        "deeplift_shap": {"n_baselines": 2}, "lime": {"n_samples": 8}, "kernel_shap": {"n_samples": 8},
+        "smoothgradcam++": {"n_samples": 2}, "sscam": {"n_samples": 2}, "iscam": {"n_samples": 2}}
 
 
 def _state(model: nn.Module):

@@ -21,9 +21,10 @@ import convlens as cl
 from convlens.capture import capture
 from convlens.heatmaps import METHODS, explain
 
-from cam_reference import CAM_PEERS, TOLERANCE, Logit, minmax
+from cam_reference import CAM_PEERS, TOLERANCE, TORCHCAM_PEERS, Logit, minmax
 from cam_reference import difference as _difference
 from cam_reference import peer_cam as _peer_cam
+from cam_reference import torchcam_cam
 from test_deeplift_lime import captum_deeplift, captum_superpixels
 
 
@@ -172,7 +173,7 @@ PERTURBATION = {"scorecam", "ablationcam"}
 
 
 def test_every_method_has_a_reference():
-    assert set(METHODS) == set(CAM_PEERS) | set(GRADIENT_PEERS)
+    assert set(METHODS) == set(CAM_PEERS) | set(GRADIENT_PEERS) | set(TORCHCAM_PEERS)
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +223,21 @@ def test_cam_methods_match_pytorch_grad_cam(request, case, method):
 
 
 @pytest.mark.parametrize("case", TORCH_CASES)
+@pytest.mark.parametrize("method", list(TORCHCAM_PEERS))
+def test_noise_cams_match_torchcam_with_the_same_draws(request, case, method):
+    fixture, size, layer, narrow_layer = TORCH_CASES[case]
+    net = request.getfixturevalue(fixture)
+    if method in ("sscam", "iscam"):  # one forward pass per channel and sample: the narrow layer
+        layer, size = narrow_layer, 32
+    x = _batch(size)
+    seeded = {"seed": 11} if "seed" in METHODS[method].option_names() else {}
+    ours = explain(net, x, method=method, layer=layer, **seeded, **TORCHCAM_PEERS[method][1])
+    theirs = torchcam_cam(method, net, layer, x, ours.targets, seed=11)
+    difference = float((minmax(ours.raw) - theirs).abs().max())
+    assert difference <= TOLERANCE, f"{method} on {case}: {difference}"
+
+
+@pytest.mark.parametrize("case", TORCH_CASES)
 @pytest.mark.parametrize("method", GRADIENT_METHODS)
 def test_gradient_methods_match_captum(request, case, method):
     fixture, size, layer, _ = TORCH_CASES[case]
@@ -254,7 +270,11 @@ def _keras_logits(model):
 
 
 # pytorch-grad-cam's AblationCAM swaps the torch submodule, which a Keras model never calls: compared by hand below.
-@pytest.mark.parametrize("method", [m for m in CAM_METHODS if m not in ("cam", "ablationcam")])
+# FullGrad reads torch Conv2d/BatchNorm2d biases (it refuses a Keras model: test_cam_variants); FinerCAM compares
+# classes, and the peer's default target on this single sigmoid output is not a class logit. The peer's ShapleyCAM
+# weights the activations before its reshape_transform (detach=False skips it) and fails on channels-last ones.
+@pytest.mark.parametrize("method", [m for m in CAM_METHODS
+                                    if m not in ("cam", "ablationcam", "fullgrad", "finercam", "shapleycam")])
 def test_keras_cam_methods_match_pytorch_grad_cam(keras_model, method):
     x_last = torch.rand(1 if method in PERTURBATION else 2, 48, 48, 3, generator=torch.Generator().manual_seed(5))
     ours = explain(keras_model, x_last, method=method, layer="conv2d_1", **CAM_PEERS[method][1])

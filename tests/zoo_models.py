@@ -174,6 +174,11 @@ KERAS = [
     ZooEntry("DenseNet121", "keras", keras_model("DenseNet121"), preprocessing="rescale"),
 ]
 
+#: FullGrad reads torch Conv2d/BatchNorm2d biases; a Keras model's layers are not those
+NO_TORCH_BIASES = "which a Keras model does not have"
+for _entry in KERAS:
+    _entry.refuses.setdefault("fullgrad", NO_TORCH_BIASES)
+
 ZOO = TIMM + OTHERS + KERAS
 
 

@@ -33,25 +33,34 @@ def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Te
                        torch.zeros_like(numerator))
 
 
-def weighted_channel_sum(request: Request, weighting: Weighting) -> RawMaps:
-    """Forward, gradient of the target down to each layer, ``sum_k weighting(A, G)_k * A_k``.
+def layer_gradients(request: Request) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One forward pass and the target's gradient down to each layer: ``(acts, grads)``, float32, detached.
 
-    With ``target="all"`` the scores are ``(N, K)``: the K classes' gradients come from
-    the same forward pass, all at once as a batched vector-Jacobian product, and the
-    raw maps are ``(N, K, h, w)``.
+    The gradient only down to the recorded outputs: the layers before them never
+    see a backward pass. With ``target="all"`` the scores are ``(N, K)`` and each
+    gradient is ``(K, N, C, h, w)``, all classes at once as a batched
+    vector-Jacobian product from the same pass.
     """
     with request.capture(graph=True) as rec:
         output = rec.forward(request.x)
         scores = request.score(output, clean=True)
         acts = [request.layer_output(rec, name) for name in request.layers]
-        # The gradient only down to the recorded outputs: the layers before them never see a backward pass.
         grads = _class_gradients(scores, acts) if scores.ndim == 2 else torch.autograd.grad(
             scores.sum(), acts, allow_unused=True)
-    maps = []
-    for name, act, grad in zip(request.layers, acts, grads):
+    for name, grad in zip(request.layers, grads):
         if grad is None:
             raise ConvlensError(f"the target does not depend on layer {name!r}; choose a layer before the output")
-        act, grad = act.detach().float(), grad.float()
+    return [act.detach().float() for act in acts], [grad.float() for grad in grads]
+
+
+def weighted_channel_sum(request: Request, weighting: Weighting) -> RawMaps:
+    """Forward, gradient of the target down to each layer, ``sum_k weighting(A, G)_k * A_k``.
+
+    With ``target="all"`` the K classes' gradients come from the same forward pass
+    (see :func:`layer_gradients`) and the raw maps are ``(N, K, h, w)``.
+    """
+    maps = []
+    for act, grad in zip(*layer_gradients(request)):
         if grad.ndim == 5:  # (K, N, C, h, w): classes folded into the batch, so every weighting works as it is
             classes, n = grad.shape[:2]
             folded = act.unsqueeze(0).expand(classes, *act.shape).flatten(0, 1)
@@ -167,18 +176,30 @@ def eigencam(request: Request, *, sign_correction: bool = True) -> RawMaps:
         output = rec.forward(request.x)
         request.score(output, clean=True)
         acts = [request.layer_output(rec, name).float() for name in request.layers]
-    maps = []
-    for act in acts:
-        n, c, h, w = act.shape
-        matrix = act.flatten(2).transpose(1, 2)  # (N, h*w, C)
-        matrix = matrix - matrix.mean(dim=1, keepdim=True)
-        _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
-        projection = (matrix @ vh[:, 0, :].unsqueeze(-1)).squeeze(-1)
-        if sign_correction:
-            flip = projection.min(dim=1).values.abs() > projection.max(dim=1).values.abs()
-            projection = torch.where(flip.unsqueeze(1), -projection, projection)
-        maps.append(projection.view(n, h, w))
-    return RawMaps(maps)
+    return RawMaps([principal_projection(act, sign_correction) for act in acts])
+
+
+def principal_projection(maps: torch.Tensor, sign_correction: bool = True) -> torch.Tensor:
+    """``(N, C, h, w)`` -> ``(N, h, w)``: each image's pixels, as C-vectors centred over the pixels,
+    projected on their first principal component (the first right singular vector).
+
+    ``sign_correction`` flips a projection whose most extreme value is negative
+    (the singular vector's sign is arbitrary). NaN entries count as 0, as in pytorch-grad-cam.
+    """
+    n, c, h, w = maps.shape
+    matrix = torch.nan_to_num(maps.float(), nan=0.0).flatten(2).transpose(1, 2)  # (N, h*w, C)
+    matrix = matrix - matrix.mean(dim=1, keepdim=True)
+    _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    projection = (matrix @ vh[:, 0, :].unsqueeze(-1)).squeeze(-1)
+    if sign_correction:
+        projection = flip_to_positive(projection)
+    return projection.view(n, h, w)
+
+
+def flip_to_positive(projection: torch.Tensor) -> torch.Tensor:
+    """Each row of ``(N, P)`` negated where its most extreme value is negative (Seg-Eigen-CAM, eq. 13)."""
+    flip = projection.min(dim=1).values.abs() > projection.max(dim=1).values.abs()
+    return torch.where(flip.unsqueeze(1), -projection, projection)
 
 
 def _linear_head(request: Request) -> tuple[nn.Module, torch.Tensor]:

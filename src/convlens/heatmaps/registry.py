@@ -12,11 +12,14 @@ from __future__ import annotations
 from ..errors import ConvlensError, did_you_mean
 from .attribution import deconvolution, gradient_shap, input_x_gradient, occlusion, smoothgrad_sq, vargrad
 from .base import Method
-from .deeplift import deeplift, deeplift_shap
 from .cam import class_activation_map, eigencam, gradcam, gradcam_plusplus, hirescam, layercam, xgradcam
+from .cam_variants import (eigengradcam, fem, finercam, fullgrad, gradcam_elementwise, kpcacam, shapleycam,
+                           smoothgradcam_plusplus)
+from .deeplift import deeplift, deeplift_shap
 from .gradients import guided_backprop, guided_gradcam, integrated_gradients, saliency, smoothgrad
 from .lrp import lrp, lrp_alpha_beta, lrp_epsilon_gamma_box
 from .perturbation import ablationcam, scorecam
+from .scorecam_variants import iscam, sscam
 from .superpixels import feature_ablation, kernel_shap, lime, shapley_sampling
 
 METHODS: dict[str, Method] = {
@@ -27,8 +30,19 @@ METHODS: dict[str, Method] = {
     "hirescam": Method("hirescam", "cam", hirescam, multi_layer=True, all_classes=True),
     "layercam": Method("layercam", "cam", layercam, multi_layer=True, all_classes=True),
     "eigencam": Method("eigencam", "cam", eigencam, multi_layer=True),
+    "eigengradcam": Method("eigengradcam", "cam", eigengradcam, multi_layer=True),
+    "gradcam_elementwise": Method("gradcam_elementwise", "cam", gradcam_elementwise, multi_layer=True,
+                                  all_classes=True),
+    "fullgrad": Method("fullgrad", "cam", fullgrad, uses_layer=False),  # a sum of upsampled layer maps: blended
+    "kpcacam": Method("kpcacam", "cam", kpcacam, multi_layer=True),
+    "fem": Method("fem", "cam", fem, multi_layer=True),
+    "shapleycam": Method("shapleycam", "cam", shapleycam, multi_layer=True),
+    "finercam": Method("finercam", "cam", finercam, multi_layer=True),
+    "smoothgradcam++": Method("smoothgradcam++", "cam", smoothgradcam_plusplus, multi_layer=True),
     "scorecam": Method("scorecam", "perturbation", scorecam),
     "ablationcam": Method("ablationcam", "perturbation", ablationcam),
+    "sscam": Method("sscam", "perturbation", sscam),
+    "iscam": Method("iscam", "perturbation", iscam),
     "saliency": Method("saliency", "gradient", saliency, uses_layer=False, pixel_level=True),
     "smoothgrad": Method("smoothgrad", "gradient", smoothgrad, uses_layer=False, pixel_level=True),
     "integrated_gradients": Method("integrated_gradients", "gradient", integrated_gradients, uses_layer=False,
