@@ -220,12 +220,13 @@ def test_report_is_written_and_names_what_does_not_apply(zoo, tmp_path):
                         activation_layers=[layer], filter_layers=[layer], filter_steps=0, filter_count=2,
                         classes=[0])  # no steps: the optimisation itself is tested above
     html = path.read_text()
-    for section in ("model", "predictions", "heatmaps", "activations", "filters"):
+    for section in ("model", "predictions", "heatmaps", "concepts", "activations", "filters"):
         assert f'<section id="{section}">' in html
     shown = 0 if "cam" in zoo.entry.refuses else 1
-    # thumbnail, original + heatmap (no block at all when no method applies), every class's map, one activation grid, one filter grid, the class models
+    # thumbnail, original + heatmap (no block at all when no method applies), the image's concepts figure,
+    # every class's map, one activation grid, one filter grid, the class models
     classes = zoo.logits.shape[1]  # 10: one Grad-CAM per class for the first image
-    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 1 + 2 * shown + classes + 1 + 1 + 1
+    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == 1 + 2 * shown + 1 + classes + 1 + 1 + 1
     if "cam" in zoo.entry.refuses:
         assert "Left out, as they do not apply to this model: cam: CAM needs" in html
     else:

@@ -123,8 +123,8 @@ def factorize(model: Model | nn.Module, images: ImageLike | Sequence[ImageLike] 
         raise ConvlensError(f"components must be 1 to {COMPONENTS_MAX}, not {components}")
     model = as_model(model)
     name = layer if layer is not None else auto_layer(model)
-    x, _ = model.as_batch(images)
-    ((layer_name, recorded),) = activations(model, x, [name]).items()
+    x, _ = model.as_batch(images)  # channels-first; activations takes the model's own layout (Keras: last)
+    ((layer_name, recorded),) = activations(model, model.from_internal(x), [name]).items()
     act = recorded.detach().float().cpu()
     n, channels, h, w = act.shape
     if channels < components:
@@ -139,7 +139,7 @@ def factorize(model: Model | nn.Module, images: ImageLike | Sequence[ImageLike] 
     error = float(np.linalg.norm(shifted - directions @ strengths) / np.linalg.norm(shifted))
     concepts = directions + offset
     raw = torch.as_tensor(strengths.reshape(components, n, h, w).transpose(1, 0, 2, 3), dtype=torch.float32)
-    maps = _scale_each(raw, tuple(model.to_internal(x).shape[-2:]))
+    maps = _scale_each(raw, tuple(x.shape[-2:]))
     scores, note = _concept_classes(model, concepts)
     top: list[list[tuple[str, float]]] = [[] for _ in range(components)]
     if scores is not None:
