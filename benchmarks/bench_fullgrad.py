@@ -26,28 +26,16 @@ import argparse
 import contextlib
 import io
 import os
-import statistics
 import sys
-import time
+from pathlib import Path
 
 import torch
 import torchvision
 
 import convlens as cl
 
-
-def _interleaved(functions: dict, repeat: int) -> dict[str, tuple[float, float, object]]:
-    """``(median wall time, median CPU time, last result)`` of each function, run in turn ``repeat`` times."""
-    wall = {name: [] for name in functions}
-    cpu = {name: [] for name in functions}
-    results = {}
-    for _ in range(repeat):
-        for name, fn in functions.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            results[name] = fn()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    return {name: (statistics.median(wall[name]), statistics.median(cpu[name]), results[name]) for name in functions}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_heatmaps import _interleaved  # noqa: E402  (the one interleaved timer: (wall, result, CPU))
 
 
 def forward_and_backward_to_input(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -109,14 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         peer.activations_and_grads.release()
         for p in net.parameters():
             p.grad = None  # the peer's backward filled them
-    base_wall, base_cpu, _ = results["baseline"]
+    base_wall, _, base_cpu = results["baseline"]
     print(f"  {'forward + backward to the input':34s} {base_wall * 1000:9.1f} ms wall {base_cpu * 1000:9.1f} ms CPU")
     for name in ("convlens", "convlens exact", "pytorch-grad-cam"):
-        wall, cpu, _ = results[name]
+        wall, _, cpu = results[name]
         print(f"  {name:34s} {wall * 1000:9.1f} ms wall {cpu * 1000:9.1f} ms CPU   "
               f"{wall / base_wall:5.2f}x baseline (CPU {cpu / base_cpu:5.2f}x)")
     ours, peer_wall = results["convlens exact"], results["pytorch-grad-cam"][0]
-    gap = float((ours[2].maps - _minmax(results["pytorch-grad-cam"][2])).abs().max())
+    gap = float((ours[1].maps - _minmax(results["pytorch-grad-cam"][1])).abs().max())
     print(f"  convlens is {peer_wall / results['convlens'][0]:.2f}x faster than pytorch-grad-cam; "
           f"max |map diff| (biases='exact') {gap:.2e}")
     print(f"  (load average after: {os.getloadavg()[0]:.1f})")
