@@ -35,9 +35,28 @@ def report_run(tmp_path_factory):
     images = [picture, ReportImage("chelsea", cl.sample_image("chelsea"), label="cat"),
               ReportImage("masked", Image.new("RGB", (48, 40), (30, 200, 30)), square.numpy(), label="square")]
     steps = []
+    tcav = _tcav_sets(folder)
     # every method: fourteen panels per image are what overflowed a 1280 px page
-    path = build_report(model, images, folder / "r.html", filter_steps=4, progress=steps.append)
+    path = build_report(model, images, folder / "r.html", filter_steps=4, progress=steps.append, **tcav)
     return path, path.read_text(), steps
+
+
+def _tcav_sets(folder):
+    """Two concepts (red and blue noise, 10 images each) and a pool of grey noise for the TCAV section."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name, colour, count in (("red", (200, 30, 30), 10), ("blue", (30, 30, 200), 10),
+                                ("pool", (120, 120, 120), 24)):
+        (folder / "tcav" / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = np.clip(rng.normal(0, 40, (12, 12, 3)) + colour, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / "tcav" / name / f"{i:03d}.png")
+    (folder / "tcav" / "concepts").mkdir()
+    for name in ("red", "blue"):
+        shutil.move(folder / "tcav" / name, folder / "tcav" / "concepts" / name)
+    return {"tcav_concepts": folder / "tcav" / "concepts", "tcav_random": folder / "tcav" / "pool",
+            "tcav_random_size": 12}
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +71,14 @@ def _section(html: str, name: str) -> str:
 
 def test_report_has_every_section_and_embedded_pictures(report_html):
     _, html = report_html
-    for section in ("model", "predictions", "heatmaps", "concepts", "classes", "activations", "filters", "evaluation"):
+    for section in ("model", "predictions", "heatmaps", "concepts", "tcav", "classes", "activations", "filters",
+                    "evaluation"):
         assert f'<section id="{section}">' in html
     assert "conv2" in html and "Conv2d" in html  # the layer table
-    # 3 thumbnails + 3 images x (original + every method) + a concepts figure per image + one map per class (3)
-    # + 2 activation grids + 2 filter grids + class models
+    # 3 thumbnails + 3 images x (original + every method) + a concepts figure per image + a TCAV figure
+    # + one map per class (3) + 2 activation grids + 2 filter grids + class models
     assert len(re.findall(r'<img src="data:image/png;base64,', html)) == \
-        3 + 3 * (1 + len(REPORT_METHODS)) + 3 + 3 + 2 + 2 + 1
+        3 + 3 * (1 + len(REPORT_METHODS)) + 3 + 1 + 3 + 2 + 2 + 1
     assert "ground-truth object masks" in html
     # self-contained: nothing fetched from anywhere
     assert not re.search(r'(src|href)="(https?:)?//', html)
@@ -75,6 +95,37 @@ def test_the_concepts_section_is_the_factorization_of_the_explained_layer(report
     parts = cl.factorize(model, model.preprocess(pictures), cl.auto_layer(model), 4)
     assert "over all 3 images" in concepts and f"leaves {parts.error:.0%} of the activations" in concepts
     assert f"{parts.layer}&#39;s activations" in concepts or f"{parts.layer}'s activations" in concepts
+
+
+def test_the_tcav_section_is_the_apis_tcav_of_the_images_top_classes(report_run):
+    path, html, _ = report_run
+    section = unescape(_section(html, "tcav"))
+    torch.manual_seed(0)
+    model = cl.load_model(TinyNet(), labels=LABELS)  # the report's model, seeded alike, on the same three images
+    pictures = [Image.open(path.parent / "red.png").convert("RGB"), cl.sample_image("chelsea"),
+                Image.new("RGB", (48, 40), (30, 200, 30))]
+    classes = list(dict.fromkeys(top[0].index for top in model.predict(pictures, top_k=1)))
+    expected = cl.tcav(model, classes, path.parent / "tcav" / "concepts", [cl.auto_layer(model)],
+                       path.parent / "tcav" / "pool", inputs=pictures, random_size=12)
+    assert len(expected.rows) == 2 * len(classes)
+    for row in expected.rows:  # every row, in the API's order, with its numbers as the API gives them
+        cells = [row.class_, row.concept, row.layer, f"{row.score:.3f}", f"{row.std:.3f}", f"{row.random_score:.3f}",
+                 f"{row.p_value:.3g}", "yes" if row.significant else "no", f"{row.accuracy:.2f}"]
+        tds = "".join(("<td class=\"num\">" if i in (3, 4, 5, 6, 8) else "<td>") + cell + "</td>"
+                      for i, cell in enumerate(cells))
+        assert f"<tr>{tds}</tr>" in section
+    assert "fraction of the report's images whose class logit rises" in section and "over 10 runs" in section
+    assert section.count("<figure>") == 1
+
+
+def test_tcav_options_that_cannot_make_a_section_are_one_line_before_any_work(tmp_path, cli):
+    sets = _tcav_sets(tmp_path)
+    code, _, err = cli("report", "--tcav-concepts", sets["tcav_concepts"], "--out", tmp_path / "r.html")
+    assert code == 2 and "TCAV needs random sets beside the concepts" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli("report", "--tcav-concepts", tmp_path / "nowhere", "--tcav-random", sets["tcav_random"],
+                       "--out", tmp_path / "r.html")
+    assert code == 2 and "nowhere" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r.html").exists()
 
 
 def test_the_heatmaps_wrap_and_say_how_each_kind_is_drawn(report_html):

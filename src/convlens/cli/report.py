@@ -9,7 +9,7 @@ import typer
 
 from ..fileio import check_output_file
 from . import app
-from .common import ModelOptions, grouped, parse_one_target
+from .common import ModelOptions, grouped, named_list, parse_one_target
 
 
 @app.command()
@@ -27,6 +27,21 @@ def report(
         "--targets", "--target", help="What the heatmaps and the evaluation explain: top1, a class index or name; "
                                       "region:CLASS[:MASK.png], box:INDEX or box:LABEL@x0,y0,x1,y1, "
                                       "similar:REF.png or REF.npy.")] = "top1",
+    tcav_concepts: Annotated[Optional[Path], typer.Option(
+        "--tcav-concepts", help="Adds a TCAV section: a folder of concept folders, or a data folder with dissection "
+                                "masks (as convlens tcav --concepts).", show_default=False)] = None,
+    tcav_random: Annotated[Optional[Path], typer.Option(
+        "--tcav-random", help="The TCAV section's random sets: a folder of random folders, or a pool of images.",
+        show_default=False)] = None,
+    tcav_inputs: Annotated[Optional[Path], typer.Option(
+        "--tcav-inputs", help="The TCAV classes' images: a folder per class, or one folder for every class "
+                              "(default: the report's images).", show_default=False)] = None,
+    tcav_classes: Annotated[Optional[str], typer.Option(
+        "--tcav-classes", help="Comma-separated classes TCAV scores (default: the report's images' top classes, "
+                               "at most 4).", show_default=False)] = None,
+    tcav_layers: Annotated[Optional[str], typer.Option(
+        "--tcav-layers", help="Comma-separated layers of the TCAV section (default: the explained layer).",
+        show_default=False)] = None,
     opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Write one self-contained HTML report: model, predictions, heatmaps, activations, filters, evaluation.
@@ -38,9 +53,17 @@ def report(
     from ..report import build_report
 
     targets = parse_one_target(target)
+    tcav = {"tcav_concepts": tcav_concepts, "tcav_random": tcav_random, "tcav_inputs": tcav_inputs,
+            "tcav_classes": named_list(tcav_classes, "--tcav-classes", "circle"),
+            "tcav_layers": named_list(tcav_layers, "--tcav-layers", "layer4")}
+    chosen = {name: value for name, value in tcav.items() if value is not None}
+    if targets is not None:
+        chosen["targets"] = targets
+    from ..report.tcav_section import check_tcav_options
+
+    check_tcav_options(chosen)  # a missing folder must not cost a whole report
     loaded = opts.open(model or "shapes")  # what build_report would load, with --device and --input-size applied
 
     with ProgressDisplay("report", unit="section") as shown:  # a bar on a terminal, a line per step in a log
-        chosen = {} if targets is None else {"targets": targets}
         path = build_report(loaded, images or None, out, progress=shown.step, **chosen)
     typer.echo(f"report written to {path.resolve()}")

@@ -92,6 +92,9 @@ def build_report(
     reported = [_as_report_image(image) for image in images] if images else default_images()
     if not images:  # the default run also scores heatmaps on more masked images than it shows
         options.setdefault("evaluation_images", default_evaluation_images())
+    from .tcav_section import check_tcav_options
+
+    check_tcav_options(options)
     loaded = model if isinstance(model, Model) else load_model(model or "shapes")
     summary = summarize(loaded)
     if not summary.spatial_layers:

@@ -12,7 +12,9 @@ Options (``build_report(..., **options)``): ``methods`` (heatmap methods, defaul
 ``activation_layers``, ``filter_layers``, ``filter_steps`` (default 96), ``filter_count``
 (filters per layer, default 16), ``classes`` (class-model classes, default the first 8),
 ``evaluation_images``, ``evaluation_methods``, ``evaluation_metrics``, ``targets`` (what the heatmaps
-and the evaluation explain: a class, a Region, a Box or a Similarity; default each image's top class).
+and the evaluation explain: a class, a Region, a Box or a Similarity; default each image's top class),
+``concepts`` (Deep Feature Factorization, :mod:`.concepts_section`) and the ``tcav_*`` options
+(:mod:`.tcav_section`).
 
 The page must read at 1280 px without sideways scrolling: the heatmaps are one
 block per image, its methods wrapping in a CSS grid beside it, and every picture
@@ -366,9 +368,10 @@ from .atlas_section import atlas_section  # noqa: E402  (it imports Context, Sec
 from .concepts_section import concepts_section  # noqa: E402  (likewise)
 from .evaluation_section import evaluation_section  # noqa: E402  (likewise)
 from .tasks_section import describe_prediction, segmentation_section  # noqa: E402  (likewise)
+from .tcav_section import tcav_section  # noqa: E402  (likewise)
 
-SECTIONS = [summary_section, predictions_section, heatmaps_section, concepts_section, segmentation_section,
-            classes_section,
+SECTIONS = [summary_section, predictions_section, heatmaps_section, concepts_section, tcav_section,
+            segmentation_section, classes_section,
             activations_section,
             filters_section,
             training_section, evaluation_section]
