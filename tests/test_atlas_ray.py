@@ -59,7 +59,7 @@ def test_ray_scan_and_dissect_equal_the_local_engine(ray_cluster, shapes_model, 
 
 
 def test_ray_evaluate_equals_the_local_engine(ray_cluster, shapes_model, tmp_path):
-    from convlens.atlas.ray_engine import evaluate_ray
+    from convlens.evaluation.ray import evaluate_ray
     from convlens.data import write_shapes
     from convlens.evaluation import evaluate
 
@@ -114,7 +114,7 @@ def test_a_ray_worker_killed_mid_scan_stops_it_on_one_line_or_is_retried_and_the
         ray_cluster, shapes_model, tmp_path, monkeypatch):
     import sqlite3
 
-    from convlens.atlas import ray_engine
+    import convlens.engines.ray as ray_engine
 
     monkeypatch.setattr(ray_engine, "RETRIES", 1)  # each retry starts an actor (seconds): one is enough to show it
     store = tmp_path / "atlas.sqlite"
@@ -193,6 +193,6 @@ def test_a_ray_address_where_nothing_or_something_else_listens_is_one_line_withi
 
 
 def test_the_probe_knows_a_real_ray_head(ray_cluster):
-    from convlens.atlas.ray_engine import _probe
+    from convlens.engines.ray import probe_address
 
-    assert _probe(ray.get_runtime_context().gcs_address) is None
+    assert probe_address(ray.get_runtime_context().gcs_address) is None

@@ -49,6 +49,7 @@ from ..errors import ConvlensError
 from ..fileio import save_image, write_text
 from ..models import Model, as_model
 from ..data.shapes import mask_path
+from ..engines import Engine, resolve_engine
 from .accumulators import MANTISSA_BITS, ConceptOverlap
 from .data import DataSource, open_data
 from .scan import CHECKED, Atlas, Part, PerLayerJob, Progress, check_options, execute, plan_scan, run_scan, split_parts
@@ -143,7 +144,7 @@ def dissect(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource
             layers: Sequence[LayerRef] | None = None, *, out: str | os.PathLike | None = None,
             shapes: int | None = None, seed: int = 0, size: int | None = None, masks: str | os.PathLike | None = None,
             quantile: float = QUANTILE, min_iou: float = MIN_IOU, k: int = 16, batch_size: int = 64,
-            workers: int = 0, part_size: int = 1024, engine: str = "local", ray_address: str | None = None,
+            workers: int = 0, part_size: int = 1024, engine: str | Engine = "local", ray_address: str | None = None,
             concurrency: int | None = None, num_gpus: float | None = None, model_source: str | None = None,
             figures: bool = True, follow_links: bool = False, progress: Progress | None = None) -> Dissection:
     """Label the units of ``layers`` with concepts (see the module docstring); resumable with ``out``.
@@ -158,7 +159,8 @@ def dissect(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource
         progress: ``progress(done, total)`` in images over both passes (``total`` is twice the images).
     """
     model = as_model(model)
-    check_options(batch_size, workers, part_size, k, engine)
+    engine = resolve_engine(engine, ray_address, concurrency, num_gpus)
+    check_options(batch_size, workers, part_size, k)
     if not 0 < quantile < 1:
         raise ConvlensError(f"the quantile must be between 0 and 1, got {quantile}")
     source = open_data(data, shapes=shapes, seed=seed, size=size or model.input_size[0], masks=masks,
@@ -169,11 +171,9 @@ def dissect(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource
     first_pass = (lambda done, total: progress(done, total_images)) if progress else None
     plan = plan_scan(model, source, layers, shapes=None, seed=seed, size=size, masks=masks, k=k,
                      batch_size=batch_size, workers=workers, part_size=part_size, indices=None,
-                     sketch_bits=MANTISSA_BITS, engine=engine, ray_address=ray_address, model_source=model_source)
-    engine_options = dict(batch_size=batch_size, workers=workers, engine=engine, ray_address=ray_address,
-                          concurrency=concurrency, num_gpus=num_gpus)
+                     sketch_bits=MANTISSA_BITS, engine=engine, model_source=model_source)
     with writer_lock(store_path):  # both passes and the outputs: one writer of this folder at a time
-        atlas = run_scan(plan, store_path, progress=first_pass, **engine_options)
+        atlas = run_scan(plan, store_path, batch_size=batch_size, workers=workers, progress=first_pass)
         thresholds = {layer: stats.threshold(quantile) for layer, stats in atlas.stats.items()}
         job = DissectJob(atlas.layers, thresholds, list(source.concepts))
         total = job.new_state()
@@ -193,7 +193,8 @@ def dissect(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource
                     with store.reading():
                         total = {layer: store.load_overlap(layer) for layer in atlas.layers}
                 parts = [p for p in parts if p[0] not in done]
-            execute(model, source, job, parts, total, store, progress=second_pass, commit=commit, **engine_options)
+            execute(model, source, job, parts, total, store, batch_size=batch_size, workers=workers, engine=engine,
+                    progress=second_pass, commit=commit)
         finally:
             if store is not None:
                 store.close()

@@ -12,7 +12,7 @@ The dataset is cut into *parts* of ``part_size`` images. With ``out`` given,
 each finished part is merged into the running totals and committed to the
 SQLite store in one transaction (:mod:`convlens.atlas.store`); a scan started
 again on the same store skips the committed parts, so an interrupted scan
-resumes from its last committed part. ``engine="ray"`` runs the parts on Ray
+resumes from its last committed part. ``engine="ray"`` (:mod:`convlens.engines`) runs the parts on Ray
 Data actors (:mod:`convlens.atlas.ray_engine`) and merges them the same way.
 
 Example::
@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from ..capture import LayerRef, capture, resolve_layers
+from ..engines import Engine, resolve_engine
 from ..errors import ConvlensError, ConvlensWarning, first_line
 from ..models import Model, as_model
 from ..render.overlay import crop_box
@@ -46,7 +47,6 @@ from .storefile import writer_lock
 
 Progress = Callable[[int, int], None]
 Part = tuple[int, int, int]  # (part number, first image, stop image)
-ENGINES = ("local", "ray")
 
 
 # -- jobs: what a pass computes per batch ------------------------------------------------
@@ -280,7 +280,7 @@ def split_parts(count: int, part_size: int) -> list[Part]:
     return [(number, first, min(first + part_size, count)) for number, first in enumerate(range(0, count, part_size))]
 
 
-def check_options(batch_size: int, workers: int, part_size: int, k: int, engine: str) -> None:
+def check_options(batch_size: int, workers: int, part_size: int, k: int) -> None:
     if batch_size < 1:
         raise ConvlensError(f"--batch-size must be at least 1, got {batch_size}")
     if workers < 0:
@@ -289,15 +289,13 @@ def check_options(batch_size: int, workers: int, part_size: int, k: int, engine:
         raise ConvlensError(f"the part size must be at least 1, got {part_size}")
     if k < 1:
         raise ConvlensError(f"--top must be at least 1, got {k}")
-    if engine not in ENGINES:
-        raise ConvlensError(f"unknown engine {engine!r}; choose local or ray")
 
 
 def scan(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource | None = None,
          layers: Sequence[LayerRef] | None = None, *, out: str | os.PathLike | None = None, shapes: int | None = None,
          seed: int = 0, size: int | None = None, masks: str | os.PathLike | None = None, k: int = 16,
          batch_size: int = 64, workers: int = 0, part_size: int = 1024, indices: range | None = None,
-         sketch_bits: int = MANTISSA_BITS, engine: str = "local", ray_address: str | None = None,
+         sketch_bits: int = MANTISSA_BITS, engine: str | Engine = "local", ray_address: str | None = None,
          concurrency: int | None = None,
          num_gpus: float | None = None, model_source: str | None = None, follow_links: bool = False,
          progress: Progress | None = None) -> Atlas:
@@ -314,40 +312,42 @@ def scan(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource | 
         part_size: images per committed part (the unit of resume and of work on Ray).
         indices: scan only these images of the dataset (a range); ``a.merge(b)`` combines such scans.
         sketch_bits: mantissa bits of the quantile sketch (6: relative error 1/129).
-        engine: ``"local"`` or ``"ray"`` (with ``ray_address``, ``concurrency``, ``num_gpus``).
+        engine: ``"local"`` or ``"ray"`` (with ``ray_address``, ``concurrency``, ``num_gpus``), or an engine
+            from :func:`convlens.engines.resolve_engine`.
         model_source: how ``convlens examples`` should load the model again (the CLI passes its MODEL).
         follow_links: read symbolic links in a DATA folder that lead outside it (default: left out, one warning).
         progress: ``progress(done, total)`` in images.
     """
+    engine = resolve_engine(engine, ray_address, concurrency, num_gpus)
     plan = plan_scan(model, data, layers, shapes=shapes, seed=seed, size=size, masks=masks, k=k,
                      batch_size=batch_size, workers=workers, part_size=part_size, indices=indices,
-                     sketch_bits=sketch_bits, engine=engine, ray_address=ray_address, model_source=model_source,
-                     follow_links=follow_links)
+                     sketch_bits=sketch_bits, engine=engine, model_source=model_source, follow_links=follow_links)
     with writer_lock(out):
-        return run_scan(plan, out, batch_size=batch_size, workers=workers, engine=engine, progress=progress,
-                        ray_address=ray_address, concurrency=concurrency, num_gpus=num_gpus)
+        return run_scan(plan, out, batch_size=batch_size, workers=workers, progress=progress)
 
 
 @dataclass
 class ScanPlan:
-    """A checked scan, before anything is written: the model, the data, the job, its parts and the store's meta."""
+    """A checked scan, before anything is written: the model, the data, the job, its parts, the store's meta
+    and the engine it runs on (connected)."""
 
     model: Model
     source: DataSource
     job: ScanJob
     parts: list[Part]
     meta: dict[str, str]
+    engine: Engine
 
 
 def plan_scan(model: Model | torch.nn.Module, data, layers: Sequence[LayerRef] | None, *, shapes: int | None,
               seed: int, size: int | None, masks, k: int, batch_size: int, workers: int, part_size: int,
-              indices: range | None, sketch_bits: int, engine: str, ray_address: str | None,
-              model_source: str | None, follow_links: bool = False) -> ScanPlan:
+              indices: range | None, sketch_bits: int, engine: Engine, model_source: str | None,
+              follow_links: bool = False) -> ScanPlan:
     """Every check of :func:`scan` (options, data, layers, Ray address), nothing written."""
     from ..inside.activations import default_layers
 
     model = as_model(model)
-    check_options(batch_size, workers, part_size, k, engine)
+    check_options(batch_size, workers, part_size, k)
     source = open_data(data, shapes=shapes, seed=seed, size=size or model.input_size[0], masks=masks,
                        follow_links=follow_links)
     if len(source) == 0:
@@ -363,16 +363,12 @@ def plan_scan(model: Model | torch.nn.Module, data, layers: Sequence[LayerRef] |
     parts = [(number, max(first, span.start), min(stop, span.stop))
              for number, first, stop in split_parts(len(source), part_size) if first < span.stop and stop > span.start]
     meta = scan_meta(model, source, names, k, sketch_bits, part_size, model_source)
-    if engine == "ray":
-        from .ray_engine import connect
-
-        connect(ray_address)  # an unreachable address fails here, before anything is written
-    return ScanPlan(model, source, job, parts, meta)
+    engine.connect()  # an unreachable Ray address fails here, before anything is written
+    return ScanPlan(model, source, job, parts, meta, engine)
 
 
-def run_scan(plan: ScanPlan, out: str | os.PathLike | None, *, batch_size: int, workers: int, engine: str,
-             progress: Progress | None, ray_address: str | None, concurrency: int | None,
-             num_gpus: float | None) -> Atlas:
+def run_scan(plan: ScanPlan, out: str | os.PathLike | None, *, batch_size: int, workers: int,
+             progress: Progress | None) -> Atlas:
     """Run a planned scan, committing to ``out`` part by part; the caller holds the store's writer lock."""
     source, job, parts = plan.source, plan.job, plan.parts
     total = job.new_state()
@@ -388,7 +384,7 @@ def run_scan(plan: ScanPlan, out: str | os.PathLike | None, *, batch_size: int, 
                     total = {name: store.load_stats(name) for name in job.layers}
             parts = [p for p in parts if p[0] not in done]
         execute(plan.model, source, job, parts, total, store, batch_size=batch_size, workers=workers,
-                engine=engine, progress=progress, ray_address=ray_address, concurrency=concurrency, num_gpus=num_gpus)
+                engine=plan.engine, progress=progress)
     finally:
         if store is not None:
             store.close()
@@ -400,8 +396,7 @@ def run_scan(plan: ScanPlan, out: str | os.PathLike | None, *, batch_size: int, 
 
 
 def execute(model: Model, source: DataSource, job, parts: list[Part], total: dict, store: AtlasStore | None, *,
-            batch_size: int, workers: int, engine: str, progress: Progress | None, ray_address: str | None = None,
-            concurrency: int | None = None, num_gpus: float | None = None,
+            batch_size: int, workers: int, engine: Engine, progress: Progress | None,
             commit: Callable[[AtlasStore, dict, Part], None] | None = None) -> int:
     """Run ``job`` over ``parts`` on the engine, merging each finished part into ``total`` and committing it."""
     todo = sum(stop - first for _, first, stop in parts)
@@ -417,10 +412,9 @@ def execute(model: Model, source: DataSource, job, parts: list[Part], total: dic
         if store is not None:
             (commit or (lambda s, t, p: s.commit_scan(t, p)))(store, total, part)
 
-    if engine == "ray":
+    if engine.distributed:
         from .ray_engine import ray_parts
 
-        return ray_parts(model, source, job, parts, batch_size=batch_size, on_part=on_part, progress=advance,
-                         concurrency=concurrency, num_gpus=num_gpus)
+        return ray_parts(engine, model, source, job, parts, batch_size=batch_size, on_part=on_part, progress=advance)
     return run_parts(model, source, job, parts, batch_size=batch_size, workers=workers, on_part=on_part,
                      progress=advance)

@@ -66,17 +66,16 @@ class ScanOptions(OptionGroup):
     }
 
     def run_options(self) -> dict:
-        """Keyword arguments of :func:`convlens.atlas.scan` and :func:`~convlens.atlas.dissect`."""
-        options = {name: value for name, value in self.values.items() if name not in ("layers", "top")}
-        return {"layers": named_list(self.layers, "--layers", "layer4"), "k": self.top, **options}
+        """Keyword arguments of :func:`convlens.atlas.scan` and :func:`~convlens.atlas.dissect`, the engine
+        checked (an unknown name, or a Ray address that is not a Ray cluster, is refused before the model
+        and the data are loaded)."""
+        from ..engines import resolve_engine
 
-
-def _check_ray(run: ScanOptions) -> None:
-    """A Ray address that is not a Ray cluster is refused before the model and the data are loaded."""
-    if run.engine == "ray":
-        from ..atlas.ray_engine import check_address
-
-        check_address(run.ray_address)
+        engine = resolve_engine(self.engine, self.ray_address, self.concurrency, self.num_gpus)
+        engine.check()
+        options = {name: value for name, value in self.values.items()
+                   if name not in ("layers", "top", "engine", "ray_address", "concurrency", "num_gpus")}
+        return {"layers": named_list(self.layers, "--layers", "layer4"), "k": self.top, "engine": engine, **options}
 
 
 def _bar(desc: str):
@@ -103,11 +102,11 @@ def scan(
     """
     from ..atlas import scan as run_scan
 
-    _check_ray(run)
+    options = run.run_options()
     loaded = opts.open(model)
     bar = _bar("scan")
     try:
-        atlas = run_scan(loaded, data, out=out, **run.run_options(), model_source=model, progress=bar)
+        atlas = run_scan(loaded, data, out=out, **options, model_source=model, progress=bar)
     finally:
         bar.close()
     for layer, stats in atlas.stats.items():
@@ -170,11 +169,11 @@ def dissect(
     """
     from ..atlas.dissect import dissect as run_dissect
 
-    _check_ray(run)
+    options = run.run_options()
     loaded = opts.open(model)
     bar = _bar("dissect")
     try:
-        run_dissect(loaded, data, out=out, quantile=quantile, min_iou=min_iou, figures=figures, **run.run_options(),
+        run_dissect(loaded, data, out=out, quantile=quantile, min_iou=min_iou, figures=figures, **options,
                     model_source=model, progress=bar)
     finally:
         bar.close()

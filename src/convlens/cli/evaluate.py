@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import warnings
-from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from ..errors import ConvlensError
 from ..fileio import check_output_dir
 from . import app
 from .common import (BATCH_MAX, GPUS_MAX, SEED_MAX, WORKERS_MAX, ModelArg, ModelOptions, grouped, named_list,
@@ -53,17 +51,12 @@ def evaluate(
 
     Example: convlens evaluate shapes data/val --methods gradcam,scorecam --metrics deletion,pointing --out eval
     """
+    from ..engines import resolve_engine
+    from ..evaluation.runner import evaluate as run_evaluation
     from ..progress import ProgressDisplay
 
-    if engine not in ("local", "ray"):
-        raise ConvlensError(f"unknown engine {engine!r}; choose local or ray")
-    if engine == "ray":
-        from ..atlas.ray_engine import evaluate_ray
-
-        run_evaluation = partial(evaluate_ray, ray_address=ray_address, concurrency=concurrency, num_gpus=num_gpus)
-    else:
-        from ..evaluation.runner import evaluate as run_evaluation
-
+    chosen = resolve_engine(engine, ray_address, concurrency, num_gpus)
+    chosen.check()  # an unreachable Ray address is one line before the model loads
     check_output_dir(out)  # before the model loads: a bad --out must not cost anything
     method_names = named_list(methods, "--methods", "gradcam,scorecam")
     metric_names = named_list(metrics, "--metrics", "deletion,pointing")
@@ -80,7 +73,7 @@ def evaluate(
             warnings.showwarning = warn
             result = run_evaluation(loaded, data, methods=method_names, metrics=metric_names, out_dir=out,
                                     batch_size=batch_size, limit=limit, seed=seed, progress=shown,
-                                    restart=restart, targets=targets)
+                                    restart=restart, targets=targets, engine=chosen)
     finally:
         shown.close()
     typer.echo((out / "summary.md").read_text(encoding="utf-8"))

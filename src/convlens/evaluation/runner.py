@@ -41,8 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.folders import IMAGE_SUFFIXES, image_files
-from ..data.shapes import load_mask, mask_path
+from ..engines import Engine, resolve_engine
 from ..errors import ConvlensError, did_you_mean
 from ..fileio import check_output_dir, write_text
 from ..images import ImageLike, load_image
@@ -52,6 +51,7 @@ from ..metrics.base import ExplainFn, as_batch, as_model, as_targets, heatmap_ex
 from ..metrics.faithfulness import Curve
 from ..metrics.stats import MeanCI, mean_ci
 from ..models import Model
+from .images import choose_images, find_mask, list_images, sample_images
 from .resume import Journal, check_settings, clear_run, run_fingerprint, run_id
 from .summary import write_summary
 
@@ -59,85 +59,6 @@ from .summary import write_summary
 EXPLAINERS: dict[str, ExplainFn] = {}
 
 Progress = Callable[[int, int], None]
-
-
-def find_mask(image_path: Path) -> np.ndarray | None:
-    """The object mask of an image, bool ``(H, W)``, or ``None``.
-
-    Looks, in this order, for ``<stem>.mask.png`` beside the image, then
-    ``masks/<stem>.png`` in the image's folder, then ``../masks/<stem>.png`` (a
-    ``masks/`` folder next to an ``images/`` folder), read by :func:`convlens.data.shapes.load_mask`.
-    """
-    image_path = Path(image_path)
-    stem = image_path.name[: -len(image_path.suffix)] if image_path.suffix else image_path.name
-    for candidate in (mask_path(image_path), image_path.parent / "masks" / f"{stem}.png",
-                      image_path.parent.parent / "masks" / f"{stem}.png"):
-        if candidate.is_file() and candidate != image_path:
-            return load_mask(candidate)
-    return None
-
-
-def list_images(data: str | os.PathLike) -> list[Path]:
-    """Image files of a folder (recursively, sorted), masks excluded; or the one file given."""
-    data = Path(data)
-    if data.is_file():
-        return [data]
-    if not data.is_dir():
-        raise ConvlensError(f"data not found: {data} (pass a folder of images)")
-    images = image_files(data)
-    if not images:
-        raise ConvlensError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {data}")
-    return images
-
-
-def sample_images(images: Sequence[Path], root: str | os.PathLike, limit: int | None,
-                  seed: int = 0) -> list[Path]:
-    """``limit`` of ``images``, drawn evenly across classes and seeded; all of them when ``limit`` is ``None``
-    or not smaller.
-
-    An image's class is its folder under ``root`` (a flat folder is one class).
-    The classes take turns, in an order drawn from ``seed``, each giving the
-    next image of its own seeded shuffle, so the counts per class differ by at
-    most one (unless a class runs out of images). Taking the first files in
-    sorted order instead would fill the sample from the first classes only.
-    The same images and seed give the same files, returned in sorted order.
-    """
-    import random
-
-    images = sorted(images)
-    if limit is None or limit >= len(images):
-        return images
-    root = Path(root)
-    classes: dict[str, list[Path]] = {}
-    for path in images:
-        classes.setdefault(_class_of(root, path), []).append(path)
-    rng = random.Random(seed)
-    order = sorted(classes)
-    rng.shuffle(order)
-    for name in order:
-        rng.shuffle(classes[name])
-    chosen, turn = [], 0
-    while len(chosen) < limit:
-        for name in order:
-            if turn < len(classes[name]) and len(chosen) < limit:
-                chosen.append(classes[name][turn])
-        turn += 1
-    return sorted(chosen)
-
-
-def describe_sample(images: Sequence[Path], root: str | os.PathLike, available: int, seed: int) -> str:
-    """``"a sample of 16 of 40 images, stratified by class folder (4 classes: 4 each), seed 0"``."""
-    from collections import Counter
-
-    counts = Counter(_class_of(Path(root), path) for path in images)
-    low, high = min(counts.values()), max(counts.values())
-    each = f"{low} each" if low == high else f"{low}-{high} each"
-    return (f"a sample of {len(images)} of {available} images, stratified by class folder "
-            f"({len(counts)} class{'es' if len(counts) != 1 else ''}: {each}), seed {seed}")
-
-
-def _class_of(root: Path, path: Path) -> str:
-    return path.parent.relative_to(root).as_posix() if root.is_dir() else "."
 
 
 def resolve_methods(methods: Sequence[str] | Mapping[str, ExplainFn]) -> dict[str, ExplainFn]:
@@ -188,8 +109,9 @@ class Evaluation:
 
 def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], metrics: Sequence[str],
              out_dir: str | os.PathLike, batch_size: int = 64, limit: int | None = None, seed: int = 0,
-             find_mask: Callable[[Path], np.ndarray | None] = find_mask,
-             progress: Progress | None = None, restart: bool = False, targets=None) -> Evaluation:
+             find_mask: Callable[[Path], np.ndarray | None] = find_mask, progress: Progress | None = None,
+             restart: bool = False, targets=None, engine: str | Engine = "local", ray_address: str | None = None,
+             concurrency: int | None = None, num_gpus: float | None = None) -> Evaluation:
     """Score every method's heatmaps on every image of ``data`` with every metric; resumable.
 
     Args:
@@ -210,33 +132,98 @@ def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], m
         targets: what each image is explained and scored for: ``None`` (its top class; a segmenter's
             winning region, a detector's top box), a class index or name, or a ``Region``, ``Box`` or
             ``Similarity`` (see the module docstring). It is tried on the first image before anything is written.
+        engine: ``"local"`` or ``"ray"`` (with ``ray_address``, ``concurrency``, ``num_gpus``; the pairs are
+            scored on Ray actors, :mod:`convlens.evaluation.ray`), or an engine from :mod:`convlens.engines`.
 
     Example::
 
         evaluate(model, "shapes/", methods=["gradcam", "scorecam"], metrics=["deletion", "pointing"],
                  out_dir="eval/")
     """
+    options = dict(methods=methods, metrics=metrics, out_dir=out_dir, batch_size=batch_size, limit=limit, seed=seed,
+                   find_mask=find_mask, restart=restart, targets=targets)
+    engine = resolve_engine(engine, ray_address, concurrency, num_gpus)
+    if engine.distributed:
+        from .ray import evaluate_ray
 
+        return evaluate_ray(model, data, progress=progress, engine=engine, **options)
+    plan = plan_evaluation(model, data, **options)
+    for path, methods_left in plan.todo:
+        for record in score_image(plan.model, load_image(path), plan.masks[path],
+                                  {name: plan.explainers[name] for name in methods_left}, plan.metrics,
+                                  name=plan.keys[path], batch_size=plan.batch_size, targets=plan.target):
+            plan.record(record, progress)
+        _write_table(plan.out_dir, plan.journal.records, plan.metrics)
+    return finish_evaluation(plan)
+
+
+@dataclass
+class EvaluationPlan:
+    """A checked run of :func:`evaluate` and its resume state, before any pair is scored.
+
+    ``todo`` is the work the journal lacks, image by image: ``(image path, methods still to score)``;
+    ``finished`` counts the pairs done, the journal's and those :meth:`record` adds. Any engine
+    scores ``todo`` its own way, records each pair, and calls :func:`finish_evaluation`."""
+
+    model: Model
+    root: Path
+    images: list[Path]
+    keys: dict[Path, str]  # an image's name in the journal and the table: its path under the data folder
+    masks: dict[Path, np.ndarray | None]
+    explainers: dict[str, ExplainFn]
+    metrics: list[str]
+    target: object  # prepared once (:func:`prepare_target`); ``None``: each image's top class
+    batch_size: int
+    out_dir: Path
+    journal: Journal
+    sample: str
+    todo: list[tuple[Path, list[str]]]
+    finished: int
+
+    @property
+    def total(self) -> int:
+        return len(self.images) * len(self.explainers)
+
+    def record(self, record: dict, progress: Progress | None = None) -> None:
+        """One scored pair into the journal, at once (it is the run's memory), then ``progress(done, total)``."""
+        self.journal.append(record)
+        self.finished += 1
+        if progress is not None:
+            progress(self.finished, self.total)
+
+
+def plan_evaluation(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], metrics: Sequence[str],
+                    out_dir: str | os.PathLike, batch_size: int = 64, limit: int | None = None, seed: int = 0,
+                    find_mask: Callable[[Path], np.ndarray | None] = find_mask, restart: bool = False,
+                    targets=None) -> EvaluationPlan:
+    """Every check of :func:`evaluate` (same arguments), then ``out_dir`` tied to the run's fingerprint and the
+    journal read: what is left to score. Nothing is scored."""
     check_output_dir(out_dir, option="out_dir")
     model = as_model(model)
     _check_metrics(metrics)
     explainers = resolve_methods(methods)
-    if limit is not None and limit < 1:
-        raise ConvlensError(f"--limit must be at least 1, got {limit}")
     root = Path(data)
-    available = list_images(root)
-    images = sample_images(available, root, limit, seed)
-    sample = describe_sample(images, root, len(available), seed) if len(images) < len(available) else ""
+    images, sample = choose_images(root, limit, seed)
+    keys = {path: _key(root, path) for path in images}
     masks = {path: find_mask(path) for path in images}
     if any(METRICS[m].needs_masks for m in metrics) and all(mask is None for mask in masks.values()):
         raise ConvlensError(f"no masks found for the images in {root} (expected <name>.mask.png beside each "
                             "image or a masks/ folder); drop the localisation metrics or add masks")
-    fingerprint = run_fingerprint(model, list(explainers), metrics, [(_key(root, p), p) for p in images],
+    fingerprint = run_fingerprint(model, list(explainers), metrics, [(keys[p], p) for p in images],
                                   [masks[p] for p in images], limit, seed, targets)
     target = prepare_target(model, targets)
     if target is not None:  # a target the model cannot serve is one line now, before run.json ties the folder to it
-        _settle(model, model.preprocess([load_image(images[0])]), target, _key(root, images[0]))
-    out_dir = Path(out_dir)
+        _settle(model, model.preprocess([load_image(images[0])]), target, keys[images[0]])
+    journal = _open_journal(Path(out_dir), fingerprint, restart)
+    done = journal.done()
+    todo = [(path, [m for m in explainers if (keys[path], m) not in done]) for path in images]
+    finished = sum((keys[p], m) in done for p in images for m in explainers)
+    return EvaluationPlan(model, root, images, keys, masks, explainers, list(metrics), target, batch_size,
+                          Path(out_dir), journal, sample, [(path, left) for path, left in todo if left], finished)
+
+
+def _open_journal(out_dir: Path, fingerprint: dict, restart: bool) -> Journal:
+    """The run's journal in ``out_dir`` (emptied first on ``restart``); one warning for what was lost."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if restart:
         clear_run(out_dir)
@@ -244,25 +231,22 @@ def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], m
     journal = Journal(out_dir / "journal.jsonl", run_id(fingerprint))
     lost = [f"{journal.dropped} damaged journal line(s)"] if journal.dropped else []
     lost += [f"{journal.foreign} line(s) of another run"] if journal.foreign else []
-    if not settings_intact or lost:
+    if not settings_intact or lost:  # stacklevel: the caller of evaluate (or of the Ray engine's evaluate)
         warnings.warn(f"{out_dir}: " + ("run.json was damaged and is rewritten; " if not settings_intact else "")
                       + (f"dropped {' and '.join(lost)}, to be recomputed; " if lost else "")
-                      + f"kept {len(journal.records)} finished (image, method) pair(s)", UserWarning, stacklevel=2)
-    done, total = journal.done(), len(images) * len(explainers)
-    finished = sum((_key(root, p), m) in done for p in images for m in explainers)
-    for path in images:
-        key = _key(root, path)
-        todo = {m: fn for m, fn in explainers.items() if (key, m) not in done}
-        if not todo:
-            continue
-        for record in score_image(model, load_image(path), masks[path], todo, metrics, name=key,
-                                  batch_size=batch_size, targets=target):
-            journal.append(record)
-            finished += 1
-            if progress is not None:
-                progress(finished, total)
-        _write_table(out_dir, journal.records, metrics)
-    return _finish(out_dir, journal.records, metrics, list(explainers), images, root, sample)
+                      + f"kept {len(journal.records)} finished (image, method) pair(s)", UserWarning, stacklevel=4)
+    return journal
+
+
+def finish_evaluation(plan: EvaluationPlan) -> Evaluation:
+    """The table, summaries and plots of a planned run from its journal, once ``plan.todo`` is scored."""
+    keys = set(plan.keys.values())
+    methods = list(plan.explainers)
+    rows = [r for r in _latest(plan.journal.records) if r["method"] in methods and r["image"] in keys]
+    summary = summarize_rows(rows, methods, plan.metrics)
+    files = [_write_table(plan.out_dir, plan.journal.records, plan.metrics)]
+    files += write_summary(plan.out_dir, summary, {m: METRICS[m] for m in plan.metrics}, rows, len(keys), plan.sample)
+    return Evaluation(rows, summary, plan.out_dir, files, plan.sample)
 
 
 def evaluate_images(model, images: Sequence[tuple[str, ImageLike, np.ndarray | None]], *,
@@ -290,7 +274,6 @@ def score_image(model: Model, picture: Image.Image, mask: np.ndarray | None, exp
                 metrics: Sequence[str], *, name: str, batch_size: int = 64, targets=None) -> Iterator[dict]:
     """Explain one image (for ``targets``: by default the model's top class) with each method and score the
     maps; one record per method."""
-
     x = model.preprocess([picture])
     targets = _settle(model, x, targets, name)
     truth = None if mask is None else mask_for_model(model, mask, picture.size)
@@ -333,7 +316,6 @@ def summarize_rows(rows: list[dict], methods: Sequence[str], metrics: Sequence[s
 
 
 def _check_metrics(metrics: Sequence[str]) -> None:
-
     for name in metrics:
         if name not in METRICS:
             raise ConvlensError(f"unknown metric {name!r}{did_you_mean(name, METRICS)}; "
@@ -364,15 +346,6 @@ def _write_table(out_dir: Path, records: list[dict], metrics: Sequence[str]) -> 
     return write_text(out_dir / "results.csv", buffer.getvalue())
 
 
-def _finish(out_dir, records, metrics, methods, images, root, sample: str = "") -> Evaluation:
-
-    keys = {_key(root, p) for p in images}
-    rows = [r for r in _latest(records) if r["method"] in methods and r["image"] in keys]
-    summary = summarize_rows(rows, methods, metrics)
-    files = [_write_table(out_dir, records, metrics)]
-    files += write_summary(out_dir, summary, {m: METRICS[m] for m in metrics}, rows, len(keys), sample)
-    return Evaluation(rows, summary, out_dir, files, sample)
-
-
-__all__ = ["EXPLAINERS", "Evaluation", "evaluate", "evaluate_images", "find_mask", "list_images", "mask_for_model",
-           "prepare_target", "sample_images", "score_image", "summarize_rows"]
+__all__ = ["EXPLAINERS", "Evaluation", "EvaluationPlan", "evaluate", "evaluate_images", "find_mask",
+           "finish_evaluation", "list_images", "mask_for_model", "plan_evaluation", "prepare_target", "sample_images",
+           "score_image", "summarize_rows"]
