@@ -59,9 +59,9 @@ def test_ray_scan_and_dissect_equal_the_local_engine(ray_cluster, shapes_model, 
 
 
 def test_ray_evaluate_equals_the_local_engine(ray_cluster, shapes_model, tmp_path):
-    from convlens.evaluation.ray import evaluate_ray
     from convlens.data import write_shapes
     from convlens.evaluation import evaluate
+    from convlens.evaluation.ray import evaluate_ray
 
     data = write_shapes(tmp_path / "data", 1, seed=5, size=64, split=None, classes=["circle", "square", "star"])
     options = dict(methods=["gradcam"], metrics=["pointing", "iou", "deletion"])

@@ -49,7 +49,7 @@ def test_the_ray_options_reach_the_ray_engine_and_the_local_engine_needs_none():
 
 
 def test_the_ray_engine_checks_its_options_on_one_line_before_starting_anything():
-    with pytest.raises(cl.ConvlensError, match="^--concurrency must be at least 1, got 0$"):
+    with pytest.raises(cl.ConvlensError, match=r"^--concurrency must be at least 1, got 0$"):
         RayEngine(concurrency=0).check()
     with pytest.raises(cl.ConvlensError, match="a Ray address looks like HOST:PORT"):
         RayEngine(ray_address="no-port").check()
@@ -68,7 +68,7 @@ def test_the_local_engine_imports_neither_ray_nor_torch():
                                      ["evaluate", "shapes", "DATA"]])
 def test_cli_an_unknown_engine_is_one_line_exit_2_and_nothing_written(command, tmp_path, cli):
     args = [str(tmp_path) if arg == "DATA" else arg for arg in command]
-    code, out, err = cli(*args, "--engine", "spark", "--out", tmp_path / "out")
+    code, _, err = cli(*args, "--engine", "spark", "--out", tmp_path / "out")
     assert code == 2 and err.strip() == "convlens: error: unknown engine 'spark'; choose local or ray", err
     assert not (tmp_path / "out").exists()
 

@@ -5,7 +5,8 @@
     result = convlens.dissect(model, shapes=2000, seed=1, layers=["layer3"], out="dissection/")
 
 Modules: data (sources), accumulators (mergeable statistics), store (SQLite),
-scan (the streamed pass), examples, dissect, ray_engine (``engine="ray"``).
+scan (the streamed pass), examples, dissect, ray_engine (the parts on Ray actors, for ``engine="ray"``:
+see :mod:`convlens.engines`).
 """
 
 from .data import DataSource, open_data

@@ -51,7 +51,7 @@ from ..metrics.base import ExplainFn, as_batch, as_model, as_targets, heatmap_ex
 from ..metrics.faithfulness import Curve
 from ..metrics.stats import MeanCI, mean_ci
 from ..models import Model
-from .images import choose_images, find_mask, list_images, sample_images
+from .inputs import choose_images, find_mask, list_images, sample_images
 from .resume import Journal, check_settings, clear_run, run_fingerprint, run_id
 from .summary import write_summary
 
@@ -140,8 +140,8 @@ def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], m
         evaluate(model, "shapes/", methods=["gradcam", "scorecam"], metrics=["deletion", "pointing"],
                  out_dir="eval/")
     """
-    options = dict(methods=methods, metrics=metrics, out_dir=out_dir, batch_size=batch_size, limit=limit, seed=seed,
-                   find_mask=find_mask, restart=restart, targets=targets)
+    options = {"methods": methods, "metrics": metrics, "out_dir": out_dir, "batch_size": batch_size, "limit": limit,
+               "seed": seed, "find_mask": find_mask, "restart": restart, "targets": targets}
     engine = resolve_engine(engine, ray_address, concurrency, num_gpus)
     if engine.distributed:
         from .ray import evaluate_ray
