@@ -434,9 +434,13 @@ def test_failures_name_the_readme_line(tmp_path):
     assert 'File "docs/page.md", line 4' in run_python(page, tmp_path).message
 
 
-def _anchor(heading: str) -> str:
-    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
-    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+def _anchors(page: Path) -> set[str]:
+    """GitHub's anchors of ``page``'s headings: lower case, punctuation dropped, spaces as hyphens."""
+    if page.suffix != ".md" or not page.is_file():
+        return set()
+    prose = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.M | re.S)  # '#' there: comments
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.+)$", prose, re.M)}
 
 
 def test_every_relative_link_leads_to_a_page_and_heading_that_exist():
@@ -448,8 +452,6 @@ def test_every_relative_link_leads_to_a_page_and_heading_that_exist():
                 continue  # a web address
             path, _, anchor = target.partition("#")
             linked = (page.parent / path).resolve() if path else page
-            markdown = linked.suffix == ".md" and linked.is_file()
-            headings = re.findall(r"^#+ (.+)$", linked.read_text(encoding="utf-8"), re.M) if markdown else []
-            if not linked.exists() or (anchor and anchor not in map(_anchor, headings)):
+            if not linked.exists() or (anchor and anchor not in _anchors(linked)):
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert not broken, f"links that lead nowhere: {broken}"
