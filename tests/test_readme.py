@@ -433,25 +433,3 @@ def test_failures_name_the_readme_line(tmp_path):
     assert str(page) == "docs/page.md:3 (python)"
     assert 'File "docs/page.md", line 4' in run_python(page, tmp_path).message
 
-
-def _anchors(page: Path) -> set[str]:
-    """GitHub's anchors of ``page``'s headings: lower case, punctuation dropped, spaces as hyphens."""
-    if page.suffix != ".md" or not page.is_file():
-        return set()
-    prose = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.M | re.S)  # '#' there: comments
-    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
-            for heading in re.findall(r"^#+ (.+)$", prose, re.M)}
-
-
-def test_every_relative_link_leads_to_a_page_and_heading_that_exist():
-    """The README and docs/ link to each other: each link's file exists, and its #anchor is a heading there."""
-    broken = []
-    for page in PAGES:
-        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
-            if re.match(r"[a-z]+:", target):
-                continue  # a web address
-            path, _, anchor = target.partition("#")
-            linked = (page.parent / path).resolve() if path else page
-            if not linked.exists() or (anchor and anchor not in _anchors(linked)):
-                broken.append(f"{page.relative_to(ROOT)}: {target}")
-    assert not broken, f"links that lead nowhere: {broken}"
