@@ -1,9 +1,9 @@
-"""The README's evaluation figures on the bundled shapes model: localisation, faithfulness, sanity checks.
+"""The evaluation figures of docs/metrics.md on the bundled shapes model: localisation, faithfulness, sanity checks.
 
 Needs the heatmap engine (``convlens.explain``), a trained model and a folder of
 shapes images with masks (``NAME.mask.png`` beside each image, or a ``masks/``
 folder; see ``convlens.evaluation.find_mask``). Prints Markdown tables to paste
-into the README and leaves the full ``convlens evaluate`` output in ``--out``.
+into docs/metrics.md and leaves the full ``convlens evaluate`` output in ``--out``.
 
     python benchmarks/shapes_figures.py --model shapes.pt --data shapes/test --out out/shapes-eval
 

@@ -1,4 +1,4 @@
-"""The atlas benchmark scripts still run (tiny settings); their figures live in the README, not here."""
+"""The atlas benchmark scripts still run (tiny settings); their figures live in docs/benchmarks.md, not here."""
 
 import importlib.util
 from pathlib import Path

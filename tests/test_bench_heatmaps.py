@@ -1,4 +1,4 @@
-"""The heatmap benchmark script still runs (tiny model); its figures live in the README, not here."""
+"""The heatmap benchmark script still runs (tiny model); its figures live in docs/benchmarks.md, not here."""
 
 import importlib.util
 import re

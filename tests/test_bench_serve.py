@@ -1,4 +1,4 @@
-"""The explorer's benchmark script still runs (few requests); its figures live in the README, not here.
+"""The explorer's benchmark script still runs (few requests); its figures live in docs/benchmarks.md, not here.
 
 It runs as its own process, as a user runs it: a server thread and uvicorn's logging must not
 share the test process's captured streams.

@@ -1,11 +1,12 @@
-"""The README runs as written: every ```python and ```bash/```sh/```shell block is executed.
+"""The README and the pages of docs/ run as written: every ```python and ```bash/```sh/```shell block is executed.
 
 How a block runs:
 
 * A Python block runs in a fresh interpreter of its own, in an empty temporary
   folder. Blocks do not build on each other: a reader copies one block, so each
-  block imports and makes what it uses. The code is compiled under the name
-  ``README.md`` with its README line numbers, so a traceback points at the line.
+  block imports and makes what it uses. The code is compiled under its page's
+  name (``README.md``, ``docs/atlas.md``) with the page's line numbers, so a
+  traceback points at the line.
 * A shell block runs command by command (lines joined at a trailing ``\\``)
   through ``bash`` in an empty temporary folder, with the ``convlens`` script of
   this interpreter's environment (the folder of ``sys.executable``) first on
@@ -17,7 +18,7 @@ How a block runs:
   process on one thread: CI machines have two cores, and most of a block's
   time is a fresh interpreter importing torch. Each test waits for its block.
 
-What differs from the README, all chosen here and never by editing it:
+What differs from the pages, all chosen here and never by editing them:
 
 * ``SUBSTITUTIONS``: textual stand-ins for what cannot happen offline or would
   take minutes (random weights instead of a download, a few images instead of
@@ -30,7 +31,8 @@ What differs from the README, all chosen here and never by editing it:
 
 No block may reach the network: every subprocess gets a proxy that refuses all
 connections, so an unintended download fails at once instead of hanging.
-A new README block is picked up automatically; a failure names its README line.
+A new block, or a new page in docs/, is picked up automatically; a failure names
+its page and line (``docs/atlas.md:42``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]  # the README first, then docs/ by name
 RUN = {"python": "python", "bash": "shell", "sh": "shell", "shell": "shell"}
 SHOWN_ONLY = {"text"}  # output, file contents: shown, never run
 TIMEOUT = 300  # seconds per command; the slowest, the default `convlens report`, takes about 45 s on one idle core
@@ -58,18 +61,19 @@ WORKERS = 2    # blocks running at once
 
 @dataclass(frozen=True)
 class Block:
-    """One fenced code block of the README."""
+    """One fenced code block of the README or of a page of docs/."""
 
     line: int    # line of the opening fence (1-based)
     info: str    # the fence's info string ("python", "bash", "" ...)
     code: str    # the lines between the fences
+    source: str = "README.md"  # the page, relative to the repository ("docs/atlas.md")
 
     def __str__(self) -> str:
-        return f"README.md:{self.line} ({self.info or 'no info'})"
+        return f"{self.source}:{self.line} ({self.info or 'no info'})"
 
 
-def readme_blocks(text: str) -> list[Block]:
-    """Every fenced block of ``text`` with the line of its opening fence."""
+def readme_blocks(text: str, source: str = "README.md") -> list[Block]:
+    """Every fenced block of ``text`` (the page ``source``) with the line of its opening fence."""
     blocks: list[Block] = []
     opening: tuple[int, str] | None = None
     lines: list[str] = []
@@ -78,16 +82,17 @@ def readme_blocks(text: str) -> list[Block]:
         if opening is None and fence:
             opening, lines = (number, fence.group(1).strip()), []
         elif opening is not None and fence and not fence.group(1).strip():
-            blocks.append(Block(opening[0], opening[1], "\n".join(lines) + "\n"))
+            blocks.append(Block(opening[0], opening[1], "\n".join(lines) + "\n", source))
             opening = None
         elif opening is not None:
             lines.append(line)
     if opening is not None:
-        raise AssertionError(f"README.md:{opening[0]}: a code block is never closed")
+        raise AssertionError(f"{source}:{opening[0]}: a code block is never closed")
     return blocks
 
 
-BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
+BLOCKS = [block for page in PAGES
+          for block in readme_blocks(page.read_text(encoding="utf-8"), page.relative_to(ROOT).as_posix())]
 RUNNABLE = [block for block in BLOCKS if block.info in RUN]
 
 
@@ -153,6 +158,8 @@ NOT_RUN = {
     "make demo": "it creates .venv with pip (network); the next block runs its `convlens report` as written",
     "pip install": "it needs the network",
     "apt-get": "it needs the network and root",
+    "ruff check": "it lints this checkout, not an example (and ruff is the reader's own install)",
+    ".venv/bin/python -m pytest": "it runs tests of the suite from the checkout's .venv, which the test folder lacks",
 }
 
 #: The reader's own files: written into a block's folder when the block names them.
@@ -281,7 +288,7 @@ def environment() -> dict[str, str]:
 
 
 def commands(block: Block) -> list[tuple[int, str]]:
-    """``(README line, command)`` for each command of a shell block; continuation lines joined."""
+    """``(page line, command)`` for each command of a shell block; continuation lines joined."""
     found: list[tuple[int, str]] = []
     pending: list[str] = []
     start = 0
@@ -315,15 +322,15 @@ def run_shell(block: Block, folder: Path) -> Outcome:
         command = substitute(command)
         reason = next((why for start, why in NOT_RUN.items() if command.startswith(start)), None)
         if reason:
-            skipped.append(f"README.md:{line} `{command}`: {reason}")
+            skipped.append(f"{block.source}:{line} `{command}`: {reason}")
             continue
         try:
             done = subprocess.run(["bash", "-c", command], cwd=folder, env=environment(), capture_output=True,
                                   text=True, timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
-            return Outcome("failed", f"README.md:{line}: `{command}` took over {TIMEOUT} s")
+            return Outcome("failed", f"{block.source}:{line}: `{command}` took over {TIMEOUT} s")
         if done.returncode != 0:
-            return Outcome("failed", f"README.md:{line}: `{command}` exited with status {done.returncode}\n"
+            return Outcome("failed", f"{block.source}:{line}: `{command}` exited with status {done.returncode}\n"
                                      f"{_tail(done.stdout)}\n{_tail(done.stderr)}")
     if skipped and len(skipped) == len(commands(block)):
         return Outcome("skipped", "; ".join(skipped))
@@ -334,7 +341,7 @@ RUNNER = """
 import sys
 namespace = {"__name__": "__main__"}
 exec(compile(open(sys.argv[1]).read(), "stand-ins (tests/test_readme.py)", "exec"), namespace)
-exec(compile(open(sys.argv[2]).read(), "README.md", "exec"), namespace)
+exec(compile(open(sys.argv[2]).read(), sys.argv[3], "exec"), namespace)
 """
 
 
@@ -342,15 +349,15 @@ def run_python(block: Block, folder: Path) -> Outcome:
     code = substitute(block.code)
     prelude = "\n".join(textwrap.dedent(OBJECTS[name]) for name in names(code, OBJECTS))
     (folder / "standins.py").write_text(prelude)
-    # Blank lines in front, so that line numbers in a traceback are the README's.
+    # Blank lines in front, so that line numbers in a traceback are the page's.
     (folder / "block.py").write_text("\n" * block.line + code)
     try:
-        done = subprocess.run([sys.executable, "-c", RUNNER, "standins.py", "block.py"], cwd=folder,
+        done = subprocess.run([sys.executable, "-c", RUNNER, "standins.py", "block.py", block.source], cwd=folder,
                               env=environment(), capture_output=True, text=True, timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        return Outcome("failed", f"the Python block at README.md:{block.line} took over {TIMEOUT} s")
+        return Outcome("failed", f"the Python block at {block.source}:{block.line} took over {TIMEOUT} s")
     if done.returncode != 0:
-        return Outcome("failed", f"the Python block at README.md:{block.line} failed\n{_tail(done.stderr)}")
+        return Outcome("failed", f"the Python block at {block.source}:{block.line} failed\n{_tail(done.stderr)}")
     return Outcome("passed")
 
 
@@ -371,7 +378,8 @@ def started(request, tmp_path_factory) -> dict[Block, Future]:
         make_file(name, cache)  # here, not in the threads: each file once, and Keras stays in one thread
     pool = ThreadPoolExecutor(WORKERS)
     request.addfinalizer(lambda: pool.shutdown(cancel_futures=True))
-    return {block: pool.submit(run_block, block, tmp_path_factory.mktemp(f"readme-{block.line}"), cache)
+    return {block: pool.submit(run_block, block, tmp_path_factory.mktemp(f"{Path(block.source).stem}-{block.line}"),
+                               cache)
             for block in selected}
 
 
@@ -388,7 +396,7 @@ def test_every_stand_in_is_still_used():
     stale = [s.old for s in SUBSTITUTIONS if s.old not in code]
     stale += [name for name in FILES if not names(substitute(code), [name])]
     stale += [name for name in OBJECTS if not names(code, [name])]
-    assert not stale, f"no README block uses these stand-ins of tests/test_readme.py any more: {stale}"
+    assert not stale, f"no block of the README or docs/ uses these stand-ins of tests/test_readme.py: {stale}"
 
 
 @pytest.mark.parametrize("block", RUNNABLE, ids=str)
@@ -421,3 +429,7 @@ def test_failures_name_the_readme_line(tmp_path):
     assert shell.status == "failed" and shell.message.startswith("README.md:7: `false` exited with status 1")
     python = run_python(blocks[2], tmp_path)
     assert python.status == "failed" and 'File "README.md", line 14' in python.message
+    page, = readme_blocks("# A page\n\n```python\nraise ValueError\n```\n", "docs/page.md")
+    assert str(page) == "docs/page.md:3 (python)"
+    assert 'File "docs/page.md", line 4' in run_python(page, tmp_path).message
+

@@ -141,7 +141,7 @@ def test_openmp_threads_set_by_the_user_are_left_alone(cli, monkeypatch):
         torch.set_num_threads(before)
 
 
-# -- the benchmark scripts still run (their figures live in the README) -------------------------------------
+# -- the benchmark scripts still run (their figures live in docs/benchmarks.md) ----------------------------
 def _bench(name: str):
     path = ROOT / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)

@@ -1,7 +1,7 @@
 """Files shipped inside convlens: the demo model trained on the shapes dataset.
 
 ``shapes_model.pt`` was trained by ``convlens train`` on ``convlens shapes``
-data (the README gives the exact commands); ``shapes_model.json`` is its
+data (docs/training.md gives the exact commands); ``shapes_model.json`` is its
 validation evaluation. ``convlens.load_model("shapes")`` loads it.
 """
 
