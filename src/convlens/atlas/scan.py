@@ -38,13 +38,13 @@ from PIL import Image
 from ..capture import LayerRef, capture, resolve_layers
 from ..errors import ConvlensError, ConvlensWarning, first_line
 from ..models import Model, as_model
+from ..progress import Progress
 from ..render.overlay import crop_box
 from .accumulators import MANTISSA_BITS, LayerStats, SketchGrid
 from .data import DataSource, from_spec, open_data
 from .store import AtlasStore, model_fingerprint
 from .storefile import writer_lock
 
-Progress = Callable[[int, int], None]
 Part = tuple[int, int, int]  # (part number, first image, stop image)
 ENGINES = ("local", "ray")
 

@@ -52,13 +52,13 @@ from ..metrics.base import ExplainFn, as_batch, as_model, as_targets, heatmap_ex
 from ..metrics.faithfulness import Curve
 from ..metrics.stats import MeanCI, mean_ci
 from ..models import Model
+from ..progress import Progress
 from .resume import Journal, check_settings, clear_run, run_fingerprint, run_id
 from .summary import write_summary
 
 #: Explainers by method name, consulted before ``convlens.METHODS``: register your own here.
 EXPLAINERS: dict[str, ExplainFn] = {}
 
-Progress = Callable[[int, int], None]
 
 
 def find_mask(image_path: Path) -> np.ndarray | None:

@@ -21,9 +21,8 @@ from ..capture import capture, merge_rewrites
 from ..errors import ConvlensError
 from ..models import Model, Summary, summarize
 from ..models.model import ensure_finite
+from ..progress import Progress
 from ..targets import AllClasses, ScoreFn, TargetSpec, resolve_targets
-
-Progress = Callable[[int, int], None]  # progress(done, total)
 
 
 @dataclass(frozen=True)

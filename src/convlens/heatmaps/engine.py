@@ -44,8 +44,9 @@ from torch import nn
 from ..capture import resolve_layers
 from ..errors import ConvlensError
 from ..models import Model, as_model, survey
+from ..progress import Progress
 from ..targets import ScoreFn, TargetSpec, class_logits
-from .base import Method, Progress, Request, _not_spatial, normalise, prepare_target, settle_target, upsample
+from .base import Method, Request, _not_spatial, normalise, prepare_target, settle_target, upsample
 from .registry import METHODS, get_method
 
 @dataclass

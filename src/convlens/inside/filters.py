@@ -31,9 +31,10 @@ from torch import nn
 from ..capture import LayerRef, capture, resolve_layers
 from ..errors import ConvlensError
 from ..models import Model, as_model
+from ..progress import Progress
 from .inputs import fixed_input_size, input_normalizer, run_failure
 from .objectives import channel, class_logit
-from .optimize import Progress, check_settings, maximize
+from .optimize import check_settings, maximize
 from .transforms import Transform
 
 
