@@ -19,7 +19,7 @@ from torch import nn
 
 import convlens as cl
 from convlens.capture import spatial_view
-from convlens.render.overlay import crop_box
+from convlens.models.transforms import crop_box
 
 from conftest import TinyNet
 from test_heatmaps_reference import Logit, _peer_cam, minmax

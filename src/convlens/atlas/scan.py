@@ -33,13 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..capture import LayerRef, capture, resolve_layers
 from ..errors import ConvlensError, ConvlensWarning, first_line
 from ..models import Model, as_model
+from ..models.transforms import mask_at_input
 from ..progress import Progress
-from ..render.overlay import crop_box
 from .accumulators import MANTISSA_BITS, LayerStats, SketchGrid
 from .data import DataSource, from_spec, open_data
 from .store import AtlasStore, model_fingerprint
@@ -119,18 +118,6 @@ class _Images(torch.utils.data.Dataset):
             if concept in self.concepts:
                 masks[self.concepts.index(concept)] = mask_at_input(self.model, mask, picture.size)
         return index, x, self.source.labels[index], True, masks
-
-
-def mask_at_input(model: Model, mask: np.ndarray, image_size: tuple[int, int]) -> torch.Tensor:
-    """A bool ``(H, W)`` mask of an image of ``image_size`` (W, H) seen through the model's resize/crop."""
-    height, width = model.input_size
-    if mask.shape == (height, width) and crop_box(model.transform, width, height) == (0.0, 0.0, width, height):
-        return torch.from_numpy(np.ascontiguousarray(mask))  # already what the model sees (plain resize, same size)
-    from ..evaluation.runner import mask_for_model
-
-    if mask.shape[::-1] != tuple(image_size):
-        mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(image_size, Image.NEAREST)) > 127
-    return mask_for_model(model, mask, image_size)[0]
 
 
 def part_batches(parts: Sequence[Part], batch_size: int) -> tuple[list[list[int]], list[int]]:
