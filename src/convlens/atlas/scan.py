@@ -165,13 +165,7 @@ def forward_layers(model: Model, rec, x: torch.Tensor, layers: Sequence[str]) ->
     except RuntimeError as err:
         raise ConvlensError(f"the model cannot run on these images ({first_line(err)}); "
                             "check --input-size") from None
-    for name in layers:
-        if name not in rec.outputs:
-            raise ConvlensError(f"layer {name!r} did not run in the forward pass; choose a layer the model uses")
-        if name not in rec.spatial:
-            raise ConvlensError(f"layer {name!r} has no spatial output (shape {tuple(rec.outputs[name].shape)}); "
-                                "choose a convolution or pooling layer")
-    return {name: rec.outputs[name] for name in layers}
+    return rec.spatial_outputs(layers)
 
 
 def probe_shapes(model: Model, source: DataSource, layers: Sequence[str]) -> dict[str, tuple[int, int, int]]:

@@ -68,9 +68,7 @@ def _probe(model: Model, layer: str | None, size: tuple[int, int]) -> torch.Tens
             raise run_failure(err, size, fixed_input_size(model)) from None
     if layer is None:
         return model.scores(output)
-    if layer not in rec.outputs:
-        raise ConvlensError(f"layer {layer!r} did not run in the forward pass; choose a layer the model uses")
-    return rec.outputs[layer]
+    return rec.output(layer)
 
 
 def _image_size(model: Model, size: int | tuple[int, int] | None, default: int) -> tuple[int, int]:
