@@ -36,7 +36,8 @@ from markupsafe import Markup
 from ..errors import ConvlensError
 from ..metrics.sanity import SANITY_THRESHOLD
 from ..metrics.stats import MeanCI, mean_ci
-from .sections import Context, Section, _join, _left_out, _parts, explained
+from .sections import Context, Section, _join, _left_out, explained
+from .templating import PARTS
 
 #: The columns by default: one pointing game (its tolerance scaled to the input, so it means the same at
 #: 64 and 224 px; at 64 px the paper's 15 px is met by every method), the map's energy and IoU against the
@@ -182,7 +183,7 @@ def evaluation_section(ctx: Context) -> Section | None:
                         "class": "num fail" if failed else "num"})
         rows.append(row)
     said = verdict(summary, metrics, sanity)
-    html = (_parts.verdict(said) if said else "") + _parts.scores(headers, rows)
+    html = (PARTS.verdict(said) if said else "") + PARTS.scores(headers, rows)
     count = counts.pop() if len(counts) == 1 else None
     over = f"{count} {_images(count == 1)}" if count else "the images"
     note = (f"Mean \u00b1 95% confidence half-width over {over} with ground-truth masks"

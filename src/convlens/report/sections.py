@@ -27,7 +27,6 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
-import jinja2
 import numpy as np
 from markupsafe import Markup
 from PIL import Image, ImageOps
@@ -36,10 +35,7 @@ from ..errors import ConvlensError
 from ..models import Model, Summary
 from ..progress import Steps
 from .html import data_uri
-
-_env = jinja2.Environment(loader=jinja2.PackageLoader("convlens.report", "templates"),
-                          autoescape=jinja2.select_autoescape(["html", "j2"]))
-_parts = _env.get_template("parts.html.j2").module
+from .templating import PARTS
 
 
 @dataclass
@@ -120,7 +116,7 @@ def summary_section(ctx: Context) -> Section:
             "N" if d == -1 else str(d) for d in row.output_shape) + ")"
         target = "auto" if row.spatial and row.name == ctx.summary.auto_layer else ("yes" if row.spatial else "")
         rows.append(("\u2003" * row.depth + row.name, row.type, shape, f"{row.params:,}", target))
-    html = _parts.table(["layer", "type", "output shape", "params", "explanation target"], rows,
+    html = PARTS.table(["layer", "type", "output shape", "params", "explanation target"], rows,
                         numeric=(3,), scroll=True)
     note = (f"{ctx.summary.total_params:,} parameters ({ctx.summary.trainable_params:,} trainable). "
             f"Explanation targets are layers with a spatial output; 'auto' picks {ctx.summary.auto_layer}.")
@@ -138,8 +134,8 @@ def predictions_section(ctx: Context) -> Section:
         items.append(figure(_thumbnail(item.image), caption))
         rows.append((item.name, *[describe_prediction(p) for p in preds]))
     k = max(1, max(len(p) for p in predictions))
-    callout = _parts.callout(_outsiders_note(ctx.model, outsiders)) if outsiders else ""
-    html = _parts.figures(items) + callout + _parts.table(["image", *[f"top {i + 1}" for i in range(k)]], rows)
+    callout = PARTS.callout(_outsiders_note(ctx.model, outsiders)) if outsiders else ""
+    html = PARTS.figures(items) + callout + PARTS.table(["image", *[f"top {i + 1}" for i in range(k)]], rows)
     return Section("predictions", "Predictions", Markup(html))
 
 
@@ -225,7 +221,7 @@ def heatmaps_section(ctx: Context) -> Section:
                if by_style["map"] else "")
             + (" White outlines are the ground-truth object masks." if any(i.mask is not None for i in ctx.images)
                else ""))
-    html = _parts.colorbars(legends) + _parts.heatmaps(blocks)
+    html = PARTS.colorbars(legends) + PARTS.heatmaps(blocks)
     return Section("heatmaps", "Where the model looked", Markup(html), note + _left_out(skipped))
 
 
@@ -249,7 +245,7 @@ def classes_section(ctx: Context) -> Section | None:
              for k, (name, overlay) in enumerate(zip(result.target_names, overlays))]
     note = (f"Where the model would look for each of its {len(items)} classes in {item.name}: Grad-CAM at "
             f"{result.layer}, every class's gradient from the same forward pass (target='all').")
-    return Section("classes", "Every class", Markup(_parts.figures(items)), note)
+    return Section("classes", "Every class", Markup(PARTS.figures(items)), note)
 
 
 def explained(ctx: Context) -> str:
@@ -282,7 +278,7 @@ def activations_section(ctx: Context) -> Section:
              for name in layers]
     note = (f"Image: {item.name}. Each tile is one channel, standardised for display (viridis); "
             "a blank tile is a dead channel.")
-    return Section("activations", "Inside the network: activations", Markup(_parts.figures(items)), note)
+    return Section("activations", "Inside the network: activations", Markup(PARTS.figures(items)), note)
 
 
 def filters_section(ctx: Context) -> Section:
@@ -323,7 +319,7 @@ def filters_section(ctx: Context) -> Section:
             "Fourier parameterisation with decorrelated colour, jitter/scale/rotation robustness); the number "
             "under it is the filter index and its final activation. Class-model images maximise a class logit."
             + _left_out(skipped, "as the model cannot run them"))
-    return Section("filters", "What the filters want to see", Markup(_parts.figures(items)), note)
+    return Section("filters", "What the filters want to see", Markup(PARTS.figures(items)), note)
 
 
 def _number(value, digits: int = 4) -> str:
@@ -357,9 +353,9 @@ def training_section(ctx: Context) -> Section | None:
     if roc.get("fpr"):
         plots.append((roc_figure, metrics, "ROC curve"))
     items = [figure(figure_image(draw(data)), caption) for draw, data, caption in plots if data]
-    html = (_parts.table(["", ""], facts) + _parts.table(["class", "precision", "recall", "F1", "AUC (one vs rest)"],
+    html = (PARTS.table(["", ""], facts) + PARTS.table(["class", "precision", "recall", "F1", "AUC (one vs rest)"],
                                                          per_class, numeric=(1, 2, 3, 4))
-            + _parts.figures(items))
+            + PARTS.figures(items))
     return Section("training", "Training evaluation", Markup(html),
                    "Written by convlens train on the held-out validation split.")
 

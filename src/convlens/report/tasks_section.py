@@ -13,7 +13,8 @@ from markupsafe import Markup
 from PIL import Image
 
 from ..errors import ConvlensError
-from .sections import Context, Section, _cell, _parts
+from .sections import Context, Section, _cell
+from .templating import PARTS
 
 #: Classes explained per image of a segmentation model, by their share of the pixels.
 TOP_CLASSES = 3
@@ -72,7 +73,7 @@ def segmentation_section(ctx: Context) -> Section | None:
     note = (f"Each image's predicted class per pixel (one colour per class), then Grad-CAM at {layer} for its "
             f"{TOP_CLASSES} largest classes, each explained as a region: the class's logits summed over the "
             "pixels where it wins (pytorch-grad-cam's SemanticSegmentationTarget).")
-    return Section("segmentation", "What it segments", Markup(_parts.heatmaps(blocks)), note)
+    return Section("segmentation", "What it segments", Markup(PARTS.heatmaps(blocks)), note)
 
 
 __all__ = ["describe_prediction", "mask_picture", "segmentation_section"]
