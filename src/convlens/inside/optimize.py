@@ -36,7 +36,6 @@ from .regularizers import REGULARIZERS
 from .transforms import CHAINS, Transform, compose, fit
 
 
-
 class NormalizedAscent(torch.optim.Optimizer):
     """``p -= lr * g / (rms(g) + eps)``, the RMS taken per image (over every dimension but the first)."""
 
