@@ -17,7 +17,8 @@ from ..fileio import write_text
 from ..images import ImageLike, load_image
 from ..models import Model, load_model, summarize
 from ..progress import Step, Steps
-from .sections import SECTIONS, Context, ReportImage
+from .context import Context, ReportImage
+from .sections import SECTIONS
 from .templating import ENVIRONMENT
 
 __all__ = ["ReportImage", "build_report", "default_evaluation_images", "default_images"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 from markupsafe import Markup
 
 from ..data.shapes import SHAPE_CLASSES
-from .sections import Context, Section, figure
+from .context import Context, Section, figure
 from .templating import PARTS
 
 BUNDLED_LAYERS = ("features.relu3", "features.relu4")

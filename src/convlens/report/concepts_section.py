@@ -11,7 +11,7 @@ from __future__ import annotations
 from markupsafe import Markup
 
 from ..errors import ConvlensError
-from .sections import Context, Section, figure
+from .context import Context, Section, figure
 from .templating import PARTS
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from markupsafe import Markup
 
 from ..errors import ConvlensError
-from .sections import Context, Section, figure
+from .context import Context, Section, figure
 from .templating import PARTS
 
 #: The most classes the section scores by default (each costs a gradient pass over its inputs per layer).
