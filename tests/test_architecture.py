@@ -1,4 +1,5 @@
-"""The picture of the code holds: the core never imports rendering, and packages import each other without cycles.
+"""The picture of the code holds: the core never imports rendering, packages and files import each other without
+cycles, and each rule that has one room is stated there only.
 
 Imports are read from the source (``ast``), inside functions too, so a lazy import counts the same
 as one at the top; imports under ``if TYPE_CHECKING:`` never run and do not count. Between files,
@@ -10,7 +11,11 @@ from __future__ import annotations
 
 import ast
 import collections
+import re
+import sys
 from pathlib import Path
+
+import pytest
 
 import convlens
 
@@ -21,6 +26,15 @@ EDGES_OUT = ("render", "report", "cli", "serve")
 #: ``Explanation.overlay`` (a one-line call), the atlas's dataset examples (each unit's map over its top images,
 #: and the figures ``write_examples`` and ``dissect`` save) and ``train``'s evaluation figures (curves, confusion, ROC).
 ALLOWED = {("heatmaps/engine.py", "render"), ("atlas/examples.py", "render"), ("train/evaluate.py", "render")}
+#: Rules with one room: what, the source text that states it, the one file that may hold it.
+ONE_ROOM = [
+    ("the progress callback type", re.compile(r"^Progress\s*=", re.M), "progress.py"),
+    ("the Jinja environment", re.compile(r"jinja2\.Environment\("), "report/templating.py"),
+    ("the input's geometry", re.compile(r"^def (crop_box|mask_for_model|mask_at_input)\(", re.M),
+     "models/transforms.py"),
+    ("the check that a layer ran", re.compile(r"did not run in the forward pass"), "capture.py"),
+    ("the check that a layer is spatial", re.compile(r"has no spatial output \(shape"), "capture.py"),
+]
 
 
 def _package(module: str) -> str:
@@ -194,3 +208,19 @@ def test_the_cycle_finder_finds_cycles_and_resolves_relative_imports():
     assert _imported_files("convlens.report", True, node, modules) == {"convlens.report.context"}
     lazy = ast.parse("def f():\n    import convlens.models\nif TYPE_CHECKING:\n    import convlens.report\n")
     assert list(_load_time_imports(lazy)) == []
+
+
+@pytest.mark.parametrize("what,pattern,home", ONE_ROOM, ids=[what for what, _, _ in ONE_ROOM])
+def test_each_rule_has_one_room(what, pattern, home):
+    found = sorted(path.relative_to(ROOT).as_posix() for path in ROOT.rglob("*.py") if pattern.search(path.read_text()))
+    assert found == [home], f"{what} belongs in {home} only"
+
+
+def test_the_progress_module_needs_only_the_standard_library():
+    """Every part reports progress through it, and the CLI shows it, before torch is imported (if ever)."""
+    tree = ast.parse((ROOT / "progress.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported - {"__future__", "tqdm"} <= sys.stdlib_module_names
