@@ -287,7 +287,8 @@ def test_cli_scan_examples_dissect_and_their_errors(tmp_path, cli):
 
 def test_report_atlas_section_shows_detectors_with_patterns_and_examples(shapes_model):
     from convlens.report.atlas_section import atlas_section
-    from convlens.report.sections import SECTIONS, Context
+    from convlens.report.context import Context
+    from convlens.report.sections import SECTIONS
 
     from convlens.progress import Steps
 

@@ -357,7 +357,7 @@ def test_hostile_layer_and_class_names_go_through_the_store_the_outputs_and_the_
 
     from convlens.models.loading import from_module
     from convlens.report.atlas_section import atlas_section
-    from convlens.report.sections import Context
+    from convlens.report.context import Context
 
     listing = _hostile_data(tmp_path)
     model = from_module(Named(), name="named", input_size=32)

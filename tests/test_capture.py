@@ -116,6 +116,20 @@ def test_unknown_layer_suggests_close_names(tiny):
             pass
 
 
+def test_the_recorder_checks_that_a_layer_ran_and_gives_a_map(tiny, image_batch):
+    tiny.unused = nn.Conv2d(3, 3, 1)  # registered, never called by forward
+    with capture(tiny, ["conv2", "fc", "unused"]) as rec, torch.no_grad():
+        rec.forward(image_batch)
+    assert rec.spatial_output("conv2") is rec.outputs["conv2"]
+    assert rec.spatial_outputs(["conv2"]) == {"conv2": rec.outputs["conv2"]}
+    assert rec.output("fc").shape == (2, 3)
+    with pytest.raises(cl.ConvlensError, match=r"^layer 'unused' did not run in the forward pass; choose a layer"):
+        rec.spatial_outputs(["fc", "unused"])  # a layer that never ran is named before one that is flat
+    with pytest.raises(cl.ConvlensError, match=r"^layer 'fc' has no spatial output \(shape \(2, 3\)\); "
+                                                r"choose a convolutional layer such as 'conv2' \(see"):
+        rec.spatial_output("fc", suggest=lambda: "conv2")
+
+
 def test_memory_does_not_grow_in_a_loop(tiny, image_batch):
     def live_tensors():
         gc.collect()

@@ -18,8 +18,8 @@ from convlens.capture import borrow
 from convlens.errors import ConvlensError
 from convlens.evaluation import evaluate, find_mask
 from convlens.metrics import deletion, mean_ci, pointing_game
-from convlens.evaluation.runner import mask_for_model
 from convlens.models.loading import from_module
+from convlens.models.transforms import mask_for_model
 
 from conftest import TinyNet
 

@@ -84,7 +84,7 @@ def test_one_target_per_image(capsys, tmp_path, files):
 
 @pytest.mark.parametrize("args,match", [
     (["--methods", "gradcm"], "unknown method 'gradcm'; did you mean 'gradcam'"),
-    (["--layers", "fc"], "not a spatial feature map"),
+    (["--layers", "fc"], "has no spatial output"),
     (["--layers", "layer9"], "unknown layer"),
     (["--targets", "9"], "out of range"),
     (["--targets", "0,1,2"], "3 classes for 2 images"),

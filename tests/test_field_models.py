@@ -19,7 +19,7 @@ from torch import nn
 
 import convlens as cl
 from convlens.capture import spatial_view
-from convlens.render.overlay import crop_box
+from convlens.models.transforms import crop_box
 
 from conftest import TinyNet
 from test_heatmaps_reference import Logit, _peer_cam, minmax
@@ -124,7 +124,7 @@ def test_vit_auto_layer_is_a_patch_grid_the_output_depends_on(vit):
     layouts = {row.name: row.layout for row in summary.rows}
     assert layouts["blocks.11.norm1"] == "tokens"
     assert layouts["blocks.11.attn.k_norm"] == ""  # (N, heads, tokens, dims) is no map
-    with pytest.raises(cl.ConvlensError, match="not a spatial feature map"):
+    with pytest.raises(cl.ConvlensError, match="has no spatial output"):
         cl.explain(model, torch.randn(1, 3, 64, 64), method="gradcam", layer="blocks.11.attn.k_norm")
 
 

@@ -11,7 +11,8 @@ from torch import nn
 import convlens as cl
 from convlens.heatmaps import explain
 from convlens.heatmaps.base import normalise
-from convlens.render.overlay import colorize, crop_box, overlay_heatmap
+from convlens.models.transforms import crop_box
+from convlens.render.overlay import colorize, overlay_heatmap
 
 
 class OneConvGap(nn.Module):

@@ -147,8 +147,8 @@ def test_repeated_calls_leave_nothing_behind(tiny, image_batch):
 
 
 @pytest.mark.parametrize("layer,method,match", [
-    ("fc", "gradcam", "not a spatial feature map"),
-    ("pool", "scorecam", "not a spatial feature map"),
+    ("fc", "gradcam", "has no spatial output"),
+    ("pool", "scorecam", "has no spatial output"),
     ("layer9", "gradcam", "unknown layer"),
     (["conv1", "conv2"], "scorecam", "takes one layer"),
 ])

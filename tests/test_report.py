@@ -155,7 +155,7 @@ def test_a_photo_outside_the_model_s_classes_is_called_one(report_html):
 
 
 def test_outside_classes_matches_whole_words_of_the_class_names():
-    from convlens.report.sections import outside_classes
+    from convlens.report.context import outside_classes
 
     shapes = cl.load_model(TinyNet(), labels=LABELS)
     photo = Image.new("RGB", (8, 8))
@@ -326,7 +326,8 @@ def _screenshots(driver, folder, height: int) -> list:
 
 
 def test_the_class_grid_is_one_gradcam_per_class_and_only_for_few_classes(tmp_path):
-    from convlens.report.sections import MAX_CLASS_GRID, Context, classes_section
+    from convlens.report.context import Context
+    from convlens.report.sections import MAX_CLASS_GRID, classes_section
 
     torch.manual_seed(0)
     model = cl.load_model(TinyNet(), input_size=16)
@@ -386,7 +387,8 @@ def test_an_evaluation_method_that_does_not_apply_still_ends_on_the_announced_co
     from torch import nn
 
     from convlens.progress import Steps
-    from convlens.report.sections import Context, evaluation_section
+    from convlens.report.context import Context
+    from convlens.report.evaluation_section import evaluation_section
 
     torch.manual_seed(0)
     max_pooled = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(),

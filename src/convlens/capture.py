@@ -214,8 +214,25 @@ def resolve_layers(model: Model | nn.Module, layers: Sequence[LayerRef]) -> dict
     return resolved
 
 
+def not_run(name: str) -> ConvlensError:
+    """The one error for a requested layer the forward pass never reached."""
+    return ConvlensError(f"layer {name!r} did not run in the forward pass; choose a layer the model uses")
+
+
+def not_spatial(name: str, shape: tuple | None, suggestion: str | None = None) -> ConvlensError:
+    """The one error for a layer whose output is no ``(N, C, h, w)`` map; ``suggestion`` names one that is."""
+    such_as = f"such as {suggestion!r} " if suggestion else ""
+    return ConvlensError(f"layer {name!r} has no spatial output (shape {shape}); "
+                         f"choose a convolutional layer {such_as}(see 'convlens layers MODEL')")
+
+
 class Recorder:
-    """What :func:`capture` hands back: recorded outputs and a forward that may stop early."""
+    """What :func:`capture` hands back: recorded outputs and a forward that may stop early.
+
+    :meth:`output`, :meth:`spatial_output` and :meth:`spatial_outputs` read the
+    recorded outputs with the one check every method needs: the layer ran, and
+    (for the spatial ones) its output is a map.
+    """
 
     def __init__(self, module: nn.Module, names: list[str], stop: bool):
         self.module = module
@@ -244,6 +261,28 @@ class Recorder:
                 raise
             raise ConvlensError(f"the model failed on a {self.input_size[0]}x{self.input_size[1]} input: "
                                 f"{first_line(err)}") from None
+
+    def output(self, name: str) -> torch.Tensor:
+        """The recorded output of ``name``; a layer the pass never reached is a user error."""
+        if name not in self.outputs:
+            raise not_run(name)
+        return self.outputs[name]
+
+    def spatial_output(self, name: str, suggest: Callable[[], str | None] | None = None) -> torch.Tensor:
+        """The recorded ``(N, C, h, w)`` map of ``name``; a layer that did not run or is not spatial is a user error.
+
+        ``suggest`` gives a layer to name in the error, called only then (finding one may cost a pass).
+        """
+        output = self.output(name)
+        if name not in self.spatial:
+            raise not_spatial(name, tuple(output.shape), suggest() if suggest is not None else None)
+        return output
+
+    def spatial_outputs(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """:meth:`spatial_output` of each of ``names``, checking first that every one of them ran."""
+        for name in names:
+            self.output(name)
+        return {name: self.spatial_output(name) for name in names}
 
     def _record(self, name: str) -> None:
         self._pending.discard(name)

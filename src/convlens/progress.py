@@ -3,7 +3,7 @@
 The library reports progress through plain callbacks and never prints:
 
 * counted work (images scanned, (image, method) pairs scored, optimisation
-  steps) calls ``progress(done, total)``;
+  steps) calls ``progress(done, total)``, typed :data:`Progress`;
 * a job made of named steps of unequal length (the report's sections) sends a
   :class:`Step` per step and per sub-step. :class:`Steps` does the counting:
   the number of steps is announced up front, and a step announces how many
@@ -30,7 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
-__all__ = ["ProgressDisplay", "Step", "Steps"]
+__all__ = ["Progress", "ProgressDisplay", "Step", "Steps"]
+
+#: The callback counted work reports through: ``progress(done, total)``.
+Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)

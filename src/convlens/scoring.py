@@ -16,6 +16,7 @@ from torch import nn
 
 from .capture import OutputRewrite, capture, merge_rewrites
 from .errors import ConvlensError
+from .progress import Progress
 
 #: ``make_batch(start, stop) -> (inputs, rewrites)``: channels-first inputs ``start..stop-1`` and the
 #: output rewrites that make them (``{}`` for perturbed pixels; a layer rewrite for an ablation).
@@ -26,7 +27,7 @@ ScoreBatch = Callable[[object, int, int], torch.Tensor]
 
 def score_batches(model, count: int, make_batch: MakeBatch, score: ScoreBatch, *, batch_size: int,
                   rewrite: Mapping[nn.Module, OutputRewrite] | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                  progress: Progress | None = None) -> torch.Tensor:
     """Scores ``(count,)`` float32 of ``count`` inputs, ``batch_size`` per forward pass.
 
     ``rewrite`` applies to every batch (a final softmax skipped for logits), before a batch's own.

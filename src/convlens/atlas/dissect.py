@@ -50,9 +50,10 @@ from ..fileio import save_image, write_text
 from ..models import Model, as_model
 from ..data.shapes import mask_path
 from ..engines import Engine, resolve_engine
+from ..progress import Progress
 from .accumulators import MANTISSA_BITS, ConceptOverlap
 from .data import DataSource, open_data
-from .scan import CHECKED, Atlas, Part, PerLayerJob, Progress, check_options, execute, plan_scan, run_scan, split_parts
+from .scan import CHECKED, Atlas, Part, PerLayerJob, check_options, execute, plan_scan, run_scan, split_parts
 from .store import AtlasStore
 from .storefile import writer_lock
 

@@ -36,7 +36,8 @@ from ..capture import capture
 from ..errors import ConvlensError
 from ..fileio import save_image
 from ..models import Model, as_model, load_model
-from ..render.overlay import crop_box, overlay_heatmap
+from ..models.transforms import crop_box, input_box_in_picture, mask_at_input
+from ..render.overlay import overlay_heatmap
 from .data import DataSource
 from .scan import Atlas, open_atlas
 
@@ -96,12 +97,8 @@ def unit_maps(model: Model, pictures: Sequence[Image.Image], layer: str, unit: i
 
 def _to_picture_box(model: Model, box: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int, ...]:
     """An input-pixel box in the original picture's pixels (through the model's resize and crop)."""
-    left, top, right, bottom = crop_box(model.transform, *size)
-    height, width = model.input_size
-    sx, sy = (right - left) / width, (bottom - top) / height
-    x0, y0, x1, y1 = box
-    return (int(np.floor(left + x0 * sx)), int(np.floor(top + y0 * sy)), int(np.ceil(left + x1 * sx)),
-            int(np.ceil(top + y1 * sy)))
+    x0, y0, x1, y1 = input_box_in_picture(model.transform, box, model.input_size, size)
+    return int(np.floor(x0)), int(np.floor(y0)), int(np.ceil(x1)), int(np.ceil(y1))
 
 
 def _fallback_box(model: Model, shape: tuple[int, int], position: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -276,8 +273,6 @@ def detector_figures(model: Model, source: DataSource, atlas: Atlas, layer: str,
                      count: int = 6) -> dict[int, Image.Image]:
     """Per detector ``(unit, label, IoU)``: its top images with the thresholded region (tinted red) and
     the concept's mask (outlined in white). One batched forward pass for all of the layer's detectors."""
-    from .scan import mask_at_input
-
     stats = atlas.stats[layer]
     wanted = sorted({int(i) for unit, _, _ in detectors for i in stats.top_image[unit, :count] if i >= 0})
     if not wanted:

@@ -33,19 +33,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..capture import LayerRef, capture, resolve_layers
 from ..engines import Engine, resolve_engine
 from ..errors import ConvlensError, ConvlensWarning, first_line
 from ..models import Model, as_model
-from ..render.overlay import crop_box
+from ..models.transforms import mask_at_input
+from ..progress import Progress
 from .accumulators import MANTISSA_BITS, LayerStats, SketchGrid
 from .data import DataSource, from_spec, open_data
 from .store import AtlasStore, model_fingerprint
 from .storefile import writer_lock
 
-Progress = Callable[[int, int], None]
 Part = tuple[int, int, int]  # (part number, first image, stop image)
 
 
@@ -121,18 +120,6 @@ class _Images(torch.utils.data.Dataset):
         return index, x, self.source.labels[index], True, masks
 
 
-def mask_at_input(model: Model, mask: np.ndarray, image_size: tuple[int, int]) -> torch.Tensor:
-    """A bool ``(H, W)`` mask of an image of ``image_size`` (W, H) seen through the model's resize/crop."""
-    height, width = model.input_size
-    if mask.shape == (height, width) and crop_box(model.transform, width, height) == (0.0, 0.0, width, height):
-        return torch.from_numpy(np.ascontiguousarray(mask))  # already what the model sees (plain resize, same size)
-    from ..evaluation.runner import mask_for_model
-
-    if mask.shape[::-1] != tuple(image_size):
-        mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(image_size, Image.NEAREST)) > 127
-    return mask_for_model(model, mask, image_size)[0]
-
-
 def part_batches(parts: Sequence[Part], batch_size: int) -> tuple[list[list[int]], list[int]]:
     """Batches of image indices that never cross a part, and the part of each batch."""
     batches, owners = [], []
@@ -178,13 +165,7 @@ def forward_layers(model: Model, rec, x: torch.Tensor, layers: Sequence[str]) ->
     except RuntimeError as err:
         raise ConvlensError(f"the model cannot run on these images ({first_line(err)}); "
                             "check --input-size") from None
-    for name in layers:
-        if name not in rec.outputs:
-            raise ConvlensError(f"layer {name!r} did not run in the forward pass; choose a layer the model uses")
-        if name not in rec.spatial:
-            raise ConvlensError(f"layer {name!r} has no spatial output (shape {tuple(rec.outputs[name].shape)}); "
-                                "choose a convolution or pooling layer")
-    return {name: rec.outputs[name] for name in layers}
+    return rec.spatial_outputs(layers)
 
 
 def probe_shapes(model: Model, source: DataSource, layers: Sequence[str]) -> dict[str, tuple[int, int, int]]:

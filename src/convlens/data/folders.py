@@ -26,6 +26,7 @@ from torchvision.transforms import v2
 
 from ..errors import ConvlensError, ConvlensWarning
 from ..images import load_image
+from ..progress import Progress
 from .shapes import is_mask_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -204,7 +205,7 @@ def scan_class_folders(root: str | os.PathLike, classes: Sequence[str] | None = 
 
 
 def load_class_folders(root: str | os.PathLike, size: int, classes: Sequence[str] | None = None,
-                       progress: Callable[[int, int], None] | None = None, *,
+                       progress: Progress | None = None, *,
                        follow_links: bool = False) -> LabelledImages:
     """Read every image of a class-folder tree, resized to ``size`` x ``size``, into memory.
 

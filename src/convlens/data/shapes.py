@@ -49,6 +49,7 @@ from PIL import Image, ImageDraw
 
 from ..errors import ConvlensError, did_you_mean
 from ..fileio import atomic_path, write_text
+from ..progress import Progress
 
 #: In alphabetical order, the order class folders are read in: a model trained on
 #: :func:`write_shapes` output predicts index ``k`` for ``SHAPE_CLASSES[k]`` (= ``sample.label``).
@@ -362,7 +363,7 @@ def read_mask(image_path: str | os.PathLike) -> np.ndarray | None:
 
 def write_shapes(out_dir: str | os.PathLike, n_per_class: int, seed: int = 0, *, size: int = 128,
                  split: str | None = "train", classes: Sequence[str] | None = None,
-                 progress: Callable[[int, int], None] | None = None, workers: int = 1) -> Path:
+                 progress: Progress | None = None, workers: int = 1) -> Path:
     """Write ``n_per_class`` images per class to ``out_dir/<split>/<class>/NNNNN.png`` with masks beside.
 
     ``split=None`` writes the class folders directly into ``out_dir``. Every

@@ -51,6 +51,8 @@ from ..metrics.base import ExplainFn, as_batch, as_model, as_targets, heatmap_ex
 from ..metrics.faithfulness import Curve
 from ..metrics.stats import MeanCI, mean_ci
 from ..models import Model
+from ..models.transforms import mask_for_model
+from ..progress import Progress
 from .inputs import choose_images, find_mask, list_images, sample_images
 from .resume import Journal, check_settings, clear_run, run_fingerprint, run_id
 from .summary import write_summary
@@ -58,7 +60,6 @@ from .summary import write_summary
 #: Explainers by method name, consulted before ``convlens.METHODS``: register your own here.
 EXPLAINERS: dict[str, ExplainFn] = {}
 
-Progress = Callable[[int, int], None]
 
 
 def resolve_methods(methods: Sequence[str] | Mapping[str, ExplainFn]) -> dict[str, ExplainFn]:
@@ -79,21 +80,6 @@ def resolve_methods(methods: Sequence[str] | Mapping[str, ExplainFn]) -> dict[st
     if not resolved:
         raise ConvlensError("no methods given; pass at least one, e.g. gradcam")
     return resolved
-
-
-def mask_for_model(model: Model, mask: np.ndarray, image_size: tuple[int, int]) -> torch.Tensor:
-    """A mask put through the model's own resize/crop, bool ``(1, H, W)`` at the input resolution.
-
-    The mask is drawn as a white-on-black image, transformed like a photo, and
-    thresholded halfway between what black and white become.
-    """
-    picture = Image.fromarray(mask.astype(np.uint8) * 255).convert("RGB")
-    if picture.size != image_size:
-        picture = picture.resize(image_size, Image.NEAREST)
-    black = model.transform(Image.new("RGB", picture.size, (0, 0, 0)))[0]
-    white = model.transform(Image.new("RGB", picture.size, (255, 255, 255)))[0]
-    drawn = model.transform(picture)[0]
-    return ((drawn - black) / (white - black) > 0.5).unsqueeze(0)
 
 
 @dataclass
@@ -347,5 +333,5 @@ def _write_table(out_dir: Path, records: list[dict], metrics: Sequence[str]) -> 
 
 
 __all__ = ["EXPLAINERS", "Evaluation", "EvaluationPlan", "evaluate", "evaluate_images", "find_mask",
-           "finish_evaluation", "list_images", "mask_for_model", "plan_evaluation", "prepare_target", "sample_images",
+           "finish_evaluation", "list_images", "plan_evaluation", "prepare_target", "sample_images",
            "score_image", "summarize_rows"]

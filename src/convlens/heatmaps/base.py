@@ -19,11 +19,10 @@ from torch import nn
 
 from ..capture import capture, merge_rewrites
 from ..errors import ConvlensError
-from ..models import Model, Summary, summarize
+from ..models import Model, summarize
 from ..models.model import ensure_finite
+from ..progress import Progress
 from ..targets import AllClasses, ScoreFn, TargetSpec, resolve_targets
-
-Progress = Callable[[int, int], None]  # progress(done, total)
 
 
 @dataclass(frozen=True)
@@ -122,12 +121,7 @@ class Request:
 
     def layer_output(self, rec, name: str) -> torch.Tensor:
         """The recorded ``(N, C, h, w)`` output of ``name``; a non-spatial layer is a user error."""
-        output = rec.outputs.get(name)
-        if output is None:
-            raise ConvlensError(f"layer {name!r} did not run in the forward pass; choose another layer")
-        if name not in rec.spatial:
-            raise ConvlensError(_not_spatial(name, tuple(output.shape), summarize(self.model, tuple(self.x.shape[-2:]))))
-        return output
+        return rec.spatial_output(name, suggest=lambda: summarize(self.model, tuple(self.x.shape[-2:])).auto)
 
     def report(self, done: int, total: int) -> None:
         if self.progress is not None:
@@ -155,12 +149,6 @@ def _checked_scores(scores, count: int, score_fn: ScoreFn) -> torch.Tensor:
         shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise ConvlensError(f"a target must give one score per image, got {shape}")
     return scores
-
-
-def _not_spatial(name: str, shape: tuple | None, summary: Summary) -> str:
-    suggestion = f"such as {summary.auto!r} " if summary.auto else ""
-    return (f"layer {name!r} has output shape {shape}, not a spatial feature map; "
-            f"choose a convolutional layer {suggestion}(see 'convlens layers MODEL')")
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -41,11 +41,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..capture import resolve_layers
+from ..capture import not_spatial, resolve_layers
 from ..errors import ConvlensError
 from ..models import Model, as_model, survey
+from ..progress import Progress
 from ..targets import ScoreFn, TargetSpec, class_logits
-from .base import Method, Progress, Request, _not_spatial, normalise, prepare_target, settle_target, upsample
+from .base import Method, Request, normalise, prepare_target, settle_target, upsample
 from .registry import METHODS, get_method
 
 @dataclass
@@ -259,7 +260,7 @@ def check_request(model, inputs, methods: Sequence[str], layer: str | nn.Module 
     rows = {row.name: row for row in summary.rows}
     for name in names:
         if not rows[name].spatial:
-            raise ConvlensError(_not_spatial(name, rows[name].output_shape, summary))
+            raise not_spatial(name, rows[name].output_shape, summary.auto)
     for method in readers:
         if len(names) > 1 and not method.multi_layer:
             raise ConvlensError(f"method {method.name!r} takes one layer, got {len(names)}: {', '.join(names)}")

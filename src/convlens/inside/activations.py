@@ -65,11 +65,4 @@ def activations(model: Model | nn.Module, image_or_batch: ImageLike | Sequence[I
             rec.forward(x)
         except (RuntimeError, AssertionError) as err:  # timm asserts a ViT's input size
             raise run_failure(err, tuple(x.shape[-2:])) from None
-    missing = [name for name in names if name not in rec.outputs]
-    if missing:
-        raise ConvlensError(f"layer {missing[0]!r} did not run in the forward pass; choose a layer the model uses")
-    flat = [name for name in names if name not in rec.spatial]
-    if flat:
-        raise ConvlensError(f"layer {flat[0]!r} has no spatial output (shape {tuple(rec.outputs[flat[0]].shape)}); "
-                            "choose a convolution or pooling layer")
-    return {name: rec.outputs[name] for name in names}
+    return rec.spatial_outputs(names)

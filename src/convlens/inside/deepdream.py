@@ -27,9 +27,10 @@ from ..capture import LayerRef, capture, resolve_layers
 from ..errors import ConvlensError
 from ..images import ImageLike, load_image
 from ..models import Model, as_model
+from ..progress import Progress
 from .inputs import input_normalizer
 from .objectives import layer_l2
-from .optimize import Progress, maximize
+from .optimize import maximize
 from .params import given_image
 from .transforms import CHAINS
 

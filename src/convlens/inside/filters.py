@@ -31,9 +31,10 @@ from torch import nn
 from ..capture import LayerRef, capture, resolve_layers
 from ..errors import ConvlensError
 from ..models import Model, as_model
+from ..progress import Progress
 from .inputs import fixed_input_size, input_normalizer, run_failure
 from .objectives import channel, class_logit
-from .optimize import Progress, check_settings, maximize
+from .optimize import check_settings, maximize
 from .transforms import Transform
 
 
@@ -67,9 +68,7 @@ def _probe(model: Model, layer: str | None, size: tuple[int, int]) -> torch.Tens
             raise run_failure(err, size, fixed_input_size(model)) from None
     if layer is None:
         return model.scores(output)
-    if layer not in rec.outputs:
-        raise ConvlensError(f"layer {layer!r} did not run in the forward pass; choose a layer the model uses")
-    return rec.outputs[layer]
+    return rec.output(layer)
 
 
 def _image_size(model: Model, size: int | tuple[int, int] | None, default: int) -> tuple[int, int]:

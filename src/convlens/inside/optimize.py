@@ -28,13 +28,12 @@ import torch
 from ..capture import capture
 from ..errors import ConvlensError
 from ..models import Model
+from ..progress import Progress
 from .inputs import fixed_input_size, input_normalizer, run_failure
 from .objectives import Objective
 from .params import PARAMETERIZATIONS, ImageParam
 from .regularizers import REGULARIZERS
 from .transforms import CHAINS, Transform, compose, fit
-
-Progress = Callable[[int, int], None]
 
 
 class NormalizedAscent(torch.optim.Optimizer):

@@ -6,7 +6,7 @@ mask beside maps at the model's input resolution) is resized to the maps'
 size by nearest neighbour, so it stays a mask; that is right when the picture
 was resized the same way, whole. For a model that crops its input, put the
 mask through the model's own preprocessing first, as ``convlens evaluate``
-does (:func:`convlens.evaluation.runner.mask_for_model`). An image whose mask
+does (:func:`convlens.models.transforms.mask_for_model`). An image whose mask
 is empty gets NaN (there is nothing to point at), which the summaries skip.
 
 * Pointing game (Zhang, Bargal, Lin, Brandt, Shen & Sclaroff, "Top-down Neural

@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import ConvlensError
 from ..images import ImageLike, load_images
 from ..targets import OutputKey, class_probabilities, select_output
+from .transforms import within_aspect
 
 Layout = Literal["channels_first", "channels_last"]
 OutputKind = Literal["logits", "softmax", "sigmoid"]
@@ -119,7 +120,7 @@ class Model:
     # -- input ------------------------------------------------------------
     def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
         """Images (paths, PIL images, arrays) -> a batch in the model's layout and device."""
-        batch = torch.stack([self.transform(_within_aspect(image, self.transform)) for image in load_images(images)])
+        batch = torch.stack([self.transform(within_aspect(image, self.transform)) for image in load_images(images)])
         return self.from_internal(batch).to(device=self.device, dtype=self.dtype)
 
     def as_batch(self, inputs: ImageLike | Sequence[ImageLike] | torch.Tensor) -> tuple[torch.Tensor, list | None]:
@@ -263,26 +264,4 @@ def detect_output(module: nn.Module) -> OutputKind:
     if isinstance(final, nn.Softmax):
         return "softmax"
     return "logits"
-
-
-def _within_aspect(image, transform):
-    """For a torchvision weights preset (short side to 256, centre crop 224): the centre of a long strip only.
-
-    The preset would resize a 1x3000 strip to 256x768000 (0.6 GB) to keep its
-    middle 224 pixels; cutting the long side to :data:`~convlens.models.transforms.MAX_ASPECT`
-    times the short one first keeps that middle (the crop is under one short
-    side long) at a bounded cost. convlens's own transforms cap the resize themselves.
-    """
-    from .transforms import MAX_ASPECT
-
-    if not hasattr(transform, "resize_size"):
-        return image
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    if long <= MAX_ASPECT * short:
-        return image
-    keep = MAX_ASPECT * short
-    start = (long - keep) // 2
-    box = (start, 0, start + keep, height) if width > height else (0, start, width, start + keep)
-    return image.crop(box)
 

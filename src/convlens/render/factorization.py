@@ -12,7 +12,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from PIL import Image
 
-from .overlay import bounded, comparison_figure, crop_box, overlay_heatmap
+from ..models.transforms import scaled_crop_box
+from .overlay import bounded, comparison_figure, overlay_heatmap
 
 #: A concept's colour: matplotlib's qualitative palette, cycled beyond ten concepts.
 PALETTE = "tab10"
@@ -26,10 +27,8 @@ def concept_colours(count: int) -> np.ndarray:
 
 def concepts_image(image: Image.Image, maps: np.ndarray, *, transform=None, alpha: float = 0.6) -> Image.Image:
     """``image`` with each pixel tinted by its strongest concept of ``maps`` ``(K, H, W)`` (each in [0, 1])."""
-    left, top, right, bottom = crop_box(transform, *image.size)
     drawn = bounded(image)
-    sx, sy = drawn.width / image.width, drawn.height / image.height
-    box = (round(left * sx), round(top * sy), round(right * sx), round(bottom * sy))
+    box = scaled_crop_box(transform, image.size, drawn.size)
     width, height = max(1, box[2] - box[0]), max(1, box[3] - box[1])
     resized = np.stack([np.asarray(Image.fromarray(m.astype(np.float32)).resize((width, height), Image.BILINEAR))
                         for m in maps])

@@ -2,8 +2,8 @@
 
 The heatmap covers what the model saw. For a resize-then-centre-crop
 preprocessing (torchvision's ImageNet transform) that is a box inside the
-original photo: :func:`crop_box` finds it, the map is resized to that box, and
-outside it the photo shows unchanged. For a plain resize (Keras models,
+original photo: :func:`~convlens.models.transforms.crop_box` finds it, the map
+is resized to that box, and outside it the photo shows unchanged. For a plain resize (Keras models,
 ``plain_transform``) or an unknown transform, the box is the whole image.
 
 Memory is bounded: overlays and figures are drawn at the photo's resolution
@@ -45,8 +45,7 @@ from PIL import Image
 
 from ..errors import ConvlensError, did_you_mean
 from ..fileio import atomic_path
-
-Box = tuple[float, float, float, float]  # left, top, right, bottom in original pixels
+from ..models.transforms import input_box_in_picture, scaled_crop_box
 
 #: Longest side, in pixels, of the overlays and figures drawn from a photo; bigger photos are scaled down.
 MAX_SIDE = 2048
@@ -120,42 +119,6 @@ def colorize(heatmap: np.ndarray, colormap: str = "jet") -> np.ndarray:
     return table[index]
 
 
-def _sizes(transform) -> tuple[int | Sequence[int] | None, Sequence[int] | None, int | None]:
-    """``(resize, crop, max_size)`` of a torchvision transform, ``(None, None, None)`` when it does not crop."""
-    if hasattr(transform, "resize_size") and hasattr(transform, "crop_size"):  # weights.transforms()
-        return transform.resize_size, transform.crop_size, None
-    resize = crop = max_size = None
-    for step in getattr(transform, "transforms", []):
-        name = type(step).__name__
-        if name in ("Resize", "ShortSideResize"):
-            resize, max_size = step.size, getattr(step, "max_size", None)
-        elif name == "CenterCrop":
-            crop = step.size
-    return resize, crop, max_size
-
-
-def crop_box(transform, width: int, height: int) -> Box:
-    """The region of a ``width`` x ``height`` original that ``transform`` turns into the model input."""
-    resize, crop, max_size = _sizes(transform)
-    if crop is None:
-        return (0.0, 0.0, float(width), float(height))
-    crop_h, crop_w = (crop[0], crop[-1]) if isinstance(crop, (list, tuple)) else (crop, crop)
-    if resize is None:
-        scale_x = scale_y = 1.0
-    elif isinstance(resize, (list, tuple)) and len(resize) == 2:
-        scale_x, scale_y = resize[1] / width, resize[0] / height
-    else:  # a single size: the short side becomes that size, the aspect ratio is kept
-        short = resize[0] if isinstance(resize, (list, tuple)) else resize
-        scale_x = scale_y = short / min(width, height)
-        if max_size is not None and scale_x * max(width, height) > max_size:  # a long strip: its long side is capped
-            scale_x = scale_y = max_size / max(width, height)
-    resized_w, resized_h = width * scale_x, height * scale_y
-    left = (resized_w - crop_w) / 2
-    top = (resized_h - crop_h) / 2
-    return (max(0.0, left / scale_x), max(0.0, top / scale_y),
-            min(float(width), (left + crop_w) / scale_x), min(float(height), (top + crop_h) / scale_y))
-
-
 def bounded(image: Image.Image, max_side: int | None = MAX_SIDE) -> Image.Image:
     """``image`` in RGB, scaled down (aspect ratio kept) so its longest side is at most ``max_side``.
 
@@ -183,7 +146,7 @@ def overlay_heatmap(image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, t
     ``style="blend"`` blends it over the photo at opacity ``alpha``; ``style="map"``
     draws it alone on black, saturated at its 99th percentile (``alpha`` unused);
     ``colormap`` defaults to the style's own (:data:`STYLES`). Either way the map
-    covers the part of the photo the model saw (:func:`crop_box`).
+    covers the part of the photo the model saw (:func:`~convlens.models.transforms.crop_box`).
 
     A photo within ``max_side`` keeps its resolution; a bigger one is scaled
     down first (see the module docstring); ``max_side=None`` draws at full
@@ -194,11 +157,8 @@ def overlay_heatmap(image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, t
     values = heatmap.detach().float().cpu().numpy() if isinstance(heatmap, torch.Tensor) else np.asarray(heatmap)
     if style == "map":  # the percentile of the map itself, before resizing blurs its peaks
         values = saturate(values)
-    left, top, right, bottom = crop_box(transform, *image.size)  # in the original's pixels
     drawn = bounded(image, max_side)
-    scale_x, scale_y = drawn.width / image.width, drawn.height / image.height
-    box = (int(round(left * scale_x)), int(round(top * scale_y)),
-           int(round(right * scale_x)), int(round(bottom * scale_y)))
+    box = scaled_crop_box(transform, image.size, drawn.size)  # the part of the photo the model saw, as drawn
     box_w, box_h = max(1, box[2] - box[0]), max(1, box[3] - box[1])
     resized = np.asarray(Image.fromarray(values.astype(np.float32)).resize((box_w, box_h), Image.BILINEAR))
     if style == "map":
@@ -226,15 +186,11 @@ def draw_box(drawn: Image.Image, box: Sequence[float], *, original_size: tuple[i
     given in the model input's pixels (``input_size`` = (H, W)), drawn as a rectangle where it lies on the photo."""
     from PIL import ImageDraw
 
-    left, top, right, bottom = crop_box(transform, *original_size)  # the part of the photo the input shows
-    sx = (right - left) / input_size[1] * drawn.width / original_size[0]
-    sy = (bottom - top) / input_size[0] * drawn.height / original_size[1]
-    ox, oy = left * drawn.width / original_size[0], top * drawn.height / original_size[1]
-    x0, y0, x1, y1 = (float(v) for v in box)
+    x0, y0, x1, y1 = input_box_in_picture(transform, box, input_size, original_size)
+    sx, sy = drawn.width / original_size[0], drawn.height / original_size[1]
     picture = drawn.copy()
     width = max(2, round(max(picture.size) / 200))
-    ImageDraw.Draw(picture).rectangle((ox + x0 * sx, oy + y0 * sy, ox + x1 * sx, oy + y1 * sy), outline=colour,
-                                      width=width)
+    ImageDraw.Draw(picture).rectangle((x0 * sx, y0 * sy, x1 * sx, y1 * sy), outline=colour, width=width)
     return picture
 
 

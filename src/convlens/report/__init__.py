@@ -12,14 +12,14 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import jinja2
-
 from ..errors import ConvlensError
 from ..fileio import write_text
 from ..images import ImageLike, load_image
 from ..models import Model, load_model, summarize
 from ..progress import Step, Steps
-from .sections import SECTIONS, Context, ReportImage
+from .context import Context, ReportImage
+from .sections import SECTIONS
+from .templating import ENVIRONMENT
 
 __all__ = ["ReportImage", "build_report", "default_evaluation_images", "default_images"]
 
@@ -112,12 +112,9 @@ def build_report(
         section = build(ctx)
         if section is not None:  # a section with nothing to show for this model is left out
             sections.append(section)
-    env = jinja2.Environment(loader=jinja2.PackageLoader("convlens.report", "templates"),
-                             autoescape=jinja2.select_autoescape(["html", "j2"]))
-    env.filters["thousands"] = lambda n: f"{n:,}"
     from .. import __version__
 
-    html = env.get_template("report.html.j2").render(
+    html = ENVIRONMENT.get_template("report.html.j2").render(
         model=loaded, summary=summary, images=reported, sections=sections, version=__version__,
         generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), seconds=time.perf_counter() - start)
     return write_text(out, html)

@@ -16,14 +16,11 @@ steps, 32). Without data, for another model, the section is left out.
 
 from __future__ import annotations
 
-import jinja2
 from markupsafe import Markup
 
 from ..data.shapes import SHAPE_CLASSES
-from .sections import Context, Section, figure
-
-_parts = jinja2.Environment(loader=jinja2.PackageLoader("convlens.report", "templates"),
-                            autoescape=jinja2.select_autoescape(["html", "j2"])).get_template("parts.html.j2").module
+from .context import Context, Section, figure
+from .templating import PARTS
 
 BUNDLED_LAYERS = ("features.relu3", "features.relu4")
 
@@ -73,7 +70,7 @@ def atlas_section(ctx: Context) -> Section | None:
                         f"{result.min_iou}).</p>")
             continue
         table = [(unit, label, f"{iou:.3f}") for unit, label, iou in detectors]
-        html.append(_parts.table(["unit", "concept", "IoU"], table, numeric=(0, 2), scroll=True))
+        html.append(PARTS.table(["unit", "concept", "IoU"], table, numeric=(0, 2), scroll=True))
         shown = _shown_units(detectors, ctx.options.get("atlas_units", 4))
         found = dataset_examples(result.atlas, layer, [unit for unit, _, _ in shown], model=ctx.model,
                                  k=ctx.options.get("atlas_examples", 4),
@@ -87,7 +84,7 @@ def atlas_section(ctx: Context) -> Section | None:
             rows.append(cells)
         columns = max(len(row) for row in rows)
         headers = ["filter pattern", *[f"top {i + 1}" for i in range(columns - 1)]]
-        html.append(_parts.grid(headers, rows))
+        html.append(PARTS.grid(headers, rows))
     where = ("the given dataset" if data is not None else
              f"{images} generated shapes images (seed {seed}, unseen in training)")
     note = (f"Network Dissection (Bau et al. 2017) on {where}: each unit's threshold is its top 0.5 % activation "

@@ -11,7 +11,8 @@ from __future__ import annotations
 from markupsafe import Markup
 
 from ..errors import ConvlensError
-from .sections import Context, Section, _parts, figure
+from .context import Context, Section, figure
+from .templating import PARTS
 
 
 def concepts_section(ctx: Context) -> Section | None:
@@ -40,4 +41,4 @@ def concepts_section(ctx: Context) -> Section | None:
             f"non-negative concepts (Collins et al. 2018), so a concept means the same in every image; the first "
             f"picture colours each pixel by its strongest concept. {classes} The split leaves "
             f"{parts.error:.0%} of the activations unexplained.")
-    return Section("concepts", title, Markup(_parts.figures(items)), note)
+    return Section("concepts", title, Markup(PARTS.figures(items)), note)

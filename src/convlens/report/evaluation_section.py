@@ -36,7 +36,8 @@ from markupsafe import Markup
 from ..errors import ConvlensError
 from ..metrics.sanity import SANITY_THRESHOLD
 from ..metrics.stats import MeanCI, mean_ci
-from .sections import Context, Section, _join, _left_out, _parts, explained
+from .context import Context, Section, explained, join_names, left_out
+from .templating import PARTS
 
 #: The columns by default: one pointing game (its tolerance scaled to the input, so it means the same at
 #: 64 and 224 px; at 64 px the paper's 15 px is met by every method), the map's energy and IoU against the
@@ -93,15 +94,15 @@ def verdict(summary: Mapping[str, Mapping[str, MeanCI]], metrics: Mapping, sanit
                                  f"{len(groups[group])} {group} scores)"))
     sentences = []
     if len(parts) == 2 and parts[0][0] == parts[1][0]:  # the same leaders: one sentence
-        sentences.append(f"{_join(parts[0][0])} both {parts[0][1]} and {parts[1][1]}.")
+        sentences.append(f"{join_names(parts[0][0])} both {parts[0][1]} and {parts[1][1]}.")
     else:
-        sentences.extend(f"{_join(names)} {claim}." for names, claim in parts)
+        sentences.extend(f"{join_names(names)} {claim}." for names, claim in parts)
     if sanity:
         scored = {method: ci.mean for method, ci in sanity.items() if ci.n}
         failed = [method for method, value in scored.items() if value >= threshold]
         if failed:
             values = ", ".join(f"{scored[m]:.2f}" for m in failed)
-            sentences.append(f"{_join(failed)} failed the sanity check: {'its' if len(failed) == 1 else 'their'} "
+            sentences.append(f"{join_names(failed)} failed the sanity check: {'its' if len(failed) == 1 else 'their'} "
                              f"maps stay alike when every weight is randomised (rank correlation {values}; a pass "
                              f"is below {threshold:g}), so {'its' if len(failed) == 1 else 'their'} scores say "
                              "little about this model.")
@@ -156,7 +157,7 @@ def evaluation_section(ctx: Context) -> Section | None:
             ctx.skip(len(images) - (ctx.progress.part - before) + 1)  # its pairs and its sanity check
     if not summary:
         return Section("evaluation", "Which heatmap to trust", Markup(""),
-                       "No evaluated method applies to this model." + _left_out(skipped))
+                       "No evaluated method applies to this model." + left_out(skipped))
     sanity, sanity_note = _sanity(ctx, [image for _, image, _ in images], list(summary))
     best = best_methods(summary, metrics)
     counts = {ci.n for cells in summary.values() for ci in cells.values() if ci.n}
@@ -182,7 +183,7 @@ def evaluation_section(ctx: Context) -> Section | None:
                         "class": "num fail" if failed else "num"})
         rows.append(row)
     said = verdict(summary, metrics, sanity)
-    html = (_parts.verdict(said) if said else "") + _parts.scores(headers, rows)
+    html = (PARTS.verdict(said) if said else "") + PARTS.scores(headers, rows)
     count = counts.pop() if len(counts) == 1 else None
     over = f"{count} {_images(count == 1)}" if count else "the images"
     note = (f"Mean \u00b1 95% confidence half-width over {over} with ground-truth masks"
@@ -192,7 +193,7 @@ def evaluation_section(ctx: Context) -> Section | None:
             "energy inside the object: the share of the map's energy inside the mask; IoU of the map thresholded "
             "at 0.5 with the mask; deletion/insertion AUC: area under the class-probability curve as pixels are "
             "removed/added most important first; average drop / confidence increase: with the image multiplied "
-            "by the map. Hover a header for its paper." + sanity_note + _left_out(skipped))
+            "by the map. Hover a header for its paper." + sanity_note + left_out(skipped))
     return Section("evaluation", "Which heatmap to trust", Markup(html), note)
 
 

@@ -23,94 +23,17 @@ drawn in a style is explained by a colour bar (``render.overlay.STYLES``).
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-from functools import cached_property
-
-import jinja2
-import numpy as np
 from markupsafe import Markup
-from PIL import Image, ImageOps
 
 from ..errors import ConvlensError
-from ..models import Model, Summary
-from ..progress import Steps
-from .html import data_uri
-
-_env = jinja2.Environment(loader=jinja2.PackageLoader("convlens.report", "templates"),
-                          autoescape=jinja2.select_autoescape(["html", "j2"]))
-_parts = _env.get_template("parts.html.j2").module
-
-
-@dataclass
-class ReportImage:
-    """An input picture: its name, the RGB image, its ground-truth mask and its true class when known.
-
-    ``label`` is what the picture shows ("circle", "cat"); when the model has no
-    class of that name (see :func:`outside_classes`), the report says so next to it.
-    """
-
-    name: str
-    image: Image.Image
-    mask: np.ndarray | None = None
-    label: str | None = None
-
-
-def _words(text: str) -> set[str]:
-    return set(re.findall(r"[a-z0-9]+", text.lower()))
-
-
-def outside_classes(model: Model, item: ReportImage) -> bool:
-    """Whether ``item`` shows something none of the model's classes is: its ``label`` names no class.
-
-    A class counts when it contains every word of the label ("cat" is inside
-    ImageNet's "tiger cat"), so only a true outsider is called one. Unknown when
-    the image has no label or the model no class names: then False.
-    """
-    if item.label is None or not model.labels:
-        return False
-    wanted = _words(item.label)
-    return not any(wanted <= _words(name) for name in model.labels)
-
-
-@dataclass
-class Context:
-    model: Model
-    summary: Summary
-    images: list[ReportImage]
-    options: dict = field(default_factory=dict)
-    progress: Steps = field(default_factory=Steps)  # build_report begins each section on it
-
-    def expect(self, count: int) -> None:
-        """The current section will report ``count`` sub-steps (said before the first, so callers know the total)."""
-        self.progress.expect(count)
-
-    def step(self, message: str) -> None:
-        """The current section reaches its next sub-step, ``message``."""
-        self.progress.advance(message)
-
-    def skip(self, count: int) -> None:
-        """``count`` of the announced sub-steps will not run."""
-        self.progress.skip(count)
-
-    @cached_property
-    def layers(self) -> list[str]:
-        """The conv and pooling layers up to the last spatial one (one small dry pass, made once)."""
-        from ..inside.activations import default_layers
-
-        return default_layers(self.model)
-
-
-@dataclass
-class Section:
-    id: str
-    title: str
-    html: Markup
-    note: str = ""
-
-
-def figure(image: Image.Image, caption: str) -> dict:
-    return {"uri": data_uri(image), "caption": caption}
+from ..models import Model
+from .atlas_section import atlas_section
+from .concepts_section import concepts_section
+from .context import Context, Section, cell, explained, figure, join_names, left_out, outside_classes, thumbnail, words
+from .evaluation_section import evaluation_section
+from .tasks_section import describe_prediction, segmentation_section
+from .tcav_section import tcav_section
+from .templating import PARTS
 
 
 def summary_section(ctx: Context) -> Section:
@@ -120,7 +43,7 @@ def summary_section(ctx: Context) -> Section:
             "N" if d == -1 else str(d) for d in row.output_shape) + ")"
         target = "auto" if row.spatial and row.name == ctx.summary.auto_layer else ("yes" if row.spatial else "")
         rows.append(("\u2003" * row.depth + row.name, row.type, shape, f"{row.params:,}", target))
-    html = _parts.table(["layer", "type", "output shape", "params", "explanation target"], rows,
+    html = PARTS.table(["layer", "type", "output shape", "params", "explanation target"], rows,
                         numeric=(3,), scroll=True)
     note = (f"{ctx.summary.total_params:,} parameters ({ctx.summary.trainable_params:,} trainable). "
             f"Explanation targets are layers with a spatial output; 'auto' picks {ctx.summary.auto_layer}.")
@@ -135,17 +58,12 @@ def predictions_section(ctx: Context) -> Section:
     for item, preds in zip(ctx.images, predictions):
         caption = item.name + (f" ({item.label}: not one of the model's classes)"
                                if outside_classes(ctx.model, item) else "")
-        items.append(figure(_thumbnail(item.image), caption))
+        items.append(figure(thumbnail(item.image), caption))
         rows.append((item.name, *[describe_prediction(p) for p in preds]))
     k = max(1, max(len(p) for p in predictions))
-    callout = _parts.callout(_outsiders_note(ctx.model, outsiders)) if outsiders else ""
-    html = _parts.figures(items) + callout + _parts.table(["image", *[f"top {i + 1}" for i in range(k)]], rows)
+    callout = PARTS.callout(_outsiders_note(ctx.model, outsiders)) if outsiders else ""
+    html = PARTS.figures(items) + callout + PARTS.table(["image", *[f"top {i + 1}" for i in range(k)]], rows)
     return Section("predictions", "Predictions", Markup(html))
-
-
-def _join(names: list[str]) -> str:
-    """``a``, ``a and b``, ``a, b and c``."""
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _outsiders_note(model: Model, outsiders: list) -> str:
@@ -153,25 +71,14 @@ def _outsiders_note(model: Model, outsiders: list) -> str:
     labels = list(model.labels)
     count = len(labels)
     listed = f" ({', '.join(labels)})" if count <= 20 else ""
-    shown = _join([item.name if _words(item.label) <= _words(item.name) else f"{item.name} ({item.label})"
+    shown = join_names([item.name if words(item.label) <= words(item.name) else f"{item.name} ({item.label})"
                    for item, _ in outsiders])
-    answers = _join([f"'{top.label}' at {top.probability:.1%} for {item.name}" for item, top in outsiders])
+    answers = join_names([f"'{top.label}' at {top.probability:.1%} for {item.name}" for item, top in outsiders])
     verb = "is" if len(outsiders) == 1 else "are"
     return (f"{shown} {verb} outside the {count} classes this model knows{listed}. A classifier always answers "
             f"with one of its own classes, however sure it sounds: {answers} says which of its {count} classes "
             f"the picture resembles most, not what it shows. Look at where it looked (next section) to see "
             f"what drove the answer.")
-
-
-def _thumbnail(image: Image.Image, size: int = 160) -> Image.Image:
-    return ImageOps.contain(image, (size, size), Image.BILINEAR)
-
-
-def _left_out(skipped: dict[str, str], why: str = "as they do not apply to this model") -> str:
-    """`` Left out, <why>: name: reason; ...`` for a section's note (empty when nothing was)."""
-    if not skipped:
-        return ""
-    return f" Left out, {why}: " + "; ".join(f"{name}: {reason}" for name, reason in skipped.items()) + "."
 
 
 #: The heatmap methods a report shows unless ``methods=`` / ``--methods`` names others: one of each family,
@@ -202,15 +109,15 @@ def heatmaps_section(ctx: Context) -> Section:
         columns[name] = (result, result.overlay(pictures))  # each method in its kind's style
     if not columns:
         return Section("heatmaps", "Where the model looked", Markup(""),
-                       "No heatmap method applies to this model." + _left_out(skipped))
+                       "No heatmap method applies to this model." + left_out(skipped))
     first = next(iter(columns.values()))[0]
     blocks = []
     for i, item in enumerate(ctx.images):
         about = f"explained: {first.target_names[i]}"
         if outside_classes(ctx.model, item):
             about += f" ({item.label}: not one of the model's classes)"
-        original = _cell(item.image if item.mask is None else outline(item.image, item.mask), item.name)
-        panels = [_cell(overlays[i] if item.mask is None else outline(overlays[i], item.mask),
+        original = cell(item.image if item.mask is None else outline(item.image, item.mask), item.name)
+        panels = [cell(overlays[i] if item.mask is None else outline(overlays[i], item.mask),
                         f"{name}{' (flat map)' if result.flat[i] else ''}")
                   for name, (result, overlays) in columns.items()]
         blocks.append({"original": original, "about": about, "panels": panels})
@@ -219,14 +126,14 @@ def heatmaps_section(ctx: Context) -> Section:
                for style, names in by_style.items() if names]
     layer = first.layer if isinstance(first.layer, str) else ", ".join(first.layer or [])
     note = (f"Each map explains {explained(ctx)}, at layer {layer} for the CAM methods. "
-            + " ".join(f"{_join(names)}: {describe_style(style)}." for style, names in by_style.items() if names)
+            + " ".join(f"{join_names(names)}: {describe_style(style)}." for style, names in by_style.items() if names)
             + (" Pixel-level gradient maps are sparse, a few bright pixels in a dark field: blended over the "
                "photo they all but vanish, so they are shown alone, as their papers show them."
                if by_style["map"] else "")
             + (" White outlines are the ground-truth object masks." if any(i.mask is not None for i in ctx.images)
                else ""))
-    html = _parts.colorbars(legends) + _parts.heatmaps(blocks)
-    return Section("heatmaps", "Where the model looked", Markup(html), note + _left_out(skipped))
+    html = PARTS.colorbars(legends) + PARTS.heatmaps(blocks)
+    return Section("heatmaps", "Where the model looked", Markup(html), note + left_out(skipped))
 
 
 #: Models with more classes than this get no per-class grid: one panel per class stops being readable.
@@ -245,21 +152,11 @@ def classes_section(ctx: Context) -> Section | None:
     if len(result.targets) > MAX_CLASS_GRID:
         return None
     overlays = [result.overlay_class(k, [item.image])[0] for k in range(len(result.targets))]
-    items = [_cell(overlay, f"{name}{' (flat map)' if result.flat[0][k] else ''}")
+    items = [cell(overlay, f"{name}{' (flat map)' if result.flat[0][k] else ''}")
              for k, (name, overlay) in enumerate(zip(result.target_names, overlays))]
     note = (f"Where the model would look for each of its {len(items)} classes in {item.name}: Grad-CAM at "
             f"{result.layer}, every class's gradient from the same forward pass (target='all').")
-    return Section("classes", "Every class", Markup(_parts.figures(items)), note)
-
-
-def explained(ctx: Context) -> str:
-    """What the maps explain, in words: the image's top class, or the target the report was given."""
-    target = ctx.options.get("targets")
-    return "the image's top-1 class" if target is None else f"the target given, {target!r}"
-
-
-def _cell(image: Image.Image, caption: str) -> dict:
-    return figure(_thumbnail(image, 150), caption)
+    return Section("classes", "Every class", Markup(PARTS.figures(items)), note)
 
 
 def _spread(names: list[str], count: int) -> list[str]:
@@ -282,7 +179,7 @@ def activations_section(ctx: Context) -> Section:
              for name in layers]
     note = (f"Image: {item.name}. Each tile is one channel, standardised for display (viridis); "
             "a blank tile is a dead channel.")
-    return Section("activations", "Inside the network: activations", Markup(_parts.figures(items)), note)
+    return Section("activations", "Inside the network: activations", Markup(PARTS.figures(items)), note)
 
 
 def filters_section(ctx: Context) -> Section:
@@ -322,8 +219,8 @@ def filters_section(ctx: Context) -> Section:
     note = (f"Each tile is the {height}x{width} image that maximises one filter's mean activation ({steps} steps, "
             "Fourier parameterisation with decorrelated colour, jitter/scale/rotation robustness); the number "
             "under it is the filter index and its final activation. Class-model images maximise a class logit."
-            + _left_out(skipped, "as the model cannot run them"))
-    return Section("filters", "What the filters want to see", Markup(_parts.figures(items)), note)
+            + left_out(skipped, "as the model cannot run them"))
+    return Section("filters", "What the filters want to see", Markup(PARTS.figures(items)), note)
 
 
 def _number(value, digits: int = 4) -> str:
@@ -357,18 +254,12 @@ def training_section(ctx: Context) -> Section | None:
     if roc.get("fpr"):
         plots.append((roc_figure, metrics, "ROC curve"))
     items = [figure(figure_image(draw(data)), caption) for draw, data, caption in plots if data]
-    html = (_parts.table(["", ""], facts) + _parts.table(["class", "precision", "recall", "F1", "AUC (one vs rest)"],
+    html = (PARTS.table(["", ""], facts) + PARTS.table(["class", "precision", "recall", "F1", "AUC (one vs rest)"],
                                                          per_class, numeric=(1, 2, 3, 4))
-            + _parts.figures(items))
+            + PARTS.figures(items))
     return Section("training", "Training evaluation", Markup(html),
                    "Written by convlens train on the held-out validation split.")
 
-
-from .atlas_section import atlas_section  # noqa: E402  (it imports Context, Section and figure from here)
-from .concepts_section import concepts_section  # noqa: E402  (likewise)
-from .evaluation_section import evaluation_section  # noqa: E402  (likewise)
-from .tasks_section import describe_prediction, segmentation_section  # noqa: E402  (likewise)
-from .tcav_section import tcav_section  # noqa: E402  (likewise)
 
 SECTIONS = [summary_section, predictions_section, heatmaps_section, concepts_section, tcav_section,
             segmentation_section, classes_section,

@@ -13,7 +13,8 @@ from markupsafe import Markup
 from PIL import Image
 
 from ..errors import ConvlensError
-from .sections import Context, Section, _cell, _parts
+from .context import Context, Section, cell
+from .templating import PARTS
 
 #: Classes explained per image of a segmentation model, by their share of the pixels.
 TOP_CLASSES = 3
@@ -63,16 +64,16 @@ def segmentation_section(ctx: Context) -> Section | None:
         counts = torch.bincount(winners[i].flatten(), minlength=scores.shape[1])
         top = [int(k) for k in counts.argsort(descending=True)[:TOP_CLASSES] if counts[k] > 0]
         legend = ", ".join(f"{ctx.model.label(k)} {float(counts[k]) / counts.sum():.0%}" for k in top)
-        panels = [_cell(mask_picture(winners[i].numpy(), item.image.size), f"predicted mask: {legend}")]
+        panels = [cell(mask_picture(winners[i].numpy(), item.image.size), f"predicted mask: {legend}")]
         for k in top:
             result = explain(ctx.model, x[i:i + 1], method="gradcam", layer=layer, target=Region(k))
-            panels.append(_cell(result.overlay([item.image])[0], f"gradcam — {ctx.model.label(k)}"))
-        blocks.append({"original": _cell(item.image, item.name), "about": f"top classes: {legend}",
+            panels.append(cell(result.overlay([item.image])[0], f"gradcam — {ctx.model.label(k)}"))
+        blocks.append({"original": cell(item.image, item.name), "about": f"top classes: {legend}",
                        "panels": panels})
     note = (f"Each image's predicted class per pixel (one colour per class), then Grad-CAM at {layer} for its "
             f"{TOP_CLASSES} largest classes, each explained as a region: the class's logits summed over the "
             "pixels where it wins (pytorch-grad-cam's SemanticSegmentationTarget).")
-    return Section("segmentation", "What it segments", Markup(_parts.heatmaps(blocks)), note)
+    return Section("segmentation", "What it segments", Markup(PARTS.heatmaps(blocks)), note)
 
 
 __all__ = ["describe_prediction", "mask_picture", "segmentation_section"]

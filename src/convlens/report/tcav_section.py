@@ -14,7 +14,8 @@ from __future__ import annotations
 from markupsafe import Markup
 
 from ..errors import ConvlensError
-from .sections import Context, Section, _parts, figure
+from .context import Context, Section, figure
+from .templating import PARTS
 
 #: The most classes the section scores by default (each costs a gradient pass over its inputs per layer).
 MAX_CLASSES = 4
@@ -68,5 +69,5 @@ def tcav_section(ctx: Context) -> Section | None:
     note = (f"A concept's TCAV score is the fraction of {where} whose class logit rises along the concept's "
             f"activation vector, over {result.runs} runs against different random sets; p is the two-sided t-test "
             f"against random-vs-random vectors (significant below {result.threshold:g}). {found}")
-    html = _parts.table(header, rows, numeric=(3, 4, 5, 6, 8)) + _parts.figures(items)
+    html = PARTS.table(header, rows, numeric=(3, 4, 5, 6, 8)) + PARTS.figures(items)
     return Section("tcav", "Concepts the classes lean on (TCAV)", Markup(html), note)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..errors import ConvlensError, first_line
 from ..fileio import atomic_path
+from ..progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class JobRunner:
         self._ids = itertools.count(1)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convlens-job")
 
-    def submit(self, kind: str, key: dict, compute: Callable[[Callable[[int, int], None]], bytes | dict],
+    def submit(self, kind: str, key: dict, compute: Callable[[Progress], bytes | dict],
                suffix: str = "png") -> Job:
         """A job for ``key``: answered from the cache when its file exists, the running one if it is running."""
         digest = hashlib.sha256(json.dumps({"kind": kind, **key}, sort_keys=True).encode()).hexdigest()[:32]

@@ -10,13 +10,14 @@ sentence computed from those numbers (:func:`~convlens.report.evaluation_section
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from ..errors import ConvlensError
+from ..progress import Progress
 
 
 def trust_table(model, picture, methods: Sequence[str], metric_names: Sequence[str],
-                progress: Callable[[int, int], None]) -> dict:
+                progress: Progress) -> dict:
     """Headers, rows (value, best, sanity pass/fail), the verdict and what was left out, as plain JSON."""
     from ..evaluation import best_methods
     from ..evaluation.runner import evaluate_images
