@@ -23,7 +23,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "borrow": "capture", "capture": "capture",
     "ConvlensError": "errors",
-    "METHODS": "heatmaps", "Explanation": "heatmaps", "explain": "heatmaps",
+    "METHODS": "heatmaps", "BatchedExplanations": "heatmaps", "Explanation": "heatmaps", "explain": "heatmaps",
+    "explain_many": "heatmaps",
     "load_image": "images", "load_images": "images", "sample_image": "images",
     "activations": "inside", "class_model": "inside", "deepdream": "inside", "factorize": "inside",
     "filter_patterns": "inside",
@@ -36,9 +37,10 @@ _EXPORTS = {
 _SUBMODULES = ("atlas", "concepts", "data", "errors", "evaluation", "fileio", "heatmaps", "images", "inside", "kernels",
                "metrics", "models", "render", "report", "scoring", "targets", "train")
 
-__all__ = ["METHODS", "ConvlensError", "Explanation", "Model", "activations", "auto_layer", "borrow", "capture",
-           "class_model", "deepdream", "dissect", "explain", "factorize", "filter_patterns", "load_image",
-           "load_images", "load_model", "metrics", "sample_image", "scan", "serve", "summarize", "tcav"]
+__all__ = ["METHODS", "BatchedExplanations", "ConvlensError", "Explanation", "Model", "activations", "auto_layer",
+           "borrow", "capture", "class_model", "deepdream", "dissect", "explain", "explain_many", "factorize",
+           "filter_patterns", "load_image", "load_images", "load_model", "metrics", "sample_image", "scan", "serve",
+           "summarize", "tcav"]
 
 
 def __getattr__(name: str):

@@ -316,62 +316,85 @@ def capture(
     module = model.module if hasattr(model, "module") and hasattr(model, "layout") else model
     channels_last = getattr(model, "layout", "channels_first") == "channels_last"
     resolved = resolve_layers(model, list(layers))
-    names = list(resolved)
-    prefix = prefix_tokens(module)
-    recorder = Recorder(module, names, stop)
-    handles = []
-
-    def make_hook(name: str) -> Callable:
-        def hook(mod: nn.Module, inputs: tuple, output):
-            if not isinstance(output, torch.Tensor):
-                raise ConvlensError(
-                    f"layer {name!r} returns {type(output).__name__}, not a tensor; choose another layer"
-                )
-            if rewrite is not None and mod in rewrite:
-                output = rewrite[mod](mod, inputs, output)
-            view = spatial_view(output, recorder.input_size, batch=recorder.batch, channels_last=channels_last,
-                                prefix_tokens=prefix)
-            stored = output if view is None else view.map
-            if view is not None and view.map.shape[-1] * view.map.shape[-2] > 1:
-                recorder.spatial.add(name)
-            if graph:
-                if not stored.requires_grad:
-                    stored = stored.detach().requires_grad_()
-                recorder.outputs[name] = stored
-                # The next module gets a copy: an in-place op there must not
-                # overwrite the recorded tensor (or its version for autograd).
-                passed = (stored if view is None else view.restore(stored, output)).clone()
-            else:
-                recorder.outputs[name] = stored.detach().clone()
-                passed = output
-            recorder._record(name)
-            return passed
-
-        return hook
-
-    def note_input(mod: nn.Module, args: tuple):
-        if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 4:
-            recorder.input_size = (int(args[0].shape[-2]), int(args[0].shape[-1]))
-            recorder.batch = int(args[0].shape[0])
-
+    recorder = Recorder(module, list(resolved), stop)
+    record = _Recording(recorder, rewrite, graph, channels_last, prefix_tokens(module))
+    handles: list = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(borrow(module))
         if graph:
             stack.enter_context(torch.enable_grad())
         try:
-            hooked = list(resolved.values()) + list(rewrite or {})
-            if any(isinstance(m, torch.jit.ScriptModule) for m in hooked):
-                raise ConvlensError("a TorchScript model cannot be hooked, so its layers cannot be captured; "
-                                    "load the eager model instead: its state dict with --arch (or the module in memory)")
-            if resolved:
-                # The input's size tells spatial axes from others (spatial_view); read it from whoever calls the model.
-                handles.append(module.register_forward_pre_hook(note_input))
-            for name, mod in resolved.items():
-                handles.append(mod.register_forward_hook(make_hook(name)))
-            for mod, fn in (rewrite or {}).items():
-                if mod not in resolved.values():
-                    handles.append(mod.register_forward_hook(fn))  # same signature as a forward hook
+            _refuse_torchscript(list(resolved.values()) + list(rewrite or {}))
+            _install_hooks(handles, module, resolved, rewrite, record)
             yield recorder
-        finally:
+        finally:  # every hook goes, on every exit path; borrow() puts the model's state back
             for handle in handles:
                 handle.remove()
+
+
+def _refuse_torchscript(hooked: list[nn.Module]) -> None:
+    if any(isinstance(m, torch.jit.ScriptModule) for m in hooked):
+        raise ConvlensError("a TorchScript model cannot be hooked, so its layers cannot be captured; "
+                            "load the eager model instead: its state dict with --arch (or the module in memory)")
+
+
+def _install_hooks(handles: list, module: nn.Module, resolved: dict[str, nn.Module],
+                   rewrite: Mapping[nn.Module, OutputRewrite] | None, record: _Recording) -> None:
+    """Register the hooks, each handle appended as soon as it exists (so a failure midway leaves none behind)."""
+    if resolved:
+        # The input's size tells spatial axes from others (spatial_view); read it from whoever calls the model.
+        handles.append(module.register_forward_pre_hook(record.note_input))
+    for name, mod in resolved.items():
+        handles.append(mod.register_forward_hook(record.hook(name)))
+    for mod, fn in (rewrite or {}).items():
+        if mod not in resolved.values():
+            handles.append(mod.register_forward_hook(fn))  # same signature as a forward hook
+
+
+class _Recording(NamedTuple):
+    """The forward hooks of one :func:`capture`: what they record into, and how."""
+
+    recorder: Recorder
+    rewrite: Mapping[nn.Module, OutputRewrite] | None
+    graph: bool
+    channels_last: bool
+    prefix: int | None
+
+    def note_input(self, mod: nn.Module, args: tuple) -> None:
+        """Forward pre-hook on the model: the batch's size and spatial size, whoever calls the model."""
+        if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 4:
+            self.recorder.input_size = (int(args[0].shape[-2]), int(args[0].shape[-1]))
+            self.recorder.batch = int(args[0].shape[0])
+
+    def hook(self, name: str) -> Callable:
+        """The forward hook of layer ``name``: records its output and hands the next module what it gets."""
+        def hook(mod: nn.Module, inputs: tuple, output):
+            if not isinstance(output, torch.Tensor):
+                raise ConvlensError(
+                    f"layer {name!r} returns {type(output).__name__}, not a tensor; choose another layer"
+                )
+            if self.rewrite is not None and mod in self.rewrite:
+                output = self.rewrite[mod](mod, inputs, output)
+            passed = self.store(name, output)
+            self.recorder._record(name)
+            return passed
+
+        return hook
+
+    def store(self, name: str, output: torch.Tensor) -> torch.Tensor:
+        """Record ``output`` channels-first as ``name``; returns what the next module receives."""
+        recorder = self.recorder
+        view = spatial_view(output, recorder.input_size, batch=recorder.batch, channels_last=self.channels_last,
+                            prefix_tokens=self.prefix)
+        stored = output if view is None else view.map
+        if view is not None and view.map.shape[-1] * view.map.shape[-2] > 1:
+            recorder.spatial.add(name)
+        if not self.graph:
+            recorder.outputs[name] = stored.detach().clone()
+            return output
+        if not stored.requires_grad:
+            stored = stored.detach().requires_grad_()
+        recorder.outputs[name] = stored
+        # The next module gets a copy: an in-place op there must not
+        # overwrite the recorded tensor (or its version for autograd).
+        return (stored if view is None else view.restore(stored, output)).clone()

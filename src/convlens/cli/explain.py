@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, NamedTuple, Optional
 
 import typer
 
@@ -105,101 +105,133 @@ def explain(
     Example: convlens explain resnet50 cat.jpg dog.jpg --methods gradcam,scorecam --targets top1 --out maps
     """
     check_output_dir(out)  # before any work: a bad --out must not cost a whole run
-    from ..heatmaps import check_request, explain as explain_images, get_method, style_for
+    from ..heatmaps import explain_many, get_method
     from ..images import load_images
     from ..progress import ProgressDisplay
-    from ..render.overlay import (STYLES, bounded, check_style, comparison_figure, describe_style, draw_box,
-                                  overlay_heatmap, save_figure)
+    from ..render.overlay import check_style
 
     colormap = colormap if cmap is None else cmap
-
     methods = list(dict.fromkeys(get_method(name).name for name in named_list(method, "--methods", "gradcam")))
     check_style(colormap, alpha)
     pictures = load_images(images)
     loaded = opts.open(model)
     layers = comma_list(layer) or ["auto"]
-    layer_ref = layers[0] if len(layers) == 1 else layers
     targets = _parse_target(target, len(pictures))
-    batches = [range(start, min(start + batch_size, len(pictures))) for start in range(0, len(pictures), batch_size)]
-
-    def batch_targets(indices: range):
-        return [targets[i] for i in indices] if isinstance(targets, list) else targets
-
-    # One forward pass per batch settles layers and targets (a bad request fails here, in seconds);
-    # every method then runs on that plan, and the predicted classes come from the same pass.
-    plans = [check_request(loaded, [pictures[i] for i in indices], methods, layer_ref, batch_targets(indices))
-             for indices in batches]
-    chosen_layers = plans[0].layers
-    every_class = targets == "all"
-    if every_class and len(plans[0].class_indices) > MAX_CLASS_PANELS:
-        raise ConvlensError(f"--targets all draws one panel per class and this model has {len(plans[0].class_indices)} "
-                            f"classes (at most {MAX_CLASS_PANELS}); name the classes instead, e.g. --targets 3")
-
-    # Cheap methods first, so a method-specific error (CAM without a GAP head) comes before the slow ones.
-    order = sorted(methods, key=lambda name: get_method(name).kind == "perturbation")
-    results: dict[str, list] = {name: [] for name in methods}
-    # one colour bar per drawing style, naming the methods drawn in it
-    legends = {style: (colormap or STYLES[style], ", ".join(n for n in methods if style_for(n) == style) + ": "
-                       + describe_style(style, colormap, alpha))
-               for style in dict.fromkeys(style_for(name) for name in methods)}
-    with ProgressDisplay("explain", total=len(order) * len(batches), unit="batch") as shown:
-        for name in order:
-            for number, plan in enumerate(plans, 1):
-                shown.begin(name if len(plans) == 1 else f"{name}, batch {number}/{len(plans)}")
-                results[name].append(explain_images(loaded, method=name, plan=plan))
-
+    with ProgressDisplay("explain", unit="batch") as shown:
+        found = explain_many(loaded, pictures, methods, layer=layers[0] if len(layers) == 1 else layers,
+                             targets=targets, batch_size=batch_size, max_classes=MAX_CLASS_PANELS,
+                             progress=_shown_steps(shown))
     # Everything is computed: only now does anything touch the disk, and only a complete set lands in --out.
-    predicted = [label for plan in plans for label in plan.top1()]
-    stems = distinct_stems(images)  # circle_00000, cross_00000: named after the part of the paths that differs
+    drawing = _Drawing(loaded.transform, colormap, alpha, _legends(methods, colormap, alpha))
+    index = _write_outputs(found, pictures, images, out, drawing)
+    if found.layers:
+        typer.echo(f"layer: {', '.join(found.layers)}{' (auto)' if 'auto' in layers else ''}")
+    typer.echo(f"wrote {len(index)} files to {out}, listed in {out / 'index.csv'}")
+
+
+def _shown_steps(shown):
+    """The display fed by :func:`explain_many`'s steps: one line (or bar position) per (method, batch)."""
+    def show(step) -> None:
+        if not step.part:  # a slow method's own counts are not shown: one line per batch, as the log reads
+            shown.total = step.total
+            shown.begin(step.name, index=step.index)
+    return show
+
+
+class _Drawing(NamedTuple):
+    """How the maps are drawn: the preprocessing to undo, the colours, and one colour bar per style."""
+
+    transform: object
+    colormap: str | None
+    alpha: float
+    legends: dict
+
+
+def _legends(methods: list[str], colormap: str | None, alpha: float) -> dict:
+    """One colour bar per drawing style, naming the methods drawn in it."""
+    from ..heatmaps import style_for
+    from ..render.overlay import STYLES, describe_style
+
+    return {style: (colormap or STYLES[style], ", ".join(n for n in methods if style_for(n) == style) + ": "
+                    + describe_style(style, colormap, alpha))
+            for style in dict.fromkeys(style_for(name) for name in methods)}
+
+
+def _write_outputs(found, pictures: list, sources: list, out: Path, drawing: _Drawing) -> list[dict]:
+    """Every file of the set, staged and moved into ``out`` complete; the rows of its index."""
+    stems = distinct_stems(sources)  # circle_00000, cross_00000: named after the part of the paths that differs
     index = []
     try:
         with staged_folder(out) as stage:
-            for batch_number, indices in enumerate(batches):
-                for offset, image_index in enumerate(indices):
-                    stem = stems[image_index]
-                    panels = []
-                    for name in methods:
-                        result = results[name][batch_number]
-                        slug = _slug(name)
-                        target_class = "all" if every_class else result.target_names[offset]
-                        index += [{"file": f"{stem}_{slug}.{ext}", "input": str(images[image_index]), "method": name,
-                                   "target_class": target_class, "predicted_class": predicted[image_index]}
-                                  for ext in ("png", "npy")]
-                        _save_array(result.raw[offset].cpu().numpy(), stage / f"{stem}_{slug}.npy")
-                        if every_class:  # one panel per class: the per-class grid
-                            thumbnail = bounded(pictures[image_index], 512)  # K panels: small pictures suffice
-                            grid = [(f"{label}{' (flat)' if result.flat[offset][k] else ''}",
-                                     overlay_heatmap(thumbnail, result.maps[offset, k],
-                                                     transform=loaded.transform, colormap=colormap, alpha=alpha,
-                                                     style=style_for(name)))
-                                    for k, label in enumerate(result.target_names)]
-                            figure = comparison_figure(thumbnail, grid, columns=6, title=f"{name}: every class",
-                                                       legends=[(legends[style_for(name)][0],
-                                                                 describe_style(style_for(name), colormap, alpha))])
-                            save_figure(figure, stage / f"{stem}_{slug}.png")
-                            continue
-                        overlay = overlay_heatmap(pictures[image_index], result.maps[offset],
-                                                  transform=loaded.transform, colormap=colormap, alpha=alpha,
-                                                  style=style_for(name))
-                        if result.boxes is not None:  # a box target: the detection explained, drawn
-                            overlay = draw_box(overlay, result.boxes[offset].tolist(),
-                                               original_size=pictures[image_index].size,
-                                               input_size=tuple(result.maps.shape[-2:]), transform=loaded.transform)
-                        save_image(overlay, stage / f"{stem}_{slug}.png")
-                        flat = " (flat map)" if result.flat[offset] else ""
-                        panels.append((f"{name} — {result.target_names[offset]}{flat}", overlay))
-                    if every_class:
-                        continue
-                    figure = comparison_figure(pictures[image_index], panels, legends=list(legends.values()))
-                    figure.axes[0].set_title(f"original — predicted: {predicted[image_index]}", fontsize=9)
-                    save_figure(figure, stage / f"{stem}_explain.png")
-                    index.append({"file": f"{stem}_explain.png", "input": str(images[image_index]),
-                                  "method": ",".join(methods), "target_class": target_class,
-                                  "predicted_class": predicted[image_index]})
+            for image, picture in enumerate(pictures):
+                index += _write_image(stage, found, image, stems[image], picture, str(sources[image]), drawing)
             _write_index(index, stage)
     except OSError as err:  # a full disk, a folder removed under us: nothing of the set is left behind
         raise ConvlensError(f"cannot write the explanations to {out}: {err.strerror or err}; nothing was written "
                             "(free some space or pass another --out)") from None
-    if chosen_layers:
-        typer.echo(f"layer: {', '.join(chosen_layers)}{' (auto)' if 'auto' in layers else ''}")
-    typer.echo(f"wrote {len(index)} files to {out}, listed in {out / 'index.csv'}")
+    return index
+
+
+def _write_image(stage: Path, found, image: int, stem: str, picture, source: str, drawing: _Drawing) -> list[dict]:
+    """One input's files: per method its raw map (.npy) and its picture (.png), then the figure of them all."""
+    from ..render.overlay import save_figure
+
+    rows, panels, target_class = [], [], ""
+    predicted = found.predicted[image]
+    for name in found.methods:
+        result, offset = found.at(name, image)
+        slug = _slug(name)
+        target_class = "all" if found.every_class else result.target_names[offset]
+        rows += [{"file": f"{stem}_{slug}.{ext}", "input": source, "method": name, "target_class": target_class,
+                  "predicted_class": predicted} for ext in ("png", "npy")]
+        _save_array(result.raw[offset].cpu().numpy(), stage / f"{stem}_{slug}.npy")
+        if found.every_class:  # one panel per class: the per-class grid
+            save_figure(_class_grid(picture, result, offset, drawing), stage / f"{stem}_{slug}.png")
+            continue
+        overlay = _overlay(picture, result, offset, drawing)
+        save_image(overlay, stage / f"{stem}_{slug}.png")
+        flat = " (flat map)" if result.flat[offset] else ""
+        panels.append((f"{name} — {result.target_names[offset]}{flat}", overlay))
+    if not found.every_class:
+        save_figure(_comparison(picture, panels, predicted, drawing), stage / f"{stem}_explain.png")
+        rows.append({"file": f"{stem}_explain.png", "input": source, "method": ",".join(found.methods),
+                     "target_class": target_class, "predicted_class": predicted})
+    return rows
+
+
+def _overlay(picture, result, offset: int, drawing: _Drawing):
+    """One map over its photo, with a box target's detection drawn on it."""
+    from ..heatmaps import style_for
+    from ..render.overlay import draw_box, overlay_heatmap
+
+    overlay = overlay_heatmap(picture, result.maps[offset], transform=drawing.transform, colormap=drawing.colormap,
+                              alpha=drawing.alpha, style=style_for(result.method))
+    if result.boxes is not None:  # a box target: the detection explained, drawn
+        overlay = draw_box(overlay, result.boxes[offset].tolist(), original_size=picture.size,
+                           input_size=tuple(result.maps.shape[-2:]), transform=drawing.transform)
+    return overlay
+
+
+def _class_grid(picture, result, offset: int, drawing: _Drawing):
+    """With --targets all: one panel per class, the figure of one method on one image."""
+    from ..heatmaps import style_for
+    from ..render.overlay import bounded, comparison_figure, describe_style, overlay_heatmap
+
+    style = style_for(result.method)
+    thumbnail = bounded(picture, 512)  # K panels: small pictures suffice
+    grid = [(f"{label}{' (flat)' if result.flat[offset][k] else ''}",
+             overlay_heatmap(thumbnail, result.maps[offset, k], transform=drawing.transform,
+                             colormap=drawing.colormap, alpha=drawing.alpha, style=style))
+            for k, label in enumerate(result.target_names)]
+    return comparison_figure(thumbnail, grid, columns=6, title=f"{result.method}: every class",
+                             legends=[(drawing.legends[style][0], describe_style(style, drawing.colormap,
+                                                                                 drawing.alpha))])
+
+
+def _comparison(picture, panels: list, predicted: str, drawing: _Drawing):
+    """The original beside every method's picture, titled with the predicted class."""
+    from ..render.overlay import comparison_figure
+
+    figure = comparison_figure(picture, panels, legends=list(drawing.legends.values()))
+    figure.axes[0].set_title(f"original — predicted: {predicted}", fontsize=9)
+    return figure

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -92,49 +93,74 @@ def train(
     config = TrainConfig(epochs=epochs or 20, batch_size=batch_size, lr=lr, optimizer=optimizer,
                          schedule=schedule, seed=seed, size=size, widths=_int_list(widths, "--widths"),
                          convs_per_stage=convs_per_stage, val_fraction=val_fraction, augment=augment)
-    from ..progress import ProgressDisplay
+    with _warnings_printed_after(), _TrainingDisplay() as progress:  # the bars close before the warnings print
+        result = run_training(data_dir, out, None if (resume and epochs is None) else config, resume=resume,
+                              progress=progress)
+    typer.echo(_accuracy_line(result.metrics))
+    if result.skipped:
+        typer.echo(f"skipped {result.skipped} unreadable image(s)")
+    typer.echo(f"model: {result.model_path}  (load with convlens.load_model)  evaluation: {out / 'metrics.json'}")
 
-    # Loading: a bar, or a line per quarter of each folder. Training: a bar over the epochs naming the
-    # batch and loss, or one line as each epoch begins; each epoch's summary goes to stdout either way.
-    loading = ProgressDisplay("loading images", unit="img", lines=4)
-    epochs_shown = ProgressDisplay("train", unit="epoch")
-    bars = (loading, epochs_shown)
 
-    def progress(event) -> None:
+class _TrainingDisplay:
+    """The ``progress(event)`` of :func:`convlens.train.train`, shown.
+
+    Loading: a bar, or a line per quarter of each folder. Training: a bar over the epochs naming the
+    batch and loss, or one line as each epoch begins; each epoch's summary goes to stdout either way.
+    """
+
+    def __init__(self):
+        from ..progress import ProgressDisplay
+
+        self.loading = ProgressDisplay("loading images", unit="img", lines=4)
+        self.epochs = ProgressDisplay("train", unit="epoch")
+
+    def __call__(self, event) -> None:
         if event.kind == "load":
-            loading.update(event.step, event.steps)
+            self.loading.update(event.step, event.steps)
             return
-        loading.close()
-        epochs_shown.total = event.epochs
+        self.loading.close()
+        self.epochs.total = event.epochs
         if event.kind == "batch":
             if event.step == 1:
-                epochs_shown.begin(f"epoch {event.epoch}", index=event.epoch)
-            epochs_shown.note(f"epoch {event.epoch}: batch {event.step}/{event.steps}, "
-                              f"loss {event.values['loss']:.3f}")
+                self.epochs.begin(f"epoch {event.epoch}", index=event.epoch)
+            self.epochs.note(f"epoch {event.epoch}: batch {event.step}/{event.steps}, "
+                             f"loss {event.values['loss']:.3f}")
         else:
             v = event.values
-            epochs_shown.write(f"epoch {event.epoch}/{event.epochs}: loss {v['train_loss']:.4f} "
-                               f"acc {v['train_accuracy']:.4f} | val loss {v['val_loss']:.4f} "
-                               f"val acc {v['val_accuracy']:.4f} | lr {v['lr']:.2e}")
+            self.epochs.write(f"epoch {event.epoch}/{event.epochs}: loss {v['train_loss']:.4f} "
+                              f"acc {v['train_accuracy']:.4f} | val loss {v['val_loss']:.4f} "
+                              f"val acc {v['val_accuracy']:.4f} | lr {v['lr']:.2e}")
 
+    def close(self) -> None:
+        self.loading.close()
+        self.epochs.close()
+
+    def __enter__(self) -> _TrainingDisplay:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def _warnings_printed_after():
+    """The block's warnings, held back and printed on stderr as it ends, whatever happens."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         try:
-            result = run_training(data_dir, out, None if (resume and epochs is None) else config,
-                                  resume=resume, progress=progress)
+            yield
         finally:
-            for bar in bars:
-                bar.close()
             for warning in caught:
                 typer.echo(f"convlens: warning: {warning.message}", err=True)
-    metrics = result.metrics
+
+
+def _accuracy_line(metrics: dict) -> str:
+    """The validation accuracy, with the ROC AUC (two classes) or the macro AUC (more) when known."""
     line = f"validation accuracy {metrics['accuracy']:.4f} on {metrics['val_images']} images"
     if "roc" in metrics and metrics["roc"].get("auc") is not None:
         low, high = metrics["roc"]["ci95"]
         line += f", ROC AUC {metrics['roc']['auc']:.4f} (95% CI {low:.4f}-{high:.4f})"
     elif metrics.get("macro_auc") is not None:
         line += f", macro one-vs-rest AUC {metrics['macro_auc']:.4f}"
-    typer.echo(line)
-    if result.skipped:
-        typer.echo(f"skipped {result.skipped} unreadable image(s)")
-    typer.echo(f"model: {result.model_path}  (load with convlens.load_model)  evaluation: {out / 'metrics.json'}")
+    return line

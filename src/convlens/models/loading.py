@@ -102,39 +102,9 @@ def load_model(
         (224, 224)
     """
     names = _read_labels(labels)
-    if isinstance(source, Model):
-        model = source
-    elif isinstance(source, nn.Module) and not is_keras_model(source):
-        model = from_module(source, labels=names)
-    elif is_keras_model(source):
-        model = wrap_keras(source, preprocessing=preprocessing, labels=names)
-    else:
-        path = Path(source)
-        if path.suffix.lower() in KERAS_SUFFIXES:
-            if not path.is_file():
-                raise ConvlensError(f"model file not found: {path}")
-            model = load_keras_file(path, preprocessing, names)
-        elif path.is_file():
-            model = _load_torch_file(path, arch, names, trust_code)
-        elif str(source) in BUNDLED_MODELS:
-            from ..assets import demo_model_path
-
-            model = _load_torch_file(demo_model_path(), None, names)
-            model.name = str(source)
-        elif str(source) in task_names():
-            model = load_task_model(str(source), weights, names, None if input_size is None else _size_pair(input_size))
-        elif str(source) in torchvision_names() or str(source) in ARCHITECTURES:
-            model = _load_named(str(source), weights, names)
-        elif _looks_like_path(source):  # a typo in a path should not read as an unknown model name
-            if path.is_dir():
-                raise ConvlensError(f"{path} is a folder; pass a model file inside it")
-            raise ConvlensError(f"model file not found: {path}")
-        else:
-            raise ConvlensError(
-                f"unknown model {str(source)!r}"
-                f"{did_you_mean(str(source), [*BUNDLED_MODELS, *torchvision_names(), *task_names(), *ARCHITECTURES])}"
-                " (pass a torchvision name, or a path to a .pt/.pth/.keras/.h5 file)"
-            )
+    model = _from_memory(source, names, preprocessing)
+    if model is None:
+        model = _from_name_or_file(source, weights, arch, names, preprocessing, input_size, trust_code)
     if input_size is not None:
         model = resized(model, input_size)
     if output is not None:
@@ -142,6 +112,54 @@ def load_model(
     if device is not None:
         model.to(device)
     return model
+
+
+def _from_memory(source, names: list[str] | None, preprocessing: str | None) -> Model | None:
+    """A model object already in memory (a :class:`Model`, an ``nn.Module``, a Keras model), wrapped;
+    ``None`` when ``source`` is a name or a path."""
+    if isinstance(source, Model):
+        return source
+    if is_keras_model(source):
+        return wrap_keras(source, preprocessing=preprocessing, labels=names)
+    if isinstance(source, nn.Module):
+        return from_module(source, labels=names)
+    return None
+
+
+def _from_name_or_file(source, weights, arch: str | None, names: list[str] | None, preprocessing: str | None,
+                       input_size, trust_code: bool) -> Model:
+    """The model a file path or a name gives: a file first, then the bundled, task and torchvision names."""
+    path = Path(source)
+    if path.suffix.lower() in KERAS_SUFFIXES:
+        if not path.is_file():
+            raise ConvlensError(f"model file not found: {path}")
+        return load_keras_file(path, preprocessing, names)
+    if path.is_file():
+        return _load_torch_file(path, arch, names, trust_code)
+    if str(source) in BUNDLED_MODELS:
+        from ..assets import demo_model_path
+
+        model = _load_torch_file(demo_model_path(), None, names)
+        model.name = str(source)
+        return model
+    if str(source) in task_names():
+        return load_task_model(str(source), weights, names, None if input_size is None else _size_pair(input_size))
+    if str(source) in torchvision_names() or str(source) in ARCHITECTURES:
+        return _load_named(str(source), weights, names)
+    raise _not_found(source, path)
+
+
+def _not_found(source, path: Path) -> ConvlensError:
+    """Why nothing loads from ``source``: a missing file, a folder, or an unknown name with the nearest ones."""
+    if _looks_like_path(source):  # a typo in a path should not read as an unknown model name
+        if path.is_dir():
+            return ConvlensError(f"{path} is a folder; pass a model file inside it")
+        return ConvlensError(f"model file not found: {path}")
+    return ConvlensError(
+        f"unknown model {str(source)!r}"
+        f"{did_you_mean(str(source), [*BUNDLED_MODELS, *torchvision_names(), *task_names(), *ARCHITECTURES])}"
+        " (pass a torchvision name, or a path to a .pt/.pth/.keras/.h5 file)"
+    )
 
 
 def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:

@@ -9,8 +9,8 @@ with a one-line message: :class:`NotFound` (an image that is not there) and
 Images come from the folder given as DATA (every path confined to it: no
 absolute path, no ``..``, no symbolic link that leads out) or from uploads,
 decoded by the same bounded reader as the CLI (:func:`convlens.images.load_image`).
-Heatmaps take the CLI's planned path: :func:`convlens.heatmaps.check_request`,
-then :func:`convlens.heatmaps.explain` with that plan.
+Heatmaps take the CLI's path, :func:`convlens.heatmaps.explain_many`: one checking
+pass settles layer and target, then the method runs on that plan.
 
 The model is borrowed by one request at a time (``Explorer.lock``): capturing
 sets and restores the model's state, which two threads must not interleave.
@@ -67,6 +67,14 @@ def parse_target(text: str | None):
     if text.lower() == "all":  # one map per class is the CLI's --targets all; a view shows one class
         raise ConvlensError("the explorer shows one class at a time; pass a class index or name (or top1)")
     return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _counted(progress):
+    """:func:`~convlens.heatmaps.explain_many`'s steps as the jobs' ``progress(done, total)``: the method's own
+    counts (one method on one image is one step)."""
+    if progress is None:
+        return None
+    return lambda step: progress(step.part, step.parts) if step.part else None
 
 
 @dataclasses.dataclass
@@ -192,21 +200,18 @@ class Explorer:
             return self._methods
 
     def _probe_methods(self) -> list[dict]:
-        from ..heatmaps import METHODS, explain, style_for
+        from ..heatmaps import METHODS, explain_many, style_for
         from ..render.overlay import STYLES, colorbar_css
 
         gray = Image.new("RGB", tuple(reversed(self.model.input_size)), (128, 128, 128))
         cheapest = {"n_samples": 1, "steps": 2}
+        tried = [name for name, method in METHODS.items() if method.kind != "perturbation"]
+        options = {name: {k: v for k, v in cheapest.items() if k in METHODS[name].option_names()} for name in tried}
+        with self.lock:
+            skipped = explain_many(self.model, [gray], tried, options=options, skip_inapplicable=True).skipped
         found = []
         for name, method in METHODS.items():
-            reason = None
-            if method.kind != "perturbation":
-                options = {k: v for k, v in cheapest.items() if k in method.option_names()}
-                try:
-                    with self.lock:
-                        explain(self.model, [gray], method=name, layer="auto", **options)
-                except ConvlensError as err:
-                    reason = str(err)
+            reason = skipped.get(name)
             style = style_for(name)
             found.append({"name": name, "kind": method.kind, "applies": reason is None, "reason": reason,
                           "uses_layer": method.uses_layer, "style": style,
@@ -338,19 +343,20 @@ class Explorer:
         ``job``: run on the jobs' copy of the model (a slow method in the background); ``progress(done, total)``
         is handed to the method.
         """
-        from ..heatmaps import check_request, explain, style_for
+        from ..heatmaps import explain_many, style_for
         from ..render.overlay import overlay_heatmap
 
         chosen, picture = self.check_heatmap(image, method, layer, opacity)
         style = style_for(chosen)
         model, lock = (self.job_model, self.job_lock) if job else (self.model, self.lock)
         with lock:  # the CLI's path: one checking pass settles layer and target, the method runs on its plan
-            plan = check_request(model, [picture.image], [chosen.name], layer, parse_target(target))
-            result = explain(model, method=chosen.name, plan=plan, progress=progress)
+            found = explain_many(model, [picture.image], [chosen.name], layer=layer, targets=parse_target(target),
+                                 progress=_counted(progress))
+        result = found.results[chosen.name][0]
         drawn = overlay_heatmap(picture.image, result.maps[0], transform=self.model.transform, alpha=opacity,
                                 style=style, max_side=VIEW_SIDE)
         info = {"method": chosen.name, "layer": result.layer, "target": result.targets[0],
-                "target_name": result.target_names[0], "predicted": plan.top1()[0], "flat": bool(result.flat[0]),
+                "target_name": result.target_names[0], "predicted": found.predicted[0], "flat": bool(result.flat[0]),
                 "style": style, "command": self.command(picture, chosen.name, layer, target, opacity)}
         return png_bytes(drawn), info
 

@@ -282,58 +282,94 @@ def train(data: str | os.PathLike | LabelledImages, out_dir: str | os.PathLike, 
         >>> data = LabelledImages.from_dataset(ShapesTorchDataset(64, size=32), SHAPE_CLASSES)
         >>> result = train(data, "/tmp/run", TrainConfig(epochs=1, size=32, widths=[8]))  # doctest: +SKIP
     """
-    from .evaluate import evaluate_predictions, write_evaluation
-
     checkpoint = read_checkpoint(resume) if resume is not None else None
-    if checkpoint is not None:
-        saved = TrainConfig(**checkpoint["config"])
-        if config is not None:
-            saved.epochs = config.epochs
-        if saved.epochs < checkpoint["epoch"]:
-            raise ConvlensError(f"checkpoint {resume} is at epoch {checkpoint['epoch']}; "
-                                f"--epochs must be at least that")
-        config = saved
-    config = config or TrainConfig()
+    config = _resumed_config(checkpoint, config, resume) if checkpoint is not None else config or TrainConfig()
     config.check()
     train_set, val_set, skipped = _prepare_data(data, config, progress)
-    classes = train_set.classes
-    if checkpoint is not None and list(checkpoint["labels"]) != list(classes):
+    if checkpoint is not None and list(checkpoint["labels"]) != list(train_set.classes):
         raise ConvlensError(f"checkpoint {resume} was trained on classes {checkpoint['labels']}, "
-                            f"the data has {classes}")
+                            f"the data has {train_set.classes}")
+    run = _start_run(checkpoint, config, train_set)
+    out_dir = Path(out_dir)
+    checkpoint_path = out_dir / "checkpoint.pt"
+    for epoch in range(run.start + 1, config.epochs + 1):
+        record = _train_epoch(run, config, train_set, val_set, epoch, progress)
+        save_checkpoint(run.checkpoint(config, epoch=epoch, optimizer=run.optimizer.state_dict()), checkpoint_path)
+        if progress is not None:
+            progress(ProgressEvent("epoch", epoch, config.epochs, epoch, config.epochs, dict(record)))
+    model_path, metrics = _finish(run, config, train_set, val_set, skipped, out_dir)
+    return TrainResult(model_path, checkpoint_path, metrics, run.history, skipped)
 
+
+def _resumed_config(checkpoint: dict, config: TrainConfig | None, resume) -> TrainConfig:
+    """The checkpoint's configuration, with ``config``'s epochs when given (never fewer than are done)."""
+    saved = TrainConfig(**checkpoint["config"])
+    if config is not None:
+        saved.epochs = config.epochs
+    if saved.epochs < checkpoint["epoch"]:
+        raise ConvlensError(f"checkpoint {resume} is at epoch {checkpoint['epoch']}; "
+                            f"--epochs must be at least that")
+    return saved
+
+
+@dataclass
+class _Run:
+    """A training run's state: the network, its optimizer, the input normalisation, the epochs so far."""
+
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    classes: list[str]
+    mean: list[float]
+    std: list[float]
+    history: list[dict]
+    start: int  # the last epoch done (0 for a fresh run)
+
+    @property
+    def normalize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mean`` and ``std`` as ``(1, C, 1, 1)`` tensors."""
+        return torch.tensor(self.mean).view(1, -1, 1, 1), torch.tensor(self.std).view(1, -1, 1, 1)
+
+    def checkpoint(self, config: TrainConfig, **extra) -> dict:
+        return _checkpoint(self.net, config, self.classes, self.mean, self.std, self.history, **extra)
+
+
+def _start_run(checkpoint: dict | None, config: TrainConfig, train_set: LabelledImages) -> _Run:
+    """A fresh network seeded with ``config.seed``, or one carrying on from ``checkpoint``."""
+    classes = train_set.classes
     torch.manual_seed(config.seed)
     net = ShapesNet(len(classes), config.widths, config.convs_per_stage).to(memory_format=torch.channels_last)
     optimizer = _optimizer(net, config)
-    if checkpoint is not None:
-        mean, std = checkpoint["normalize"]["mean"], checkpoint["normalize"]["std"]
-        net.load_state_dict(checkpoint["state_dict"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        history, start = list(checkpoint["history"]), int(checkpoint["epoch"])
-    else:
+    if checkpoint is None:
         mean, std = _channel_stats(train_set.images)
-        history, start = [], 0
-    mean_t, std_t = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+        return _Run(net, optimizer, classes, mean, std, [], 0)
+    net.load_state_dict(checkpoint["state_dict"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    return _Run(net, optimizer, classes, checkpoint["normalize"]["mean"], checkpoint["normalize"]["std"],
+                list(checkpoint["history"]), int(checkpoint["epoch"]))
 
-    out_dir = Path(out_dir)
-    checkpoint_path = out_dir / "checkpoint.pt"
-    for epoch in range(start + 1, config.epochs + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate_at(config, epoch)
-        record = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        record.update(_run_epoch(net, optimizer, train_set, config, mean_t, std_t, epoch, progress))
-        record.update(_validate(net, val_set, mean_t, std_t)[0])
-        history.append(record)
-        save_checkpoint(_checkpoint(net, config, classes, mean, std, history, epoch=epoch,
-                                    optimizer=optimizer.state_dict()),
-                        checkpoint_path)
-        if progress is not None:
-            progress(ProgressEvent("epoch", epoch, config.epochs, epoch, config.epochs, dict(record)))
 
-    _, probabilities = _validate(net, val_set, mean_t, std_t)
-    metrics = evaluate_predictions(val_set.labels.numpy(), probabilities.numpy(), classes)
+def _train_epoch(run: _Run, config: TrainConfig, train_set: LabelledImages, val_set: LabelledImages, epoch: int,
+                 progress) -> dict:
+    """One epoch at its scheduled learning rate, then validation; its record is added to the history."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate_at(config, epoch)
+    mean, std = run.normalize
+    record = {"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"]}
+    record.update(_run_epoch(run.net, run.optimizer, train_set, config, mean, std, epoch, progress))
+    record.update(_validate(run.net, val_set, mean, std)[0])
+    run.history.append(record)
+    return record
+
+
+def _finish(run: _Run, config: TrainConfig, train_set: LabelledImages, val_set: LabelledImages, skipped: int,
+            out_dir: Path) -> tuple[Path, dict]:
+    """The final evaluation on the validation set, written with ``model.pt``; the model's path and the metrics."""
+    from .evaluate import evaluate_predictions, write_evaluation
+
+    _, probabilities = _validate(run.net, val_set, *run.normalize)
+    metrics = evaluate_predictions(val_set.labels.numpy(), probabilities.numpy(), run.classes)
     metrics.update({"train_images": len(train_set), "val_images": len(val_set), "skipped_images": skipped,
                     "epochs": config.epochs})
-    model_path = save_checkpoint(_checkpoint(net, config, classes, mean, std, history, metrics=metrics),
-                                 out_dir / "model.pt")
-    write_evaluation(out_dir, metrics, history)
-    return TrainResult(model_path, checkpoint_path, metrics, history, skipped)
+    model_path = save_checkpoint(run.checkpoint(config, metrics=metrics), out_dir / "model.pt")
+    write_evaluation(out_dir, metrics, run.history)
+    return model_path, metrics
