@@ -10,12 +10,16 @@ each batch through :func:`convlens.capture` (the model borrowed, state restored)
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .capture import OutputRewrite, capture, merge_rewrites
 from .errors import ConvlensError
+
+if TYPE_CHECKING:
+    from .models.model import Model
 
 #: ``make_batch(start, stop) -> (inputs, rewrites)``: channels-first inputs ``start..stop-1`` and the
 #: output rewrites that make them (``{}`` for perturbed pixels; a layer rewrite for an ablation).
@@ -24,7 +28,7 @@ MakeBatch = Callable[[int, int], tuple[torch.Tensor, Mapping[nn.Module, OutputRe
 ScoreBatch = Callable[[object, int, int], torch.Tensor]
 
 
-def score_batches(model, count: int, make_batch: MakeBatch, score: ScoreBatch, *, batch_size: int,
+def score_batches(model: Model | nn.Module, count: int, make_batch: MakeBatch, score: ScoreBatch, *, batch_size: int,
                   rewrite: Mapping[nn.Module, OutputRewrite] | None = None,
                   progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Scores ``(count,)`` float32 of ``count`` inputs, ``batch_size`` per forward pass.
