@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 LayerRef = Union[str, nn.Module]
 #: ``fn(module, inputs, output) -> new output`` applied to a module's output.
-OutputRewrite = Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]
+OutputRewrite = Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]
 
 
 class SpatialView(NamedTuple):
