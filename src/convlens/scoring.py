@@ -10,7 +10,7 @@ each batch through :func:`convlens.capture` (the model borrowed, state restored)
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 #: output rewrites that make them (``{}`` for perturbed pixels; a layer rewrite for an ablation).
 MakeBatch = Callable[[int, int], tuple[torch.Tensor, Mapping[nn.Module, OutputRewrite]]]
 #: ``score(output, start, stop) -> (stop - start,)``: the score of each input of the batch.
-ScoreBatch = Callable[[object, int, int], torch.Tensor]
+ScoreBatch = Callable[[Any, int, int], torch.Tensor]
 
 
 def score_batches(model: Model | nn.Module, count: int, make_batch: MakeBatch, score: ScoreBatch, *, batch_size: int,

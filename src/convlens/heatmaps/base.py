@@ -163,7 +163,7 @@ def _not_spatial(name: str, shape: tuple | None, summary: Summary) -> str:
             f"choose a convolutional layer {suggestion}(see 'convlens layers MODEL')")
 
 
-def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def upsample(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """``(N, h, w)`` -> ``(N, H, W)``, bilinear with pixel centres aligned."""
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps

@@ -53,6 +53,26 @@ class SettlingTarget(Protocol):
                model: Model | None = None) -> tuple[ScoreFn, list[int]]: ...
 
 
+@runtime_checkable
+class PerImageTarget(Protocol):
+    """A settled target that holds something per image (a class, a mask, a box, a reference)."""
+
+    def rows(self, rows: Sequence[int]) -> ScoreFn: ...
+
+
+def target_for_rows(score_fn: ScoreFn | None, rows: Sequence[int]) -> ScoreFn:
+    """The target for a batch whose row ``r`` is a variant of image ``rows[r]`` (perturbation batches).
+
+    A target that holds something per image gives it for those rows; a callable target
+    must score each row on its own.
+    """
+    if score_fn is None:
+        raise RuntimeError("a method scored a pass before the target was settled on the clean batch")
+    if isinstance(score_fn, PerImageTarget):
+        return score_fn.rows(rows)
+    return score_fn
+
+
 def output_parts(output: Any) -> list[tuple[str, Any]]:
     """``[(key, value)]`` of a tuple, list, named tuple or dict output, in order."""
     if isinstance(output, Mapping):
