@@ -61,7 +61,7 @@ def model_view(model: Model, picture: Image.Image) -> Image.Image:
     left, top, right, bottom = crop_box(model.transform, *picture.size)
     height, width = model.input_size
     return picture.convert("RGB").crop((int(round(left)), int(round(top)), int(round(right)),
-                                        int(round(bottom)))).resize((width, height), Image.BILINEAR)
+                                        int(round(bottom)))).resize((width, height), Image.Resampling.BILINEAR)
 
 
 def unit_maps(model: Model, pictures: Sequence[Image.Image], layer: str, unit: int,
@@ -199,7 +199,7 @@ def _font(size: int = 12):
 def _tile(image: Image.Image, size: int = TILE) -> Image.Image:
     """``image`` fitted into a ``size`` square (nearest-neighbour when enlarging small crops)."""
     scale = size / max(image.size)
-    resample = Image.NEAREST if scale >= 2 else Image.BILINEAR
+    resample = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.BILINEAR
     fitted = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample)
     canvas = Image.new("RGB", (size, size), (255, 255, 255))
     canvas.paste(fitted, ((size - fitted.width) // 2, (size - fitted.height) // 2))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import jinja2
 import numpy as np
@@ -39,7 +40,7 @@ from .html import data_uri
 
 _env = jinja2.Environment(loader=jinja2.PackageLoader("convlens.report", "templates"),
                           autoescape=jinja2.select_autoescape(["html", "j2"]))
-_parts = _env.get_template("parts.html.j2").module
+_parts: Any = _env.get_template("parts.html.j2").module  # its macros are attributes jinja makes at run time
 
 
 @dataclass
