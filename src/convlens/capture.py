@@ -228,8 +228,9 @@ class Recorder:
         #: Names whose recorded output is a spatial map ``(N, C, h, w)`` (see :func:`spatial_view`).
         self.spatial: set[str] = set()
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor | None:
-        """Run the model on channels-first ``x``; returns ``None`` when stopped early."""
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Run the model on channels-first ``x``: its whole output (a tensor, or a tuple/dict of them),
+        ``None`` when stopped early."""
         self.outputs.clear()
         self.spatial.clear()
         self._pending = set(self._names)
@@ -282,8 +283,8 @@ def capture(
     recorder = Recorder(module, names, stop)
     handles = []
 
-    def make_hook(name: str) -> Callable:
-        def hook(mod: nn.Module, inputs: tuple, output):
+    def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], torch.Tensor]:
+        def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> torch.Tensor:
             if not isinstance(output, torch.Tensor):
                 raise ConvlensError(
                     f"layer {name!r} returns {type(output).__name__}, not a tensor; choose another layer"
@@ -310,7 +311,7 @@ def capture(
 
         return hook
 
-    def note_input(mod: nn.Module, args: tuple):
+    def note_input(mod: nn.Module, args: tuple[Any, ...]) -> None:
         if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 4:
             recorder.input_size = (int(args[0].shape[-2]), int(args[0].shape[-1]))
             recorder.batch = int(args[0].shape[0])

@@ -16,6 +16,7 @@ heads): the layer the tutorials of pytorch-grad-cam explain.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -138,7 +139,7 @@ def task_names() -> list[str]:
     return sorted(models.list_models(module=models.segmentation) + models.list_models(module=models.detection))
 
 
-def load_task_model(name: str, weights: str | None, labels: list[str] | None,
+def load_task_model(name: str, weights: str | os.PathLike[str] | None, labels: list[str] | None,
                     input_size: Sequence[int] | None = None) -> Model:
     """A torchvision segmentation model or detector by name; ``weights`` as :func:`convlens.load_model` takes it.
 
