@@ -168,7 +168,7 @@ def mask_for_model(model: Model, mask: np.ndarray, image_size: tuple[int, int]) 
     """
     picture = Image.fromarray(mask.astype(np.uint8) * 255).convert("RGB")
     if picture.size != image_size:
-        picture = picture.resize(image_size, Image.NEAREST)
+        picture = picture.resize(image_size, Image.Resampling.NEAREST)
     black = model.transform(Image.new("RGB", picture.size, (0, 0, 0)))[0]
     white = model.transform(Image.new("RGB", picture.size, (255, 255, 255)))[0]
     drawn = model.transform(picture)[0]

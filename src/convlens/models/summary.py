@@ -14,6 +14,7 @@ reaches more than one grid position (one extra backward pass, token models only)
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -118,7 +119,7 @@ def _own_params(module: nn.Module, keras: bool) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def summarize(model: Model, input_size: tuple[int, int] | None = None) -> Summary:
+def summarize(model: Model, input_size: Sequence[int] | None = None) -> Summary:
     """Run one forward pass at ``input_size`` and tabulate every layer's output shape and parameters."""
     size = tuple(input_size or model.input_size)
     channels = 1 if getattr(model.transform, "channels", 3) == 1 else 3

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,8 +121,11 @@ def colorize(heatmap: np.ndarray, colormap: str = "jet") -> np.ndarray:
     return table[index]
 
 
-def _sizes(transform) -> tuple[int | Sequence[int] | None, Sequence[int] | None, int | None]:
-    """``(resize, crop, max_size)`` of a torchvision transform, ``(None, None, None)`` when it does not crop."""
+def _sizes(transform: object) -> tuple[Any, Any, int | None]:
+    """``(resize, crop, max_size)`` of a torchvision transform, ``(None, None, None)`` when it does not crop.
+
+    ``resize`` and ``crop`` are as torchvision holds them: an int, a sequence of one or two ints, or ``None``.
+    """
     if hasattr(transform, "resize_size") and hasattr(transform, "crop_size"):  # weights.transforms()
         return transform.resize_size, transform.crop_size, None
     resize = crop = max_size = None
@@ -172,7 +176,7 @@ def bounded(image: Image.Image, max_side: int | None = MAX_SIDE) -> Image.Image:
     scale = max_side / max(width, height)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     # reducing_gap: Pillow first shrinks by whole factors (fast, no big intermediate), then resamples
-    return image.resize(size, Image.BILINEAR, reducing_gap=3.0)
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
 
 
 def overlay_heatmap(image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, transform=None,
@@ -200,7 +204,7 @@ def overlay_heatmap(image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, t
     box = (int(round(left * scale_x)), int(round(top * scale_y)),
            int(round(right * scale_x)), int(round(bottom * scale_y)))
     box_w, box_h = max(1, box[2] - box[0]), max(1, box[3] - box[1])
-    resized = np.asarray(Image.fromarray(values.astype(np.float32)).resize((box_w, box_h), Image.BILINEAR))
+    resized = np.asarray(Image.fromarray(values.astype(np.float32)).resize((box_w, box_h), Image.Resampling.BILINEAR))
     if style == "map":
         canvas = np.zeros((drawn.height, drawn.width, 3), dtype=np.uint8)
         region = canvas[box[1]:box[1] + box_h, box[0]:box[0] + box_w]

@@ -165,7 +165,7 @@ def _outsiders_note(model: Model, outsiders: list) -> str:
 
 
 def _thumbnail(image: Image.Image, size: int = 160) -> Image.Image:
-    return ImageOps.contain(image, (size, size), Image.BILINEAR)
+    return ImageOps.contain(image, (size, size), Image.Resampling.BILINEAR)
 
 
 def _left_out(skipped: dict[str, str], why: str = "as they do not apply to this model") -> str:
