@@ -38,7 +38,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -170,8 +170,8 @@ def dissect(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource
     plan = plan_scan(model, source, layers, shapes=None, seed=seed, size=size, masks=masks, k=k,
                      batch_size=batch_size, workers=workers, part_size=part_size, indices=None,
                      sketch_bits=MANTISSA_BITS, engine=engine, ray_address=ray_address, model_source=model_source)
-    engine_options = dict(batch_size=batch_size, workers=workers, engine=engine, ray_address=ray_address,
-                          concurrency=concurrency, num_gpus=num_gpus)
+    engine_options: dict[str, Any] = dict(batch_size=batch_size, workers=workers, engine=engine,
+                                          ray_address=ray_address, concurrency=concurrency, num_gpus=num_gpus)
     with writer_lock(store_path):  # both passes and the outputs: one writer of this folder at a time
         atlas = run_scan(plan, store_path, progress=first_pass, **engine_options)
         thresholds = {layer: stats.threshold(quantile) for layer, stats in atlas.stats.items()}

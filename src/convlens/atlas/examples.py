@@ -24,9 +24,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from typing import overload
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import torch

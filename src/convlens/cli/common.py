@@ -342,7 +342,8 @@ class Command(_QuietHelp, TyperCommand):
             value = ctx.params.get(param.name)
             if isinstance(value, float) and not math.isfinite(value):
                 # a typer command's parameters are typer's (TyperArgument, TyperOption)
-                raise typer.BadParameter(f"{value} is not a finite number", ctx=ctx, param=cast("_TyperParameter", param))
+                raise typer.BadParameter(f"{value} is not a finite number", ctx=ctx,
+                                         param=cast("_TyperParameter", param))
         return super().invoke(ctx)
 
 

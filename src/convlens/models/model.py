@@ -128,7 +128,8 @@ class Model:
         batch = torch.stack([self.transform(_within_aspect(image, self.transform)) for image in load_images(images)])
         return self.from_internal(batch).to(device=self.device, dtype=self.dtype)
 
-    def as_batch(self, inputs: ImageLike | Sequence[ImageLike] | torch.Tensor) -> tuple[torch.Tensor, list[Image.Image] | None]:
+    def as_batch(self, inputs: ImageLike | Sequence[ImageLike] | torch.Tensor
+                 ) -> tuple[torch.Tensor, list[Image.Image] | None]:
         """The one input contract: anything a user passes -> ``(x, images)``.
 
         ``x`` is a channels-first ``(N, C, H, W)`` float copy in the model's dtype

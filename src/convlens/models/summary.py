@@ -87,7 +87,8 @@ def _reaches_output(model: Model, x: torch.Tensor, names: list[str]) -> list[str
             from ..targets import output_parts
 
             # the output holds a tensor (the forward pass ran), so the sum is one, not sum()'s start 0
-            total = cast(torch.Tensor, sum(v.float().sum() for _, v in output_parts(output) if isinstance(v, torch.Tensor)))
+            total = cast(torch.Tensor, sum(v.float().sum() for _, v in output_parts(output)
+                                           if isinstance(v, torch.Tensor)))
         acts = [rec.outputs[n] for n in names]
         grads = torch.autograd.grad(total, acts, allow_unused=True)
     reached = []

@@ -16,13 +16,15 @@ steps, 32). Without data, for another model, the section is left out.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jinja2
 from markupsafe import Markup
 
 from ..data.shapes import SHAPE_CLASSES
 from .sections import Context, Section, figure
 
-_parts = jinja2.Environment(loader=jinja2.PackageLoader("convlens.report", "templates"),
+_parts: Any = jinja2.Environment(loader=jinja2.PackageLoader("convlens.report", "templates"),
                             autoescape=jinja2.select_autoescape(["html", "j2"])).get_template("parts.html.j2").module
 
 BUNDLED_LAYERS = ("features.relu3", "features.relu4")

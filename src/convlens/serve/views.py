@@ -29,6 +29,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from PIL import Image
 
@@ -201,7 +202,7 @@ class Explorer:
         for name, method in METHODS.items():
             reason = None
             if method.kind != "perturbation":
-                options = {k: v for k, v in cheapest.items() if k in method.option_names()}
+                options: dict[str, Any] = {k: v for k, v in cheapest.items() if k in method.option_names()}
                 try:
                     with self.lock:
                         explain(self.model, [gray], method=name, layer="auto", **options)
