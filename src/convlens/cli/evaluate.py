@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -14,6 +15,9 @@ from ..fileio import check_output_dir
 from . import app
 from .common import (BATCH_MAX, GPUS_MAX, SEED_MAX, WORKERS_MAX, ModelArg, ModelOptions, grouped, named_list,
                      parse_one_target)
+
+if TYPE_CHECKING:
+    from ..evaluation.runner import Evaluation
 
 
 @app.command()
@@ -57,6 +61,7 @@ def evaluate(
 
     if engine not in ("local", "ray"):
         raise ConvlensError(f"unknown engine {engine!r}; choose local or ray")
+    run_evaluation: Callable[..., Evaluation]  # the local runner, or Ray's with its options bound
     if engine == "ray":
         from ..atlas.ray_engine import evaluate_ray
 
