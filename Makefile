@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 OUT    ?= out
 
-.PHONY: demo test venv browser clean
+.PHONY: demo test lint venv browser clean
 
 venv: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ demo: venv
 
 test: venv browser
 	$(BIN)/python -m pytest
+
+# The source's checks: ruff (style and lint) and mypy (types), both set in pyproject.toml.
+lint: venv
+	$(BIN)/ruff check src && $(BIN)/ruff format --check src && $(BIN)/mypy
 
 # The report test opens the HTML in headless Chromium (Debian packages chromium, chromium-driver).
 # Installed here when missing and we are root; otherwise that one test is skipped.

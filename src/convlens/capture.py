@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple, Union
+from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 LayerRef = Union[str, nn.Module]
 #: ``fn(module, inputs, output) -> new output`` applied to a module's output.
-OutputRewrite = Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor]
+OutputRewrite = Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]
 
 
 class SpatialView(NamedTuple):
@@ -245,8 +245,9 @@ class Recorder:
         #: Names whose recorded output is a spatial map ``(N, C, h, w)`` (see :func:`spatial_view`).
         self.spatial: set[str] = set()
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor | None:
-        """Run the model on channels-first ``x``; returns ``None`` when stopped early."""
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Run the model on channels-first ``x``: its whole output (a tensor, or a tuple/dict of them),
+        ``None`` when stopped early."""
         self.outputs.clear()
         self.spatial.clear()
         self._pending = set(self._names)

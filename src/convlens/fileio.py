@@ -45,7 +45,8 @@ def disk_error(err: OSError, path: str | os.PathLike, *, option: str = "--out") 
         # 'no space left on device while writing out/report.html; nothing half-written was left;
         #  free some space or choose another --out'  (one line)
     """
-    what = _DISK_ADVICE.get(err.errno, (err.strerror or str(err)).lower())
+    fallback = (err.strerror or str(err)).lower()
+    what = _DISK_ADVICE.get(err.errno, fallback) if err.errno is not None else fallback
     todo = f"choose another {option}" if err.errno == errno.EROFS else f"free some space or choose another {option}"
     return f"{what} while writing {path}; nothing half-written was left; {todo}"
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 __all__ = ["Progress", "ProgressDisplay", "Step", "Steps"]
 
@@ -131,7 +131,7 @@ class ProgressDisplay:
         self.stream = stream if stream is not None else sys.stderr
         self.terminal = is_terminal(self.stream)
         self.count = 0  # steps begun or work finished so far
-        self._bar = None
+        self._bar: Any = None  # a tqdm bar once drawn (tqdm ships no types)
         self._last_done = self._last_bucket = 0  # of the last plain line of counted work
 
     # -- what the job reports ---------------------------------------------------------------------

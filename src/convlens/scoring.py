@@ -10,6 +10,7 @@ each batch through :func:`convlens.capture` (the model borrowed, state restored)
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,14 +19,17 @@ from .capture import OutputRewrite, capture, merge_rewrites
 from .errors import ConvlensError
 from .progress import Progress
 
+if TYPE_CHECKING:
+    from .models.model import Model
+
 #: ``make_batch(start, stop) -> (inputs, rewrites)``: channels-first inputs ``start..stop-1`` and the
 #: output rewrites that make them (``{}`` for perturbed pixels; a layer rewrite for an ablation).
 MakeBatch = Callable[[int, int], tuple[torch.Tensor, Mapping[nn.Module, OutputRewrite]]]
 #: ``score(output, start, stop) -> (stop - start,)``: the score of each input of the batch.
-ScoreBatch = Callable[[object, int, int], torch.Tensor]
+ScoreBatch = Callable[[Any, int, int], torch.Tensor]
 
 
-def score_batches(model, count: int, make_batch: MakeBatch, score: ScoreBatch, *, batch_size: int,
+def score_batches(model: Model | nn.Module, count: int, make_batch: MakeBatch, score: ScoreBatch, *, batch_size: int,
                   rewrite: Mapping[nn.Module, OutputRewrite] | None = None,
                   progress: Progress | None = None) -> torch.Tensor:
     """Scores ``(count,)`` float32 of ``count`` inputs, ``batch_size`` per forward pass.

@@ -193,9 +193,9 @@ class LayerStats:
         self._merge_moments(n * height * width, batch_mean.cpu().numpy(), batch_m2.cpu().numpy())
         best, where = flat.max(dim=2)  # (N, C): each image's maximum and its first position
         self.max = np.maximum(self.max, best.max(dim=0).values.double().cpu().numpy())
-        where = where.cpu().numpy().T
+        positions = where.cpu().numpy().T
         images = np.broadcast_to(indices.cpu().numpy().astype(np.int64)[None, :], (channels, n))
-        self._merge_tops(best.double().cpu().numpy().T, images, where // width, where % width)
+        self._merge_tops(best.double().cpu().numpy().T, images, positions // width, positions % width)
         if labels is not None and self.class_images.size:
             labels = labels.cpu()
             known = labels >= 0

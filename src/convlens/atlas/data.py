@@ -168,7 +168,7 @@ def folder_source(root: str | os.PathLike, masks: str | os.PathLike | None = Non
     if not paths:
         raise ConvlensError(f"the dataset is empty: no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
     keys = [p.relative_to(root).as_posix() for p in paths]
-    spec = {"kind": "folder", "root": str(root.resolve()), "masks": str(masks_dir.resolve())}
+    spec: dict[str, str | bool] = {"kind": "folder", "root": str(root.resolve()), "masks": str(masks_dir.resolve())}
     if follow_links:  # only when set, so stores scanned before the option keep their fingerprint
         spec["follow_links"] = True
     return DataSource(spec, keys, labels or [-1] * len(paths), classes, paths, masks_dir,
@@ -197,8 +197,9 @@ def list_source(list_file: str | os.PathLike, masks: str | os.PathLike | None = 
     names = [name for _, name in rows]
     if any(name is not None for name in names) and None in names:
         raise ConvlensError(f"{list_file}: give a class for every image or for none")
-    classes = sorted(set(names)) if names[0] is not None else []
-    labels = [classes.index(name) for name in names] if classes else [-1] * len(rows)
+    # a class for every image or for none (checked above)
+    classes = sorted({name for name in names if name is not None}) if names[0] is not None else []
+    labels = [classes.index(name) for name in names if name is not None] if classes else [-1] * len(rows)
     masks_dir = Path(masks) if masks is not None else base / "masks"
     spec = {"kind": "list", "root": str(list_file.resolve()), "masks": str(masks_dir.resolve())}
     return DataSource(spec, [path for path, _ in rows], labels, classes, paths, masks_dir,

@@ -26,6 +26,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import torch
@@ -62,11 +63,21 @@ def model_view(model: Model, picture: Image.Image) -> Image.Image:
     left, top, right, bottom = crop_box(model.transform, *picture.size)
     height, width = model.input_size
     return picture.convert("RGB").crop((int(round(left)), int(round(top)), int(round(right)),
-                                        int(round(bottom)))).resize((width, height), Image.BILINEAR)
+                                        int(round(bottom)))).resize((width, height), Image.Resampling.BILINEAR)
 
 
+#: ``(x0, y0, x1, y1)`` in pixels, exclusive ends
+Box = tuple[int, int, int, int]
+
+
+@overload
 def unit_maps(model: Model, pictures: Sequence[Image.Image], layer: str, unit: int,
-              positions: Sequence[tuple[int, int]] | None = None) -> tuple[torch.Tensor, list | None]:
+              positions: None = None) -> tuple[torch.Tensor, None]: ...
+@overload
+def unit_maps(model: Model, pictures: Sequence[Image.Image], layer: str, unit: int,
+              positions: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, list[Box | None]]: ...
+def unit_maps(model: Model, pictures: Sequence[Image.Image], layer: str, unit: int,
+              positions: Sequence[tuple[int, int]] | None = None) -> tuple[torch.Tensor, list[Box | None] | None]:
     """The unit's maps ``(n, h, w)`` on ``pictures``; with ``positions`` also each one's input box.
 
     The box ``(x0, y0, x1, y1)`` (input pixels, exclusive ends) bounds the pixels whose gradient of
@@ -87,7 +98,7 @@ def unit_maps(model: Model, pictures: Sequence[Image.Image], layer: str, unit: i
         # images are independent in eval mode, so one gradient of the sum gives every image's own
         gradient, = torch.autograd.grad(maps[rows, unit, ys, xs].sum(), x)
     support = gradient.abs().sum(dim=1) > 0
-    boxes = []
+    boxes: list[Box | None] = []
     for reached in support:
         ys_, xs_ = torch.nonzero(reached, as_tuple=True)
         boxes.append(None if ys_.numel() == 0 else (int(xs_.min()), int(ys_.min()), int(xs_.max()) + 1,
@@ -95,7 +106,7 @@ def unit_maps(model: Model, pictures: Sequence[Image.Image], layer: str, unit: i
     return maps[:, unit].detach().float().cpu(), boxes
 
 
-def _to_picture_box(model: Model, box: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int, ...]:
+def _to_picture_box(model: Model, box: Box, size: tuple[int, int]) -> Box:
     """An input-pixel box in the original picture's pixels (through the model's resize and crop)."""
     x0, y0, x1, y1 = input_box_in_picture(model.transform, box, model.input_size, size)
     return int(np.floor(x0)), int(np.floor(y0)), int(np.ceil(x1)), int(np.ceil(y1))
@@ -126,7 +137,8 @@ def open_scanned_model(atlas: Atlas, model: Model | torch.nn.Module | str | None
     from .store import model_fingerprint
 
     if model is None or isinstance(model, str):
-        size = tuple(int(side) for side in atlas.meta["input_size"].split("x"))
+        height, width = (int(side) for side in atlas.meta["input_size"].split("x"))
+        size = (height, width)
         model = load_model(model or atlas.meta["model_source"], input_size=size, **load_options)
     model = as_model(model)
     if model_fingerprint(model.module) != atlas.meta["model_fingerprint"]:
@@ -196,7 +208,7 @@ def _font(size: int = 12):
 def _tile(image: Image.Image, size: int = TILE) -> Image.Image:
     """``image`` fitted into a ``size`` square (nearest-neighbour when enlarging small crops)."""
     scale = size / max(image.size)
-    resample = Image.NEAREST if scale >= 2 else Image.BILINEAR
+    resample = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.BILINEAR
     fitted = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample)
     canvas = Image.new("RGB", (size, size), (255, 255, 255))
     canvas.paste(fitted, ((size - fitted.width) // 2, (size - fitted.height) // 2))
@@ -285,9 +297,9 @@ def detector_figures(model: Model, source: DataSource, atlas: Atlas, layer: str,
         images = [int(i) for i in stats.top_image[unit, :count] if i >= 0]
         unit_maps_ = torch.stack([maps[i][unit] for i in images])[:, None]
         regions = F.interpolate(unit_maps_, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
-        regions = (regions >= float(thresholds[unit])).numpy()
+        inside = (regions >= float(thresholds[unit])).numpy()
         tiles = []
-        for index, region in zip(images, regions):
+        for index, region in zip(images, inside):
             view = np.asarray(model_view(model, pictures[index]), dtype=np.float32)
             view[region] = 0.5 * view[region] + 0.5 * np.array([255.0, 40.0, 40.0])
             shown = Image.fromarray(view.round().astype(np.uint8))

@@ -38,7 +38,8 @@ def pack(arrays: dict[str, np.ndarray]) -> bytes:
     """Arrays as compressed ``.npz`` bytes (``allow_pickle=False`` on reading: plain numbers only)."""
     buffer = io.BytesIO()
     # compressed: a unit's values fill a few hundred of the sketch's thousands of buckets
-    np.savez_compressed(buffer, **{name.replace("/", "|"): array for name, array in arrays.items()})
+    # numpy's stub types **kwds as if they could fill its allow_pickle flag: names here never are "allow_pickle"
+    np.savez_compressed(buffer, **{name.replace("/", "|"): array for name, array in arrays.items()})  # type: ignore[arg-type]
     return buffer.getvalue()
 
 

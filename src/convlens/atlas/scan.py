@@ -28,7 +28,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -228,9 +228,9 @@ def open_atlas(path: str | os.PathLike) -> Atlas:
     return Atlas.load(path)
 
 
-def data_spec(meta: dict[str, str]) -> dict:
+def data_spec(meta: dict[str, str]) -> dict[str, Any]:
     """The data source's spec from the store's ``data.*`` metadata."""
-    spec = {key[5:]: value for key, value in meta.items() if key.startswith("data.")}
+    spec: dict[str, Any] = {key[5:]: value for key, value in meta.items() if key.startswith("data.")}
     for name in ("count", "seed", "size"):
         if name in spec:
             spec[name] = int(spec[name])

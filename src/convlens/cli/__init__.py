@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         code = 2
     except typer.TyperException as err:  # usage mistakes: click's several lines (usage, hint, error) as one
         if type(err).__name__ == "NoArgsIsHelpError":  # plain `convlens`: the help, as before
-            err.show()
+            err.show()  # type: ignore[attr-defined]  # a click error (typer exports no type for it); all have show()
         else:
             print(f"convlens: error: {_usage_line(err)}", file=sys.stderr)
         code = err.exit_code

@@ -12,8 +12,9 @@ import functools
 import inspect
 import math
 import os
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Optional, cast, overload
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
@@ -21,6 +22,8 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 from ..errors import ConvlensError
 
 if TYPE_CHECKING:
+    from typer.core import _TyperParameter
+
     from ..models import Model
 
 ModelArg = Annotated[str, typer.Argument(
@@ -120,7 +123,8 @@ def grouped(command: Callable) -> Callable:
             values[name] = group.given({option: values.pop(option) for option in group.values})
         return command(**values)
 
-    run.__signature__ = signature.replace(parameters=parameters)  # what typer reads
+    # what typer reads; functools.wraps' type declares no __signature__, which inspect honours on any callable
+    run.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
     run.__annotations__ = {p.name: p.annotation for p in parameters}
     return run
 
@@ -209,6 +213,12 @@ def comma_list(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
+@overload
+def named_list(text: str, option: str, example: str) -> list[str]: ...
+@overload
+def named_list(text: None, option: str, example: str) -> None: ...
+@overload
+def named_list(text: str | None, option: str, example: str) -> list[str] | None: ...
 def named_list(text: str | None, option: str, example: str) -> list[str] | None:
     """A list option's names: ``None`` when the option was not given, a one-line error when given but empty.
 
@@ -287,12 +297,12 @@ def _unwrap(text: str | None) -> str | None:
     return "\n\n".join(" ".join(paragraph.split()) for paragraph in inspect.cleandoc(text).split("\n\n"))
 
 
-def _quiet_types(params: list) -> None:
+def _quiet_types(params: list[Any]) -> None:
     for param in params:
         if isinstance(param, TyperArgument):
             param.metavar = param.metavar or param.name.upper()
             # the name already says what goes there; an instance attribute replaces typer's method for this one
-            param.display_type_rich = lambda ctx: None
+            param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]  # this one instance, on purpose
         elif param.is_flag or param.count:
             param.metavar = ""
         elif param.metavar is None:
@@ -302,6 +312,10 @@ def _quiet_types(params: list) -> None:
 
 class _QuietHelp:
     """Help that names values (``--out PATH``), shows flags bare (``--trust-code``) and unwraps paragraphs."""
+
+    # what the mixin reads of the click command it is mixed into (typer's vendored click)
+    help: str | None
+    params: list[Any]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -327,7 +341,9 @@ class Command(_QuietHelp, TyperCommand):
         for param in self.params:
             value = ctx.params.get(param.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise typer.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
+                # a typer command's parameters are typer's (TyperArgument, TyperOption)
+                raise typer.BadParameter(f"{value} is not a finite number", ctx=ctx,
+                                         param=cast("_TyperParameter", param))
         return super().invoke(ctx)
 
 
@@ -369,7 +385,7 @@ def _cgroup_cpus(path: str = "/sys/fs/cgroup/cpu.max") -> float | None:
         return None
 
 
-def wait_passively(environ: dict | None = None) -> None:
+def wait_passively(environ: MutableMapping[str, str] | None = None) -> None:
     """Make idle OpenMP threads sleep instead of spinning, unless the user chose ``OMP_WAIT_POLICY``.
 
     Called by :func:`convlens.cli.main` before any command imports torch, since
@@ -381,11 +397,11 @@ def wait_passively(environ: dict | None = None) -> None:
     (os.environ if environ is None else environ).setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def machine_threads(environ: dict | None = None) -> int | None:
+def machine_threads(environ: Mapping[str, str] | None = None) -> int | None:
     """:func:`thread_count` for this process: its CPU affinity, its cgroup quota, ``OMP_NUM_THREADS``."""
-    environ = os.environ if environ is None else environ
+    variables = os.environ if environ is None else environ
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return thread_count(cpus, _cgroup_cpus(), environ.get("OMP_NUM_THREADS"))
+    return thread_count(cpus, _cgroup_cpus(), variables.get("OMP_NUM_THREADS"))
 
 
 def use_threads() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -12,6 +12,9 @@ from ..fileio import check_output_dir
 from . import app
 from .common import (BATCH_MAX, GPUS_MAX, SEED_MAX, WORKERS_MAX, ModelArg, ModelOptions, grouped, named_list,
                      parse_one_target)
+
+if TYPE_CHECKING:
+    pass
 
 
 @app.command()

@@ -8,8 +8,9 @@ disk or an interruption never leaves half an output.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional, overload
 
 import typer
 
@@ -17,6 +18,9 @@ from ..errors import ConvlensError
 from ..fileio import check_output_dir, check_output_file, save_image, staged_folder, write_text
 from . import app
 from .common import SEED_MAX, SIDE_MAX, STEPS_MAX, CmapAliasOpt, ColormapOpt, ModelArg, ModelOptions, OptionGroup, grouped, named_list
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 ImageArg = Annotated[Path, typer.Argument(help="An image file (PNG, JPEG, ...).", show_default=False)]
 OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder to write into (created if missing).")]
@@ -61,6 +65,12 @@ class AscentOptions(OptionGroup):
         check_settings(self.optimizer, self.param, self.transforms, self.settings()["regularizers"], self.steps, size)
 
 
+@overload
+def _integers(text: str, what: str) -> list[int]: ...
+@overload
+def _integers(text: None, what: str) -> None: ...
+@overload
+def _integers(text: str | None, what: str) -> list[int] | None: ...
 def _integers(text: str | None, what: str) -> list[int] | None:
     parts = named_list(text, what, "0,1,2")
     if parts is None:
@@ -164,7 +174,7 @@ def filters(
     ascent.check(size)
     loaded = opts.open(model)
     names = list(resolve_layers(loaded, named_list(layers, "--layers", "layer4")))
-    written = {}
+    written: dict[str, Image.Image | str] = {}
     for name in names:
         with _progress(ascent.steps, name) as progress:
             patterns = filter_patterns(loaded, name, chosen, max_filters=rows * cols, size=size, **ascent.settings(),
@@ -181,7 +191,7 @@ def filters(
     _write_all(written, out)
 
 
-def _write_all(written: dict, out: Path) -> None:
+def _write_all(written: Mapping[str, Image.Image | str], out: Path) -> None:
     """Write the files as one set (:func:`~convlens.fileio.staged_folder`): a full disk leaves ``out`` as it was."""
     with staged_folder(out) as stage:
         for file_name, content in written.items():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -42,8 +42,9 @@ def layers(
     loaded = opts.open(model)
     summary = summarize(loaded)
     table = Table(title=f"{loaded.name}  (input {summary.input_size[0]}x{summary.input_size[1]})")
-    for column, justify in (("layer", "left"), ("type", "left"), ("output shape", "left"),
-                            ("params", "right"), ("target", "center")):
+    columns: tuple[tuple[str, Literal["left", "right", "center"]], ...] = (
+        ("layer", "left"), ("type", "left"), ("output shape", "left"), ("params", "right"), ("target", "center"))
+    for column, justify in columns:
         table.add_column(column, justify=justify)
     auto = summary.auto_layer if summary.spatial_layers else None
     for row in summary.rows:

@@ -67,6 +67,7 @@ def _folder_images(folder: Path) -> list[Path]:
 
 def image_set(name: str, images: Images, *, minimum: int = MIN_IMAGES, what: str = "concept") -> ImageSet:
     """``images`` (a folder, a tensor batch, or a list of images) as an :class:`ImageSet` of at least ``minimum``."""
+    items: Sequence[ImageLike] | torch.Tensor
     if isinstance(images, (str, os.PathLike)):
         folder = Path(images)
         if not folder.is_dir():
@@ -186,7 +187,9 @@ def input_sets(inputs: Images | Mapping, classes: Sequence, *, labels: Sequence[
             names = [str(c)] + ([labels[index]] if index is not None and labels and index < len(labels) else [])
             return next((folder / n for n in names if (folder / n).is_dir()), None)
 
-        if all(own(c) is not None for c in classes):
-            return {c: image_set(str(c), own(c), minimum=1, what="inputs of class") for c in classes}
+        owned = {c: own(c) for c in classes}
+        if all(path is not None for path in owned.values()):
+            return {c: image_set(str(c), path, minimum=1, what="inputs of class")
+                    for c, path in owned.items() if path is not None}
     shared = image_set("inputs", inputs, minimum=1, what="inputs")
     return {c: shared for c in classes}

@@ -32,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -174,7 +175,7 @@ def _class_gradients(model: Model, images: ImageSet, class_, layers: list[str], 
     from ..targets import ClassLogits, resolve_targets
 
     parts: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
-    index = None
+    index: int | None = None
     with capture(model, layers, graph=True, rewrite=model.logit_rewrites()) as rec:
         for chunk in images.chunks(batch_size):
             x, _ = model.as_batch(chunk)
@@ -194,6 +195,8 @@ def _class_gradients(model: Model, images: ImageSet, class_, layers: list[str], 
                 if grad is None:
                     raise ConvlensError(f"the class logit does not depend on layer {layer!r}; choose a layer before it")
                 parts[layer].append(grad.flatten(1).float().cpu())
+    if index is None:
+        raise ConvlensError("TCAV has no input images to take the class gradients of")
     return {layer: torch.cat(chunks) for layer, chunks in parts.items()}, int(index)
 
 
@@ -276,7 +279,8 @@ class TCAVResult:
         return "\n".join(lines) + "\n"
 
 
-def tcav(model: Model | torch.nn.Module, class_, concepts: Mapping[str, Images] | str, layers: Sequence[LayerRef],
+def tcav(model: Model | torch.nn.Module, class_, concepts: Mapping[str, Images] | str | os.PathLike[str],
+         layers: Sequence[LayerRef],
          random: Images | Sequence[Images], *, inputs: Images | Mapping, n_runs: int = 10, seed: int = 0,
          batch_size: int = 32, alpha: float = ALPHA, bonferroni: bool = False, masks=None,
          random_size: int | None = None) -> TCAVResult:

@@ -251,11 +251,11 @@ def stratified_split(labels: Sequence[int] | torch.Tensor, val_fraction: float, 
     """
     if not 0 < val_fraction < 1:
         raise ConvlensError(f"the validation fraction must be between 0 and 1, got {val_fraction}")
-    labels = np.asarray(labels)
+    label_array = np.asarray(labels)
     rng = np.random.default_rng(seed)
     train, val = [], []
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
+    for label in np.unique(label_array):
+        members = rng.permutation(np.flatnonzero(label_array == label))
         take = min(len(members) - 1, max(1, int(round(len(members) * val_fraction)))) if len(members) > 1 else 0
         val.append(members[:take])
         train.append(members[take:])

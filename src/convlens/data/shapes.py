@@ -146,8 +146,8 @@ def _upsampler(size: int, coarse: int = 5) -> np.ndarray:
     Pillow's bicubic resize is separable, so ``W @ grid @ W.T`` is the resized
     grid; the weights come from resizing each unit vector once.
     """
-    columns = [np.asarray(Image.fromarray(np.eye(1, coarse, k, dtype=np.float32)).resize((size, 1), Image.BICUBIC))
-               for k in range(coarse)]
+    columns = [np.asarray(Image.fromarray(np.eye(1, coarse, k, dtype=np.float32))
+                          .resize((size, 1), Image.Resampling.BICUBIC)) for k in range(coarse)]
     weights = np.concatenate(columns, axis=0).T.copy()
     weights.setflags(write=False)  # cached and shared by every call
     return weights
@@ -261,7 +261,10 @@ def generate_shape(rng_or_seed, size: int = 128, *, class_index: int | None = No
         obj = _object_mask(class_name, size, centre, radius, rng)
         _paint(canvas, class_name, obj, background_mean, rng, radius)
         object_masks.append(np.array(obj, dtype=bool))
-        boxes.append(obj.getbbox())  # (x0, y0, x1, y1), x1 and y1 exclusive
+        box = obj.getbbox()  # (x0, y0, x1, y1), x1 and y1 exclusive
+        if box is None:
+            raise RuntimeError(f"a {class_name} of radius {radius} was drawn without a pixel")
+        boxes.append(box)
     union = object_masks[0] if count == 1 else np.logical_or(*object_masks)
     return ShapeSample(image=np.array(canvas), mask=union, boxes=boxes,
                        label=class_index, class_name=class_name, object_masks=object_masks)

@@ -16,6 +16,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -155,7 +156,7 @@ def run_fingerprint(model: Model, methods: Sequence[str], metrics: Sequence[str]
     the target only when one is given (:func:`target_fingerprint`), so a run of
     the default target keeps the fingerprint it had before targets were options.
     """
-    options = {"limit": limit} if limit is None else {"limit": limit, "seed": seed}
+    options: dict[str, Any] = {"limit": limit} if limit is None else {"limit": limit, "seed": seed}
     if targets is not None:
         options["targets"] = target_fingerprint(targets)
     return {"version": FINGERPRINT_VERSION, "model": model_fingerprint(model), "methods": list(methods),

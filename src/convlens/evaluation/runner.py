@@ -36,6 +36,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -265,7 +266,8 @@ def score_image(model: Model, picture: Image.Image, mask: np.ndarray | None, exp
     truth = None if mask is None else mask_for_model(model, mask, picture.size)
     for method, explain_fn in explainers.items():
         maps = explain_fn(model, x, targets)  # a tensor or an Explanation: both are accepted
-        record = {"image": name, "method": method, "target": int(targets[0]), "values": {}, "curves": {}}
+        record: dict[str, Any] = {"image": name, "method": method, "target": int(targets[0]), "values": {},
+                                  "curves": {}}
         for metric_name in metrics:
             metric = METRICS[metric_name]
             if metric.needs_masks and truth is None:

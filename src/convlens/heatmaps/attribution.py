@@ -197,8 +197,8 @@ def occlusion(request: Request, *, window: int = 16, stride: int = 8, baseline: 
         for (top, left), score in zip(patches, (clean[image] - scores).tolist()):
             drop[top:top + window, left:left + window] += score
         attributions.append((drop / coverage.clamp(min=1)).expand(channels, -1, -1))
-    attributions = torch.stack(attributions)
-    return RawMaps([attributions.mean(dim=1)], attributions)
+    stacked = torch.stack(attributions)
+    return RawMaps([stacked.mean(dim=1)], stacked)
 
 
 __all__ = ["input_x_gradient", "deconvolution", "smoothgrad_sq", "vargrad", "gradient_shap", "occlusion"]

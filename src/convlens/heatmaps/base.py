@@ -151,7 +151,7 @@ def _checked_scores(scores, count: int, score_fn: ScoreFn) -> torch.Tensor:
     return scores
 
 
-def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def upsample(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """``(N, h, w)`` -> ``(N, H, W)``, bilinear with pixel centres aligned."""
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps

@@ -237,16 +237,17 @@ def bias_layers(model, biases: str = "all") -> dict[str, torch.Tensor]:
     found, seen = {}, set()
     layers = model.named_layers()
     for name, module in layers.items():
-        if id(module) in seen or not isinstance(getattr(module, "bias", None), torch.Tensor):
+        bias = getattr(module, "bias", None)
+        if id(module) in seen or not isinstance(bias, torch.Tensor):
             continue
         exact = type(module) in (nn.Conv2d, nn.BatchNorm2d)
         if biases == "exact" and not exact:
             continue
         if isinstance(module, nn.Conv2d):
-            found[name] = module.bias.detach()
-        elif isinstance(module, nn.BatchNorm2d) and module.running_mean is not None:
+            found[name] = bias.detach()
+        elif isinstance(module, nn.BatchNorm2d) and module.running_mean is not None and module.running_var is not None:
             scale = module.weight.detach() / torch.sqrt(module.running_var + module.eps)
-            folded = module.bias.detach() - module.running_mean * scale
+            folded = bias.detach() - module.running_mean * scale
             if exact:
                 found[name] = folded
             elif isinstance(getattr(module, "act", None), nn.Module) and f"{name}.drop" in layers:
@@ -333,13 +334,15 @@ def smoothgradcam_plusplus(request: Request, *, n_samples: int = 4, stdev: float
                             f"stdev={stdev}")
     clean_acts, _ = layer_gradients(request)
     generator = torch.Generator().manual_seed(seed)
-    square = cube = mean = last_acts = last_grads = None
+    square: list[torch.Tensor] = []
+    cube: list[torch.Tensor] = []
+    mean: list[torch.Tensor] = []
     for _ in range(n_samples):
         noise = torch.randn(request.x.shape, generator=generator).to(request.x.device) * stdev
         noisy = Request(request.model, (request.x.float() + noise).to(request.x.dtype), request.layers,
                         request.score_fn, request.class_indices, request.progress, request.target)
         last_acts, last_grads = layer_gradients(noisy)
-        if square is None:
+        if not square:
             square, cube, mean = ([torch.zeros_like(g) for g in last_grads] for _ in range(3))
         for layer, grad in enumerate(last_grads):
             square[layer] += grad.pow(2) / n_samples

@@ -209,7 +209,7 @@ class Explanation:
 
 # -- post-processing ----------------------------------------------------------
 
-def _combine(per_layer: list[torch.Tensor], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _combine(per_layer: list[torch.Tensor], size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw and final maps from one or several layers' raw maps (see the contract)."""
     if len(per_layer) == 1:
         raw = per_layer[0]

@@ -20,17 +20,16 @@ import torch
 from torch import nn
 
 from ..errors import ConvlensError
+from ..targets import ScoreFn, target_for_rows
 from .cam import gradcam
 from .base import RawMaps, Request, upsample
 
 DEFAULT_BATCH_SIZE = 16
 
 
-def _row_score(request: Request, rows: list[int]):
+def _row_score(request: Request, rows: list[int]) -> ScoreFn:
     """Score for a batch whose row ``r`` is a variant of image ``rows[r]``."""
-    if hasattr(request.score_fn, "rows"):  # a target that holds something per image
-        return request.score_fn.rows(rows)
-    return request.score_fn
+    return target_for_rows(request.score_fn, rows)
 
 
 def input_gradients(request: Request, inputs: torch.Tensor, rows: list[int], batch_size: int,

@@ -47,9 +47,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from ..errors import ConvlensError
+from ..capture import OutputRewrite
 from .base import RawMaps, Request
 from .lrp_rules import AlphaBeta, Epsilon, Flat, Gamma, NormRelevance, Relevance, Rule, ZBox, ZPlus, affine, conv_padding
 
@@ -95,7 +97,7 @@ def assign_rules(module: nn.Module, composite: Composite, skip: Sequence[nn.Modu
             if isinstance(child, nn.Conv2d) and conv_padding(child) is None:
                 raise ConvlensError(f"LRP has no rule for {name} (Conv2d with {child.padding_mode} padding "
                                     f"{child.padding!r}); it supports zero-padded convolutions")
-            if not first_done and isinstance(child, composite.first_types):
+            if not first_done and composite.first is not None and isinstance(child, composite.first_types):
                 rules[child], first_done = composite.first, True
             else:
                 rules[child] = composite.conv if isinstance(child, nn.Conv2d) else composite.linear
@@ -111,19 +113,23 @@ def assign_rules(module: nn.Module, composite: Composite, skip: Sequence[nn.Modu
     return rules
 
 
-def _folded(layer: nn.Module, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def _folded(layer: nn.Conv2d | nn.Linear, norm: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight and bias of ``layer`` followed by the BatchNorm ``norm`` in eval mode, as one affine layer."""
-    scale = torch.rsqrt(norm.running_var + norm.eps)
+    mean, var = norm.running_mean, norm.running_var
+    if mean is None or var is None:
+        raise ConvlensError(f"LRP folds a {type(norm).__name__} into the layer before it, which needs its running "
+                            "statistics; this one has none (track_running_stats=False)")
+    scale = torch.rsqrt(var + norm.eps)
     if norm.weight is not None:
         scale = scale * norm.weight
-    bias = layer.bias if layer.bias is not None else torch.zeros_like(norm.running_mean)
-    folded_bias = (bias - norm.running_mean) * scale
+    bias = layer.bias if layer.bias is not None else torch.zeros_like(mean)
+    folded_bias = (bias - mean) * scale
     if norm.bias is not None:
         folded_bias = folded_bias + norm.bias
     return layer.weight * scale.view(-1, *([1] * (layer.weight.ndim - 1))), folded_bias
 
 
-def _plain_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _plain_norm(module: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """The BatchNorm alone of a norm-and-activation module, in eval mode."""
     return torch.nn.functional.batch_norm(x, module.running_mean, module.running_var, module.weight, module.bias,
                                           False, 0.0, module.eps)
@@ -165,8 +171,8 @@ class _Pass:
         self.names = {m: n for n, m in module.named_modules()}
         self.pending: dict[int, tuple[torch.Tensor, nn.Module, torch.Tensor]] = {}
 
-    def hooks(self, module: nn.Module) -> dict[nn.Module, object]:
-        hooks: dict[nn.Module, object] = {m: self.layer for m in self.rules}
+    def hooks(self, module: nn.Module) -> dict[nn.Module, OutputRewrite]:
+        hooks: dict[nn.Module, OutputRewrite] = {m: self.layer for m in self.rules}
         for child in module.modules():
             if isinstance(child, NORMS) and (not list(child.children()) or _norm_with_activation(child)):
                 hooks[child] = self.norm

@@ -30,10 +30,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.grad import conv2d_input
 
 
 def stabilise(denominator: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -69,20 +71,29 @@ def conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
         totals = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
         if any(t % 2 for t in totals) or any(s != 1 for s in module.stride):
             return None
-        return tuple(t // 2 for t in totals)
-    return tuple(module.padding)
+        return (totals[0] // 2, totals[1] // 2)
+    if isinstance(module.padding, str):  # torch takes no padding string but "valid" and "same"
+        return None
+    height, width = module.padding
+    return (int(height), int(width))
 
 
 def affine(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> Affine:
     """The :class:`Affine` of a ``Conv2d`` or ``Linear`` module with the given (possibly folded) parameters."""
     if isinstance(module, nn.Conv2d):
-        options = dict(stride=module.stride, padding=conv_padding(module), dilation=module.dilation,
-                       groups=module.groups)
+        options: dict[str, Any] = dict(stride=module.stride, padding=conv_padding(module), dilation=module.dilation,
+                                       groups=module.groups)
         return Affine(weight, bias, lambda x, w, b: F.conv2d(x, w, b, **options),
-                      lambda shape, w, g: torch.nn.grad.conv2d_input(shape, w, g, **options))
+                      lambda shape, w, g: conv2d_input(shape, w, g, **options))
     return Affine(weight, bias, F.linear, lambda shape, w, g: g @ w)
 
 
+@overload
+def _part(tensor: torch.Tensor, positive: bool) -> torch.Tensor: ...
+@overload
+def _part(tensor: None, positive: bool) -> None: ...
+@overload
+def _part(tensor: torch.Tensor | None, positive: bool) -> torch.Tensor | None: ...
 def _part(tensor: torch.Tensor | None, positive: bool) -> torch.Tensor | None:
     if tensor is None:
         return None
@@ -96,7 +107,7 @@ def _signed_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     return x.clamp(min=0), x.clamp(max=0)
 
 
-def _total(tensors) -> torch.Tensor:
+def _total(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The sum of the tensors, without ``sum()``'s extra ``0 +`` pass over the first."""
     first, *rest = tensors
     for tensor in rest:
@@ -104,14 +115,19 @@ def _total(tensors) -> torch.Tensor:
     return first
 
 
-def _terms(layer: Affine, inputs: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]]):
+#: ``(input, weight, bias)`` of one term; the weight is ``None`` only where the input is (a term skipped)
+Term = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+
+def _terms(layer: Affine, inputs: list[Term]) -> torch.Tensor:
     """``sum_i layer(input_i; w_i, b_i)`` over the inputs that are not ``None``, biases only where given."""
-    return _total([layer.forward(x, w, b) for x, w, b in inputs if x is not None])
+    return _total([layer.forward(x, w, b) for x, w, b in inputs if x is not None and w is not None])
 
 
-def _back(layer: Affine, scaled: torch.Tensor, inputs: list[tuple[torch.Tensor | None, torch.Tensor]]):
-    """``sum_i x_i * J_i^T scaled`` over the inputs that are not ``None``."""
-    return _total([x * layer.backward(x.shape, w, scaled) for x, w in inputs if x is not None])
+def _back(layer: Affine, scaled: torch.Tensor, inputs: list[tuple[torch.Tensor | None, torch.Tensor | None]]
+          ) -> torch.Tensor:
+    """``sum_i x_i * J_i^T scaled`` over the inputs that are not ``None`` (a weight is ``None`` only with its input)."""
+    return _total([x * layer.backward(x.shape, w, scaled) for x, w in inputs if x is not None and w is not None])
 
 
 @dataclass(frozen=True)
@@ -120,7 +136,7 @@ class Epsilon:
 
     epsilon: float = 1e-6
 
-    def __call__(self, layer: Affine, x, z, relevance):
+    def __call__(self, layer: Affine, x: torch.Tensor, z: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
         return x * layer.backward(x.shape, layer.weight, divide(relevance, z, self.epsilon))
 
 
@@ -130,7 +146,7 @@ class ZPlus:
 
     stabilizer: float = 1e-6
 
-    def __call__(self, layer: Affine, x, z, relevance):
+    def __call__(self, layer: Affine, x: torch.Tensor, z: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
         positive, negative = _signed_inputs(x)
         w_pos, w_neg = _part(layer.weight, True), None if negative is None else _part(layer.weight, False)
         denominator = _terms(layer, [(positive, w_pos, _part(layer.bias, True)), (negative, w_neg, None)])
@@ -149,7 +165,7 @@ class AlphaBeta:
     beta: float = 1.0
     stabilizer: float = 1e-6
 
-    def __call__(self, layer: Affine, x, z, relevance):
+    def __call__(self, layer: Affine, x: torch.Tensor, z: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
         positive, negative = _signed_inputs(x)
         w_pos, w_neg = _part(layer.weight, True), _part(layer.weight, False)
         b_pos, b_neg = _part(layer.bias, True), _part(layer.bias, False)
@@ -166,7 +182,7 @@ class Gamma:
     gamma: float = 0.25
     stabilizer: float = 1e-6
 
-    def __call__(self, layer: Affine, x, z, relevance):
+    def __call__(self, layer: Affine, x: torch.Tensor, z: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
         positive, negative = _signed_inputs(x)
         w, b, g = layer.weight, layer.bias, self.gamma
         w_up, w_down = w + g * w.clamp(min=0), w + g * w.clamp(max=0)
@@ -188,7 +204,7 @@ class ZBox:
     high: float | torch.Tensor
     stabilizer: float = 1e-6
 
-    def __call__(self, layer: Affine, x, z, relevance):
+    def __call__(self, layer: Affine, x: torch.Tensor, z: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
         low = torch.as_tensor(self.low).to(x).expand(x.shape)
         high = torch.as_tensor(self.high).to(x).expand(x.shape)
         w_pos, w_neg = _part(layer.weight, True), _part(layer.weight, False)
@@ -205,7 +221,7 @@ class Flat:
 
     stabilizer: float = 1e-6
 
-    def __call__(self, layer: Affine, x, z, relevance):
+    def __call__(self, layer: Affine, x: torch.Tensor, z: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
         ones, weights = torch.ones_like(x), torch.ones_like(layer.weight)
         scaled = divide(relevance, layer.forward(ones, weights, None), self.stabilizer)
         return layer.backward(x.shape, weights, scaled)

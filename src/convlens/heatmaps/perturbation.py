@@ -13,13 +13,12 @@ device (:func:`scorecam_batch_size`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
 from ..capture import prefix_tokens, spatial_view
 from ..scoring import MakeBatch, score_batches
+from ..targets import ScoreFn, target_for_rows
 from .base import RawMaps, Request, normalise
 
 #: Variants scored per forward pass unless the caller says otherwise.
@@ -45,11 +44,9 @@ def scorecam_batch_size(x: torch.Tensor) -> int:
     return max(1, budget // (x.shape[-2] * x.shape[-1]))
 
 
-def _image_score(request: Request, image: int, rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def _image_score(request: Request, image: int, rows: int) -> ScoreFn:
     """The target of image ``image``, applied to each of ``rows`` rows of a batch of its variants."""
-    if hasattr(request.score_fn, "rows"):  # a target that holds something per image
-        return request.score_fn.rows([image] * rows)
-    return request.score_fn  # a callable target must score each row on its own
+    return target_for_rows(request.score_fn, [image] * rows)
 
 
 def score_variants(request: Request, image: int, count: int, make_batch: MakeBatch,

@@ -75,8 +75,8 @@ def feature_ablation(request: Request, *, segments=None, n_segments: int = 50, c
 
         drops = clean[image] - score_variants(request, image, count, make_batch, batch_size)
         attributions.append(_per_pixel(drops, ids[image], x.shape[1]))
-    attributions = torch.stack(attributions)
-    return RawMaps([attributions.mean(dim=1)], attributions)
+    stacked = torch.stack(attributions)
+    return RawMaps([stacked.mean(dim=1)], stacked)
 
 
 def shapley_sampling(request: Request, *, segments=None, n_segments: int = 25, compactness: float = 10.0,
@@ -117,8 +117,8 @@ def shapley_sampling(request: Request, *, segments=None, n_segments: int = 25, c
         marginal = paths.diff(dim=1)  # (n_samples, K): the change when order s's j-th superpixel came back
         values = torch.zeros(count, device=x.device).index_add_(0, orders.flatten(), marginal.flatten()) / n_samples
         attributions.append(_per_pixel(values, ids[image], x.shape[1]))
-    attributions = torch.stack(attributions)
-    return RawMaps([attributions.mean(dim=1)], attributions)
+    stacked = torch.stack(attributions)
+    return RawMaps([stacked.mean(dim=1)], stacked)
 
 
 def _coalition_scores(request: Request, ids: torch.Tensor, image: int, coalitions: torch.Tensor, baseline: float,
@@ -213,8 +213,8 @@ def lime(request: Request, *, segments=None, n_segments: int = 25, compactness: 
         values = weighted_least_squares(coalitions, scores, weights).to(device=x.device, dtype=torch.float32)
         attributions.append(_per_pixel(values, ids[image], x.shape[1]))
         _skip_fit_draws(generator, count)
-    attributions = torch.stack(attributions)
-    return RawMaps([attributions.mean(dim=1)], attributions)
+    stacked = torch.stack(attributions)
+    return RawMaps([stacked.mean(dim=1)], stacked)
 
 
 def shapley_kernel_coalitions(count: int, n_samples: int, generator: torch.Generator) -> torch.Tensor:
@@ -267,5 +267,5 @@ def kernel_shap(request: Request, *, segments=None, n_segments: int = 25, compac
         values = weighted_least_squares(coalitions, scores, weights).to(device=x.device, dtype=torch.float32)
         attributions.append(_per_pixel(values, ids[image], x.shape[1]))
         _skip_fit_draws(generator, count)
-    attributions = torch.stack(attributions)
-    return RawMaps([attributions.mean(dim=1)], attributions)
+    stacked = torch.stack(attributions)
+    return RawMaps([stacked.mean(dim=1)], stacked)

@@ -83,7 +83,7 @@ def nmf(matrix: np.ndarray, components: int, seed: int = 0, max_iter: int = 200)
     return w, model.components_
 
 
-def _scale_each(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+def _scale_each(maps: torch.Tensor, size: Sequence[int]) -> np.ndarray:
     """Each ``(h, w)`` map shifted to 0 and divided by its maximum, then resized bilinearly to ``size``."""
     shifted = maps - maps.amin(dim=(-2, -1), keepdim=True)
     scaled = shifted / (shifted.amax(dim=(-2, -1), keepdim=True) + 1e-7)

@@ -22,7 +22,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +71,7 @@ def _probe(model: Model, layer: str | None, size: tuple[int, int]) -> torch.Tens
     return rec.output(layer)
 
 
-def _image_size(model: Model, size: int | tuple[int, int] | None, default: int) -> tuple[int, int]:
+def _image_size(model: Model, size: int | Sequence[int] | None, default: int) -> tuple[int, int]:
     """``(H, W)`` to optimise at: the size asked for, else the model's when it takes one size only, else ``default``."""
     if size is None:
         size = fixed_input_size(model) or default
@@ -89,7 +89,7 @@ def _indices(requested: Iterable[int] | None, count: int, what: str, where: str,
 
 
 def filter_patterns(model: Model | nn.Module, layer: LayerRef, filters: Iterable[int] | None = None, *,
-                    max_filters: int = 64, size: int | tuple[int, int] | None = None, steps: int = 128, seed: int = 0,
+                    max_filters: int = 64, size: int | Sequence[int] | None = None, steps: int = 128, seed: int = 0,
                     param: str = "fourier", optimizer: str = "adam", lr: float | None = None,
                     transforms: str | Transform | None = "standard", regularizers: Mapping[str, float] | None = None,
                     progress: Progress | None = None) -> FilterPatterns:
@@ -119,7 +119,7 @@ def filter_patterns(model: Model | nn.Module, layer: LayerRef, filters: Iterable
 
 
 def class_model(model: Model | nn.Module, class_index: int | Iterable[int], *,
-                size: int | tuple[int, int] | None = None,
+                size: int | Sequence[int] | None = None,
                 steps: int = 128, seed: int = 0, param: str = "fourier", optimizer: str = "adam",
                 lr: float | None = None, transforms: str | Transform | None = "standard",
                 regularizers: Mapping[str, float] | None = None, progress: Progress | None = None) -> ClassModel:

@@ -16,7 +16,7 @@ optimisers use it as their default size and keep their transformed images at it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
@@ -68,7 +68,7 @@ def fixed_input_size(model: Model) -> tuple[int, int] | None:
     return (int(model.input_size[0]), int(model.input_size[1])) if model.info.get("fixed_input_size") else None
 
 
-def run_failure(err: Exception, size: tuple[int, int], expected: tuple[int, int] | None = None) -> ConvlensError:
+def run_failure(err: Exception, size: Sequence[int], expected: Sequence[int] | None = None) -> ConvlensError:
     """A one-line user error for a forward pass that failed at ``size`` (too small, or not the model's size)."""
     if expected is not None and tuple(expected) != tuple(size):
         hint = f"this model takes {expected[0]}x{expected[1]} images only: leave the size out"

@@ -20,7 +20,7 @@ untransformed images, so they are comparable across runs and methods.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +77,7 @@ def _choose(table: Mapping, name: str, what: str):
 
 def check_settings(optimizer: str, param: str | ImageParam, transforms: str | Transform | None,
                    regularizers: Mapping[str, float] | None, steps: int,
-                   size: int | tuple[int, int] | None = None) -> None:
+                   size: int | Sequence[int] | None = None) -> None:
     """Validate the options of :func:`maximize` before any work (the CLI calls it before writing)."""
     _choose(OPTIMIZERS, optimizer, "optimizer")
     if isinstance(param, str):

@@ -78,7 +78,7 @@ def random_rotate(degrees: float = 10.0) -> Transform:
     return apply
 
 
-def fit(size: tuple[int, int], value: float = 0.5) -> Transform:
+def fit(size: Sequence[int], value: float = 0.5) -> Transform:
     """Centre-crop or pad (constant ``value``, gray) to exactly ``size`` ``(H, W)``.
 
     Ends the chain for models that take one input size only (a Keras model's

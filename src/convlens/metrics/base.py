@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,8 @@ from ..scoring import score_batches
 from ..targets import AllClasses, ClassLogits, class_logits, resolve_targets
 
 Targets = Union[None, int, str, Sequence[Union[int, str]], torch.Tensor]
+#: settled targets: class indices ``(N,)``, or a task target's rows (:class:`TargetRows`), which stand in for them
+ClassTargets = Union[torch.Tensor, "TargetRows"]
 Score = Literal["probability", "logit"]
 
 
@@ -53,7 +55,7 @@ class Prepared:
     model: Model
     x: torch.Tensor        # (N, C, H, W), channels-first, float
     maps: torch.Tensor     # (N, H, W) float32
-    targets: torch.Tensor  # (N,) long; a TargetRows for a segmenter's, detector's or embedding's target
+    targets: ClassTargets  # (N,) long; a TargetRows for a segmenter's, detector's or embedding's target
 
 
 def as_batch(model: Model, x) -> torch.Tensor:
@@ -61,7 +63,7 @@ def as_batch(model: Model, x) -> torch.Tensor:
     return model.as_batch(x)[0]
 
 
-def as_maps(maps, n: int, size: tuple[int, int]) -> torch.Tensor:
+def as_maps(maps, n: int, size: Sequence[int]) -> torch.Tensor:
     """Heatmaps as float32 ``(N, H, W)`` at ``size``; an ``Explanation`` gives its ``.maps``."""
     maps = getattr(maps, "maps", maps)
     if not isinstance(maps, torch.Tensor):
@@ -85,8 +87,8 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
     return normalise(maps)[0]
 
 
-def forward(model: Model, x: torch.Tensor) -> torch.Tensor:
-    """The model's output for a channels-first batch, without gradients."""
+def forward(model: Model, x: torch.Tensor) -> Any:
+    """The model's output for a channels-first batch, without gradients (a tensor, or a tuple/dict of them)."""
     with capture(model) as rec, torch.no_grad():
         return rec.forward(x)
 
@@ -142,7 +144,7 @@ def class_scores(model: Model, output: torch.Tensor, targets: torch.Tensor, scor
     return values.gather(1, targets.view(-1, 1).to(values.device)).squeeze(1)
 
 
-def as_targets(model: Model, x: torch.Tensor, targets: Targets) -> torch.Tensor:
+def as_targets(model: Model, x: torch.Tensor, targets: Targets) -> ClassTargets:
     """Target classes ``(N,)`` by the one target contract (:func:`convlens.targets.resolve_targets`).
 
     ``None`` is each image's top class; an index or a class name for all images, or one per image.
@@ -169,7 +171,7 @@ def prepare(model, x: torch.Tensor, maps, targets: Targets = None) -> Prepared:
 
 
 def score_inputs(model: Model, make_inputs: Callable[[int, int], torch.Tensor], count: int,
-                 targets: torch.Tensor, *, batch_size: int = 64, score: Score = "probability") -> torch.Tensor:
+                 targets: ClassTargets, *, batch_size: int = 64, score: Score = "probability") -> torch.Tensor:
     """Score ``count`` inputs built lazily, ``batch_size`` at a time (:func:`convlens.scoring.score_batches`).
 
     ``make_inputs(start, stop)`` returns the channels-first inputs ``start..stop-1``
@@ -188,13 +190,13 @@ def trapezoid_auc(fractions: torch.Tensor, scores: torch.Tensor) -> torch.Tensor
 
 
 #: ``explain_fn(model, x, targets) -> maps (N, H, W)``: how sanity checks and ``evaluate`` get heatmaps.
-ExplainFn = Callable[[Model, torch.Tensor, torch.Tensor], torch.Tensor]
+ExplainFn = Callable[[Model, torch.Tensor, ClassTargets], torch.Tensor]
 
 
 def heatmap_explainer(method: str, **options) -> ExplainFn:
     """An ``explain_fn`` that calls ``convlens.explain(model, x, method=method, target=targets)``."""
 
-    def explain_fn(model: Model, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def explain_fn(model: Model, x: torch.Tensor, targets: ClassTargets) -> torch.Tensor:
         if isinstance(targets, TargetRows):  # the settled region, box or similarity: the same on the same images
             return explain(model, x, method=method, target=targets.target.rows(targets.rows.tolist()), **options).maps
         return explain(model, x, method=method, target=[int(t) for t in targets], **options).maps

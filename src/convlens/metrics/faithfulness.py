@@ -151,10 +151,10 @@ def confidence_change(model, x: torch.Tensor, maps, targets: Targets = None, *, 
                       score: Score = "probability") -> tuple[torch.Tensor, torch.Tensor]:
     """``(Y, O)``: each image's target score, and that of the image times its normalised map."""
     prepared = prepare(model, x, maps, targets)
-    x, targets = prepared.x, prepared.targets
+    x, settled = prepared.x, prepared.targets
     masked = x * normalize_maps(prepared.maps).to(x).unsqueeze(1)
     both = torch.cat([x, masked])
-    scores = score_inputs(prepared.model, lambda a, b: both[a:b], both.shape[0], targets.repeat(2),
+    scores = score_inputs(prepared.model, lambda a, b: both[a:b], both.shape[0], settled.repeat(2),
                           batch_size=batch_size, score=score)
     return scores[: x.shape[0]], scores[x.shape[0]:]
 

@@ -118,7 +118,7 @@ def road(model, x: torch.Tensor, maps, targets: Targets = None, *, order: str = 
     if not fractions or any(not 0 < f < 1 for f in fractions):
         raise ConvlensError(f"ROAD fractions must lie strictly between 0 and 1, got {fractions}")
     prepared = prepare(model, x, maps, targets)
-    x, targets = prepared.x, prepared.targets
+    x, settled = prepared.x, prepared.targets
     generator = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator()
     imputed = []
     for fraction in fractions:
@@ -128,7 +128,7 @@ def road(model, x: torch.Tensor, maps, targets: Targets = None, *, order: str = 
             jitter = noise * torch.randn(filled.shape, generator=generator).to(filled)
             imputed.append(torch.where(mask.to(filled.device), filled + jitter, filled))
     stack = torch.stack(imputed)  # (F * N, C, H, W), fraction-major
-    scores = score_inputs(prepared.model, lambda a, b: stack[a:b], stack.shape[0], targets.repeat(len(fractions)),
+    scores = score_inputs(prepared.model, lambda a, b: stack[a:b], stack.shape[0], settled.repeat(len(fractions)),
                           batch_size=batch_size, score=score)
     return Curve(torch.tensor(fractions), scores.view(len(fractions), -1).T.contiguous())
 

@@ -58,7 +58,8 @@ from ..capture import capture
 from ..errors import ConvlensError, did_you_mean
 from ..models import Model
 from ..kernels import gaussian_kernel
-from .base import ExplainFn, Targets, as_batch, as_maps, as_model, as_targets, heatmap_explainer, normalize_maps
+from .base import (ClassTargets, ExplainFn, Targets, as_batch, as_maps, as_model, as_targets, heatmap_explainer,
+                   normalize_maps)
 
 #: A method fails the sanity check when its maps keep this Spearman rank correlation (of the absolute
 #: maps) with the trained model's after every weight is randomised: such a map does not depend on the model.
@@ -177,7 +178,7 @@ def _copy(model: Model) -> Model:
     return dataclasses.replace(model, module=copy.deepcopy(model.module))
 
 
-def _explain(explain_fn: ExplainFn, model: Model, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _explain(explain_fn: ExplainFn, model: Model, x: torch.Tensor, targets: ClassTargets) -> torch.Tensor:
     maps = explain_fn(model, x, targets)
     internal = as_batch(model, x)
     return as_maps(maps, internal.shape[0], tuple(internal.shape[-2:]))
@@ -202,7 +203,7 @@ def parameter_randomization(model, x: torch.Tensor, targets: Targets = None, *,
         raise ConvlensError(f"unknown randomisation mode {mode!r}; choose 'cascading' or 'independent'")
     model = as_model(model)
     explain_fn = explain_fn or heatmap_explainer(method)
-    targets = as_targets(model, as_batch(model, x), targets)
+    settled = as_targets(model, as_batch(model, x), targets)
     table = model.named_layers()
     if layers is None:
         layers = list(reversed(parametrized_layers(model, x)))
@@ -211,13 +212,13 @@ def parameter_randomization(model, x: torch.Tensor, targets: Targets = None, *,
             raise ConvlensError(f"unknown layer {name!r}{did_you_mean(name, table)}")
     if not layers:
         raise ConvlensError("the model has no layer with parameters to randomise")
-    original = _explain(explain_fn, _copy(model), x, targets)  # a copy even here: explain_fn is the caller's
+    original = _explain(explain_fn, _copy(model), x, settled)  # a copy even here: explain_fn is the caller's
     randomized_maps = []
     cascade = _copy(model) if mode == "cascading" else None
     for step, name in enumerate(layers):
         current = cascade if cascade is not None else _copy(model)
         randomize_layer(current.named_layers()[name], torch.Generator().manual_seed(seed + step))
-        randomized_maps.append(_explain(explain_fn, current, x, targets))
+        randomized_maps.append(_explain(explain_fn, current, x, settled))
         if progress is not None:
             progress(step + 1, len(layers))
     maps = torch.stack(randomized_maps)
@@ -236,5 +237,5 @@ def data_randomization(model, random_label_model, x: torch.Tensor, targets: Targ
     """
     model, random_label_model = as_model(model), as_model(random_label_model)
     explain_fn = explain_fn or heatmap_explainer(method)
-    targets = as_targets(model, as_batch(model, x), targets)
-    return similarity(_explain(explain_fn, model, x, targets), _explain(explain_fn, random_label_model, x, targets))
+    settled = as_targets(model, as_batch(model, x), targets)
+    return similarity(_explain(explain_fn, model, x, settled), _explain(explain_fn, random_label_model, x, settled))

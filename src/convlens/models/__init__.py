@@ -5,4 +5,4 @@ from .model import Model, Prediction
 from .summary import Summary, auto_layer, summarize, survey
 
 __all__ = ["ARCHITECTURES", "Model", "as_model", "Prediction", "Summary", "auto_layer", "load_model",
-           "summarize", "torchvision_names"]
+           "summarize", "survey", "torchvision_names"]

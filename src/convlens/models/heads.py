@@ -5,6 +5,8 @@ CAM weights a layer's channels by it, and Deep Feature Factorization scores each
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -18,10 +20,11 @@ def linear_head(layers: dict[str, nn.Module], refusal: str) -> tuple[nn.Module, 
     """
     for module in reversed(list(layers.values())):
         if isinstance(module, nn.Linear):
-            bias = module.bias.detach() if module.bias is not None else None
+            bias: torch.Tensor | None = module.bias.detach() if module.bias is not None else None
             return module, module.weight.detach(), bias
         if type(module).__name__ == "Dense" and hasattr(module, "kernel"):
-            bias = getattr(module, "bias", None)
-            bias = torch.as_tensor(bias.value).detach() if bias is not None else None
-            return module, torch.as_tensor(module.kernel.value).detach().T, bias
+            dense: Any = module  # a Keras Dense layer (keras ships no types)
+            keras_bias = getattr(dense, "bias", None)
+            bias = torch.as_tensor(keras_bias.value).detach() if keras_bias is not None else None
+            return module, torch.as_tensor(dense.kernel.value).detach().T, bias
     raise ConvlensError(refusal)

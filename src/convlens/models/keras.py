@@ -12,17 +12,24 @@ import os
 import re
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import ConvlensError, ConvlensWarning, first_line
-from .model import ChannelsLastAdapter, Model
+from .model import ChannelsLastAdapter, Model, OutputKind
 from .transforms import KERAS_MODES, KerasTransform
 
+if TYPE_CHECKING:
+    from ..capture import OutputRewrite
 
-def import_keras():
+# Keras ships no type information: its models and layers are ``Any`` here.
+
+
+def import_keras() -> Any:
     """Import Keras on its torch backend, or say how to get it."""
     os.environ.setdefault("KERAS_BACKEND", "torch")
     try:
@@ -37,7 +44,7 @@ def import_keras():
     return keras
 
 
-def is_keras_model(obj) -> bool:
+def is_keras_model(obj: object) -> bool:
     keras = __import__("sys").modules.get("keras")
     return keras is not None and isinstance(obj, keras.Model)
 
@@ -85,7 +92,7 @@ def load_keras_file(path: Path, preprocessing: str | None = None, labels: list[s
     return wrap_keras(keras_model, name=path.name, preprocessing=preprocessing, labels=labels)
 
 
-def _safe_mode_scope():
+def _safe_mode_scope() -> Any:
     """Keras's own scope that sets its global safe-mode flag for the duration (restored after)."""
     from keras.src.saving.serialization_lib import SafeModeScope
 
@@ -100,7 +107,7 @@ def _unsafe_members(path: Path) -> list[str]:
             or re.match(r"[A-Za-z]:", name)]
 
 
-def _first_layers(keras_model):
+def _first_layers(keras_model: Any) -> list[Any]:
     return [layer for layer in keras_model.layers if type(layer).__name__ != "InputLayer"]
 
 
@@ -120,7 +127,7 @@ _APPLICATION_MODES = ((r"resnet\d+v2", "ResNet V2", "tf"), (r"resnet\d+", "ResNe
                       (r"inception", "Inception", "tf"), (r"nasnet", "NASNet", "tf"))
 
 
-def _leading_layers(model):
+def _leading_layers(model: Any) -> Iterator[Any]:
     """The layers an input meets first, in order, nested models opened up."""
     for layer in model.layers:
         if type(layer).__name__ == "InputLayer":
@@ -131,22 +138,22 @@ def _leading_layers(model):
             yield layer
 
 
-def _as_floats(value) -> list[float]:
+def _as_floats(value: Any) -> list[float]:
     """A layer's number, list or tensor as plain floats."""
     return [float(v) for v in torch.as_tensor(value).detach().cpu().reshape(-1).tolist()]
 
 
-def _numbers(value) -> str:
+def _numbers(value: Any) -> str:
     return ", ".join(f"{v:.4g}" for v in _as_floats(value))
 
 
-def _describe(layer) -> str:
+def _describe(layer: Any) -> str:
     if type(layer).__name__ == "Rescaling":
         return f"Rescaling(scale={_numbers(layer.scale)}, offset={_numbers(layer.offset)})"
     return f"Normalization(mean={_numbers(layer.mean)})"
 
 
-def detect_preprocessing(keras_model) -> tuple[str, str]:
+def detect_preprocessing(keras_model: Any) -> tuple[str, str]:
     """The input scaling a Keras model expects, read from its first layers: ``(mode, reason)``.
 
     keras.applications' EfficientNet, EfficientNetV2, MobileNetV3 and ConvNeXt
@@ -183,7 +190,7 @@ def detect_preprocessing(keras_model) -> tuple[str, str]:
     return "rescale", reason
 
 
-def wrap_keras(keras_model, name: str | None = None, preprocessing: str | None = None,
+def wrap_keras(keras_model: Any, name: str | None = None, preprocessing: str | None = None,
                labels: list[str] | None = None) -> Model:
     """Wrap an in-memory Keras model as a :class:`Model`.
 
@@ -209,7 +216,7 @@ def wrap_keras(keras_model, name: str | None = None, preprocessing: str | None =
     activation = getattr(getattr(last, "activation", None), "__name__", "")
     if type(last).__name__ == "Softmax":
         activation = "softmax"
-    output = activation if activation in ("softmax", "sigmoid") else "logits"
+    output: OutputKind = "softmax" if activation == "softmax" else "sigmoid" if activation == "sigmoid" else "logits"
     # A declared size is the only one the model is fed; without one (keras.applications built without
     # input_shape, e.g. MobileNetV3) any size runs, and images are resized to ImageNet's 224 by default.
     fixed = shape[1] is not None and shape[2] is not None
@@ -228,11 +235,11 @@ def wrap_keras(keras_model, name: str | None = None, preprocessing: str | None =
     )
 
 
-def keras_layers(keras_model) -> dict[str, nn.Module]:
+def keras_layers(keras_model: Any) -> dict[str, nn.Module]:
     """Every layer by its Keras name, nested models flattened, input layers left out."""
     table: dict[str, nn.Module] = {}
 
-    def walk(model):
+    def walk(model: Any) -> None:
         for layer in model.layers:
             if type(layer).__name__ == "InputLayer":
                 continue
@@ -244,15 +251,15 @@ def keras_layers(keras_model) -> dict[str, nn.Module]:
     return table
 
 
-def keras_logit_rewrites(keras_model) -> dict[nn.Module, object]:
+def keras_logit_rewrites(keras_model: Any) -> dict[nn.Module, OutputRewrite]:
     """Replace a final softmax/sigmoid by the identity, giving the pre-activation logits."""
     last = _first_layers(keras_model)[-1]
     if type(last).__name__ in ("Softmax", "Activation"):
         return {last: lambda mod, inputs, output: inputs[0]}
     if type(last).__name__ == "Dense":
-        def dense_logits(mod, inputs, output):
+        def dense_logits(mod: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
             logits = torch.matmul(inputs[0], mod.kernel.value)
-            return logits + mod.bias.value if mod.use_bias else logits
+            return logits + mod.bias.value if mod.use_bias else logits  # a Keras Dense layer: untyped
 
         return {last: dense_logits}
     raise ConvlensError(

@@ -17,6 +17,7 @@ import re
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -46,7 +47,7 @@ def torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def _read_labels(labels) -> list[str] | None:
+def _read_labels(labels: list[str] | str | os.PathLike[str] | None) -> list[str] | None:
     if labels is None or isinstance(labels, list):
         return labels
     path = Path(labels)
@@ -56,11 +57,11 @@ def _read_labels(labels) -> list[str] | None:
 
 
 def load_model(
-    source,
+    source: Any,  # a name, a path, an nn.Module or a Keras model
     *,
-    weights: str | os.PathLike | None = "default",
+    weights: str | os.PathLike[str] | None = "default",
     arch: str | None = None,
-    labels: list[str] | str | os.PathLike | None = None,
+    labels: list[str] | str | os.PathLike[str] | None = None,
     preprocessing: str | None = None,
     device: str | torch.device | None = None,
     input_size: int | tuple[int, int] | None = None,
@@ -185,14 +186,14 @@ def resized(model: Model, input_size: int | Sequence[int]) -> Model:
     return model
 
 
-def _looks_like_path(source) -> bool:
+def _looks_like_path(source: object) -> bool:
     """Whether ``source`` names a file rather than a model: a path object, a separator, or a model-file suffix."""
     text = str(source)
     return (isinstance(source, os.PathLike) or any(sep in text for sep in ("/", "\\", os.sep))
             or Path(text).suffix.lower() in MODEL_SUFFIXES)
 
 
-def as_model(model) -> Model:
+def as_model(model: Any) -> Model:
     """A :class:`Model` as given; a bare ``nn.Module`` or Keras model wrapped as :func:`load_model` does.
 
     The methods' entry points call this, so each of them takes a module as readily as a Model.
@@ -242,13 +243,13 @@ def from_module(module: nn.Module, name: str | None = None, labels: list[str] | 
     )
 
 
-def _timm_spec(module: nn.Module) -> dict | None:
+def _timm_spec(module: nn.Module) -> dict[str, Any] | None:
     """Input size, mean, std and crop ratio from a timm model's ``pretrained_cfg``, if it has one."""
     cfg = getattr(module, "pretrained_cfg", None)
     if not isinstance(cfg, dict) or "input_size" not in cfg:
         return None
     _, height, width = cfg["input_size"]
-    embed = getattr(module, "patch_embed", None)
+    embed: Any = getattr(module, "patch_embed", None)  # a timm PatchEmbed
     fixed = bool(getattr(embed, "strict_img_size", False) and getattr(embed, "img_size", None))
     if fixed:
         height, width = embed.img_size  # a ViT built for another size than its config's only runs at that one
@@ -257,7 +258,7 @@ def _timm_spec(module: nn.Module) -> dict | None:
             "fixed": fixed}
 
 
-def _load_named(name: str, weights, labels: list[str] | None) -> Model:
+def _load_named(name: str, weights: str | os.PathLike[str] | None, labels: list[str] | None) -> Model:
     if name in ARCHITECTURES:
         module = ARCHITECTURES[name]()
         if weights not in (None, "none", "default"):
@@ -295,7 +296,7 @@ def _load_named(name: str, weights, labels: list[str] | None) -> Model:
     )
 
 
-def _read_state_dict(path: Path) -> dict:
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ConvlensError(f"weights file not found: {path}")
     try:
@@ -313,7 +314,7 @@ def _read_state_dict(path: Path) -> dict:
     return state
 
 
-def _load_state_dict(module: nn.Module, state: dict, path: Path, arch: str) -> None:
+def _load_state_dict(module: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
     own = module.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if mismatched:
@@ -392,7 +393,7 @@ def _load_torch_file(path: Path, arch: str | None, labels: list[str] | None, tru
     raise ConvlensError(f"{path} holds a {type(obj).__name__}, not a model or a state dict")
 
 
-def _from_checkpoint(checkpoint: dict, path: Path, labels: list[str] | None) -> Model:
+def _from_checkpoint(checkpoint: dict[str, Any], path: Path, labels: list[str] | None) -> Model:
     """A checkpoint written by ``convlens train``: architecture, weights and preprocessing in one file."""
     arch = checkpoint.get("arch")
     if arch not in ARCHITECTURES:
@@ -404,7 +405,8 @@ def _from_checkpoint(checkpoint: dict, path: Path, labels: list[str] | None) -> 
     _load_state_dict(module, checkpoint["state_dict"], path, arch)
     size = tuple(checkpoint.get("input_size", (128, 128)))
     norm = checkpoint.get("normalize") or {}
-    spec = {"mean": norm.get("mean"), "std": norm.get("std"), "crop": None, "source": "convlens checkpoint"}
+    spec: dict[str, Any] = {"mean": norm.get("mean"), "std": norm.get("std"), "crop": None,
+                            "source": "convlens checkpoint"}
     transform, described = make_transform(size, **spec)
     info = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer", "convlens")}
     return Model(

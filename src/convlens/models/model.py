@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -19,6 +19,11 @@ from ..errors import ConvlensError
 from ..images import ImageLike, load_images
 from ..targets import OutputKey, class_probabilities, select_output
 from .transforms import within_aspect
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ..capture import OutputRewrite
 
 Layout = Literal["channels_first", "channels_last"]
 OutputKind = Literal["logits", "softmax", "sigmoid"]
@@ -36,12 +41,13 @@ class Prediction:
 class ChannelsLastAdapter(nn.Module):
     """Presents a channels-last Keras model (torch backend) as a channels-first module."""
 
-    def __init__(self, keras_model):
+    def __init__(self, keras_model: Any):
         super().__init__()
         self.keras_model = keras_model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.keras_model(x.permute(0, 2, 3, 1))
+        output: torch.Tensor = self.keras_model(x.permute(0, 2, 3, 1))
+        return output
 
 
 @dataclass
@@ -66,14 +72,14 @@ class Model:
 
     module: nn.Module
     name: str
-    transform: Callable
+    transform: Callable[[Image.Image], torch.Tensor]
     input_size: tuple[int, int]
     labels: list[str] | None = None
     layout: Layout = "channels_first"
     output: OutputKind = "logits"
     framework: str = "torch"
-    keras_model: object | None = None
-    info: dict = field(default_factory=dict)
+    keras_model: Any = None  # a keras.Model (keras ships no types)
+    info: dict[str, Any] = field(default_factory=dict)
     select: OutputKey = None
     preprocessing: str = ""
 
@@ -123,7 +129,8 @@ class Model:
         batch = torch.stack([self.transform(within_aspect(image, self.transform)) for image in load_images(images)])
         return self.from_internal(batch).to(device=self.device, dtype=self.dtype)
 
-    def as_batch(self, inputs: ImageLike | Sequence[ImageLike] | torch.Tensor) -> tuple[torch.Tensor, list | None]:
+    def as_batch(self, inputs: ImageLike | Sequence[ImageLike] | torch.Tensor
+                 ) -> tuple[torch.Tensor, list[Image.Image] | None]:
         """The one input contract: anything a user passes -> ``(x, images)``.
 
         ``x`` is a channels-first ``(N, C, H, W)`` float copy in the model's dtype
@@ -135,6 +142,7 @@ class Model:
         * anything else (a path, a PIL image, a NumPy array, or a list of any of
           these) is a picture, run through the model's :attr:`transform`.
         """
+        images: list[Image.Image] | None
         if isinstance(inputs, torch.Tensor) and inputs.ndim in (3, 4):
             batch, images = self.to_internal(inputs.detach()), None
         else:
@@ -145,7 +153,7 @@ class Model:
         return batch.to(device=self.device, dtype=self.dtype).clone(), images
 
     # -- output -----------------------------------------------------------
-    def __call__(self, x: torch.Tensor):
+    def __call__(self, x: torch.Tensor) -> Any:
         """Forward a batch in the user's layout; the model's state is borrowed, not changed.
 
         Returns the module's whole output (a tensor, or a tuple/dict for a multi-output model).
@@ -155,11 +163,11 @@ class Model:
         with capture(self) as rec:
             return rec.forward(self.to_internal(x))
 
-    def scores(self, output) -> torch.Tensor:
+    def scores(self, output: Any) -> torch.Tensor:
         """The class-score tensor of the model's output (``select`` picks it from several)."""
         return select_output(output, self.select)
 
-    def probabilities(self, output) -> torch.Tensor:
+    def probabilities(self, output: Any) -> torch.Tensor:
         """Class probabilities ``(N, K)``; a single sigmoid/logit output gives ``[1-p, p]``."""
         return class_probabilities(self.scores(output), self.output)
 
@@ -168,7 +176,7 @@ class Model:
             return self.labels[index]
         return f"class {index}"
 
-    def predict(self, images: ImageLike | Sequence[ImageLike] | torch.Tensor, top_k: int = 5) -> list[list]:
+    def predict(self, images: ImageLike | Sequence[ImageLike] | torch.Tensor, top_k: int = 5) -> list[list[Any]]:
         """Top-k classes per image with their probabilities (:class:`Prediction`).
 
         A segmentation model (a dense output ``(N, K, H, W)``) gives each image's classes by the share
@@ -196,7 +204,7 @@ class Model:
             for vs, ix in zip(values.tolist(), indices.tolist())
         ]
 
-    def logit_rewrites(self) -> dict[nn.Module, Callable]:
+    def logit_rewrites(self) -> dict[nn.Module, OutputRewrite]:
         """Output rewrites that skip a final softmax/sigmoid, so targets see pre-activation logits.
 
         Saturated probabilities have vanishing gradients; every gradient method
@@ -212,7 +220,7 @@ class Model:
         return {final: lambda mod, inputs, output: inputs[0]} if final is not None else {}
 
 
-def _tensors(output) -> list[torch.Tensor]:
+def _tensors(output: Any) -> list[torch.Tensor]:
     if isinstance(output, torch.Tensor):
         return [output]
     values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else []
@@ -227,7 +235,7 @@ def first_nonfinite_layer(model: Model, x: torch.Tensor) -> str | None:
     by_module = {m: n for n, m in layers.items()}
     found: list[str] = []
 
-    def check(module, inputs, output):
+    def check(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         if not found and any(not torch.isfinite(t).all() for t in _tensors(output) if t.is_floating_point()):
             found.append(by_module[module])
         return output
@@ -237,7 +245,7 @@ def first_nonfinite_layer(model: Model, x: torch.Tensor) -> str | None:
     return found[0] if found else None
 
 
-def ensure_finite(model: Model, x: torch.Tensor, output) -> None:
+def ensure_finite(model: Model, x: torch.Tensor, output: Any) -> None:
     """A one-line error when the model's output (for channels-first ``x``) holds NaN or infinity."""
     if all(torch.isfinite(t).all() for t in _tensors(output) if t.is_floating_point()):
         return

@@ -60,4 +60,5 @@ class ShapesNet(nn.Module):
         self.head = nn.Linear(channels, 1 if num_classes == 2 else num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.gap(self.features(x)).flatten(1))
+        logits: torch.Tensor = self.head(self.gap(self.features(x)).flatten(1))
+        return logits

@@ -14,7 +14,9 @@ reaches more than one grid position (one extra backward pass, token models only)
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -84,7 +86,9 @@ def _reaches_output(model: Model, x: torch.Tensor, names: list[str]) -> list[str
         except ConvlensError:  # several outputs and none chosen: any of them will do here
             from ..targets import output_parts
 
-            total = sum(v.float().sum() for _, v in output_parts(output) if isinstance(v, torch.Tensor))
+            # the output holds a tensor (the forward pass ran), so the sum is one, not sum()'s start 0
+            total = cast(torch.Tensor, sum(v.float().sum() for _, v in output_parts(output)
+                                           if isinstance(v, torch.Tensor)))
         acts = [rec.outputs[n] for n in names]
         grads = torch.autograd.grad(total, acts, allow_unused=True)
     reached = []
@@ -111,25 +115,27 @@ def _choose_auto(model: Model, x: torch.Tensor, rows: list[LayerRow], order: lis
 
 def _own_params(module: nn.Module, keras: bool) -> int:
     if keras:
-        return int(module.count_params()) if getattr(module, "built", False) else 0
+        layer: Any = module  # a Keras layer (keras ships no types)
+        return int(layer.count_params()) if getattr(layer, "built", False) else 0
     return sum(p.numel() for p in module.parameters())
 
 
-def summarize(model: Model, input_size: tuple[int, int] | None = None) -> Summary:
+def summarize(model: Model, input_size: Sequence[int] | None = None) -> Summary:
     """Run one forward pass at ``input_size`` and tabulate every layer's output shape and parameters."""
     size = tuple(input_size or model.input_size)
     channels = 1 if getattr(model.transform, "channels", 3) == 1 else 3
     return survey(model, torch.zeros(1, channels, *size, device=model.device, dtype=model.dtype))[0]
 
 
-def survey(model: Model, x: torch.Tensor, *, logits: bool = False) -> tuple[Summary, object]:
+def survey(model: Model, x: torch.Tensor, *, logits: bool = False) -> tuple[Summary, Any]:
     """:func:`summarize` on a real channels-first batch ``x``, returning the model's output of that same pass.
 
     One pass tells which layers are maps, which one ``auto`` picks, and what the
     model answers, so a caller checking a request needs no second pass. With
     ``logits`` a final softmax/sigmoid is skipped (:meth:`Model.logit_rewrites`).
     """
-    size = tuple(int(v) for v in x.shape[-2:])
+    height, width = (int(v) for v in x.shape[-2:])
+    size = (height, width)
     layers = model.named_layers()
     keras = model.keras_model is not None
     shapes: dict[str, tuple[int, ...]] = {}
@@ -138,7 +144,7 @@ def survey(model: Model, x: torch.Tensor, *, logits: bool = False) -> tuple[Summ
     by_module = {m: n for n, m in layers.items()}
     prefix = prefix_tokens(model.module)
 
-    def record(mod, inputs, output):
+    def record(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
         name = by_module[mod]
         if isinstance(output, torch.Tensor):
             shapes[name] = (-1, *output.shape[1:])

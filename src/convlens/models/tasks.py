@@ -16,14 +16,22 @@ heads): the layer the tutorials of pytorch-grad-cam explain.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..targets import detections, is_dense, select_output
+from ..targets import OutputKey, detections, is_dense, select_output
 from ..targets.tasks import BACKGROUND
+
+if TYPE_CHECKING:
+    from .model import Model
+
+#: ``label(index) -> name``: a class's name (:meth:`Model.label`).
+LabelOf = Callable[[int], str]
 
 
 @dataclass
@@ -63,30 +71,32 @@ def task_of(module: nn.Module) -> str | None:
 
 def detector_size(module: nn.Module) -> tuple[tuple[int, int], bool]:
     """The input size a detector runs at by default (its own resize's short side), and whether it is fixed."""
-    transform = module.transform
+    transform: Any = module.transform  # torchvision's GeneralizedRCNNTransform (untyped)
     if transform.fixed_size is not None:
-        return tuple(int(v) for v in transform.fixed_size), True
+        height, width = (int(v) for v in transform.fixed_size)
+        return (height, width), True
     side = int(transform.min_size[-1])
     return (side, side), False
 
 
 def set_detector_size(module: nn.Module, size: Sequence[int]) -> None:
     """Make the detector's own resize leave a ``size`` input as it is (scale factor 1)."""
-    transform = module.transform
+    transform: Any = module.transform  # torchvision's GeneralizedRCNNTransform (untyped)
     if transform.fixed_size is None:
         transform.min_size = (int(min(size)),)
         transform.max_size = int(max(size))
 
 
-def task_info(module: nn.Module, task: str) -> dict:
+def task_info(module: nn.Module, task: str) -> dict[str, Any]:
     """The ``Model.info`` entries of a task model: where ``auto`` looks, whether the size is fixed."""
-    info: dict = {"task": task, "auto_within": "backbone"}
-    if task == "detect" and module.transform.fixed_size is not None:
+    info: dict[str, Any] = {"task": task, "auto_within": "backbone"}
+    transform: Any = getattr(module, "transform", None)  # a detector's GeneralizedRCNNTransform (untyped)
+    if task == "detect" and transform.fixed_size is not None:
         info["fixed_input_size"] = True
     return info
 
 
-def pixel_shares(scores: torch.Tensor, label, top_k: int) -> list[list[PixelShare]]:
+def pixel_shares(scores: torch.Tensor, label: LabelOf, top_k: int) -> list[list[PixelShare]]:
     """Per image, the ``top_k`` classes that win the most pixels of a dense output, with their shares."""
     winners = scores.argmax(1).flatten(1)
     count = scores.shape[1]
@@ -98,14 +108,19 @@ def pixel_shares(scores: torch.Tensor, label, top_k: int) -> list[list[PixelShar
     return result
 
 
-def detection_rows(found: list, label, top_k: int) -> list[list[Detection]]:
+def detection_rows(found: list[Mapping[str, Any]], label: LabelOf, top_k: int) -> list[list[Detection]]:
     """Per image, the first ``top_k`` detections (the detector's order: by score)."""
-    return [[Detection(int(k), label(int(k)), float(s), tuple(round(float(v), 1) for v in box))
+    return [[Detection(int(k), label(int(k)), float(s), _rounded_box(box))
              for box, k, s in zip(d["boxes"][:top_k], d["labels"][:top_k].tolist(), d["scores"][:top_k].tolist())]
             for d in found]
 
 
-def task_predictions(output, select, label, top_k: int) -> list[list] | None:
+def _rounded_box(box: torch.Tensor) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = (round(float(v), 1) for v in box)
+    return x0, y0, x1, y1
+
+
+def task_predictions(output: Any, select: OutputKey, label: LabelOf, top_k: int) -> list[list[Any]] | None:
     """What ``predict`` says for a detector (its detections) or a segmenter (pixel shares); ``None`` otherwise."""
     found = detections(output)
     if found is not None:
@@ -124,7 +139,8 @@ def task_names() -> list[str]:
     return sorted(models.list_models(module=models.segmentation) + models.list_models(module=models.detection))
 
 
-def load_task_model(name: str, weights, labels: list[str] | None, input_size: Sequence[int] | None = None):
+def load_task_model(name: str, weights: str | os.PathLike[str] | None, labels: list[str] | None,
+                    input_size: Sequence[int] | None = None) -> Model:
     """A torchvision segmentation model or detector by name; ``weights`` as :func:`convlens.load_model` takes it.
 
     With ``"none"`` (or a weights file) the backbone is random too (``weights_backbone=None``): nothing
@@ -141,7 +157,7 @@ def load_task_model(name: str, weights, labels: list[str] | None, input_size: Se
 
     default = torchvision.models.get_model_weights(name).DEFAULT
     detect = name in torchvision.models.list_models(module=torchvision.models.detection)
-    extra = {}
+    extra: dict[str, int] = {}
     if detect and input_size is not None:
         extra = {"min_size": int(min(input_size)), "max_size": int(max(input_size))}
     try:
@@ -155,6 +171,8 @@ def load_task_model(name: str, weights, labels: list[str] | None, input_size: Se
     if weights not in (None, "none", "default"):
         _load_state_dict(module, _read_state_dict(Path(weights)), Path(weights), name)
     task = "detect" if detect else "segment"
+    size: tuple[int, ...]
+    spec: dict[str, Any]
     if detect:
         size, _ = detector_size(module)
         spec = {"mean": None, "std": None, "crop": None, "source": "detector, which normalises itself"}
@@ -163,7 +181,8 @@ def load_task_model(name: str, weights, labels: list[str] | None, input_size: Se
         size = tuple(input_size) if input_size is not None else (side, side)
         spec = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop": None, "source": f"torchvision {default}"}
     transform, described = make_transform(size, **spec)
-    return Model(module=module, name=name, transform=transform, input_size=tuple(size),
+    height, width = size
+    return Model(module=module, name=name, transform=transform, input_size=(height, width),
                  labels=labels or list(default.meta.get("categories") or []) or None, output="logits",
                  info={"weights": str(weights), "transform": spec, **task_info(module, task)},
                  select="out" if task == "segment" else None, preprocessing=described)

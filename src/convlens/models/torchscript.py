@@ -100,10 +100,10 @@ def check_module(module: torch.jit.ScriptModule, path: Path) -> None:
                     raise _refusal(path, f"calls {kind} in {where}, which {reason}")
 
 
-def _kinds(graph) -> list[str]:
+def _kinds(graph: torch.Graph) -> list[str]:
     """Every operator in ``graph``, its nested blocks and its subgraph attributes, outer ones first."""
     kinds: dict[str, None] = {}
-    pending = [graph]
+    pending: list[torch.Graph | torch.Block] = [graph]
     while pending:
         for node in pending.pop(0).nodes():
             kinds[node.kind()] = None
@@ -129,7 +129,7 @@ def load_torchscript(path: Path, trust_code: bool = False) -> torch.jit.ScriptMo
     try:
         with warnings.catch_warnings():  # torch.jit is deprecated, but users still have such files
             warnings.simplefilter("ignore", FutureWarning)
-            module = torch.jit.load(str(path), map_location="cpu")
+            module: torch.jit.ScriptModule = torch.jit.load(str(path), map_location="cpu")
     except Exception as err:
         raise ConvlensError(f"cannot load TorchScript file {path}: {first_line(err)}") from None
     if not trust_code:

@@ -58,7 +58,8 @@ class ShortSideResize(torch.nn.Module):
         if new_long > self.max_size:
             new_short, new_long = max(1, int(self.max_size * new_short / new_long)), self.max_size
         size = [new_short, new_long] if height <= width else [new_long, new_short]
-        return v2.functional.resize(image, size, antialias=True)
+        resized: torch.Tensor = v2.functional.resize(image, size, antialias=True)
+        return resized
 
     def __repr__(self) -> str:
         return f"ShortSideResize(size={self.size}, max_size={self.max_size})"
@@ -129,7 +130,7 @@ class KerasTransform:
         self.size, self.mode, self.channels = tuple(size), mode, channels
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = image.resize((self.size[1], self.size[0]), Image.BILINEAR)
+        image = image.resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
         if self.channels == 1:
             image = image.convert("L")
         x = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())

@@ -29,7 +29,7 @@ from .overlay import check_style, colorize
 BACKGROUND = (255, 255, 255)
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size)
     except TypeError:  # Pillow < 10.1 has one bitmap size only

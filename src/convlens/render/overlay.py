@@ -135,7 +135,7 @@ def bounded(image: Image.Image, max_side: int | None = MAX_SIDE) -> Image.Image:
     scale = max_side / max(width, height)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     # reducing_gap: Pillow first shrinks by whole factors (fast, no big intermediate), then resamples
-    return image.resize(size, Image.BILINEAR, reducing_gap=3.0)
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
 
 
 def overlay_heatmap(image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, transform=None,
@@ -160,7 +160,7 @@ def overlay_heatmap(image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, t
     drawn = bounded(image, max_side)
     box = scaled_crop_box(transform, image.size, drawn.size)  # the part of the photo the model saw, as drawn
     box_w, box_h = max(1, box[2] - box[0]), max(1, box[3] - box[1])
-    resized = np.asarray(Image.fromarray(values.astype(np.float32)).resize((box_w, box_h), Image.BILINEAR))
+    resized = np.asarray(Image.fromarray(values.astype(np.float32)).resize((box_w, box_h), Image.Resampling.BILINEAR))
     if style == "map":
         canvas = np.zeros((drawn.height, drawn.width, 3), dtype=np.uint8)
         region = canvas[box[1]:box[1] + box_h, box[0]:box[0] + box_w]

@@ -18,7 +18,7 @@ def data_uri(image: Image.Image) -> str:
 
 def outline(image: Image.Image, mask: np.ndarray, color=(255, 255, 255), width: int = 2) -> Image.Image:
     """Draw the boundary of a boolean ``mask`` (resized to the image) on a copy of ``image``."""
-    mask_image = Image.fromarray(mask.astype(np.uint8) * 255).resize(image.size, Image.NEAREST)
+    mask_image = Image.fromarray(mask.astype(np.uint8) * 255).resize(image.size, Image.Resampling.NEAREST)
     inside = np.asarray(mask_image) > 127
     edge = np.zeros_like(inside)
     for _ in range(width):

@@ -8,6 +8,8 @@ A detector's predictions are its first detections with their scores and boxes.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 from markupsafe import Markup
 from PIL import Image
@@ -32,10 +34,12 @@ def describe_prediction(p) -> str:
 def mask_picture(winners: np.ndarray, size: tuple[int, int]) -> Image.Image:
     """The predicted class of every pixel, one colour per class (tab20), resized to ``size`` (width, height)."""
     from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
 
-    colours = (np.asarray(colormaps["tab20"].colors) * 255).astype(np.uint8)
+    tab20 = cast(ListedColormap, colormaps["tab20"])  # tab20 is a list of 20 colours
+    colours = (np.asarray(tab20.colors) * 255).astype(np.uint8)
     picture = Image.fromarray(colours[winners % len(colours)])
-    return picture.resize(size, Image.NEAREST)
+    return picture.resize(size, Image.Resampling.NEAREST)
 
 
 def segmentation_section(ctx: Context) -> Section | None:

@@ -31,7 +31,7 @@ def check_tcav_options(options: dict) -> None:
                             "(a folder of random folders, or a pool of images)")
     if random is not None and concepts is None:
         raise ConvlensError("random sets were given for TCAV but no concepts: give tcav_concepts / --tcav-concepts")
-    if concepts is not None:
+    if concepts is not None and random is not None:  # both or neither, by the checks above
         concept_sets(concepts)
         random_sets(random, options.get("tcav_runs", 10), size=options.get("tcav_random_size"))
 

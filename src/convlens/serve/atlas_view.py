@@ -14,9 +14,14 @@ import math
 import os
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConvlensError
 from ..models import Model
+
+if TYPE_CHECKING:
+    from ..atlas.data import DataSource
+    from ..atlas.examples import UnitExamples
 
 #: Units whose example images are kept drawn (each costs one small forward and backward pass to draw).
 KEPT_UNITS = 32
@@ -54,8 +59,8 @@ class AtlasView:
             self.labels = {(layer, unit): (label, iou) for layer, unit, _, label, iou in store.dissection()}
             self.selectivity = {(layer, unit): _number(value) for layer, unit, value in
                                 store.db.execute("SELECT layer, unit, selectivity FROM units")}
-        self._drawn: OrderedDict[tuple[str, int], object] = OrderedDict()
-        self._source = None
+        self._drawn: OrderedDict[tuple[str, int], UnitExamples] = OrderedDict()
+        self._source: DataSource | None = None
 
     def describe(self) -> dict:
         return {"path": str(self.path), "layers": self.atlas.layers, "images": len(self.atlas.keys),

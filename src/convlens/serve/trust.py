@@ -52,7 +52,7 @@ def trust_table(model, picture, methods: Sequence[str], metric_names: Sequence[s
                 "paper": metric.paper} for name, metric in metrics.items()]
     rows = []
     for method, cells in summary.items():
-        row = {"method": method, "cells": [{"text": cells[name].format(), "value": cells[name].mean,
+        row: dict[str, object] = {"method": method, "cells": [{"text": cells[name].format(), "value": cells[name].mean,
                                             "best": method in best.get(name, [])} for name in metrics]}
         if method in sanity:
             value = sanity[method].mean

@@ -31,18 +31,49 @@ What a user may pass, resolved by :func:`resolve_targets`:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
 
 import torch
 
 from ..errors import ConvlensError, did_you_mean
 
-TargetSpec = Union[None, int, str, Sequence, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+if TYPE_CHECKING:
+    from ..models.model import Model
+
+TargetSpec = Union[None, int, str, Sequence[Any], torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 ScoreFn = Callable[[Any], torch.Tensor]
 OutputKey = Union[None, int, str]
 
 
-def output_parts(output) -> list[tuple[str, Any]]:
+@runtime_checkable
+class SettlingTarget(Protocol):
+    """A target that settles itself on the model's output (:mod:`convlens.targets.tasks`)."""
+
+    def settle(self, output: Any, *, labels: list[str] | None = None, select: OutputKey = None,
+               model: Model | None = None) -> tuple[ScoreFn, list[int]]: ...
+
+
+@runtime_checkable
+class PerImageTarget(Protocol):
+    """A settled target that holds something per image (a class, a mask, a box, a reference)."""
+
+    def rows(self, rows: Sequence[int]) -> ScoreFn: ...
+
+
+def target_for_rows(score_fn: ScoreFn | None, rows: Sequence[int]) -> ScoreFn:
+    """The target for a batch whose row ``r`` is a variant of image ``rows[r]`` (perturbation batches).
+
+    A target that holds something per image gives it for those rows; a callable target
+    must score each row on its own.
+    """
+    if score_fn is None:
+        raise RuntimeError("a method scored a pass before the target was settled on the clean batch")
+    if isinstance(score_fn, PerImageTarget):
+        return score_fn.rows(rows)
+    return score_fn
+
+
+def output_parts(output: Any) -> list[tuple[str, Any]]:
     """``[(key, value)]`` of a tuple, list, named tuple or dict output, in order."""
     if isinstance(output, Mapping):
         return [(str(key), value) for key, value in output.items()]
@@ -53,13 +84,13 @@ def output_parts(output) -> list[tuple[str, Any]]:
                         "pass a callable target that turns its output into one score per image")
 
 
-def describe_outputs(output) -> str:
+def describe_outputs(output: Any) -> str:
     """``"0: (1, 10), 1: (1, 4)"``: each part of a multi-part output and its shape."""
     return ", ".join(f"{key}: {tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}"
                      for key, value in output_parts(output))
 
 
-def select_output(output, key: OutputKey = None) -> torch.Tensor:
+def select_output(output: Any, key: OutputKey = None) -> torch.Tensor:
     """The tensor of class scores in a model's output (see the module docstring)."""
     if isinstance(output, torch.Tensor):
         return output
@@ -131,7 +162,7 @@ class ClassLogits:
         """The same target for a batch made of these rows of the original one (perturbation batches)."""
         return ClassLogits([self.class_indices[i] for i in rows], self.select)
 
-    def __call__(self, output) -> torch.Tensor:
+    def __call__(self, output: Any) -> torch.Tensor:
         logits = class_logits(select_output(output, self.select))
         index = torch.as_tensor(self.class_indices[: logits.shape[0]], device=logits.device)
         return logits.gather(1, index.view(-1, 1)).squeeze(1)
@@ -146,7 +177,7 @@ class AllClasses:
     def __init__(self, select: OutputKey = None):
         self.select = select
 
-    def __call__(self, output) -> torch.Tensor:
+    def __call__(self, output: Any) -> torch.Tensor:
         return class_logits(select_output(output, self.select))
 
     def __repr__(self) -> str:
@@ -158,7 +189,7 @@ def _class_count(output: torch.Tensor) -> int:
     return 2 if count == 1 else count
 
 
-def _one_index(spec, output: torch.Tensor, labels: list[str] | None, image: int) -> int:
+def _one_index(spec: Any, output: torch.Tensor, labels: list[str] | None, image: int) -> int:
     count = _class_count(output)
     if isinstance(spec, torch.Tensor):
         spec = spec.item()
@@ -186,8 +217,8 @@ def _one_index(spec, output: torch.Tensor, labels: list[str] | None, image: int)
     return spec
 
 
-def resolve_targets(target: TargetSpec, output, labels: list[str] | None = None,
-                    select: OutputKey = None, model=None) -> tuple[ScoreFn, list[int]]:
+def resolve_targets(target: TargetSpec, output: Any, labels: list[str] | None = None,
+                    select: OutputKey = None, model: Model | None = None) -> tuple[ScoreFn, list[int]]:
     """Turn what the user asked for into ``(score_fn, class_indices)`` given the model's output.
 
     Args:
@@ -209,7 +240,7 @@ def resolve_targets(target: TargetSpec, output, labels: list[str] | None = None,
     """
     from .tasks import Box, Region, detections, is_dense
 
-    if hasattr(target, "settle"):
+    if isinstance(target, SettlingTarget):
         return target.settle(output, labels=labels, select=select, model=model)
     if callable(target) and not isinstance(target, (str, torch.Tensor)):
         return target, [-1] * _batch_size(output)
@@ -230,19 +261,18 @@ def resolve_targets(target: TargetSpec, output, labels: list[str] | None = None,
     count = output.shape[0]
     if isinstance(target, str) and target.lower() == "all":
         return AllClasses(select), list(range(_class_count(output)))
-    if isinstance(target, torch.Tensor) and target.ndim == 0:
-        target = target.item()
-    if isinstance(target, (list, tuple, torch.Tensor)):
-        specs = list(target)
+    one: Any = target.item() if isinstance(target, torch.Tensor) and target.ndim == 0 else target
+    if isinstance(one, (list, tuple, torch.Tensor)):
+        specs = list(one)
         if len(specs) != count:
             raise ConvlensError(f"{len(specs)} targets given for {count} images; give one per image or one for all")
     else:
-        specs = [target] * count
+        specs = [one] * count
     indices = [_one_index(spec, output, labels, i) for i, spec in enumerate(specs)]
     return ClassLogits(indices, select), indices
 
 
-def _batch_size(output) -> int:
+def _batch_size(output: Any) -> int:
     if isinstance(output, torch.Tensor):
         return output.shape[0]
     tensors = [value for _, value in output_parts(output) if isinstance(value, torch.Tensor)]

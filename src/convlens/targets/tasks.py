@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,15 +33,18 @@ from PIL import Image
 from ..errors import ConvlensError, did_you_mean
 from .core import OutputKey, describe_outputs, select_output
 
+if TYPE_CHECKING:
+    from ..models.model import Model
+
 BACKGROUND = "__background__"
 
 
-def is_dense(scores) -> bool:
+def is_dense(scores: Any) -> bool:
     """Whether a class-score tensor is a dense map ``(N, K, H, W)`` with more than one pixel (segmentation)."""
     return isinstance(scores, torch.Tensor) and scores.ndim == 4 and scores.shape[-1] * scores.shape[-2] > 1
 
 
-def detections(output) -> list[Mapping] | None:
+def detections(output: Any) -> list[Mapping[str, Any]] | None:
     """A detector's output, one ``{"boxes", "labels", "scores"}`` per image, or ``None`` if it is not one."""
     if isinstance(output, (list, tuple)) and output and all(
             isinstance(d, Mapping) and {"boxes", "labels", "scores"} <= set(d) for d in output):
@@ -48,7 +52,7 @@ def detections(output) -> list[Mapping] | None:
     return None
 
 
-def output_task(output, select: OutputKey = None) -> str:
+def output_task(output: Any, select: OutputKey = None) -> str:
     """``"detect"`` (a list of detections), ``"segment"`` (a dense class map) or ``"classify"``."""
     if detections(output) is not None:
         return "detect"
@@ -58,7 +62,7 @@ def output_task(output, select: OutputKey = None) -> str:
         return "classify"
 
 
-def _class_index(spec, count: int, labels: list[str] | None) -> int:
+def _class_index(spec: Any, count: int, labels: list[str] | None) -> int:
     if isinstance(spec, torch.Tensor):
         spec = spec.item()
     if isinstance(spec, str) and spec.lstrip("-").isdigit():
@@ -76,7 +80,7 @@ def _class_index(spec, count: int, labels: list[str] | None) -> int:
     return int(spec)
 
 
-def _per_image(spec, count: int, what: str) -> list:
+def _per_image(spec: Any, count: int, what: str) -> list[Any]:
     if isinstance(spec, (list, tuple)):
         if len(spec) != count:
             raise ConvlensError(f"{len(spec)} {what} given for {count} images; give one per image or one for all")
@@ -86,7 +90,7 @@ def _per_image(spec, count: int, what: str) -> list:
 
 # -- segmentation -------------------------------------------------------------------------------------
 
-def read_mask(mask, size: tuple[int, int]) -> torch.Tensor:
+def read_mask(mask: Any, size: tuple[int, int]) -> torch.Tensor:
     """A mask (a path to an image, a PIL image, an array or tensor ``(H, W)``; nonzero is inside) as a
     boolean ``(h, w)`` at ``size``, resized nearest-neighbour."""
     if isinstance(mask, (str, Path)):
@@ -120,13 +124,13 @@ class Region:
     (nonzero is inside), resized nearest to the output's size; a list gives one per image.
     """
 
-    def __init__(self, class_=None, mask=None, select: OutputKey = None):
+    def __init__(self, class_: Any = None, mask: Any = None, select: OutputKey = None):
         self.class_, self.mask, self.select = class_, mask, select
         self._classes: list[int] | None = None
         self._masks: torch.Tensor | None = None
 
-    def settle(self, output, labels: list[str] | None = None, select: OutputKey = None,
-               model=None) -> tuple[Region, list[int]]:
+    def settle(self, output: Any, labels: list[str] | None = None, select: OutputKey = None,
+               model: Model | None = None) -> tuple[Region, list[int]]:
         chosen = self.select if self.select is not None else select
         scores = select_output(output, chosen).detach()
         if not is_dense(scores):
@@ -156,19 +160,27 @@ class Region:
             shares[0] = 0
         return int(shares.argmax())
 
+    def _settled(self) -> tuple[list[int], torch.Tensor]:
+        """The class and mask of each image, fixed by :meth:`settle`."""
+        if self._classes is None or self._masks is None:
+            raise RuntimeError("this Region is not settled yet: call settle(output) first")
+        return self._classes, self._masks
+
     def rows(self, rows: Sequence[int]) -> Region:
         """The settled target for a batch of these images' rows."""
-        settled = Region([self._classes[i] for i in rows], self.mask, self.select)
-        settled._classes, settled._masks = settled.class_, self._masks[list(rows)]
+        classes, masks = self._settled()
+        settled = Region([classes[i] for i in rows], self.mask, self.select)
+        settled._classes, settled._masks = settled.class_, masks[list(rows)]
         return settled
 
-    def __call__(self, output) -> torch.Tensor:
+    def __call__(self, output: Any) -> torch.Tensor:
         target = self if self._masks is not None else self.settle(output, select=self.select)[0]
         scores = select_output(output, target.select)
         n = scores.shape[0]
-        index = torch.as_tensor(target._classes[:n], device=scores.device)
+        classes, masks = target._settled()
+        index = torch.as_tensor(classes[:n], device=scores.device)
         picked = scores.gather(1, index.view(-1, 1, 1, 1).expand(n, 1, *scores.shape[2:])).squeeze(1)
-        return (picked * target._masks[:n].to(picked)).sum(dim=(1, 2))
+        return (picked * masks[:n].to(picked)).sum(dim=(1, 2))
 
     def __repr__(self) -> str:
         return f"Region({self._classes if self._classes is not None else self.class_!r})"
@@ -185,7 +197,7 @@ class Similarity:
     is flattened per image.
     """
 
-    def __init__(self, reference, select: OutputKey = None):
+    def __init__(self, reference: Any, select: OutputKey = None):
         if isinstance(reference, (str, Path)) and str(reference).lower().endswith(".npy"):
             reference = read_vector(reference)
         self.reference, self.select = reference, select
@@ -195,7 +207,7 @@ class Similarity:
         ref = self.reference
         return (isinstance(ref, torch.Tensor) and ref.ndim <= 2) or (isinstance(ref, np.ndarray) and ref.ndim == 1)
 
-    def prepare(self, model, select: OutputKey = None) -> Similarity:
+    def prepare(self, model: Model, select: OutputKey = None) -> Similarity:
         """The same target with a reference image embedded by ``model``: call it before any capture of the
         model is open (the reference's pass must not run through another caller's hooks)."""
         if self._is_vector() or self._vectors is not None:
@@ -203,8 +215,8 @@ class Similarity:
         chosen = self.select if self.select is not None else select
         return Similarity(embed(model, self.reference, chosen), chosen)
 
-    def settle(self, output, labels: list[str] | None = None, select: OutputKey = None,
-               model=None) -> tuple[Similarity, list[int]]:
+    def settle(self, output: Any, labels: list[str] | None = None, select: OutputKey = None,
+               model: Model | None = None) -> tuple[Similarity, list[int]]:
         chosen = self.select if self.select is not None else select
         embedding = select_output(output, chosen).detach().flatten(1)
         if self._vectors is not None:  # settled already (the same images again): keep its reference
@@ -230,11 +242,13 @@ class Similarity:
         return settled, [-1] * n
 
     def rows(self, rows: Sequence[int]) -> Similarity:
+        if self._vectors is None:
+            raise RuntimeError("this Similarity is not settled yet: call settle(output) first")
         settled = Similarity(self.reference, self.select)
         settled._vectors = self._vectors[list(rows)]
         return settled
 
-    def __call__(self, output) -> torch.Tensor:
+    def __call__(self, output: Any) -> torch.Tensor:
         if self._vectors is None:
             return self.settle(output)[0](output)
         embedding = select_output(output, self.select).flatten(1)
@@ -244,7 +258,7 @@ class Similarity:
         return "Similarity()"
 
 
-def read_vector(path) -> torch.Tensor:
+def read_vector(path: str | Path) -> torch.Tensor:
     """A reference embedding saved with ``numpy.save``: a vector ``(D,)`` or one per image ``(N, D)``."""
     path = Path(path)
     if not path.is_file():
@@ -259,7 +273,7 @@ def read_vector(path) -> torch.Tensor:
     return torch.from_numpy(values.astype(np.float32))
 
 
-def embed(model, images, select: OutputKey = None) -> torch.Tensor:
+def embed(model: Model, images: Any, select: OutputKey = None) -> torch.Tensor:
     """``(N, D)``: the model's flattened output for ``images``, without gradients (logit rewrites applied)."""
     from ..capture import capture
 
@@ -271,7 +285,7 @@ def embed(model, images, select: OutputKey = None) -> torch.Tensor:
 
 # -- detection -------------------------------------------------------------------------------------------
 
-def describe_detections(found: Mapping, labels: list[str] | None, limit: int = 3) -> str:
+def describe_detections(found: Mapping[str, Any], labels: list[str] | None, limit: int = 3) -> str:
     """``"cat 0.91, dog 0.40"``: the first detections of one image."""
     names = [labels[k] if labels and 0 <= k < len(labels) else f"class {k}" for k in found["labels"].tolist()]
     text = ", ".join(f"{name} {score:.2f}" for name, score in zip(names, found["scores"].tolist()))
@@ -288,7 +302,7 @@ class Box:
     detection of another pass must overlap the clean one to count as it.
     """
 
-    def __init__(self, index=0, iou_with: Sequence[float] | None = None, *, regression: bool = False,
+    def __init__(self, index: int | str = 0, iou_with: Sequence[float] | None = None, *, regression: bool = False,
                  iou_threshold: float = 0.5):
         self.index, self.iou_with = index, None if iou_with is None else [float(v) for v in iou_with]
         if self.iou_with is not None and len(self.iou_with) != 4:
@@ -297,8 +311,8 @@ class Box:
         self._boxes: torch.Tensor | None = None
         self._labels: list[int] | None = None
 
-    def settle(self, output, labels: list[str] | None = None, select: OutputKey = None,
-               model=None) -> tuple[Box, list[int]]:
+    def settle(self, output: Any, labels: list[str] | None = None, select: OutputKey = None,
+               model: Model | None = None) -> tuple[Box, list[int]]:
         found = detections(output)
         if found is None:
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else describe_outputs(output)
@@ -337,29 +351,37 @@ class Box:
         return Box(self.index, self.iou_with, regression=self.regression, iou_threshold=self.iou_threshold)
 
     def rows(self, rows: Sequence[int]) -> Box:
+        boxes, labels = self._settled()
         settled = self._copy()
-        settled._boxes, settled._labels = self._boxes[list(rows)], [self._labels[i] for i in rows]
+        settled._boxes, settled._labels = boxes[list(rows)], [labels[i] for i in rows]
         return settled
+
+    def _settled(self) -> tuple[torch.Tensor, list[int]]:
+        """The box and label of each image, fixed by :meth:`settle`."""
+        if self._boxes is None or self._labels is None:
+            raise RuntimeError("this Box is not settled yet: call settle(output) first")
+        return self._boxes, self._labels
 
     @property
     def boxes(self) -> torch.Tensor | None:
         """The settled detection of each image ``(N, 4)``, ``None`` before settling."""
         return self._boxes
 
-    def __call__(self, output) -> torch.Tensor:
+    def __call__(self, output: Any) -> torch.Tensor:
         if self._boxes is None:
             return self.settle(output)[0](output)
+        settled_boxes, settled_labels = self._settled()
         found = detections(output)
         if found is None:
             raise ConvlensError("a box target is for detectors, which return boxes, labels and scores per image")
         scores = []
         for i, det in enumerate(found):
             zero = det["scores"].new_zeros(())
-            same = det["labels"] == self._labels[i]
+            same = det["labels"] == settled_labels[i]
             if not same.any():
                 scores.append(zero)
                 continue
-            ious = _box_iou(self._boxes[i:i + 1].to(det["boxes"]), det["boxes"][same])[0]
+            ious = _box_iou(settled_boxes[i:i + 1].to(det["boxes"]), det["boxes"][same])[0]
             best = int(ious.argmax())
             matched = ious[best] > self.iou_threshold
             score = det["scores"][same][best] + (ious[best] if self.regression else 0)
@@ -373,4 +395,5 @@ class Box:
 def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     from torchvision.ops import box_iou
 
-    return box_iou(a, b)
+    iou: torch.Tensor = box_iou(a, b)
+    return iou

@@ -24,8 +24,10 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from scipy.stats import rankdata
 
 from ..fileio import write_text
@@ -33,13 +35,13 @@ from ..fileio import write_text
 Z_95 = 1.959963984540054
 
 
-def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
+def roc_auc(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float | None:
     """Area under the ROC curve of binary ``labels`` (1 = positive) ranked by ``scores``."""
-    labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    positive, values = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         return None
-    rank_sum = rankdata(scores, method="average")[labels].sum()  # ties share their mean rank
+    rank_sum = rankdata(values, method="average")[positive].sum()  # ties share their mean rank
     return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
@@ -51,23 +53,23 @@ def hanley_mcneil(auc: float, n_pos: int, n_neg: int) -> tuple[float, tuple[floa
     return se, (max(0.0, auc - Z_95 * se), min(1.0, auc + Z_95 * se))
 
 
-def roc_curve(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_curve(labels: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(false positive rates, true positive rates, thresholds)``, one point per distinct score plus (0, 0).
 
     The point at threshold ``t`` counts ``score >= t`` as positive.
     """
-    labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
-    order = np.argsort(-scores, kind="mergesort")
-    labels, scores = labels[order], scores[order]
-    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
-    tp = np.cumsum(labels)[last_of_tie]
-    fp = np.cumsum(~labels)[last_of_tie]
-    tpr = np.r_[0.0, tp / max(int(labels.sum()), 1)]
-    fpr = np.r_[0.0, fp / max(int((~labels).sum()), 1)]
-    return fpr, tpr, np.r_[np.inf, scores[last_of_tie]]
+    positive, values = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-values, kind="mergesort")
+    positive, values = positive[order], values[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(values)), values.size - 1]
+    tp = np.cumsum(positive)[last_of_tie]
+    fp = np.cumsum(~positive)[last_of_tie]
+    tpr = np.r_[0.0, tp / max(int(positive.sum()), 1)]
+    fpr = np.r_[0.0, fp / max(int((~positive).sum()), 1)]
+    return fpr, tpr, np.r_[np.inf, values[last_of_tie]]
 
 
-def confusion_matrix(true: Sequence[int], predicted: Sequence[int], num_classes: int) -> np.ndarray:
+def confusion_matrix(true: npt.ArrayLike, predicted: npt.ArrayLike, num_classes: int) -> np.ndarray:
     """``(K, K)`` counts; row = true class, column = predicted class."""
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(matrix, (np.asarray(true), np.asarray(predicted)), 1)
@@ -78,7 +80,8 @@ def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator / denominator) if denominator else 0.0
 
 
-def evaluate_predictions(true: Sequence[int], probabilities: np.ndarray, classes: Sequence[str]) -> dict:
+def evaluate_predictions(true: npt.ArrayLike, probabilities: npt.ArrayLike,
+                         classes: Sequence[str]) -> dict[str, Any]:
     """Every metric of the module docstring for class ``probabilities`` ``(N, K)``, as a JSON-ready dict."""
     true, probabilities = np.asarray(true), np.asarray(probabilities, dtype=np.float64)
     predicted = probabilities.argmax(axis=1)
@@ -89,7 +92,7 @@ def evaluate_predictions(true: Sequence[int], probabilities: np.ndarray, classes
         precision, recall = _ratio(hits, matrix[:, k].sum()), _ratio(hits, matrix[k].sum())
         per_class[name] = {"precision": precision, "recall": recall,
                            "f1": _ratio(2 * precision * recall, precision + recall), "support": int(matrix[k].sum())}
-    metrics = {
+    metrics: dict[str, Any] = {
         "accuracy": float((predicted == true).mean()),
         "classes": list(classes),
         "per_class": per_class,
@@ -99,7 +102,7 @@ def evaluate_predictions(true: Sequence[int], probabilities: np.ndarray, classes
     if len(classes) == 2:
         positive, scores = true == 1, probabilities[:, 1]
         auc = roc_auc(positive, scores)
-        roc = {"positive_class": classes[1], "auc": auc}
+        roc: dict[str, Any] = {"positive_class": classes[1], "auc": auc}
         if auc is not None:
             se, (low, high) = hanley_mcneil(auc, int(positive.sum()), int((~positive).sum()))
             fpr, tpr, _ = roc_curve(positive, scores)
@@ -116,7 +119,8 @@ def evaluate_predictions(true: Sequence[int], probabilities: np.ndarray, classes
 
 # -- files ----------------------------------------------------------------------
 
-def write_evaluation(out_dir: str | os.PathLike, metrics: dict, history: list[dict]) -> dict[str, Path]:
+def write_evaluation(out_dir: str | os.PathLike[str], metrics: dict[str, Any],
+                     history: list[dict[str, Any]]) -> dict[str, Path]:
     """Write ``metrics.json`` (metrics plus history), ``curves.png``, ``confusion.png`` and ``roc.png``."""
     out_dir = Path(out_dir)
     files = {"metrics": out_dir / "metrics.json", "curves": out_dir / "curves.png",
