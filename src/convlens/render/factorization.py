@@ -30,8 +30,8 @@ def concepts_image(image: Image.Image, maps: np.ndarray, *, transform=None, alph
     drawn = bounded(image)
     box = scaled_crop_box(transform, image.size, drawn.size)
     width, height = max(1, box[2] - box[0]), max(1, box[3] - box[1])
-    resized = np.stack([np.asarray(Image.fromarray(m.astype(np.float32)).resize((width, height), Image.BILINEAR))
-                        for m in maps])
+    resized = np.stack([np.asarray(Image.fromarray(m.astype(np.float32))
+                                   .resize((width, height), Image.Resampling.BILINEAR)) for m in maps])
     strongest = resized.argmax(axis=0)
     strength = np.clip(resized.max(axis=0), 0.0, 1.0)[..., None] * alpha
     picture = np.array(drawn, dtype=np.float32)

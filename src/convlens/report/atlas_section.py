@@ -59,15 +59,16 @@ def atlas_section(ctx: Context) -> Section | None:
     result = dissect(ctx.model, data, layers, shapes=None if data is not None else images, seed=seed, k=8,
                      figures=False)
     source = result.atlas.source() if data is None else None
-    html, counts = [], []
+    html: list[Markup] = []  # the section's HTML fragments, each escaped where it holds data
+    counts = []
     for layer in result.iou:
         ctx.step(f"examples of {layer}")  # also for a layer without detectors, so the count holds
         detectors = result.detectors(layer)
         counts.append(f"{layer}: {len(detectors)} detectors, {result.unique_detectors[layer]} unique")
         html.append(Markup("<h3>{}</h3>").format(layer))  # a layer name is data: escaped
         if not detectors:
-            html.append("<p class=\"note\">No unit of this layer detects a concept (IoU &gt; "
-                        f"{result.min_iou}).</p>")
+            html.append(Markup("<p class=\"note\">No unit of this layer detects a concept (IoU &gt; {}).</p>")
+                        .format(result.min_iou))
             continue
         table = [(unit, label, f"{iou:.3f}") for unit, label, iou in detectors]
         html.append(PARTS.table(["unit", "concept", "IoU"], table, numeric=(0, 2), scroll=True))

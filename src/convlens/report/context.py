@@ -100,7 +100,7 @@ def join_names(names: list[str]) -> str:
 
 def thumbnail(image: Image.Image, size: int = 160) -> Image.Image:
     """``image`` resized to fit a ``size`` square, aspect ratio kept."""
-    return ImageOps.contain(image, (size, size), Image.BILINEAR)
+    return ImageOps.contain(image, (size, size), Image.Resampling.BILINEAR)
 
 
 def left_out(skipped: dict[str, str], why: str = "as they do not apply to this model") -> str:

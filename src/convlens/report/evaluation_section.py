@@ -52,8 +52,8 @@ SANITY_LABEL = "Same map, random weights"
 def randomisation_similarity(model, x: torch.Tensor, method: str, *, seed: int = 0, targets=None) -> torch.Tensor:
     """Spearman rank correlation ``(N,)`` of each image's map, trained model against fully randomised copy.
 
-    Both maps explain the trained model's top class (or ``targets``, settled on the trained model). The caller's model is never
-    touched: the randomised one is a deep copy.
+    Both maps explain the trained model's top class (or ``targets``, settled on the trained model). The caller's
+    model is never touched: the randomised one is a deep copy.
     """
     from ..metrics import heatmap_explainer, spearman
     from ..metrics.base import as_batch, as_targets

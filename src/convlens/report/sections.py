@@ -23,6 +23,9 @@ drawn in a style is explained by a colour bar (``render.overlay.STYLES``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
 from markupsafe import Markup
 
 from ..errors import ConvlensError
@@ -34,6 +37,9 @@ from .evaluation_section import evaluation_section
 from .tasks_section import describe_prediction, segmentation_section
 from .tcav_section import tcav_section
 from .templating import PARTS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def summary_section(ctx: Context) -> Section:
@@ -68,7 +74,7 @@ def predictions_section(ctx: Context) -> Section:
 
 def _outsiders_note(model: Model, outsiders: list) -> str:
     """Why a photo of a cat gets a shape's name: said with the model's own classes and answers."""
-    labels = list(model.labels)
+    labels = list(model.labels or ())  # never empty here: an outsider needs class names to be outside of
     count = len(labels)
     listed = f" ({', '.join(labels)})" if count <= 20 else ""
     shown = join_names([item.name if words(item.label) <= words(item.name) else f"{item.name} ({item.label})"
@@ -152,7 +158,8 @@ def classes_section(ctx: Context) -> Section | None:
     if len(result.targets) > MAX_CLASS_GRID:
         return None
     overlays = [result.overlay_class(k, [item.image])[0] for k in range(len(result.targets))]
-    items = [cell(overlay, f"{name}{' (flat map)' if result.flat[0][k] else ''}")
+    flat = cast("list[bool]", result.flat[0])  # target="all": one flag per class for each image
+    items = [cell(overlay, f"{name}{' (flat map)' if flat[k] else ''}")
              for k, (name, overlay) in enumerate(zip(result.target_names, overlays))]
     note = (f"Where the model would look for each of its {len(items)} classes in {item.name}: Grad-CAM at "
             f"{result.layer}, every class's gradient from the same forward pass (target='all').")
@@ -249,8 +256,9 @@ def training_section(ctx: Context) -> Section | None:
     per_class = [(name, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}",
                   _number(metrics.get("one_vs_rest_auc", {}).get(name)))
                  for name, v in metrics.get("per_class", {}).items()]
-    plots = [(curves_figure, history, "loss and accuracy per epoch"),
-             (confusion_figure, metrics, "confusion matrix (validation)")]
+    plots: list[tuple[Callable[[Any], Figure], Any, str]] = [
+        (curves_figure, history, "loss and accuracy per epoch"),
+        (confusion_figure, metrics, "confusion matrix (validation)")]
     if roc.get("fpr"):
         plots.append((roc_figure, metrics, "ROC curve"))
     items = [figure(figure_image(draw(data)), caption) for draw, data, caption in plots if data]

@@ -8,6 +8,8 @@ place to add a filter, and the templates are loaded and compiled once.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jinja2
 
 
@@ -19,4 +21,6 @@ def thousands(number: int) -> str:
 ENVIRONMENT = jinja2.Environment(loader=jinja2.PackageLoader("convlens.report", "templates"),
                                  autoescape=jinja2.select_autoescape(["html", "j2"]))
 ENVIRONMENT.filters["thousands"] = thousands
-PARTS = ENVIRONMENT.get_template("parts.html.j2").module
+# The macros (table, figures, ...) are attributes Jinja sets on the template module at run time,
+# which its stub cannot list: Any lets the sections call them.
+PARTS: Any = ENVIRONMENT.get_template("parts.html.j2").module

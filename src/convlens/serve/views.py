@@ -126,7 +126,7 @@ class Explorer:
             from .atlas_view import AtlasView
 
             self.atlas = AtlasView(atlas, self.model)
-        # Long jobs (filter patterns, trust views, dissections) run on their own copy, so the page stays quick meanwhile.
+        # Long jobs (filter patterns, trust views, dissections) run on their own copy: the page stays quick meanwhile.
         self.job_model, self.job_lock = self._job_copy()
 
     def use_atlas(self, atlas) -> None:
@@ -185,8 +185,13 @@ class Explorer:
         import torch
 
         with self.lock, torch.no_grad():
-            gray = Image.new("RGB", tuple(reversed(self.model.input_size)), (128, 128, 128))
+            gray = self._gray()
             return int(self.model.scores(self.model(self.model.preprocess([gray]))).shape[-1])
+
+    def _gray(self) -> Image.Image:
+        """A mid-gray image of the model's input size: the probe that runs a method or the model once."""
+        height, width = self.model.input_size
+        return Image.new("RGB", (width, height), (128, 128, 128))
 
     def methods(self) -> list[dict]:
         """Every registered method, each tried once on a gray image at the auto layer: ``applies`` and ``reason``.
@@ -203,7 +208,7 @@ class Explorer:
         from ..heatmaps import METHODS, explain_many, style_for
         from ..render.overlay import STYLES, colorbar_css
 
-        gray = Image.new("RGB", tuple(reversed(self.model.input_size)), (128, 128, 128))
+        gray = self._gray()
         cheapest = {"n_samples": 1, "steps": 2}
         tried = [name for name, method in METHODS.items() if method.kind != "perturbation"]
         options = {name: {k: v for k, v in cheapest.items() if k in METHODS[name].option_names()} for name in tried}
@@ -236,7 +241,7 @@ class Explorer:
 
     def _inside(self, path: Path) -> bool:
         try:
-            return path.is_file() and path.resolve().is_relative_to(self.data)
+            return self.data is not None and path.is_file() and path.resolve().is_relative_to(self.data)
         except OSError:
             return False
 
@@ -423,4 +428,6 @@ class Explorer:
 
     def _channels(self, layer: str) -> int:
         row = next(row for row in self.summary.rows if row.name == layer)
+        if row.output_shape is None:  # a spatial layer always has one: only an unchecked name gets here
+            raise ConvlensError(f"layer {layer!r} has no recorded output shape, so no units to count")
         return int(row.output_shape[1] if row.layout == "channels_first" else row.output_shape[-1])
