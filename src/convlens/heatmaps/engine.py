@@ -50,6 +50,7 @@ from ..targets import ScoreFn, TargetSpec, class_logits
 from .base import Method, Request, normalise, prepare_target, settle_target, upsample
 from .registry import METHODS, get_method
 
+
 @dataclass
 class Plan:
     """What one forward pass over the clean batch settled, so no method has to settle it again.
@@ -359,7 +360,8 @@ def explain(model, inputs=None, method: str = "gradcam", layer: str | nn.Module 
         layer=(names[0] if len(names) == 1 else names) if names else None,
         targets=indices, target_names=[loaded.label(i) if i >= 0 else "custom target" for i in indices],
         flat=flat,
-        attributions=None if result.attributions is None else loaded.from_internal(result.attributions.detach().float()),
+        attributions=(None if result.attributions is None
+                      else loaded.from_internal(result.attributions.detach().float())),
         images=images, transform=loaded.transform, boxes=_boxes(request.score_fn))
 
 
