@@ -150,3 +150,14 @@ def test_single_logit_is_a_binary_probability():
         p = torch.sigmoid(net(x)).item()
     preds = model.predict(x, top_k=2)[0]
     assert {q.label: q.probability for q in preds} == pytest.approx({"dog": p, "cat": 1 - p})
+
+
+def test_normalisation_needs_both_mean_and_std():
+    from convlens.models.transforms import make_transform
+
+    with pytest.raises(cl.ConvlensError, match="a mean without a std"):
+        make_transform((32, 32), mean=(0.5, 0.5, 0.5), source="convlens checkpoint")
+    with pytest.raises(cl.ConvlensError, match="a std without a mean"):
+        make_transform((32, 32), std=(0.5, 0.5, 0.5), crop=0.875)
+    _, described = make_transform((32, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    assert described.endswith("mean (0.5, 0.5, 0.5), std (0.25, 0.25, 0.25)")

@@ -181,14 +181,31 @@ def merge_rewrites(base: Mapping[nn.Module, OutputRewrite],
     merged = dict(base)
     for module, fn in (extra or {}).items():
         first = merged.get(module)
-        merged[module] = fn if first is None else (
-            lambda mod, inputs, output, fn=fn, first=first: fn(mod, inputs, first(mod, inputs, output)))
+        merged[module] = fn if first is None else _chained(first, fn)
     return merged
+
+
+def _chained(first: OutputRewrite, then: OutputRewrite) -> OutputRewrite:
+    """The rewrite that runs ``then`` on ``first``'s result."""
+    def both(mod: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        return then(mod, inputs, first(mod, inputs, output))
+
+    return both
+
+
+def _module_of(model: Model | nn.Module) -> nn.Module:
+    """The ``nn.Module`` that runs: a :class:`convlens.Model`'s network, or the bare module itself."""
+    inner = getattr(model, "module", None) if hasattr(model, "layout") else None
+    if isinstance(inner, nn.Module):
+        return inner
+    if isinstance(model, nn.Module):
+        return model
+    raise ConvlensError(f"cannot capture a {type(model).__name__}: it holds no nn.Module")
 
 
 def named_layers(model: Model | nn.Module) -> dict[str, nn.Module]:
     """Layers by the framework's own names: ``named_modules()`` or Keras layer names."""
-    if hasattr(model, "named_layers"):
+    if not isinstance(model, nn.Module):
         return model.named_layers()
     return {name: m for name, m in model.named_modules() if name}
 
@@ -219,7 +236,7 @@ def not_run(name: str) -> ConvlensError:
     return ConvlensError(f"layer {name!r} did not run in the forward pass; choose a layer the model uses")
 
 
-def not_spatial(name: str, shape: tuple | None, suggestion: str | None = None) -> ConvlensError:
+def not_spatial(name: str, shape: tuple[int, ...] | None, suggestion: str | None = None) -> ConvlensError:
     """The one error for a layer whose output is no ``(N, C, h, w)`` map; ``suggestion`` names one that is."""
     such_as = f"such as {suggestion!r} " if suggestion else ""
     return ConvlensError(f"layer {name!r} has no spatial output (shape {shape}); "
@@ -314,12 +331,12 @@ def capture(
     Yields:
         A :class:`Recorder`; call ``rec.forward(x)`` with a channels-first batch.
     """
-    module = model.module if hasattr(model, "module") and hasattr(model, "layout") else model
+    module = _module_of(model)
     channels_last = getattr(model, "layout", "channels_first") == "channels_last"
     resolved = resolve_layers(model, list(layers))
     recorder = Recorder(module, list(resolved), stop)
     record = _Recording(recorder, rewrite, graph, channels_last, prefix_tokens(module))
-    handles: list = []
+    handles: list[torch.utils.hooks.RemovableHandle] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(borrow(module))
         if graph:
@@ -339,7 +356,7 @@ def _refuse_torchscript(hooked: list[nn.Module]) -> None:
                             "load the eager model instead: its state dict with --arch (or the module in memory)")
 
 
-def _install_hooks(handles: list, module: nn.Module, resolved: dict[str, nn.Module],
+def _install_hooks(handles: list[torch.utils.hooks.RemovableHandle], module: nn.Module, resolved: dict[str, nn.Module],
                    rewrite: Mapping[nn.Module, OutputRewrite] | None, record: _Recording) -> None:
     """Register the hooks, each handle appended as soon as it exists (so a failure midway leaves none behind)."""
     if resolved:
@@ -361,15 +378,15 @@ class _Recording(NamedTuple):
     channels_last: bool
     prefix: int | None
 
-    def note_input(self, mod: nn.Module, args: tuple) -> None:
+    def note_input(self, mod: nn.Module, args: tuple[Any, ...]) -> None:
         """Forward pre-hook on the model: the batch's size and spatial size, whoever calls the model."""
         if args and isinstance(args[0], torch.Tensor) and args[0].ndim == 4:
             self.recorder.input_size = (int(args[0].shape[-2]), int(args[0].shape[-1]))
             self.recorder.batch = int(args[0].shape[0])
 
-    def hook(self, name: str) -> Callable:
+    def hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], torch.Tensor]:
         """The forward hook of layer ``name``: records its output and hands the next module what it gets."""
-        def hook(mod: nn.Module, inputs: tuple, output):
+        def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> torch.Tensor:
             if not isinstance(output, torch.Tensor):
                 raise ConvlensError(
                     f"layer {name!r} returns {type(output).__name__}, not a tensor; choose another layer"

@@ -45,15 +45,16 @@ import torch
 import torch.nn.functional as F
 
 from ..capture import LayerRef
+from ..data.shapes import mask_path
+from ..engines import Engine, resolve_engine
 from ..errors import ConvlensError
 from ..fileio import save_image, write_text
 from ..models import Model, as_model
-from ..data.shapes import mask_path
-from ..engines import Engine, resolve_engine
 from ..progress import Progress
 from .accumulators import MANTISSA_BITS, ConceptOverlap
 from .data import DataSource, open_data
-from .scan import CHECKED, Atlas, Part, PerLayerJob, check_options, execute, plan_scan, run_scan, split_parts
+from .scan import (CHECKED, Accumulator, Atlas, Part, PerLayerJob, check_options, execute, plan_scan, run_scan,
+                   split_parts)
 from .store import AtlasStore
 from .storefile import writer_lock
 
@@ -70,7 +71,7 @@ class DissectJob(PerLayerJob):
     thresholds: dict[str, np.ndarray]
     concepts: list[str]
     name: str = "dissect"
-    accumulator: ClassVar[type] = ConceptOverlap
+    accumulator: ClassVar[type[Accumulator]] = ConceptOverlap
 
     def new_state(self) -> dict[str, ConceptOverlap]:
         return {layer: ConceptOverlap(len(self.thresholds[layer]), len(self.concepts)) for layer in self.layers}
@@ -131,10 +132,12 @@ def check_masks(source: DataSource) -> None:
     if source.kind == "shapes":
         return
     missing = []
+    masks_dir = source.masks_dir
     for index, path in enumerate(source.paths):
         stem = str(Path(source.keys[index]).with_suffix(""))
         beside = mask_path(path).is_file() and source.labels[index] >= 0
-        if not beside and not any((source.masks_dir / c / f"{stem}.png").is_file() for c in source.concepts):
+        in_folders = masks_dir is not None and any((masks_dir / c / f"{stem}.png").is_file() for c in source.concepts)
+        if not beside and not in_folders:
             missing.append(source.keys[index])
     if missing:
         raise ConvlensError(f"{len(missing)} of {len(source)} images have no concept mask (first: {missing[0]}); "
@@ -192,7 +195,7 @@ def dissect(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource
                 done = store.done_parts("dissect")
                 if done:
                     with store.reading():
-                        total = {layer: store.load_overlap(layer) for layer in atlas.layers}
+                        total = {layer: _stored_overlap(store, layer) for layer in atlas.layers}
                 parts = [p for p in parts if p[0] not in done]
             execute(model, source, job, parts, total, store, batch_size=batch_size, workers=workers, engine=engine,
                     progress=second_pass, commit=commit)
@@ -204,6 +207,15 @@ def dissect(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource
         if out is not None:
             result.files = write_outputs(result, Path(out), model, source, figures)
     return result
+
+
+def _stored_overlap(store: AtlasStore, layer: str) -> ConceptOverlap:
+    """The dissection sums of ``layer`` in a store whose dissection pass has begun; none there is a damaged store."""
+    overlap = store.load_overlap(layer)
+    if overlap is None:
+        raise ConvlensError(f"the atlas store has dissection parts done but no sums for layer {layer!r}; "
+                            "it is damaged: delete it to start again")
+    return overlap
 
 
 def _cell(name: str) -> str:

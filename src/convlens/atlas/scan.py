@@ -28,14 +28,14 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
 from pathlib import Path
+from typing import Any, ClassVar, Protocol, Self
 
 import numpy as np
 import torch
 
 from ..capture import LayerRef, capture, resolve_layers
-from ..engines import Engine, resolve_engine
+from ..engines import Engine, RayEngine, resolve_engine
 from ..errors import ConvlensError, ConvlensWarning, first_line
 from ..models import Model, as_model
 from ..models.transforms import mask_at_input
@@ -50,10 +50,17 @@ Part = tuple[int, int, int]  # (part number, first image, stop image)
 
 # -- jobs: what a pass computes per batch ------------------------------------------------
 
+class Accumulator(Protocol):
+    """The class of a per-layer job's accumulator, as a job uses it: one reads its stored arrays back."""
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Self: ...
+
+
 class PerLayerJob:
     """A pass whose state is one mergeable accumulator per layer: merging and storing it is the same for all."""
 
-    accumulator: ClassVar[type]
+    accumulator: ClassVar[type[Accumulator]]
     layers: list[str]
 
     @staticmethod
@@ -83,7 +90,7 @@ class ScanJob(PerLayerJob):
     grid: SketchGrid
     name: str = "scan"
     concepts: list[str] = field(default_factory=list)  # scan needs no masks
-    accumulator: ClassVar[type] = LayerStats
+    accumulator: ClassVar[type[Accumulator]] = LayerStats
 
     def new_state(self) -> dict[str, LayerStats]:
         return {layer: LayerStats(*self.shapes[layer], self.k, self.classes, self.grid) for layer in self.layers}
@@ -168,6 +175,12 @@ def forward_layers(model: Model, rec, x: torch.Tensor, layers: Sequence[str]) ->
     return rec.spatial_outputs(layers)
 
 
+def _channels_height_width(spatial: torch.Tensor) -> tuple[int, int, int]:
+    """``(C, h, w)`` of a recorded ``(N, C, h, w)`` map."""
+    channels, height, width = spatial.shape[1:]
+    return int(channels), int(height), int(width)
+
+
 def probe_shapes(model: Model, source: DataSource, layers: Sequence[str]) -> dict[str, tuple[int, int, int]]:
     """``(C, h, w)`` of each layer on the first readable image; checks that every layer is spatial."""
     first_error = None
@@ -180,7 +193,7 @@ def probe_shapes(model: Model, source: DataSource, layers: Sequence[str]) -> dic
         x = model.transform(picture).unsqueeze(0)
         with capture(model, layers, stop=True) as rec, torch.inference_mode():
             outputs = forward_layers(model, rec, x, layers)
-        return {name: tuple(int(d) for d in outputs[name].shape[1:]) for name in layers}
+        return {name: _channels_height_width(outputs[name]) for name in layers}
     raise ConvlensError(f"none of the {len(source)} images of the dataset can be read (first: {first_error})")
 
 
@@ -393,7 +406,7 @@ def execute(model: Model, source: DataSource, job, parts: list[Part], total: dic
         if store is not None:
             (commit or (lambda s, t, p: s.commit_scan(t, p)))(store, total, part)
 
-    if engine.distributed:
+    if isinstance(engine, RayEngine):  # the one distributed engine
         from .ray_engine import ray_parts
 
         return ray_parts(engine, model, source, job, parts, batch_size=batch_size, on_part=on_part, progress=advance)

@@ -35,7 +35,7 @@ def resolve_engine(name: str | Engine = "local", ray_address: str | None = None,
     """The engine called ``name`` with the Ray options (which the local engine ignores); an engine object as is.
 
     An unknown name is one line naming the choices."""
-    if isinstance(name, tuple(ENGINES.values())):
+    if isinstance(name, (LocalEngine, RayEngine)):
         return name
     if name not in ENGINES:
         raise ConvlensError(f"unknown engine {name!r}; choose {' or '.join(ENGINES)}")

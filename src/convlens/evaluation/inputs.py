@@ -68,7 +68,8 @@ def sample_images(images: Sequence[Path], root: str | os.PathLike, limit: int | 
     rng.shuffle(order)
     for name in order:
         rng.shuffle(classes[name])
-    chosen, turn = [], 0
+    chosen: list[Path] = []
+    turn = 0
     while len(chosen) < limit:
         for name in order:
             if turn < len(classes[name]) and len(chosen) < limit:

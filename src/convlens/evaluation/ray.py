@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engines import Engine, resolve_engine
+from ..engines import RayEngine
 from ..engines.ray import ModelWorker
 from ..metrics.base import ExplainFn
 from . import runner
@@ -49,10 +49,10 @@ def evaluate_ray(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn
                  batch_size: int = 64, limit: int | None = None, seed: int = 0, find_mask: Callable | None = None,
                  progress: Callable | None = None, restart: bool = False, ray_address: str | None = None,
                  concurrency: int | None = None, num_gpus: float | None = None, targets=None,
-                 engine: Engine | None = None) -> runner.Evaluation:
+                 engine: RayEngine | None = None) -> runner.Evaluation:
     """:func:`convlens.evaluation.evaluate` with the (image, method) pairs scored on Ray actors (the module
     docstring says how); the options after ``restart`` are the Ray engine's, or ``engine`` gives it whole."""
-    engine = engine or resolve_engine("ray", ray_address, concurrency, num_gpus)
+    engine = engine or RayEngine(ray_address=ray_address, concurrency=concurrency, num_gpus=num_gpus)
     engine.connect()  # an unreachable address fails here, before anything is written
     find_mask = find_mask or runner.find_mask
     plan = runner.plan_evaluation(model, data, methods=methods, metrics=metrics, out_dir=out_dir,
@@ -63,7 +63,7 @@ def evaluate_ray(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn
     return runner.finish_evaluation(plan)
 
 
-def _score_on_actors(engine: Engine, plan: runner.EvaluationPlan, methods, find_mask: Callable,
+def _score_on_actors(engine: RayEngine, plan: runner.EvaluationPlan, methods, find_mask: Callable,
                      progress: Callable | None) -> None:
     """Score ``plan.todo`` on the engine's actors, one image per call, journaling each record as it comes."""
     rows = [{"path": str(path), "key": plan.keys[path], "todo": "\n".join(left)} for path, left in plan.todo]

@@ -42,11 +42,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..engines import Engine, resolve_engine
+from ..engines import Engine, RayEngine, resolve_engine
 from ..errors import ConvlensError, did_you_mean
 from ..fileio import check_output_dir, write_text
-from ..images import ImageLike, load_image
 from ..heatmaps import METHODS
+from ..images import ImageLike, load_image
 from ..metrics import METRICS
 from ..metrics.base import ExplainFn, as_batch, as_model, as_targets, heatmap_explainer
 from ..metrics.faithfulness import Curve
@@ -130,7 +130,7 @@ def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], m
     options = {"methods": methods, "metrics": metrics, "out_dir": out_dir, "batch_size": batch_size, "limit": limit,
                "seed": seed, "find_mask": find_mask, "restart": restart, "targets": targets}
     engine = resolve_engine(engine, ray_address, concurrency, num_gpus)
-    if engine.distributed:
+    if isinstance(engine, RayEngine):  # the one distributed engine
         from .ray import evaluate_ray
 
         return evaluate_ray(model, data, progress=progress, engine=engine, **options)

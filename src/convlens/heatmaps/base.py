@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,14 @@ from ..errors import ConvlensError
 from ..models import Model, summarize
 from ..models.model import ensure_finite
 from ..progress import Progress
-from ..targets import AllClasses, ScoreFn, TargetSpec, resolve_targets
+from ..targets import AllClasses, OutputKey, ScoreFn, TargetSpec, resolve_targets
+
+
+@runtime_checkable
+class PreparingTarget(Protocol):
+    """A target that runs the model once before it is used (a similarity's reference image)."""
+
+    def prepare(self, model: Model, select: OutputKey = None) -> TargetSpec: ...
 
 
 @dataclass(frozen=True)
@@ -108,9 +115,10 @@ class Request:
         """
         if clean:
             self.settle(output)
-        elif self.score_fn is None:
+        score_fn = self.score_fn
+        if score_fn is None:
             raise RuntimeError("a method scored a pass before the target was settled on the clean batch")
-        return _checked_scores(self.score_fn(output), self.x.shape[0], self.score_fn)
+        return _checked_scores(score_fn(output), self.x.shape[0], score_fn)
 
     @property
     def all_classes(self) -> bool:
@@ -130,7 +138,7 @@ class Request:
 
 def prepare_target(model: Model, target: TargetSpec) -> TargetSpec:
     """A target that runs the model itself (a similarity's reference image) does so here, before any capture."""
-    return target.prepare(model, model.select) if hasattr(target, "prepare") else target
+    return target.prepare(model, model.select) if isinstance(target, PreparingTarget) else target
 
 
 def settle_target(model: Model, x: torch.Tensor, output, target: TargetSpec) -> tuple[ScoreFn, list[int]]:

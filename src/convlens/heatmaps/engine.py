@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,6 +49,7 @@ from ..progress import Progress
 from ..targets import ScoreFn, TargetSpec, class_logits
 from .base import Method, Request, normalise, prepare_target, settle_target, upsample
 from .registry import METHODS, get_method
+
 
 @dataclass
 class Plan:
@@ -103,7 +105,7 @@ class Explanation:
     layer: str | list[str] | None
     targets: list[int]
     target_names: list[str]
-    flat: list[bool]
+    flat: list[Any]  # per image a bool; with target="all" a list of K bools
     attributions: torch.Tensor | None = None
     images: list | None = None
     transform: Callable | None = field(default=None, repr=False)
@@ -243,14 +245,14 @@ def check_request(model, inputs, methods: Sequence[str], layer: str | nn.Module 
     x, images = loaded.as_batch(inputs)
     target = prepare_target(loaded, target)
     readers = [method for method in chosen if method.uses_layer]  # they all read the same layers
-    refs = layer if isinstance(layer, (list, tuple)) else [layer]
+    refs = _layer_refs(layer)
     if readers and not refs:
         raise ConvlensError("no layer given; pass a layer name or 'auto'")
     explicit = [ref for ref in refs if not (isinstance(ref, str) and ref == "auto")] if readers else []
     resolve_layers(loaded, explicit)  # an unknown name fails before the pass
     with torch.inference_mode(False):
         summary, output = survey(loaded, x, logits=True)
-    names = []
+    names: list[str] = []
     for ref in refs if readers else []:
         if isinstance(ref, str) and ref == "auto":
             names.append(summary.auto_layer)
@@ -281,15 +283,22 @@ def _request(method: Method, model, inputs, layer, target, plan: Plan | None,
     loaded = as_model(model)
     x, images = loaded.as_batch(inputs)
     target = prepare_target(loaded, target)
-    refs = layer if isinstance(layer, (list, tuple)) else [layer]
+    refs = _layer_refs(layer)
     names = list(dict.fromkeys(resolve_layers(loaded, refs))) if method.uses_layer else []
     if method.uses_layer and not names:
         raise ConvlensError("no layer given; pass a layer name or 'auto'")
     return Request(loaded, x, names, None, None, progress, target), images
 
 
-def _names_auto(layer) -> bool:
-    refs = layer if isinstance(layer, (list, tuple)) else [layer]
+def _layer_refs(layer: object) -> list[Any]:
+    """The layer references the caller passed: the items of a list or tuple, or the one value given.
+
+    Items are not checked here: :func:`resolve_layers` rejects whatever names no layer."""
+    return list(layer) if isinstance(layer, (list, tuple)) else [layer]
+
+
+def _names_auto(layer: object) -> bool:
+    refs = _layer_refs(layer)
     return any(isinstance(ref, str) and ref == "auto" for ref in refs)
 
 
@@ -338,17 +347,21 @@ def explain(model, inputs=None, method: str = "gradcam", layer: str | nn.Module 
     if classes:  # every (image, class) map goes through the contract on its own
         per_layer = [m.flatten(0, 1) for m in per_layer]
     raw, combined = _combine(per_layer, tuple(x.shape[-2:]))
-    maps, flat = normalise(combined)
+    maps, flat_maps = normalise(combined)
+    flat: list[Any] = list(flat_maps)
     if classes:
         raw, maps = raw.unflatten(0, (-1, classes)), maps.unflatten(0, (-1, classes))
-        flat = [flat[i:i + classes] for i in range(0, len(flat), classes)]
+        flat = [flat_maps[i:i + classes] for i in range(0, len(flat_maps), classes)]
     indices = request.class_indices
+    if indices is None:
+        raise RuntimeError(f"method {chosen.name!r} returned without settling the target")
     return Explanation(
         maps=maps, raw=raw, method=chosen.name,
         layer=(names[0] if len(names) == 1 else names) if names else None,
         targets=indices, target_names=[loaded.label(i) if i >= 0 else "custom target" for i in indices],
         flat=flat,
-        attributions=None if result.attributions is None else loaded.from_internal(result.attributions.detach().float()),
+        attributions=(None if result.attributions is None
+                      else loaded.from_internal(result.attributions.detach().float())),
         images=images, transform=loaded.transform, boxes=_boxes(request.score_fn))
 
 

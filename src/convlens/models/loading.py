@@ -115,7 +115,7 @@ def load_model(
     return model
 
 
-def _from_memory(source, names: list[str] | None, preprocessing: str | None) -> Model | None:
+def _from_memory(source: Any, names: list[str] | None, preprocessing: str | None) -> Model | None:
     """A model object already in memory (a :class:`Model`, an ``nn.Module``, a Keras model), wrapped;
     ``None`` when ``source`` is a name or a path."""
     if isinstance(source, Model):
@@ -127,8 +127,9 @@ def _from_memory(source, names: list[str] | None, preprocessing: str | None) -> 
     return None
 
 
-def _from_name_or_file(source, weights, arch: str | None, names: list[str] | None, preprocessing: str | None,
-                       input_size, trust_code: bool) -> Model:
+def _from_name_or_file(source: Any, weights: str | os.PathLike[str] | None, arch: str | None,
+                       names: list[str] | None, preprocessing: str | None,
+                       input_size: int | tuple[int, int] | None, trust_code: bool) -> Model:
     """The model a file path or a name gives: a file first, then the bundled, task and torchvision names."""
     path = Path(source)
     if path.suffix.lower() in KERAS_SUFFIXES:
@@ -150,7 +151,7 @@ def _from_name_or_file(source, weights, arch: str | None, names: list[str] | Non
     raise _not_found(source, path)
 
 
-def _not_found(source, path: Path) -> ConvlensError:
+def _not_found(source: Any, path: Path) -> ConvlensError:
     """Why nothing loads from ``source``: a missing file, a folder, or an unknown name with the nearest ones."""
     if _looks_like_path(source):  # a typo in a path should not read as an unknown model name
         if path.is_dir():

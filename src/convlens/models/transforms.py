@@ -12,7 +12,7 @@ in input pixels back on the photo), :func:`mask_for_model` and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -36,6 +36,11 @@ KERAS_MODES = ("rescale", "raw", "tf", "torch", "caffe")
 MAX_ASPECT = 8
 
 Box = tuple[float, float, float, float]  # left, top, right, bottom in original pixels
+#: A model's preprocessing, PIL image -> channels-first tensor (torchvision's, or one of the transforms here).
+#: The geometry helpers read its resize and crop steps; ``None`` stands for one that keeps the whole photo.
+Preprocess = Callable[[Image.Image], torch.Tensor]
+#: A torchvision size: one int (a short side, or both sides of a square) or a sequence ``(H, W)`` / ``(S,)``.
+Size = int | Sequence[int]
 
 
 class ShortSideResize(torch.nn.Module):
@@ -97,7 +102,12 @@ def make_transform(size: Sequence[int], mean: Sequence[float] | None = None, std
     ``crop`` is the centre-crop ratio (torchvision's 224/256 = 0.875, timm's
     ``crop_pct``): the short side is resized to ``size / crop`` and the centre
     cut out. Without it (or for a non-square size) the whole picture is resized.
+    ``mean`` and ``std`` come together or not at all.
     """
+    if (mean is None) != (std is None):
+        raise ConvlensError(f"preprocessing{f' from the {source}' if source else ''} gives a "
+                            f"{'mean' if std is None else 'std'} without a {'std' if std is None else 'mean'}; "
+                            "normalisation needs both (or neither)")
     height, width = int(size[0]), int(size[1])
     if crop and height == width and crop < 1:
         transform = imagenet_transform(height, resize=int(round(height / crop)))
@@ -110,8 +120,8 @@ def make_transform(size: Sequence[int], mean: Sequence[float] | None = None, std
         transform = plain_transform((height, width), mean, std)
         geometry = f"resize to {height}x{width}"
     norm = "ImageNet mean/std" if (tuple(mean or ()), tuple(std or ())) == (IMAGENET_MEAN, IMAGENET_STD) else (
-        f"mean {tuple(round(m, 4) for m in mean)}, std {tuple(round(s, 4) for s in std)}" if mean is not None
-        else "no normalisation")
+        f"mean {tuple(round(m, 4) for m in mean)}, std {tuple(round(s, 4) for s in std)}"
+        if mean is not None and std is not None else "no normalisation")
     return transform, f"{geometry}, scale to [0, 1], {norm}" + (f" (from the {source})" if source else "")
 
 
@@ -151,8 +161,10 @@ class KerasTransform:
 # -- geometry: where the model input lies in the original photo ---------------------------------------------
 
 
-def _sizes(transform) -> tuple[int | Sequence[int] | None, Sequence[int] | None, int | None]:
+def _sizes(transform: Preprocess | None) -> tuple[Size | None, Size | None, int | None]:
     """``(resize, crop, max_size)`` of a torchvision transform, ``(None, None, None)`` when it does not crop."""
+    if transform is None:
+        return None, None, None
     if hasattr(transform, "resize_size") and hasattr(transform, "crop_size"):  # weights.transforms()
         return transform.resize_size, transform.crop_size, None
     resize = crop = max_size = None
@@ -165,18 +177,18 @@ def _sizes(transform) -> tuple[int | Sequence[int] | None, Sequence[int] | None,
     return resize, crop, max_size
 
 
-def crop_box(transform, width: int, height: int) -> Box:
+def crop_box(transform: Preprocess | None, width: int, height: int) -> Box:
     """The region of a ``width`` x ``height`` original that ``transform`` turns into the model input."""
     resize, crop, max_size = _sizes(transform)
     if crop is None:
         return (0.0, 0.0, float(width), float(height))
-    crop_h, crop_w = (crop[0], crop[-1]) if isinstance(crop, (list, tuple)) else (crop, crop)
+    crop_h, crop_w = (crop[0], crop[-1]) if isinstance(crop, Sequence) else (crop, crop)
     if resize is None:
         scale_x = scale_y = 1.0
-    elif isinstance(resize, (list, tuple)) and len(resize) == 2:
+    elif isinstance(resize, Sequence) and len(resize) == 2:
         scale_x, scale_y = resize[1] / width, resize[0] / height
     else:  # a single size: the short side becomes that size, the aspect ratio is kept
-        short = resize[0] if isinstance(resize, (list, tuple)) else resize
+        short = resize[0] if isinstance(resize, Sequence) else resize
         scale_x = scale_y = short / min(width, height)
         if max_size is not None and scale_x * max(width, height) > max_size:  # a long strip: its long side is capped
             scale_x = scale_y = max_size / max(width, height)
@@ -187,7 +199,8 @@ def crop_box(transform, width: int, height: int) -> Box:
             min(float(width), (left + crop_w) / scale_x), min(float(height), (top + crop_h) / scale_y))
 
 
-def scaled_crop_box(transform, size: tuple[int, int], shown_size: tuple[int, int]) -> tuple[int, int, int, int]:
+def scaled_crop_box(transform: Preprocess | None, size: tuple[int, int],
+                    shown_size: tuple[int, int]) -> tuple[int, int, int, int]:
     """:func:`crop_box` of a ``size`` (width, height) photo, in the pixels of that photo shown at ``shown_size``."""
     left, top, right, bottom = crop_box(transform, *size)
     scale_x, scale_y = shown_size[0] / size[0], shown_size[1] / size[1]
@@ -195,7 +208,8 @@ def scaled_crop_box(transform, size: tuple[int, int], shown_size: tuple[int, int
             int(round(right * scale_x)), int(round(bottom * scale_y)))
 
 
-def input_box_in_picture(transform, box: Sequence[float], input_size: Sequence[int], size: tuple[int, int]) -> Box:
+def input_box_in_picture(transform: Preprocess | None, box: Sequence[float], input_size: Sequence[int],
+                         size: tuple[int, int]) -> Box:
     """A box ``(x0, y0, x1, y1)`` in the model input's pixels (``input_size`` = (H, W)) in the pixels of the
     ``size`` = (width, height) photo that ``transform`` made the input from."""
     left, top, right, bottom = crop_box(transform, *size)
@@ -212,7 +226,7 @@ def mask_for_model(model: Model, mask: np.ndarray, image_size: tuple[int, int]) 
     """
     picture = Image.fromarray(mask.astype(np.uint8) * 255).convert("RGB")
     if picture.size != image_size:
-        picture = picture.resize(image_size, Image.NEAREST)
+        picture = picture.resize(image_size, Image.Resampling.NEAREST)
     black = model.transform(Image.new("RGB", picture.size, (0, 0, 0)))[0]
     white = model.transform(Image.new("RGB", picture.size, (255, 255, 255)))[0]
     drawn = model.transform(picture)[0]
@@ -229,11 +243,12 @@ def mask_at_input(model: Model, mask: np.ndarray, image_size: tuple[int, int]) -
     if mask.shape == (height, width) and crop_box(model.transform, width, height) == (0.0, 0.0, width, height):
         return torch.from_numpy(np.ascontiguousarray(mask))  # already what the model sees (plain resize, same size)
     if mask.shape[::-1] != tuple(image_size):
-        mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(image_size, Image.NEAREST)) > 127
+        drawn = Image.fromarray(mask.astype(np.uint8) * 255).resize(image_size, Image.Resampling.NEAREST)
+        mask = np.asarray(drawn) > 127
     return mask_for_model(model, mask, image_size)[0]
 
 
-def within_aspect(image: Image.Image, transform) -> Image.Image:
+def within_aspect(image: Image.Image, transform: Preprocess) -> Image.Image:
     """For a torchvision weights preset (short side to 256, centre crop 224): the centre of a long strip only.
 
     The preset would resize a 1x3000 strip to 256x768000 (0.6 GB) to keep its
