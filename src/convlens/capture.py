@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple, Union
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -51,7 +51,7 @@ from .errors import TORCHSCRIPT_FAILED, ConvlensError, did_you_mean, first_line
 if TYPE_CHECKING:
     from .models.model import Model
 
-LayerRef = Union[str, nn.Module]
+LayerRef = str | nn.Module
 #: ``fn(module, inputs, output) -> new output`` applied to a module's output.
 OutputRewrite = Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]
 
@@ -103,8 +103,14 @@ def _token_grid(tokens: int, size: Sequence[int], prefixes: Sequence[int]) -> tu
     return None
 
 
-def spatial_view(output: torch.Tensor, input_size: Sequence[int], *, batch: int | None = None,
-                 channels_last: bool = False, prefix_tokens: int | None = None) -> SpatialView | None:
+def spatial_view(
+    output: torch.Tensor,
+    input_size: Sequence[int],
+    *,
+    batch: int | None = None,
+    channels_last: bool = False,
+    prefix_tokens: int | None = None,
+) -> SpatialView | None:
     """``output`` as a channels-first ``(N, C, h, w)`` map, or ``None`` when it is not one.
 
     Args:
@@ -125,8 +131,11 @@ def spatial_view(output: torch.Tensor, input_size: Sequence[int], *, batch: int 
         if min(first, last) > 1:
             return None
         # (N, 8, 8, 8) fits both readings: channels-first, PyTorch's own layout, wins a tie.
-        return SpatialView(output, "channels_first") if first <= last else SpatialView(
-            output.permute(0, 3, 1, 2), "channels_last")
+        return (
+            SpatialView(output, "channels_first")
+            if first <= last
+            else SpatialView(output.permute(0, 3, 1, 2), "channels_last")
+        )
     if output.ndim == 3 and not channels_last:
         prefixes = (prefix_tokens,) if prefix_tokens is not None else (0, 1)
         grid = _token_grid(output.shape[1], input_size, prefixes)
@@ -175,8 +184,9 @@ def borrow(module: nn.Module, *, freeze: bool = True) -> Iterator[nn.Module]:
                     b.copy_(saved)
 
 
-def merge_rewrites(base: Mapping[nn.Module, OutputRewrite],
-                   extra: Mapping[nn.Module, OutputRewrite] | None) -> dict[nn.Module, OutputRewrite]:
+def merge_rewrites(
+    base: Mapping[nn.Module, OutputRewrite], extra: Mapping[nn.Module, OutputRewrite] | None
+) -> dict[nn.Module, OutputRewrite]:
     """``base`` and ``extra`` output rewrites in one mapping; on a shared module ``extra`` runs on ``base``'s result."""
     merged = dict(base)
     for module, fn in (extra or {}).items():
@@ -187,6 +197,7 @@ def merge_rewrites(base: Mapping[nn.Module, OutputRewrite],
 
 def _chained(first: OutputRewrite, then: OutputRewrite) -> OutputRewrite:
     """The rewrite that runs ``then`` on ``first``'s result."""
+
     def both(mod: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         return then(mod, inputs, first(mod, inputs, output))
 
@@ -225,8 +236,7 @@ def resolve_layers(model: Model | nn.Module, layers: Sequence[LayerRef]) -> dict
             resolved[ref] = table[ref]
         else:
             raise ConvlensError(
-                f"unknown layer {ref!r}{did_you_mean(str(ref), table)}"
-                " (run 'convlens layers MODEL' to list them)"
+                f"unknown layer {ref!r}{did_you_mean(str(ref), table)} (run 'convlens layers MODEL' to list them)"
             )
     return resolved
 
@@ -239,8 +249,10 @@ def not_run(name: str) -> ConvlensError:
 def not_spatial(name: str, shape: tuple[int, ...] | None, suggestion: str | None = None) -> ConvlensError:
     """The one error for a layer whose output is no ``(N, C, h, w)`` map; ``suggestion`` names one that is."""
     such_as = f"such as {suggestion!r} " if suggestion else ""
-    return ConvlensError(f"layer {name!r} has no spatial output (shape {shape}); "
-                         f"choose a convolutional layer {such_as}(see 'convlens layers MODEL')")
+    return ConvlensError(
+        f"layer {name!r} has no spatial output (shape {shape}); "
+        f"choose a convolutional layer {such_as}(see 'convlens layers MODEL')"
+    )
 
 
 class Recorder:
@@ -277,8 +289,9 @@ class Recorder:
         except Exception as err:  # a scripted model's failure: its own error, on one line
             if not str(err).startswith(TORCHSCRIPT_FAILED):
                 raise
-            raise ConvlensError(f"the model failed on a {self.input_size[0]}x{self.input_size[1]} input: "
-                                f"{first_line(err)}") from None
+            raise ConvlensError(
+                f"the model failed on a {self.input_size[0]}x{self.input_size[1]} input: {first_line(err)}"
+            ) from None
 
     def output(self, name: str) -> torch.Tensor:
         """The recorded output of ``name``; a layer the pass never reached is a user error."""
@@ -352,12 +365,19 @@ def capture(
 
 def _refuse_torchscript(hooked: list[nn.Module]) -> None:
     if any(isinstance(m, torch.jit.ScriptModule) for m in hooked):
-        raise ConvlensError("a TorchScript model cannot be hooked, so its layers cannot be captured; "
-                            "load the eager model instead: its state dict with --arch (or the module in memory)")
+        raise ConvlensError(
+            "a TorchScript model cannot be hooked, so its layers cannot be captured; "
+            "load the eager model instead: its state dict with --arch (or the module in memory)"
+        )
 
 
-def _install_hooks(handles: list[torch.utils.hooks.RemovableHandle], module: nn.Module, resolved: dict[str, nn.Module],
-                   rewrite: Mapping[nn.Module, OutputRewrite] | None, record: _Recording) -> None:
+def _install_hooks(
+    handles: list[torch.utils.hooks.RemovableHandle],
+    module: nn.Module,
+    resolved: dict[str, nn.Module],
+    rewrite: Mapping[nn.Module, OutputRewrite] | None,
+    record: _Recording,
+) -> None:
     """Register the hooks, each handle appended as soon as it exists (so a failure midway leaves none behind)."""
     if resolved:
         # The input's size tells spatial axes from others (spatial_view); read it from whoever calls the model.
@@ -386,6 +406,7 @@ class _Recording(NamedTuple):
 
     def hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], torch.Tensor]:
         """The forward hook of layer ``name``: records its output and hands the next module what it gets."""
+
         def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> torch.Tensor:
             if not isinstance(output, torch.Tensor):
                 raise ConvlensError(
@@ -402,8 +423,13 @@ class _Recording(NamedTuple):
     def store(self, name: str, output: torch.Tensor) -> torch.Tensor:
         """Record ``output`` channels-first as ``name``; returns what the next module receives."""
         recorder = self.recorder
-        view = spatial_view(output, recorder.input_size, batch=recorder.batch, channels_last=self.channels_last,
-                            prefix_tokens=self.prefix)
+        view = spatial_view(
+            output,
+            recorder.input_size,
+            batch=recorder.batch,
+            channels_last=self.channels_last,
+            prefix_tokens=self.prefix,
+        )
         stored = output if view is None else view.map
         if view is not None and view.map.shape[-1] * view.map.shape[-2] > 1:
             recorder.spatial.add(name)

@@ -18,21 +18,22 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import signal
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .errors import ConvlensError
 
-
 #: errno values that mean the place being written cannot take the file (full, over quota, read-only, too big).
 DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 _DISK_ADVICE = {
-    errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-    errno.EFBIG: "file too large for the file system", errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the file system",
+    errno.EROFS: "read-only file system",
 }
 
 
@@ -188,8 +189,9 @@ def _check_folder(folder: Path, shown: str, option: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise ConvlensError(f"cannot write {shown}: {existing} does not take new files ({err.strerror or err}); "
-                            f"pass another {option}") from None
+        raise ConvlensError(
+            f"cannot write {shown}: {existing} does not take new files ({err.strerror or err}); pass another {option}"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ import re
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ConvlensError
 
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+ImageLike = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
@@ -45,8 +44,9 @@ def _from_array(array: np.ndarray) -> Image.Image:
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise ConvlensError(f"cannot read an image from an array of shape {tuple(array.shape)}; "
-                            "pass (H, W), (H, W, 3) or (H, W, 4)")
+        raise ConvlensError(
+            f"cannot read an image from an array of shape {tuple(array.shape)}; pass (H, W), (H, W, 3) or (H, W, 4)"
+        )
     return _rgb(Image.fromarray(_to_uint8(array)))
 
 
@@ -108,9 +108,11 @@ def _too_large(path: Path, err: Exception) -> str:
     """The one-line refusal of a decompression bomb: its size, the limit and what to do."""
     found = re.search(r"\((\d+) pixels\)", str(err))  # Pillow names the size only in its message
     size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
-    return (f"image {path} is too large: {size}, the limit is {Image.MAX_IMAGE_PIXELS:,} (Pillow's guard against "
-            "decompression bombs); scale it down first (a model sees a few hundred pixels a side), or, "
-            "if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS")
+    return (
+        f"image {path} is too large: {size}, the limit is {Image.MAX_IMAGE_PIXELS:,} (Pillow's guard against "
+        "decompression bombs); scale it down first (a model sees a few hundred pixels a side), or, "
+        "if you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS"
+    )
 
 
 def load_images(images: ImageLike | Sequence[ImageLike]) -> list[Image.Image]:

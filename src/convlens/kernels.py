@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 
 
-def gaussian_kernel(sigma: float, radius: int, *, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str | None = None) -> torch.Tensor:
+def gaussian_kernel(
+    sigma: float, radius: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> torch.Tensor:
     """``exp(-d^2 / 2 sigma^2)`` for ``d = -radius..radius``, summing to 1, ``(2 * radius + 1,)``."""
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    weights = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
+    weights = torch.exp(-(offsets**2) / (2 * sigma**2))
     return (weights / weights.sum()).to(dtype=dtype, device=device)
 
 

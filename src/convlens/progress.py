@@ -125,8 +125,15 @@ class ProgressDisplay:
     (a :class:`Step` of a :class:`Steps` job).
     """
 
-    def __init__(self, desc: str = "", total: int | None = None, *, unit: str = "step",
-                 stream: TextIO | None = None, lines: int | None = None):
+    def __init__(
+        self,
+        desc: str = "",
+        total: int | None = None,
+        *,
+        unit: str = "step",
+        stream: TextIO | None = None,
+        lines: int | None = None,
+    ):
         self.desc, self.total, self.unit, self.lines = desc, total, unit, lines
         self.stream = stream if stream is not None else sys.stderr
         self.terminal = is_terminal(self.stream)
@@ -201,8 +208,9 @@ class ProgressDisplay:
         if self._bar is None:
             from tqdm import tqdm  # only when a bar is drawn
 
-            self._bar = tqdm(total=total, desc=self.desc or None, unit=self.unit, file=self.stream, leave=False,
-                             dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total, desc=self.desc or None, unit=self.unit, file=self.stream, leave=False, dynamic_ncols=True
+            )
         bar = self._bar
         if total is not None and bar.total != total:
             bar.total = total

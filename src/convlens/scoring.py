@@ -29,9 +29,16 @@ MakeBatch = Callable[[int, int], tuple[torch.Tensor, Mapping[nn.Module, OutputRe
 ScoreBatch = Callable[[Any, int, int], torch.Tensor]
 
 
-def score_batches(model: Model | nn.Module, count: int, make_batch: MakeBatch, score: ScoreBatch, *, batch_size: int,
-                  rewrite: Mapping[nn.Module, OutputRewrite] | None = None,
-                  progress: Progress | None = None) -> torch.Tensor:
+def score_batches(
+    model: Model | nn.Module,
+    count: int,
+    make_batch: MakeBatch,
+    score: ScoreBatch,
+    *,
+    batch_size: int,
+    rewrite: Mapping[nn.Module, OutputRewrite] | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
     """Scores ``(count,)`` float32 of ``count`` inputs, ``batch_size`` per forward pass.
 
     ``rewrite`` applies to every batch (a final softmax skipped for logits), before a batch's own.

@@ -18,8 +18,10 @@ def demo_model_path() -> Path:
     """Path of the bundled shapes classifier (a convlens checkpoint)."""
     path = ASSETS / "shapes_model.pt"
     if not path.is_file():
-        raise ConvlensError(f"the bundled shapes model is missing from this installation ({path}); "
-                            "reinstall convlens, or train one with `convlens train`")
+        raise ConvlensError(
+            f"the bundled shapes model is missing from this installation ({path}); "
+            "reinstall convlens, or train one with `convlens train`"
+        )
     return path
 
 

@@ -14,5 +14,16 @@ from .dissect import Dissection, dissect
 from .examples import UnitExamples, dataset_examples, examples_figure, write_examples
 from .scan import Atlas, open_atlas, scan
 
-__all__ = ["Atlas", "DataSource", "Dissection", "UnitExamples", "dataset_examples", "dissect", "examples_figure",
-           "open_atlas", "open_data", "scan", "write_examples"]
+__all__ = [
+    "Atlas",
+    "DataSource",
+    "Dissection",
+    "UnitExamples",
+    "dataset_examples",
+    "dissect",
+    "examples_figure",
+    "open_atlas",
+    "open_data",
+    "scan",
+    "write_examples",
+]

@@ -67,7 +67,7 @@ class SketchGrid:
     @property
     def half(self) -> int:
         """Buckets per sign; keys run from ``-half`` to ``half`` with 0 the zero bucket."""
-        return 2 * self.exponent * 2 ** self.bits
+        return 2 * self.exponent * 2**self.bits
 
     @property
     def size(self) -> int:
@@ -91,9 +91,9 @@ class SketchGrid:
     def _bounds(self, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(lo, hi)`` magnitudes of the buckets ``|key| >= 1``."""
         index = np.abs(np.asarray(key, dtype=np.int64)) - 1
-        scale = np.ldexp(1.0, index // 2 ** self.bits - self.exponent)
-        lo = scale * (1 + (index % 2 ** self.bits) / 2 ** self.bits)
-        return lo, lo + scale / 2 ** self.bits
+        scale = np.ldexp(1.0, index // 2**self.bits - self.exponent)
+        lo = scale * (1 + (index % 2**self.bits) / 2**self.bits)
+        return lo, lo + scale / 2**self.bits
 
     def value(self, key: np.ndarray) -> np.ndarray:
         """The value a bucket stands for: ``sign * 2 lo hi / (lo + hi)`` (0 for the zero bucket)."""
@@ -110,7 +110,7 @@ class SketchGrid:
         """
         key = np.asarray(key)
         lo, hi = self._bounds(np.where(key == 0, 1, key))
-        return np.where(key > 0, lo, np.where(key == 0, 2.0 ** -self.exponent, -hi))
+        return np.where(key > 0, lo, np.where(key == 0, 2.0**-self.exponent, -hi))
 
 
 @functools.lru_cache(maxsize=8)
@@ -120,7 +120,7 @@ def _lookup(bits: int, exponent: int) -> torch.Tensor:
     raw = np.arange(1 << (32 - shift), dtype=np.int64)
     negative = raw < (1 << (31 - shift))
     magnitude_bits = np.where(negative, raw, raw - (1 << (31 - shift)))  # (exponent field, top mantissa bits)
-    half = 2 * exponent * 2 ** bits
+    half = 2 * exponent * 2**bits
     key = np.clip(magnitude_bits - (((127 - exponent) << bits) - 1), 1, half)  # tiny magnitudes: lowest bucket
     key = np.where(magnitude_bits == 0, 0, key)  # +-0 (and magnitudes below ~1e-38): the zero bucket
     table = torch.from_numpy((np.where(negative, -key, key) + half).astype(np.int32))
@@ -152,11 +152,23 @@ class LayerStats:
     ``class_images`` int64 ``(K,)``; ``sketch`` int64 ``(C, grid.size)``.
     """
 
-    ARRAYS = ("mean", "m2", "max", "positive", "top_value", "top_image", "top_y", "top_x", "class_sum",
-              "class_images", "sketch")
+    ARRAYS = (
+        "mean",
+        "m2",
+        "max",
+        "positive",
+        "top_value",
+        "top_image",
+        "top_y",
+        "top_x",
+        "class_sum",
+        "class_images",
+        "sketch",
+    )
 
-    def __init__(self, channels: int, height: int, width: int, k: int = 16, classes: int = 0,
-                 grid: SketchGrid = SketchGrid()):
+    def __init__(
+        self, channels: int, height: int, width: int, k: int = 16, classes: int = 0, grid: SketchGrid = SketchGrid()
+    ):
         self.channels, self.height, self.width, self.k, self.grid = channels, height, width, k, grid
         self.images = 0
         self.count = 0  # values seen per channel: images x height x width
@@ -178,8 +190,9 @@ class LayerStats:
         maps = maps.detach().float().contiguous()
         n, channels, height, width = maps.shape
         if (channels, height, width) != (self.channels, self.height, self.width):
-            raise ValueError(f"maps of shape {tuple(maps.shape[1:])} for a layer of "
-                             f"{(self.channels, self.height, self.width)}")
+            raise ValueError(
+                f"maps of shape {tuple(maps.shape[1:])} for a layer of {(self.channels, self.height, self.width)}"
+            )
         flat = maps.view(n, channels, height * width)
         # per image and channel in float32, two passes (the mean, then the centred squares: stable, and
         # ten times faster on CPU than torch.var_mean); the (N, C) partial moments are then combined in
@@ -205,11 +218,15 @@ class LayerStats:
                 np.add.at(self.class_images, labels[known].numpy(), 1)
         offsets = (torch.arange(channels, device=maps.device, dtype=torch.int32) * self.grid.size)[None, :, None, None]
         keys = self.grid.keys(maps, offsets)
-        counts = torch.bincount(keys.view(-1), minlength=channels * self.grid.size).cpu().numpy().reshape(
-            channels, self.grid.size)
+        counts = (
+            torch.bincount(keys.view(-1), minlength=channels * self.grid.size)
+            .cpu()
+            .numpy()
+            .reshape(channels, self.grid.size)
+        )
         self.sketch += counts
         # positive values are exactly those in positive buckets (but for magnitudes below ~1e-38)
-        self.positive += counts[:, self.grid.half + 1:].sum(axis=1)
+        self.positive += counts[:, self.grid.half + 1 :].sum(axis=1)
         self.images += n
 
     def _merge_moments(self, count: int, mean: np.ndarray, m2: np.ndarray) -> None:
@@ -236,8 +253,12 @@ class LayerStats:
     def merge(self, other: LayerStats) -> LayerStats:
         """Add ``other`` (statistics of other images of the same layer) into this one; returns ``self``."""
         if (other.channels, other.height, other.width, other.k, other.grid) != (
-                self.channels, self.height, self.width, self.k, self.grid) or other.class_images.shape != \
-                self.class_images.shape:
+            self.channels,
+            self.height,
+            self.width,
+            self.k,
+            self.grid,
+        ) or other.class_images.shape != self.class_images.shape:
             raise ValueError("cannot merge statistics of different layers or settings")
         self._merge_moments(other.count, other.mean, other.m2)
         self.max = np.maximum(self.max, other.max)
@@ -287,8 +308,10 @@ class LayerStats:
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Everything as plain arrays (for the store and for sending between processes)."""
         arrays = {name: getattr(self, name) for name in self.ARRAYS}
-        arrays["shape"] = np.array([self.channels, self.height, self.width, self.k, self.class_images.size,
-                                    self.images, self.count], dtype=np.int64)
+        arrays["shape"] = np.array(
+            [self.channels, self.height, self.width, self.k, self.class_images.size, self.images, self.count],
+            dtype=np.int64,
+        )
         arrays["grid"] = np.array([self.grid.bits, self.grid.exponent], dtype=np.int64)
         return arrays
 
@@ -342,8 +365,12 @@ class ConceptOverlap:
         return np.divide(self.intersection, union, out=np.zeros(union.shape), where=union > 0)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"intersection": self.intersection, "unit_pixels": self.unit_pixels,
-                "concept_pixels": self.concept_pixels, "images": np.array([self.images], dtype=np.int64)}
+        return {
+            "intersection": self.intersection,
+            "unit_pixels": self.unit_pixels,
+            "concept_pixels": self.concept_pixels,
+            "images": np.array([self.images], dtype=np.int64),
+        }
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ConceptOverlap:

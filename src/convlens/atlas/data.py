@@ -106,8 +106,9 @@ class DataSource:
 
         Folder locations are left out, so a dataset moved elsewhere is still the same data.
         """
-        digest = hashlib.sha256(repr(sorted((k, v) for k, v in self.spec.items()
-                                            if k not in ("root", "masks"))).encode())
+        digest = hashlib.sha256(
+            repr(sorted((k, v) for k, v in self.spec.items() if k not in ("root", "masks"))).encode()
+        )
         for key, label in zip(self.keys, self.labels):
             digest.update(f"{key}\t{label}\n".encode())
         return digest.hexdigest()[:16]
@@ -126,8 +127,13 @@ def shapes_source(count: int, seed: int = 0, size: int = 64, classes: Sequence[s
     if count < 1:
         raise ConvlensError(f"the dataset is empty: ask for at least one shapes image, got {count}")
     classes = list(check_classes(classes))
-    spec = {"kind": "shapes", "count": int(count), "seed": int(seed), "size": int(size),
-            "classes": None if tuple(classes) == SHAPE_CLASSES else classes}
+    spec = {
+        "kind": "shapes",
+        "count": int(count),
+        "seed": int(seed),
+        "size": int(size),
+        "classes": None if tuple(classes) == SHAPE_CLASSES else classes,
+    }
     keys = [f"shapes/{seed}/{i}" for i in range(count)]
     return DataSource(spec, keys, [i % len(classes) for i in range(count)], classes, concepts=list(classes))
 
@@ -135,13 +141,17 @@ def shapes_source(count: int, seed: int = 0, size: int = 64, classes: Sequence[s
 def _concepts(masks_dir: Path | None, paths: list[Path], classes: list[str]) -> list[str]:
     """The classes when images have masks beside them (one concept per class), then ``masks_dir``'s folders."""
     beside = list(classes) if classes and any(mask_path(p).is_file() for p in paths) else []
-    folders = (sorted(d.name for d in masks_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-               if masks_dir is not None and masks_dir.is_dir() else [])
+    folders = (
+        sorted(d.name for d in masks_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if masks_dir is not None and masks_dir.is_dir()
+        else []
+    )
     return beside + [name for name in folders if name not in beside]
 
 
-def folder_source(root: str | os.PathLike, masks: str | os.PathLike | None = None, *,
-                  follow_links: bool = False) -> DataSource:
+def folder_source(
+    root: str | os.PathLike, masks: str | os.PathLike | None = None, *, follow_links: bool = False
+) -> DataSource:
     """A folder: class folders give labels; images directly in it (and no class folders) are unlabelled.
 
     Symbolic links that lead outside ``root`` are left out unless ``follow_links``
@@ -151,9 +161,15 @@ def folder_source(root: str | os.PathLike, masks: str | os.PathLike | None = Non
         raise ConvlensError(f"data folder not found: {root}")
     masks_dir = Path(masks) if masks is not None else root / "masks"
     skip = masks_dir.resolve() if masks_dir.is_dir() else None
-    found = [path for path in walk_files(root, follow_links=follow_links,
-                                         prune=lambda parts: skip is not None and root.joinpath(*parts).resolve() == skip)
-             if is_image_file(path)]
+    found = [
+        path
+        for path in walk_files(
+            root,
+            follow_links=follow_links,
+            prune=lambda parts: skip is not None and root.joinpath(*parts).resolve() == skip,
+        )
+        if is_image_file(path)
+    ]
     loose = [path for path in found if path.parent == root]
     folders: dict[str, list[Path]] = {}
     for path in found:
@@ -171,8 +187,9 @@ def folder_source(root: str | os.PathLike, masks: str | os.PathLike | None = Non
     spec: dict[str, str | bool] = {"kind": "folder", "root": str(root.resolve()), "masks": str(masks_dir.resolve())}
     if follow_links:  # only when set, so stores scanned before the option keep their fingerprint
         spec["follow_links"] = True
-    return DataSource(spec, keys, labels or [-1] * len(paths), classes, paths, masks_dir,
-                      _concepts(masks_dir, paths, classes))
+    return DataSource(
+        spec, keys, labels or [-1] * len(paths), classes, paths, masks_dir, _concepts(masks_dir, paths, classes)
+    )
 
 
 def list_source(list_file: str | os.PathLike, masks: str | os.PathLike | None = None) -> DataSource:
@@ -202,12 +219,20 @@ def list_source(list_file: str | os.PathLike, masks: str | os.PathLike | None = 
     labels = [classes.index(name) for name in names if name is not None] if classes else [-1] * len(rows)
     masks_dir = Path(masks) if masks is not None else base / "masks"
     spec = {"kind": "list", "root": str(list_file.resolve()), "masks": str(masks_dir.resolve())}
-    return DataSource(spec, [path for path, _ in rows], labels, classes, paths, masks_dir,
-                      _concepts(masks_dir, paths, classes))
+    return DataSource(
+        spec, [path for path, _ in rows], labels, classes, paths, masks_dir, _concepts(masks_dir, paths, classes)
+    )
 
 
-def open_data(data: str | os.PathLike | DataSource | None = None, *, shapes: int | None = None, seed: int = 0,
-              size: int = 64, masks: str | os.PathLike | None = None, follow_links: bool = False) -> DataSource:
+def open_data(
+    data: str | os.PathLike | DataSource | None = None,
+    *,
+    shapes: int | None = None,
+    seed: int = 0,
+    size: int = 64,
+    masks: str | os.PathLike | None = None,
+    follow_links: bool = False,
+) -> DataSource:
     """The :class:`DataSource` for a path (folder or list file), or ``shapes`` generated images.
 
     Example::

@@ -53,8 +53,18 @@ from ..models import Model, as_model
 from ..progress import Progress
 from .accumulators import MANTISSA_BITS, ConceptOverlap
 from .data import DataSource, open_data
-from .scan import (CHECKED, Accumulator, Atlas, Part, PerLayerJob, check_options, execute, plan_scan, run_scan,
-                   split_parts)
+from .scan import (
+    CHECKED,
+    Accumulator,
+    Atlas,
+    Part,
+    PerLayerJob,
+    check_options,
+    execute,
+    plan_scan,
+    run_scan,
+    split_parts,
+)
 from .store import AtlasStore
 from .storefile import writer_lock
 
@@ -76,8 +86,14 @@ class DissectJob(PerLayerJob):
     def new_state(self) -> dict[str, ConceptOverlap]:
         return {layer: ConceptOverlap(len(self.thresholds[layer]), len(self.concepts)) for layer in self.layers}
 
-    def update(self, state: dict, outputs: dict[str, torch.Tensor], indices: torch.Tensor, labels: torch.Tensor,
-               masks: torch.Tensor) -> None:
+    def update(
+        self,
+        state: dict,
+        outputs: dict[str, torch.Tensor],
+        indices: torch.Tensor,
+        labels: torch.Tensor,
+        masks: torch.Tensor,
+    ) -> None:
         height, width = masks.shape[-2:]
         for layer in self.layers:
             maps = outputs[layer].float()
@@ -85,10 +101,10 @@ class DissectJob(PerLayerJob):
             # upsampled maps of a wide layer at full size are large: a few images at a time
             step = max(1, (1 << 25) // max(1, maps.shape[1] * height * width))
             for start in range(0, maps.shape[0], step):
-                upsampled = F.interpolate(maps[start:start + step], size=(height, width), mode="bilinear",
-                                          align_corners=False)
-                state[layer].update(upsampled >= threshold[None, :, None, None], masks[start:start + step])
-
+                upsampled = F.interpolate(
+                    maps[start : start + step], size=(height, width), mode="bilinear", align_corners=False
+                )
+                state[layer].update(upsampled >= threshold[None, :, None, None], masks[start : start + step])
 
 
 @dataclass
@@ -120,15 +136,20 @@ class Dissection:
 
     def table(self) -> list[tuple[str, int, float, str | None, float]]:
         """Rows ``(layer, unit, threshold, label, IoU)``."""
-        return [(layer, c, float(self.thresholds[layer][c]), label, float(self.iou[layer][c].max(initial=0.0)))
-                for layer in self.iou for c, label in enumerate(self.labels(layer))]
+        return [
+            (layer, c, float(self.thresholds[layer][c]), label, float(self.iou[layer][c].max(initial=0.0)))
+            for layer in self.iou
+            for c, label in enumerate(self.labels(layer))
+        ]
 
 
 def check_masks(source: DataSource) -> None:
     """Every image needs at least one concept mask; say which do not, in one line."""
     if not source.concepts:
-        raise ConvlensError("no concept masks found: dissect needs <image>.mask.png beside class-folder images or "
-                            f"masks/<concept>/<image>.png (looked in {source.masks_dir})")
+        raise ConvlensError(
+            "no concept masks found: dissect needs <image>.mask.png beside class-folder images or "
+            f"masks/<concept>/<image>.png (looked in {source.masks_dir})"
+        )
     if source.kind == "shapes":
         return
     missing = []
@@ -140,17 +161,37 @@ def check_masks(source: DataSource) -> None:
         if not beside and not in_folders:
             missing.append(source.keys[index])
     if missing:
-        raise ConvlensError(f"{len(missing)} of {len(source)} images have no concept mask (first: {missing[0]}); "
-                            "dissect needs masks for every image (masks/<concept>/<image>.png)")
+        raise ConvlensError(
+            f"{len(missing)} of {len(source)} images have no concept mask (first: {missing[0]}); "
+            "dissect needs masks for every image (masks/<concept>/<image>.png)"
+        )
 
 
-def dissect(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource | None = None,
-            layers: Sequence[LayerRef] | None = None, *, out: str | os.PathLike | None = None,
-            shapes: int | None = None, seed: int = 0, size: int | None = None, masks: str | os.PathLike | None = None,
-            quantile: float = QUANTILE, min_iou: float = MIN_IOU, k: int = 16, batch_size: int = 64,
-            workers: int = 0, part_size: int = 1024, engine: str | Engine = "local", ray_address: str | None = None,
-            concurrency: int | None = None, num_gpus: float | None = None, model_source: str | None = None,
-            figures: bool = True, follow_links: bool = False, progress: Progress | None = None) -> Dissection:
+def dissect(
+    model: Model | torch.nn.Module,
+    data: str | os.PathLike | DataSource | None = None,
+    layers: Sequence[LayerRef] | None = None,
+    *,
+    out: str | os.PathLike | None = None,
+    shapes: int | None = None,
+    seed: int = 0,
+    size: int | None = None,
+    masks: str | os.PathLike | None = None,
+    quantile: float = QUANTILE,
+    min_iou: float = MIN_IOU,
+    k: int = 16,
+    batch_size: int = 64,
+    workers: int = 0,
+    part_size: int = 1024,
+    engine: str | Engine = "local",
+    ray_address: str | None = None,
+    concurrency: int | None = None,
+    num_gpus: float | None = None,
+    model_source: str | None = None,
+    figures: bool = True,
+    follow_links: bool = False,
+    progress: Progress | None = None,
+) -> Dissection:
     """Label the units of ``layers`` with concepts (see the module docstring); resumable with ``out``.
 
     Args:
@@ -167,15 +208,30 @@ def dissect(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource
     check_options(batch_size, workers, part_size, k)
     if not 0 < quantile < 1:
         raise ConvlensError(f"the quantile must be between 0 and 1, got {quantile}")
-    source = open_data(data, shapes=shapes, seed=seed, size=size or model.input_size[0], masks=masks,
-                       follow_links=follow_links)
+    source = open_data(
+        data, shapes=shapes, seed=seed, size=size or model.input_size[0], masks=masks, follow_links=follow_links
+    )
     check_masks(source)
     store_path = Path(out) / STORE_NAME if out is not None else None
     total_images = 2 * len(source)
     first_pass = (lambda done, total: progress(done, total_images)) if progress else None
-    plan = plan_scan(model, source, layers, shapes=None, seed=seed, size=size, masks=masks, k=k,
-                     batch_size=batch_size, workers=workers, part_size=part_size, indices=None,
-                     sketch_bits=MANTISSA_BITS, engine=engine, model_source=model_source)
+    plan = plan_scan(
+        model,
+        source,
+        layers,
+        shapes=None,
+        seed=seed,
+        size=size,
+        masks=masks,
+        k=k,
+        batch_size=batch_size,
+        workers=workers,
+        part_size=part_size,
+        indices=None,
+        sketch_bits=MANTISSA_BITS,
+        engine=engine,
+        model_source=model_source,
+    )
     with writer_lock(store_path):  # both passes and the outputs: one writer of this folder at a time
         atlas = run_scan(plan, store_path, batch_size=batch_size, workers=workers, progress=first_pass)
         thresholds = {layer: stats.threshold(quantile) for layer, stats in atlas.stats.items()}
@@ -197,13 +253,25 @@ def dissect(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource
                     with store.reading():
                         total = {layer: _stored_overlap(store, layer) for layer in atlas.layers}
                 parts = [p for p in parts if p[0] not in done]
-            execute(model, source, job, parts, total, store, batch_size=batch_size, workers=workers, engine=engine,
-                    progress=second_pass, commit=commit)
+            execute(
+                model,
+                source,
+                job,
+                parts,
+                total,
+                store,
+                batch_size=batch_size,
+                workers=workers,
+                engine=engine,
+                progress=second_pass,
+                commit=commit,
+            )
         finally:
             if store is not None:
                 store.close()
-        result = Dissection(atlas, job.concepts, thresholds, {layer: total[layer].iou for layer in atlas.layers},
-                            min_iou)
+        result = Dissection(
+            atlas, job.concepts, thresholds, {layer: total[layer].iou for layer in atlas.layers}, min_iou
+        )
         if out is not None:
             result.files = write_outputs(result, Path(out), model, source, figures)
     return result
@@ -213,8 +281,10 @@ def _stored_overlap(store: AtlasStore, layer: str) -> ConceptOverlap:
     """The dissection sums of ``layer`` in a store whose dissection pass has begun; none there is a damaged store."""
     overlap = store.load_overlap(layer)
     if overlap is None:
-        raise ConvlensError(f"the atlas store has dissection parts done but no sums for layer {layer!r}; "
-                            "it is damaged: delete it to start again")
+        raise ConvlensError(
+            f"the atlas store has dissection parts done but no sums for layer {layer!r}; "
+            "it is damaged: delete it to start again"
+        )
     return overlap
 
 
@@ -230,8 +300,10 @@ def write_outputs(result: Dissection, out: Path, model: Model, source: DataSourc
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")  # quotes a name holding a comma, a quote or a newline
     writer.writerow(["layer", "unit", "threshold", "label", "iou"])
-    writer.writerows([layer, unit, repr(threshold), label or "", f"{iou:.6f}"]
-                     for layer, unit, threshold, label, iou in result.table())
+    writer.writerows(
+        [layer, unit, repr(threshold), label or "", f"{iou:.6f}"]
+        for layer, unit, threshold, label, iou in result.table()
+    )
     files = [write_text(out / "dissection.csv", table.getvalue())]
     summary = ["| layer | units | detectors | unique detectors | labels (units) |", "|---|---:|---:|---:|---|"]
     for layer in result.iou:
@@ -239,15 +311,18 @@ def write_outputs(result: Dissection, out: Path, model: Model, source: DataSourc
         counts: dict[str, int] = {}
         for _, label, _ in found:
             counts[label] = counts.get(label, 0) + 1
-        labels = ", ".join(f"{_cell(name)} ({n})"
-                           for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-        summary.append(f"| {_cell(layer)} | {len(result.thresholds[layer])} | {len(found)} | "
-                       f"{result.unique_detectors[layer]} | {labels or '-'} |")
+        labels = ", ".join(f"{_cell(name)} ({n})" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        summary.append(
+            f"| {_cell(layer)} | {len(result.thresholds[layer])} | {len(found)} | "
+            f"{result.unique_detectors[layer]} | {labels or '-'} |"
+        )
     files.append(write_text(out / "summary.md", "\n".join(summary) + "\n"))
     if figures:
         for layer in result.iou:
-            drawn = detector_figures(model, source, result.atlas, layer, result.detectors(layer), result.concepts,
-                                     result.thresholds[layer])
-            files += [save_image(figure, out / "figures" / unit_file_name(layer, unit))
-                      for unit, figure in drawn.items()]
+            drawn = detector_figures(
+                model, source, result.atlas, layer, result.detectors(layer), result.concepts, result.thresholds[layer]
+            )
+            files += [
+                save_image(figure, out / "figures" / unit_file_name(layer, unit)) for unit, figure in drawn.items()
+            ]
     return files

@@ -62,8 +62,11 @@ def model_view(model: Model, picture: Image.Image) -> Image.Image:
     """The part of ``picture`` the model sees (its crop box), resized to the model's input size."""
     left, top, right, bottom = crop_box(model.transform, *picture.size)
     height, width = model.input_size
-    return picture.convert("RGB").crop((int(round(left)), int(round(top)), int(round(right)),
-                                        int(round(bottom)))).resize((width, height), Image.Resampling.BILINEAR)
+    return (
+        picture.convert("RGB")
+        .crop((int(round(left)), int(round(top)), int(round(right)), int(round(bottom))))
+        .resize((width, height), Image.Resampling.BILINEAR)
+    )
 
 
 #: ``(x0, y0, x1, y1)`` in pixels, exclusive ends
@@ -71,13 +74,20 @@ Box = tuple[int, int, int, int]
 
 
 @overload
-def unit_maps(model: Model, pictures: Sequence[Image.Image], layer: str, unit: int,
-              positions: None = None) -> tuple[torch.Tensor, None]: ...
+def unit_maps(
+    model: Model, pictures: Sequence[Image.Image], layer: str, unit: int, positions: None = None
+) -> tuple[torch.Tensor, None]: ...
 @overload
-def unit_maps(model: Model, pictures: Sequence[Image.Image], layer: str, unit: int,
-              positions: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, list[Box | None]]: ...
-def unit_maps(model: Model, pictures: Sequence[Image.Image], layer: str, unit: int,
-              positions: Sequence[tuple[int, int]] | None = None) -> tuple[torch.Tensor, list[Box | None] | None]:
+def unit_maps(
+    model: Model, pictures: Sequence[Image.Image], layer: str, unit: int, positions: Sequence[tuple[int, int]]
+) -> tuple[torch.Tensor, list[Box | None]]: ...
+def unit_maps(
+    model: Model,
+    pictures: Sequence[Image.Image],
+    layer: str,
+    unit: int,
+    positions: Sequence[tuple[int, int]] | None = None,
+) -> tuple[torch.Tensor, list[Box | None] | None]:
     """The unit's maps ``(n, h, w)`` on ``pictures``; with ``positions`` also each one's input box.
 
     The box ``(x0, y0, x1, y1)`` (input pixels, exclusive ends) bounds the pixels whose gradient of
@@ -96,13 +106,14 @@ def unit_maps(model: Model, pictures: Sequence[Image.Image], layer: str, unit: i
         ys = torch.tensor([p[0] for p in positions])
         xs = torch.tensor([p[1] for p in positions])
         # images are independent in eval mode, so one gradient of the sum gives every image's own
-        gradient, = torch.autograd.grad(maps[rows, unit, ys, xs].sum(), x)
+        (gradient,) = torch.autograd.grad(maps[rows, unit, ys, xs].sum(), x)
     support = gradient.abs().sum(dim=1) > 0
     boxes: list[Box | None] = []
     for reached in support:
         ys_, xs_ = torch.nonzero(reached, as_tuple=True)
-        boxes.append(None if ys_.numel() == 0 else (int(xs_.min()), int(ys_.min()), int(xs_.max()) + 1,
-                                                    int(ys_.max()) + 1))
+        boxes.append(
+            None if ys_.numel() == 0 else (int(xs_.min()), int(ys_.min()), int(xs_.max()) + 1, int(ys_.max()) + 1)
+        )
     return maps[:, unit].detach().float().cpu(), boxes
 
 
@@ -117,8 +128,12 @@ def _fallback_box(model: Model, shape: tuple[int, int], position: tuple[int, int
     height, width = model.input_size
     cell_y, cell_x = height / shape[0], width / shape[1]
     y, x = position
-    return (max(0, int((x - 0.5) * cell_x)), max(0, int((y - 0.5) * cell_y)),
-            min(width, int((x + 1.5) * cell_x)), min(height, int((y + 1.5) * cell_y)))
+    return (
+        max(0, int((x - 0.5) * cell_x)),
+        max(0, int((y - 0.5) * cell_y)),
+        min(width, int((x + 1.5) * cell_x)),
+        min(height, int((y + 1.5) * cell_y)),
+    )
 
 
 def _check_units(atlas: Atlas, layer: str, units: Sequence[int]) -> None:
@@ -142,15 +157,24 @@ def open_scanned_model(atlas: Atlas, model: Model | torch.nn.Module | str | None
         model = load_model(model or atlas.meta["model_source"], input_size=size, **load_options)
     model = as_model(model)
     if model_fingerprint(model.module) != atlas.meta["model_fingerprint"]:
-        raise ConvlensError(f"this model is not the one that wrote the atlas ({atlas.meta['model']!r}, weights "
-                            f"fingerprint {atlas.meta['model_fingerprint']}); pass that model")
+        raise ConvlensError(
+            f"this model is not the one that wrote the atlas ({atlas.meta['model']!r}, weights "
+            f"fingerprint {atlas.meta['model_fingerprint']}); pass that model"
+        )
     return model
 
 
-def dataset_examples(atlas: Atlas | str | os.PathLike, layer: str, units: Sequence[int], *,
-                     model: Model | torch.nn.Module | str | None = None, k: int | None = None,
-                     pattern_steps: int = 128, pattern_size: int | None = None,
-                     source: DataSource | None = None) -> list[UnitExamples]:
+def dataset_examples(
+    atlas: Atlas | str | os.PathLike,
+    layer: str,
+    units: Sequence[int],
+    *,
+    model: Model | torch.nn.Module | str | None = None,
+    k: int | None = None,
+    pattern_steps: int = 128,
+    pattern_size: int | None = None,
+    source: DataSource | None = None,
+) -> list[UnitExamples]:
     """The top-k images of each unit, whole with the map overlaid and cropped to the receptive field.
 
     Args:
@@ -193,8 +217,17 @@ def dataset_examples(atlas: Atlas | str | os.PathLike, layer: str, units: Sequen
         if patterns is not None:
             array = (patterns.images[position].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
             pattern = Image.fromarray(array)
-        found.append(UnitExamples(layer, unit, [atlas.keys[i] for i in images],
-                                  [float(stats.top_value[unit, r]) for r in chosen], whole, crops, pattern))
+        found.append(
+            UnitExamples(
+                layer,
+                unit,
+                [atlas.keys[i] for i in images],
+                [float(stats.top_value[unit, r]) for r in chosen],
+                whole,
+                crops,
+                pattern,
+            )
+        )
     return found
 
 
@@ -252,11 +285,13 @@ def unit_file_name(layer: str, unit: int) -> str:
     return f"{stem}-unit{unit}.png"
 
 
-def write_examples(atlas: Atlas | str | os.PathLike, layer: str, units: Sequence[int], out_dir: str | os.PathLike,
-                   **options) -> list[Path]:
+def write_examples(
+    atlas: Atlas | str | os.PathLike, layer: str, units: Sequence[int], out_dir: str | os.PathLike, **options
+) -> list[Path]:
     """One PNG per unit, ``out_dir/<layer>-unit<u>.png``, computed first and then written (each atomically)."""
-    figures = [(unit_file_name(e.layer, e.unit), examples_figure(e))
-               for e in dataset_examples(atlas, layer, units, **options)]
+    figures = [
+        (unit_file_name(e.layer, e.unit), examples_figure(e)) for e in dataset_examples(atlas, layer, units, **options)
+    ]
     return [save_image(figure, Path(out_dir) / name) for name, figure in figures]
 
 
@@ -264,7 +299,7 @@ def layer_maps(model: Model, pictures: Sequence[Image.Image], layer: str, batch_
     """Every unit's map ``(n, C, h, w)`` of ``layer`` on ``pictures``, in batches (small batches are slow on CPU)."""
     chunks = []
     for start in range(0, len(pictures), batch_size):
-        x = torch.stack([model.transform(p) for p in pictures[start:start + batch_size]])
+        x = torch.stack([model.transform(p) for p in pictures[start : start + batch_size]])
         with capture(model, [layer], stop=True) as rec, torch.no_grad():
             rec.forward(x.to(device=model.device, dtype=model.dtype))
         chunks.append(rec.outputs[layer].float().cpu())
@@ -280,9 +315,16 @@ def _outlined(image: Image.Image, mask: np.ndarray) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def detector_figures(model: Model, source: DataSource, atlas: Atlas, layer: str,
-                     detectors: Sequence[tuple[int, str, float]], concepts: Sequence[str], thresholds: np.ndarray,
-                     count: int = 6) -> dict[int, Image.Image]:
+def detector_figures(
+    model: Model,
+    source: DataSource,
+    atlas: Atlas,
+    layer: str,
+    detectors: Sequence[tuple[int, str, float]],
+    concepts: Sequence[str],
+    thresholds: np.ndarray,
+    count: int = 6,
+) -> dict[int, Image.Image]:
     """Per detector ``(unit, label, IoU)``: its top images with the thresholded region (tinted red) and
     the concept's mask (outlined in white). One batched forward pass for all of the layer's detectors."""
     stats = atlas.stats[layer]
@@ -307,7 +349,9 @@ def detector_figures(model: Model, source: DataSource, atlas: Atlas, layer: str,
             if mask is not None:
                 shown = _outlined(shown, mask_at_input(model, mask, pictures[index].size).numpy())
             tiles.append(shown)
-        title = (f"{layer} unit {unit}: {label} (IoU {iou:.3f}); red = activation above the threshold "
-                 f"{float(thresholds[unit]):.3g}, white = {label} mask")
+        title = (
+            f"{layer} unit {unit}: {label} (IoU {iou:.3f}); red = activation above the threshold "
+            f"{float(thresholds[unit]):.3g}, white = {label} mask"
+        )
         figures[unit] = _grid(title, [("top images", tiles, [atlas.keys[i][-18:] for i in images])])
     return figures

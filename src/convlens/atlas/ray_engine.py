@@ -68,7 +68,7 @@ class PartWorker(ModelWorker):
                 members = indices[owners == part]
                 state, missing = self.job.new_state(), 0
                 for start in range(0, len(members), self.batch_size):
-                    items = [images[int(i)] for i in members[start:start + self.batch_size]]
+                    items = [images[int(i)] for i in members[start : start + self.batch_size]]
                     readable = [item for item in items if item[3]]
                     missing += len(items) - len(readable)
                     if not readable:
@@ -76,14 +76,23 @@ class PartWorker(ModelWorker):
                     x = torch.stack([item[1] for item in readable])
                     masks = torch.stack([item[4] for item in readable]).to(self.model.device)
                     outputs = forward_layers(self.model, rec, x, self.job.layers)
-                    self.job.update(state, outputs, torch.tensor([item[0] for item in readable]),
-                                    torch.tensor([item[2] for item in readable]), masks)
+                    self.job.update(
+                        state,
+                        outputs,
+                        torch.tensor([item[0] for item in readable]),
+                        torch.tensor([item[2] for item in readable]),
+                        masks,
+                    )
                 parts.append(part)
                 blobs.append(pack(self.job.to_arrays(state)))
                 counts.append(len(members))
                 skipped.append(missing)
-        return {"part": np.array(parts, dtype=np.int64), "state": np.array(blobs, dtype=object),
-                "images": np.array(counts, dtype=np.int64), "skipped": np.array(skipped, dtype=np.int64)}
+        return {
+            "part": np.array(parts, dtype=np.int64),
+            "state": np.array(blobs, dtype=object),
+            "images": np.array(counts, dtype=np.int64),
+            "skipped": np.array(skipped, dtype=np.int64),
+        }
 
 
 def _test_kill_worker(owners: np.ndarray) -> None:
@@ -92,7 +101,8 @@ def _test_kill_worker(owners: np.ndarray) -> None:
     if not hook:
         return
     try:
-        words = open(hook, encoding="utf-8").read().split()
+        with open(hook, encoding="utf-8") as file:
+            words = file.read().split()
     except FileNotFoundError:
         return
     if words and int(words[0]) in owners.tolist():
@@ -104,8 +114,17 @@ def _test_kill_worker(owners: np.ndarray) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def ray_parts(engine: RayEngine, model, source, job, parts: Sequence[tuple[int, int, int]], *, batch_size: int,
-              on_part: Callable, progress: Callable[[int], None] | None = None) -> int:
+def ray_parts(
+    engine: RayEngine,
+    model,
+    source,
+    job,
+    parts: Sequence[tuple[int, int, int]],
+    *,
+    batch_size: int,
+    on_part: Callable,
+    progress: Callable[[int], None] | None = None,
+) -> int:
     """Run ``job`` over ``parts`` on the engine's actors; ``on_part(part, state)`` as each part completes.
 
     Returns the number of images that could not be read (skipped)."""
@@ -115,9 +134,16 @@ def ray_parts(engine: RayEngine, model, source, job, parts: Sequence[tuple[int, 
     # one Ray batch per part (blocks cut at part boundaries): an actor call returns one partial state,
     # the largest message of the run, per part rather than per forward batch
     part_size = max(stop - first for _, first, stop in parts)
-    results = engine.map_batches(rows, PartWorker, {"source": source, "job": job, "batch_size": batch_size},
-                                 model=model, batch_size=part_size, blocks=len(parts), retried="a part",
-                                 kept="the store keeps every part committed so far")
+    results = engine.map_batches(
+        rows,
+        PartWorker,
+        {"source": source, "job": job, "batch_size": batch_size},
+        model=model,
+        batch_size=part_size,
+        blocks=len(parts),
+        retried="a part",
+        kept="the store keeps every part committed so far",
+    )
     by_number = {p[0]: p for p in parts}
     waiting = {number: stop - first for number, first, stop in parts}
     pending: dict[int, dict] = {}
@@ -127,8 +153,15 @@ def ray_parts(engine: RayEngine, model, source, job, parts: Sequence[tuple[int, 
     return skipped
 
 
-def _aggregate(job, row: dict, pending: dict, waiting: dict, by_number: dict, on_part: Callable,
-               progress: Callable[[int], None] | None) -> int:
+def _aggregate(
+    job,
+    row: dict,
+    pending: dict,
+    waiting: dict,
+    by_number: dict,
+    on_part: Callable,
+    progress: Callable[[int], None] | None,
+) -> int:
     """Merge one actor's partial state into its part; commit the part when it is complete. Returns images skipped."""
     number = int(row["part"])
     state = job.from_arrays(unpack(row["state"]))

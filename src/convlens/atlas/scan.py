@@ -50,6 +50,7 @@ Part = tuple[int, int, int]  # (part number, first image, stop image)
 
 # -- jobs: what a pass computes per batch ------------------------------------------------
 
+
 class Accumulator(Protocol):
     """The class of a per-layer job's accumulator, as a job uses it: one reads its stored arrays back."""
 
@@ -71,12 +72,19 @@ class PerLayerJob:
 
     @staticmethod
     def to_arrays(state: dict) -> dict[str, np.ndarray]:
-        return {f"{layer}/{name}": array for layer, accumulated in state.items()
-                for name, array in accumulated.to_arrays().items()}
+        return {
+            f"{layer}/{name}": array
+            for layer, accumulated in state.items()
+            for name, array in accumulated.to_arrays().items()
+        }
 
     def from_arrays(self, arrays: dict[str, np.ndarray]) -> dict:
-        return {layer: self.accumulator.from_arrays({name.split("/", 1)[1]: array for name, array in arrays.items()
-                                                     if name.split("/", 1)[0] == layer}) for layer in self.layers}
+        return {
+            layer: self.accumulator.from_arrays(
+                {name.split("/", 1)[1]: array for name, array in arrays.items() if name.split("/", 1)[0] == layer}
+            )
+            for layer in self.layers
+        }
 
 
 @dataclass
@@ -95,14 +103,20 @@ class ScanJob(PerLayerJob):
     def new_state(self) -> dict[str, LayerStats]:
         return {layer: LayerStats(*self.shapes[layer], self.k, self.classes, self.grid) for layer in self.layers}
 
-    def update(self, state: dict, outputs: dict[str, torch.Tensor], indices: torch.Tensor, labels: torch.Tensor,
-               masks: torch.Tensor | None) -> None:
+    def update(
+        self,
+        state: dict,
+        outputs: dict[str, torch.Tensor],
+        indices: torch.Tensor,
+        labels: torch.Tensor,
+        masks: torch.Tensor | None,
+    ) -> None:
         for layer in self.layers:
             state[layer].update(outputs[layer], indices, labels)
 
 
-
 # -- reading images ---------------------------------------------------------------------
+
 
 class _Images(torch.utils.data.Dataset):
     """Item ``i``: ``(i, model input (C, H, W), label, readable, concept masks (K, H, W) at the input's geometry)``."""
@@ -137,14 +151,24 @@ def part_batches(parts: Sequence[Part], batch_size: int) -> tuple[list[list[int]
     return batches, owners
 
 
-def run_parts(model: Model, source: DataSource, job, parts: Sequence[Part], *, batch_size: int, workers: int,
-              on_part: Callable[[Part, dict], None], progress: Callable[[int], None] | None = None) -> int:
+def run_parts(
+    model: Model,
+    source: DataSource,
+    job,
+    parts: Sequence[Part],
+    *,
+    batch_size: int,
+    workers: int,
+    on_part: Callable[[Part, dict], None],
+    progress: Callable[[int], None] | None = None,
+) -> int:
     """Run ``job`` over ``parts`` in this process; ``on_part(part, state)`` after each. Returns images skipped."""
     if not parts:
         return 0
     batches, owners = part_batches(parts, batch_size)
-    loader = torch.utils.data.DataLoader(_Images(model, source, job.concepts), batch_sampler=batches,
-                                         num_workers=workers, persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        _Images(model, source, job.concepts), batch_sampler=batches, num_workers=workers, persistent_workers=False
+    )
     by_number = {p[0]: p for p in parts}
     remaining = {number: owners.count(number) for number in by_number}
     states: dict[int, dict] = {}
@@ -170,8 +194,7 @@ def forward_layers(model: Model, rec, x: torch.Tensor, layers: Sequence[str]) ->
     try:
         rec.forward(x.to(device=model.device, dtype=model.dtype))
     except RuntimeError as err:
-        raise ConvlensError(f"the model cannot run on these images ({first_line(err)}); "
-                            "check --input-size") from None
+        raise ConvlensError(f"the model cannot run on these images ({first_line(err)}); check --input-size") from None
     return rec.spatial_outputs(layers)
 
 
@@ -199,6 +222,7 @@ def probe_shapes(model: Model, source: DataSource, layers: Sequence[str]) -> dic
 
 # -- the atlas -----------------------------------------------------------------------------
 
+
 @dataclass
 class Atlas:
     """A scan's results: per layer a :class:`LayerStats`, the images, and the store's metadata."""
@@ -220,8 +244,10 @@ class Atlas:
         for key in ("model_fingerprint", "layers", "data_fingerprint", "k", "sketch_bits"):
             if self.meta.get(key) != other.meta.get(key):
                 raise ConvlensError(f"cannot merge atlases with different {key.replace('_', ' ')}")
-        merged = {name: LayerStats.from_arrays(stats.to_arrays()).merge(other.stats[name])
-                  for name, stats in self.stats.items()}
+        merged = {
+            name: LayerStats.from_arrays(stats.to_arrays()).merge(other.stats[name])
+            for name, stats in self.stats.items()
+        }
         return Atlas(merged, self.keys, self.labels, self.classes, dict(self.meta), None, self.skipped + other.skipped)
 
     def source(self) -> DataSource:
@@ -252,22 +278,41 @@ def data_spec(meta: dict[str, str]) -> dict[str, Any]:
     return spec
 
 
-def scan_meta(model: Model, source: DataSource, layers: Sequence[str], k: int, sketch_bits: int, part_size: int,
-              model_source: str | None = None) -> dict[str, str]:
+def scan_meta(
+    model: Model,
+    source: DataSource,
+    layers: Sequence[str],
+    k: int,
+    sketch_bits: int,
+    part_size: int,
+    model_source: str | None = None,
+) -> dict[str, str]:
     """The store's metadata: fingerprints of model, layers and data, the settings, and how to reopen both."""
-    meta = {"model": model.name, "model_source": model_source or model.name,
-            "model_fingerprint": model_fingerprint(model.module), "input_size": "x".join(map(str, model.input_size)),
-            "layers": ",".join(layers), "data_fingerprint": source.fingerprint(), "k": str(k),
-            "sketch_bits": str(sketch_bits),
-            "part_size": str(part_size)}
+    meta = {
+        "model": model.name,
+        "model_source": model_source or model.name,
+        "model_fingerprint": model_fingerprint(model.module),
+        "input_size": "x".join(map(str, model.input_size)),
+        "layers": ",".join(layers),
+        "data_fingerprint": source.fingerprint(),
+        "k": str(k),
+        "sketch_bits": str(sketch_bits),
+        "part_size": str(part_size),
+    }
     for key, value in source.spec.items():
         meta[f"data.{key}"] = ",".join(value) if isinstance(value, list) else ("" if value is None else str(value))
     return meta
 
 
-CHECKED = (("model_fingerprint", "the model with weights fingerprint"), ("layers", "layers"),
-           ("data_fingerprint", "the data with fingerprint"), ("input_size", "input size"), ("k", "top-k"),
-           ("sketch_bits", "sketch bits"), ("part_size", "part size"))
+CHECKED = (
+    ("model_fingerprint", "the model with weights fingerprint"),
+    ("layers", "layers"),
+    ("data_fingerprint", "the data with fingerprint"),
+    ("input_size", "input size"),
+    ("k", "top-k"),
+    ("sketch_bits", "sketch bits"),
+    ("part_size", "part size"),
+)
 
 
 def split_parts(count: int, part_size: int) -> list[Part]:
@@ -285,14 +330,30 @@ def check_options(batch_size: int, workers: int, part_size: int, k: int) -> None
         raise ConvlensError(f"--top must be at least 1, got {k}")
 
 
-def scan(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource | None = None,
-         layers: Sequence[LayerRef] | None = None, *, out: str | os.PathLike | None = None, shapes: int | None = None,
-         seed: int = 0, size: int | None = None, masks: str | os.PathLike | None = None, k: int = 16,
-         batch_size: int = 64, workers: int = 0, part_size: int = 1024, indices: range | None = None,
-         sketch_bits: int = MANTISSA_BITS, engine: str | Engine = "local", ray_address: str | None = None,
-         concurrency: int | None = None,
-         num_gpus: float | None = None, model_source: str | None = None, follow_links: bool = False,
-         progress: Progress | None = None) -> Atlas:
+def scan(
+    model: Model | torch.nn.Module,
+    data: str | os.PathLike | DataSource | None = None,
+    layers: Sequence[LayerRef] | None = None,
+    *,
+    out: str | os.PathLike | None = None,
+    shapes: int | None = None,
+    seed: int = 0,
+    size: int | None = None,
+    masks: str | os.PathLike | None = None,
+    k: int = 16,
+    batch_size: int = 64,
+    workers: int = 0,
+    part_size: int = 1024,
+    indices: range | None = None,
+    sketch_bits: int = MANTISSA_BITS,
+    engine: str | Engine = "local",
+    ray_address: str | None = None,
+    concurrency: int | None = None,
+    num_gpus: float | None = None,
+    model_source: str | None = None,
+    follow_links: bool = False,
+    progress: Progress | None = None,
+) -> Atlas:
     """Scan ``data`` (or ``shapes`` generated images) once through ``model`` and keep per-channel statistics.
 
     Args:
@@ -313,9 +374,24 @@ def scan(model: Model | torch.nn.Module, data: str | os.PathLike | DataSource | 
         progress: ``progress(done, total)`` in images.
     """
     engine = resolve_engine(engine, ray_address, concurrency, num_gpus)
-    plan = plan_scan(model, data, layers, shapes=shapes, seed=seed, size=size, masks=masks, k=k,
-                     batch_size=batch_size, workers=workers, part_size=part_size, indices=indices,
-                     sketch_bits=sketch_bits, engine=engine, model_source=model_source, follow_links=follow_links)
+    plan = plan_scan(
+        model,
+        data,
+        layers,
+        shapes=shapes,
+        seed=seed,
+        size=size,
+        masks=masks,
+        k=k,
+        batch_size=batch_size,
+        workers=workers,
+        part_size=part_size,
+        indices=indices,
+        sketch_bits=sketch_bits,
+        engine=engine,
+        model_source=model_source,
+        follow_links=follow_links,
+    )
     with writer_lock(out):
         return run_scan(plan, out, batch_size=batch_size, workers=workers, progress=progress)
 
@@ -333,17 +409,33 @@ class ScanPlan:
     engine: Engine
 
 
-def plan_scan(model: Model | torch.nn.Module, data, layers: Sequence[LayerRef] | None, *, shapes: int | None,
-              seed: int, size: int | None, masks, k: int, batch_size: int, workers: int, part_size: int,
-              indices: range | None, sketch_bits: int, engine: Engine, model_source: str | None,
-              follow_links: bool = False) -> ScanPlan:
+def plan_scan(
+    model: Model | torch.nn.Module,
+    data,
+    layers: Sequence[LayerRef] | None,
+    *,
+    shapes: int | None,
+    seed: int,
+    size: int | None,
+    masks,
+    k: int,
+    batch_size: int,
+    workers: int,
+    part_size: int,
+    indices: range | None,
+    sketch_bits: int,
+    engine: Engine,
+    model_source: str | None,
+    follow_links: bool = False,
+) -> ScanPlan:
     """Every check of :func:`scan` (options, data, layers, Ray address), nothing written."""
     from ..inside.activations import default_layers
 
     model = as_model(model)
     check_options(batch_size, workers, part_size, k)
-    source = open_data(data, shapes=shapes, seed=seed, size=size or model.input_size[0], masks=masks,
-                       follow_links=follow_links)
+    source = open_data(
+        data, shapes=shapes, seed=seed, size=size or model.input_size[0], masks=masks, follow_links=follow_links
+    )
     if len(source) == 0:
         raise ConvlensError("the dataset is empty")
     names = list(resolve_layers(model, list(layers))) if layers else default_layers(model)
@@ -354,15 +446,19 @@ def plan_scan(model: Model | torch.nn.Module, data, layers: Sequence[LayerRef] |
     span = indices if indices is not None else range(len(source))
     if span.step != 1 or span.start < 0 or span.stop > len(source) or len(span) == 0:
         raise ConvlensError(f"indices must be a non-empty range within the {len(source)} images")
-    parts = [(number, max(first, span.start), min(stop, span.stop))
-             for number, first, stop in split_parts(len(source), part_size) if first < span.stop and stop > span.start]
+    parts = [
+        (number, max(first, span.start), min(stop, span.stop))
+        for number, first, stop in split_parts(len(source), part_size)
+        if first < span.stop and stop > span.start
+    ]
     meta = scan_meta(model, source, names, k, sketch_bits, part_size, model_source)
     engine.connect()  # an unreachable Ray address fails here, before anything is written
     return ScanPlan(model, source, job, parts, meta, engine)
 
 
-def run_scan(plan: ScanPlan, out: str | os.PathLike | None, *, batch_size: int, workers: int,
-             progress: Progress | None) -> Atlas:
+def run_scan(
+    plan: ScanPlan, out: str | os.PathLike | None, *, batch_size: int, workers: int, progress: Progress | None
+) -> Atlas:
     """Run a planned scan, committing to ``out`` part by part; the caller holds the store's writer lock."""
     source, job, parts = plan.source, plan.job, plan.parts
     total = job.new_state()
@@ -377,8 +473,18 @@ def run_scan(plan: ScanPlan, out: str | os.PathLike | None, *, batch_size: int, 
                 with store.reading():
                     total = {name: store.load_stats(name) for name in job.layers}
             parts = [p for p in parts if p[0] not in done]
-        execute(plan.model, source, job, parts, total, store, batch_size=batch_size, workers=workers,
-                engine=plan.engine, progress=progress)
+        execute(
+            plan.model,
+            source,
+            job,
+            parts,
+            total,
+            store,
+            batch_size=batch_size,
+            workers=workers,
+            engine=plan.engine,
+            progress=progress,
+        )
     finally:
         if store is not None:
             store.close()
@@ -389,9 +495,20 @@ def run_scan(plan: ScanPlan, out: str | os.PathLike | None, *, batch_size: int, 
     return Atlas(total, source.keys, source.labels, source.classes, plan.meta, Path(out) if out else None, skipped)
 
 
-def execute(model: Model, source: DataSource, job, parts: list[Part], total: dict, store: AtlasStore | None, *,
-            batch_size: int, workers: int, engine: Engine, progress: Progress | None,
-            commit: Callable[[AtlasStore, dict, Part], None] | None = None) -> int:
+def execute(
+    model: Model,
+    source: DataSource,
+    job,
+    parts: list[Part],
+    total: dict,
+    store: AtlasStore | None,
+    *,
+    batch_size: int,
+    workers: int,
+    engine: Engine,
+    progress: Progress | None,
+    commit: Callable[[AtlasStore, dict, Part], None] | None = None,
+) -> int:
     """Run ``job`` over ``parts`` on the engine, merging each finished part into ``total`` and committing it."""
     todo = sum(stop - first for _, first, stop in parts)
     done = [0]
@@ -410,5 +527,6 @@ def execute(model: Model, source: DataSource, job, parts: list[Part], total: dic
         from .ray_engine import ray_parts
 
         return ray_parts(engine, model, source, job, parts, batch_size=batch_size, on_part=on_part, progress=advance)
-    return run_parts(model, source, job, parts, batch_size=batch_size, workers=workers, on_part=on_part,
-                     progress=advance)
+    return run_parts(
+        model, source, job, parts, batch_size=batch_size, workers=workers, on_part=on_part, progress=advance
+    )

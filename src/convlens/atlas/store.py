@@ -82,8 +82,10 @@ CREATE TABLE dissection(layer TEXT, unit INTEGER, threshold REAL, unit_pixels IN
 
 
 #: Made on first use by :meth:`AtlasStore.commit_tcav`, so older stores need no migration.
-TCAV_TABLE = ("CREATE TABLE IF NOT EXISTS tcav(class TEXT, concept TEXT, layer TEXT, score REAL, std REAL, "
-              "random REAL, random_std REAL, p_value REAL, significant INTEGER, cav_accuracy REAL, runs INTEGER)")
+TCAV_TABLE = (
+    "CREATE TABLE IF NOT EXISTS tcav(class TEXT, concept TEXT, layer TEXT, score REAL, std REAL, "
+    "random REAL, random_std REAL, p_value REAL, significant INTEGER, cav_accuracy REAL, runs INTEGER)"
+)
 
 
 def model_fingerprint(module: torch.nn.Module) -> str:
@@ -137,8 +139,9 @@ class AtlasStore:
         return store
 
     @classmethod
-    def create_or_resume(cls, path: str | os.PathLike, meta: dict[str, str], *,
-                         checked: Sequence[tuple[str, str]] = ()) -> AtlasStore:
+    def create_or_resume(
+        cls, path: str | os.PathLike, meta: dict[str, str], *, checked: Sequence[tuple[str, str]] = ()
+    ) -> AtlasStore:
         """Open ``path`` to continue it, or create it with ``meta``.
 
         ``checked`` lists ``(meta key, what it is)`` pairs that must match an existing
@@ -160,7 +163,8 @@ class AtlasStore:
                     store.close()
                     raise ConvlensError(
                         f"{path} was written for {what} {stored.get(key)!r}, not {meta.get(key)!r}; "
-                        "pass another output path or delete that file")
+                        "pass another output path or delete that file"
+                    )
             return store
         path.parent.mkdir(parents=True, exist_ok=True)
         connection = None
@@ -245,8 +249,11 @@ class AtlasStore:
 
     def load_stats(self, layer: str) -> LayerStats:
         """The scan totals of ``layer`` as a :class:`LayerStats`."""
-        row = self.db.execute("SELECT channels, height, width, images, count, k, sketch_bits, sketch_exponent "
-                              "FROM layers WHERE layer = ?", (layer,)).fetchone()
+        row = self.db.execute(
+            "SELECT channels, height, width, images, count, k, sketch_bits, sketch_exponent "
+            "FROM layers WHERE layer = ?",
+            (layer,),
+        ).fetchone()
         if row is None:
             known = ", ".join(self.layer_names()) or "none"
             raise ConvlensError(f"layer {layer!r} is not in the atlas {self.path} (its layers: {known})")
@@ -255,14 +262,17 @@ class AtlasStore:
         stats = LayerStats(channels, height, width, k, classes, SketchGrid(bits, exponent))
         stats.images, stats.count = images, count
         for unit, mean, m2, top, positive in self.db.execute(
-                "SELECT unit, mean, m2, max, positive FROM units WHERE layer = ?", (layer,)):
+            "SELECT unit, mean, m2, max, positive FROM units WHERE layer = ?", (layer,)
+        ):
             stats.mean[unit], stats.m2[unit], stats.max[unit], stats.positive[unit] = mean, m2, top, positive
         for unit, rank, image, value, y, x in self.db.execute(
-                "SELECT unit, rank, image, value, y, x FROM tops WHERE layer = ?", (layer,)):
+            "SELECT unit, rank, image, value, y, x FROM tops WHERE layer = ?", (layer,)
+        ):
             stats.top_image[unit, rank], stats.top_value[unit, rank] = image, value
             stats.top_y[unit, rank], stats.top_x[unit, rank] = y, x
         for unit, label, images_seen, total in self.db.execute(
-                "SELECT unit, class, images, sum FROM class_means WHERE layer = ?", (layer,)):
+            "SELECT unit, class, images, sum FROM class_means WHERE layer = ?", (layer,)
+        ):
             stats.class_sum[label, unit] = total
             stats.class_images[label] = images_seen
         sketch = self.db.execute("SELECT rows, columns, counts FROM sketches WHERE layer = ?", (layer,)).fetchone()
@@ -272,25 +282,30 @@ class AtlasStore:
 
     def load_overlap(self, layer: str) -> ConceptOverlap | None:
         """The dissection sums of ``layer``, or ``None`` before the dissection pass started."""
-        pixels = self.db.execute("SELECT concept, pixels, images FROM concept_pixels WHERE layer = ? "
-                                 "ORDER BY concept", (layer,)).fetchall()
+        pixels = self.db.execute(
+            "SELECT concept, pixels, images FROM concept_pixels WHERE layer = ? ORDER BY concept", (layer,)
+        ).fetchall()
         if not pixels:
             return None
-        units = self.db.execute("SELECT unit, unit_pixels FROM dissection WHERE layer = ? ORDER BY unit",
-                                (layer,)).fetchall()
+        units = self.db.execute(
+            "SELECT unit, unit_pixels FROM dissection WHERE layer = ? ORDER BY unit", (layer,)
+        ).fetchall()
         overlap = ConceptOverlap(len(units), len(pixels))
         overlap.concept_pixels = np.array([p for _, p, _ in pixels], dtype=np.int64)
         overlap.unit_pixels = np.array([p for _, p in units], dtype=np.int64)
         overlap.images = pixels[0][2]
         for unit, concept, intersection in self.db.execute(
-                "SELECT unit, concept, intersection FROM overlaps WHERE layer = ?", (layer,)):
+            "SELECT unit, concept, intersection FROM overlaps WHERE layer = ?", (layer,)
+        ):
             overlap.intersection[unit, concept] = intersection
         return overlap
 
     def dissection(self, layer: str | None = None) -> list[tuple]:
         """Rows ``(layer, unit, threshold, label, iou)`` of the dissection table, by layer order and unit."""
-        query = ("SELECT d.layer, d.unit, d.threshold, d.label, d.iou FROM dissection d JOIN layers l "
-                 "ON d.layer = l.layer" + (" WHERE d.layer = ?" if layer else "") + " ORDER BY l.position, d.unit")
+        query = (
+            "SELECT d.layer, d.unit, d.threshold, d.label, d.iou FROM dissection d JOIN layers l "
+            "ON d.layer = l.layer" + (" WHERE d.layer = ?" if layer else "") + " ORDER BY l.position, d.unit"
+        )
         return self.db.execute(query, (layer,) if layer else ()).fetchall()
 
     def tcav(self) -> list[tuple]:
@@ -306,8 +321,10 @@ class AtlasStore:
             db.execute(TCAV_TABLE)
             for row in rows:
                 db.execute("DELETE FROM tcav WHERE class = ? AND concept = ? AND layer = ?", row[:3])
-            db.executemany("INSERT INTO tcav VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           [(*row[:8], int(row[8]), row[9], runs) for row in rows])
+            db.executemany(
+                "INSERT INTO tcav VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(*row[:8], int(row[8]), row[9], runs) for row in rows],
+            )
 
     def write_images(self, keys: Sequence[str], labels: Sequence[int], classes: Sequence[str]) -> None:
         if self.db.execute("SELECT COUNT(*) FROM images").fetchone()[0]:
@@ -327,27 +344,58 @@ class AtlasStore:
     def _write_layer(self, db: sqlite3.Connection, position: int, layer: str, s: LayerStats) -> None:
         for table in ("layers", "units", "tops", "class_means", "sketches"):
             db.execute(f"DELETE FROM {table} WHERE layer = ?", (layer,))
-        db.execute("INSERT INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                   (layer, position, s.channels, s.height, s.width, s.images, s.count, s.k, s.grid.bits,
-                    s.grid.exponent))
+        db.execute(
+            "INSERT INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (layer, position, s.channels, s.height, s.width, s.images, s.count, s.k, s.grid.bits, s.grid.exponent),
+        )
         quantiles = [s.quantile(q) for q in (0.5, 0.99, 0.995)] if s.count else [np.full(s.channels, np.nan)] * 3
         columns = [s.mean, s.std, s.m2, s.max, s.positive, s.fraction_positive, *quantiles, s.selectivity]
-        db.executemany("INSERT INTO units VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       [(layer, unit, *(_plain(column[unit]) for column in columns)) for unit in range(s.channels)])
+        db.executemany(
+            "INSERT INTO units VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(layer, unit, *(_plain(column[unit]) for column in columns)) for unit in range(s.channels)],
+        )
         filled = np.argwhere(s.top_image >= 0)
-        db.executemany("INSERT INTO tops VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       [(layer, int(c), int(r), int(s.top_image[c, r]), float(s.top_value[c, r]), int(s.top_y[c, r]),
-                         int(s.top_x[c, r])) for c, r in filled])
+        db.executemany(
+            "INSERT INTO tops VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    layer,
+                    int(c),
+                    int(r),
+                    int(s.top_image[c, r]),
+                    float(s.top_value[c, r]),
+                    int(s.top_y[c, r]),
+                    int(s.top_x[c, r]),
+                )
+                for c, r in filled
+            ],
+        )
         means = s.class_means
-        db.executemany("INSERT INTO class_means VALUES (?, ?, ?, ?, ?, ?)",
-                       [(layer, unit, label, int(s.class_images[label]), float(s.class_sum[label, unit]),
-                         _plain(means[label, unit])) for label in range(s.class_images.size)
-                        for unit in range(s.channels)])
+        db.executemany(
+            "INSERT INTO class_means VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    layer,
+                    unit,
+                    label,
+                    int(s.class_images[label]),
+                    float(s.class_sum[label, unit]),
+                    _plain(means[label, unit]),
+                )
+                for label in range(s.class_images.size)
+                for unit in range(s.channels)
+            ],
+        )
         db.execute("INSERT INTO sketches VALUES (?, ?, ?, ?)", (layer, *s.sketch.shape, _blob(s.sketch)))
 
-    def commit_dissection(self, overlaps: dict[str, ConceptOverlap], thresholds: dict[str, np.ndarray],
-                          concepts: Sequence[str], part: tuple[int, int, int] | None,
-                          min_iou: float) -> None:
+    def commit_dissection(
+        self,
+        overlaps: dict[str, ConceptOverlap],
+        thresholds: dict[str, np.ndarray],
+        concepts: Sequence[str],
+        part: tuple[int, int, int] | None,
+        min_iou: float,
+    ) -> None:
         """Write the dissection sums, each unit's label and IoU, and mark ``part`` done, atomically."""
         with self.transaction(("dissect", part[0]) if part is not None else None) as db:
             if not db.execute("SELECT COUNT(*) FROM concepts").fetchone()[0]:
@@ -355,13 +403,20 @@ class AtlasStore:
             for layer, overlap in overlaps.items():
                 for table in ("concept_pixels", "overlaps", "dissection"):
                     db.execute(f"DELETE FROM {table} WHERE layer = ?", (layer,))
-                db.executemany("INSERT INTO concept_pixels VALUES (?, ?, ?, ?)",
-                               [(layer, k, int(p), overlap.images) for k, p in enumerate(overlap.concept_pixels)])
+                db.executemany(
+                    "INSERT INTO concept_pixels VALUES (?, ?, ?, ?)",
+                    [(layer, k, int(p), overlap.images) for k, p in enumerate(overlap.concept_pixels)],
+                )
                 iou = overlap.iou
                 union = overlap.unit_pixels[:, None] + overlap.concept_pixels[None, :] - overlap.intersection
-                db.executemany("INSERT INTO overlaps VALUES (?, ?, ?, ?, ?, ?)",
-                               [(layer, c, k, int(overlap.intersection[c, k]), int(union[c, k]), float(iou[c, k]))
-                                for c in range(iou.shape[0]) for k in range(iou.shape[1])])
+                db.executemany(
+                    "INSERT INTO overlaps VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (layer, c, k, int(overlap.intersection[c, k]), int(union[c, k]), float(iou[c, k]))
+                        for c in range(iou.shape[0])
+                        for k in range(iou.shape[1])
+                    ],
+                )
                 best = iou.argmax(axis=1) if iou.shape[1] else np.zeros(iou.shape[0], dtype=int)
                 rows = []
                 for c in range(iou.shape[0]):

@@ -61,14 +61,17 @@ def writer_lock(path: str | os.PathLike | None) -> Iterator[None]:
             path.parent.mkdir(parents=True, exist_ok=True)
             handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            raise ConvlensError(f"cannot write the atlas {path} ({err.strerror or err}); pass an --out in a "
-                                "folder you can write") from None
+            raise ConvlensError(
+                f"cannot write the atlas {path} ({err.strerror or err}); pass an --out in a folder you can write"
+            ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(handle)
-            raise ConvlensError(f"another convlens scan or dissect is writing {path} (it holds {lock.name}); "
-                                "wait for it to finish, or pass another --out") from None
+            raise ConvlensError(
+                f"another convlens scan or dissect is writing {path} (it holds {lock.name}); "
+                "wait for it to finish, or pass another --out"
+            ) from None
         try:  # the file may have been removed by the holder we waited behind: lock the one on disk
             same = os.path.samestat(os.fstat(handle), os.stat(lock))
         except FileNotFoundError:
@@ -90,23 +93,28 @@ def _describe(path: Path, err: sqlite3.Error) -> str:
     """What an SQLite error on opening or reading ``path`` means to the user, one line."""
     name = getattr(err, "sqlite_errorname", "")
     if name == "SQLITE_READONLY_ROLLBACK":
-        return (f"{path} was left mid-write by an interrupted scan or dissect (its journal {path.name}-journal "
-                "holds an unfinished part); run the same command again to roll it back and resume")
+        return (
+            f"{path} was left mid-write by an interrupted scan or dissect (its journal {path.name}-journal "
+            "holds an unfinished part); run the same command again to roll it back and resume"
+        )
     if name == "SQLITE_NOTADB" or "not a database" in str(err):
         return f"{path} is not a convlens atlas (an SQLite file written by 'convlens scan')"
     if name in ("SQLITE_BUSY", "SQLITE_LOCKED"):
         return f"{path} is locked by another program writing it; wait for it to finish"
-    return (f"{path} is damaged (SQLite: {err}); it was left as it is: delete it and run the scan again, "
-            "or restore a copy")
+    return (
+        f"{path} is damaged (SQLite: {err}); it was left as it is: delete it and run the scan again, or restore a copy"
+    )
 
 
 def connect(path: Path, *, write: bool) -> sqlite3.Connection:
     """A checked connection to the existing store ``path`` (see the module docstring); errors are one line."""
     wal = path.with_name(path.name + "-wal")
     if wal.exists():
-        raise ConvlensError(f"{wal} is beside the atlas, but convlens writes a rollback journal, never a "
-                            "write-ahead log: another program has the store open in WAL mode, or left that file; "
-                            f"close the program or remove {wal.name}, then run again (the atlas was not opened)")
+        raise ConvlensError(
+            f"{wal} is beside the atlas, but convlens writes a rollback journal, never a "
+            "write-ahead log: another program has the store open in WAL mode, or left that file; "
+            f"close the program or remove {wal.name}, then run again (the atlas was not opened)"
+        )
     try:
         if write:
             connection = sqlite3.connect(path, isolation_level=None)
@@ -121,8 +129,10 @@ def connect(path: Path, *, write: bool) -> sqlite3.Connection:
         raise ConvlensError(_describe(path, err)) from None
     if problems != ["ok"]:
         connection.close()
-        raise ConvlensError(f"{path} is damaged (SQLite quick_check: {problems[0]}); it was left as it is: "
-                            "delete it and run the scan again, or restore a copy")
+        raise ConvlensError(
+            f"{path} is damaged (SQLite quick_check: {problems[0]}); it was left as it is: "
+            "delete it and run the scan again, or restore a copy"
+        )
     return connection
 
 
@@ -130,8 +140,9 @@ def read_failure(path: Path, err: Exception) -> ConvlensError:
     """An error while reading a checked store (a damaged blob, a missing table) as one line."""
     if isinstance(err, sqlite3.Error):
         return ConvlensError(_describe(path, err))
-    return ConvlensError(f"{path} is damaged ({type(err).__name__}: {err}); delete it and run the scan again, "
-                         "or restore a copy")
+    return ConvlensError(
+        f"{path} is damaged ({type(err).__name__}: {err}); delete it and run the scan again, or restore a copy"
+    )
 
 
 def sqlite_failure(path: Path, err: sqlite3.Error, *, new: bool = False) -> ConvlensError:
@@ -147,8 +158,10 @@ def sqlite_failure(path: Path, err: sqlite3.Error, *, new: bool = False) -> Conv
         what = f"cannot write {path} (SQLite: {err})"
     if new:
         return ConvlensError(f"{what}; nothing was kept: free space (or pass another --out) and run again")
-    return ConvlensError(f"{what}; the store keeps every part committed before this one: free space and run the "
-                         "same command again to resume")
+    return ConvlensError(
+        f"{what}; the store keeps every part committed before this one: free space and run the "
+        "same command again to resume"
+    )
 
 
 def remove_store(path: Path) -> None:

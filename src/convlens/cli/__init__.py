@@ -55,32 +55,37 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """See what a convolutional network has learned and why it decides what it decides."""
 
 
 # Commands register themselves on app when their module is imported.
-from . import atlas  # noqa: E402,F401
-from . import concepts  # noqa: E402,F401
-from . import evaluate  # noqa: E402,F401
-from . import explain  # noqa: E402,F401
-from . import factorize  # noqa: E402,F401
-from . import inside  # noqa: E402,F401
-from . import inspect  # noqa: E402,F401
-from . import report  # noqa: E402,F401
-from . import serve  # noqa: E402,F401
-from . import train  # noqa: E402,F401
+from . import (  # noqa: E402
+    atlas,  # noqa: F401
+    concepts,  # noqa: F401
+    evaluate,  # noqa: F401
+    explain,  # noqa: F401
+    factorize,  # noqa: F401
+    inside,  # noqa: F401
+    inspect,  # noqa: F401
+    report,  # noqa: F401
+    serve,  # noqa: F401
+    train,  # noqa: F401
+)
 
 
 def _one_line_warnings(show):
     """``warnings.showwarning`` that prints a :class:`ConvlensWarning` as ``convlens: warning: ...``, one line."""
+
     def showwarning(message, category, *args, **kwargs):
         if issubclass(category, ConvlensWarning):
             print(f"convlens: warning: {message}", file=sys.stderr)
         else:
             show(message, category, *args, **kwargs)
+
     return showwarning
 
 

@@ -12,9 +12,9 @@ import functools
 import inspect
 import math
 import os
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Optional, cast, overload
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, cast, overload
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
@@ -26,33 +26,58 @@ if TYPE_CHECKING:
 
     from ..models import Model
 
-ModelArg = Annotated[str, typer.Argument(
-    help="A torchvision name (resnet50), 'shapes' (the bundled demo model), a .pt/.pth/TorchScript file, a convlens "
-         "checkpoint, or a Keras .keras/.h5 file.", show_default=False)]
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="A torchvision name (resnet50), 'shapes' (the bundled demo model), a .pt/.pth/TorchScript file, "
+        "a convlens checkpoint, or a Keras .keras/.h5 file.",
+        show_default=False,
+    ),
+]
 ImagesArg = Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, ...).", show_default=False)]
-WeightsOpt = Annotated[str, typer.Option(
-    "--weights", help="For a torchvision name: 'default' (download once), 'none' (random), or a state-dict file.")]
-ArchOpt = Annotated[Optional[str], typer.Option(
-    "--arch", help="Architecture of a state-dict file, e.g. resnet18.")]
-LabelsOpt = Annotated[Optional[Path], typer.Option(
-    "--labels", help="Text file with one class name per line.")]
-PreprocessingOpt = Annotated[Optional[str], typer.Option(
-    "--preprocessing", help="Keras models: rescale (x/255, default), raw, tf, torch or caffe.")]
-TrustCodeOpt = Annotated[bool, typer.Option(
-    "--trust-code", help="Allow a pickled module (torch.save(model)), or a TorchScript file whose code does more than "
-                         "tensor maths (files, network): only for files you trust. State dicts and checkpoints never "
-                         "need it.")]
-InputSizeOpt = Annotated[Optional[str], typer.Option(
-    "--input-size", metavar="SIZE",
-    help="H or HxW to run the model at (default: what the model says; 224 for a plain module).")]
-OutputOpt = Annotated[Optional[str], typer.Option(
-    "--output", metavar="KEY", help="Models with several outputs (tuple, list, dict): the index or key of the class "
-                                    "scores.")]
-DeviceOpt = Annotated[Optional[str], typer.Option(
-    "--device", metavar="DEVICE", help="cpu, cuda, cuda:1, ... (default: cuda when present, else cpu).")]
+WeightsOpt = Annotated[
+    str,
+    typer.Option(
+        "--weights", help="For a torchvision name: 'default' (download once), 'none' (random), or a state-dict file."
+    ),
+]
+ArchOpt = Annotated[str | None, typer.Option("--arch", help="Architecture of a state-dict file, e.g. resnet18.")]
+LabelsOpt = Annotated[Path | None, typer.Option("--labels", help="Text file with one class name per line.")]
+PreprocessingOpt = Annotated[
+    str | None, typer.Option("--preprocessing", help="Keras models: rescale (x/255, default), raw, tf, torch or caffe.")
+]
+TrustCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-code",
+        help="Allow a pickled module (torch.save(model)), or a TorchScript file whose code does more than "
+        "tensor maths (files, network): only for files you trust. State dicts and checkpoints never "
+        "need it.",
+    ),
+]
+InputSizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--input-size",
+        metavar="SIZE",
+        help="H or HxW to run the model at (default: what the model says; 224 for a plain module).",
+    ),
+]
+OutputOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--output",
+        metavar="KEY",
+        help="Models with several outputs (tuple, list, dict): the index or key of the class scores.",
+    ),
+]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option("--device", metavar="DEVICE", help="cpu, cuda, cuda:1, ... (default: cuda when present, else cpu)."),
+]
 ColormapOpt = Annotated[str, typer.Option("--colormap", help="A matplotlib colormap, e.g. jet, viridis, magma.")]
 #: The old spelling of --colormap (activations had it), still accepted and left out of --help.
-CmapAliasOpt = Annotated[Optional[str], typer.Option("--cmap", hidden=True)]
+CmapAliasOpt = Annotated[str | None, typer.Option("--cmap", hidden=True)]
 
 
 # -- option groups: options several commands share, declared once ---------------------------------------
@@ -80,8 +105,9 @@ class OptionGroup:
         if unknown:
             raise TypeError(f"{type(self).__name__} has no options {sorted(unknown)}")
         #: The option values: the defaults in a declaration, what the user gave in a command.
-        self.values = {name: defaults.get(name, default) for name, (_, default) in self.OPTIONS.items()
-                       if name not in without}
+        self.values = {
+            name: defaults.get(name, default) for name, (_, default) in self.OPTIONS.items() if name not in without
+        }
 
     def __getattr__(self, name: str) -> Any:
         values = self.__dict__.get("values", {})
@@ -91,8 +117,10 @@ class OptionGroup:
 
     def parameters(self) -> list[inspect.Parameter]:
         """The options as the signature parameters typer reads."""
-        return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=self.OPTIONS[name][0],
-                                  default=default) for name, default in self.values.items()]
+        return [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=self.OPTIONS[name][0], default=default)
+            for name, default in self.values.items()
+        ]
 
     def given(self, values: dict[str, Any]) -> OptionGroup:
         """This group with the values a command received."""
@@ -132,7 +160,7 @@ def grouped(command: Callable) -> Callable:
 class ModelOptions(OptionGroup):
     """How to load and place a model: ``--weights`` ... ``--device``."""
 
-    OPTIONS = {
+    OPTIONS: ClassVar[dict[str, tuple[Any, Any]]] = {
         "weights": (WeightsOpt, "default"),
         "arch": (ArchOpt, None),
         "labels": (LabelsOpt, None),
@@ -245,8 +273,9 @@ def parse_task_target(text: str):
     kind = kind.lower()
     if kind not in ("region", "box", "similar") or not rest.strip():
         if kind in ("region", "box", "similar"):
-            raise ConvlensError(f"--targets {text!r} names no {'class' if kind == 'region' else kind}; "
-                                + TASK_TARGET_EXAMPLES)
+            raise ConvlensError(
+                f"--targets {text!r} names no {'class' if kind == 'region' else kind}; " + TASK_TARGET_EXAMPLES
+            )
         return None
     rest = rest.strip()
     if kind == "similar":
@@ -257,8 +286,10 @@ def parse_task_target(text: str):
     label, at, box = rest.partition("@")
     if not at:
         if not label.isdigit():
-            raise ConvlensError(f"--targets box:{label} is not a detection index; use box:INDEX or "
-                                "box:LABEL@x0,y0,x1,y1 (the box in the model input's pixels)")
+            raise ConvlensError(
+                f"--targets box:{label} is not a detection index; use box:INDEX or "
+                "box:LABEL@x0,y0,x1,y1 (the box in the model input's pixels)"
+            )
         return Box(int(label))
     try:
         coords = [float(v) for v in box.split(",")]
@@ -279,8 +310,10 @@ def parse_one_target(text: str | None):
     if not parts or (len(parts) == 1 and parts[0].lower() in ("top1", "top-1")):
         return None
     if len(parts) > 1 or parts[0].lower() == "all":
-        raise ConvlensError(f"--targets {text!r}: evaluate scores one target on every image of the folder: top1, a "
-                            f"class index or name, or {TASK_TARGET_EXAMPLES.removeprefix('e.g. ')}")
+        raise ConvlensError(
+            f"--targets {text!r}: evaluate scores one target on every image of the folder: top1, a "
+            f"class index or name, or {TASK_TARGET_EXAMPLES.removeprefix('e.g. ')}"
+        )
     return int(parts[0]) if parts[0].lstrip("-").isdigit() else parts[0]
 
 
@@ -342,8 +375,9 @@ class Command(_QuietHelp, TyperCommand):
             value = ctx.params.get(param.name)
             if isinstance(value, float) and not math.isfinite(value):
                 # a typer command's parameters are typer's (TyperArgument, TyperOption)
-                raise typer.BadParameter(f"{value} is not a finite number", ctx=ctx,
-                                         param=cast("_TyperParameter", param))
+                raise typer.BadParameter(
+                    f"{value} is not a finite number", ctx=ctx, param=cast("_TyperParameter", param)
+                )
         return super().invoke(ctx)
 
 
@@ -392,7 +426,8 @@ def wait_passively(environ: MutableMapping[str, str] | None = None) -> None:
     OpenMP reads the variable once, when it starts. Beside two CPU hogs on a
     2-CPU machine, ``convlens report`` took 91.6 s spinning and 46.0 s passive
     (``benchmarks/bench_busy.py``; alone it took 23.8 s and 30.3 s: sleeping threads
-    wake more slowly, the price of not taking CPU from others); child processes (data loaders, Ray workers) inherit the setting.
+    wake more slowly, the price of not taking CPU from others); child processes (data loaders, Ray
+    workers) inherit the setting.
     """
     (os.environ if environ is None else environ).setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

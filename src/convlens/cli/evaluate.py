@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ..fileio import check_output_dir
 from . import app
-from .common import (BATCH_MAX, GPUS_MAX, SEED_MAX, WORKERS_MAX, ModelArg, ModelOptions, grouped, named_list,
-                     parse_one_target)
+from .common import (
+    BATCH_MAX,
+    GPUS_MAX,
+    SEED_MAX,
+    WORKERS_MAX,
+    ModelArg,
+    ModelOptions,
+    grouped,
+    named_list,
+    parse_one_target,
+)
 
 if TYPE_CHECKING:
     pass
@@ -21,30 +30,62 @@ if TYPE_CHECKING:
 @grouped
 def evaluate(
     model: ModelArg,
-    data: Annotated[Path, typer.Argument(help="A folder of images; masks as NAME.mask.png or in a masks/ folder.",
-                                         show_default=False)],
+    data: Annotated[
+        Path,
+        typer.Argument(help="A folder of images; masks as NAME.mask.png or in a masks/ folder.", show_default=False),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (resumable: run again to continue).")],
-    methods: Annotated[str, typer.Option(
-        "--methods", "--method", help="Comma-separated heatmap methods, e.g. gradcam,scorecam.")] = "gradcam",
-    metrics: Annotated[str, typer.Option(
-        "--metrics", "--metric", help="Comma-separated metrics: deletion, insertion, drop, increase, road, road_morf, "
-                                      "road_lerf, pointing, pointing_scaled, pointing_strict, pointing_box, "
-                                      "energy_pointing, iou.")] = "deletion,insertion,drop,increase",
-    target: Annotated[str, typer.Option(
-        "--targets", "--target", help="What each image is scored for: top1, a class index or name; "
-                                      "region:CLASS[:MASK.png] (segmentation), box:INDEX or box:LABEL@x0,y0,x1,y1 "
-                                      "(detection, input pixels), similar:REF.png or REF.npy (embeddings).")] = "top1",
-    limit: Annotated[Optional[int], typer.Option(
-        "--limit", min=1, help="Only N images, sampled evenly across class folders (a flat folder is one class).")] = None,
-    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed of the --limit sample: the same seed, the same images.")
-                    ] = 0,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=BATCH_MAX, help="Perturbed images per forward pass.")] = 64,
-    restart: Annotated[bool, typer.Option("--restart", help="Discard the run already in --out and start over "
-                                          "(without it, a run with other settings is refused).")] = False,
+    methods: Annotated[
+        str, typer.Option("--methods", "--method", help="Comma-separated heatmap methods, e.g. gradcam,scorecam.")
+    ] = "gradcam",
+    metrics: Annotated[
+        str,
+        typer.Option(
+            "--metrics",
+            "--metric",
+            help="Comma-separated metrics: deletion, insertion, drop, increase, road, road_morf, "
+            "road_lerf, pointing, pointing_scaled, pointing_strict, pointing_box, "
+            "energy_pointing, iou.",
+        ),
+    ] = "deletion,insertion,drop,increase",
+    target: Annotated[
+        str,
+        typer.Option(
+            "--targets",
+            "--target",
+            help="What each image is scored for: top1, a class index or name; "
+            "region:CLASS[:MASK.png] (segmentation), box:INDEX or box:LABEL@x0,y0,x1,y1 "
+            "(detection, input pixels), similar:REF.png or REF.npy (embeddings).",
+        ),
+    ] = "top1",
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit", min=1, help="Only N images, sampled evenly across class folders (a flat folder is one class)."
+        ),
+    ] = None,
+    seed: Annotated[
+        int,
+        typer.Option("--seed", min=0, max=SEED_MAX, help="Seed of the --limit sample: the same seed, the same images."),
+    ] = 0,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, max=BATCH_MAX, help="Perturbed images per forward pass.")
+    ] = 64,
+    restart: Annotated[
+        bool,
+        typer.Option(
+            "--restart",
+            help="Discard the run already in --out and start over (without it, a run with other settings is refused).",
+        ),
+    ] = False,
     engine: Annotated[str, typer.Option("--engine", help="local, or ray (Ray Data actors score images).")] = "local",
-    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster HOST:PORT.")] = None,
-    concurrency: Annotated[Optional[int], typer.Option("--concurrency", min=1, max=WORKERS_MAX, help="Ray actors.")] = None,
-    num_gpus: Annotated[Optional[float], typer.Option("--num-gpus", min=0, max=GPUS_MAX, help="GPUs per Ray actor.")] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster HOST:PORT.")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", min=1, max=WORKERS_MAX, help="Ray actors.")
+    ] = None,
+    num_gpus: Annotated[
+        float | None, typer.Option("--num-gpus", min=0, max=GPUS_MAX, help="GPUs per Ray actor.")
+    ] = None,
     opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Run every method on every image and write a CSV table, a Markdown/HTML summary and curve plots.
@@ -74,9 +115,20 @@ def evaluate(
         with warnings.catch_warnings():
             warnings.simplefilter("always", UserWarning)
             warnings.showwarning = warn
-            result = run_evaluation(loaded, data, methods=method_names, metrics=metric_names, out_dir=out,
-                                    batch_size=batch_size, limit=limit, seed=seed, progress=shown,
-                                    restart=restart, targets=targets, engine=chosen)
+            result = run_evaluation(
+                loaded,
+                data,
+                methods=method_names,
+                metrics=metric_names,
+                out_dir=out,
+                batch_size=batch_size,
+                limit=limit,
+                seed=seed,
+                progress=shown,
+                restart=restart,
+                targets=targets,
+                engine=chosen,
+            )
     finally:
         shown.close()
     typer.echo((out / "summary.md").read_text(encoding="utf-8"))

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NamedTuple, Optional
+from typing import TYPE_CHECKING, Annotated, NamedTuple
 
 import typer
 
 from ..errors import ConvlensError
 from ..fileio import atomic_path, check_output_dir, distinct_stems, save_image, staged_folder, write_text
 from . import app
-from .common import (BATCH_MAX, CmapAliasOpt, ImagesArg, ModelArg, ModelOptions, comma_list, grouped, named_list,
-                     parse_task_target)
+from .common import (
+    BATCH_MAX,
+    CmapAliasOpt,
+    ImagesArg,
+    ModelArg,
+    ModelOptions,
+    comma_list,
+    grouped,
+    named_list,
+    parse_task_target,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -73,21 +82,37 @@ def _write_index(rows: list[dict], folder: Path) -> None:
 def explain(
     model: ModelArg,
     images: ImagesArg,
-    method: Annotated[str, typer.Option(
-        "--methods", "--method", help="Comma-separated methods, e.g. gradcam,scorecam,saliency.")] = "gradcam",
-    layer: Annotated[str, typer.Option(
-        "--layers", "--layer", help="'auto' (last spatial layer), a layer name, or several comma-separated.")] = "auto",
-    target: Annotated[str, typer.Option(
-        "--targets", "--target", help="top1, all (one map per class: CAM and Grad-CAM family), a class index or name, "
-                                      "or one per image comma-separated; region:CLASS[:MASK.png] (segmentation), "
-                                      "box:INDEX or box:LABEL@x0,y0,x1,y1 (detection, input pixels), "
-                                      "similar:REF.png (embeddings).")] = "top1",
+    method: Annotated[
+        str, typer.Option("--methods", "--method", help="Comma-separated methods, e.g. gradcam,scorecam,saliency.")
+    ] = "gradcam",
+    layer: Annotated[
+        str,
+        typer.Option(
+            "--layers", "--layer", help="'auto' (last spatial layer), a layer name, or several comma-separated."
+        ),
+    ] = "auto",
+    target: Annotated[
+        str,
+        typer.Option(
+            "--targets",
+            "--target",
+            help="top1, all (one map per class: CAM and Grad-CAM family), a class index or name, "
+            "or one per image comma-separated; region:CLASS[:MASK.png] (segmentation), "
+            "box:INDEX or box:LABEL@x0,y0,x1,y1 (detection, input pixels), "
+            "similar:REF.png (embeddings).",
+        ),
+    ] = "top1",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs and .npy maps.")] = Path("explanations"),
-    colormap: Annotated[Optional[str], typer.Option(
-        "--colormap", help="A matplotlib colormap (default: jet over the photo; inferno for pixel-level maps, "
-                           "drawn alone).")] = None,
-    alpha: Annotated[float, typer.Option(
-        "--alpha", help="Heatmap opacity over the photo, 0-1 (pixel-level maps are drawn alone).")] = 0.4,
+    colormap: Annotated[
+        str | None,
+        typer.Option(
+            "--colormap",
+            help="A matplotlib colormap (default: jet over the photo; inferno for pixel-level maps, drawn alone).",
+        ),
+    ] = None,
+    alpha: Annotated[
+        float, typer.Option("--alpha", help="Heatmap opacity over the photo, 0-1 (pixel-level maps are drawn alone).")
+    ] = 0.4,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=BATCH_MAX, help="Images per pass.")] = 8,
     opts: ModelOptions = ModelOptions(),
     cmap: CmapAliasOpt = None,
@@ -118,9 +143,16 @@ def explain(
     layers = comma_list(layer) or ["auto"]
     targets = _parse_target(target, len(pictures))
     with ProgressDisplay("explain", unit="batch") as shown:
-        found = explain_many(loaded, pictures, methods, layer=layers[0] if len(layers) == 1 else layers,
-                             targets=targets, batch_size=batch_size, max_classes=MAX_CLASS_PANELS,
-                             progress=_shown_steps(shown))
+        found = explain_many(
+            loaded,
+            pictures,
+            methods,
+            layer=layers[0] if len(layers) == 1 else layers,
+            targets=targets,
+            batch_size=batch_size,
+            max_classes=MAX_CLASS_PANELS,
+            progress=_shown_steps(shown),
+        )
     # Everything is computed: only now does anything touch the disk, and only a complete set lands in --out.
     drawing = _Drawing(loaded.transform, colormap, alpha, _legends(methods, colormap, alpha))
     index = _write_outputs(found, pictures, images, out, drawing)
@@ -131,10 +163,12 @@ def explain(
 
 def _shown_steps(shown):
     """The display fed by :func:`explain_many`'s steps: one line (or bar position) per (method, batch)."""
+
     def show(step) -> None:
         if not step.part:  # a slow method's own counts are not shown: one line per batch, as the log reads
             shown.total = step.total
             shown.begin(step.name, index=step.index)
+
     return show
 
 
@@ -152,9 +186,13 @@ def _legends(methods: list[str], colormap: str | None, alpha: float) -> dict:
     from ..heatmaps import style_for
     from ..render.overlay import STYLES, describe_style
 
-    return {style: (colormap or STYLES[style], ", ".join(n for n in methods if style_for(n) == style) + ": "
-                    + describe_style(style, colormap, alpha))
-            for style in dict.fromkeys(style_for(name) for name in methods)}
+    return {
+        style: (
+            colormap or STYLES[style],
+            ", ".join(n for n in methods if style_for(n) == style) + ": " + describe_style(style, colormap, alpha),
+        )
+        for style in dict.fromkeys(style_for(name) for name in methods)
+    }
 
 
 def _write_outputs(found, pictures: list, sources: list, out: Path, drawing: _Drawing) -> list[dict]:
@@ -167,8 +205,10 @@ def _write_outputs(found, pictures: list, sources: list, out: Path, drawing: _Dr
                 index += _write_image(stage, found, image, stems[image], picture, str(sources[image]), drawing)
             _write_index(index, stage)
     except OSError as err:  # a full disk, a folder removed under us: nothing of the set is left behind
-        raise ConvlensError(f"cannot write the explanations to {out}: {err.strerror or err}; nothing was written "
-                            "(free some space or pass another --out)") from None
+        raise ConvlensError(
+            f"cannot write the explanations to {out}: {err.strerror or err}; nothing was written "
+            "(free some space or pass another --out)"
+        ) from None
     return index
 
 
@@ -182,8 +222,16 @@ def _write_image(stage: Path, found, image: int, stem: str, picture, source: str
         result, offset = found.at(name, image)
         slug = _slug(name)
         target_class = "all" if found.every_class else result.target_names[offset]
-        rows += [{"file": f"{stem}_{slug}.{ext}", "input": source, "method": name, "target_class": target_class,
-                  "predicted_class": predicted} for ext in ("png", "npy")]
+        rows += [
+            {
+                "file": f"{stem}_{slug}.{ext}",
+                "input": source,
+                "method": name,
+                "target_class": target_class,
+                "predicted_class": predicted,
+            }
+            for ext in ("png", "npy")
+        ]
         _save_array(result.raw[offset].cpu().numpy(), stage / f"{stem}_{slug}.npy")
         if found.every_class:  # one panel per class: the per-class grid
             save_figure(_class_grid(picture, result, offset, drawing), stage / f"{stem}_{slug}.png")
@@ -194,8 +242,15 @@ def _write_image(stage: Path, found, image: int, stem: str, picture, source: str
         panels.append((f"{name} — {result.target_names[offset]}{flat}", overlay))
     if not found.every_class:
         save_figure(_comparison(picture, panels, predicted, drawing), stage / f"{stem}_explain.png")
-        rows.append({"file": f"{stem}_explain.png", "input": source, "method": ",".join(found.methods),
-                     "target_class": target_class, "predicted_class": predicted})
+        rows.append(
+            {
+                "file": f"{stem}_explain.png",
+                "input": source,
+                "method": ",".join(found.methods),
+                "target_class": target_class,
+                "predicted_class": predicted,
+            }
+        )
     return rows
 
 
@@ -204,11 +259,22 @@ def _overlay(picture, result, offset: int, drawing: _Drawing):
     from ..heatmaps import style_for
     from ..render.overlay import draw_box, overlay_heatmap
 
-    overlay = overlay_heatmap(picture, result.maps[offset], transform=drawing.transform, colormap=drawing.colormap,
-                              alpha=drawing.alpha, style=style_for(result.method))
+    overlay = overlay_heatmap(
+        picture,
+        result.maps[offset],
+        transform=drawing.transform,
+        colormap=drawing.colormap,
+        alpha=drawing.alpha,
+        style=style_for(result.method),
+    )
     if result.boxes is not None:  # a box target: the detection explained, drawn
-        overlay = draw_box(overlay, result.boxes[offset].tolist(), original_size=picture.size,
-                           input_size=tuple(result.maps.shape[-2:]), transform=drawing.transform)
+        overlay = draw_box(
+            overlay,
+            result.boxes[offset].tolist(),
+            original_size=picture.size,
+            input_size=tuple(result.maps.shape[-2:]),
+            transform=drawing.transform,
+        )
     return overlay
 
 
@@ -219,13 +285,27 @@ def _class_grid(picture, result, offset: int, drawing: _Drawing):
 
     style = style_for(result.method)
     thumbnail = bounded(picture, 512)  # K panels: small pictures suffice
-    grid = [(f"{label}{' (flat)' if result.flat[offset][k] else ''}",
-             overlay_heatmap(thumbnail, result.maps[offset, k], transform=drawing.transform,
-                             colormap=drawing.colormap, alpha=drawing.alpha, style=style))
-            for k, label in enumerate(result.target_names)]
-    return comparison_figure(thumbnail, grid, columns=6, title=f"{result.method}: every class",
-                             legends=[(drawing.legends[style][0], describe_style(style, drawing.colormap,
-                                                                                 drawing.alpha))])
+    grid = [
+        (
+            f"{label}{' (flat)' if result.flat[offset][k] else ''}",
+            overlay_heatmap(
+                thumbnail,
+                result.maps[offset, k],
+                transform=drawing.transform,
+                colormap=drawing.colormap,
+                alpha=drawing.alpha,
+                style=style,
+            ),
+        )
+        for k, label in enumerate(result.target_names)
+    ]
+    return comparison_figure(
+        thumbnail,
+        grid,
+        columns=6,
+        title=f"{result.method}: every class",
+        legends=[(drawing.legends[style][0], describe_style(style, drawing.colormap, drawing.alpha))],
+    )
 
 
 def _comparison(picture, panels: list, predicted: str, drawing: _Drawing):

@@ -18,13 +18,21 @@ from .common import SEED_MAX, ImagesArg, ModelArg, ModelOptions, grouped
 def factorize(
     model: ModelArg,
     images: ImagesArg,
-    layer: Annotated[str, typer.Option(
-        "--layers", "--layer", help="'auto' (the last spatial layer) or a layer name.")] = "auto",
-    components: Annotated[int, typer.Option(
-        "--components", "-k", min=1, max=64, help="How many concepts to split the layer into.")] = 5,
-    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX,
-                                      help="Seed of the factorization's start: the same seed, the same concepts.")] = 0,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the figures and concepts.json.")] = Path("concepts"),
+    layer: Annotated[
+        str, typer.Option("--layers", "--layer", help="'auto' (the last spatial layer) or a layer name.")
+    ] = "auto",
+    components: Annotated[
+        int, typer.Option("--components", "-k", min=1, max=64, help="How many concepts to split the layer into.")
+    ] = 5,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed", min=0, max=SEED_MAX, help="Seed of the factorization's start: the same seed, the same concepts."
+        ),
+    ] = 0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the figures and concepts.json.")] = Path(
+        "concepts"
+    ),
     opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Split a layer's activations over IMAGES into concepts (Deep Feature Factorization, Collins et al. 2018).
@@ -46,15 +54,31 @@ def factorize(
     loaded = opts.open(model)
     parts = compute(loaded, pictures, None if layer == "auto" else layer, components, seed=seed)
     stems = distinct_stems(images)
-    figures = {f"{stem}_concepts.png": figure_image(factorization_figure(
-        picture, parts.maps[index], parts.top_classes, transform=loaded.transform,
-        title=f"{parts.components} concepts of {parts.layer}")) for index, (stem, picture) in
-        enumerate(zip(stems, pictures))}
-    table = {"layer": parts.layer, "components": parts.components, "reconstruction_error": parts.error,
-             "head": parts.head_note or "scored through the model's linear head",
-             "concepts": [{"concept": k + 1, "top_classes": [{"class": label, "share": share}
-                                                             for label, share in parts.top_classes[k]]}
-                          for k in range(parts.components)]}
+    figures = {
+        f"{stem}_concepts.png": figure_image(
+            factorization_figure(
+                picture,
+                parts.maps[index],
+                parts.top_classes,
+                transform=loaded.transform,
+                title=f"{parts.components} concepts of {parts.layer}",
+            )
+        )
+        for index, (stem, picture) in enumerate(zip(stems, pictures))
+    }
+    table = {
+        "layer": parts.layer,
+        "components": parts.components,
+        "reconstruction_error": parts.error,
+        "head": parts.head_note or "scored through the model's linear head",
+        "concepts": [
+            {
+                "concept": k + 1,
+                "top_classes": [{"class": label, "share": share} for label, share in parts.top_classes[k]],
+            }
+            for k in range(parts.components)
+        ],
+    }
     with staged_folder(out) as stage:
         for name, picture in figures.items():
             save_image(picture, stage / name)
@@ -63,6 +87,7 @@ def factorize(
         typer.echo(concept_caption(k, parts.top_classes[k], shown=3))
     if parts.head_note:
         typer.echo(f"(no classes: {parts.head_note})")
-    typer.echo(f"wrote {len(figures)} figures and concepts.json to {out} "
-               f"({parts.layer}, reconstruction error {parts.error:.1%})")
-
+    typer.echo(
+        f"wrote {len(figures)} figures and concepts.json to {out} "
+        f"({parts.layer}, reconstruction error {parts.error:.1%})"
+    )

@@ -10,14 +10,25 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional, overload
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, overload
 
 import typer
 
 from ..errors import ConvlensError
 from ..fileio import check_output_dir, check_output_file, save_image, staged_folder, write_text
 from . import app
-from .common import SEED_MAX, SIDE_MAX, STEPS_MAX, CmapAliasOpt, ColormapOpt, ModelArg, ModelOptions, OptionGroup, grouped, named_list
+from .common import (
+    SEED_MAX,
+    SIDE_MAX,
+    STEPS_MAX,
+    CmapAliasOpt,
+    ColormapOpt,
+    ModelArg,
+    ModelOptions,
+    OptionGroup,
+    grouped,
+    named_list,
+)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -25,13 +36,21 @@ if TYPE_CHECKING:
 ImageArg = Annotated[Path, typer.Argument(help="An image file (PNG, JPEG, ...).", show_default=False)]
 OutDirOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder to write into (created if missing).")]
 StepsOpt = Annotated[int, typer.Option("--steps", min=0, max=STEPS_MAX, help="Gradient-ascent steps.")]
-SizeOpt = Annotated[Optional[int], typer.Option(
-    "--size", min=8, max=SIDE_MAX, help="Side of the optimised square images, in pixels (default: the model's input size when it "
-                   "takes one size only, as Keras models do; else 128).", show_default=False)]
+SizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--size",
+        min=8,
+        max=SIDE_MAX,
+        help="Side of the optimised square images, in pixels (default: the model's input size when it "
+        "takes one size only, as Keras models do; else 128).",
+        show_default=False,
+    ),
+]
 SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed: the same seed gives the same images.")]
 ParamOpt = Annotated[str, typer.Option("--param", help="Image parameterisation: fourier (default) or pixel.")]
 OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="adam (default), rmsprop or normalized.")]
-LrOpt = Annotated[Optional[float], typer.Option("--lr", min=0, help="Step size (default depends on the optimizer).")]
+LrOpt = Annotated[float | None, typer.Option("--lr", min=0, help="Step size (default depends on the optimizer).")]
 TransformsOpt = Annotated[str, typer.Option("--transforms", help="Robustness transforms: standard, jitter or none.")]
 TvOpt = Annotated[float, typer.Option("--tv", min=0, help="Weight of the total-variation penalty.")]
 LpOpt = Annotated[float, typer.Option("--lp", min=0, help="Weight of the L6-norm penalty.")]
@@ -41,7 +60,7 @@ BlurOpt = Annotated[float, typer.Option("--blur", min=0, help="Weight of the blu
 class AscentOptions(OptionGroup):
     """How ``filters`` and ``class-model`` optimise their images (see :func:`convlens.inside.optimize.maximize`)."""
 
-    OPTIONS = {
+    OPTIONS: ClassVar[dict[str, tuple[Any, Any]]] = {
         "steps": (StepsOpt, 128),
         "seed": (SeedOpt, 0),
         "param": (ParamOpt, "fourier"),
@@ -108,14 +127,23 @@ def _progress(total: int, description: str):
 def activations(
     model: ModelArg,
     image: ImageArg,
-    layers: Annotated[Optional[str], typer.Option(
-        "--layers", "--layer", help="Comma-separated layer names (default: every conv and pooling layer up to the "
-                                    "last spatial one).")] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            "--layers",
+            "--layer",
+            help="Comma-separated layer names (default: every conv and pooling layer up to the last spatial one).",
+        ),
+    ] = None,
     out: OutDirOpt = Path("activations"),
     per_row: Annotated[int, typer.Option("--per-row", min=1, max=SIDE_MAX, help="Channels per row of the grid.")] = 16,
     colormap: ColormapOpt = "viridis",
-    channel: Annotated[Optional[int], typer.Option(
-        "--channel", min=0, help="Also draw this channel of each layer on its own, full size (LAYER.channelK.png).")] = None,
+    channel: Annotated[
+        int | None,
+        typer.Option(
+            "--channel", min=0, help="Also draw this channel of each layer on its own, full size (LAYER.channelK.png)."
+        ),
+    ] = None,
     opts: ModelOptions = ModelOptions(without=("labels",)),
     cmap: CmapAliasOpt = None,
 ) -> None:
@@ -136,11 +164,13 @@ def activations(
     for name, value in maps.items():
         if channel is not None and not 0 <= channel < value.shape[1]:
             raise ConvlensError(f"channel {channel} is out of range: layer {name!r} has {value.shape[1]} channels")
-        rendered[f"{_file_name(name)}.png"] = activation_grid(value[0], f"{name}  ({value.shape[1]} channels)",
-                                                              per_row=per_row, cmap=cmap)
+        rendered[f"{_file_name(name)}.png"] = activation_grid(
+            value[0], f"{name}  ({value.shape[1]} channels)", per_row=per_row, cmap=cmap
+        )
         if channel is not None:
             rendered[f"{_file_name(name)}.channel{channel}.png"] = channel_image(
-                value[0, channel], f"{name}, channel {channel}", cmap=cmap)
+                value[0, channel], f"{name}, channel {channel}", cmap=cmap
+            )
     with staged_folder(out) as stage:  # all the grids or none: a full disk leaves the folder as it was
         for file_name, picture_out in rendered.items():
             save_image(picture_out, stage / file_name)
@@ -151,10 +181,13 @@ def activations(
 @grouped
 def filters(
     model: ModelArg,
-    layers: Annotated[str, typer.Option("--layers", "--layer", help="Comma-separated layer names.", show_default=False)],
+    layers: Annotated[
+        str, typer.Option("--layers", "--layer", help="Comma-separated layer names.", show_default=False)
+    ],
     grid: Annotated[str, typer.Option("--grid", help="Rows x columns: renders filters 0..rows*cols-1.")] = "8x8",
-    filter_indices: Annotated[Optional[str], typer.Option(
-        "--filters", help="Comma-separated filter indices instead of the grid's first ones.")] = None,
+    filter_indices: Annotated[
+        str | None, typer.Option("--filters", help="Comma-separated filter indices instead of the grid's first ones.")
+    ] = None,
     size: SizeOpt = None,
     ascent: AscentOptions = AscentOptions(),
     out: OutDirOpt = Path("filters"),
@@ -177,17 +210,28 @@ def filters(
     written: dict[str, Image.Image | str] = {}
     for name in names:
         with _progress(ascent.steps, name) as progress:
-            patterns = filter_patterns(loaded, name, chosen, max_filters=rows * cols, size=size, **ascent.settings(),
-                                       progress=progress)
-        written[f"{_file_name(name)}.png"] = filter_grid(patterns.images, [f"#{i}" for i in patterns.filters],
-                                                         f"{name}: filter patterns", per_row=cols)
+            patterns = filter_patterns(
+                loaded, name, chosen, max_filters=rows * cols, size=size, **ascent.settings(), progress=progress
+            )
+        written[f"{_file_name(name)}.png"] = filter_grid(
+            patterns.images, [f"#{i}" for i in patterns.filters], f"{name}: filter patterns", per_row=cols
+        )
         height, width = patterns.images.shape[-2:]  # the size used: --size, or the model's own
-        written[f"{_file_name(name)}.json"] = json.dumps({
-            "layer": name, "size": height if height == width else [height, width], "steps": ascent.steps,
-            "seed": ascent.seed, "param": ascent.param, "optimizer": ascent.optimizer,
-            "filters": [{"index": i, "activation": float(a), "initial_activation": float(a0)}
-                        for i, a, a0 in zip(patterns.filters, patterns.activations, patterns.initial_activations)],
-        }, indent=2)
+        written[f"{_file_name(name)}.json"] = json.dumps(
+            {
+                "layer": name,
+                "size": height if height == width else [height, width],
+                "steps": ascent.steps,
+                "seed": ascent.seed,
+                "param": ascent.param,
+                "optimizer": ascent.optimizer,
+                "filters": [
+                    {"index": i, "activation": float(a), "initial_activation": float(a0)}
+                    for i, a, a0 in zip(patterns.filters, patterns.activations, patterns.initial_activations)
+                ],
+            },
+            indent=2,
+        )
     _write_all(written, out)
 
 
@@ -207,7 +251,9 @@ def _write_all(written: Mapping[str, Image.Image | str], out: Path) -> None:
 def class_model_command(
     model: ModelArg,
     classes: Annotated[str, typer.Option("--classes", help="Comma-separated class indices.", show_default=False)],
-    size: Annotated[Optional[int], typer.Option("--size", min=8, max=SIDE_MAX, help="Image side (default: the model's input size).")] = None,
+    size: Annotated[
+        int | None, typer.Option("--size", min=8, max=SIDE_MAX, help="Image side (default: the model's input size).")
+    ] = None,
     ascent: AscentOptions = AscentOptions(),
     out: OutDirOpt = Path("class_model"),
     opts: ModelOptions = ModelOptions(),
@@ -226,13 +272,26 @@ def class_model_command(
     with _progress(ascent.steps, "class model") as progress:
         result = compute_class_model(loaded, indices, size=size, **ascent.settings(), progress=progress)
     names = [loaded.label(i) for i in result.classes]
-    _write_all({
-        "class_model.png": filter_grid(result.images, [f"{i}: {n}"[:24] for i, n in zip(result.classes, names)],
-                                       "class models", per_row=min(8, len(names))),
-        "class_model.json": json.dumps({"classes": [
-            {"index": i, "label": n, "logit": float(v), "initial_logit": float(v0)}
-            for i, n, v, v0 in zip(result.classes, names, result.logits, result.initial_logits)]}, indent=2),
-    }, out)
+    _write_all(
+        {
+            "class_model.png": filter_grid(
+                result.images,
+                [f"{i}: {n}"[:24] for i, n in zip(result.classes, names)],
+                "class models",
+                per_row=min(8, len(names)),
+            ),
+            "class_model.json": json.dumps(
+                {
+                    "classes": [
+                        {"index": i, "label": n, "logit": float(v), "initial_logit": float(v0)}
+                        for i, n, v, v0 in zip(result.classes, names, result.logits, result.initial_logits)
+                    ]
+                },
+                indent=2,
+            ),
+        },
+        out,
+    )
 
 
 @app.command()
@@ -240,10 +299,16 @@ def class_model_command(
 def deepdream(
     model: ModelArg,
     image: ImageArg,
-    layers: Annotated[str, typer.Option("--layers", "--layer", show_default=False,
-                                        help="Comma-separated layers whose activations to amplify.")],
+    layers: Annotated[
+        str,
+        typer.Option(
+            "--layers", "--layer", show_default=False, help="Comma-separated layers whose activations to amplify."
+        ),
+    ],
     octaves: Annotated[int, typer.Option("--octaves", min=1, max=16, help="Number of scales, smallest first.")] = 4,
-    octave_scale: Annotated[float, typer.Option("--octave-scale", min=1, max=4, help="Size ratio between octaves.")] = 1.4,
+    octave_scale: Annotated[
+        float, typer.Option("--octave-scale", min=1, max=4, help="Size ratio between octaves.")
+    ] = 1.4,
     steps: Annotated[int, typer.Option("--steps", min=1, max=STEPS_MAX, help="Gradient-ascent steps per octave.")] = 20,
     lr: Annotated[float, typer.Option("--lr", min=0, help="Step size (pixels in [0, 1]).")] = 0.01,
     seed: SeedOpt = 0,
@@ -262,7 +327,16 @@ def deepdream(
     picture = load_image(image)
     loaded = opts.open(model)
     with _progress(octaves * steps, "deepdream") as progress:
-        dream = compute_deepdream(loaded, picture, named_list(layers, "--layers", "layer4"), octaves=octaves,
-                                  octave_scale=octave_scale, steps=steps, lr=lr, seed=seed, progress=progress)
+        dream = compute_deepdream(
+            loaded,
+            picture,
+            named_list(layers, "--layers", "layer4"),
+            octaves=octaves,
+            octave_scale=octave_scale,
+            steps=steps,
+            lr=lr,
+            seed=seed,
+            progress=progress,
+        )
     save_image(to_pil(dream), out)
     typer.echo(f"wrote {out}")

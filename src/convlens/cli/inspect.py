@@ -26,10 +26,7 @@ def _preprocessing_line(model) -> str | None:
 
 @app.command()
 @grouped
-def layers(
-    model: ModelArg,
-    opts: ModelOptions = ModelOptions(without=("labels",), weights="none"),
-) -> None:
+def layers(model: ModelArg, opts: ModelOptions = ModelOptions(without=("labels",), weights="none")) -> None:
     """Print every layer: name, type, output shape, parameters; '*' marks explanation targets.
 
     Example: convlens layers resnet18 --input-size 160
@@ -43,19 +40,29 @@ def layers(
     summary = summarize(loaded)
     table = Table(title=f"{loaded.name}  (input {summary.input_size[0]}x{summary.input_size[1]})")
     columns: tuple[tuple[str, Literal["left", "right", "center"]], ...] = (
-        ("layer", "left"), ("type", "left"), ("output shape", "left"), ("params", "right"), ("target", "center"))
+        ("layer", "left"),
+        ("type", "left"),
+        ("output shape", "left"),
+        ("params", "right"),
+        ("target", "center"),
+    )
     for column, justify in columns:
         table.add_column(column, justify=justify)
     auto = summary.auto_layer if summary.spatial_layers else None
     for row in summary.rows:
-        shape = "-" if row.output_shape is None else "(" + ", ".join(
-            "N" if d == -1 else str(d) for d in row.output_shape) + ")"
+        shape = (
+            "-"
+            if row.output_shape is None
+            else "(" + ", ".join("N" if d == -1 else str(d) for d in row.output_shape) + ")"
+        )
         mark = "auto" if row.name == auto else ("*" if row.spatial else "")
         table.add_row("  " * row.depth + row.name, row.type, shape, f"{row.params:,}", mark)
     console = Console(width=120)
     console.print(table)
-    console.print(f"Total params: {summary.total_params:,}   Trainable: {summary.trainable_params:,}   "
-                  f"Non-trainable: {summary.total_params - summary.trainable_params:,}")
+    console.print(
+        f"Total params: {summary.total_params:,}   Trainable: {summary.trainable_params:,}   "
+        f"Non-trainable: {summary.total_params - summary.trainable_params:,}"
+    )
     line = _preprocessing_line(loaded)
     if line:
         typer.echo(line)
@@ -66,7 +73,9 @@ def layers(
 def predict(
     model: ModelArg,
     images: ImagesArg,
-    top: Annotated[int, typer.Option("--top", "-k", min=1, max=TOP_MAX, help="How many classes to show per image.")] = 5,
+    top: Annotated[
+        int, typer.Option("--top", "-k", min=1, max=TOP_MAX, help="How many classes to show per image.")
+    ] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     opts: ModelOptions = ModelOptions(),
 ) -> None:
@@ -89,8 +98,9 @@ def predict(
     if line:
         typer.echo(line, err=as_json)  # stdout stays pure JSON with --json
     if as_json:
-        payload = [{"image": str(path), "predictions": [p.__dict__ for p in preds]}
-                   for path, preds in zip(images, results)]
+        payload = [
+            {"image": str(path), "predictions": [p.__dict__ for p in preds]} for path, preds in zip(images, results)
+        ]
         typer.echo(json.dumps(payload, indent=2))
         return
     console = Console(width=120)
@@ -117,8 +127,11 @@ def _task_table(title: str, rows: list, kind: str):
     if not rows:
         return Table(title=f"{title}: the detector found nothing (no box scored above its threshold)")
     table = Table(title=title)
-    columns = ("rank", "class", "index", "pixel share") if kind == "PixelShare" else (
-        "box", "class", "index", "score", "x0, y0, x1, y1")
+    columns = (
+        ("rank", "class", "index", "pixel share")
+        if kind == "PixelShare"
+        else ("box", "class", "index", "score", "x0, y0, x1, y1")
+    )
     for column in columns:
         table.add_column(column, justify="left" if column == "class" else "right")
     for rank, row in enumerate(rows):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,33 +15,76 @@ from .common import ModelOptions, grouped, named_list, parse_one_target
 @app.command()
 @grouped
 def report(
-    images: Annotated[Optional[list[Path]], typer.Argument(
-        help="Images to explain (default: generated shapes images and scikit-image photographs).",
-        show_default=False)] = None,
-    model: Annotated[Optional[str], typer.Option(
-        "--model", "-m", help="Model to report on, as MODEL in the other commands (default: shapes, the bundled "
-                              "demo model).")] = None,
+    images: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Images to explain (default: generated shapes images and scikit-image photographs).",
+            show_default=False,
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Model to report on, as MODEL in the other commands (default: shapes, the bundled demo model).",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the HTML file.")] = Path(
-        "convlens-report.html"),
-    target: Annotated[str, typer.Option(
-        "--targets", "--target", help="What the heatmaps and the evaluation explain: top1, a class index or name; "
-                                      "region:CLASS[:MASK.png], box:INDEX or box:LABEL@x0,y0,x1,y1, "
-                                      "similar:REF.png or REF.npy.")] = "top1",
-    tcav_concepts: Annotated[Optional[Path], typer.Option(
-        "--tcav-concepts", help="Adds a TCAV section: a folder of concept folders, or a data folder with dissection "
-                                "masks (as convlens tcav --concepts).", show_default=False)] = None,
-    tcav_random: Annotated[Optional[Path], typer.Option(
-        "--tcav-random", help="The TCAV section's random sets: a folder of random folders, or a pool of images.",
-        show_default=False)] = None,
-    tcav_inputs: Annotated[Optional[Path], typer.Option(
-        "--tcav-inputs", help="The TCAV classes' images: a folder per class, or one folder for every class "
-                              "(default: the report's images).", show_default=False)] = None,
-    tcav_classes: Annotated[Optional[str], typer.Option(
-        "--tcav-classes", help="Comma-separated classes TCAV scores (default: the report's images' top classes, "
-                               "at most 4).", show_default=False)] = None,
-    tcav_layers: Annotated[Optional[str], typer.Option(
-        "--tcav-layers", help="Comma-separated layers of the TCAV section (default: the explained layer).",
-        show_default=False)] = None,
+        "convlens-report.html"
+    ),
+    target: Annotated[
+        str,
+        typer.Option(
+            "--targets",
+            "--target",
+            help="What the heatmaps and the evaluation explain: top1, a class index or name; "
+            "region:CLASS[:MASK.png], box:INDEX or box:LABEL@x0,y0,x1,y1, "
+            "similar:REF.png or REF.npy.",
+        ),
+    ] = "top1",
+    tcav_concepts: Annotated[
+        Path | None,
+        typer.Option(
+            "--tcav-concepts",
+            help="Adds a TCAV section: a folder of concept folders, or a data folder with dissection "
+            "masks (as convlens tcav --concepts).",
+            show_default=False,
+        ),
+    ] = None,
+    tcav_random: Annotated[
+        Path | None,
+        typer.Option(
+            "--tcav-random",
+            help="The TCAV section's random sets: a folder of random folders, or a pool of images.",
+            show_default=False,
+        ),
+    ] = None,
+    tcav_inputs: Annotated[
+        Path | None,
+        typer.Option(
+            "--tcav-inputs",
+            help="The TCAV classes' images: a folder per class, or one folder for every class "
+            "(default: the report's images).",
+            show_default=False,
+        ),
+    ] = None,
+    tcav_classes: Annotated[
+        str | None,
+        typer.Option(
+            "--tcav-classes",
+            help="Comma-separated classes TCAV scores (default: the report's images' top classes, at most 4).",
+            show_default=False,
+        ),
+    ] = None,
+    tcav_layers: Annotated[
+        str | None,
+        typer.Option(
+            "--tcav-layers",
+            help="Comma-separated layers of the TCAV section (default: the explained layer).",
+            show_default=False,
+        ),
+    ] = None,
     opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Write one self-contained HTML report: model, predictions, heatmaps, activations, filters, evaluation.
@@ -53,9 +96,13 @@ def report(
     from ..report import build_report
 
     targets = parse_one_target(target)
-    tcav = {"tcav_concepts": tcav_concepts, "tcav_random": tcav_random, "tcav_inputs": tcav_inputs,
-            "tcav_classes": named_list(tcav_classes, "--tcav-classes", "circle"),
-            "tcav_layers": named_list(tcav_layers, "--tcav-layers", "layer4")}
+    tcav = {
+        "tcav_concepts": tcav_concepts,
+        "tcav_random": tcav_random,
+        "tcav_inputs": tcav_inputs,
+        "tcav_classes": named_list(tcav_classes, "--tcav-classes", "circle"),
+        "tcav_layers": named_list(tcav_layers, "--tcav-layers", "layer4"),
+    }
     chosen = {name: value for name, value in tcav.items() if value is not None}
     if targets is not None:
         chosen["targets"] = targets

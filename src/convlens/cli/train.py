@@ -6,7 +6,7 @@ import contextlib
 import os
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -28,15 +28,26 @@ def _int_list(text: str, option: str) -> list[int]:
 
 @app.command()
 def shapes(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write DIR/<split>/<class>/NNNNN.png (+ .mask.png) into.",
-                                            show_default=False)],
+    out_dir: Annotated[
+        Path,
+        typer.Argument(help="Folder to write DIR/<split>/<class>/NNNNN.png (+ .mask.png) into.", show_default=False),
+    ],
     per_class: Annotated[int, typer.Option("--per-class", min=1, max=IMAGES_MAX, help="Images per class.")] = 600,
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Same seed, same images.")] = 0,
     size: Annotated[int, typer.Option("--size", min=24, max=SIDE_MAX, help="Image height and width in pixels.")] = 128,
-    split: Annotated[str, typer.Option("--split", help="Subfolder name; '' writes the class folders into OUT_DIR.")] = "train",
-    classes: Annotated[Optional[str], typer.Option("--classes", help="Comma-separated subset of the classes.")] = None,
-    workers: Annotated[int, typer.Option("--workers", min=0, max=WORKERS_MAX, help="Processes drawing and writing images (0: one per CPU "
-                                                            "core); the files do not depend on it.")] = 0,
+    split: Annotated[
+        str, typer.Option("--split", help="Subfolder name; '' writes the class folders into OUT_DIR.")
+    ] = "train",
+    classes: Annotated[str | None, typer.Option("--classes", help="Comma-separated subset of the classes.")] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            min=0,
+            max=WORKERS_MAX,
+            help="Processes drawing and writing images (0: one per CPU core); the files do not depend on it.",
+        ),
+    ] = 0,
 ) -> None:
     """Write the procedural shapes dataset (images with object masks and boxes) in class-folder layout.
 
@@ -51,33 +62,80 @@ def shapes(
     from ..progress import ProgressDisplay
 
     with ProgressDisplay("shapes", total=per_class * len(names), unit="img", lines=10) as shown:
-        root = write_shapes(out_dir, per_class, seed, size=size, split=split or None, classes=names,
-                            progress=shown, workers=workers or os.cpu_count() or 1)
-    typer.echo(f"wrote {per_class * len(names)} images of {len(names)} classes ({', '.join(names)}) "
-               f"with masks to {root}")
+        root = write_shapes(
+            out_dir,
+            per_class,
+            seed,
+            size=size,
+            split=split or None,
+            classes=names,
+            progress=shown,
+            workers=workers or os.cpu_count() or 1,
+        )
+    typer.echo(
+        f"wrote {per_class * len(names)} images of {len(names)} classes ({', '.join(names)}) with masks to {root}"
+    )
 
 
 @app.command()
 def train(
-    data_dir: Annotated[Path, typer.Argument(help="Folder of class folders (DATA/<class>/*.png), or holding train/ "
-                                                  "(and val/) class folders.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for checkpoint.pt, model.pt, metrics.json and plots.",
-                                      show_default=False)],
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, max=EPOCHS_MAX, help="Epochs (default 20; with --resume, the checkpoint's).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=BATCH_MAX, help="Images per training step.")] = 64,
-    lr: Annotated[Optional[float], typer.Option("--lr", min=0, help="Learning rate (default 3e-3 adam, 0.05 sgd).")] = None,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="adam (AdamW) or sgd (Nesterov momentum 0.9).")] = "adam",
+    data_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder of class folders (DATA/<class>/*.png), or holding train/ (and val/) class folders.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="Folder for checkpoint.pt, model.pt, metrics.json and plots.", show_default=False
+        ),
+    ],
+    epochs: Annotated[
+        int | None,
+        typer.Option("--epochs", min=1, max=EPOCHS_MAX, help="Epochs (default 20; with --resume, the checkpoint's)."),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, max=BATCH_MAX, help="Images per training step.")
+    ] = 64,
+    lr: Annotated[
+        float | None, typer.Option("--lr", min=0, help="Learning rate (default 3e-3 adam, 0.05 sgd).")
+    ] = None,
+    optimizer: Annotated[
+        str, typer.Option("--optimizer", help="adam (AdamW) or sgd (Nesterov momentum 0.9).")
+    ] = "adam",
     schedule: Annotated[str, typer.Option("--schedule", help="cosine, step or constant.")] = "cosine",
-    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seeds the split, the weights and the augmentation.")] = 0,
-    size: Annotated[int, typer.Option("--input-size", min=8, max=SIDE_MAX, help="Side of the model's square input: images are resized "
-                                                            "to SIZE x SIZE.")] = 64,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seeds the split, the weights and the augmentation.")
+    ] = 0,
+    size: Annotated[
+        int,
+        typer.Option(
+            "--input-size",
+            min=8,
+            max=SIDE_MAX,
+            help="Side of the model's square input: images are resized to SIZE x SIZE.",
+        ),
+    ] = 64,
     widths: Annotated[str, typer.Option("--widths", help="Channels per stage, comma-separated.")] = "16,32,64,128",
-    convs_per_stage: Annotated[int, typer.Option("--convs-per-stage", min=1, max=16, help="3x3 conv-BN-ReLU blocks in each "
-                                                                                 "stage (a 2x2 max-pool follows each).")] = 1,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0, max=0.9, help="Share of each class held out.")] = 0.2,
+    convs_per_stage: Annotated[
+        int,
+        typer.Option(
+            "--convs-per-stage",
+            min=1,
+            max=16,
+            help="3x3 conv-BN-ReLU blocks in each stage (a 2x2 max-pool follows each).",
+        ),
+    ] = 1,
+    val_fraction: Annotated[
+        float, typer.Option("--val-fraction", min=0, max=0.9, help="Share of each class held out.")
+    ] = 0.2,
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random flips and crops.")] = True,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="checkpoint.pt to continue from.")] = None,
-    old_size: Annotated[Optional[int], typer.Option("--size", hidden=True, min=8, max=SIDE_MAX)] = None,  # --input-size's old name
+    resume: Annotated[Path | None, typer.Option("--resume", help="checkpoint.pt to continue from.")] = None,
+    old_size: Annotated[
+        int | None, typer.Option("--size", hidden=True, min=8, max=SIDE_MAX)
+    ] = None,  # --input-size's old name
 ) -> None:
     """Train a compact VGG-style CNN (BN, global average pooling, linear head) and evaluate it.
 
@@ -90,12 +148,23 @@ def train(
     size = size if old_size is None else old_size
 
     check_output_dir(out)
-    config = TrainConfig(epochs=epochs or 20, batch_size=batch_size, lr=lr, optimizer=optimizer,
-                         schedule=schedule, seed=seed, size=size, widths=_int_list(widths, "--widths"),
-                         convs_per_stage=convs_per_stage, val_fraction=val_fraction, augment=augment)
+    config = TrainConfig(
+        epochs=epochs or 20,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        schedule=schedule,
+        seed=seed,
+        size=size,
+        widths=_int_list(widths, "--widths"),
+        convs_per_stage=convs_per_stage,
+        val_fraction=val_fraction,
+        augment=augment,
+    )
     with _warnings_printed_after(), _TrainingDisplay() as progress:  # the bars close before the warnings print
-        result = run_training(data_dir, out, None if (resume and epochs is None) else config, resume=resume,
-                              progress=progress)
+        result = run_training(
+            data_dir, out, None if (resume and epochs is None) else config, resume=resume, progress=progress
+        )
     typer.echo(_accuracy_line(result.metrics))
     if result.skipped:
         typer.echo(f"skipped {result.skipped} unreadable image(s)")
@@ -124,13 +193,14 @@ class _TrainingDisplay:
         if event.kind == "batch":
             if event.step == 1:
                 self.epochs.begin(f"epoch {event.epoch}", index=event.epoch)
-            self.epochs.note(f"epoch {event.epoch}: batch {event.step}/{event.steps}, "
-                             f"loss {event.values['loss']:.3f}")
+            self.epochs.note(f"epoch {event.epoch}: batch {event.step}/{event.steps}, loss {event.values['loss']:.3f}")
         else:
             v = event.values
-            self.epochs.write(f"epoch {event.epoch}/{event.epochs}: loss {v['train_loss']:.4f} "
-                              f"acc {v['train_accuracy']:.4f} | val loss {v['val_loss']:.4f} "
-                              f"val acc {v['val_accuracy']:.4f} | lr {v['lr']:.2e}")
+            self.epochs.write(
+                f"epoch {event.epoch}/{event.epochs}: loss {v['train_loss']:.4f} "
+                f"acc {v['train_accuracy']:.4f} | val loss {v['val_loss']:.4f} "
+                f"val acc {v['val_accuracy']:.4f} | lr {v['lr']:.2e}"
+            )
 
     def close(self) -> None:
         self.loading.close()

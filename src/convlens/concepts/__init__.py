@@ -9,5 +9,16 @@ Modules: sources (concept, random and input image sets), tcav (CAVs, scores, the
 from .sources import MIN_IMAGES, MIN_RANDOM_SETS, ImageSet, concept_sets, random_sets
 from .tcav import CAV, TCAVResult, TCAVRow, concept_activations, fit_cav, tcav
 
-__all__ = ["CAV", "MIN_IMAGES", "MIN_RANDOM_SETS", "ImageSet", "TCAVResult", "TCAVRow", "concept_activations",
-           "concept_sets", "fit_cav", "random_sets", "tcav"]
+__all__ = [
+    "CAV",
+    "MIN_IMAGES",
+    "MIN_RANDOM_SETS",
+    "ImageSet",
+    "TCAVResult",
+    "TCAVRow",
+    "concept_activations",
+    "concept_sets",
+    "fit_cav",
+    "random_sets",
+    "tcav",
+]

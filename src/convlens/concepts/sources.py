@@ -26,7 +26,6 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -41,7 +40,7 @@ MIN_IMAGES = 10
 #: The fewest random sets (and runs) of the statistical test.
 MIN_RANDOM_SETS = 10
 
-Images = Union[str, os.PathLike, torch.Tensor, Sequence[ImageLike]]
+Images = str | os.PathLike | torch.Tensor | Sequence[ImageLike]
 
 
 @dataclass
@@ -49,7 +48,7 @@ class ImageSet:
     """Named images: a list of anything :meth:`convlens.Model.as_batch` reads, or a tensor batch."""
 
     name: str
-    items: Union[list, torch.Tensor]
+    items: list | torch.Tensor
     where: str = ""  # what they came from, for messages
 
     def __len__(self) -> int:
@@ -58,7 +57,7 @@ class ImageSet:
     def chunks(self, size: int):
         """The images ``size`` at a time (a tensor's rows, or a list's items)."""
         for start in range(0, len(self.items), size):
-            yield self.items[start:start + size]
+            yield self.items[start : start + size]
 
 
 def _folder_images(folder: Path) -> list[Path]:
@@ -78,8 +77,9 @@ def image_set(name: str, images: Images, *, minimum: int = MIN_IMAGES, what: str
     else:
         items, where = list(images), "the images given"
     if len(items) < minimum:
-        raise ConvlensError(f"{what} {name!r} has {len(items)} image(s) ({where}); TCAV needs at least {minimum} "
-                            f"per {what}: add images")
+        raise ConvlensError(
+            f"{what} {name!r} has {len(items)} image(s) ({where}); TCAV needs at least {minimum} per {what}: add images"
+        )
     return ImageSet(name, items, where)
 
 
@@ -101,13 +101,15 @@ def masked_concepts(data: str | os.PathLike, masks: str | os.PathLike | None = N
             if mask.any():
                 found.setdefault(concept, []).append(path)
     if not found:
-        raise ConvlensError(f"{data} has no concept masks (masks/<concept>/<image>.png); "
-                            "pass a folder of concept folders instead")
+        raise ConvlensError(
+            f"{data} has no concept masks (masks/<concept>/<image>.png); pass a folder of concept folders instead"
+        )
     return found
 
 
-def concept_sets(concepts: Mapping[str, Images] | str | os.PathLike, *, masks: str | os.PathLike | None = None
-                 ) -> list[ImageSet]:
+def concept_sets(
+    concepts: Mapping[str, Images] | str | os.PathLike, *, masks: str | os.PathLike | None = None
+) -> list[ImageSet]:
     """The concepts' image sets (see the module docstring), each of at least :data:`MIN_IMAGES` images."""
     if isinstance(concepts, Mapping):
         if not concepts:
@@ -125,8 +127,9 @@ def concept_sets(concepts: Mapping[str, Images] | str | os.PathLike, *, masks: s
     return [image_set(d.name, d) for d in subfolders]
 
 
-def random_sets(random: Images | Sequence[Images], runs: int, *, seed: int = 0, size: int | None = None
-                ) -> list[ImageSet]:
+def random_sets(
+    random: Images | Sequence[Images], runs: int, *, seed: int = 0, size: int | None = None
+) -> list[ImageSet]:
     """``runs`` random image sets: the first ``runs`` folders given, or ``runs`` draws from a pool folder.
 
     A folder is a pool when images lie directly in it or when ``size`` is given (then
@@ -136,8 +139,7 @@ def random_sets(random: Images | Sequence[Images], runs: int, *, seed: int = 0, 
     across sets (``seed``).
     """
     if runs < MIN_RANDOM_SETS:
-        raise ConvlensError(f"TCAV's t-test needs at least {MIN_RANDOM_SETS} runs against random concepts, "
-                            f"got {runs}")
+        raise ConvlensError(f"TCAV's t-test needs at least {MIN_RANDOM_SETS} runs against random concepts, got {runs}")
     if isinstance(random, (list, tuple)):
         sets = [image_set(f"random{i}", images, what="random set") for i, images in enumerate(random)]
     else:
@@ -146,15 +148,18 @@ def random_sets(random: Images | Sequence[Images], runs: int, *, seed: int = 0, 
             raise ConvlensError("random: pass a folder (of random folders, or a pool of images) or a list of folders")
         if not folder.is_dir():
             raise ConvlensError(f"random folder not found: {folder}")
-        subfolders = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")
-                            and d.name != "masks")
+        subfolders = sorted(
+            d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != "masks"
+        )
         loose = any(p.is_file() and is_image_file(p) for p in folder.iterdir())
         if size is not None or loose or not subfolders:
             return _drawn(folder, runs, seed, size)
         sets = [image_set(d.name, d, what="random set") for d in subfolders]
     if len(sets) < runs:
-        raise ConvlensError(f"{len(sets)} random set(s) given for {runs} runs; give at least {runs} random folders "
-                            "(or one pool of images to draw them from, with a set size)")
+        raise ConvlensError(
+            f"{len(sets)} random set(s) given for {runs} runs; give at least {runs} random folders "
+            "(or one pool of images to draw them from, with a set size)"
+        )
     return sets[:runs]
 
 
@@ -162,15 +167,24 @@ def _drawn(pool: Path, runs: int, seed: int, size: int | None) -> list[ImageSet]
     paths = _folder_images(pool)
     size = min(50, len(paths) // 2) if size is None else size
     if size < MIN_IMAGES or len(paths) < 2 * size:
-        raise ConvlensError(f"the random pool {pool} has {len(paths)} image(s); drawing {runs} sets of "
-                            f"{max(size, MIN_IMAGES)} needs at least {2 * max(size, MIN_IMAGES)} (two sets must differ)")
+        raise ConvlensError(
+            f"the random pool {pool} has {len(paths)} image(s); drawing {runs} sets of "
+            f"{max(size, MIN_IMAGES)} needs at least {2 * max(size, MIN_IMAGES)} (two sets must differ)"
+        )
     rng = np.random.default_rng(seed)
-    return [ImageSet(f"random{i}", [paths[j] for j in sorted(rng.choice(len(paths), size, replace=False))],
-                     f"{size} drawn from {pool}") for i in range(runs)]
+    return [
+        ImageSet(
+            f"random{i}",
+            [paths[j] for j in sorted(rng.choice(len(paths), size, replace=False))],
+            f"{size} drawn from {pool}",
+        )
+        for i in range(runs)
+    ]
 
 
-def input_sets(inputs: Images | Mapping, classes: Sequence, *, labels: Sequence[str] | None = None
-               ) -> dict[object, ImageSet]:
+def input_sets(
+    inputs: Images | Mapping, classes: Sequence, *, labels: Sequence[str] | None = None
+) -> dict[object, ImageSet]:
     """The inputs of each class: ``{class: images}``, a folder with a folder per class, or one set for all."""
     if isinstance(inputs, Mapping):
         missing = [c for c in classes if c not in inputs]
@@ -189,7 +203,10 @@ def input_sets(inputs: Images | Mapping, classes: Sequence, *, labels: Sequence[
 
         owned = {c: own(c) for c in classes}
         if all(path is not None for path in owned.values()):
-            return {c: image_set(str(c), path, minimum=1, what="inputs of class")
-                    for c, path in owned.items() if path is not None}
+            return {
+                c: image_set(str(c), path, minimum=1, what="inputs of class")
+                for c, path in owned.items()
+                if path is not None
+            }
     shared = image_set("inputs", inputs, minimum=1, what="inputs")
-    return {c: shared for c in classes}
+    return dict.fromkeys(classes, shared)

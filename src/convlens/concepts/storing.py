@@ -15,12 +15,17 @@ def check_store(path: str | os.PathLike, model) -> None:
     with AtlasStore.open(path) as store:
         stored = store.meta().get("model_fingerprint")
     if stored != model_fingerprint(model.module):
-        raise ConvlensError(f"{path} was written for another model (weights fingerprint {stored!r}); "
-                            "pass the store of a scan or dissection of this model")
+        raise ConvlensError(
+            f"{path} was written for another model (weights fingerprint {stored!r}); "
+            "pass the store of a scan or dissection of this model"
+        )
 
 
 def store_tcav(result, path: str | os.PathLike, model) -> None:
-    """Write ``result``'s rows into the ``tcav`` table of the atlas ``path``, in one transaction, under its writer lock."""
+    """Write ``result``'s rows into the ``tcav`` table of the atlas ``path``.
+
+    In one transaction, under the store's writer lock.
+    """
     from ..atlas.store import AtlasStore
     from ..atlas.storefile import connect, writer_lock
 

@@ -20,8 +20,8 @@ For a layer ``l`` with flattened activations ``f_l(x)``, a concept ``C`` and a c
 
 Where this departs from the paper: the CAV is a logistic regression solved exactly by Newton's
 method (the paper and captum run SGD, whose answer depends on the order of its samples; the
-direction of a separable problem differs a little, the sign of ``S`` rarely); a constant pair of score lists (every run 1.0, every random run
-1.0) gives ``p = 1``, where the t statistic is undefined.
+direction of a separable problem differs a little, the sign of ``S`` rarely); a constant pair of
+score lists (every run 1.0, every random run 1.0) gives ``p = 1``, where the t statistic is undefined.
 
 Example::
 
@@ -50,7 +50,9 @@ TEST_SHARE = 0.33
 L2 = 0.01
 
 
-def _flat_outputs(model: Model, images: ImageSet | Images, layers: list[str], batch_size: int) -> dict[str, torch.Tensor]:
+def _flat_outputs(
+    model: Model, images: ImageSet | Images, layers: list[str], batch_size: int
+) -> dict[str, torch.Tensor]:
     """``{layer: (N, F) float32}`` activations of ``images``, flattened channels-first, on the CPU."""
     images = images if isinstance(images, ImageSet) else image_set("images", images, minimum=1, what="image set")
     parts: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
@@ -70,8 +72,9 @@ def _check_ran(rec, layers: list[str]) -> None:
         raise ConvlensError(f"layer {missing[0]!r} has no output in the forward pass; choose a layer the model uses")
 
 
-def concept_activations(model: Model | torch.nn.Module, images: Images, layer: LayerRef, batch_size: int = 32
-                        ) -> torch.Tensor:
+def concept_activations(
+    model: Model | torch.nn.Module, images: Images, layer: LayerRef, batch_size: int = 32
+) -> torch.Tensor:
     """The flattened activations ``(N, C*h*w)`` of ``layer`` for ``images`` (a folder, images or a tensor batch)."""
     model = as_model(model)
     (name,) = resolve_layers(model, [layer])
@@ -151,8 +154,10 @@ def fit_cav(concept_acts: torch.Tensor, other_acts: torch.Tensor, seed: int | Se
     centre = train.mean(0)
     scale = (train - centre).norm(dim=1).mean()
     if not torch.isfinite(scale) or scale <= 1e-12:
-        raise ConvlensError("the concept and the other images have identical activations at this layer; "
-                            "no CAV separates them: choose another layer or other images")
+        raise ConvlensError(
+            "the concept and the other images have identical activations at this layer; "
+            "no CAV separates them: choose another layer or other images"
+        )
     x = (train - centre) / scale
     # The L2 optimum lies in the span of the training rows (representer theorem): with x = U S V^T,
     # w = V beta, and the problem has one unknown per singular direction instead of one per feature.
@@ -162,15 +167,18 @@ def fit_cav(concept_acts: torch.Tensor, other_acts: torch.Tensor, seed: int | Se
     w = vh[keep].T @ beta
     norm = w.norm()
     if not torch.isfinite(norm) or norm == 0:
-        raise ConvlensError("the concept and the other images have identical activations at this layer; "
-                            "no CAV separates them: choose another layer or other images")
+        raise ConvlensError(
+            "the concept and the other images have identical activations at this layer; "
+            "no CAV separates them: choose another layer or other images"
+        )
     predicted = torch.sign((test - centre) / scale @ w + bias)
     accuracy = float((predicted == test_y).double().mean())
     return CAV((w / norm).float(), accuracy)
 
 
-def _class_gradients(model: Model, images: ImageSet, class_, layers: list[str], batch_size: int
-                     ) -> tuple[dict[str, torch.Tensor], int]:
+def _class_gradients(
+    model: Model, images: ImageSet, class_, layers: list[str], batch_size: int
+) -> tuple[dict[str, torch.Tensor], int]:
     """``{layer: (N, F)}`` gradients of class ``class_``'s logit at each layer's output, and the class index."""
     from ..targets import ClassLogits, resolve_targets
 
@@ -187,10 +195,11 @@ def _class_gradients(model: Model, images: ImageSet, class_, layers: list[str], 
             index = indices[0]
             score = score_fn(output).sum()
             if not score.requires_grad:
-                raise ConvlensError(f"the class logit does not depend on layer {layers[0]!r}"
-                                    f"{' (nor the others)' if len(layers) > 1 else ''}; choose a layer before it")
-            grads = torch.autograd.grad(score, [rec.outputs[layer] for layer in layers],
-                                        allow_unused=True)
+                raise ConvlensError(
+                    f"the class logit does not depend on layer {layers[0]!r}"
+                    f"{' (nor the others)' if len(layers) > 1 else ''}; choose a layer before it"
+                )
+            grads = torch.autograd.grad(score, [rec.outputs[layer] for layer in layers], allow_unused=True)
             for layer, grad in zip(layers, grads):
                 if grad is None:
                     raise ConvlensError(f"the class logit does not depend on layer {layer!r}; choose a layer before it")
@@ -207,7 +216,10 @@ def sensitivities(gradients: torch.Tensor, cav: CAV | torch.Tensor) -> torch.Ten
 
 
 def p_value(scores: Sequence[float], random_scores: Sequence[float]) -> float:
-    """Two-sided t-test (``scipy.stats.ttest_ind``) of the concept's scores against the random ones; 1 when undefined."""
+    """Two-sided t-test (``scipy.stats.ttest_ind``) of the concept's scores against the random ones.
+
+    1 when the test is undefined.
+    """
     from scipy.stats import ttest_ind
 
     with warnings.catch_warnings():  # identical values: scipy warns of precision loss, then answers nan or 0
@@ -235,12 +247,32 @@ class TCAVRow:
     magnitudes: list[float] = field(repr=False, default_factory=list)  # mean S(x) per run
     class_index: int = -1
 
-    COLUMNS = ("class", "concept", "layer", "tcav", "std", "random", "random_std", "p_value", "significant",
-               "cav_accuracy")
+    COLUMNS = (
+        "class",
+        "concept",
+        "layer",
+        "tcav",
+        "std",
+        "random",
+        "random_std",
+        "p_value",
+        "significant",
+        "cav_accuracy",
+    )
 
     def values(self) -> tuple:
-        return (self.class_, self.concept, self.layer, self.score, self.std, self.random_score, self.random_std,
-                self.p_value, self.significant, self.accuracy)
+        return (
+            self.class_,
+            self.concept,
+            self.layer,
+            self.score,
+            self.std,
+            self.random_score,
+            self.random_std,
+            self.p_value,
+            self.significant,
+            self.accuracy,
+        )
 
 
 @dataclass
@@ -272,18 +304,31 @@ class TCAVResult:
         """The table as Markdown, numbers rounded for reading (the CSV keeps them whole)."""
         head = "| class | concept | layer | TCAV | ± std | random | p | significant | CAV accuracy |"
         lines = [head, "|" + "---|" * 9]
-        for r in self.rows:
-            lines.append(f"| {r.class_} | {r.concept} | {r.layer} | {r.score:.3f} | {r.std:.3f} | "
-                         f"{r.random_score:.3f} | {r.p_value:.3g} | {'yes' if r.significant else 'no'} | "
-                         f"{r.accuracy:.2f} |")
+        lines.extend(
+            f"| {r.class_} | {r.concept} | {r.layer} | {r.score:.3f} | {r.std:.3f} | "
+            f"{r.random_score:.3f} | {r.p_value:.3g} | {'yes' if r.significant else 'no'} | "
+            f"{r.accuracy:.2f} |"
+            for r in self.rows
+        )
         return "\n".join(lines) + "\n"
 
 
-def tcav(model: Model | torch.nn.Module, class_, concepts: Mapping[str, Images] | str | os.PathLike[str],
-         layers: Sequence[LayerRef],
-         random: Images | Sequence[Images], *, inputs: Images | Mapping, n_runs: int = 10, seed: int = 0,
-         batch_size: int = 32, alpha: float = ALPHA, bonferroni: bool = False, masks=None,
-         random_size: int | None = None) -> TCAVResult:
+def tcav(
+    model: Model | torch.nn.Module,
+    class_,
+    concepts: Mapping[str, Images] | str | os.PathLike[str],
+    layers: Sequence[LayerRef],
+    random: Images | Sequence[Images],
+    *,
+    inputs: Images | Mapping,
+    n_runs: int = 10,
+    seed: int = 0,
+    batch_size: int = 32,
+    alpha: float = ALPHA,
+    bonferroni: bool = False,
+    masks=None,
+    random_size: int | None = None,
+) -> TCAVResult:
     """TCAV scores of ``class_`` (an index or name, or a list of them) for each concept at each layer.
 
     Args:
@@ -318,10 +363,20 @@ def tcav(model: Model | torch.nn.Module, class_, concepts: Mapping[str, Images] 
 
     acts = {s.name: _flat_outputs(model, s, names, batch_size) for s in concept_images}
     random_acts = [_flat_outputs(model, s, names, batch_size) for s in randoms]
-    cavs = {(s.name, layer): [fit_cav(acts[s.name][layer], random_acts[run][layer], (seed, run, 0))
-                              for run in range(n_runs)] for s in concept_images for layer in names}
-    random_cavs = {layer: [fit_cav(random_acts[run][layer], random_acts[(run + 1) % n_runs][layer], (seed, run, 1))
-                           for run in range(n_runs)] for layer in names}
+    cavs = {
+        (s.name, layer): [
+            fit_cav(acts[s.name][layer], random_acts[run][layer], (seed, run, 0)) for run in range(n_runs)
+        ]
+        for s in concept_images
+        for layer in names
+    }
+    random_cavs = {
+        layer: [
+            fit_cav(random_acts[run][layer], random_acts[(run + 1) % n_runs][layer], (seed, run, 1))
+            for run in range(n_runs)
+        ]
+        for layer in names
+    }
     tests = len(classes) * len(concept_images) * len(names)
     threshold = alpha / tests if bonferroni else alpha
     rows = []
@@ -335,8 +390,22 @@ def tcav(model: Model | torch.nn.Module, class_, concepts: Mapping[str, Images] 
                 s = [sensitivities(grads[layer], cav) for cav in runs]
                 scores = [float((values > 0).float().mean()) for values in s]
                 p = p_value(scores, random_scores)
-                rows.append(TCAVRow(label, concept.name, layer, float(np.mean(scores)), float(np.std(scores)),
-                                    float(np.mean(random_scores)), float(np.std(random_scores)), p, p < threshold,
-                                    float(np.mean([cav.accuracy for cav in runs])), scores, random_scores,
-                                    [float(values.mean()) for values in s], index))
+                rows.append(
+                    TCAVRow(
+                        label,
+                        concept.name,
+                        layer,
+                        float(np.mean(scores)),
+                        float(np.std(scores)),
+                        float(np.mean(random_scores)),
+                        float(np.std(random_scores)),
+                        p,
+                        p < threshold,
+                        float(np.mean([cav.accuracy for cav in runs])),
+                        scores,
+                        random_scores,
+                        [float(values.mean()) for values in s],
+                        index,
+                    )
+                )
     return TCAVResult(rows, cavs, random_cavs, alpha, threshold, n_runs)

@@ -85,8 +85,9 @@ def resolve_data_dirs(root: str | os.PathLike) -> tuple[Path, Path | None]:
     return root, None
 
 
-def walk_files(root: str | os.PathLike, *, follow_links: bool = False,
-               prune: Callable[[tuple[str, ...]], bool] | None = None) -> list[Path]:
+def walk_files(
+    root: str | os.PathLike, *, follow_links: bool = False, prune: Callable[[tuple[str, ...]], bool] | None = None
+) -> list[Path]:
     """Every file under ``root`` (hidden files and folders left out), sorted, without reading any.
 
     A symbolic link whose target lies outside ``root`` is left out unless ``follow_links``
@@ -100,8 +101,9 @@ def walk_files(root: str | os.PathLike, *, follow_links: bool = False,
     outside: list[Path] = []
 
     def loop(path: Path) -> ConvlensError:
-        return ConvlensError(f"symlink loop: {path} leads back into a folder it is in; remove the link "
-                             "(or the loop) and run again")
+        return ConvlensError(
+            f"symlink loop: {path} leads back into a folder it is in; remove the link (or the loop) and run again"
+        )
 
     def visit(folder: Path, relative: tuple[str, ...], seen: frozenset) -> None:
         try:
@@ -139,9 +141,12 @@ def walk_files(root: str | os.PathLike, *, follow_links: bool = False,
         raise ConvlensError(f"data folder not found: {root}")
     visit(root, (), frozenset({_identity(root)}))
     if outside:
-        warnings.warn(f"left out {len(outside)} symlink(s) under {root} that lead outside it (first: {outside[0]}); "
-                      "to read them, pass --follow-links (scan, dissect) or follow_links=True",
-                      ConvlensWarning, stacklevel=3)
+        warnings.warn(
+            f"left out {len(outside)} symlink(s) under {root} that lead outside it (first: {outside[0]}); "
+            "to read them, pass --follow-links (scan, dissect) or follow_links=True",
+            ConvlensWarning,
+            stacklevel=3,
+        )
     return sorted(files)
 
 
@@ -161,12 +166,16 @@ def image_files(folder: str | os.PathLike, *, follow_links: bool = False) -> lis
     Masks (``*.mask.png`` and anything inside a ``masks/`` folder) and hidden files and folders are
     left out; symbolic links as :func:`walk_files` says.
     """
-    return [path for path in walk_files(folder, follow_links=follow_links, prune=lambda parts: parts[-1] == "masks")
-            if is_image_file(path)]
+    return [
+        path
+        for path in walk_files(folder, follow_links=follow_links, prune=lambda parts: parts[-1] == "masks")
+        if is_image_file(path)
+    ]
 
 
-def scan_class_folders(root: str | os.PathLike, classes: Sequence[str] | None = None, *,
-                       follow_links: bool = False) -> tuple[list[Path], list[int], list[str]]:
+def scan_class_folders(
+    root: str | os.PathLike, classes: Sequence[str] | None = None, *, follow_links: bool = False
+) -> tuple[list[Path], list[int], list[str]]:
     """``(paths, labels, class names)`` of a class-folder tree, without reading the images.
 
     ``classes`` fixes the class names and their order (a validation folder must
@@ -185,12 +194,16 @@ def scan_class_folders(root: str | os.PathLike, classes: Sequence[str] | None = 
     if classes is None:
         if not folders:
             loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
-            hint = ("it holds images but no class folders; " if loose else "")
-            raise ConvlensError(f"no images found in class folders under {root}: {hint}"
-                                "put each class's images in its own subfolder (DATA/<class>/*.png)")
+            hint = "it holds images but no class folders; " if loose else ""
+            raise ConvlensError(
+                f"no images found in class folders under {root}: {hint}"
+                "put each class's images in its own subfolder (DATA/<class>/*.png)"
+            )
         if len(folders) < 2:
-            raise ConvlensError(f"{root} holds only one class ({next(iter(folders))!r}); "
-                                "a classifier needs at least two class folders with images")
+            raise ConvlensError(
+                f"{root} holds only one class ({next(iter(folders))!r}); "
+                "a classifier needs at least two class folders with images"
+            )
         classes = list(folders)
     unknown = sorted(set(folders) - set(classes))
     if unknown:
@@ -204,9 +217,14 @@ def scan_class_folders(root: str | os.PathLike, classes: Sequence[str] | None = 
     return paths, labels, list(classes)
 
 
-def load_class_folders(root: str | os.PathLike, size: int, classes: Sequence[str] | None = None,
-                       progress: Progress | None = None, *,
-                       follow_links: bool = False) -> LabelledImages:
+def load_class_folders(
+    root: str | os.PathLike,
+    size: int,
+    classes: Sequence[str] | None = None,
+    progress: Progress | None = None,
+    *,
+    follow_links: bool = False,
+) -> LabelledImages:
     """Read every image of a class-folder tree, resized to ``size`` x ``size``, into memory.
 
     The resize is the one :func:`convlens.models.transforms.plain_transform`
@@ -227,10 +245,14 @@ def load_class_folders(root: str | os.PathLike, size: int, classes: Sequence[str
         if progress is not None:
             progress(done, len(paths))
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s) under {root} (first: {skipped[0]})",
-                      stacklevel=2)
-    return LabelledImages(torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8),
-                          torch.tensor(kept_labels, dtype=torch.int64), classes, kept_paths, len(skipped))
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s) under {root} (first: {skipped[0]})", stacklevel=2)
+    return LabelledImages(
+        torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8),
+        torch.tensor(kept_labels, dtype=torch.int64),
+        classes,
+        kept_paths,
+        len(skipped),
+    )
 
 
 def check_trainable(data: LabelledImages, where: str) -> None:
@@ -239,11 +261,15 @@ def check_trainable(data: LabelledImages, where: str) -> None:
     if not present:
         raise ConvlensError(f"no readable images in {where}")
     if len(present) < 2:
-        raise ConvlensError(f"{where} has readable images of only one class ({data.classes[present[0]]!r}); "
-                            "a classifier needs at least two")
+        raise ConvlensError(
+            f"{where} has readable images of only one class ({data.classes[present[0]]!r}); "
+            "a classifier needs at least two"
+        )
 
 
-def stratified_split(labels: Sequence[int] | torch.Tensor, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: Sequence[int] | torch.Tensor, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """``(train indices, validation indices)`` with each class split in the same proportion.
 
     Each class with at least two images puts ``round(n * val_fraction)`` of them

@@ -53,9 +53,7 @@ from ..progress import Progress
 
 #: In alphabetical order, the order class folders are read in: a model trained on
 #: :func:`write_shapes` output predicts index ``k`` for ``SHAPE_CLASSES[k]`` (= ``sample.label``).
-SHAPE_CLASSES: tuple[str, ...] = (
-    "circle", "cross", "hexagon", "ring", "square", "star", "stripes", "triangle",
-)
+SHAPE_CLASSES: tuple[str, ...] = ("circle", "cross", "hexagon", "ring", "square", "star", "stripes", "triangle")
 MASK_SUFFIX = ".mask.png"
 Box = tuple[int, int, int, int]
 
@@ -105,8 +103,9 @@ def _outline(class_name: str, rng: np.random.Generator) -> Outline | None:
     return None
 
 
-def _object_mask(class_name: str, size: int, centre: tuple[float, float], radius: float,
-                 rng: np.random.Generator) -> Image.Image:
+def _object_mask(
+    class_name: str, size: int, centre: tuple[float, float], radius: float, rng: np.random.Generator
+) -> Image.Image:
     """Mode ``"1"`` ``(size, size)`` mask of one object, drawn without anti-aliasing."""
     canvas = Image.new("1", (size, size), 0)
     draw = ImageDraw.Draw(canvas)
@@ -126,11 +125,11 @@ def _object_mask(class_name: str, size: int, centre: tuple[float, float], radius
 
 # -- colours and background ---------------------------------------------------
 
-def _contrasting_colour(rng: np.random.Generator, against: Sequence[float],
-                        distance: float = 110.0) -> tuple[int, ...]:
+
+def _contrasting_colour(rng: np.random.Generator, against: Sequence[float], distance: float = 110.0) -> tuple[int, ...]:
     """A random colour at least ``distance`` (RGB, Euclidean) from ``against``, or the farthest of 16 tries."""
     values = rng.bytes(48)
-    candidates = [tuple(values[k:k + 3]) for k in range(0, 48, 3)]
+    candidates = [tuple(values[k : k + 3]) for k in range(0, 48, 3)]
     gaps = [math.dist(c, against) for c in candidates]
     far = next((c for c, gap in zip(candidates, gaps) if gap >= distance), None)
     return far if far is not None else candidates[gaps.index(max(gaps))]
@@ -146,8 +145,10 @@ def _upsampler(size: int, coarse: int = 5) -> np.ndarray:
     Pillow's bicubic resize is separable, so ``W @ grid @ W.T`` is the resized
     grid; the weights come from resizing each unit vector once.
     """
-    columns = [np.asarray(Image.fromarray(np.eye(1, coarse, k, dtype=np.float32))
-                          .resize((size, 1), Image.Resampling.BICUBIC)) for k in range(coarse)]
+    columns = [
+        np.asarray(Image.fromarray(np.eye(1, coarse, k, dtype=np.float32)).resize((size, 1), Image.Resampling.BICUBIC))
+        for k in range(coarse)
+    ]
     weights = np.concatenate(columns, axis=0).T.copy()
     weights.setflags(write=False)  # cached and shared by every call
     return weights
@@ -179,8 +180,9 @@ def _background(rng: np.random.Generator, size: int, clutter: bool) -> tuple[Ima
     levels = np.floor(np.arange(256, dtype=np.float32) * ((2 * amplitude + 1) / 256)) - amplitude + 0.5
     planes += levels.take(np.frombuffer(rng.bytes(size * size), np.uint8)).reshape(size, size)
     channels = np.minimum(np.maximum(planes, 0, out=planes), 255, out=planes).astype(np.uint8)
-    canvas = Image.merge("RGB", [Image.frombuffer("L", (size, size), channel, "raw", "L", 0, 1)
-                                 for channel in channels])
+    canvas = Image.merge(
+        "RGB", [Image.frombuffer("L", (size, size), channel, "raw", "L", 0, 1) for channel in channels]
+    )
     draw = ImageDraw.Draw(canvas)
     # thin strokes, straight lines and open arcs: colour, end points, width, kind, arc start and extent
     widest = max(2, size // 48)
@@ -195,8 +197,14 @@ def _background(rng: np.random.Generator, size: int, clutter: bool) -> tuple[Ima
     return canvas, mean
 
 
-def _paint(canvas: Image.Image, class_name: str, obj: Image.Image, background_mean: np.ndarray,
-           rng: np.random.Generator, radius: float) -> None:
+def _paint(
+    canvas: Image.Image,
+    class_name: str,
+    obj: Image.Image,
+    background_mean: np.ndarray,
+    rng: np.random.Generator,
+    radius: float,
+) -> None:
     """Fill the object ``obj`` on ``canvas``: one flat colour, or two-colour stripes for ``stripes``."""
     colour = _contrasting_colour(rng, background_mean.tolist())
     canvas.paste(colour, mask=obj)
@@ -212,6 +220,7 @@ def _paint(canvas: Image.Image, class_name: str, obj: Image.Image, background_me
 
 
 # -- samples ------------------------------------------------------------------
+
 
 def _place(rng: np.random.Generator, size: int, count: int) -> list[tuple[tuple[float, float], float]]:
     """Centres and radii for ``count`` objects fully inside the image, not touching each other."""
@@ -235,9 +244,15 @@ def _rng(rng_or_seed) -> np.random.Generator:
     return np.random.default_rng(rng_or_seed)
 
 
-def generate_shape(rng_or_seed, size: int = 128, *, class_index: int | None = None,
-                   classes: Sequence[str] = SHAPE_CLASSES, two_objects: float = 0.25,
-                   clutter: bool = True) -> ShapeSample:
+def generate_shape(
+    rng_or_seed,
+    size: int = 128,
+    *,
+    class_index: int | None = None,
+    classes: Sequence[str] = SHAPE_CLASSES,
+    two_objects: float = 0.25,
+    clutter: bool = True,
+) -> ShapeSample:
     """Draw one image of one class with its mask and boxes.
 
     Args:
@@ -266,8 +281,14 @@ def generate_shape(rng_or_seed, size: int = 128, *, class_index: int | None = No
             raise RuntimeError(f"a {class_name} of radius {radius} was drawn without a pixel")
         boxes.append(box)
     union = object_masks[0] if count == 1 else np.logical_or(*object_masks)
-    return ShapeSample(image=np.array(canvas), mask=union, boxes=boxes,
-                       label=class_index, class_name=class_name, object_masks=object_masks)
+    return ShapeSample(
+        image=np.array(canvas),
+        mask=union,
+        boxes=boxes,
+        label=class_index,
+        class_name=class_name,
+        object_masks=object_masks,
+    )
 
 
 def check_classes(classes: Sequence[str] | None) -> tuple[str, ...]:
@@ -277,23 +298,24 @@ def check_classes(classes: Sequence[str] | None) -> tuple[str, ...]:
     classes = tuple(classes)
     for name in classes:
         if name not in SHAPE_CLASSES:
-            raise ConvlensError(f"unknown shape class {name!r}{did_you_mean(name, SHAPE_CLASSES)}; "
-                                f"choose from {', '.join(SHAPE_CLASSES)}")
+            raise ConvlensError(
+                f"unknown shape class {name!r}{did_you_mean(name, SHAPE_CLASSES)}; "
+                f"choose from {', '.join(SHAPE_CLASSES)}"
+            )
     if len(set(classes)) < 2:
         raise ConvlensError("a shapes dataset needs at least two different classes")
     return classes
 
 
-def shape_sample(index: int, seed: int = 0, size: int = 128,
-                 classes: Sequence[str] | None = None) -> ShapeSample:
+def shape_sample(index: int, seed: int = 0, size: int = 128, classes: Sequence[str] | None = None) -> ShapeSample:
     """Sample ``index`` of the dataset with ``seed``: class ``index % len(classes)``."""
     classes = check_classes(classes)
-    return generate_shape(np.random.default_rng([seed, index]), size,
-                          class_index=index % len(classes), classes=classes)
+    return generate_shape(np.random.default_rng([seed, index]), size, class_index=index % len(classes), classes=classes)
 
 
-def shapes_dataset(n: int, seed: int = 0, size: int = 128, classes: Sequence[str] | None = None, *,
-                   workers: int = 1) -> Iterator[ShapeSample]:
+def shapes_dataset(
+    n: int, seed: int = 0, size: int = 128, classes: Sequence[str] | None = None, *, workers: int = 1
+) -> Iterator[ShapeSample]:
     """Yield ``n`` samples, balanced over ``classes``; deterministic given ``seed``.
 
     ``workers > 1`` draws them in that many processes (the same samples, in the same order).
@@ -330,6 +352,7 @@ def _ordered_map(function: Callable, chunks: list, workers: int) -> Iterator:
 
 # -- on disk ------------------------------------------------------------------
 
+
 def mask_path(image_path: str | os.PathLike) -> Path:
     """Where the mask of ``image_path`` lives: ``00000.png`` -> ``00000.mask.png``."""
     path = Path(image_path)
@@ -364,9 +387,17 @@ def read_mask(image_path: str | os.PathLike) -> np.ndarray | None:
     return load_mask(path) if path.is_file() else None
 
 
-def write_shapes(out_dir: str | os.PathLike, n_per_class: int, seed: int = 0, *, size: int = 128,
-                 split: str | None = "train", classes: Sequence[str] | None = None,
-                 progress: Progress | None = None, workers: int = 1) -> Path:
+def write_shapes(
+    out_dir: str | os.PathLike,
+    n_per_class: int,
+    seed: int = 0,
+    *,
+    size: int = 128,
+    split: str | None = "train",
+    classes: Sequence[str] | None = None,
+    progress: Progress | None = None,
+    workers: int = 1,
+) -> Path:
     """Write ``n_per_class`` images per class to ``out_dir/<split>/<class>/NNNNN.png`` with masks beside.
 
     ``split=None`` writes the class folders directly into ``out_dir``. Every
@@ -392,9 +423,19 @@ def write_shapes(out_dir: str | os.PathLike, n_per_class: int, seed: int = 0, *,
         annotations.update(written)
         if progress is not None:
             progress(len(annotations), total)
-    write_text(root / "annotations.json", json.dumps(
-        {"classes": list(classes), "seed": seed, "size": size, "box_format": "x0,y0,x1,y1 (x1,y1 exclusive)",
-         "images": annotations}, indent=1))
+    write_text(
+        root / "annotations.json",
+        json.dumps(
+            {
+                "classes": list(classes),
+                "seed": seed,
+                "size": size,
+                "box_format": "x0,y0,x1,y1 (x1,y1 exclusive)",
+                "images": annotations,
+            },
+            indent=1,
+        ),
+    )
     return root
 
 
@@ -409,8 +450,11 @@ def _write_samples(indices: range, *, root: Path, seed: int, size: int, classes:
             Image.fromarray(sample.image).save(tmp, format="PNG", compress_level=1)  # 3x faster, lossless
         with atomic_path(mask_path(image_path)) as tmp:
             Image.fromarray(sample.mask).save(tmp, format="PNG")
-        annotations[relative] = {"label": sample.label, "class": sample.class_name,
-                                 "boxes": [list(b) for b in sample.boxes]}
+        annotations[relative] = {
+            "label": sample.label,
+            "class": sample.class_name,
+            "boxes": [list(b) for b in sample.boxes],
+        }
     return annotations
 
 
@@ -421,8 +465,14 @@ class ShapesTorchDataset:
     (PIL image -> tensor) replaces the default scaling when given.
     """
 
-    def __init__(self, n: int, seed: int = 0, size: int = 128, classes: Sequence[str] | None = None,
-                 transform: Callable | None = None):
+    def __init__(
+        self,
+        n: int,
+        seed: int = 0,
+        size: int = 128,
+        classes: Sequence[str] | None = None,
+        transform: Callable | None = None,
+    ):
         self.n, self.seed, self.size = n, seed, size
         self.classes = check_classes(classes)
         self.transform = transform

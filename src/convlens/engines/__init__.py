@@ -30,8 +30,12 @@ Engine = LocalEngine | RayEngine
 ENGINES: dict[str, type[Engine]] = {"local": LocalEngine, "ray": RayEngine}
 
 
-def resolve_engine(name: str | Engine = "local", ray_address: str | None = None, concurrency: int | None = None,
-                   num_gpus: float | None = None) -> Engine:
+def resolve_engine(
+    name: str | Engine = "local",
+    ray_address: str | None = None,
+    concurrency: int | None = None,
+    num_gpus: float | None = None,
+) -> Engine:
     """The engine called ``name`` with the Ray options (which the local engine ignores); an engine object as is.
 
     An unknown name is one line naming the choices."""

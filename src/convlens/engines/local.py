@@ -9,8 +9,7 @@ class LocalEngine:
     name = "local"
     distributed = False
 
-    def __init__(self, ray_address: str | None = None, concurrency: int | None = None,
-                 num_gpus: float | None = None):
+    def __init__(self, ray_address: str | None = None, concurrency: int | None = None, num_gpus: float | None = None):
         pass
 
     def check(self) -> None:

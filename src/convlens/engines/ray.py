@@ -88,9 +88,11 @@ def check_address(address: str | None = None) -> str | None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     problem = probe_address(address) if address not in (None, "auto", "local") else None
     if problem is not None:
-        raise ConvlensError(f"cannot reach the Ray cluster at {address!r}: {problem}; check --ray-address / "
-                            "RAY_ADDRESS (the head node's HOST:PORT, 6379 by default, or ray://HOST:10001), "
-                            "or leave it out to run Ray on this machine")
+        raise ConvlensError(
+            f"cannot reach the Ray cluster at {address!r}: {problem}; check --ray-address / "
+            "RAY_ADDRESS (the head node's HOST:PORT, 6379 by default, or ray://HOST:10001), "
+            "or leave it out to run Ray on this machine"
+        )
     return address
 
 
@@ -142,8 +144,18 @@ class RayEngine:
             return max(1, int(resources.get("GPU", 1) // gpus))
         return max(1, int(resources.get("CPU", 1)))
 
-    def map_batches(self, rows: Sequence[dict], worker: type, worker_options: dict, *, model, batch_size: int,
-                    blocks: int, retried: str, kept: str) -> Iterator[dict]:
+    def map_batches(
+        self,
+        rows: Sequence[dict],
+        worker: type,
+        worker_options: dict,
+        *,
+        model,
+        batch_size: int,
+        blocks: int,
+        retried: str,
+        kept: str,
+    ) -> Iterator[dict]:
         """``worker(model, num_gpus, **worker_options)`` on each batch of ``batch_size`` rows, on the actor pool;
         the rows it returns, as they come. The model travels once, through the object store.
 
@@ -156,16 +168,24 @@ class RayEngine:
         # wrapped in a list so that Ray Data hands the actor the reference, not a copy per batch
         options = {"model": [ray.put(model)], "num_gpus": gpus, **worker_options}
         results = dataset.map_batches(
-            worker, fn_constructor_kwargs=options, batch_size=batch_size,
-            compute=ray.data.ActorPoolStrategy(size=self.actors()), num_gpus=gpus, batch_format="numpy",
-            max_restarts=RETRIES, max_task_retries=RETRIES)
+            worker,
+            fn_constructor_kwargs=options,
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=self.actors()),
+            num_gpus=gpus,
+            batch_format="numpy",
+            max_restarts=RETRIES,
+            max_task_retries=RETRIES,
+        )
         try:
             yield from results.iter_rows()
         except ConvlensError:
             raise
         except Exception as err:
-            raise ConvlensError(f"the Ray job stopped: {first_line(err)} (after up to {RETRIES} retries of "
-                                f"{retried}); {kept}: run the same command again to resume") from None
+            raise ConvlensError(
+                f"the Ray job stopped: {first_line(err)} (after up to {RETRIES} retries of "
+                f"{retried}); {kept}: run the same command again to resume"
+            ) from None
 
 
 class ModelWorker:

@@ -11,5 +11,14 @@ summary tables and plots. :mod:`convlens.metrics` keeps only functions of tensor
 from .runner import EXPLAINERS, Evaluation, evaluate, evaluate_images, find_mask, list_images, resolve_methods
 from .summary import best_methods, summary_table
 
-__all__ = ["EXPLAINERS", "Evaluation", "best_methods", "evaluate", "evaluate_images", "find_mask", "list_images",
-           "resolve_methods", "summary_table"]
+__all__ = [
+    "EXPLAINERS",
+    "Evaluation",
+    "best_methods",
+    "evaluate",
+    "evaluate_images",
+    "find_mask",
+    "list_images",
+    "resolve_methods",
+    "summary_table",
+]

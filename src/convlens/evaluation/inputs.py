@@ -22,8 +22,11 @@ def find_mask(image_path: Path) -> np.ndarray | None:
     """
     image_path = Path(image_path)
     stem = image_path.name[: -len(image_path.suffix)] if image_path.suffix else image_path.name
-    for candidate in (mask_path(image_path), image_path.parent / "masks" / f"{stem}.png",
-                      image_path.parent.parent / "masks" / f"{stem}.png"):
+    for candidate in (
+        mask_path(image_path),
+        image_path.parent / "masks" / f"{stem}.png",
+        image_path.parent.parent / "masks" / f"{stem}.png",
+    ):
         if candidate.is_file() and candidate != image_path:
             return load_mask(candidate)
     return None
@@ -42,8 +45,7 @@ def list_images(data: str | os.PathLike) -> list[Path]:
     return images
 
 
-def sample_images(images: Sequence[Path], root: str | os.PathLike, limit: int | None,
-                  seed: int = 0) -> list[Path]:
+def sample_images(images: Sequence[Path], root: str | os.PathLike, limit: int | None, seed: int = 0) -> list[Path]:
     """``limit`` of ``images``, drawn evenly across classes and seeded; all of them when ``limit`` is ``None``
     or not smaller.
 
@@ -85,8 +87,10 @@ def describe_sample(images: Sequence[Path], root: str | os.PathLike, available: 
     counts = Counter(_class_of(Path(root), path) for path in images)
     low, high = min(counts.values()), max(counts.values())
     each = f"{low} each" if low == high else f"{low}-{high} each"
-    return (f"a sample of {len(images)} of {available} images, stratified by class folder "
-            f"({len(counts)} class{'es' if len(counts) != 1 else ''}: {each}), seed {seed}")
+    return (
+        f"a sample of {len(images)} of {available} images, stratified by class folder "
+        f"({len(counts)} class{'es' if len(counts) != 1 else ''}: {each}), seed {seed}"
+    )
 
 
 def _class_of(root: Path, path: Path) -> str:

@@ -28,8 +28,15 @@ from ..models import Model
 #: Bumped when the fingerprint's contents change, so an older run is never taken for a match.
 FINGERPRINT_VERSION = 1
 #: Everything ``evaluate`` writes into ``out_dir``: what ``restart=True`` removes.
-OUTPUT_FILES = ("run.json", "journal.jsonl", "results.csv", "summary.md", "summary.html", "deletion.png",
-                "insertion.png")
+OUTPUT_FILES = (
+    "run.json",
+    "journal.jsonl",
+    "results.csv",
+    "summary.md",
+    "summary.html",
+    "deletion.png",
+    "insertion.png",
+)
 
 
 class Journal:
@@ -65,7 +72,7 @@ class Journal:
                 self.foreign += 1
             else:
                 self.records.append(record)
-        if self.dropped or self.foreign or not raw.endswith(b"\n") and raw:
+        if self.dropped or self.foreign or (not raw.endswith(b"\n") and raw):
             write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def done(self) -> set[tuple[str, str]]:
@@ -98,9 +105,14 @@ def _parse_record(line: bytes) -> dict | None:
         record = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         return None
-    if not (isinstance(record, dict) and isinstance(record.get("image"), str)
-            and isinstance(record.get("method"), str) and isinstance(record.get("target"), int)
-            and isinstance(record.get("values"), dict) and isinstance(record.get("curves"), dict)):
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get("image"), str)
+        and isinstance(record.get("method"), str)
+        and isinstance(record.get("target"), int)
+        and isinstance(record.get("values"), dict)
+        and isinstance(record.get("curves"), dict)
+    ):
         return None
     return record
 
@@ -119,8 +131,11 @@ def model_fingerprint(model: Model) -> dict:
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{tuple(tensor.shape)} {tensor.dtype}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return {"weights_sha256": digest.hexdigest(), "input_size": list(model.input_size),
-            "preprocessing": _describe(model.transform)}
+    return {
+        "weights_sha256": digest.hexdigest(),
+        "input_size": list(model.input_size),
+        "preprocessing": _describe(model.transform),
+    }
 
 
 def _describe(transform) -> str:
@@ -146,9 +161,16 @@ def data_fingerprint(images: Sequence[tuple[str, Path]], masks: Sequence[np.ndar
     return {"images": len(images), "files_sha256": files.hexdigest(), "masks_sha256": drawn.hexdigest()}
 
 
-def run_fingerprint(model: Model, methods: Sequence[str], metrics: Sequence[str],
-                    images: Sequence[tuple[str, Path]], masks: Sequence[np.ndarray | None],
-                    limit: int | None, seed: int = 0, targets=None) -> dict:
+def run_fingerprint(
+    model: Model,
+    methods: Sequence[str],
+    metrics: Sequence[str],
+    images: Sequence[tuple[str, Path]],
+    masks: Sequence[np.ndarray | None],
+    limit: int | None,
+    seed: int = 0,
+    targets=None,
+) -> dict:
     """Everything a resumed run must share with the run it continues: model, methods, metrics, data, options.
 
     Methods given as functions are known by their names only. The seed of the
@@ -159,8 +181,14 @@ def run_fingerprint(model: Model, methods: Sequence[str], metrics: Sequence[str]
     options: dict[str, Any] = {"limit": limit} if limit is None else {"limit": limit, "seed": seed}
     if targets is not None:
         options["targets"] = target_fingerprint(targets)
-    return {"version": FINGERPRINT_VERSION, "model": model_fingerprint(model), "methods": list(methods),
-            "metrics": list(metrics), "data": data_fingerprint(images, masks), "options": options}
+    return {
+        "version": FINGERPRINT_VERSION,
+        "model": model_fingerprint(model),
+        "methods": list(methods),
+        "metrics": list(metrics),
+        "data": data_fingerprint(images, masks),
+        "options": options,
+    }
 
 
 def target_fingerprint(target) -> str:
@@ -197,13 +225,17 @@ def _differences(old: dict, new: dict) -> list[str]:
     changes = []
     model_old, model_new = old.get("model") or {}, new["model"]
     if model_old.get("weights_sha256") != model_new["weights_sha256"]:
-        changes.append(f"model: other weights (sha256 {str(model_old.get('weights_sha256'))[:12]} → "
-                       f"{model_new['weights_sha256'][:12]})")
+        changes.append(
+            f"model: other weights (sha256 {str(model_old.get('weights_sha256'))[:12]} → "
+            f"{model_new['weights_sha256'][:12]})"
+        )
     if any(model_old.get(k) != model_new[k] for k in ("input_size", "preprocessing")):
         changes.append("model: other preprocessing or input size")
-    for key in ("methods", "metrics"):
-        if old.get(key) != new[key]:
-            changes.append(f"{key}: {','.join(map(str, old.get(key) or []))} → {','.join(new[key])}")
+    changes.extend(
+        f"{key}: {','.join(map(str, old.get(key) or []))} → {','.join(new[key])}"
+        for key in ("methods", "metrics")
+        if old.get(key) != new[key]
+    )
     data_old, data_new = old.get("data") or {}, new["data"]
     if data_old.get("images") != data_new["images"]:
         changes.append(f"data: {data_old.get('images')} → {data_new['images']} images")
@@ -233,8 +265,10 @@ def check_settings(out_dir: Path, fingerprint: dict) -> bool:
         write_text(path, json.dumps(fingerprint, indent=2))
         return False
     if previous != fingerprint:
-        raise ConvlensError(f"{out_dir} holds a run with other settings ({'; '.join(_differences(previous, fingerprint))}"
-                            "); pass a new --out, or --restart to discard that run")
+        raise ConvlensError(
+            f"{out_dir} holds a run with other settings ({'; '.join(_differences(previous, fingerprint))}"
+            "); pass a new --out, or --restart to discard that run"
+        )
     return True
 
 

@@ -62,7 +62,6 @@ from .summary import write_summary
 EXPLAINERS: dict[str, ExplainFn] = {}
 
 
-
 def resolve_methods(methods: Sequence[str] | Mapping[str, ExplainFn]) -> dict[str, ExplainFn]:
     """Method names -> explain functions: :data:`EXPLAINERS` first, then ``convlens.METHODS``."""
     if isinstance(methods, Mapping):
@@ -94,11 +93,25 @@ class Evaluation:
     sample: str = ""  # how the images were sampled (--limit), empty when all were used
 
 
-def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], metrics: Sequence[str],
-             out_dir: str | os.PathLike, batch_size: int = 64, limit: int | None = None, seed: int = 0,
-             find_mask: Callable[[Path], np.ndarray | None] = find_mask, progress: Progress | None = None,
-             restart: bool = False, targets=None, engine: str | Engine = "local", ray_address: str | None = None,
-             concurrency: int | None = None, num_gpus: float | None = None) -> Evaluation:
+def evaluate(
+    model,
+    data,
+    *,
+    methods: Sequence[str] | Mapping[str, ExplainFn],
+    metrics: Sequence[str],
+    out_dir: str | os.PathLike,
+    batch_size: int = 64,
+    limit: int | None = None,
+    seed: int = 0,
+    find_mask: Callable[[Path], np.ndarray | None] = find_mask,
+    progress: Progress | None = None,
+    restart: bool = False,
+    targets=None,
+    engine: str | Engine = "local",
+    ray_address: str | None = None,
+    concurrency: int | None = None,
+    num_gpus: float | None = None,
+) -> Evaluation:
     """Score every method's heatmaps on every image of ``data`` with every metric; resumable.
 
     Args:
@@ -127,8 +140,17 @@ def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], m
         evaluate(model, "shapes/", methods=["gradcam", "scorecam"], metrics=["deletion", "pointing"],
                  out_dir="eval/")
     """
-    options = {"methods": methods, "metrics": metrics, "out_dir": out_dir, "batch_size": batch_size, "limit": limit,
-               "seed": seed, "find_mask": find_mask, "restart": restart, "targets": targets}
+    options = {
+        "methods": methods,
+        "metrics": metrics,
+        "out_dir": out_dir,
+        "batch_size": batch_size,
+        "limit": limit,
+        "seed": seed,
+        "find_mask": find_mask,
+        "restart": restart,
+        "targets": targets,
+    }
     engine = resolve_engine(engine, ray_address, concurrency, num_gpus)
     if isinstance(engine, RayEngine):  # the one distributed engine
         from .ray import evaluate_ray
@@ -136,9 +158,16 @@ def evaluate(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], m
         return evaluate_ray(model, data, progress=progress, engine=engine, **options)
     plan = plan_evaluation(model, data, **options)
     for path, methods_left in plan.todo:
-        for record in score_image(plan.model, load_image(path), plan.masks[path],
-                                  {name: plan.explainers[name] for name in methods_left}, plan.metrics,
-                                  name=plan.keys[path], batch_size=plan.batch_size, targets=plan.target):
+        for record in score_image(
+            plan.model,
+            load_image(path),
+            plan.masks[path],
+            {name: plan.explainers[name] for name in methods_left},
+            plan.metrics,
+            name=plan.keys[path],
+            batch_size=plan.batch_size,
+            targets=plan.target,
+        ):
             plan.record(record, progress)
         _write_table(plan.out_dir, plan.journal.records, plan.metrics)
     return finish_evaluation(plan)
@@ -179,10 +208,20 @@ class EvaluationPlan:
             progress(self.finished, self.total)
 
 
-def plan_evaluation(model, data, *, methods: Sequence[str] | Mapping[str, ExplainFn], metrics: Sequence[str],
-                    out_dir: str | os.PathLike, batch_size: int = 64, limit: int | None = None, seed: int = 0,
-                    find_mask: Callable[[Path], np.ndarray | None] = find_mask, restart: bool = False,
-                    targets=None) -> EvaluationPlan:
+def plan_evaluation(
+    model,
+    data,
+    *,
+    methods: Sequence[str] | Mapping[str, ExplainFn],
+    metrics: Sequence[str],
+    out_dir: str | os.PathLike,
+    batch_size: int = 64,
+    limit: int | None = None,
+    seed: int = 0,
+    find_mask: Callable[[Path], np.ndarray | None] = find_mask,
+    restart: bool = False,
+    targets=None,
+) -> EvaluationPlan:
     """Every check of :func:`evaluate` (same arguments), then ``out_dir`` tied to the run's fingerprint and the
     journal read: what is left to score. Nothing is scored."""
     check_output_dir(out_dir, option="out_dir")
@@ -194,10 +233,20 @@ def plan_evaluation(model, data, *, methods: Sequence[str] | Mapping[str, Explai
     keys = {path: _key(root, path) for path in images}
     masks = {path: find_mask(path) for path in images}
     if any(METRICS[m].needs_masks for m in metrics) and all(mask is None for mask in masks.values()):
-        raise ConvlensError(f"no masks found for the images in {root} (expected <name>.mask.png beside each "
-                            "image or a masks/ folder); drop the localisation metrics or add masks")
-    fingerprint = run_fingerprint(model, list(explainers), metrics, [(keys[p], p) for p in images],
-                                  [masks[p] for p in images], limit, seed, targets)
+        raise ConvlensError(
+            f"no masks found for the images in {root} (expected <name>.mask.png beside each "
+            "image or a masks/ folder); drop the localisation metrics or add masks"
+        )
+    fingerprint = run_fingerprint(
+        model,
+        list(explainers),
+        metrics,
+        [(keys[p], p) for p in images],
+        [masks[p] for p in images],
+        limit,
+        seed,
+        targets,
+    )
     target = prepare_target(model, targets)
     if target is not None:  # a target the model cannot serve is one line now, before run.json ties the folder to it
         _settle(model, model.preprocess([load_image(images[0])]), target, keys[images[0]])
@@ -205,8 +254,22 @@ def plan_evaluation(model, data, *, methods: Sequence[str] | Mapping[str, Explai
     done = journal.done()
     todo = [(path, [m for m in explainers if (keys[path], m) not in done]) for path in images]
     finished = sum((keys[p], m) in done for p in images for m in explainers)
-    return EvaluationPlan(model, root, images, keys, masks, explainers, list(metrics), target, batch_size,
-                          Path(out_dir), journal, sample, [(path, left) for path, left in todo if left], finished)
+    return EvaluationPlan(
+        model,
+        root,
+        images,
+        keys,
+        masks,
+        explainers,
+        list(metrics),
+        target,
+        batch_size,
+        Path(out_dir),
+        journal,
+        sample,
+        [(path, left) for path, left in todo if left],
+        finished,
+    )
 
 
 def _open_journal(out_dir: Path, fingerprint: dict, restart: bool) -> Journal:
@@ -219,9 +282,14 @@ def _open_journal(out_dir: Path, fingerprint: dict, restart: bool) -> Journal:
     lost = [f"{journal.dropped} damaged journal line(s)"] if journal.dropped else []
     lost += [f"{journal.foreign} line(s) of another run"] if journal.foreign else []
     if not settings_intact or lost:  # stacklevel: the caller of evaluate (or of the Ray engine's evaluate)
-        warnings.warn(f"{out_dir}: " + ("run.json was damaged and is rewritten; " if not settings_intact else "")
-                      + (f"dropped {' and '.join(lost)}, to be recomputed; " if lost else "")
-                      + f"kept {len(journal.records)} finished (image, method) pair(s)", UserWarning, stacklevel=4)
+        warnings.warn(
+            f"{out_dir}: "
+            + ("run.json was damaged and is rewritten; " if not settings_intact else "")
+            + (f"dropped {' and '.join(lost)}, to be recomputed; " if lost else "")
+            + f"kept {len(journal.records)} finished (image, method) pair(s)",
+            UserWarning,
+            stacklevel=4,
+        )
     return journal
 
 
@@ -236,10 +304,16 @@ def finish_evaluation(plan: EvaluationPlan) -> Evaluation:
     return Evaluation(rows, summary, plan.out_dir, files, plan.sample)
 
 
-def evaluate_images(model, images: Sequence[tuple[str, ImageLike, np.ndarray | None]], *,
-                    methods: Sequence[str] | Mapping[str, ExplainFn], metrics: Sequence[str],
-                    batch_size: int = 64, progress: Progress | None = None, targets=None
-                    ) -> tuple[list[dict], dict[str, dict[str, MeanCI]]]:
+def evaluate_images(
+    model,
+    images: Sequence[tuple[str, ImageLike, np.ndarray | None]],
+    *,
+    methods: Sequence[str] | Mapping[str, ExplainFn],
+    metrics: Sequence[str],
+    batch_size: int = 64,
+    progress: Progress | None = None,
+    targets=None,
+) -> tuple[list[dict], dict[str, dict[str, MeanCI]]]:
     """:func:`evaluate` in memory, for the report: ``(name, image, mask or None)`` triples in,
     ``(rows, summary)`` out, nothing written. Rows hold ``values`` and ``curves`` per (image, method),
     image by image; ``progress(done, total)`` is called after each of them."""
@@ -249,16 +323,26 @@ def evaluate_images(model, images: Sequence[tuple[str, ImageLike, np.ndarray | N
     target = prepare_target(model, targets)
     rows, total = [], len(images) * len(explainers)
     for name, image, mask in images:
-        for record in score_image(model, load_image(image), mask, explainers, metrics, name=name,
-                                  batch_size=batch_size, targets=target):
+        for record in score_image(
+            model, load_image(image), mask, explainers, metrics, name=name, batch_size=batch_size, targets=target
+        ):
             rows.append(record)
             if progress is not None:
                 progress(len(rows), total)
     return rows, summarize_rows(rows, list(explainers), metrics)
 
 
-def score_image(model: Model, picture: Image.Image, mask: np.ndarray | None, explainers: Mapping[str, ExplainFn],
-                metrics: Sequence[str], *, name: str, batch_size: int = 64, targets=None) -> Iterator[dict]:
+def score_image(
+    model: Model,
+    picture: Image.Image,
+    mask: np.ndarray | None,
+    explainers: Mapping[str, ExplainFn],
+    metrics: Sequence[str],
+    *,
+    name: str,
+    batch_size: int = 64,
+    targets=None,
+) -> Iterator[dict]:
     """Explain one image (for ``targets``: by default the model's top class) with each method and score the
     maps; one record per method."""
     x = model.preprocess([picture])
@@ -266,8 +350,13 @@ def score_image(model: Model, picture: Image.Image, mask: np.ndarray | None, exp
     truth = None if mask is None else mask_for_model(model, mask, picture.size)
     for method, explain_fn in explainers.items():
         maps = explain_fn(model, x, targets)  # a tensor or an Explanation: both are accepted
-        record: dict[str, Any] = {"image": name, "method": method, "target": int(targets[0]), "values": {},
-                                  "curves": {}}
+        record: dict[str, Any] = {
+            "image": name,
+            "method": method,
+            "target": int(targets[0]),
+            "values": {},
+            "curves": {},
+        }
         for metric_name in metrics:
             metric = METRICS[metric_name]
             if metric.needs_masks and truth is None:
@@ -275,8 +364,10 @@ def score_image(model: Model, picture: Image.Image, mask: np.ndarray | None, exp
                 continue
             result = metric.compute(model, x, maps, targets, truth, batch_size)
             if isinstance(result, Curve):
-                record["curves"][metric_name] = {"fractions": result.fractions.tolist(),
-                                                 "scores": result.scores[0].tolist()}
+                record["curves"][metric_name] = {
+                    "fractions": result.fractions.tolist(),
+                    "scores": result.scores[0].tolist(),
+                }
                 result = result.auc
             value = float(result[0])
             record["values"][metric_name] = None if np.isnan(value) else value
@@ -299,15 +390,18 @@ def _settle(model: Model, x: torch.Tensor, targets, name: str):
 
 def summarize_rows(rows: list[dict], methods: Sequence[str], metrics: Sequence[str]) -> dict[str, dict[str, MeanCI]]:
     """Mean and 95 % CI per method and metric over the rows (missing values skipped)."""
-    return {method: {name: mean_ci(r["values"].get(name) for r in rows if r["method"] == method)
-                     for name in metrics} for method in methods}
+    return {
+        method: {name: mean_ci(r["values"].get(name) for r in rows if r["method"] == method) for name in metrics}
+        for method in methods
+    }
 
 
 def _check_metrics(metrics: Sequence[str]) -> None:
     for name in metrics:
         if name not in METRICS:
-            raise ConvlensError(f"unknown metric {name!r}{did_you_mean(name, METRICS)}; "
-                                f"choose from {', '.join(METRICS)}")
+            raise ConvlensError(
+                f"unknown metric {name!r}{did_you_mean(name, METRICS)}; choose from {', '.join(METRICS)}"
+            )
     if not metrics:
         raise ConvlensError("no metrics given; pass at least one, e.g. deletion")
 
@@ -329,11 +423,29 @@ def _write_table(out_dir: Path, records: list[dict], metrics: Sequence[str]) -> 
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["image", "method", "target", *metrics])
     for r in sorted(_latest(records), key=lambda r: (r["image"], r["method"])):
-        writer.writerow([r["image"], r["method"], r["target"],
-                         *("" if r["values"].get(m) is None else repr(r["values"][m]) for m in metrics)])
+        writer.writerow(
+            [
+                r["image"],
+                r["method"],
+                r["target"],
+                *("" if r["values"].get(m) is None else repr(r["values"][m]) for m in metrics),
+            ]
+        )
     return write_text(out_dir / "results.csv", buffer.getvalue())
 
 
-__all__ = ["EXPLAINERS", "Evaluation", "EvaluationPlan", "evaluate", "evaluate_images", "find_mask",
-           "finish_evaluation", "list_images", "plan_evaluation", "prepare_target", "sample_images",
-           "score_image", "summarize_rows"]
+__all__ = [
+    "EXPLAINERS",
+    "Evaluation",
+    "EvaluationPlan",
+    "evaluate",
+    "evaluate_images",
+    "find_mask",
+    "finish_evaluation",
+    "list_images",
+    "plan_evaluation",
+    "prepare_target",
+    "sample_images",
+    "score_image",
+    "summarize_rows",
+]

@@ -31,8 +31,9 @@ th:first-child, td:first-child { text-align: left; } .best { font-weight: bold; 
 """
 
 
-def best_methods(summary: Mapping[str, Mapping[str, MeanCI]], metrics: Mapping, digits: int = 3
-                 ) -> dict[str, list[str]]:
+def best_methods(
+    summary: Mapping[str, Mapping[str, MeanCI]], metrics: Mapping, digits: int = 3
+) -> dict[str, list[str]]:
     """Per metric, the methods with the best mean in the metric's direction (``higher_is_better``).
 
     Means are compared as shown, rounded to ``digits``: methods that tie in the
@@ -60,8 +61,14 @@ def summary_table(summary: Mapping[str, Mapping[str, MeanCI]], metrics: Mapping)
     return headers, [[method] + [_cell(cells[n]) for n in metrics] for method, cells in summary.items()]
 
 
-def write_summary(out_dir: Path, summary: Mapping[str, Mapping[str, MeanCI]], metrics: Mapping, rows: list[dict],
-                  images: int, sample: str = "") -> list[Path]:
+def write_summary(
+    out_dir: Path,
+    summary: Mapping[str, Mapping[str, MeanCI]],
+    metrics: Mapping,
+    rows: list[dict],
+    images: int,
+    sample: str = "",
+) -> list[Path]:
     """Write ``summary.md``, ``summary.html`` and the mean deletion/insertion curves; return the paths.
 
     ``sample`` says how the images were chosen when they are a sample (``evaluate --limit``).
@@ -71,17 +78,25 @@ def write_summary(out_dir: Path, summary: Mapping[str, Mapping[str, MeanCI]], me
     best = best_methods(summary, metrics)
     headers, table_rows = summary_table(summary, metrics)
     counted = f"{images} images ({sample})" if sample else f"{images} images"
-    lines = [f"{counted}; mean ± half-width of the 95 % t-interval (n images); "
-             "↑ higher is better, ↓ lower is better; best in bold.", "",
-             "| " + " | ".join(headers) + " |", "|---|" + "---:|" * len(metrics)]
+    lines = [
+        f"{counted}; mean ± half-width of the 95 % t-interval (n images); "
+        "↑ higher is better, ↓ lower is better; best in bold.",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|---|" + "---:|" * len(metrics),
+    ]
     for method, *cells in table_rows:
         shown = [f"**{cell}**" if method in best[n] else cell for n, cell in zip(metrics, cells)]
         lines.append(f"| {method} | " + " | ".join(shown) + " |")
     files = [write_text(out_dir / "summary.md", "\n".join(lines) + "\n")]
-    plots = [p for p in (_plot_curves(out_dir, name, rows) for name in ("deletion", "insertion") if name in metrics)
-             if p is not None]
-    html = Template(_HTML, autoescape=True).render(images=images, sample=sample, metrics=metrics, rows=table_rows,
-                                                  best=best, plots=plots, zip=zip)
+    plots = [
+        p
+        for p in (_plot_curves(out_dir, name, rows) for name in ("deletion", "insertion") if name in metrics)
+        if p is not None
+    ]
+    html = Template(_HTML, autoescape=True).render(
+        images=images, sample=sample, metrics=metrics, rows=table_rows, best=best, plots=plots, zip=zip
+    )
     files.append(write_text(out_dir / "summary.html", html))
     return files + plots
 

@@ -7,11 +7,23 @@ several methods over many images and returns :class:`BatchedExplanations`;
 (resolution, sign, normalisation, dtype) is in :mod:`convlens.heatmaps.engine`.
 """
 
+from ..targets import ClassLogits, resolve_targets
 from .base import Method
 from .batched import BatchedExplanations, explain_many
 from .engine import Explanation, Plan, check_request, explain
 from .registry import METHODS, get_method, style_for
-from ..targets import ClassLogits, resolve_targets
 
-__all__ = ["METHODS", "BatchedExplanations", "ClassLogits", "Explanation", "Method", "Plan", "check_request", "explain",
-           "explain_many", "get_method", "resolve_targets", "style_for"]
+__all__ = [
+    "METHODS",
+    "BatchedExplanations",
+    "ClassLogits",
+    "Explanation",
+    "Method",
+    "Plan",
+    "check_request",
+    "explain",
+    "explain_many",
+    "get_method",
+    "resolve_targets",
+    "style_for",
+]

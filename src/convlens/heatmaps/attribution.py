@@ -1,4 +1,6 @@
-"""Captum's attribution family on CNNs: input x gradient, deconvolution, GradientSHAP, the NoiseTunnel variants, occlusion.
+"""Captum's attribution family on CNNs.
+
+Input x gradient, deconvolution, GradientSHAP, the NoiseTunnel variants, occlusion.
 
 Every method returns per-channel input attributions ``(N, C, H, W)`` and a map at
 the input's resolution, aggregated over colour channels as the method's kind
@@ -24,6 +26,7 @@ from ..errors import ConvlensError
 from .base import RawMaps, Request
 from .gradients import DEFAULT_BATCH_SIZE, input_gradients, noisy_gradients, relu_modules
 from .perturbation import clean_scores, score_variants
+
 
 def _rows(request: Request) -> list[int]:
     return list(range(request.x.shape[0]))
@@ -74,13 +77,20 @@ def deconvolution(request: Request) -> RawMaps:
     with contextlib.ExitStack() as hooks:
         for module in modules:
             hooks.callback(module.register_forward_pre_hook(keep).remove)
-        grads = input_gradients(request, request.x, _rows(request), len(request.x),
-                                {module: deconv for module in modules})
+        grads = input_gradients(request, request.x, _rows(request), len(request.x), dict.fromkeys(modules, deconv))
     return RawMaps([grads.abs().amax(dim=1)], grads)
 
 
-def smoothgrad_sq(request: Request, *, of: str = "saliency", n_samples: int = 25, noise_level: float = 0.15,
-                  stdev: float | None = None, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE) -> RawMaps:
+def smoothgrad_sq(
+    request: Request,
+    *,
+    of: str = "saliency",
+    n_samples: int = 25,
+    noise_level: float = 0.15,
+    stdev: float | None = None,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> RawMaps:
     """SmoothGrad-Squared: the mean of the squared attributions over noisy copies.
 
     Hooker et al. 2019, "A Benchmark for Interpretability Methods in Deep Neural
@@ -92,8 +102,16 @@ def smoothgrad_sq(request: Request, *, of: str = "saliency", n_samples: int = 25
     return RawMaps([attributions.amax(dim=1)], attributions)
 
 
-def vargrad(request: Request, *, of: str = "saliency", n_samples: int = 25, noise_level: float = 0.15,
-            stdev: float | None = None, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE) -> RawMaps:
+def vargrad(
+    request: Request,
+    *,
+    of: str = "saliency",
+    n_samples: int = 25,
+    noise_level: float = 0.15,
+    stdev: float | None = None,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> RawMaps:
     """VarGrad: the variance of the attributions over noisy copies.
 
     Adebayo et al. 2018, "Local Explanation Methods for Deep Neural Networks Lack
@@ -118,14 +136,23 @@ def baseline_batch(request: Request, baselines) -> torch.Tensor:
     if reference.ndim == 0:
         reference = reference.expand(1, *x.shape[1:])
     if reference.ndim != 4 or tuple(reference.shape[1:]) != tuple(x.shape[1:]):
-        raise ConvlensError(f"baselines of shape {tuple(torch.as_tensor(baselines).shape)} do not fit inputs of "
-                            f"shape {tuple(request.model.from_internal(x).shape[1:])}; give a number, one "
-                            "image of that shape or a batch of them")
+        raise ConvlensError(
+            f"baselines of shape {tuple(torch.as_tensor(baselines).shape)} do not fit inputs of "
+            f"shape {tuple(request.model.from_internal(x).shape[1:])}; give a number, one "
+            "image of that shape or a batch of them"
+        )
     return reference
 
 
-def gradient_shap(request: Request, *, baselines=None, n_samples: int = 25, stdev: float = 0.0, seed: int = 0,
-                  batch_size: int = DEFAULT_BATCH_SIZE) -> RawMaps:
+def gradient_shap(
+    request: Request,
+    *,
+    baselines=None,
+    n_samples: int = 25,
+    stdev: float = 0.0,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> RawMaps:
     """GradientSHAP: expected gradients between the input and baselines drawn from a distribution.
 
     Lundberg & Lee 2017, "A Unified Approach to Interpreting Model Predictions",
@@ -159,8 +186,9 @@ def _windows(size: int, window: int, stride: int) -> list[int]:
     return list(range(0, size - window + 1, stride))
 
 
-def occlusion(request: Request, *, window: int = 16, stride: int = 8, baseline: float = 0.0,
-              batch_size: int = 64) -> RawMaps:
+def occlusion(
+    request: Request, *, window: int = 16, stride: int = 8, baseline: float = 0.0, batch_size: int = 64
+) -> RawMaps:
     """Occlusion: the score drop when a square window of the image is replaced by a baseline.
 
     Zeiler & Fergus 2014, arXiv:1311.2901, section 4.2 (captum's ``Occlusion``
@@ -175,30 +203,34 @@ def occlusion(request: Request, *, window: int = 16, stride: int = 8, baseline: 
     if window < 1 or stride < 1:
         raise ConvlensError(f"occlusion window and stride must be at least 1, got window={window}, stride={stride}")
     if window > min(height, width):
-        raise ConvlensError(f"occlusion window {window} is larger than the {height}x{width} input; "
-                            f"choose a window of at most {min(height, width)}")
+        raise ConvlensError(
+            f"occlusion window {window} is larger than the {height}x{width} input; "
+            f"choose a window of at most {min(height, width)}"
+        )
     clean = clean_scores(request)
     patches = [(top, left) for top in _windows(height, window, stride) for left in _windows(width, window, stride)]
     coverage = torch.zeros((height, width), device=x.device)
     for top, left in patches:
-        coverage[top:top + window, left:left + window] += 1
+        coverage[top : top + window, left : left + window] += 1
     total = n * len(patches)
     attributions = []
     for image in range(n):
+
         def make_batch(start: int, stop: int, image=image):
-            batch = x[image:image + 1].repeat(stop - start, 1, 1, 1)
+            batch = x[image : image + 1].repeat(stop - start, 1, 1, 1)
             for row, (top, left) in enumerate(patches[start:stop]):
-                batch[row, :, top:top + window, left:left + window] = baseline
+                batch[row, :, top : top + window, left : left + window] = baseline
             return batch, {}
 
-        scores = score_variants(request, image, len(patches), make_batch, batch_size,
-                                done=image * len(patches), total=total)
+        scores = score_variants(
+            request, image, len(patches), make_batch, batch_size, done=image * len(patches), total=total
+        )
         drop = torch.zeros((height, width), device=x.device)
         for (top, left), score in zip(patches, (clean[image] - scores).tolist()):
-            drop[top:top + window, left:left + window] += score
+            drop[top : top + window, left : left + window] += score
         attributions.append((drop / coverage.clamp(min=1)).expand(channels, -1, -1))
     stacked = torch.stack(attributions)
     return RawMaps([stacked.mean(dim=1)], stacked)
 
 
-__all__ = ["input_x_gradient", "deconvolution", "smoothgrad_sq", "vargrad", "gradient_shap", "occlusion"]
+__all__ = ["deconvolution", "gradient_shap", "input_x_gradient", "occlusion", "smoothgrad_sq", "vargrad"]

@@ -102,11 +102,22 @@ class Request:
         """The model's logit rewrites (skip a final softmax/sigmoid) merged with ``extra``."""
         return merge_rewrites(self.model.logit_rewrites(), extra)
 
-    def capture(self, layers: Sequence[str] | None = None, *, graph: bool = False, stop: bool = False,
-                rewrite: Mapping[nn.Module, Callable] | None = None):
+    def capture(
+        self,
+        layers: Sequence[str] | None = None,
+        *,
+        graph: bool = False,
+        stop: bool = False,
+        rewrite: Mapping[nn.Module, Callable] | None = None,
+    ):
         """:func:`convlens.capture` on this request's model, always explaining logits."""
-        return capture(self.model, self.layers if layers is None else layers, graph=graph, stop=stop,
-                       rewrite=self.rewrites(rewrite))
+        return capture(
+            self.model,
+            self.layers if layers is None else layers,
+            graph=graph,
+            stop=stop,
+            rewrite=self.rewrites(rewrite),
+        )
 
     def score(self, output, *, clean: bool = False) -> torch.Tensor:
         """The target score per image ``(N,)`` of a pass over the request's batch; ``(N, K)`` for ``target="all"``.

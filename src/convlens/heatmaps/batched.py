@@ -65,10 +65,19 @@ class BatchedExplanations:
         return torch.cat([result.maps for result in self.results[method]])
 
 
-def explain_many(model, images, methods: Sequence[str], *, layer: str | nn.Module | Sequence = "auto",
-                 targets: TargetSpec | list = None, batch_size: int = 8, options: Mapping[str, dict] | None = None,
-                 skip_inapplicable: bool = False, max_classes: int | None = None,
-                 progress: Callable[[Step], None] | None = None) -> BatchedExplanations:
+def explain_many(
+    model,
+    images,
+    methods: Sequence[str],
+    *,
+    layer: str | nn.Module | Sequence = "auto",
+    targets: TargetSpec | list = None,
+    batch_size: int = 8,
+    options: Mapping[str, dict] | None = None,
+    skip_inapplicable: bool = False,
+    max_classes: int | None = None,
+    progress: Callable[[Step], None] | None = None,
+) -> BatchedExplanations:
     """Run every method in ``methods`` over ``images``, ``batch_size`` images per pass; nothing is written.
 
     Args:
@@ -94,16 +103,33 @@ def explain_many(model, images, methods: Sequence[str], *, layer: str | nn.Modul
     loaded = as_model(model)
     batches = [range(start, min(start + batch_size, len(images))) for start in range(0, len(images), batch_size)]
     skipped: dict[str, str] = {}
-    plans = [_plan_batch(loaded, images[rows.start:rows.stop], names, layer, _batch_targets(targets, rows),
-                         skip_inapplicable, skipped) for rows in batches]
+    plans = [
+        _plan_batch(
+            loaded,
+            images[rows.start : rows.stop],
+            names,
+            layer,
+            _batch_targets(targets, rows),
+            skip_inapplicable,
+            skipped,
+        )
+        for rows in batches
+    ]
     every_class = isinstance(targets, str) and targets == "all"
     if every_class and max_classes is not None:
         _check_class_count(plans, max_classes)
-    results = _run_methods(plans, [name for name in names if name not in skipped], options or {},
-                           skip_inapplicable, skipped, progress)
+    results = _run_methods(
+        plans, [name for name in names if name not in skipped], options or {}, skip_inapplicable, skipped, progress
+    )
     return BatchedExplanations(
-        methods=[name for name in names if name not in skipped], results=results, batches=batches,
-        layers=_chosen_layers(plans), predicted=_predicted(plans, batches), skipped=skipped, every_class=every_class)
+        methods=[name for name in names if name not in skipped],
+        results=results,
+        batches=batches,
+        layers=_chosen_layers(plans),
+        predicted=_predicted(plans, batches),
+        skipped=skipped,
+        every_class=every_class,
+    )
 
 
 def _batch_targets(targets, rows: range):
@@ -118,8 +144,9 @@ def _plan_key(name: str) -> tuple:
     return method.uses_layer, method.multi_layer, name if method.uses_layer and not method.multi_layer else ""
 
 
-def _plan_batch(loaded, inputs, names: list[str], layer, target, skip: bool,
-                skipped: dict[str, str]) -> dict[str, Plan]:
+def _plan_batch(
+    loaded, inputs, names: list[str], layer, target, skip: bool, skipped: dict[str, str]
+) -> dict[str, Plan]:
     """Method -> the plan it runs on for one batch.
 
     Failing fast, one pass settles every method. Skipping, the methods are settled in groups that the
@@ -145,12 +172,20 @@ def _plan_batch(loaded, inputs, names: list[str], layer, target, skip: bool,
 def _check_class_count(plans: list[dict[str, Plan]], max_classes: int) -> None:
     count = next((len(plan.class_indices) for batch in plans for plan in batch.values()), 0)
     if count > max_classes:
-        raise ConvlensError(f"target 'all' gives one map per class and this model has {count} classes "
-                            f"(at most {max_classes}); name the classes instead, e.g. 3")
+        raise ConvlensError(
+            f"target 'all' gives one map per class and this model has {count} classes "
+            f"(at most {max_classes}); name the classes instead, e.g. 3"
+        )
 
 
-def _run_methods(plans: list[dict[str, Plan]], names: list[str], options: Mapping[str, dict], skip: bool,
-                 skipped: dict[str, str], progress: Callable[[Step], None] | None) -> dict[str, list[Explanation]]:
+def _run_methods(
+    plans: list[dict[str, Plan]],
+    names: list[str],
+    options: Mapping[str, dict],
+    skip: bool,
+    skipped: dict[str, str],
+    progress: Callable[[Step], None] | None,
+) -> dict[str, list[Explanation]]:
     """Each method on each batch's plan, the cheap kinds first; a method that fails while skipping is dropped."""
     order = sorted(names, key=lambda name: get_method(name).kind == "perturbation")
     steps = Steps(len(order) * len(plans), progress)
@@ -159,8 +194,15 @@ def _run_methods(plans: list[dict[str, Plan]], names: list[str], options: Mappin
         for number, batch in enumerate(plans, 1):
             steps.begin(name if len(plans) == 1 else f"{name}, batch {number}/{len(plans)}")
             try:
-                results[name].append(explain(batch[name].model, method=name, plan=batch[name],
-                                             progress=_sub_steps(steps, progress), **options.get(name, {})))
+                results[name].append(
+                    explain(
+                        batch[name].model,
+                        method=name,
+                        plan=batch[name],
+                        progress=_sub_steps(steps, progress),
+                        **options.get(name, {}),
+                    )
+                )
             except ConvlensError as err:
                 if not skip:
                     raise
@@ -184,5 +226,8 @@ def _chosen_layers(plans: list[dict[str, Plan]]) -> list[str]:
 def _predicted(plans: list[dict[str, Plan]], batches: list[range]) -> list[str]:
     """Each image's predicted class, from any plan of its batch (they share the clean pass); ``""`` in a
     batch where no method applied."""
-    return [label for batch, rows in zip(plans, batches, strict=True)
-            for label in (next(iter(batch.values())).top1() if batch else [""] * len(rows))]
+    return [
+        label
+        for batch, rows in zip(plans, batches, strict=True)
+        for label in (next(iter(batch.values())).top1() if batch else [""] * len(rows))
+    ]

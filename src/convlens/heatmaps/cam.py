@@ -29,8 +29,11 @@ Weighting = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """``numerator / denominator``, 0 where the denominator is 0 (those terms carry no signal)."""
     nonzero = denominator != 0
-    return torch.where(nonzero, numerator / torch.where(nonzero, denominator, torch.ones_like(denominator)),
-                       torch.zeros_like(numerator))
+    return torch.where(
+        nonzero,
+        numerator / torch.where(nonzero, denominator, torch.ones_like(denominator)),
+        torch.zeros_like(numerator),
+    )
 
 
 def layer_gradients(request: Request) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -45,8 +48,11 @@ def layer_gradients(request: Request) -> tuple[list[torch.Tensor], list[torch.Te
         output = rec.forward(request.x)
         scores = request.score(output, clean=True)
         acts = [request.layer_output(rec, name) for name in request.layers]
-        grads = _class_gradients(scores, acts) if scores.ndim == 2 else torch.autograd.grad(
-            scores.sum(), acts, allow_unused=True)
+        grads = (
+            _class_gradients(scores, acts)
+            if scores.ndim == 2
+            else torch.autograd.grad(scores.sum(), acts, allow_unused=True)
+        )
     for name, grad in zip(request.layers, grads):
         if grad is None:
             raise ConvlensError(f"the target does not depend on layer {name!r}; choose a layer before the output")
@@ -78,8 +84,9 @@ def _class_gradients(scores: torch.Tensor, acts: list[torch.Tensor]) -> tuple:
     try:
         return torch.autograd.grad(scores, acts, grad_outputs=basis, is_grads_batched=True, allow_unused=True)
     except RuntimeError:  # an operation without a batching rule: one backward per class, same forward pass
-        per_class = [torch.autograd.grad(scores[:, k].sum(), acts, retain_graph=True, allow_unused=True)
-                     for k in range(classes)]
+        per_class = [
+            torch.autograd.grad(scores[:, k].sum(), acts, retain_graph=True, allow_unused=True) for k in range(classes)
+        ]
         return tuple(None if grads[0] is None else torch.stack(grads) for grads in zip(*per_class))
 
 
@@ -186,7 +193,7 @@ def principal_projection(maps: torch.Tensor, sign_correction: bool = True) -> to
     ``sign_correction`` flips a projection whose most extreme value is negative
     (the singular vector's sign is arbitrary). NaN entries count as 0, as in pytorch-grad-cam.
     """
-    n, c, h, w = maps.shape
+    n, _, h, w = maps.shape
     matrix = torch.nan_to_num(maps.float(), nan=0.0).flatten(2).transpose(1, 2)  # (N, h*w, C)
     matrix = matrix - matrix.mean(dim=1, keepdim=True)
     _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
@@ -204,9 +211,11 @@ def flip_to_positive(projection: torch.Tensor) -> torch.Tensor:
 
 def _linear_head(request: Request) -> tuple[nn.Module, torch.Tensor]:
     """The last linear layer and its weight ``(K, C)``; a Keras ``Dense`` counts too."""
-    head, weight, _ = linear_head(request.model.named_layers(),
-                                  "CAM needs a global-average-pooling + linear head and this model has no linear "
-                                  "layer; use gradcam, which equals CAM on such models")
+    head, weight, _ = linear_head(
+        request.model.named_layers(),
+        "CAM needs a global-average-pooling + linear head and this model has no linear "
+        "layer; use gradcam, which equals CAM on such models",
+    )
     return head, weight
 
 
@@ -220,10 +229,13 @@ def class_activation_map(request: Request) -> RawMaps:
     """
     if hasattr(request.target, "settle") or isinstance(request.score_fn, (Region, Box, Similarity)):
         kind = type(request.score_fn if request.score_fn is not None else request.target).__name__
-        raise ConvlensError(f"CAM reads a classifier's linear head and cannot serve a {kind} target; "
-                            "use gradcam (or another gradient CAM) instead")
-    if callable(request.target) and not isinstance(request.target, (str, torch.Tensor)) or (
-            request.score_fn is not None and not isinstance(request.score_fn, (ClassLogits, AllClasses))):
+        raise ConvlensError(
+            f"CAM reads a classifier's linear head and cannot serve a {kind} target; "
+            "use gradcam (or another gradient CAM) instead"
+        )
+    if (callable(request.target) and not isinstance(request.target, (str, torch.Tensor))) or (
+        request.score_fn is not None and not isinstance(request.score_fn, (ClassLogits, AllClasses))
+    ):
         raise ConvlensError("CAM explains a class; pass a class index or name as the target, not a function")
     head, weight = _linear_head(request)
     head_inputs: list[torch.Tensor] = []
@@ -239,10 +251,15 @@ def class_activation_map(request: Request) -> RawMaps:
         act = request.layer_output(rec, name).float()
     pooled = act.mean(dim=(2, 3))
     features = head_inputs[-1].float().flatten(1) if head_inputs else None
-    if (features is None or features.shape != pooled.shape
-            or not torch.allclose(features, pooled, rtol=1e-3, atol=1e-4 * float(pooled.abs().max()) + 1e-6)):
-        raise ConvlensError(f"CAM needs layer {name!r} followed by global average pooling and a linear head; "
-                            "this model's classifier reads something else: use gradcam (the same map where CAM applies)")
+    if (
+        features is None
+        or features.shape != pooled.shape
+        or not torch.allclose(features, pooled, rtol=1e-3, atol=1e-4 * float(pooled.abs().max()) + 1e-6)
+    ):
+        raise ConvlensError(
+            f"CAM needs layer {name!r} followed by global average pooling and a linear head; "
+            "this model's classifier reads something else: use gradcam (the same map where CAM applies)"
+        )
     weight = weight.float().to(act.device)
     weight = class_logits(weight.T).T  # one logit: the negative class's weights are the negated ones
     if request.all_classes:

@@ -62,8 +62,15 @@ def fem(request: Request, *, k: float = 2.0) -> RawMaps:
     return RawMaps(maps)
 
 
-def kpcacam(request: Request, *, kernel: str = "sigmoid", gamma: float | None = None, coef0: float = 1.0,
-            degree: int = 3, max_positions: int = 4096) -> RawMaps:
+def kpcacam(
+    request: Request,
+    *,
+    kernel: str = "sigmoid",
+    gamma: float | None = None,
+    coef0: float = 1.0,
+    degree: int = 3,
+    max_positions: int = 4096,
+) -> RawMaps:
     """KPCA-CAM: the activations projected on their first kernel principal component (no gradients).
 
     Karmani et al. 2024, "KPCA-CAM: Visual Explainability of Deep Computer Vision
@@ -86,9 +93,11 @@ def kpcacam(request: Request, *, kernel: str = "sigmoid", gamma: float | None = 
     for name, act in zip(request.layers, _activations(request)):
         n, c, h, w = act.shape
         if h * w > max_positions:
-            raise ConvlensError(f"kpcacam's kernel matrix is (h*w)^2 and layer {name!r} has {h}x{w} = {h * w} "
-                                f"positions, more than max_positions={max_positions}; choose a later layer "
-                                "or a smaller input (or raise max_positions)")
+            raise ConvlensError(
+                f"kpcacam's kernel matrix is (h*w)^2 and layer {name!r} has {h}x{w} = {h * w} "
+                f"positions, more than max_positions={max_positions}; choose a later layer "
+                "or a smaller input (or raise max_positions)"
+            )
         points = torch.nan_to_num(act.double(), nan=0.0).flatten(2).transpose(1, 2)  # (N, h*w, C)
         points = points - points.mean(dim=1, keepdim=True)
         gram = _KERNELS[kernel](points, 1.0 / c if gamma is None else gamma, coef0, degree)
@@ -163,13 +172,16 @@ def shapleycam(request: Request) -> RawMaps:
             hessian_term = None
             if grad.requires_grad:  # a gradient that does not depend on the activations has a zero Hessian
                 try:
-                    hessian_term, = torch.autograd.grad(grad, act, grad_outputs=act.detach(), retain_graph=True,
-                                                        allow_unused=True)
+                    (hessian_term,) = torch.autograd.grad(
+                        grad, act, grad_outputs=act.detach(), retain_graph=True, allow_unused=True
+                    )
                 except RuntimeError as err:  # an operation without a second derivative (torchvision's roi_align)
                     if "double backward" not in str(err) and "not implemented" not in str(err):
                         raise
-                    raise ConvlensError(f"shapleycam needs second derivatives and this model has an operation "
-                                        f"without one ({first_line(err)}); use gradcam or hirescam") from None
+                    raise ConvlensError(
+                        f"shapleycam needs second derivatives and this model has an operation "
+                        f"without one ({first_line(err)}); use gradcam or hirescam"
+                    ) from None
             weights = grad.detach().float()
             if hessian_term is not None:
                 weights = weights - 0.5 * hessian_term.float()
@@ -193,7 +205,7 @@ class FinerScore:
         target = logits.gather(1, index)
         distance = (logits.detach() - target.detach()).abs().scatter(1, index, float("-inf"))  # c itself comes first
         count = min(self.similar, logits.shape[1] - 1)
-        nearest = distance.argsort(dim=1, stable=True)[:, 1:1 + count]
+        nearest = distance.argsort(dim=1, stable=True)[:, 1 : 1 + count]
         weights = logits.softmax(dim=1).gather(1, nearest)
         difference = target - self.alpha * logits.gather(1, nearest)
         return (weights * difference).sum(1) / (weights.sum(1) + 1e-9)
@@ -210,18 +222,30 @@ def finercam(request: Request, *, alpha: float = 1.0, similar: int = 3) -> RawMa
     ``alpha=0`` is Grad-CAM of ``z_c``; larger ``alpha`` keeps only what tells ``c`` apart.
     """
     if similar < 1 or not alpha == alpha:
-        raise ConvlensError(f"finercam needs similar >= 1 classes to compare with and a finite alpha, "
-                            f"got similar={similar}, alpha={alpha}")
+        raise ConvlensError(
+            f"finercam needs similar >= 1 classes to compare with and a finite alpha, "
+            f"got similar={similar}, alpha={alpha}"
+        )
     request.settle_on_clean_batch()
     if not isinstance(request.score_fn, ClassLogits):
-        raise ConvlensError(f"finercam compares a class with its nearest classes and cannot serve a "
-                            f"{type(request.score_fn).__name__} target; pass a class index or name")
-    finer = Request(request.model, request.x, request.layers, FinerScore(request.score_fn, alpha, similar),
-                    request.class_indices, request.progress, request.target)
+        raise ConvlensError(
+            f"finercam compares a class with its nearest classes and cannot serve a "
+            f"{type(request.score_fn).__name__} target; pass a class index or name"
+        )
+    finer = Request(
+        request.model,
+        request.x,
+        request.layers,
+        FinerScore(request.score_fn, alpha, similar),
+        request.class_indices,
+        request.progress,
+        request.target,
+    )
     return weighted_channel_sum(finer, lambda act, grad: grad.mean(dim=(2, 3), keepdim=True))
 
 
 # -- FullGrad ----------------------------------------------------------------------------------------------
+
 
 def bias_layers(model, biases: str = "all") -> dict[str, torch.Tensor]:
     """The layers whose bias FullGrad reads, by name, each with its bias ``(C,)`` added at that output.
@@ -291,8 +315,10 @@ def fullgrad(request: Request, *, rescale: str = "channel", biases: str = "all",
     if biases not in ("all", "exact"):
         raise ConvlensError(f"fullgrad's biases is 'all' or 'exact', got {biases!r}")
     if request.model.layout == "channels_last":
-        raise ConvlensError("fullgrad reads the biases of torch Conv2d and BatchNorm2d layers, which a Keras model "
-                            "does not have; use input_x_gradient or a CAM method")
+        raise ConvlensError(
+            "fullgrad reads the biases of torch Conv2d and BatchNorm2d layers, which a Keras model "
+            "does not have; use input_x_gradient or a CAM method"
+        )
     found = bias_layers(request.model, biases)
     per_channel = rescale == "channel"
     size = tuple(request.x.shape[-2:])
@@ -313,8 +339,16 @@ def fullgrad(request: Request, *, rescale: str = "channel", biases: str = "all",
 
 # -- torch-cam's noise variants ----------------------------------------------------------------------------
 
-def smoothgradcam_plusplus(request: Request, *, n_samples: int = 4, stdev: float = 0.3, seed: int = 0,
-                           eps: float = 1e-8, like_torchcam: bool = False) -> RawMaps:
+
+def smoothgradcam_plusplus(
+    request: Request,
+    *,
+    n_samples: int = 4,
+    stdev: float = 0.3,
+    seed: int = 0,
+    eps: float = 1e-8,
+    like_torchcam: bool = False,
+) -> RawMaps:
     """Smooth Grad-CAM++: Grad-CAM++'s pixel coefficients from gradients averaged over noisy inputs.
 
     Omeiza et al. 2019, "Smooth Grad-CAM++: An Enhanced Inference Level Visualization
@@ -330,8 +364,9 @@ def smoothgradcam_plusplus(request: Request, *, n_samples: int = 4, stdev: float
     (torch-cam's order: ``torch.manual_seed(seed)`` before its call gives the same draws).
     """
     if n_samples < 1 or not stdev >= 0:
-        raise ConvlensError(f"smoothgradcam++ needs n_samples >= 1 and stdev >= 0, got n_samples={n_samples}, "
-                            f"stdev={stdev}")
+        raise ConvlensError(
+            f"smoothgradcam++ needs n_samples >= 1 and stdev >= 0, got n_samples={n_samples}, stdev={stdev}"
+        )
     clean_acts, _ = layer_gradients(request)
     generator = torch.Generator().manual_seed(seed)
     square: list[torch.Tensor] = []
@@ -339,8 +374,15 @@ def smoothgradcam_plusplus(request: Request, *, n_samples: int = 4, stdev: float
     mean: list[torch.Tensor] = []
     for _ in range(n_samples):
         noise = torch.randn(request.x.shape, generator=generator).to(request.x.device) * stdev
-        noisy = Request(request.model, (request.x.float() + noise).to(request.x.dtype), request.layers,
-                        request.score_fn, request.class_indices, request.progress, request.target)
+        noisy = Request(
+            request.model,
+            (request.x.float() + noise).to(request.x.dtype),
+            request.layers,
+            request.score_fn,
+            request.class_indices,
+            request.progress,
+            request.target,
+        )
         last_acts, last_grads = layer_gradients(noisy)
         if not square:
             square, cube, mean = ([torch.zeros_like(g) for g in last_grads] for _ in range(3))

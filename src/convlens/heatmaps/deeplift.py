@@ -52,8 +52,26 @@ from .gradients import DEFAULT_BATCH_SIZE, input_gradients
 #: captum's threshold below which a reference difference counts as none (the gradient is used there)
 EPS = 1e-10
 #: elementwise activations by lower-cased class (or Keras activation) name, underscores dropped
-ELEMENTWISE = {"relu", "relu6", "leakyrelu", "prelu", "elu", "selu", "celu", "gelu", "silu", "swish", "mish",
-               "hardswish", "hardsigmoid", "hardtanh", "sigmoid", "tanh", "softplus", "softsign"}
+ELEMENTWISE = {
+    "relu",
+    "relu6",
+    "leakyrelu",
+    "prelu",
+    "elu",
+    "selu",
+    "celu",
+    "gelu",
+    "silu",
+    "swish",
+    "mish",
+    "hardswish",
+    "hardsigmoid",
+    "hardtanh",
+    "sigmoid",
+    "tanh",
+    "softplus",
+    "softsign",
+}
 
 
 def _key(name: str) -> str:
@@ -80,13 +98,17 @@ def rule_modules(request: Request, method: str = "deeplift") -> dict[nn.Module, 
         rule = _rule_of(module)
         activation = _key(getattr(getattr(module, "activation", None), "__name__", ""))
         if rule is None and activation in ELEMENTWISE and module not in skipped:
-            raise ConvlensError(f"{method} needs each nonlinearity as a layer of its own, and layer "
-                                f"{type(module).__name__} applies its {activation} inside; use integrated_gradients")
+            raise ConvlensError(
+                f"{method} needs each nonlinearity as a layer of its own, and layer "
+                f"{type(module).__name__} applies its {activation} inside; use integrated_gradients"
+            )
         if rule is not None and module not in skipped:
             rules[module] = rule
     if not rules:
-        raise ConvlensError(f"{method} needs the model's nonlinearities as layers (ReLU, Sigmoid, MaxPool2d...); "
-                            "this model has none or calls them as functions; use integrated_gradients")
+        raise ConvlensError(
+            f"{method} needs the model's nonlinearities as layers (ReLU, Sigmoid, MaxPool2d...); "
+            "this model has none or calls them as functions; use integrated_gradients"
+        )
     return rules
 
 
@@ -144,11 +166,12 @@ def _rules(request: Request, method: str):
     with contextlib.ExitStack() as hooks:
         for module in rules:
             hooks.callback(module.register_forward_pre_hook(keep).remove)
-        yield {module: multiplier for module in rules}
+        yield dict.fromkeys(rules, multiplier)
 
 
-def _multipliers(request: Request, inputs: torch.Tensor, references: torch.Tensor, rows: list[int],
-                 batch_size: int, method: str) -> torch.Tensor:
+def _multipliers(
+    request: Request, inputs: torch.Tensor, references: torch.Tensor, rows: list[int], batch_size: int, method: str
+) -> torch.Tensor:
     """``(B, C, H, W)``: the multipliers of ``inputs`` against ``references``, row by row."""
     if batch_size < 1:
         raise ConvlensError(f"batch_size must be at least 1, got {batch_size}")
@@ -169,8 +192,10 @@ def deeplift(request: Request, *, baseline=None, batch_size: int = DEFAULT_BATCH
     n = x.shape[0]
     reference = baseline_batch(request, baseline)
     if reference.shape[0] not in (1, n):
-        raise ConvlensError(f"deeplift takes one baseline or one per image ({n}), got {reference.shape[0]}; "
-                            "for a distribution of baselines use deeplift_shap")
+        raise ConvlensError(
+            f"deeplift takes one baseline or one per image ({n}), got {reference.shape[0]}; "
+            "for a distribution of baselines use deeplift_shap"
+        )
     reference = reference.expand(n, *x.shape[1:])
     grads = _multipliers(request, request.x, reference, list(range(n)), batch_size, "deeplift")
     attributions = (x - reference) * grads
@@ -184,8 +209,9 @@ def default_baselines(request: Request, count: int, seed: int) -> torch.Tensor:
     return x.min() + noise * (x.max() - x.min())
 
 
-def deeplift_shap(request: Request, *, baselines=None, n_baselines: int = 8, seed: int = 0,
-                  batch_size: int = DEFAULT_BATCH_SIZE) -> RawMaps:
+def deeplift_shap(
+    request: Request, *, baselines=None, n_baselines: int = 8, seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE
+) -> RawMaps:
     """DeepLIFT-SHAP: DeepLIFT averaged over a distribution of references (captum's ``DeepLiftShap``).
 
     Lundberg & Lee 2017, "A Unified Approach to Interpreting Model Predictions",

@@ -118,8 +118,10 @@ class Explanation:
         from ..render.overlay import draw_box
 
         size = tuple(self.maps.shape[-2:])
-        return [draw_box(drawn, box.tolist(), original_size=picture.size, input_size=size, transform=self.transform)
-                for picture, drawn, box in zip(pictures, overlays, self.boxes)]
+        return [
+            draw_box(drawn, box.tolist(), original_size=picture.size, input_size=size, transform=self.transform)
+            for picture, drawn, box in zip(pictures, overlays, self.boxes)
+        ]
 
     def overlay(self, images=None, colormap: str | None = None, alpha: float = 0.4, style: str | None = None) -> list:
         """The heatmaps drawn for the original images, as PIL images (longest side at most 2048 px).
@@ -137,18 +139,34 @@ class Explanation:
         if self.maps.ndim != 3:
             raise ConvlensError("overlay() draws one map per image; with target='all' pick a class: overlay_class(k)")
         pictures = self._pictures(images)
-        return self._drawn(pictures, overlay_heatmaps(pictures, self.maps, transform=self.transform, colormap=colormap,
-                                                      alpha=alpha, style=style or style_for(self.method)))
+        return self._drawn(
+            pictures,
+            overlay_heatmaps(
+                pictures,
+                self.maps,
+                transform=self.transform,
+                colormap=colormap,
+                alpha=alpha,
+                style=style or style_for(self.method),
+            ),
+        )
 
-    def overlay_class(self, k: int, images=None, colormap: str | None = None, alpha: float = 0.4,
-                      style: str | None = None) -> list:
+    def overlay_class(
+        self, k: int, images=None, colormap: str | None = None, alpha: float = 0.4, style: str | None = None
+    ) -> list:
         """With ``target="all"``: class ``k``'s maps for the original images (see :meth:`overlay`)."""
         from ..render.overlay import overlay_heatmaps
         from .registry import style_for
 
         pictures = self._pictures(images)
-        return overlay_heatmaps(pictures, self.maps[:, k], transform=self.transform, colormap=colormap, alpha=alpha,
-                                style=style or style_for(self.method))
+        return overlay_heatmaps(
+            pictures,
+            self.maps[:, k],
+            transform=self.transform,
+            colormap=colormap,
+            alpha=alpha,
+            style=style or style_for(self.method),
+        )
 
     # -- inline display in a notebook (IPython's rich display protocol) ------------------------------------
     #: At most this many images are drawn inline, each this many pixels high.
@@ -161,10 +179,20 @@ class Explanation:
         from PIL import Image
 
         count = min(len(self.images), self.SHOWN_IMAGES)
-        drawn = [picture.resize((max(1, round(picture.width * self.SHOWN_HEIGHT / picture.height)), self.SHOWN_HEIGHT))
-                 for picture in Explanation(self.maps[:count], self.raw[:count], self.method, self.layer,
-                                            self.targets[:count], self.target_names[:count], self.flat[:count],
-                                            images=self.images[:count], transform=self.transform).overlay()]
+        drawn = [
+            picture.resize((max(1, round(picture.width * self.SHOWN_HEIGHT / picture.height)), self.SHOWN_HEIGHT))
+            for picture in Explanation(
+                self.maps[:count],
+                self.raw[:count],
+                self.method,
+                self.layer,
+                self.targets[:count],
+                self.target_names[:count],
+                self.flat[:count],
+                images=self.images[:count],
+                transform=self.transform,
+            ).overlay()
+        ]
         strip = Image.new("RGB", (sum(p.width for p in drawn) + 4 * (len(drawn) - 1), self.SHOWN_HEIGHT), "white")
         left = 0
         for picture in drawn:
@@ -193,9 +221,12 @@ class Explanation:
             return None
         layer = ", ".join(self.layer) if isinstance(self.layer, list) else self.layer
         caption = f"{self.method}{f' at {layer}' if layer else ''}: " + ", ".join(
-            f"{name}{' (flat map)' if flat else ''}" for name, flat in zip(self.target_names, self.flat))
-        return (f'<figure style="margin:0"><img src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}" '
-                f'alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>')
+            f"{name}{' (flat map)' if flat else ''}" for name, flat in zip(self.target_names, self.flat)
+        )
+        return (
+            f'<figure style="margin:0"><img src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}" '
+            f'alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+        )
 
     def _pictures(self, images) -> list:
         from ..images import load_images
@@ -210,6 +241,7 @@ class Explanation:
 
 
 # -- post-processing ----------------------------------------------------------
+
 
 def _combine(per_layer: list[torch.Tensor], size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw and final maps from one or several layers' raw maps (see the contract)."""
@@ -231,8 +263,9 @@ def _check_options(method: Method, options: dict) -> None:
             raise ConvlensError(f"method {method.name!r} has no option {key!r}; {takes}")
 
 
-def check_request(model, inputs, methods: Sequence[str], layer: str | nn.Module | Sequence = "auto",
-                  target: TargetSpec = None) -> Plan:
+def check_request(
+    model, inputs, methods: Sequence[str], layer: str | nn.Module | Sequence = "auto", target: TargetSpec = None
+) -> Plan:
     """Settle the batch, layers and targets with one forward pass, computing no heatmap.
 
     Raises :class:`ConvlensError` for what :func:`explain` would reject (unknown
@@ -270,8 +303,9 @@ def check_request(model, inputs, methods: Sequence[str], layer: str | nn.Module 
     return Plan(loaded, x, images, names, score_fn, indices, output)
 
 
-def _request(method: Method, model, inputs, layer, target, plan: Plan | None,
-             progress: Progress | None) -> tuple[Request, list | None]:
+def _request(
+    method: Method, model, inputs, layer, target, plan: Plan | None, progress: Progress | None
+) -> tuple[Request, list | None]:
     """The method's request: from ``plan``; else settled by a checking pass when the layer is ``auto``
     (that pass finds the layer); else left to the method's own first pass over the clean batch, so a
     one-off Grad-CAM on a named layer runs the model once, not twice."""
@@ -302,9 +336,17 @@ def _names_auto(layer: object) -> bool:
     return any(isinstance(ref, str) and ref == "auto" for ref in refs)
 
 
-def explain(model, inputs=None, method: str = "gradcam", layer: str | nn.Module | Sequence = "auto",
-            target: TargetSpec = None, *, plan: Plan | None = None, progress: Progress | None = None,
-            **options) -> Explanation:
+def explain(
+    model,
+    inputs=None,
+    method: str = "gradcam",
+    layer: str | nn.Module | Sequence = "auto",
+    target: TargetSpec = None,
+    *,
+    plan: Plan | None = None,
+    progress: Progress | None = None,
+    **options,
+) -> Explanation:
     """Compute one heatmap per image with a registered method.
 
     Args:
@@ -335,8 +377,10 @@ def explain(model, inputs=None, method: str = "gradcam", layer: str | nn.Module 
         request, images = _request(chosen, model, inputs, layer, target, plan, progress)
         if request.all_classes and not chosen.all_classes:
             capable = ", ".join(name for name, m in METHODS.items() if m.all_classes)
-            raise ConvlensError(f"method {chosen.name!r} explains one class at a time; target='all' "
-                                f"(one map per class from one pass) is for {capable}")
+            raise ConvlensError(
+                f"method {chosen.name!r} explains one class at a time; target='all' "
+                f"(one map per class from one pass) is for {capable}"
+            )
         names = request.layers
         if len(names) > 1 and not chosen.multi_layer:
             raise ConvlensError(f"method {chosen.name!r} takes one layer, got {len(names)}: {', '.join(names)}")
@@ -351,18 +395,25 @@ def explain(model, inputs=None, method: str = "gradcam", layer: str | nn.Module 
     flat: list[Any] = list(flat_maps)
     if classes:
         raw, maps = raw.unflatten(0, (-1, classes)), maps.unflatten(0, (-1, classes))
-        flat = [flat_maps[i:i + classes] for i in range(0, len(flat_maps), classes)]
+        flat = [flat_maps[i : i + classes] for i in range(0, len(flat_maps), classes)]
     indices = request.class_indices
     if indices is None:
         raise RuntimeError(f"method {chosen.name!r} returned without settling the target")
     return Explanation(
-        maps=maps, raw=raw, method=chosen.name,
+        maps=maps,
+        raw=raw,
+        method=chosen.name,
         layer=(names[0] if len(names) == 1 else names) if names else None,
-        targets=indices, target_names=[loaded.label(i) if i >= 0 else "custom target" for i in indices],
+        targets=indices,
+        target_names=[loaded.label(i) if i >= 0 else "custom target" for i in indices],
         flat=flat,
-        attributions=(None if result.attributions is None
-                      else loaded.from_internal(result.attributions.detach().float())),
-        images=images, transform=loaded.transform, boxes=_boxes(request.score_fn))
+        attributions=(
+            None if result.attributions is None else loaded.from_internal(result.attributions.detach().float())
+        ),
+        images=images,
+        transform=loaded.transform,
+        boxes=_boxes(request.score_fn),
+    )
 
 
 def _boxes(score_fn) -> torch.Tensor | None:

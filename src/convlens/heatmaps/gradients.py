@@ -21,8 +21,8 @@ from torch import nn
 
 from ..errors import ConvlensError
 from ..targets import ScoreFn, target_for_rows
-from .cam import gradcam
 from .base import RawMaps, Request, upsample
+from .cam import gradcam
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -32,8 +32,14 @@ def _row_score(request: Request, rows: list[int]) -> ScoreFn:
     return target_for_rows(request.score_fn, rows)
 
 
-def input_gradients(request: Request, inputs: torch.Tensor, rows: list[int], batch_size: int,
-                    rewrite: dict | None = None, references: torch.Tensor | None = None) -> torch.Tensor:
+def input_gradients(
+    request: Request,
+    inputs: torch.Tensor,
+    rows: list[int],
+    batch_size: int,
+    rewrite: dict | None = None,
+    references: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``dS/dx`` for each row of ``inputs`` ``(B, C, H, W)`` (row ``r`` scored with image ``rows[r]``'s target).
 
     When ``inputs`` is the clean batch itself in one chunk, its pass settles the target.
@@ -45,18 +51,18 @@ def input_gradients(request: Request, inputs: torch.Tensor, rows: list[int], bat
         request.settle_on_clean_batch()
     grads = []
     for start in range(0, inputs.shape[0], batch_size):
-        chunk = inputs[start:start + batch_size].detach().clone().requires_grad_()
-        chunk_rows = rows[start:start + batch_size]
+        chunk = inputs[start : start + batch_size].detach().clone().requires_grad_()
+        chunk_rows = rows[start : start + batch_size]
         batch = chunk
         if references is not None:
-            batch = torch.cat([chunk, references[start:start + batch_size].detach().to(chunk.dtype)])
+            batch = torch.cat([chunk, references[start : start + batch_size].detach().to(chunk.dtype)])
             chunk_rows = chunk_rows * 2
         with request.capture([], rewrite=rewrite) as rec, torch.enable_grad():
             output = rec.forward(batch)
             if clean:
                 request.settle(output)
             scores = _row_score(request, chunk_rows)(output)
-            grad, = torch.autograd.grad(scores.sum(), chunk)
+            (grad,) = torch.autograd.grad(scores.sum(), chunk)
         grads.append(grad.float())
         request.report(min(start + batch_size, inputs.shape[0]), inputs.shape[0])
     return torch.cat(grads)
@@ -76,8 +82,9 @@ def saliency(request: Request) -> RawMaps:
 TUNNELLED = ("saliency", "input_x_gradient")
 
 
-def noisy_gradients(request: Request, of: str, n_samples: int, noise_level: float, stdev: float | None,
-                    seed: int, batch_size: int) -> torch.Tensor:
+def noisy_gradients(
+    request: Request, of: str, n_samples: int, noise_level: float, stdev: float | None, seed: int, batch_size: int
+) -> torch.Tensor:
     """``(N, n_samples, C, H, W)``: the gradients (``of="saliency"``) or input x gradients of noisy copies.
 
     ``sigma = noise_level * (max(x) - min(x))`` per image, or ``stdev`` when given; the
@@ -103,8 +110,15 @@ def noisy_gradients(request: Request, of: str, n_samples: int, noise_level: floa
     return grads.view(n, n_samples, *x.shape[1:])
 
 
-def smoothgrad(request: Request, *, n_samples: int = 25, noise_level: float = 0.15, stdev: float | None = None,
-               seed: int = 0, batch_size: int = DEFAULT_BATCH_SIZE) -> RawMaps:
+def smoothgrad(
+    request: Request,
+    *,
+    n_samples: int = 25,
+    noise_level: float = 0.15,
+    stdev: float | None = None,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> RawMaps:
     """SmoothGrad: the saliency averaged over noisy copies of the image.
 
     Smilkov et al. 2017, "SmoothGrad: removing noise by adding noise",
@@ -116,8 +130,9 @@ def smoothgrad(request: Request, *, n_samples: int = 25, noise_level: float = 0.
     return RawMaps([attributions.amax(dim=1)], attributions)
 
 
-def integrated_gradients(request: Request, *, steps: int = 50, baseline: float | torch.Tensor = 0.0,
-                         batch_size: int = DEFAULT_BATCH_SIZE) -> RawMaps:
+def integrated_gradients(
+    request: Request, *, steps: int = 50, baseline: float | torch.Tensor = 0.0, batch_size: int = DEFAULT_BATCH_SIZE
+) -> RawMaps:
     """Integrated Gradients along the straight path from a baseline.
 
     Sundararajan, Taly & Yan 2017, "Axiomatic Attribution for Deep Networks",
@@ -172,18 +187,22 @@ def relu_modules(request: Request, method: str = "guided backpropagation", fused
             modules.append(module)
         elif activation == "relu":
             if not fused:
-                raise ConvlensError(f"{method} needs each ReLU as a layer of its own, and layer {type(module).__name__} "
-                                    "applies its ReLU inside; use guided_backprop or saliency")
+                raise ConvlensError(
+                    f"{method} needs each ReLU as a layer of its own, and layer {type(module).__name__} "
+                    "applies its ReLU inside; use guided_backprop or saliency"
+                )
             modules.append(module)
     if not modules:
-        raise ConvlensError(f"{method} needs ReLU layers (nn.ReLU modules); this model has none "
-                            "or calls ReLU as a function; use saliency or smoothgrad")
+        raise ConvlensError(
+            f"{method} needs ReLU layers (nn.ReLU modules); this model has none "
+            "or calls ReLU as a function; use saliency or smoothgrad"
+        )
     return modules
 
 
 def guided_gradients(request: Request) -> torch.Tensor:
     """Springenberg's guided-backpropagation gradient ``(N, C, H, W)``."""
-    guide = {module: _guide for module in relu_modules(request)}
+    guide = dict.fromkeys(relu_modules(request), _guide)
     return input_gradients(request, request.x, list(range(request.x.shape[0])), len(request.x), guide)
 
 

@@ -50,15 +50,35 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
-from ..errors import ConvlensError
 from ..capture import OutputRewrite
+from ..errors import ConvlensError
 from .base import RawMaps, Request
-from .lrp_rules import AlphaBeta, Epsilon, Flat, Gamma, NormRelevance, Relevance, Rule, ZBox, ZPlus, affine, conv_padding
+from .lrp_rules import (
+    AlphaBeta,
+    Epsilon,
+    Flat,
+    Gamma,
+    NormRelevance,
+    Relevance,
+    Rule,
+    ZBox,
+    ZPlus,
+    affine,
+    conv_padding,
+)
 
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-PASSING = (nn.ReLU, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout, nn.Dropout2d, nn.Identity,
-           nn.Sequential)  # an empty Sequential is the identity
+PASSING = (
+    nn.ReLU,
+    nn.MaxPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Flatten,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+    nn.Sequential,
+)  # an empty Sequential is the identity
 SUPPORTED = "Conv2d, Linear, BatchNorm after a Conv2d/Linear, ReLU, max/average pooling, Flatten, Dropout, Identity"
 
 
@@ -76,8 +96,12 @@ class Composite:
 def _norm_with_activation(module: nn.Module) -> bool:
     """A BatchNorm followed by a ReLU (or nothing) in one module: timm's ``BatchNormAct2d``."""
     children = list(module.children())
-    return (isinstance(module, NORMS) and bool(children) and hasattr(module, "act")
-            and all(isinstance(child, PASSING) and not list(child.children()) for child in children))
+    return (
+        isinstance(module, NORMS)
+        and bool(children)
+        and hasattr(module, "act")
+        and all(isinstance(child, PASSING) and not list(child.children()) for child in children)
+    )
 
 
 def assign_rules(module: nn.Module, composite: Composite, skip: Sequence[nn.Module] = ()) -> dict[nn.Module, Rule]:
@@ -95,19 +119,24 @@ def assign_rules(module: nn.Module, composite: Composite, skip: Sequence[nn.Modu
         own_params = any(p is not None for p in child._parameters.values())
         if isinstance(child, (nn.Conv2d, nn.Linear)) and not children:
             if isinstance(child, nn.Conv2d) and conv_padding(child) is None:
-                raise ConvlensError(f"LRP has no rule for {name} (Conv2d with {child.padding_mode} padding "
-                                    f"{child.padding!r}); it supports zero-padded convolutions")
+                raise ConvlensError(
+                    f"LRP has no rule for {name} (Conv2d with {child.padding_mode} padding "
+                    f"{child.padding!r}); it supports zero-padded convolutions"
+                )
             if not first_done and composite.first is not None and isinstance(child, composite.first_types):
                 rules[child], first_done = composite.first, True
             else:
                 rules[child] = composite.conv if isinstance(child, nn.Conv2d) else composite.linear
-        elif isinstance(child, NORMS + POOLS + PASSING) and not children or _norm_with_activation(child):
-            continue
-        elif id(child) in inside_norms:  # the activation of a norm-and-activation module
+        elif (
+            (isinstance(child, NORMS + POOLS + PASSING) and not children)
+            or _norm_with_activation(child)
+            or id(child) in inside_norms
+        ):
             continue
         elif own_params or not children:
-            raise ConvlensError(f"LRP has no rule for {name or 'the model'} ({type(child).__name__}); "
-                                f"supported: {SUPPORTED}")
+            raise ConvlensError(
+                f"LRP has no rule for {name or 'the model'} ({type(child).__name__}); supported: {SUPPORTED}"
+            )
     if not rules:
         raise ConvlensError("LRP needs Conv2d or Linear layers; this model has none")
     return rules
@@ -117,8 +146,10 @@ def _folded(layer: nn.Conv2d | nn.Linear, norm: _BatchNorm) -> tuple[torch.Tenso
     """The weight and bias of ``layer`` followed by the BatchNorm ``norm`` in eval mode, as one affine layer."""
     mean, var = norm.running_mean, norm.running_var
     if mean is None or var is None:
-        raise ConvlensError(f"LRP folds a {type(norm).__name__} into the layer before it, which needs its running "
-                            "statistics; this one has none (track_running_stats=False)")
+        raise ConvlensError(
+            f"LRP folds a {type(norm).__name__} into the layer before it, which needs its running "
+            "statistics; this one has none (track_running_stats=False)"
+        )
     scale = torch.rsqrt(var + norm.eps)
     if norm.weight is not None:
         scale = scale * norm.weight
@@ -131,18 +162,39 @@ def _folded(layer: nn.Conv2d | nn.Linear, norm: _BatchNorm) -> tuple[torch.Tenso
 
 def _plain_norm(module: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """The BatchNorm alone of a norm-and-activation module, in eval mode."""
-    return torch.nn.functional.batch_norm(x, module.running_mean, module.running_var, module.weight, module.bias,
-                                          False, 0.0, module.eps)
+    return torch.nn.functional.batch_norm(
+        x, module.running_mean, module.running_var, module.weight, module.bias, False, 0.0, module.eps
+    )
 
 
 class _Branches(TorchFunctionMode):
     """During the forward pass: the sum of two activations (a residual addition) gets the Norm rule,
     and a product of two activations (gating, attention), which LRP has no rule for, is refused."""
 
-    SUMS = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__,
-            torch.Tensor.add_}
-    PRODUCTS = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.__imul__,
-                torch.Tensor.mul_, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm}
+    SUMS = frozenset(
+        {
+            torch.add,
+            torch.Tensor.add,
+            torch.Tensor.__add__,
+            torch.Tensor.__radd__,
+            torch.Tensor.__iadd__,
+            torch.Tensor.add_,
+        }
+    )
+    PRODUCTS = frozenset(
+        {
+            torch.mul,
+            torch.Tensor.mul,
+            torch.Tensor.__mul__,
+            torch.Tensor.__rmul__,
+            torch.Tensor.__imul__,
+            torch.Tensor.mul_,
+            torch.matmul,
+            torch.Tensor.matmul,
+            torch.Tensor.__matmul__,
+            torch.bmm,
+        }
+    )
 
     def __init__(self, stabilizer: float):
         super().__init__()
@@ -150,15 +202,17 @@ class _Branches(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        both = (len(args) == 2 and all(isinstance(a, torch.Tensor) and a.requires_grad for a in args))
+        both = len(args) == 2 and all(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
         if both and func in self.SUMS and not kwargs and args[0].shape == args[1].shape:
             total = NormRelevance.apply(torch.add, self.stabilizer, func is torch.Tensor.add_, *args)
             if func is torch.Tensor.add_:
                 return args[0].copy_(total)  # in place, as the caller expects; the graph now goes through the rule
             return total
         if both and func in self.PRODUCTS:
-            raise ConvlensError("LRP has no rule for a product of two activations (gating or attention) in this "
-                                f"model; supported: {SUPPORTED}")
+            raise ConvlensError(
+                "LRP has no rule for a product of two activations (gating or attention) in this "
+                f"model; supported: {SUPPORTED}"
+            )
         return func(*args, **kwargs)
 
 
@@ -172,7 +226,7 @@ class _Pass:
         self.pending: dict[int, tuple[torch.Tensor, nn.Module, torch.Tensor]] = {}
 
     def hooks(self, module: nn.Module) -> dict[nn.Module, OutputRewrite]:
-        hooks: dict[nn.Module, OutputRewrite] = {m: self.layer for m in self.rules}
+        hooks: dict[nn.Module, OutputRewrite] = dict.fromkeys(self.rules, self.layer)
         for child in module.modules():
             if isinstance(child, NORMS) and (not list(child.children()) or _norm_with_activation(child)):
                 hooks[child] = self.norm
@@ -189,9 +243,11 @@ class _Pass:
     def norm(self, module, inputs, output):
         entry = self.pending.pop(id(inputs[0]), None)
         if entry is None or entry[0] is not inputs[0]:
-            raise ConvlensError(f"LRP has no rule for {self.names.get(module, 'a layer')} ({type(module).__name__}) "
-                                "where it does not read a Conv2d or Linear layer's output (only then is it folded "
-                                f"into that layer); supported: {SUPPORTED}")
+            raise ConvlensError(
+                f"LRP has no rule for {self.names.get(module, 'a layer')} ({type(module).__name__}) "
+                "where it does not read a Conv2d or Linear layer's output (only then is it folded "
+                f"into that layer); supported: {SUPPORTED}"
+            )
         _, layer, x = entry
         weight, bias = _folded(layer, module)
         if not _norm_with_activation(module):
@@ -218,8 +274,8 @@ def relevance(request: Request, composite: Composite) -> torch.Tensor:
         propagation.pending.clear()
         logits = request.model.scores(output)
         scores = request.score(output, clean=True)
-        seed, = torch.autograd.grad(scores.sum(), logits, retain_graph=True)
-        result, = torch.autograd.grad(logits, x, seed * logits.detach())
+        (seed,) = torch.autograd.grad(scores.sum(), logits, retain_graph=True)
+        (result,) = torch.autograd.grad(logits, x, seed * logits.detach())
     request.report(1, 1)
     return result.float()
 
@@ -256,13 +312,21 @@ def lrp(request: Request, *, epsilon: float = 1e-6, stabilizer: float = 1e-6) ->
     Bach et al. 2015; Montavon et al. 2019 (see :mod:`convlens.heatmaps.lrp`). ``epsilon``: of the
     epsilon rule; ``stabilizer``: the other rules' denominators. ``M = sum_c R_c``, signed.
     """
-    return _maps(request, Composite(conv=ZPlus(stabilizer), linear=Epsilon(epsilon), first=Flat(stabilizer),
-                                    stabilizer=stabilizer))
+    return _maps(
+        request,
+        Composite(conv=ZPlus(stabilizer), linear=Epsilon(epsilon), first=Flat(stabilizer), stabilizer=stabilizer),
+    )
 
 
-def lrp_epsilon_gamma_box(request: Request, *, gamma: float = 0.25, epsilon: float = 1e-6, stabilizer: float = 1e-6,
-                          low: float | Sequence[float] | None = None,
-                          high: float | Sequence[float] | None = None) -> RawMaps:
+def lrp_epsilon_gamma_box(
+    request: Request,
+    *,
+    gamma: float = 0.25,
+    epsilon: float = 1e-6,
+    stabilizer: float = 1e-6,
+    low: float | Sequence[float] | None = None,
+    high: float | Sequence[float] | None = None,
+) -> RawMaps:
     """LRP with zennit's ``EpsilonGammaBox``: z^B on the first convolution, gamma on the others, epsilon on linear.
 
     Montavon et al. 2019's recommended composite. ``low``/``high``: the lowest and highest input
@@ -270,17 +334,33 @@ def lrp_epsilon_gamma_box(request: Request, *, gamma: float = 0.25, epsilon: flo
     """
     default_low, default_high = input_bounds(request)
     box = ZBox(_bound(low, default_low, request.x), _bound(high, default_high, request.x), stabilizer)
-    return _maps(request, Composite(conv=Gamma(gamma, stabilizer), linear=Epsilon(epsilon), first=box,
-                                    first_types=(nn.Conv2d,), stabilizer=stabilizer))
+    return _maps(
+        request,
+        Composite(
+            conv=Gamma(gamma, stabilizer),
+            linear=Epsilon(epsilon),
+            first=box,
+            first_types=(nn.Conv2d,),
+            stabilizer=stabilizer,
+        ),
+    )
 
 
-def lrp_alpha_beta(request: Request, *, alpha: float = 2.0, beta: float = 1.0, epsilon: float = 1e-6,
-                   stabilizer: float = 1e-6) -> RawMaps:
+def lrp_alpha_beta(
+    request: Request, *, alpha: float = 2.0, beta: float = 1.0, epsilon: float = 1e-6, stabilizer: float = 1e-6
+) -> RawMaps:
     """LRP with zennit's ``EpsilonAlpha2Beta1Flat``: flat first, alpha-beta on convolutions, epsilon on linear.
 
     ``alpha - beta`` must be 1 (Bach et al. 2015).
     """
     if alpha < 0 or beta < 0 or abs(alpha - beta - 1) > 1e-9:
         raise ConvlensError(f"alpha and beta must be non-negative with alpha - beta = 1, got {alpha} and {beta}")
-    return _maps(request, Composite(conv=AlphaBeta(alpha, beta, stabilizer), linear=Epsilon(epsilon),
-                                    first=Flat(stabilizer), stabilizer=stabilizer))
+    return _maps(
+        request,
+        Composite(
+            conv=AlphaBeta(alpha, beta, stabilizer),
+            linear=Epsilon(epsilon),
+            first=Flat(stabilizer),
+            stabilizer=stabilizer,
+        ),
+    )

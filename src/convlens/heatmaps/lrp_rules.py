@@ -58,7 +58,9 @@ class Affine:
     weight: torch.Tensor
     bias: torch.Tensor | None
     forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-    backward: Callable[[torch.Size, torch.Tensor, torch.Tensor], torch.Tensor]  # (input shape, weight, grad) -> J^T grad
+    backward: Callable[
+        [torch.Size, torch.Tensor, torch.Tensor], torch.Tensor
+    ]  # (input shape, weight, grad) -> J^T grad
 
 
 def conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
@@ -81,10 +83,18 @@ def conv_padding(module: nn.Conv2d) -> tuple[int, int] | None:
 def affine(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> Affine:
     """The :class:`Affine` of a ``Conv2d`` or ``Linear`` module with the given (possibly folded) parameters."""
     if isinstance(module, nn.Conv2d):
-        options: dict[str, Any] = dict(stride=module.stride, padding=conv_padding(module), dilation=module.dilation,
-                                       groups=module.groups)
-        return Affine(weight, bias, lambda x, w, b: F.conv2d(x, w, b, **options),
-                      lambda shape, w, g: conv2d_input(shape, w, g, **options))
+        options: dict[str, Any] = {
+            "stride": module.stride,
+            "padding": conv_padding(module),
+            "dilation": module.dilation,
+            "groups": module.groups,
+        }
+        return Affine(
+            weight,
+            bias,
+            lambda x, w, b: F.conv2d(x, w, b, **options),
+            lambda shape, w, g: conv2d_input(shape, w, g, **options),
+        )
     return Affine(weight, bias, F.linear, lambda shape, w, g: g @ w)
 
 
@@ -101,7 +111,10 @@ def _part(tensor: torch.Tensor | None, positive: bool) -> torch.Tensor | None:
 
 
 def _signed_inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(x+, x-)``; ``x-`` is ``None`` when no input is negative (after a ReLU), so its terms, all zero, are skipped."""
+    """``(x+, x-)``; ``x-`` is ``None`` when no input is negative (after a ReLU).
+
+    Its terms, all zero, are then skipped.
+    """
     if bool(x.min() >= 0):
         return x, None
     return x.clamp(min=0), x.clamp(max=0)
@@ -124,8 +137,9 @@ def _terms(layer: Affine, inputs: list[Term]) -> torch.Tensor:
     return _total([layer.forward(x, w, b) for x, w, b in inputs if x is not None and w is not None])
 
 
-def _back(layer: Affine, scaled: torch.Tensor, inputs: list[tuple[torch.Tensor | None, torch.Tensor | None]]
-          ) -> torch.Tensor:
+def _back(
+    layer: Affine, scaled: torch.Tensor, inputs: list[tuple[torch.Tensor | None, torch.Tensor | None]]
+) -> torch.Tensor:
     """``sum_i x_i * J_i^T scaled`` over the inputs that are not ``None`` (a weight is ``None`` only with its input)."""
     return _total([x * layer.backward(x.shape, w, scaled) for x, w in inputs if x is not None and w is not None])
 
@@ -171,8 +185,9 @@ class AlphaBeta:
         b_pos, b_neg = _part(layer.bias, True), _part(layer.bias, False)
         up = divide(relevance, _terms(layer, [(positive, w_pos, b_pos), (negative, w_neg, None)]), self.stabilizer)
         down = divide(relevance, _terms(layer, [(positive, w_neg, b_neg), (negative, w_pos, None)]), self.stabilizer)
-        return (self.alpha * _back(layer, up, [(positive, w_pos), (negative, w_neg)])
-                - self.beta * _back(layer, down, [(positive, w_neg), (negative, w_pos)]))
+        return self.alpha * _back(layer, up, [(positive, w_pos), (negative, w_neg)]) - self.beta * _back(
+            layer, down, [(positive, w_neg), (negative, w_pos)]
+        )
 
 
 @dataclass(frozen=True)
@@ -188,12 +203,15 @@ class Gamma:
         w_up, w_down = w + g * w.clamp(min=0), w + g * w.clamp(max=0)
         b_up = None if b is None else b + g * b.clamp(min=0)
         b_down = None if b is None else b + g * b.clamp(max=0)
-        up = (z > 0) * divide(relevance, _terms(layer, [(positive, w_up, b_up), (negative, w_down, None)]),
-                              self.stabilizer)
-        down = (z < 0) * divide(relevance, _terms(layer, [(positive, w_down, b_down), (negative, w_up, None)]),
-                                self.stabilizer)
-        return (_back(layer, up, [(positive, w_up), (negative, w_down)])
-                + _back(layer, down, [(positive, w_down), (negative, w_up)]))
+        up = (z > 0) * divide(
+            relevance, _terms(layer, [(positive, w_up, b_up), (negative, w_down, None)]), self.stabilizer
+        )
+        down = (z < 0) * divide(
+            relevance, _terms(layer, [(positive, w_down, b_down), (negative, w_up, None)]), self.stabilizer
+        )
+        return _back(layer, up, [(positive, w_up), (negative, w_down)]) + _back(
+            layer, down, [(positive, w_down), (negative, w_up)]
+        )
 
 
 @dataclass(frozen=True)
@@ -208,11 +226,17 @@ class ZBox:
         low = torch.as_tensor(self.low).to(x).expand(x.shape)
         high = torch.as_tensor(self.high).to(x).expand(x.shape)
         w_pos, w_neg = _part(layer.weight, True), _part(layer.weight, False)
-        denominator = (z - layer.forward(low, w_pos, _part(layer.bias, True))
-                       - layer.forward(high, w_neg, _part(layer.bias, False)))
+        denominator = (
+            z
+            - layer.forward(low, w_pos, _part(layer.bias, True))
+            - layer.forward(high, w_neg, _part(layer.bias, False))
+        )
         scaled = divide(relevance, denominator, self.stabilizer)
-        return (x * layer.backward(x.shape, layer.weight, scaled) - low * layer.backward(x.shape, w_pos, scaled)
-                - high * layer.backward(x.shape, w_neg, scaled))
+        return (
+            x * layer.backward(x.shape, layer.weight, scaled)
+            - low * layer.backward(x.shape, w_pos, scaled)
+            - high * layer.backward(x.shape, w_neg, scaled)
+        )
 
 
 @dataclass(frozen=True)
@@ -252,7 +276,7 @@ class Relevance(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, relevance):
-        x, = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
         result = ctx.rule(ctx.layer, x, ctx.z, relevance)
         ctx.z = None
         return result, None, None, None
@@ -266,8 +290,10 @@ class NormRelevance(torch.autograd.Function):
     def forward(ctx, fn, stabilizer, overwritten, *inputs):
         with torch.enable_grad():
             # ``overwritten``: an in-place sum (``out += identity``) overwrites its first input afterwards: a copy
-            leaves = [(x.detach().clone() if overwritten and i == 0 else x.detach()).requires_grad_()
-                      for i, x in enumerate(inputs)]
+            leaves = [
+                (x.detach().clone() if overwritten and i == 0 else x.detach()).requires_grad_()
+                for i, x in enumerate(inputs)
+            ]
             output = fn(*leaves)
         ctx.stabilizer, ctx.leaves, ctx.output = stabilizer, leaves, output
         ctx.versions = [x._version for x in leaves]  # a detached tensor shares its original's version counter

@@ -49,18 +49,24 @@ def _image_score(request: Request, image: int, rows: int) -> ScoreFn:
     return target_for_rows(request.score_fn, [image] * rows)
 
 
-def score_variants(request: Request, image: int, count: int, make_batch: MakeBatch,
-                   batch_size: int, done: int = 0, total: int = 0) -> torch.Tensor:
+def score_variants(
+    request: Request, image: int, count: int, make_batch: MakeBatch, batch_size: int, done: int = 0, total: int = 0
+) -> torch.Tensor:
     """Scores ``(count,)`` of ``count`` variants of image ``image``, ``batch_size`` per forward pass.
 
     ``make_batch(start, stop)`` returns the channels-first input of variants
     ``start:stop`` and the output rewrites that create them (``{}`` for masked
     inputs; a layer rewrite for ablations); see :func:`convlens.scoring.score_batches`.
     """
-    return score_batches(request.model, count, make_batch,
-                         lambda output, start, stop: _image_score(request, image, stop - start)(output),
-                         batch_size=batch_size, rewrite=request.rewrites(),
-                         progress=lambda stop, _: request.report(done + stop, total))
+    return score_batches(
+        request.model,
+        count,
+        make_batch,
+        lambda output, start, stop: _image_score(request, image, stop - start)(output),
+        batch_size=batch_size,
+        rewrite=request.rewrites(),
+        progress=lambda stop, _: request.report(done + stop, total),
+    )
 
 
 def clean_scores(request: Request) -> torch.Tensor:
@@ -77,8 +83,9 @@ def _layer_activations(request: Request) -> tuple[torch.Tensor, torch.Tensor]:
         return request.layer_output(rec, request.layers[0]).float(), scores
 
 
-def scorecam(request: Request, *, batch_size: int | None = None, top_k: int | None = None,
-             align_corners: bool = False) -> RawMaps:
+def scorecam(
+    request: Request, *, batch_size: int | None = None, top_k: int | None = None, align_corners: bool = False
+) -> RawMaps:
     """Score-CAM: each channel, upsampled and normalised, masks the input; the masked scores weight it.
 
     Wang et al. 2020, "Score-CAM: Score-Weighted Visual Explanations for
@@ -107,8 +114,9 @@ def scorecam(request: Request, *, batch_size: int | None = None, top_k: int | No
     # One buffer for every batch, already in the channels-last layout score_batches runs the model in:
     # multiplying straight into it saves building each batch channels-first and copying it over.
     rows = max(1, min(batch_size, keep.shape[1]))
-    buffer = torch.empty((rows, *request.x.shape[1:]), dtype=request.x.dtype, device=request.x.device,
-                         memory_format=torch.channels_last)
+    buffer = torch.empty(
+        (rows, *request.x.shape[1:]), dtype=request.x.dtype, device=request.x.device, memory_format=torch.channels_last
+    )
     maps = []
     for image in range(n):
         chosen = acts[image, keep[image]]
@@ -123,10 +131,11 @@ def scorecam(request: Request, *, batch_size: int | None = None, top_k: int | No
             # weights sum to one), but its samples miss most of the layer's grid, extremes included: the
             # upsampled mask is min-maxed again, as the paper's s(Up(A_k)) says.
             masks = F.interpolate(distinct[start:stop], size=size, mode="bilinear", align_corners=align_corners)
-            return torch.mul(image_x, normalise(masks)[0].to(image_x.dtype), out=buffer[:stop - start]), {}
+            return torch.mul(image_x, normalise(masks)[0].to(image_x.dtype), out=buffer[: stop - start]), {}
 
-        scores = score_variants(request, image, len(unique), masked_inputs, batch_size,
-                                done=image * channels, total=n * channels)[inverse]
+        scores = score_variants(
+            request, image, len(unique), masked_inputs, batch_size, done=image * channels, total=n * channels
+        )[inverse]
         weights = torch.softmax(scores, dim=0)
         maps.append(torch.einsum("k,khw->hw", weights, chosen))
     return RawMaps([torch.stack(maps)])
@@ -163,7 +172,8 @@ def ablationcam(request: Request, *, batch_size: int = DEFAULT_BATCH_SIZE) -> Ra
                 view = spatial_view(expanded, size, channels_last=keras, prefix_tokens=prefix)
                 return view.restore(view.map * keep, expanded)
 
-            return (image_x.expand(stop - start, -1, -1, -1) if repeat_input else image_x), {layer: ablate}
+            # repeat_input is read at call time on purpose: the retry below turns it on for this image
+            return (image_x.expand(stop - start, -1, -1, -1) if repeat_input else image_x), {layer: ablate}  # noqa: B023
 
         try:
             scores = score_variants(request, image, channels, ablated, batch_size, image * channels, n * channels)

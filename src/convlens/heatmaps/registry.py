@@ -13,8 +13,16 @@ from ..errors import ConvlensError, did_you_mean
 from .attribution import deconvolution, gradient_shap, input_x_gradient, occlusion, smoothgrad_sq, vargrad
 from .base import Method
 from .cam import class_activation_map, eigencam, gradcam, gradcam_plusplus, hirescam, layercam, xgradcam
-from .cam_variants import (eigengradcam, fem, finercam, fullgrad, gradcam_elementwise, kpcacam, shapleycam,
-                           smoothgradcam_plusplus)
+from .cam_variants import (
+    eigengradcam,
+    fem,
+    finercam,
+    fullgrad,
+    gradcam_elementwise,
+    kpcacam,
+    shapleycam,
+    smoothgradcam_plusplus,
+)
 from .deeplift import deeplift, deeplift_shap
 from .gradients import guided_backprop, guided_gradcam, integrated_gradients, saliency, smoothgrad
 from .lrp import lrp, lrp_alpha_beta, lrp_epsilon_gamma_box
@@ -31,8 +39,9 @@ METHODS: dict[str, Method] = {
     "layercam": Method("layercam", "cam", layercam, multi_layer=True, all_classes=True),
     "eigencam": Method("eigencam", "cam", eigencam, multi_layer=True),
     "eigengradcam": Method("eigengradcam", "cam", eigengradcam, multi_layer=True),
-    "gradcam_elementwise": Method("gradcam_elementwise", "cam", gradcam_elementwise, multi_layer=True,
-                                  all_classes=True),
+    "gradcam_elementwise": Method(
+        "gradcam_elementwise", "cam", gradcam_elementwise, multi_layer=True, all_classes=True
+    ),
     "fullgrad": Method("fullgrad", "cam", fullgrad, uses_layer=False),  # a sum of upsampled layer maps: blended
     "kpcacam": Method("kpcacam", "cam", kpcacam, multi_layer=True),
     "fem": Method("fem", "cam", fem, multi_layer=True),
@@ -45,8 +54,9 @@ METHODS: dict[str, Method] = {
     "iscam": Method("iscam", "perturbation", iscam),
     "saliency": Method("saliency", "gradient", saliency, uses_layer=False, pixel_level=True),
     "smoothgrad": Method("smoothgrad", "gradient", smoothgrad, uses_layer=False, pixel_level=True),
-    "integrated_gradients": Method("integrated_gradients", "gradient", integrated_gradients, uses_layer=False,
-                                   pixel_level=True),
+    "integrated_gradients": Method(
+        "integrated_gradients", "gradient", integrated_gradients, uses_layer=False, pixel_level=True
+    ),
     "guided_backprop": Method("guided_backprop", "gradient", guided_backprop, uses_layer=False, pixel_level=True),
     "guided_gradcam": Method("guided_gradcam", "gradient", guided_gradcam, pixel_level=True),
     "input_x_gradient": Method("input_x_gradient", "gradient", input_x_gradient, uses_layer=False, pixel_level=True),
@@ -62,8 +72,9 @@ METHODS: dict[str, Method] = {
     "lime": Method("lime", "perturbation", lime, uses_layer=False),
     "kernel_shap": Method("kernel_shap", "perturbation", kernel_shap, uses_layer=False),
     "lrp": Method("lrp", "gradient", lrp, uses_layer=False, pixel_level=True),
-    "lrp_epsilon_gamma_box": Method("lrp_epsilon_gamma_box", "gradient", lrp_epsilon_gamma_box, uses_layer=False,
-                                    pixel_level=True),
+    "lrp_epsilon_gamma_box": Method(
+        "lrp_epsilon_gamma_box", "gradient", lrp_epsilon_gamma_box, uses_layer=False, pixel_level=True
+    ),
     "lrp_alpha_beta": Method("lrp_alpha_beta", "gradient", lrp_alpha_beta, uses_layer=False, pixel_level=True),
 }
 
@@ -71,11 +82,17 @@ METHODS: dict[str, Method] = {
 def get_method(name: str) -> Method:
     key = name.strip().lower().replace("_", "").replace("-", "")
     aliases = {m.replace("_", "").replace("-", ""): m for m in METHODS}
-    aliases.update({"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++", "ig": "integrated_gradients",
-                    "vanilla": "saliency", "gradient": "saliency"})
+    aliases.update(
+        {
+            "gradcampp": "gradcam++",
+            "gradcamplusplus": "gradcam++",
+            "ig": "integrated_gradients",
+            "vanilla": "saliency",
+            "gradient": "saliency",
+        }
+    )
     if key not in aliases:
-        raise ConvlensError(f"unknown method {name!r}{did_you_mean(name, METHODS)} "
-                            f"(choose from {', '.join(METHODS)})")
+        raise ConvlensError(f"unknown method {name!r}{did_you_mean(name, METHODS)} (choose from {', '.join(METHODS)})")
     return METHODS[aliases[key]]
 
 

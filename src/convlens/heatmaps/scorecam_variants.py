@@ -17,12 +17,19 @@ from .base import RawMaps, Request, normalise, upsample
 from .perturbation import _layer_activations, score_variants, scorecam_batch_size
 
 
-def _smoothed_scorecam(request: Request, kind: str, n_samples: int, stdev: float, seed: int,
-                       batch_size: int | None, top_k: int | None) -> RawMaps:
-    if n_samples < 1 or not stdev >= 0 or (batch_size is not None and batch_size < 1) or (
-            top_k is not None and top_k < 1):
-        raise ConvlensError(f"{kind} needs n_samples >= 1, stdev >= 0, batch_size >= 1 and top_k >= 1, got "
-                            f"n_samples={n_samples}, stdev={stdev}, batch_size={batch_size}, top_k={top_k}")
+def _smoothed_scorecam(
+    request: Request, kind: str, n_samples: int, stdev: float, seed: int, batch_size: int | None, top_k: int | None
+) -> RawMaps:
+    if (
+        n_samples < 1
+        or not stdev >= 0
+        or (batch_size is not None and batch_size < 1)
+        or (top_k is not None and top_k < 1)
+    ):
+        raise ConvlensError(
+            f"{kind} needs n_samples >= 1, stdev >= 0, batch_size >= 1 and top_k >= 1, got "
+            f"n_samples={n_samples}, stdev={stdev}, batch_size={batch_size}, top_k={top_k}"
+        )
     acts, _ = _layer_activations(request)
     x = request.x
     n, channels = acts.shape[:2]
@@ -50,15 +57,23 @@ def _smoothed_scorecam(request: Request, kind: str, n_samples: int, stdev: float
                 return (image_x * chosen[start:stop].unsqueeze(1)).to(x.dtype), {}
 
             done = (sample * n + image) * count
-            totals[image] += score_variants(request, image, count, masked, batch_size, done=done,
-                                            total=n_samples * n * count)
+            totals[image] += score_variants(
+                request, image, count, masked, batch_size, done=done, total=n_samples * n * count
+            )
     weights = torch.softmax(totals / n_samples, dim=1)
     chosen_acts = acts.gather(1, keep.view(n, count, 1, 1).expand(n, count, *acts.shape[2:]))
     return RawMaps([torch.einsum("nk,nkhw->nhw", weights, chosen_acts)])
 
 
-def sscam(request: Request, *, n_samples: int = 35, stdev: float = 2.0, seed: int = 0,
-          batch_size: int | None = None, top_k: int | None = None) -> RawMaps:
+def sscam(
+    request: Request,
+    *,
+    n_samples: int = 35,
+    stdev: float = 2.0,
+    seed: int = 0,
+    batch_size: int | None = None,
+    top_k: int | None = None,
+) -> RawMaps:
     """SS-CAM: Score-CAM with Gaussian noise added to each channel's mask, the scores averaged.
 
     Wang et al. 2020, "SS-CAM: Smoothed Score-CAM for Sharper Visual Feature
@@ -72,8 +87,7 @@ def sscam(request: Request, *, n_samples: int = 35, stdev: float = 2.0, seed: in
     return _smoothed_scorecam(request, "sscam", n_samples, stdev, seed, batch_size, top_k)
 
 
-def iscam(request: Request, *, n_samples: int = 10, batch_size: int | None = None,
-          top_k: int | None = None) -> RawMaps:
+def iscam(request: Request, *, n_samples: int = 10, batch_size: int | None = None, top_k: int | None = None) -> RawMaps:
     """IS-CAM: Score-CAM with each mask's score integrated over growing mask strengths.
 
     Naidu et al. 2020, "IS-CAM: Integrated Score-CAM for axiomatic-based

@@ -32,10 +32,16 @@ def superpixels(request: Request, segments=None, n_segments: int = 50, compactne
     n, _, height, width = x.shape
     if segments is not None:
         ids = torch.as_tensor(segments, device=x.device)
-        if ids.is_floating_point() or ids.shape[-2:] != (height, width) or ids.ndim not in (2, 3) or \
-                (ids.ndim == 3 and ids.shape[0] not in (1, n)):
-            raise ConvlensError(f"segments must be an integer map of shape ({height}, {width}) or ({n}, {height}, "
-                                f"{width}), got {'float ' if ids.is_floating_point() else ''}{tuple(ids.shape)}")
+        if (
+            ids.is_floating_point()
+            or ids.shape[-2:] != (height, width)
+            or ids.ndim not in (2, 3)
+            or (ids.ndim == 3 and ids.shape[0] not in (1, n))
+        ):
+            raise ConvlensError(
+                f"segments must be an integer map of shape ({height}, {width}) or ({n}, {height}, "
+                f"{width}), got {'float ' if ids.is_floating_point() else ''}{tuple(ids.shape)}"
+            )
         return ids.long().expand(n, height, width)
     if n_segments < 1:
         raise ConvlensError(f"n_segments must be at least 1, got {n_segments}")
@@ -43,8 +49,17 @@ def superpixels(request: Request, segments=None, n_segments: int = 50, compactne
     for image in x.detach().float().cpu():
         picture = image.permute(1, 2, 0).numpy()
         picture = (picture - picture.min()) / max(float(np.ptp(picture)), 1e-12)  # SLIC's colour distances in [0, 1]
-        maps.append(torch.from_numpy(slic(picture, n_segments=n_segments, compactness=compactness, start_label=0,
-                                          channel_axis=-1 if picture.shape[-1] > 1 else None)))
+        maps.append(
+            torch.from_numpy(
+                slic(
+                    picture,
+                    n_segments=n_segments,
+                    compactness=compactness,
+                    start_label=0,
+                    channel_axis=-1 if picture.shape[-1] > 1 else None,
+                )
+            )
+        )
     return torch.stack(maps).long().to(x.device)
 
 
@@ -53,8 +68,15 @@ def _per_pixel(values: torch.Tensor, ids: torch.Tensor, channels: int) -> torch.
     return values[ids].expand(channels, -1, -1)
 
 
-def feature_ablation(request: Request, *, segments=None, n_segments: int = 50, compactness: float = 10.0,
-                     baseline: float = 0.0, batch_size: int = 64) -> RawMaps:
+def feature_ablation(
+    request: Request,
+    *,
+    segments=None,
+    n_segments: int = 50,
+    compactness: float = 10.0,
+    baseline: float = 0.0,
+    batch_size: int = 64,
+) -> RawMaps:
     """Feature ablation: the score drop when one superpixel is set to ``baseline``.
 
     The leave-one-out attribution of Zeiler & Fergus' occlusion, over superpixels
@@ -70,7 +92,7 @@ def feature_ablation(request: Request, *, segments=None, n_segments: int = 50, c
 
         def make_batch(start: int, stop: int, image=image):
             removed = ids[image] == torch.arange(start, stop, device=x.device).view(-1, 1, 1)
-            batch = x[image:image + 1].repeat(stop - start, 1, 1, 1)
+            batch = x[image : image + 1].repeat(stop - start, 1, 1, 1)
             return batch.masked_fill(removed.unsqueeze(1), baseline), {}
 
         drops = clean[image] - score_variants(request, image, count, make_batch, batch_size)
@@ -79,8 +101,17 @@ def feature_ablation(request: Request, *, segments=None, n_segments: int = 50, c
     return RawMaps([stacked.mean(dim=1)], stacked)
 
 
-def shapley_sampling(request: Request, *, segments=None, n_segments: int = 25, compactness: float = 10.0,
-                     n_samples: int = 25, baseline: float = 0.0, seed: int = 0, batch_size: int = 64) -> RawMaps:
+def shapley_sampling(
+    request: Request,
+    *,
+    segments=None,
+    n_segments: int = 25,
+    compactness: float = 10.0,
+    n_samples: int = 25,
+    baseline: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> RawMaps:
     """Shapley value sampling over superpixels.
 
     Castro, Gomez & Tejada 2009, "Polynomial calculation of the Shapley value based
@@ -104,12 +135,12 @@ def shapley_sampling(request: Request, *, segments=None, n_segments: int = 25, c
         orders = torch.stack([torch.randperm(count, generator=generator) for _ in range(n_samples)]).to(x.device)
         ranks = torch.argsort(orders, dim=1)  # ranks[s, k]: when superpixel k comes back in order s
 
-        def make_batch(start: int, stop: int, image=image):
+        def make_batch(start: int, stop: int, image=image, count=count, ranks=ranks):
             # variant 0: every superpixel removed; variant 1 + s*K + j: the first j + 1 of order s back
             variant = torch.arange(start, stop, device=x.device)
             sample, step = (variant - 1).clamp(min=0) // count, (variant - 1) % count
             back = (ranks[sample][:, ids[image]] <= step.view(-1, 1, 1)) & (variant > 0).view(-1, 1, 1)
-            batch = x[image:image + 1].repeat(stop - start, 1, 1, 1)
+            batch = x[image : image + 1].repeat(stop - start, 1, 1, 1)
             return batch.masked_fill(~back.unsqueeze(1), baseline), {}
 
         scores = score_variants(request, image, 1 + n_samples * count, make_batch, batch_size)
@@ -121,15 +152,16 @@ def shapley_sampling(request: Request, *, segments=None, n_segments: int = 25, c
     return RawMaps([stacked.mean(dim=1)], stacked)
 
 
-def _coalition_scores(request: Request, ids: torch.Tensor, image: int, coalitions: torch.Tensor, baseline: float,
-                      batch_size: int) -> torch.Tensor:
+def _coalition_scores(
+    request: Request, ids: torch.Tensor, image: int, coalitions: torch.Tensor, baseline: float, batch_size: int
+) -> torch.Tensor:
     """Scores ``(S,)`` of image ``image`` with superpixel ``k`` kept where ``coalitions[s, k]``, else ``baseline``."""
     x = request.x
     kept = coalitions.to(x.device, torch.bool)
 
     def make_batch(start: int, stop: int):
         keep = kept[start:stop][:, ids[image]].unsqueeze(1)
-        return x[image:image + 1].repeat(stop - start, 1, 1, 1).masked_fill(~keep, baseline), {}
+        return x[image : image + 1].repeat(stop - start, 1, 1, 1).masked_fill(~keep, baseline), {}
 
     return score_variants(request, image, len(coalitions), make_batch, batch_size)
 
@@ -162,7 +194,7 @@ def _cosine_to_original(x: torch.Tensor, ids: torch.Tensor, coalitions: torch.Te
     sizes = torch.bincount(flat_ids, minlength=count).double()
     kept = coalitions.to(x.device).double()
     dot = kept @ squares + (1 - kept) @ sums * baseline
-    norm = (kept @ squares + (1 - kept) @ sizes * baseline ** 2).sqrt() * squares.sum().sqrt()
+    norm = (kept @ squares + (1 - kept) @ sizes * baseline**2).sqrt() * squares.sum().sqrt()
     return dot / norm.clamp(min=1e-8)
 
 
@@ -180,8 +212,18 @@ def _check_samples(n_samples: int) -> None:
         raise ConvlensError(f"n_samples must be at least 1, got {n_samples}")
 
 
-def lime(request: Request, *, segments=None, n_segments: int = 25, compactness: float = 10.0, n_samples: int = 200,
-         baseline: float = 0.0, kernel_width: float = 1.0, seed: int = 0, batch_size: int = 64) -> RawMaps:
+def lime(
+    request: Request,
+    *,
+    segments=None,
+    n_segments: int = 25,
+    compactness: float = 10.0,
+    n_samples: int = 200,
+    baseline: float = 0.0,
+    kernel_width: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> RawMaps:
     """LIME over superpixels: the coefficients of a linear model fitted to random coalitions.
 
     Ribeiro, Singh & Guestrin 2016, "Why Should I Trust You?", arXiv:1602.04938:
@@ -208,7 +250,7 @@ def lime(request: Request, *, segments=None, n_segments: int = 25, compactness: 
         half = torch.full((1, count), 0.5)
         coalitions = torch.cat([torch.bernoulli(half, generator=generator) for _ in range(n_samples)])
         distance = 1 - _cosine_to_original(x[image], ids[image], coalitions, baseline)
-        weights = torch.exp(-distance.square() / (2 * kernel_width ** 2))
+        weights = torch.exp(-distance.square() / (2 * kernel_width**2))
         scores = _coalition_scores(request, ids, image, coalitions, baseline, batch_size)
         values = weighted_least_squares(coalitions, scores, weights).to(device=x.device, dtype=torch.float32)
         attributions.append(_per_pixel(values, ids[image], x.shape[1]))
@@ -240,8 +282,17 @@ def shapley_kernel_coalitions(count: int, n_samples: int, generator: torch.Gener
     return torch.cat(coalitions)[:n_samples]
 
 
-def kernel_shap(request: Request, *, segments=None, n_segments: int = 25, compactness: float = 10.0,
-                n_samples: int = 200, baseline: float = 0.0, seed: int = 0, batch_size: int = 64) -> RawMaps:
+def kernel_shap(
+    request: Request,
+    *,
+    segments=None,
+    n_segments: int = 25,
+    compactness: float = 10.0,
+    n_samples: int = 200,
+    baseline: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> RawMaps:
     """KernelSHAP over superpixels: Shapley values by weighted linear regression on coalitions.
 
     Lundberg & Lee 2017, "A Unified Approach to Interpreting Model Predictions",

@@ -19,6 +19,24 @@ from .params import PARAMETERIZATIONS
 from .regularizers import REGULARIZERS
 from .transforms import CHAINS
 
-__all__ = ["CHAINS", "ClassModel", "Factorization", "FilterPatterns", "OPTIMIZERS", "Objective", "PARAMETERIZATIONS",
-           "REGULARIZERS", "activations", "channel", "class_logit", "class_model", "deepdream", "default_layers",
-           "factorize", "filter_patterns", "input_normalizer", "layer_l2", "maximize"]
+__all__ = [
+    "CHAINS",
+    "OPTIMIZERS",
+    "PARAMETERIZATIONS",
+    "REGULARIZERS",
+    "ClassModel",
+    "Factorization",
+    "FilterPatterns",
+    "Objective",
+    "activations",
+    "channel",
+    "class_logit",
+    "class_model",
+    "deepdream",
+    "default_layers",
+    "factorize",
+    "filter_patterns",
+    "input_normalizer",
+    "layer_l2",
+    "maximize",
+]

@@ -38,13 +38,17 @@ def default_layers(model: Model, input_size: tuple[int, int] | None = None) -> l
     last = spatial.index(summary.auto_layer)
     chosen = [name for name in spatial[: last + 1] if _is_conv_or_pool(types[name])]
     if not chosen:
-        raise ConvlensError(f"{model.name} has no convolution or pooling layer with a spatial output; "
-                            "name the layers with --layers")
+        raise ConvlensError(
+            f"{model.name} has no convolution or pooling layer with a spatial output; name the layers with --layers"
+        )
     return chosen
 
 
-def activations(model: Model | nn.Module, image_or_batch: ImageLike | Sequence[ImageLike] | torch.Tensor,
-                layers: Sequence[LayerRef] | None = None) -> dict[str, torch.Tensor]:
+def activations(
+    model: Model | nn.Module,
+    image_or_batch: ImageLike | Sequence[ImageLike] | torch.Tensor,
+    layers: Sequence[LayerRef] | None = None,
+) -> dict[str, torch.Tensor]:
     """Return ``{layer name: (N, C, H, W) output}`` for each requested layer, from one forward pass.
 
     Args:

@@ -59,13 +59,22 @@ def _runs_at(model: Model, names: list[str], to_input: Callable, shape: tuple[in
     return True
 
 
-def _too_small(model: Model, names: list[str], to_input: Callable, image_size: tuple[int, int],
-               smallest: tuple[int, int], octaves: int, octave_scale: float) -> str:
+def _too_small(
+    model: Model,
+    names: list[str],
+    to_input: Callable,
+    image_size: tuple[int, int],
+    smallest: tuple[int, int],
+    octaves: int,
+    octave_scale: float,
+) -> str:
     """The one-line error for an image whose smallest octave the layers cannot take, with the size they need."""
     height, width = image_size
-    where = (f"the image is {width}x{height} pixels, too small for DeepDream on {', '.join(names)}: its smallest "
-             f"octave ({octaves} octave{'s' if octaves > 1 else ''}, scale {octave_scale:g}) is "
-             f"{smallest[1]}x{smallest[0]} pixels")
+    where = (
+        f"the image is {width}x{height} pixels, too small for DeepDream on {', '.join(names)}: its smallest "
+        f"octave ({octaves} octave{'s' if octaves > 1 else ''}, scale {octave_scale:g}) is "
+        f"{smallest[1]}x{smallest[0]} pixels"
+    )
     high = max(smallest)
     while not _runs_at(model, names, to_input, (high, high)):
         high *= 2
@@ -81,13 +90,24 @@ def _too_small(model: Model, names: list[str], to_input: Callable, image_size: t
     while round(needed / shrink) < high:
         needed += 1
     fewer = ", or fewer octaves" if octaves > 1 else ""
-    return (f"{where}, and these layers need at least {high}x{high}; "
-            f"use an image of at least {needed}x{needed} pixels{fewer}")
+    return (
+        f"{where}, and these layers need at least {high}x{high}; "
+        f"use an image of at least {needed}x{needed} pixels{fewer}"
+    )
 
 
-def deepdream(model: Model | nn.Module, image: ImageLike, layers: Sequence[LayerRef], *, octaves: int = 4,
-              octave_scale: float = 1.4, steps: int = 20, lr: float = 0.01, seed: int = 0,
-              progress: Progress | None = None) -> torch.Tensor:
+def deepdream(
+    model: Model | nn.Module,
+    image: ImageLike,
+    layers: Sequence[LayerRef],
+    *,
+    octaves: int = 4,
+    octave_scale: float = 1.4,
+    steps: int = 20,
+    lr: float = 0.01,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> torch.Tensor:
     """Return ``image`` dreamed on by ``layers``: RGB ``(3, H, W)`` in ``[0, 1]`` at the image's size.
 
     A tensor, like every result of the core; ``convlens.render.grid.to_pil`` makes it a picture.
@@ -97,14 +117,18 @@ def deepdream(model: Model | nn.Module, image: ImageLike, layers: Sequence[Layer
     if not names:
         raise ConvlensError("no layers given; name at least one layer to dream with")
     if octaves < 1 or octave_scale <= 1.0 or steps < 0:
-        raise ConvlensError(f"need octaves >= 1, octave scale > 1 and steps >= 0; got {octaves}, {octave_scale}, {steps}")
+        raise ConvlensError(
+            f"need octaves >= 1, octave scale > 1 and steps >= 0; got {octaves}, {octave_scale}, {steps}"
+        )
     objective = layer_l2(names[0])
     for name in names[1:]:
         objective = objective + layer_l2(name)
     original = pil_to_tensor(load_image(image)).float().div(255).unsqueeze(0).to(model.device)
     height, width = original.shape[-2:]
-    shapes = [(max(1, round(height / octave_scale ** i)), max(1, round(width / octave_scale ** i)))
-              for i in reversed(range(octaves))]
+    shapes = [
+        (max(1, round(height / octave_scale**i)), max(1, round(width / octave_scale**i)))
+        for i in reversed(range(octaves))
+    ]
     # Checked before any step: otherwise the first octave fails deep in the loop with the size of
     # an already-cropped image (down to "0x0") and no hint of what size would do.
     to_input = input_normalizer(model)
@@ -124,6 +148,15 @@ def deepdream(model: Model | nn.Module, image: ImageLike, layers: Sequence[Layer
             if progress is not None:
                 progress(done + step, octaves * steps)
 
-        dream = maximize(model, objective, steps=steps, param=given_image(dream), optimizer="normalized", lr=lr,
-                         transforms="jitter", seed=seed + octave, progress=report).images
+        dream = maximize(
+            model,
+            objective,
+            steps=steps,
+            param=given_image(dream),
+            optimizer="normalized",
+            lr=lr,
+            transforms="jitter",
+            seed=seed + octave,
+            progress=report,
+        ).images
     return dream[0]

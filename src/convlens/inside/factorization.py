@@ -88,8 +88,9 @@ def _scale_each(maps: torch.Tensor, size: Sequence[int]) -> np.ndarray:
     shifted = maps - maps.amin(dim=(-2, -1), keepdim=True)
     scaled = shifted / (shifted.amax(dim=(-2, -1), keepdim=True) + 1e-7)
     n, k = scaled.shape[:2]
-    resized = F.interpolate(scaled.reshape(n * k, 1, *scaled.shape[-2:]), size=size, mode="bilinear",
-                            align_corners=False)
+    resized = F.interpolate(
+        scaled.reshape(n * k, 1, *scaled.shape[-2:]), size=size, mode="bilinear", align_corners=False
+    )
     return resized.reshape(n, k, *size).numpy()
 
 
@@ -100,8 +101,10 @@ def _concept_classes(model: Model, concepts: np.ndarray) -> tuple[np.ndarray | N
     except ConvlensError as err:
         return None, str(err)
     if weight.shape[1] != concepts.shape[0]:
-        return None, (f"the linear head reads {weight.shape[1]} features and this layer has {concepts.shape[0]} "
-                      "channels, so its concepts cannot be scored as classes")
+        return None, (
+            f"the linear head reads {weight.shape[1]} features and this layer has {concepts.shape[0]} "
+            "channels, so its concepts cannot be scored as classes"
+        )
     directions = torch.as_tensor(concepts.T, dtype=torch.float32)
     if isinstance(head, nn.Module) and isinstance(head, nn.Linear):
         with torch.no_grad():
@@ -110,9 +113,15 @@ def _concept_classes(model: Model, concepts: np.ndarray) -> tuple[np.ndarray | N
     return scores.numpy(), ""
 
 
-def factorize(model: Model | nn.Module, images: ImageLike | Sequence[ImageLike] | torch.Tensor,
-              layer: LayerRef | None = None, components: int = 5, *, seed: int = 0,
-              max_iter: int = 200) -> Factorization:
+def factorize(
+    model: Model | nn.Module,
+    images: ImageLike | Sequence[ImageLike] | torch.Tensor,
+    layer: LayerRef | None = None,
+    components: int = 5,
+    *,
+    seed: int = 0,
+    max_iter: int = 200,
+) -> Factorization:
     """Deep Feature Factorization of ``layer`` (default: the last spatial layer) over ``images``.
 
     The factorization is over the whole batch at once, so one concept means the same thing in
@@ -128,8 +137,10 @@ def factorize(model: Model | nn.Module, images: ImageLike | Sequence[ImageLike] 
     act = recorded.detach().float().cpu()
     n, channels, h, w = act.shape
     if channels < components:
-        raise ConvlensError(f"layer {layer_name!r} has {channels} channels, fewer than the {components} concepts "
-                            "asked for; ask for fewer components or choose a wider layer")
+        raise ConvlensError(
+            f"layer {layer_name!r} has {channels} channels, fewer than the {components} concepts "
+            "asked for; ask for fewer components or choose a wider layer"
+        )
     matrix = torch.nan_to_num(act, nan=0.0).permute(1, 0, 2, 3).reshape(channels, -1).numpy().astype(np.float64)
     offset = matrix.min(axis=1, keepdims=True)
     shifted = matrix - offset

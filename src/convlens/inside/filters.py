@@ -40,8 +40,8 @@ from .transforms import Transform
 
 @dataclass
 class FilterPatterns:
-    images: torch.Tensor               # (N, 3, H, W) RGB in [0, 1]
-    activations: torch.Tensor          # (N,) final mean activation of each filter on its image
+    images: torch.Tensor  # (N, 3, H, W) RGB in [0, 1]
+    activations: torch.Tensor  # (N,) final mean activation of each filter on its image
     filters: list[int]
     layer: str
     initial_activations: torch.Tensor  # (N,) the same on the starting noise
@@ -49,8 +49,8 @@ class FilterPatterns:
 
 @dataclass
 class ClassModel:
-    images: torch.Tensor          # (N, 3, H, W) RGB in [0, 1]
-    logits: torch.Tensor          # (N,) final pre-activation logit of each class on its image
+    images: torch.Tensor  # (N, 3, H, W) RGB in [0, 1]
+    logits: torch.Tensor  # (N,) final pre-activation logit of each class on its image
     classes: list[int]
     initial_logits: torch.Tensor  # (N,)
 
@@ -88,11 +88,22 @@ def _indices(requested: Iterable[int] | None, count: int, what: str, where: str,
     return indices
 
 
-def filter_patterns(model: Model | nn.Module, layer: LayerRef, filters: Iterable[int] | None = None, *,
-                    max_filters: int = 64, size: int | Sequence[int] | None = None, steps: int = 128, seed: int = 0,
-                    param: str = "fourier", optimizer: str = "adam", lr: float | None = None,
-                    transforms: str | Transform | None = "standard", regularizers: Mapping[str, float] | None = None,
-                    progress: Progress | None = None) -> FilterPatterns:
+def filter_patterns(
+    model: Model | nn.Module,
+    layer: LayerRef,
+    filters: Iterable[int] | None = None,
+    *,
+    max_filters: int = 64,
+    size: int | Sequence[int] | None = None,
+    steps: int = 128,
+    seed: int = 0,
+    param: str = "fourier",
+    optimizer: str = "adam",
+    lr: float | None = None,
+    transforms: str | Transform | None = "standard",
+    regularizers: Mapping[str, float] | None = None,
+    progress: Progress | None = None,
+) -> FilterPatterns:
     """Optimise one image per filter of ``layer`` (default: the first 64), all in one batch.
 
     Args:
@@ -110,19 +121,42 @@ def filter_patterns(model: Model | nn.Module, layer: LayerRef, filters: Iterable
     name = next(iter(resolve_layers(model, [layer])))
     output = _probe(model, name, size)
     if output.ndim < 2:
-        raise ConvlensError(f"layer {name!r} has no channels (output shape {tuple(output.shape)}); choose another layer")
+        raise ConvlensError(
+            f"layer {name!r} has no channels (output shape {tuple(output.shape)}); choose another layer"
+        )
     chosen = _indices(filters, output.shape[1], "filter", f"layer {name!r}", max_filters)
     objective = channel(name, torch.tensor(chosen, device=model.device))
-    result = maximize(model, objective, batch=len(chosen), size=size, steps=steps, param=param, optimizer=optimizer,
-                      lr=lr, transforms=transforms, regularizers=regularizers, seed=seed, progress=progress)
+    result = maximize(
+        model,
+        objective,
+        batch=len(chosen),
+        size=size,
+        steps=steps,
+        param=param,
+        optimizer=optimizer,
+        lr=lr,
+        transforms=transforms,
+        regularizers=regularizers,
+        seed=seed,
+        progress=progress,
+    )
     return FilterPatterns(result.images, result.scores, chosen, name, result.initial_scores)
 
 
-def class_model(model: Model | nn.Module, class_index: int | Iterable[int], *,
-                size: int | Sequence[int] | None = None,
-                steps: int = 128, seed: int = 0, param: str = "fourier", optimizer: str = "adam",
-                lr: float | None = None, transforms: str | Transform | None = "standard",
-                regularizers: Mapping[str, float] | None = None, progress: Progress | None = None) -> ClassModel:
+def class_model(
+    model: Model | nn.Module,
+    class_index: int | Iterable[int],
+    *,
+    size: int | Sequence[int] | None = None,
+    steps: int = 128,
+    seed: int = 0,
+    param: str = "fourier",
+    optimizer: str = "adam",
+    lr: float | None = None,
+    transforms: str | Transform | None = "standard",
+    regularizers: Mapping[str, float] | None = None,
+    progress: Progress | None = None,
+) -> ClassModel:
     """Optimise one image per class to maximise its pre-activation logit (default size: the model's input)."""
     model = as_model(model)
     check_settings(optimizer, param, transforms, regularizers, steps, size)
@@ -131,6 +165,18 @@ def class_model(model: Model | nn.Module, class_index: int | Iterable[int], *,
     requested = [class_index] if isinstance(class_index, int) else class_index
     classes = _indices(requested, logits.shape[1], "class", model.name, 1)
     objective = class_logit(torch.tensor(classes, device=model.device))
-    result = maximize(model, objective, batch=len(classes), size=size, steps=steps, param=param, optimizer=optimizer,
-                      lr=lr, transforms=transforms, regularizers=regularizers, seed=seed, progress=progress)
+    result = maximize(
+        model,
+        objective,
+        batch=len(classes),
+        size=size,
+        steps=steps,
+        param=param,
+        optimizer=optimizer,
+        lr=lr,
+        transforms=transforms,
+        regularizers=regularizers,
+        seed=seed,
+        progress=progress,
+    )
     return ClassModel(result.images, result.scores, classes, result.initial_scores)

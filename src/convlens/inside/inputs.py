@@ -44,10 +44,15 @@ def input_normalizer(model: Model) -> Callable[[torch.Tensor], torch.Tensor]:
     matrix = torch.stack([red - black, green - black, blue - black], dim=1)  # (C_in, 3)
     offset = black
     gray = torch.full((3,), 128 / 255)
-    if not torch.allclose(matrix @ gray + offset, _flat_response(model.transform, (128, 128, 128)),
-                          atol=1e-3 * (1 + offset.abs().max().item())):
-        raise ConvlensError(f"the preprocessing of {model.name} is not a per-pixel affine map, so an "
-                            "optimised image cannot be fed through it; load the model with plain preprocessing")
+    if not torch.allclose(
+        matrix @ gray + offset,
+        _flat_response(model.transform, (128, 128, 128)),
+        atol=1e-3 * (1 + offset.abs().max().item()),
+    ):
+        raise ConvlensError(
+            f"the preprocessing of {model.name} is not a per-pixel affine map, so an "
+            "optimised image cannot be fed through it; load the model with plain preprocessing"
+        )
     device, dtype = model.device, model.dtype
     matrix, offset = matrix.to(device), offset.to(device)
 

@@ -34,12 +34,17 @@ class Objective:
         return self.score(outputs, model_output)
 
     def __add__(self, other: Objective) -> Objective:
-        return Objective(lambda o, y: self(o, y) + other(o, y), _union(self.layers, other.layers),
-                         self.needs_output or other.needs_output, f"{self.description} + {other.description}")
+        return Objective(
+            lambda o, y: self(o, y) + other(o, y),
+            _union(self.layers, other.layers),
+            self.needs_output or other.needs_output,
+            f"{self.description} + {other.description}",
+        )
 
     def __mul__(self, weight: float) -> Objective:
-        return Objective(lambda o, y: weight * self(o, y), self.layers, self.needs_output,
-                         f"{weight} * {self.description}")
+        return Objective(
+            lambda o, y: weight * self(o, y), self.layers, self.needs_output, f"{weight} * {self.description}"
+        )
 
     __rmul__ = __mul__
 

@@ -64,8 +64,8 @@ DEFAULT_LR = {"adam": 0.05, "rmsprop": 0.01, "normalized": 0.05}
 
 @dataclass
 class OptimizationResult:
-    images: torch.Tensor          # (N, 3, H, W) in [0, 1], detached
-    scores: torch.Tensor          # (N,) objective of the final, untransformed images
+    images: torch.Tensor  # (N, 3, H, W) in [0, 1], detached
+    scores: torch.Tensor  # (N,) objective of the final, untransformed images
     initial_scores: torch.Tensor  # (N,) objective of the starting images
 
 
@@ -75,9 +75,14 @@ def _choose(table: Mapping, name: str, what: str):
     return table[name]
 
 
-def check_settings(optimizer: str, param: str | ImageParam, transforms: str | Transform | None,
-                   regularizers: Mapping[str, float] | None, steps: int,
-                   size: int | Sequence[int] | None = None) -> None:
+def check_settings(
+    optimizer: str,
+    param: str | ImageParam,
+    transforms: str | Transform | None,
+    regularizers: Mapping[str, float] | None,
+    steps: int,
+    size: int | Sequence[int] | None = None,
+) -> None:
     """Validate the options of :func:`maximize` before any work (the CLI calls it before writing)."""
     _choose(OPTIMIZERS, optimizer, "optimizer")
     if isinstance(param, str):
@@ -94,16 +99,28 @@ def check_settings(optimizer: str, param: str | ImageParam, transforms: str | Tr
         raise ConvlensError(f"image size must be at least 8 pixels, got {size}")
 
 
-def maximize(model: Model, objective: Objective, *, batch: int = 1, size: int | tuple[int, int] = 128,
-             steps: int = 128, param: str | ImageParam = "fourier", optimizer: str = "adam",
-             lr: float | None = None, transforms: str | Transform | None = "standard",
-             regularizers: Mapping[str, float] | None = None, seed: int = 0,
-             progress: Progress | None = None) -> OptimizationResult:
+def maximize(
+    model: Model,
+    objective: Objective,
+    *,
+    batch: int = 1,
+    size: int | tuple[int, int] = 128,
+    steps: int = 128,
+    param: str | ImageParam = "fourier",
+    optimizer: str = "adam",
+    lr: float | None = None,
+    transforms: str | Transform | None = "standard",
+    regularizers: Mapping[str, float] | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> OptimizationResult:
     """Optimise a batch of images to maximise ``objective``; see the module docstring."""
     check_settings(optimizer, param, transforms, regularizers, steps)
     generator = torch.Generator().manual_seed(seed)
     device = model.device
-    image = PARAMETERIZATIONS[param](batch, size, generator=generator, device=device) if isinstance(param, str) else param
+    image = (
+        PARAMETERIZATIONS[param](batch, size, generator=generator, device=device) if isinstance(param, str) else param
+    )
     with torch.no_grad():
         shape = tuple(image.render().shape[-2:])
     chain = CHAINS[transforms](min(shape)) if isinstance(transforms, str) else transforms
@@ -142,9 +159,11 @@ def maximize(model: Model, objective: Objective, *, batch: int = 1, size: int | 
                 loss = loss + weight * REGULARIZERS[name](images).sum()
             grads = torch.autograd.grad(loss, image.tensors, allow_unused=True) if loss.requires_grad else [None]
             if any(g is None for g in grads):
-                raise ConvlensError(f"no gradient reaches the input image from {objective.description}: a part of "
-                                    "the model before that layer is not differentiable (detached, integer or "
-                                    "no_grad); choose an earlier layer")
+                raise ConvlensError(
+                    f"no gradient reaches the input image from {objective.description}: a part of "
+                    "the model before that layer is not differentiable (detached, integer or "
+                    "no_grad); choose an earlier layer"
+                )
             for tensor, grad in zip(image.tensors, grads):
                 tensor.grad = grad
             ascent.step()

@@ -45,21 +45,29 @@ def _decorrelated(image: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ck,nkhw->nchw", COLOR_MIX.to(image), image)
 
 
-def pixel_image(batch: int, size: int | tuple[int, int], *, generator: torch.Generator, device=None,
-                sd: float = 0.04) -> ImageParam:
+def pixel_image(
+    batch: int, size: int | tuple[int, int], *, generator: torch.Generator, device=None, sd: float = 0.04
+) -> ImageParam:
     """Gray plus ``N(0, sd)`` noise in sigmoid space; ``sd = 0.04`` is +-1 % around mid-gray."""
     height, width = (size, size) if isinstance(size, int) else size
     values = (torch.randn(batch, 3, height, width, generator=generator) * sd).to(device).requires_grad_()
     return ImageParam([values], lambda: torch.sigmoid(values))
 
 
-def fourier_image(batch: int, size: int | tuple[int, int], *, generator: torch.Generator, device=None,
-                  sd: float = 0.01, decay_power: float = 1.0) -> ImageParam:
+def fourier_image(
+    batch: int,
+    size: int | tuple[int, int],
+    *,
+    generator: torch.Generator,
+    device=None,
+    sd: float = 0.01,
+    decay_power: float = 1.0,
+) -> ImageParam:
     """Fourier coefficients scaled by ``1 / max(f, 1/size) ** decay_power``, decorrelated colour, sigmoid."""
     height, width = (size, size) if isinstance(size, int) else size
     freq_y = torch.fft.fftfreq(height).view(-1, 1)
     freq_x = torch.fft.rfftfreq(width).view(1, -1)
-    frequency = (freq_y ** 2 + freq_x ** 2).sqrt()
+    frequency = (freq_y**2 + freq_x**2).sqrt()
     scale = (1.0 / frequency.clamp(min=1.0 / max(height, width)) ** decay_power).to(device)
     spectrum = (torch.randn(batch, 3, height, width // 2 + 1, 2, generator=generator) * sd).to(device)
     spectrum.requires_grad_()

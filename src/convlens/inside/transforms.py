@@ -48,7 +48,7 @@ def jitter(distance: int) -> Transform:
     def apply(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         dy, dx = _integer(generator, distance), _integer(generator, distance)
         height, width = images.shape[-2:]
-        return images[..., dy:height - distance + dy, dx:width - distance + dx]
+        return images[..., dy : height - distance + dy, dx : width - distance + dx]
 
     return apply
 

@@ -42,7 +42,7 @@ from ..models import Model, as_model
 from ..scoring import score_batches
 from ..targets import AllClasses, ClassLogits, class_logits, resolve_targets
 
-Targets = Union[None, int, str, Sequence[Union[int, str]], torch.Tensor]
+Targets = int | str | Sequence[int | str] | torch.Tensor | None
 #: settled targets: class indices ``(N,)``, or a task target's rows (:class:`TargetRows`), which stand in for them
 ClassTargets = Union[torch.Tensor, "TargetRows"]
 Score = Literal["probability", "logit"]
@@ -53,8 +53,8 @@ class Prepared:
     """Validated metric inputs: the model, a channels-first batch, maps at its resolution, targets."""
 
     model: Model
-    x: torch.Tensor        # (N, C, H, W), channels-first, float
-    maps: torch.Tensor     # (N, H, W) float32
+    x: torch.Tensor  # (N, C, H, W), channels-first, float
+    maps: torch.Tensor  # (N, H, W) float32
     targets: ClassTargets  # (N,) long; a TargetRows for a segmenter's, detector's or embedding's target
 
 
@@ -129,8 +129,9 @@ class TargetRows:
         return self.target.rows(self.rows.tolist())(output).float()
 
 
-def class_scores(model: Model, output: torch.Tensor, targets: torch.Tensor, score: Score = "probability"
-                 ) -> torch.Tensor:
+def class_scores(
+    model: Model, output: torch.Tensor, targets: torch.Tensor, score: Score = "probability"
+) -> torch.Tensor:
     """The score of each row's target class: its probability, or its raw output (``"logit"``);
     for a task target (:class:`TargetRows`) the target's own score."""
     if isinstance(targets, TargetRows):
@@ -152,8 +153,9 @@ def as_targets(model: Model, x: torch.Tensor, targets: Targets) -> ClassTargets:
     if isinstance(targets, TargetRows):  # settled already, on these images
         return targets
     if callable(targets) and not isinstance(targets, (str, torch.Tensor)) and not hasattr(targets, "settle"):
-        raise ConvlensError("a metric scores the probability of a class; pass class indices or names as "
-                            "targets, not a function")
+        raise ConvlensError(
+            "a metric scores the probability of a class; pass class indices or names as targets, not a function"
+        )
     score_fn, indices = resolve_targets(targets, forward(model, x), model.labels, model.select, model)
     if isinstance(score_fn, AllClasses):
         raise ConvlensError("a metric scores one class per image; target='all' is for heatmaps")
@@ -166,21 +168,33 @@ def prepare(model, x: torch.Tensor, maps, targets: Targets = None) -> Prepared:
     """Check and convert a metric's inputs (see the module docstring)."""
     model = as_model(model)
     batch = as_batch(model, x)
-    return Prepared(model, batch, as_maps(maps, batch.shape[0], tuple(batch.shape[-2:])),
-                    as_targets(model, batch, targets))
+    return Prepared(
+        model, batch, as_maps(maps, batch.shape[0], tuple(batch.shape[-2:])), as_targets(model, batch, targets)
+    )
 
 
-def score_inputs(model: Model, make_inputs: Callable[[int, int], torch.Tensor], count: int,
-                 targets: ClassTargets, *, batch_size: int = 64, score: Score = "probability") -> torch.Tensor:
+def score_inputs(
+    model: Model,
+    make_inputs: Callable[[int, int], torch.Tensor],
+    count: int,
+    targets: ClassTargets,
+    *,
+    batch_size: int = 64,
+    score: Score = "probability",
+) -> torch.Tensor:
     """Score ``count`` inputs built lazily, ``batch_size`` at a time (:func:`convlens.scoring.score_batches`).
 
     ``make_inputs(start, stop)`` returns the channels-first inputs ``start..stop-1``
     and ``targets[i]`` is the class input ``i`` is scored for, so no more than
     ``batch_size`` perturbed images exist at once. Returns float32 ``(count,)``.
     """
-    scores = score_batches(model, count, lambda start, stop: (make_inputs(start, stop), {}),
-                           lambda output, start, stop: class_scores(model, output, targets[start:stop], score),
-                           batch_size=batch_size)
+    scores = score_batches(
+        model,
+        count,
+        lambda start, stop: (make_inputs(start, stop), {}),
+        lambda output, start, stop: class_scores(model, output, targets[start:stop], score),
+        batch_size=batch_size,
+    )
     return scores.to(targets.device)
 
 

@@ -47,8 +47,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConvlensError
 from .. import kernels
+from ..errors import ConvlensError
 from .base import Prepared, Score, Targets, normalize_maps, prepare, score_inputs, trapezoid_auc
 
 BASELINES = ("zeros", "blur", "mean")
@@ -78,8 +78,10 @@ def make_baseline(x: torch.Tensor, baseline: str | torch.Tensor) -> torch.Tensor
         try:
             return torch.broadcast_to(baseline.to(x), x.shape)
         except RuntimeError:
-            raise ConvlensError(f"a baseline of shape {tuple(baseline.shape)} does not fit inputs of shape "
-                                f"{tuple(x.shape)} (channels-first)") from None
+            raise ConvlensError(
+                f"a baseline of shape {tuple(baseline.shape)} does not fit inputs of shape "
+                f"{tuple(x.shape)} (channels-first)"
+            ) from None
     if baseline == "zeros":
         return torch.zeros_like(x)
     if baseline == "mean":
@@ -97,8 +99,9 @@ def importance_ranks(maps: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def _perturbation_curve(prepared: Prepared, baseline, step: int | None, batch_size: int, score: Score,
-                        reveal: bool) -> Curve:
+def _perturbation_curve(
+    prepared: Prepared, baseline, step: int | None, batch_size: int, score: Score, reveal: bool
+) -> Curve:
     x, maps, targets = prepared.x, prepared.maps, prepared.targets
     n, _, height, width = x.shape
     pixels = height * width
@@ -119,13 +122,23 @@ def _perturbation_curve(prepared: Prepared, baseline, step: int | None, batch_si
         return torch.where(mask, change_to[image], start_from[image])
 
     per_input_targets = targets.repeat_interleave(points)
-    scores = score_inputs(prepared.model, make_inputs, n * points, per_input_targets,
-                          batch_size=batch_size, score=score)
+    scores = score_inputs(
+        prepared.model, make_inputs, n * points, per_input_targets, batch_size=batch_size, score=score
+    )
     return Curve(changed.float() / pixels, scores.view(n, points))
 
 
-def deletion(model, x: torch.Tensor, maps, targets: Targets = None, *, step: int | None = None,
-             baseline: str | torch.Tensor = "zeros", batch_size: int = 64, score: Score = "probability") -> Curve:
+def deletion(
+    model,
+    x: torch.Tensor,
+    maps,
+    targets: Targets = None,
+    *,
+    step: int | None = None,
+    baseline: str | torch.Tensor = "zeros",
+    batch_size: int = 64,
+    score: Score = "probability",
+) -> Curve:
     """Deletion curve (RISE, Petsiuk et al. 2018): most important pixels replaced by ``baseline`` first.
 
     Args:
@@ -138,8 +151,17 @@ def deletion(model, x: torch.Tensor, maps, targets: Targets = None, *, step: int
     return _perturbation_curve(prepare(model, x, maps, targets), baseline, step, batch_size, score, reveal=False)
 
 
-def insertion(model, x: torch.Tensor, maps, targets: Targets = None, *, step: int | None = None,
-              baseline: str | torch.Tensor = "blur", batch_size: int = 64, score: Score = "probability") -> Curve:
+def insertion(
+    model,
+    x: torch.Tensor,
+    maps,
+    targets: Targets = None,
+    *,
+    step: int | None = None,
+    baseline: str | torch.Tensor = "blur",
+    batch_size: int = 64,
+    score: Score = "probability",
+) -> Curve:
     """Insertion curve (RISE, Petsiuk et al. 2018): most important pixels revealed on ``baseline`` first.
 
     Same options as :func:`deletion`; the paper's baseline is ``"blur"``. Higher ``curve.auc`` is better.
@@ -147,20 +169,23 @@ def insertion(model, x: torch.Tensor, maps, targets: Targets = None, *, step: in
     return _perturbation_curve(prepare(model, x, maps, targets), baseline, step, batch_size, score, reveal=True)
 
 
-def confidence_change(model, x: torch.Tensor, maps, targets: Targets = None, *, batch_size: int = 64,
-                      score: Score = "probability") -> tuple[torch.Tensor, torch.Tensor]:
+def confidence_change(
+    model, x: torch.Tensor, maps, targets: Targets = None, *, batch_size: int = 64, score: Score = "probability"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Y, O)``: each image's target score, and that of the image times its normalised map."""
     prepared = prepare(model, x, maps, targets)
     x, settled = prepared.x, prepared.targets
     masked = x * normalize_maps(prepared.maps).to(x).unsqueeze(1)
     both = torch.cat([x, masked])
-    scores = score_inputs(prepared.model, lambda a, b: both[a:b], both.shape[0], settled.repeat(2),
-                          batch_size=batch_size, score=score)
-    return scores[: x.shape[0]], scores[x.shape[0]:]
+    scores = score_inputs(
+        prepared.model, lambda a, b: both[a:b], both.shape[0], settled.repeat(2), batch_size=batch_size, score=score
+    )
+    return scores[: x.shape[0]], scores[x.shape[0] :]
 
 
-def average_drop(model, x: torch.Tensor, maps, targets: Targets = None, *, batch_size: int = 64,
-                 score: Score = "probability") -> torch.Tensor:
+def average_drop(
+    model, x: torch.Tensor, maps, targets: Targets = None, *, batch_size: int = 64, score: Score = "probability"
+) -> torch.Tensor:
     """Per-image drop in confidence ``100 * max(0, Y - O) / Y`` (Grad-CAM++, Chattopadhay et al. 2018).
 
     The mean over images is the paper's Average Drop %; lower is better.
@@ -169,8 +194,9 @@ def average_drop(model, x: torch.Tensor, maps, targets: Targets = None, *, batch
     return 100 * (full - masked).clamp_min(0) / full.clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def increase_in_confidence(model, x: torch.Tensor, maps, targets: Targets = None, *, batch_size: int = 64,
-                           score: Score = "probability") -> torch.Tensor:
+def increase_in_confidence(
+    model, x: torch.Tensor, maps, targets: Targets = None, *, batch_size: int = 64, score: Score = "probability"
+) -> torch.Tensor:
     """Per-image ``100 * [O > Y]`` (Grad-CAM++, Chattopadhay et al. 2018); the mean is the paper's %.
 
     Higher is better.

@@ -59,8 +59,10 @@ def as_masks(masks, maps: torch.Tensor) -> torch.Tensor:
     if masks.ndim == 4 and masks.shape[1] == 1:
         masks = masks[:, 0]
     if masks.ndim != 3 or masks.shape[0] != maps.shape[0]:
-        raise ConvlensError(f"expected {maps.shape[0]} mask(s) (N, H, W) for heatmaps of shape {tuple(maps.shape)}, "
-                            f"got a tensor of shape {tuple(masks.shape)}")
+        raise ConvlensError(
+            f"expected {maps.shape[0]} mask(s) (N, H, W) for heatmaps of shape {tuple(maps.shape)}, "
+            f"got a tensor of shape {tuple(masks.shape)}"
+        )
     masks = masks.to(maps.device) != 0
     if masks.shape[-2:] != maps.shape[-2:]:
         # "nearest-exact" samples the mask at each map pixel's centre, as PIL's NEAREST does for
@@ -111,7 +113,7 @@ def reach(masks: torch.Tensor, tolerance: float) -> torch.Tensor:
     if radius == 0:
         return masks
     offsets = torch.arange(-radius, radius + 1, device=masks.device, dtype=torch.float32)
-    disk = (offsets.view(-1, 1) ** 2 + offsets.view(1, -1) ** 2 <= tolerance ** 2).float()
+    disk = (offsets.view(-1, 1) ** 2 + offsets.view(1, -1) ** 2 <= tolerance**2).float()
     spread = F.conv2d(masks.float().unsqueeze(1), disk.view(1, 1, *disk.shape), padding=radius)
     return spread[:, 0] > 0.5
 

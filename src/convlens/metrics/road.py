@@ -44,8 +44,16 @@ FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ORDERS = ("morf", "lerf")
 
 # (row offset, column offset, weight) of the 8 neighbours in the paper's imputation.
-_NEIGHBOURS = ((-1, -1, 1 / 12), (-1, 0, 1 / 6), (-1, 1, 1 / 12), (0, -1, 1 / 6),
-               (0, 1, 1 / 6), (1, -1, 1 / 12), (1, 0, 1 / 6), (1, 1, 1 / 12))
+_NEIGHBOURS = (
+    (-1, -1, 1 / 12),
+    (-1, 0, 1 / 6),
+    (-1, 1, 1 / 12),
+    (0, -1, 1 / 6),
+    (0, 1, 1 / 6),
+    (1, -1, 1 / 12),
+    (1, 0, 1 / 6),
+    (1, 1, 1 / 12),
+)
 
 
 def linear_imputation(image: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
@@ -83,9 +91,9 @@ def linear_imputation(image: torch.Tensor, removed: torch.Tensor) -> torch.Tenso
         entries_col.append(variable[neighbour[is_unknown]])
         entries_value.append(np.full(int(is_unknown.sum()), -weight))
         np.add.at(rhs, equation[~is_unknown], weight * values[:, neighbour[~is_unknown]].T)
-    rows = np.concatenate([np.arange(unknown.size)] + entries_row)
-    cols = np.concatenate([np.arange(unknown.size)] + entries_col)
-    data = np.concatenate([diagonal] + entries_value)
+    rows = np.concatenate([np.arange(unknown.size), *entries_row])
+    cols = np.concatenate([np.arange(unknown.size), *entries_col])
+    data = np.concatenate([diagonal, *entries_value])
     system = coo_matrix((data, (rows, cols)), shape=(unknown.size, unknown.size)).tocsc()
     solution = spsolve(system, rhs).reshape(unknown.size, channels)
     filled = values.copy()
@@ -101,9 +109,19 @@ def removal_mask(maps: torch.Tensor, fraction: float, order: str) -> torch.Tenso
     return (ranks < count).view(n, height, width)
 
 
-def road(model, x: torch.Tensor, maps, targets: Targets = None, *, order: str = "morf",
-         fractions=FRACTIONS, noise: float = 0.01, seed: int | None = 0, batch_size: int = 64,
-         score: Score = "probability") -> Curve:
+def road(
+    model,
+    x: torch.Tensor,
+    maps,
+    targets: Targets = None,
+    *,
+    order: str = "morf",
+    fractions=FRACTIONS,
+    noise: float = 0.01,
+    seed: int | None = 0,
+    batch_size: int = 64,
+    score: Score = "probability",
+) -> Curve:
     """Target scores after ROAD imputation of each fraction of pixels, ``Curve(fractions, (N, F))``.
 
     Args:
@@ -128,13 +146,20 @@ def road(model, x: torch.Tensor, maps, targets: Targets = None, *, order: str = 
             jitter = noise * torch.randn(filled.shape, generator=generator).to(filled)
             imputed.append(torch.where(mask.to(filled.device), filled + jitter, filled))
     stack = torch.stack(imputed)  # (F * N, C, H, W), fraction-major
-    scores = score_inputs(prepared.model, lambda a, b: stack[a:b], stack.shape[0], settled.repeat(len(fractions)),
-                          batch_size=batch_size, score=score)
+    scores = score_inputs(
+        prepared.model,
+        lambda a, b: stack[a:b],
+        stack.shape[0],
+        settled.repeat(len(fractions)),
+        batch_size=batch_size,
+        score=score,
+    )
     return Curve(torch.tensor(fractions), scores.view(len(fractions), -1).T.contiguous())
 
 
-def road_score(model, x: torch.Tensor, maps, targets: Targets = None, *, order: str = "morf",
-               **options) -> torch.Tensor:
+def road_score(
+    model, x: torch.Tensor, maps, targets: Targets = None, *, order: str = "morf", **options
+) -> torch.Tensor:
     """Mean target probability over ROAD's removal fractions, ``(N,)`` (MoRF: lower is better)."""
     return road(model, x, maps, targets, order=order, **options).scores.mean(1)
 

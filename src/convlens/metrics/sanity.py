@@ -56,10 +56,19 @@ from torch import nn
 
 from ..capture import capture
 from ..errors import ConvlensError, did_you_mean
-from ..models import Model
 from ..kernels import gaussian_kernel
-from .base import (ClassTargets, ExplainFn, Targets, as_batch, as_maps, as_model, as_targets, heatmap_explainer,
-                   normalize_maps)
+from ..models import Model
+from .base import (
+    ClassTargets,
+    ExplainFn,
+    Targets,
+    as_batch,
+    as_maps,
+    as_model,
+    as_targets,
+    heatmap_explainer,
+    normalize_maps,
+)
 
 #: A method fails the sanity check when its maps keep this Spearman rank correlation (of the absolute
 #: maps) with the trained model's after every weight is randomised: such a map does not depend on the model.
@@ -82,7 +91,7 @@ def spearman(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     b = _average_ranks(second.flatten(1).double())
     a = a - a.mean(1, keepdim=True)
     b = b - b.mean(1, keepdim=True)
-    denominator = (a.norm(dim=1) * b.norm(dim=1))
+    denominator = a.norm(dim=1) * b.norm(dim=1)
     rho = (a * b).sum(1) / denominator.clamp_min(1e-300)
     return torch.where(denominator > 0, rho, torch.zeros_like(rho)).float()
 
@@ -100,19 +109,21 @@ def ssim(first: torch.Tensor, second: torch.Tensor, *, sigma: float = 1.5, taps:
         return F.conv2d(t, window)
 
     mean_a, mean_b = local_mean(a), local_mean(b)
-    var_a = local_mean(a * a) - mean_a ** 2
-    var_b = local_mean(b * b) - mean_b ** 2
+    var_a = local_mean(a * a) - mean_a**2
+    var_b = local_mean(b * b) - mean_b**2
     covariance = local_mean(a * b) - mean_a * mean_b
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    index = ((2 * mean_a * mean_b + c1) * (2 * covariance + c2)
-             / ((mean_a ** 2 + mean_b ** 2 + c1) * (var_a + var_b + c2)))
+    c1, c2 = 0.01**2, 0.03**2
+    index = (2 * mean_a * mean_b + c1) * (2 * covariance + c2) / ((mean_a**2 + mean_b**2 + c1) * (var_a + var_b + c2))
     return index.mean(dim=(1, 2, 3)).float()
 
 
 def similarity(first: torch.Tensor, second: torch.Tensor) -> dict[str, torch.Tensor]:
     """The three comparisons of the paper, each ``(N,)``: ``spearman_abs``, ``spearman``, ``ssim``."""
-    return {"spearman_abs": spearman(first.abs(), second.abs()), "spearman": spearman(first, second),
-            "ssim": ssim(first, second)}
+    return {
+        "spearman_abs": spearman(first.abs(), second.abs()),
+        "spearman": spearman(first, second),
+        "ssim": ssim(first, second),
+    }
 
 
 @dataclass
@@ -134,16 +145,22 @@ class Randomization:
 
     def rows(self) -> list[dict]:
         """One row per step: the layer and the image-mean of each similarity."""
-        return [{"mode": self.mode, "layer": layer, "spearman_abs": float(self.spearman_abs[k].mean()),
-                 "spearman": float(self.spearman[k].mean()), "ssim": float(self.ssim[k].mean())}
-                for k, layer in enumerate(self.layers)]
+        return [
+            {
+                "mode": self.mode,
+                "layer": layer,
+                "spearman_abs": float(self.spearman_abs[k].mean()),
+                "spearman": float(self.spearman[k].mean()),
+                "ssim": float(self.ssim[k].mean()),
+            }
+            for k, layer in enumerate(self.layers)
+        ]
 
 
 def parametrized_layers(model: Model | nn.Module, x: torch.Tensor) -> list[str]:
     """Names of the layers holding parameters of their own, in the order a forward pass finishes them."""
     model = as_model(model)
-    table = {name: m for name, m in model.named_layers().items()
-             if any(True for _ in m.parameters(recurse=False))}
+    table = {name: m for name, m in model.named_layers().items() if any(True for _ in m.parameters(recurse=False))}
     order: list[str] = []
     by_module = {m: name for name, m in table.items()}
 
@@ -154,7 +171,7 @@ def parametrized_layers(model: Model | nn.Module, x: torch.Tensor) -> list[str]:
         order.append(name)
         return output
 
-    with capture(model, rewrite={m: record for m in table.values()}) as rec, torch.no_grad():
+    with capture(model, rewrite=dict.fromkeys(table.values(), record)) as rec, torch.no_grad():
         rec.forward(as_batch(model, x)[:1])
     return order
 
@@ -184,10 +201,18 @@ def _explain(explain_fn: ExplainFn, model: Model, x: torch.Tensor, targets: Clas
     return as_maps(maps, internal.shape[0], tuple(internal.shape[-2:]))
 
 
-def parameter_randomization(model, x: torch.Tensor, targets: Targets = None, *,
-                            explain_fn: ExplainFn | None = None, method: str = "gradcam",
-                            mode: str = "cascading", layers: list[str] | None = None, seed: int = 0,
-                            progress=None) -> Randomization:
+def parameter_randomization(
+    model,
+    x: torch.Tensor,
+    targets: Targets = None,
+    *,
+    explain_fn: ExplainFn | None = None,
+    method: str = "gradcam",
+    mode: str = "cascading",
+    layers: list[str] | None = None,
+    seed: int = 0,
+    progress=None,
+) -> Randomization:
     """Model-parameter randomisation test (Adebayo et al. 2018), cascading or independent.
 
     Args:
@@ -223,12 +248,24 @@ def parameter_randomization(model, x: torch.Tensor, targets: Targets = None, *,
             progress(step + 1, len(layers))
     maps = torch.stack(randomized_maps)
     scores = [similarity(original, step_maps) for step_maps in maps]
-    return Randomization(mode, list(layers), original, maps,
-                         *(torch.stack([s[key] for s in scores]) for key in ("spearman_abs", "spearman", "ssim")))
+    return Randomization(
+        mode,
+        list(layers),
+        original,
+        maps,
+        *(torch.stack([s[key] for s in scores]) for key in ("spearman_abs", "spearman", "ssim")),
+    )
 
 
-def data_randomization(model, random_label_model, x: torch.Tensor, targets: Targets = None, *,
-                       explain_fn: ExplainFn | None = None, method: str = "gradcam") -> dict[str, torch.Tensor]:
+def data_randomization(
+    model,
+    random_label_model,
+    x: torch.Tensor,
+    targets: Targets = None,
+    *,
+    explain_fn: ExplainFn | None = None,
+    method: str = "gradcam",
+) -> dict[str, torch.Tensor]:
     """Data-randomisation test (Adebayo et al. 2018): maps of ``model`` vs a model trained on shuffled labels.
 
     Both explain the same targets (default: ``model``'s top class). Returns

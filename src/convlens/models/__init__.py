@@ -4,5 +4,15 @@ from .loading import ARCHITECTURES, as_model, load_model, torchvision_names
 from .model import Model, Prediction
 from .summary import Summary, auto_layer, summarize, survey
 
-__all__ = ["ARCHITECTURES", "Model", "as_model", "Prediction", "Summary", "auto_layer", "load_model",
-           "summarize", "survey", "torchvision_names"]
+__all__ = [
+    "ARCHITECTURES",
+    "Model",
+    "Prediction",
+    "Summary",
+    "as_model",
+    "auto_layer",
+    "load_model",
+    "summarize",
+    "survey",
+    "torchvision_names",
+]

@@ -72,8 +72,10 @@ def load_keras_file(path: Path, preprocessing: str | None = None, labels: list[s
     is_zip_format = path.suffix.lower() == ".keras"
     if not (zipfile.is_zipfile(path) if is_zip_format else _is_hdf5(path)):
         expected = "a zip archive" if is_zip_format else "an HDF5 file"
-        raise ConvlensError(f"{path} cannot be read as a Keras file: it is not {expected} (corrupt, truncated, "
-                            "or not a .keras/.h5 model); save the model again with model.save()")
+        raise ConvlensError(
+            f"{path} cannot be read as a Keras file: it is not {expected} (corrupt, truncated, "
+            "or not a .keras/.h5 model); save the model again with model.save()"
+        )
     keras = import_keras()
     unsafe = _unsafe_members(path) if is_zip_format else []
     try:
@@ -87,8 +89,11 @@ def load_keras_file(path: Path, preprocessing: str | None = None, labels: list[s
     except Exception as err:  # Keras raises many types for a bad file
         raise ConvlensError(f"cannot load Keras model {path}: {first_line(err)}") from None
     if unsafe:
-        warnings.warn(f"{path} contains {len(unsafe)} member(s) with unsafe paths (such as {unsafe[0]!r}), which "
-                      "were skipped", ConvlensWarning, stacklevel=2)
+        warnings.warn(
+            f"{path} contains {len(unsafe)} member(s) with unsafe paths (such as {unsafe[0]!r}), which were skipped",
+            ConvlensWarning,
+            stacklevel=2,
+        )
     return wrap_keras(keras_model, name=path.name, preprocessing=preprocessing, labels=labels)
 
 
@@ -103,8 +108,11 @@ def _unsafe_members(path: Path) -> list[str]:
     """Member names of a zip archive that would land outside the folder it is extracted to."""
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
-    return [name for name in names if name.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", name)
-            or re.match(r"[A-Za-z]:", name)]
+    return [
+        name
+        for name in names
+        if name.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", name) or re.match(r"[A-Za-z]:", name)
+    ]
 
 
 def _first_layers(keras_model: Any) -> list[Any]:
@@ -115,16 +123,35 @@ def _first_layers(keras_model: Any) -> list[Any]:
 DEFAULT_SIZE = 224
 
 #: Layers that are the identity at inference (data augmentation): looked through when finding preprocessing.
-_INFERENCE_IDENTITY = ("RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation", "RandomContrast",
-                       "RandomBrightness", "RandomErasing", "RandomGaussianBlur", "RandomSharpness",
-                       "GaussianNoise", "GaussianDropout", "Dropout", "SpatialDropout2D", "Identity")
+_INFERENCE_IDENTITY = (
+    "RandomFlip",
+    "RandomRotation",
+    "RandomZoom",
+    "RandomTranslation",
+    "RandomContrast",
+    "RandomBrightness",
+    "RandomErasing",
+    "RandomGaussianBlur",
+    "RandomSharpness",
+    "GaussianNoise",
+    "GaussianDropout",
+    "Dropout",
+    "SpatialDropout2D",
+    "Identity",
+)
 #: keras.applications networks without preprocessing layers, by their default model name, and the mode
 #: their ``preprocess_input`` implements; only named in the reason, never chosen from a name alone
 #: (a user's own model may carry the name).
-_APPLICATION_MODES = ((r"resnet\d+v2", "ResNet V2", "tf"), (r"resnet\d+", "ResNet", "caffe"),
-                      (r"vgg\d+", "VGG", "caffe"), (r"densenet\d+", "DenseNet", "torch"),
-                      (r"mobilenet", "MobileNet", "tf"), (r"xception", "Xception", "tf"),
-                      (r"inception", "Inception", "tf"), (r"nasnet", "NASNet", "tf"))
+_APPLICATION_MODES = (
+    (r"resnet\d+v2", "ResNet V2", "tf"),
+    (r"resnet\d+", "ResNet", "caffe"),
+    (r"vgg\d+", "VGG", "caffe"),
+    (r"densenet\d+", "DenseNet", "torch"),
+    (r"mobilenet", "MobileNet", "tf"),
+    (r"xception", "Xception", "tf"),
+    (r"inception", "Inception", "tf"),
+    (r"nasnet", "NASNet", "tf"),
+)
 
 
 def _leading_layers(model: Any) -> Iterator[Any]:
@@ -171,8 +198,9 @@ def detect_preprocessing(keras_model: Any) -> tuple[str, str]:
     found = []
     for layer in _leading_layers(keras_model):
         kind = type(layer).__name__
-        if kind == "Rescaling" or (kind == "Normalization" and getattr(layer, "mean", None) is not None
-                                   and not getattr(layer, "invert", False)):
+        if kind == "Rescaling" or (
+            kind == "Normalization" and getattr(layer, "mean", None) is not None and not getattr(layer, "invert", False)
+        ):
             found.append(layer)
         elif kind not in _INFERENCE_IDENTITY:
             break
@@ -190,8 +218,9 @@ def detect_preprocessing(keras_model: Any) -> tuple[str, str]:
     return "rescale", reason
 
 
-def wrap_keras(keras_model: Any, name: str | None = None, preprocessing: str | None = None,
-               labels: list[str] | None = None) -> Model:
+def wrap_keras(
+    keras_model: Any, name: str | None = None, preprocessing: str | None = None, labels: list[str] | None = None
+) -> Model:
     """Wrap an in-memory Keras model as a :class:`Model`.
 
     ``preprocessing`` ``None`` reads it from the model (:func:`detect_preprocessing`);
@@ -257,6 +286,7 @@ def keras_logit_rewrites(keras_model: Any) -> dict[nn.Module, OutputRewrite]:
     if type(last).__name__ in ("Softmax", "Activation"):
         return {last: lambda mod, inputs, output: inputs[0]}
     if type(last).__name__ == "Dense":
+
         def dense_logits(mod: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
             logits = torch.matmul(inputs[0], mod.kernel.value)
             return logits + mod.bias.value if mod.use_bias else logits  # a Keras Dense layer: untyped

@@ -127,9 +127,15 @@ def _from_memory(source: Any, names: list[str] | None, preprocessing: str | None
     return None
 
 
-def _from_name_or_file(source: Any, weights: str | os.PathLike[str] | None, arch: str | None,
-                       names: list[str] | None, preprocessing: str | None,
-                       input_size: int | tuple[int, int] | None, trust_code: bool) -> Model:
+def _from_name_or_file(
+    source: Any,
+    weights: str | os.PathLike[str] | None,
+    arch: str | None,
+    names: list[str] | None,
+    preprocessing: str | None,
+    input_size: int | tuple[int, int] | None,
+    trust_code: bool,
+) -> Model:
     """The model a file path or a name gives: a file first, then the bundled, task and torchvision names."""
     path = Path(source)
     if path.suffix.lower() in KERAS_SUFFIXES:
@@ -178,8 +184,10 @@ def resized(model: Model, input_size: int | Sequence[int]) -> Model:
         return model
     spec = model.info.get("transform")
     if spec is None or model.info.get("fixed_input_size"):
-        raise ConvlensError(f"{model.name} has a fixed input size of {model.input_size[0]}x{model.input_size[1]}; "
-                            "it cannot run at another one")
+        raise ConvlensError(
+            f"{model.name} has a fixed input size of {model.input_size[0]}x{model.input_size[1]}; "
+            "it cannot run at another one"
+        )
     model.transform, model.preprocessing = make_transform(size, **spec)
     model.input_size = size
     if model.info.get("task") == "detect":
@@ -190,8 +198,11 @@ def resized(model: Model, input_size: int | Sequence[int]) -> Model:
 def _looks_like_path(source: object) -> bool:
     """Whether ``source`` names a file rather than a model: a path object, a separator, or a model-file suffix."""
     text = str(source)
-    return (isinstance(source, os.PathLike) or any(sep in text for sep in ("/", "\\", os.sep))
-            or Path(text).suffix.lower() in MODEL_SUFFIXES)
+    return (
+        isinstance(source, os.PathLike)
+        or any(sep in text for sep in ("/", "\\", os.sep))
+        or Path(text).suffix.lower() in MODEL_SUFFIXES
+    )
 
 
 def as_model(model: Any) -> Model:
@@ -203,12 +214,17 @@ def as_model(model: Any) -> Model:
         return model
     if isinstance(model, nn.Module):  # Keras 3 models on the torch backend are modules too
         return load_model(model)
-    raise ConvlensError(f"expected a convlens Model or an nn.Module, got {type(model).__name__}; "
-                        "load it with convlens.load_model first")
+    raise ConvlensError(
+        f"expected a convlens Model or an nn.Module, got {type(model).__name__}; load it with convlens.load_model first"
+    )
 
 
-def from_module(module: nn.Module, name: str | None = None, labels: list[str] | None = None,
-                input_size: int | Sequence[int] | None = None) -> Model:
+def from_module(
+    module: nn.Module,
+    name: str | None = None,
+    labels: list[str] | None = None,
+    input_size: int | Sequence[int] | None = None,
+) -> Model:
     """Wrap an in-memory PyTorch module.
 
     Its input size, normalisation and crop come from the module when it says
@@ -254,9 +270,14 @@ def _timm_spec(module: nn.Module) -> dict[str, Any] | None:
     fixed = bool(getattr(embed, "strict_img_size", False) and getattr(embed, "img_size", None))
     if fixed:
         height, width = embed.img_size  # a ViT built for another size than its config's only runs at that one
-    return {"size": (int(height), int(width)), "mean": tuple(cfg.get("mean", IMAGENET_MEAN)),
-            "std": tuple(cfg.get("std", IMAGENET_STD)), "crop": cfg.get("crop_pct"), "source": "timm pretrained_cfg",
-            "fixed": fixed}
+    return {
+        "size": (int(height), int(width)),
+        "mean": tuple(cfg.get("mean", IMAGENET_MEAN)),
+        "std": tuple(cfg.get("std", IMAGENET_STD)),
+        "crop": cfg.get("crop_pct"),
+        "source": "timm pretrained_cfg",
+        "fixed": fixed,
+    }
 
 
 def _load_named(name: str, weights: str | os.PathLike[str] | None, labels: list[str] | None) -> Model:
@@ -283,8 +304,12 @@ def _load_named(name: str, weights: str | os.PathLike[str] | None, labels: list[
     preset = default.transforms()
     crop = preset.crop_size[0]
     resize = preset.resize_size[0]
-    spec = {"mean": tuple(preset.mean), "std": tuple(preset.std), "crop": crop / resize,
-            "source": f"torchvision {default}"}
+    spec = {
+        "mean": tuple(preset.mean),
+        "std": tuple(preset.std),
+        "crop": crop / resize,
+        "source": f"torchvision {default}",
+    }
     return Model(
         module=module,
         name=name,
@@ -304,9 +329,11 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         if _needs_full_unpickler(err):
-            raise ConvlensError(f"weights file {path} is a pickled Python object{_imports(err)}, not plain weights, "
-                                "and reading it would run code from the file; save model.state_dict() and pass "
-                                "that file") from None
+            raise ConvlensError(
+                f"weights file {path} is a pickled Python object{_imports(err)}, not plain weights, "
+                "and reading it would run code from the file; save model.state_dict() and pass "
+                "that file"
+            ) from None
         raise ConvlensError(f"cannot read weights file {path}: {first_line(err)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -320,8 +347,10 @@ def _load_state_dict(module: nn.Module, state: dict[str, torch.Tensor], path: Pa
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if mismatched:
         k = mismatched[0]
-        raise ConvlensError(f"weights file {path} does not fit architecture {arch}: {k} has shape "
-                            f"{tuple(state[k].shape)}, the model expects {tuple(own[k].shape)}")
+        raise ConvlensError(
+            f"weights file {path} does not fit architecture {arch}: {k} has shape "
+            f"{tuple(state[k].shape)}, the model expects {tuple(own[k].shape)}"
+        )
     result = module.load_state_dict(state, strict=False)
     problems = []
     if result.missing_keys:
@@ -406,8 +435,12 @@ def _from_checkpoint(checkpoint: dict[str, Any], path: Path, labels: list[str] |
     _load_state_dict(module, checkpoint["state_dict"], path, arch)
     size = tuple(checkpoint.get("input_size", (128, 128)))
     norm = checkpoint.get("normalize") or {}
-    spec: dict[str, Any] = {"mean": norm.get("mean"), "std": norm.get("std"), "crop": None,
-                            "source": "convlens checkpoint"}
+    spec: dict[str, Any] = {
+        "mean": norm.get("mean"),
+        "std": norm.get("std"),
+        "crop": None,
+        "source": "convlens checkpoint",
+    }
     transform, described = make_transform(size, **spec)
     info = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer", "convlens")}
     return Model(

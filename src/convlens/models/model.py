@@ -129,8 +129,9 @@ class Model:
         batch = torch.stack([self.transform(within_aspect(image, self.transform)) for image in load_images(images)])
         return self.from_internal(batch).to(device=self.device, dtype=self.dtype)
 
-    def as_batch(self, inputs: ImageLike | Sequence[ImageLike] | torch.Tensor
-                 ) -> tuple[torch.Tensor, list[Image.Image] | None]:
+    def as_batch(
+        self, inputs: ImageLike | Sequence[ImageLike] | torch.Tensor
+    ) -> tuple[torch.Tensor, list[Image.Image] | None]:
         """The one input contract: anything a user passes -> ``(x, images)``.
 
         ``x`` is a channels-first ``(N, C, H, W)`` float copy in the model's dtype
@@ -185,9 +186,8 @@ class Model:
         ``images``: anything :meth:`as_batch` reads. A model whose output is not
         finite is a one-line error naming the first layer that produced NaN or infinity.
         """
-        from .tasks import task_predictions
-
         from ..capture import capture
+        from .tasks import task_predictions
 
         x, _ = self.as_batch(images)
         with torch.inference_mode(), capture(self) as rec:
@@ -240,7 +240,7 @@ def first_nonfinite_layer(model: Model, x: torch.Tensor) -> str | None:
             found.append(by_module[module])
         return output
 
-    with torch.inference_mode(), capture(model, rewrite={m: check for m in layers.values()}) as rec:
+    with torch.inference_mode(), capture(model, rewrite=dict.fromkeys(layers.values(), check)) as rec:
         rec.forward(x)
     return found[0] if found else None
 
@@ -253,8 +253,10 @@ def ensure_finite(model: Model, x: torch.Tensor, output: Any) -> None:
         raise ConvlensError("the input holds NaN or infinite values; check the images or the preprocessing")
     layer = first_nonfinite_layer(model, x) if not isinstance(model.module, torch.jit.ScriptModule) else None
     where = f"; the first layer whose output is not finite is {layer!r}" if layer else ""
-    raise ConvlensError(f"the model's output is not finite (NaN or infinity){where}: "
-                        "check its weights (a diverged training run?) or its input scale")
+    raise ConvlensError(
+        f"the model's output is not finite (NaN or infinity){where}: "
+        "check its weights (a diverged training run?) or its input scale"
+    )
 
 
 def _final_activation(module: nn.Module) -> nn.Module | None:
@@ -272,4 +274,3 @@ def detect_output(module: nn.Module) -> OutputKind:
     if isinstance(final, nn.Softmax):
         return "softmax"
     return "logits"
-

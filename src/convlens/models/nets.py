@@ -39,8 +39,13 @@ class ShapesNet(nn.Module):
         torch.Size([1, 8])
     """
 
-    def __init__(self, num_classes: int = 8, widths: Sequence[int] = (16, 32, 64, 128),
-                 convs_per_stage: int = 1, in_channels: int = 3):
+    def __init__(
+        self,
+        num_classes: int = 8,
+        widths: Sequence[int] = (16, 32, 64, 128),
+        convs_per_stage: int = 1,
+        in_channels: int = 3,
+    ):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")

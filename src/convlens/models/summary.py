@@ -25,8 +25,10 @@ from ..capture import capture, merge_rewrites, prefix_tokens, spatial_view
 from ..errors import ConvlensError, first_line
 from .model import Model
 
-TORCHSCRIPT_LAYERS = ("a TorchScript model cannot be hooked, so convlens cannot see its layers (it can still "
-                      "predict); pass the eager nn.Module instead, or its state dict with --arch")
+TORCHSCRIPT_LAYERS = (
+    "a TorchScript model cannot be hooked, so convlens cannot see its layers (it can still "
+    "predict); pass the eager nn.Module instead, or its state dict with --arch"
+)
 
 
 @dataclass
@@ -73,8 +75,12 @@ _PASS_THROUGH = ("Identity", "Dropout", "DropPath", "Linear")
 def _auto_candidates(rows: list[LayerRow], order: list[str]) -> list[str]:
     by_name = {r.name: r for r in rows}
     spatial = [n for n in order if n in by_name and by_name[n].spatial]
-    return [n for n in spatial if not by_name[n].type.startswith("Adaptive")
-            and not (by_name[n].layout == "tokens" and by_name[n].type in _PASS_THROUGH)]
+    return [
+        n
+        for n in spatial
+        if not by_name[n].type.startswith("Adaptive")
+        and not (by_name[n].layout == "tokens" and by_name[n].type in _PASS_THROUGH)
+    ]
 
 
 def _reaches_output(model: Model, x: torch.Tensor, names: list[str]) -> list[str]:
@@ -87,8 +93,9 @@ def _reaches_output(model: Model, x: torch.Tensor, names: list[str]) -> list[str
             from ..targets import output_parts
 
             # the output holds a tensor (the forward pass ran), so the sum is one, not sum()'s start 0
-            total = cast(torch.Tensor, sum(v.float().sum() for _, v in output_parts(output)
-                                           if isinstance(v, torch.Tensor)))
+            total = cast(
+                torch.Tensor, sum(v.float().sum() for _, v in output_parts(output) if isinstance(v, torch.Tensor))
+            )
         acts = [rec.outputs[n] for n in names]
         grads = torch.autograd.grad(total, acts, allow_unused=True)
     reached = []
@@ -157,7 +164,7 @@ def survey(model: Model, x: torch.Tensor, *, logits: bool = False) -> tuple[Summ
         return output
 
     scripted = isinstance(model.module, torch.jit.ScriptModule)  # cannot be hooked: parameters only
-    recording = {m: record for m in layers.values()}
+    recording = dict.fromkeys(layers.values(), record)
     output = None
     try:
         if scripted:
@@ -169,12 +176,20 @@ def survey(model: Model, x: torch.Tensor, *, logits: bool = False) -> tuple[Summ
                 output = rec.forward(x)
     except (RuntimeError, AssertionError) as err:  # timm asserts a ViT's input size
         raise ConvlensError(
-            f"the model cannot run on a {size[0]}x{size[1]} input ({first_line(err)}); "
-            "try another --input-size"
+            f"the model cannot run on a {size[0]}x{size[1]} input ({first_line(err)}); try another --input-size"
         ) from None
-    rows = [LayerRow(name, type(layers[name]).__name__, shapes.get(name), _own_params(layers[name], keras),
-                     name in views, name.count(".") if not keras else 0, views.get(name, ""))
-            for name in layers]
+    rows = [
+        LayerRow(
+            name,
+            type(layers[name]).__name__,
+            shapes.get(name),
+            _own_params(layers[name], keras),
+            name in views,
+            name.count(".") if not keras else 0,
+            views.get(name, ""),
+        )
+        for name in layers
+    ]
     auto = None if scripted else _choose_auto(model, x, rows, order)
     params = list(model.module.parameters())
     if keras:

@@ -61,7 +61,8 @@ def is_detector(module: nn.Module) -> bool:
 def is_segmenter(module: nn.Module) -> bool:
     """A torchvision segmentation model (``backbone`` + ``classifier`` returning ``{"out": ...}``)."""
     return any(cls.__name__ == "_SimpleSegmentationModel" for cls in type(module).__mro__) or (
-        type(module).__name__ == "LRASPP")
+        type(module).__name__ == "LRASPP"
+    )
 
 
 def task_of(module: nn.Module) -> str | None:
@@ -110,9 +111,13 @@ def pixel_shares(scores: torch.Tensor, label: LabelOf, top_k: int) -> list[list[
 
 def detection_rows(found: list[Mapping[str, Any]], label: LabelOf, top_k: int) -> list[list[Detection]]:
     """Per image, the first ``top_k`` detections (the detector's order: by score)."""
-    return [[Detection(int(k), label(int(k)), float(s), _rounded_box(box))
-             for box, k, s in zip(d["boxes"][:top_k], d["labels"][:top_k].tolist(), d["scores"][:top_k].tolist())]
-            for d in found]
+    return [
+        [
+            Detection(int(k), label(int(k)), float(s), _rounded_box(box))
+            for box, k, s in zip(d["boxes"][:top_k], d["labels"][:top_k].tolist(), d["scores"][:top_k].tolist())
+        ]
+        for d in found
+    ]
 
 
 def _rounded_box(box: torch.Tensor) -> tuple[float, float, float, float]:
@@ -139,8 +144,9 @@ def task_names() -> list[str]:
     return sorted(models.list_models(module=models.segmentation) + models.list_models(module=models.detection))
 
 
-def load_task_model(name: str, weights: str | os.PathLike[str] | None, labels: list[str] | None,
-                    input_size: Sequence[int] | None = None) -> Model:
+def load_task_model(
+    name: str, weights: str | os.PathLike[str] | None, labels: list[str] | None, input_size: Sequence[int] | None = None
+) -> Model:
     """A torchvision segmentation model or detector by name; ``weights`` as :func:`convlens.load_model` takes it.
 
     With ``"none"`` (or a weights file) the backbone is random too (``weights_backbone=None``): nothing
@@ -166,8 +172,10 @@ def load_task_model(name: str, weights: str | os.PathLike[str] | None, labels: l
         else:
             module = torchvision.models.get_model(name, weights=None, weights_backbone=None, **extra)
     except (OSError, RuntimeError) as err:
-        raise ConvlensError(f"cannot download the default weights of {name} ({first_line(err)}); pass a local "
-                            "weights file with --weights PATH, or --weights none for random weights") from None
+        raise ConvlensError(
+            f"cannot download the default weights of {name} ({first_line(err)}); pass a local "
+            "weights file with --weights PATH, or --weights none for random weights"
+        ) from None
     if weights not in (None, "none", "default"):
         _load_state_dict(module, _read_state_dict(Path(weights)), Path(weights), name)
     task = "detect" if detect else "segment"
@@ -182,11 +190,31 @@ def load_task_model(name: str, weights: str | os.PathLike[str] | None, labels: l
         spec = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop": None, "source": f"torchvision {default}"}
     transform, described = make_transform(size, **spec)
     height, width = size
-    return Model(module=module, name=name, transform=transform, input_size=(height, width),
-                 labels=labels or list(default.meta.get("categories") or []) or None, output="logits",
-                 info={"weights": str(weights), "transform": spec, **task_info(module, task)},
-                 select="out" if task == "segment" else None, preprocessing=described)
+    return Model(
+        module=module,
+        name=name,
+        transform=transform,
+        input_size=(height, width),
+        labels=labels or list(default.meta.get("categories") or []) or None,
+        output="logits",
+        info={"weights": str(weights), "transform": spec, **task_info(module, task)},
+        select="out" if task == "segment" else None,
+        preprocessing=described,
+    )
 
 
-__all__ = ["BACKGROUND", "Detection", "PixelShare", "detector_size", "is_detector", "is_segmenter", "load_task_model",
-           "pixel_shares", "set_detector_size", "task_info", "task_names", "task_of", "task_predictions"]
+__all__ = [
+    "BACKGROUND",
+    "Detection",
+    "PixelShare",
+    "detector_size",
+    "is_detector",
+    "is_segmenter",
+    "load_task_model",
+    "pixel_shares",
+    "set_detector_size",
+    "task_info",
+    "task_names",
+    "task_of",
+    "task_predictions",
+]

@@ -34,17 +34,61 @@ from ..errors import ConvlensError, first_line
 DENIED = frozenset({"aten::from_file", "aten::save"})
 
 #: prim operators that only build, read or branch on values: nothing reaches a file, a process or the network
-PRIM_ALLOWED = frozenset({
-    "prim::Constant", "prim::GetAttr", "prim::SetAttr", "prim::If", "prim::Loop", "prim::ListConstruct",
-    "prim::ListUnpack", "prim::TupleConstruct", "prim::TupleUnpack", "prim::TupleIndex", "prim::TupleSlice",
-    "prim::DictConstruct", "prim::CreateObject", "prim::RaiseException", "prim::Uninitialized",
-    "prim::unchecked_cast", "prim::unchecked_unwrap_optional", "prim::NumToTensor", "prim::device", "prim::dtype",
-    "prim::layout", "prim::shape", "prim::data", "prim::requires_grad", "prim::grad", "prim::is_cuda",
-    "prim::is_cpu", "prim::is_quantized", "prim::is_sparse", "prim::is_nested", "prim::is_meta", "prim::is_mkldnn",
-    "prim::abs", "prim::min", "prim::max", "prim::tolist", "prim::StringIndex", "prim::EnumName", "prim::EnumValue",
-    "prim::isinstance", "prim::AutogradZero", "prim::AutogradAdd", "prim::Print", "prim::name", "prim::index",
-    "prim::rangelist", "prim::itemsize", "prim::nbytes", "prim::type", "prim::id", "prim::ModuleContainerIndex",
-})
+PRIM_ALLOWED = frozenset(
+    {
+        "prim::Constant",
+        "prim::GetAttr",
+        "prim::SetAttr",
+        "prim::If",
+        "prim::Loop",
+        "prim::ListConstruct",
+        "prim::ListUnpack",
+        "prim::TupleConstruct",
+        "prim::TupleUnpack",
+        "prim::TupleIndex",
+        "prim::TupleSlice",
+        "prim::DictConstruct",
+        "prim::CreateObject",
+        "prim::RaiseException",
+        "prim::Uninitialized",
+        "prim::unchecked_cast",
+        "prim::unchecked_unwrap_optional",
+        "prim::NumToTensor",
+        "prim::device",
+        "prim::dtype",
+        "prim::layout",
+        "prim::shape",
+        "prim::data",
+        "prim::requires_grad",
+        "prim::grad",
+        "prim::is_cuda",
+        "prim::is_cpu",
+        "prim::is_quantized",
+        "prim::is_sparse",
+        "prim::is_nested",
+        "prim::is_meta",
+        "prim::is_mkldnn",
+        "prim::abs",
+        "prim::min",
+        "prim::max",
+        "prim::tolist",
+        "prim::StringIndex",
+        "prim::EnumName",
+        "prim::EnumValue",
+        "prim::isinstance",
+        "prim::AutogradZero",
+        "prim::AutogradAdd",
+        "prim::Print",
+        "prim::name",
+        "prim::index",
+        "prim::rangelist",
+        "prim::itemsize",
+        "prim::nbytes",
+        "prim::type",
+        "prim::id",
+        "prim::ModuleContainerIndex",
+    }
+)
 
 #: namespaces of registered tensor maths (quantized kernels, torchvision's nms and roi_align)
 NAMESPACES_ALLOWED = frozenset({"quantized", "_quantized", "torchvision"})
@@ -58,7 +102,8 @@ def _aten_with_file_arguments() -> frozenset[str]:
     found = set()
     for schema in torch._C._jit_get_all_schemas():
         if schema.name.startswith("aten::") and any(
-                "str" in str(arg.type) and _FILE_ARGUMENT.search(arg.name) for arg in schema.arguments):
+            "str" in str(arg.type) and _FILE_ARGUMENT.search(arg.name) for arg in schema.arguments
+        ):
             found.add(schema.name)
     return frozenset(found)
 
@@ -82,16 +127,20 @@ def check_archive(path: Path) -> None:
     with zipfile.ZipFile(path) as archive:
         for name in archive.namelist():
             if "/code/" in name and name.endswith(".py") and b"__setstate__" in archive.read(name):
-                raise _refusal(path, f"defines __setstate__ in {name.split('/code/', 1)[1]}, "
-                                     "which torch.jit.load runs while loading")
+                raise _refusal(
+                    path,
+                    f"defines __setstate__ in {name.split('/code/', 1)[1]}, which torch.jit.load runs while loading",
+                )
 
 
 def check_module(module: torch.jit.ScriptModule, path: Path) -> None:
     """Refuse a loaded TorchScript module whose code holds an operator that :func:`why_refused` names."""
     for owner, sub in module.named_modules():
         methods = [(name, sub._c._get_method(name).inlined_graph) for name in sub._c._method_names()]
-        methods += [(f"hook {hook.name}", hook.graph)
-                    for hook in [*sub._c._get_forward_pre_hooks(), *sub._c._get_forward_hooks()]]
+        methods += [
+            (f"hook {hook.name}", hook.graph)
+            for hook in [*sub._c._get_forward_pre_hooks(), *sub._c._get_forward_hooks()]
+        ]
         for method, graph in methods:
             for kind in _kinds(graph):
                 reason = why_refused(kind)
@@ -117,8 +166,10 @@ def _kinds(graph: torch.Graph) -> list[str]:
 
 
 def _refusal(path: Path, what: str) -> ConvlensError:
-    return ConvlensError(f"TorchScript file {path} {what}; TorchScript is code, and convlens runs such a file only "
-                         "if you trust its source: pass trust_code=True (CLI: --trust-code)")
+    return ConvlensError(
+        f"TorchScript file {path} {what}; TorchScript is code, and convlens runs such a file only "
+        "if you trust its source: pass trust_code=True (CLI: --trust-code)"
+    )
 
 
 def load_torchscript(path: Path, trust_code: bool = False) -> torch.jit.ScriptModule:

@@ -86,8 +86,9 @@ def imagenet_transform(crop: int = 224, resize: int | None = 256) -> v2.Compose:
     return v2.Compose(steps)
 
 
-def plain_transform(size: Sequence[int], mean: Sequence[float] | None = None,
-                    std: Sequence[float] | None = None) -> v2.Compose:
+def plain_transform(
+    size: Sequence[int], mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> v2.Compose:
     """Resize to ``size`` (H, W), scale to [0, 1], and normalise when mean/std are given."""
     steps = [v2.ToImage(), v2.Resize(tuple(size), antialias=True), v2.ToDtype(torch.float32, scale=True)]
     if mean is not None and std is not None:
@@ -95,8 +96,13 @@ def plain_transform(size: Sequence[int], mean: Sequence[float] | None = None,
     return v2.Compose(steps)
 
 
-def make_transform(size: Sequence[int], mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                   crop: float | None = None, source: str = "") -> tuple[v2.Compose, str]:
+def make_transform(
+    size: Sequence[int],
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop: float | None = None,
+    source: str = "",
+) -> tuple[v2.Compose, str]:
     """The preprocessing for ``size`` (H, W), and what it does in words.
 
     ``crop`` is the centre-crop ratio (torchvision's 224/256 = 0.875, timm's
@@ -105,9 +111,11 @@ def make_transform(size: Sequence[int], mean: Sequence[float] | None = None, std
     ``mean`` and ``std`` come together or not at all.
     """
     if (mean is None) != (std is None):
-        raise ConvlensError(f"preprocessing{f' from the {source}' if source else ''} gives a "
-                            f"{'mean' if std is None else 'std'} without a {'std' if std is None else 'mean'}; "
-                            "normalisation needs both (or neither)")
+        raise ConvlensError(
+            f"preprocessing{f' from the {source}' if source else ''} gives a "
+            f"{'mean' if std is None else 'std'} without a {'std' if std is None else 'mean'}; "
+            "normalisation needs both (or neither)"
+        )
     height, width = int(size[0]), int(size[1])
     if crop and height == width and crop < 1:
         transform = imagenet_transform(height, resize=int(round(height / crop)))
@@ -119,9 +127,15 @@ def make_transform(size: Sequence[int], mean: Sequence[float] | None = None, std
     else:
         transform = plain_transform((height, width), mean, std)
         geometry = f"resize to {height}x{width}"
-    norm = "ImageNet mean/std" if (tuple(mean or ()), tuple(std or ())) == (IMAGENET_MEAN, IMAGENET_STD) else (
-        f"mean {tuple(round(m, 4) for m in mean)}, std {tuple(round(s, 4) for s in std)}"
-        if mean is not None and std is not None else "no normalisation")
+    norm = (
+        "ImageNet mean/std"
+        if (tuple(mean or ()), tuple(std or ())) == (IMAGENET_MEAN, IMAGENET_STD)
+        else (
+            f"mean {tuple(round(m, 4) for m in mean)}, std {tuple(round(s, 4) for s in std)}"
+            if mean is not None and std is not None
+            else "no normalisation"
+        )
+    )
     return transform, f"{geometry}, scale to [0, 1], {norm}" + (f" (from the {source})" if source else "")
 
 
@@ -195,21 +209,31 @@ def crop_box(transform: Preprocess | None, width: int, height: int) -> Box:
     resized_w, resized_h = width * scale_x, height * scale_y
     left = (resized_w - crop_w) / 2
     top = (resized_h - crop_h) / 2
-    return (max(0.0, left / scale_x), max(0.0, top / scale_y),
-            min(float(width), (left + crop_w) / scale_x), min(float(height), (top + crop_h) / scale_y))
+    return (
+        max(0.0, left / scale_x),
+        max(0.0, top / scale_y),
+        min(float(width), (left + crop_w) / scale_x),
+        min(float(height), (top + crop_h) / scale_y),
+    )
 
 
-def scaled_crop_box(transform: Preprocess | None, size: tuple[int, int],
-                    shown_size: tuple[int, int]) -> tuple[int, int, int, int]:
+def scaled_crop_box(
+    transform: Preprocess | None, size: tuple[int, int], shown_size: tuple[int, int]
+) -> tuple[int, int, int, int]:
     """:func:`crop_box` of a ``size`` (width, height) photo, in the pixels of that photo shown at ``shown_size``."""
     left, top, right, bottom = crop_box(transform, *size)
     scale_x, scale_y = shown_size[0] / size[0], shown_size[1] / size[1]
-    return (int(round(left * scale_x)), int(round(top * scale_y)),
-            int(round(right * scale_x)), int(round(bottom * scale_y)))
+    return (
+        int(round(left * scale_x)),
+        int(round(top * scale_y)),
+        int(round(right * scale_x)),
+        int(round(bottom * scale_y)),
+    )
 
 
-def input_box_in_picture(transform: Preprocess | None, box: Sequence[float], input_size: Sequence[int],
-                         size: tuple[int, int]) -> Box:
+def input_box_in_picture(
+    transform: Preprocess | None, box: Sequence[float], input_size: Sequence[int], size: tuple[int, int]
+) -> Box:
     """A box ``(x0, y0, x1, y1)`` in the model input's pixels (``input_size`` = (H, W)) in the pixels of the
     ``size`` = (width, height) photo that ``transform`` made the input from."""
     left, top, right, bottom = crop_box(transform, *size)

@@ -19,8 +19,14 @@ def tcav_figure(result, layer: str) -> Figure:
     colours = ["tab:blue" if row.significant else "lightgray" for row in rows]
     axes.bar(positions, [row.score for row in rows], yerr=[row.std for row in rows], color=colours, capsize=3)
     for x, row in zip(positions, rows):
-        axes.hlines(row.random_score, x - 0.4, x + 0.4, colors="tab:red", linestyles="dashed",
-                    label="random CAVs" if x == 0 else "")  # an empty label stays out of the legend
+        axes.hlines(
+            row.random_score,
+            x - 0.4,
+            x + 0.4,
+            colors="tab:red",
+            linestyles="dashed",
+            label="random CAVs" if x == 0 else "",
+        )  # an empty label stays out of the legend
         if not row.significant:
             axes.text(x, 0.02, "n.s.", ha="center", va="bottom", fontsize=8)
     axes.set_xticks(positions, [f"{row.class_}\n{row.concept}" for row in rows], fontsize=8)

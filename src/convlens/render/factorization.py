@@ -30,12 +30,16 @@ def concepts_image(image: Image.Image, maps: np.ndarray, *, transform=None, alph
     drawn = bounded(image)
     box = scaled_crop_box(transform, image.size, drawn.size)
     width, height = max(1, box[2] - box[0]), max(1, box[3] - box[1])
-    resized = np.stack([np.asarray(Image.fromarray(m.astype(np.float32))
-                                   .resize((width, height), Image.Resampling.BILINEAR)) for m in maps])
+    resized = np.stack(
+        [
+            np.asarray(Image.fromarray(m.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR))
+            for m in maps
+        ]
+    )
     strongest = resized.argmax(axis=0)
     strength = np.clip(resized.max(axis=0), 0.0, 1.0)[..., None] * alpha
     picture = np.array(drawn, dtype=np.float32)
-    region = picture[box[1]:box[1] + height, box[0]:box[0] + width]
+    region = picture[box[1] : box[1] + height, box[0] : box[0] + width]
     tint = concept_colours(len(maps))[strongest][: region.shape[0], : region.shape[1]]
     strength = strength[: region.shape[0], : region.shape[1]]
     region[...] = region * (1 - strength) + tint * strength
@@ -48,14 +52,23 @@ def concept_caption(index: int, top_classes: list[tuple[str, float]], shown: int
     return f"concept {index + 1}" + (f": {classes}" if classes else "")
 
 
-def factorization_figure(image: Image.Image, maps: np.ndarray, top_classes: list[list[tuple[str, float]]], *,
-                         transform=None, title: str | None = None) -> Figure:
+def factorization_figure(
+    image: Image.Image,
+    maps: np.ndarray,
+    top_classes: list[list[tuple[str, float]]],
+    *,
+    transform=None,
+    title: str | None = None,
+) -> Figure:
     """The photo, every concept at once, and one panel per concept (``maps`` ``(K, H, W)`` for this image)."""
     panels = [("all concepts", concepts_image(image, maps, transform=transform))]
-    panels += [(concept_caption(k, top_classes[k]), overlay_heatmap(image, maps[k], transform=transform))
-               for k in range(len(maps))]
-    figure = comparison_figure(image, panels, columns=min(len(panels) + 1, 6),
-                               legends=[("jet", "concept strength")], title=title)
-    for axis, colour in zip(figure.axes[2:2 + len(maps)], concept_colours(len(maps)) / 255.0):
+    panels += [
+        (concept_caption(k, top_classes[k]), overlay_heatmap(image, maps[k], transform=transform))
+        for k in range(len(maps))
+    ]
+    figure = comparison_figure(
+        image, panels, columns=min(len(panels) + 1, 6), legends=[("jet", "concept strength")], title=title
+    )
+    for axis, colour in zip(figure.axes[2 : 2 + len(maps)], concept_colours(len(maps)) / 255.0):
         axis.title.set_color(tuple(colour))  # each concept's title in its colour of the "all concepts" picture
     return figure

@@ -41,7 +41,7 @@ def standardize(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     maps = maps.astype(np.float64)
     mean = maps.mean(axis=(1, 2), keepdims=True)
     std = maps.std(axis=(1, 2), keepdims=True)
-    live = (maps.max(axis=(1, 2)) > maps.min(axis=(1, 2)))
+    live = maps.max(axis=(1, 2)) > maps.min(axis=(1, 2))
     z = np.divide(maps - mean, std, out=np.zeros_like(maps), where=std > 0)
     return np.clip(64.0 * z + 128.0, 0, 255).astype(np.uint8), live
 
@@ -62,19 +62,27 @@ def _mosaic(tiles: np.ndarray, per_row: int, margin: int, label_height: int = 0)
     count, h, w = tiles.shape[:3]
     cols = max(1, min(per_row, count))
     rows = math.ceil(count / cols)
-    canvas = np.full((rows * (h + margin + label_height) + margin, cols * (w + margin) + margin, 3),
-                     BACKGROUND, dtype=np.uint8)
+    canvas = np.full(
+        (rows * (h + margin + label_height) + margin, cols * (w + margin) + margin, 3), BACKGROUND, dtype=np.uint8
+    )
     corners = []
     for i in range(count):
         top = margin + (i // cols) * (h + margin + label_height)
         left = margin + (i % cols) * (w + margin)
-        canvas[top:top + h, left:left + w] = tiles[i]
+        canvas[top : top + h, left : left + w] = tiles[i]
         corners.append((left, top))
     return canvas, corners
 
 
-def activation_grid(maps: torch.Tensor, title: str | None = None, *, per_row: int = 16, cmap: str = "viridis",
-                    min_tile: int = 24, margin: int = 1) -> Image.Image:
+def activation_grid(
+    maps: torch.Tensor,
+    title: str | None = None,
+    *,
+    per_row: int = 16,
+    cmap: str = "viridis",
+    min_tile: int = 24,
+    margin: int = 1,
+) -> Image.Image:
     """Every channel of one image's ``(C, H, W)`` activations, tiled, standardised and colour-mapped."""
     if maps.ndim != 3:
         raise ConvlensError(f"expected one image's activations (C, H, W), got shape {tuple(maps.shape)}")
@@ -90,8 +98,9 @@ def activation_grid(maps: torch.Tensor, title: str | None = None, *, per_row: in
     return _with_title(Image.fromarray(canvas), title, 14)
 
 
-def filter_grid(images: torch.Tensor, labels: Sequence[str], title: str | None = None, *, per_row: int = 8,
-                margin: int = 6) -> Image.Image:
+def filter_grid(
+    images: torch.Tensor, labels: Sequence[str], title: str | None = None, *, per_row: int = 8, margin: int = 6
+) -> Image.Image:
     """RGB ``(N, 3, S, S)`` images in ``[0, 1]`` with a margin between them and a label under each."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ConvlensError(f"expected RGB images (N, 3, S, S), got shape {tuple(images.shape)}")
@@ -105,8 +114,9 @@ def filter_grid(images: torch.Tensor, labels: Sequence[str], title: str | None =
     return _with_title(image, title, 14)
 
 
-def channel_image(channel: torch.Tensor, title: str | None = None, *, cmap: str = "viridis",
-                  min_size: int = 480) -> Image.Image:
+def channel_image(
+    channel: torch.Tensor, title: str | None = None, *, cmap: str = "viridis", min_size: int = 480
+) -> Image.Image:
     """One ``(H, W)`` channel at full size, as ``matplotlib.pyplot.matshow`` draws it, with a colour bar."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -60,8 +60,9 @@ SATURATION_PERCENTILE = 99.0
 def check_style(colormap: str | None, alpha: float, style: str = "blend") -> None:
     """A one-line error for an unknown colormap or style, or an opacity outside [0, 1]."""
     if style not in STYLES:
-        raise ConvlensError(f"unknown heatmap style {style!r}{did_you_mean(style, list(STYLES))} "
-                            f"(choose from {', '.join(STYLES)})")
+        raise ConvlensError(
+            f"unknown heatmap style {style!r}{did_you_mean(style, list(STYLES))} (choose from {', '.join(STYLES)})"
+        )
     if colormap is not None and colormap not in colormaps:
         raise ConvlensError(f"unknown colormap {colormap!r}{did_you_mean(colormap, list(colormaps))}")
     if not 0.0 <= alpha <= 1.0:
@@ -72,8 +73,10 @@ def describe_style(style: str, colormap: str | None = None, alpha: float = 0.4) 
     """How a style draws a map, in words for a caption or a note."""
     colormap = colormap or STYLES[style]
     if style == "map":
-        return (f"the map alone on black ({colormap}), its top {100 - SATURATION_PERCENTILE:g} % of pixels at "
-                "full brightness")
+        return (
+            f"the map alone on black ({colormap}), its top {100 - SATURATION_PERCENTILE:g} % of pixels at "
+            "full brightness"
+        )
     return f"{colormap} over the photo at opacity {alpha:g}"
 
 
@@ -96,8 +99,11 @@ def saturate(values: np.ndarray, percentile: float = SATURATION_PERCENTILE) -> n
 def colorbar_css(colormap: str, stops: int = 16) -> str:
     """A CSS ``linear-gradient``, left (0, low) to right (1, high), through ``colormap``: a colour bar, no picture."""
     colours = colorize(np.linspace(0.0, 1.0, stops), colormap)
-    return "linear-gradient(to right, " + ", ".join("#%02x%02x%02x" % tuple(int(c) for c in rgb)
-                                                     for rgb in colours) + ")"
+    return (
+        "linear-gradient(to right, "
+        + ", ".join("#{:02x}{:02x}{:02x}".format(*tuple(int(c) for c in rgb)) for rgb in colours)
+        + ")"
+    )
 
 
 def colorize(heatmap: np.ndarray, colormap: str = "jet") -> np.ndarray:
@@ -138,9 +144,16 @@ def bounded(image: Image.Image, max_side: int | None = MAX_SIDE) -> Image.Image:
     return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
 
 
-def overlay_heatmap(image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, transform=None,
-                    colormap: str | None = None, alpha: float = 0.4, style: str = "blend",
-                    max_side: int | None = MAX_SIDE) -> Image.Image:
+def overlay_heatmap(
+    image: Image.Image,
+    heatmap: torch.Tensor | np.ndarray,
+    *,
+    transform=None,
+    colormap: str | None = None,
+    alpha: float = 0.4,
+    style: str = "blend",
+    max_side: int | None = MAX_SIDE,
+) -> Image.Image:
     """Draw one ``(H, W)`` heatmap in [0, 1] for ``image``, at most ``max_side`` pixels on the longest side.
 
     ``style="blend"`` blends it over the photo at opacity ``alpha``; ``style="map"``
@@ -163,11 +176,11 @@ def overlay_heatmap(image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, t
     resized = np.asarray(Image.fromarray(values.astype(np.float32)).resize((box_w, box_h), Image.Resampling.BILINEAR))
     if style == "map":
         canvas = np.zeros((drawn.height, drawn.width, 3), dtype=np.uint8)
-        region = canvas[box[1]:box[1] + box_h, box[0]:box[0] + box_w]
+        region = canvas[box[1] : box[1] + box_h, box[0] : box[0] + box_w]
         region[...] = colorize(resized, colormap)[: region.shape[0], : region.shape[1]]
         return Image.fromarray(canvas)
     blended = np.array(drawn, dtype=np.uint8)  # a copy: the caller's image is never changed
-    region = blended[box[1]:box[1] + box_h, box[0]:box[0] + box_w]
+    region = blended[box[1] : box[1] + box_h, box[0] : box[0] + box_w]
     colours = colorize(resized, colormap)[: region.shape[0], : region.shape[1]]
     # float32 on the crop box only, in place: the rest of the photo stays as it is
     mixed = region.astype(np.float32)
@@ -180,8 +193,15 @@ def overlay_heatmap(image: Image.Image, heatmap: torch.Tensor | np.ndarray, *, t
     return Image.fromarray(blended)
 
 
-def draw_box(drawn: Image.Image, box: Sequence[float], *, original_size: tuple[int, int],
-             input_size: Sequence[int], transform=None, colour: str = "white") -> Image.Image:
+def draw_box(
+    drawn: Image.Image,
+    box: Sequence[float],
+    *,
+    original_size: tuple[int, int],
+    input_size: Sequence[int],
+    transform=None,
+    colour: str = "white",
+) -> Image.Image:
     """``drawn`` (an overlay of a ``original_size`` = (width, height) photo) with ``box`` ``(x0, y0, x1, y1)``,
     given in the model input's pixels (``input_size`` = (H, W)), drawn as a rectangle where it lies on the photo."""
     from PIL import ImageDraw
@@ -194,18 +214,35 @@ def draw_box(drawn: Image.Image, box: Sequence[float], *, original_size: tuple[i
     return picture
 
 
-def overlay_heatmaps(images: Sequence[Image.Image], maps: torch.Tensor, *, transform=None,
-                     colormap: str | None = None, alpha: float = 0.4, style: str = "blend",
-                     max_side: int | None = MAX_SIDE) -> list[Image.Image]:
+def overlay_heatmaps(
+    images: Sequence[Image.Image],
+    maps: torch.Tensor,
+    *,
+    transform=None,
+    colormap: str | None = None,
+    alpha: float = 0.4,
+    style: str = "blend",
+    max_side: int | None = MAX_SIDE,
+) -> list[Image.Image]:
     """:func:`overlay_heatmap` for each image and its map ``maps[i]``."""
-    return [overlay_heatmap(image, heatmap, transform=transform, colormap=colormap, alpha=alpha, style=style,
-                            max_side=max_side)
-            for image, heatmap in zip(images, maps)]
+    return [
+        overlay_heatmap(
+            image, heatmap, transform=transform, colormap=colormap, alpha=alpha, style=style, max_side=max_side
+        )
+        for image, heatmap in zip(images, maps)
+    ]
 
 
-def comparison_figure(image: Image.Image, panels: Sequence[tuple[str, Image.Image]], *,
-                      panel_inches: float = 3.0, max_side: int | None = MAX_SIDE, columns: int | None = None,
-                      legends: Sequence[tuple[str, str]] = (), title: str | None = None) -> Figure:
+def comparison_figure(
+    image: Image.Image,
+    panels: Sequence[tuple[str, Image.Image]],
+    *,
+    panel_inches: float = 3.0,
+    max_side: int | None = MAX_SIDE,
+    columns: int | None = None,
+    legends: Sequence[tuple[str, str]] = (),
+    title: str | None = None,
+) -> Figure:
     """The original and one overlay per method, each titled (``"gradcam — tabby cat"``).
 
     One row, or rows of ``columns`` pictures. Every picture is handed to
@@ -238,9 +275,15 @@ def comparison_figure(image: Image.Image, panels: Sequence[tuple[str, Image.Imag
     if title:
         figure.suptitle(title, fontsize=10)
     for colormap, label in reversed(legends):  # each bar goes nearest the pictures: the first one last
-        bar = figure.colorbar(ScalarMappable(Normalize(0, 1), colormaps[colormap]), ax=pictures, location="bottom",
-                              ticks=[0, 1], fraction=0.6 / height, shrink=min(1.0, 4.0 / (panel_inches * columns)),
-                              aspect=30)
+        bar = figure.colorbar(
+            ScalarMappable(Normalize(0, 1), colormaps[colormap]),
+            ax=pictures,
+            location="bottom",
+            ticks=[0, 1],
+            fraction=0.6 / height,
+            shrink=min(1.0, 4.0 / (panel_inches * columns)),
+            aspect=30,
+        )
         bar.ax.set_xticklabels(["low", "high"], fontsize=8)
         bar.set_label(f"attribution: {label}", fontsize=8, labelpad=1)
     return figure

@@ -22,8 +22,10 @@ def curves_figure(history: list[dict]) -> Figure:
     """Loss and accuracy per epoch, training and validation."""
     figure = _figure(8, 3.2)
     epochs = [h["epoch"] for h in history]
-    for axes, key, title in ((figure.add_subplot(1, 2, 1), "loss", "loss"),
-                             (figure.add_subplot(1, 2, 2), "accuracy", "accuracy")):
+    for axes, key, title in (
+        (figure.add_subplot(1, 2, 1), "loss", "loss"),
+        (figure.add_subplot(1, 2, 2), "accuracy", "accuracy"),
+    ):
         axes.plot(epochs, [h[f"train_{key}"] for h in history], marker=".", label="train")
         axes.plot(epochs, [h[f"val_{key}"] for h in history], marker=".", label="validation")
         axes.set_xlabel("epoch")
@@ -61,8 +63,15 @@ def confusion_figure(metrics: dict) -> Figure:
     axes.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
     axes.set_yticks(range(len(classes)), classes, fontsize=8)
     for (row, col), count in np.ndenumerate(matrix):
-        axes.text(col, row, str(count), ha="center", va="center", fontsize=7,
-                  color="white" if count > matrix.max() / 2 else "black")
+        axes.text(
+            col,
+            row,
+            str(count),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if count > matrix.max() / 2 else "black",
+        )
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
     figure.tight_layout()

@@ -35,10 +35,12 @@ def default_images(shapes: int = 4, seed: int = 2026) -> list[ReportImage]:
     from ..images import sample_image
 
     generated = [shape_sample(i, seed=seed) for i in range(shapes)]
-    return ([ReportImage(f"{s.class_name} #{i}", Image.fromarray(s.image), s.mask, s.class_name)
-             for i, s in enumerate(generated)]
-            + [ReportImage(name, sample_image(name), label=label) for name, label in (("chelsea", "cat"),
-                                                                                      ("coffee", "coffee"))])
+    return [
+        ReportImage(f"{s.class_name} #{i}", Image.fromarray(s.image), s.mask, s.class_name)
+        for i, s in enumerate(generated)
+    ] + [
+        ReportImage(name, sample_image(name), label=label) for name, label in (("chelsea", "cat"), ("coffee", "coffee"))
+    ]
 
 
 def default_evaluation_images(count: int = 12, seed: int = 2027) -> list[tuple]:
@@ -115,6 +117,12 @@ def build_report(
     from .. import __version__
 
     html = ENVIRONMENT.get_template("report.html.j2").render(
-        model=loaded, summary=summary, images=reported, sections=sections, version=__version__,
-        generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), seconds=time.perf_counter() - start)
+        model=loaded,
+        summary=summary,
+        images=reported,
+        sections=sections,
+        version=__version__,
+        generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        seconds=time.perf_counter() - start,
+    )
     return write_text(out, html)

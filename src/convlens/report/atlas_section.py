@@ -56,8 +56,9 @@ def atlas_section(ctx: Context) -> Section | None:
     layers = ctx.options.get("atlas_layers") or _default_layers(ctx)
     ctx.expect(1 + len(layers))  # the dissection, then each layer's examples
     ctx.step("dissection")
-    result = dissect(ctx.model, data, layers, shapes=None if data is not None else images, seed=seed, k=8,
-                     figures=False)
+    result = dissect(
+        ctx.model, data, layers, shapes=None if data is not None else images, seed=seed, k=8, figures=False
+    )
     source = result.atlas.source() if data is None else None
     html: list[Markup] = []  # the section's HTML fragments, each escaped where it holds data
     counts = []
@@ -67,30 +68,46 @@ def atlas_section(ctx: Context) -> Section | None:
         counts.append(f"{layer}: {len(detectors)} detectors, {result.unique_detectors[layer]} unique")
         html.append(Markup("<h3>{}</h3>").format(layer))  # a layer name is data: escaped
         if not detectors:
-            html.append(Markup("<p class=\"note\">No unit of this layer detects a concept (IoU &gt; {}).</p>")
-                        .format(result.min_iou))
+            html.append(
+                Markup('<p class="note">No unit of this layer detects a concept (IoU &gt; {}).</p>').format(
+                    result.min_iou
+                )
+            )
             continue
         table = [(unit, label, f"{iou:.3f}") for unit, label, iou in detectors]
         html.append(PARTS.table(["unit", "concept", "IoU"], table, numeric=(0, 2), scroll=True))
         shown = _shown_units(detectors, ctx.options.get("atlas_units", 4))
-        found = dataset_examples(result.atlas, layer, [unit for unit, _, _ in shown], model=ctx.model,
-                                 k=ctx.options.get("atlas_examples", 4),
-                                 pattern_steps=ctx.options.get("atlas_steps", 32),
-                                 source=source)
+        found = dataset_examples(
+            result.atlas,
+            layer,
+            [unit for unit, _, _ in shown],
+            model=ctx.model,
+            k=ctx.options.get("atlas_examples", 4),
+            pattern_steps=ctx.options.get("atlas_steps", 32),
+            source=source,
+        )
         rows = []
         for (unit, label, iou), examples in zip(shown, found):
             cells = [figure(examples.pattern, f"unit {unit}: {label}, IoU {iou:.3f}")] if examples.pattern else []
-            cells += [figure(image, f"{key.rsplit('/', 1)[-1]}: {value:.3g}")
-                      for image, key, value in zip(examples.whole, examples.keys, examples.values)]
+            cells += [
+                figure(image, f"{key.rsplit('/', 1)[-1]}: {value:.3g}")
+                for image, key, value in zip(examples.whole, examples.keys, examples.values)
+            ]
             rows.append(cells)
         columns = max(len(row) for row in rows)
         headers = ["filter pattern", *[f"top {i + 1}" for i in range(columns - 1)]]
         html.append(PARTS.grid(headers, rows))
-    where = ("the given dataset" if data is not None else
-             f"{images} generated shapes images (seed {seed}, unseen in training)")
-    note = (f"Network Dissection (Bau et al. 2017) on {where}: each unit's threshold is its top 0.5 % activation "
-            "quantile; its map, upsampled to the mask and thresholded, is compared with each concept's masks "
-            f"(IoU over the whole dataset); IoU > {result.min_iou} makes a detector. "
-            + "; ".join(counts) + ". Rows: the filter pattern, then the images where the unit fires most "
-            "(the number is the unit's maximum on that image).")
+    where = (
+        "the given dataset"
+        if data is not None
+        else f"{images} generated shapes images (seed {seed}, unseen in training)"
+    )
+    note = (
+        f"Network Dissection (Bau et al. 2017) on {where}: each unit's threshold is its top 0.5 % activation "
+        "quantile; its map, upsampled to the mask and thresholded, is compared with each concept's masks "
+        f"(IoU over the whole dataset); IoU > {result.min_iou} makes a detector. "
+        + "; ".join(counts)
+        + ". Rows: the filter pattern, then the images where the unit fires most "
+        "(the number is the unit's maximum on that image)."
+    )
     return Section("atlas", "Units and concepts (atlas)", Markup("".join(str(part) for part in html)), note)

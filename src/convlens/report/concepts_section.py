@@ -32,13 +32,24 @@ def concepts_section(ctx: Context) -> Section | None:
         parts = factorize(ctx.model, ctx.model.preprocess(pictures), layer, components)
     except ConvlensError as err:  # a layer too narrow, or constant on these images: say so, keep the report
         return Section("concepts", title, Markup(""), f"Left out: {err}.")
-    items = [figure(figure_image(factorization_figure(picture, parts.maps[index], parts.top_classes,
-                                                      transform=ctx.model.transform)), item.name)
-             for index, (item, picture) in enumerate(zip(ctx.images, pictures))]
-    classes = ("Each concept's title names the classes its direction raises most, through the model's linear head."
-               if not parts.head_note else f"No classes are named: {parts.head_note}.")
-    note = (f"{parts.layer}'s activations over all {len(pictures)} images, split into {parts.components} "
-            f"non-negative concepts (Collins et al. 2018), so a concept means the same in every image; the first "
-            f"picture colours each pixel by its strongest concept. {classes} The split leaves "
-            f"{parts.error:.0%} of the activations unexplained.")
+    items = [
+        figure(
+            figure_image(
+                factorization_figure(picture, parts.maps[index], parts.top_classes, transform=ctx.model.transform)
+            ),
+            item.name,
+        )
+        for index, (item, picture) in enumerate(zip(ctx.images, pictures))
+    ]
+    classes = (
+        "Each concept's title names the classes its direction raises most, through the model's linear head."
+        if not parts.head_note
+        else f"No classes are named: {parts.head_note}."
+    )
+    note = (
+        f"{parts.layer}'s activations over all {len(pictures)} images, split into {parts.components} "
+        f"non-negative concepts (Collins et al. 2018), so a concept means the same in every image; the first "
+        f"picture colours each pixel by its strongest concept. {classes} The split leaves "
+        f"{parts.error:.0%} of the activations unexplained."
+    )
     return Section("concepts", title, Markup(PARTS.figures(items)), note)

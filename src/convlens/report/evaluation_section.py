@@ -69,8 +69,12 @@ def randomisation_similarity(model, x: torch.Tensor, method: str, *, seed: int =
     return spearman(trained, explain_fn(randomised, x, targets))
 
 
-def verdict(summary: Mapping[str, Mapping[str, MeanCI]], metrics: Mapping, sanity: Mapping[str, MeanCI] | None = None,
-            threshold: float = SANITY_THRESHOLD) -> str:
+def verdict(
+    summary: Mapping[str, Mapping[str, MeanCI]],
+    metrics: Mapping,
+    sanity: Mapping[str, MeanCI] | None = None,
+    threshold: float = SANITY_THRESHOLD,
+) -> str:
     """One or two sentences from the table: the best localiser, the most faithful method, the sanity failures.
 
     ``summary``: method -> metric -> :class:`MeanCI`; ``metrics``: name ->
@@ -83,15 +87,21 @@ def verdict(summary: Mapping[str, Mapping[str, MeanCI]], metrics: Mapping, sanit
     from ..evaluation import best_methods
 
     best = best_methods(summary, metrics)
-    groups = {"localisation": [n for n, m in metrics.items() if m.needs_masks],
-              "faithfulness": [n for n, m in metrics.items() if not m.needs_masks]}
+    groups = {
+        "localisation": [n for n, m in metrics.items() if m.needs_masks],
+        "faithfulness": [n for n, m in metrics.items() if not m.needs_masks],
+    }
     leaders = {group: _leaders(best, names) for group, names in groups.items()}
     parts = []
     for group, (names, wins) in leaders.items():
         if names:
             each = "each " if len(names) > 1 else ""
-            parts.append((names, f"{_claim(group, len(names) > 1)} ({each}best on {wins} of "
-                                 f"{len(groups[group])} {group} scores)"))
+            parts.append(
+                (
+                    names,
+                    f"{_claim(group, len(names) > 1)} ({each}best on {wins} of {len(groups[group])} {group} scores)",
+                )
+            )
     sentences = []
     if len(parts) == 2 and parts[0][0] == parts[1][0]:  # the same leaders: one sentence
         sentences.append(f"{join_names(parts[0][0])} both {parts[0][1]} and {parts[1][1]}.")
@@ -102,14 +112,18 @@ def verdict(summary: Mapping[str, Mapping[str, MeanCI]], metrics: Mapping, sanit
         failed = [method for method, value in scored.items() if value >= threshold]
         if failed:
             values = ", ".join(f"{scored[m]:.2f}" for m in failed)
-            sentences.append(f"{join_names(failed)} failed the sanity check: {'its' if len(failed) == 1 else 'their'} "
-                             f"maps stay alike when every weight is randomised (rank correlation {values}; a pass "
-                             f"is below {threshold:g}), so {'its' if len(failed) == 1 else 'their'} scores say "
-                             "little about this model.")
+            sentences.append(
+                f"{join_names(failed)} failed the sanity check: {'its' if len(failed) == 1 else 'their'} "
+                f"maps stay alike when every weight is randomised (rank correlation {values}; a pass "
+                f"is below {threshold:g}), so {'its' if len(failed) == 1 else 'their'} scores say "
+                "little about this model."
+            )
         elif scored:
-            sentences.append(f"No method failed the sanity check: every map changes when the weights are "
-                             f"randomised (rank correlation at most {max(scored.values()):.2f}; a pass is below "
-                             f"{threshold:g}).")
+            sentences.append(
+                f"No method failed the sanity check: every map changes when the weights are "
+                f"randomised (rank correlation at most {max(scored.values()):.2f}; a pass is below "
+                f"{threshold:g})."
+            )
     return " ".join(sentences)
 
 
@@ -150,50 +164,78 @@ def evaluation_section(ctx: Context) -> Section | None:
     for method in methods:  # one at a time, so a method that does not apply leaves the others' rows
         before = ctx.progress.part
         try:
-            summary.update(evaluate_images(ctx.model, images, methods=[method], metrics=list(metrics),
-                                           progress=scored(method), targets=ctx.options.get("targets"))[1])
+            summary.update(
+                evaluate_images(
+                    ctx.model,
+                    images,
+                    methods=[method],
+                    metrics=list(metrics),
+                    progress=scored(method),
+                    targets=ctx.options.get("targets"),
+                )[1]
+            )
         except ConvlensError as err:
             skipped[method] = str(err)
             ctx.skip(len(images) - (ctx.progress.part - before) + 1)  # its pairs and its sanity check
     if not summary:
-        return Section("evaluation", "Which heatmap to trust", Markup(""),
-                       "No evaluated method applies to this model." + left_out(skipped))
+        return Section(
+            "evaluation",
+            "Which heatmap to trust",
+            Markup(""),
+            "No evaluated method applies to this model." + left_out(skipped),
+        )
     sanity, sanity_note = _sanity(ctx, [image for _, image, _ in images], list(summary))
     best = best_methods(summary, metrics)
     counts = {ci.n for cells in summary.values() for ci in cells.values() if ci.n}
     show_n = len(counts) > 1  # the count goes in the note when every cell has the same
     headers = [{"text": "method"}] + [
         {"text": f"{metric.label or name} {'↑' if metric.higher_is_better else '↓'}", "title": metric.paper}
-        for name, metric in metrics.items()]
+        for name, metric in metrics.items()
+    ]
     if sanity is not None:
-        headers.append({"text": f"{SANITY_LABEL} ↓", "title": "Spearman rank correlation of the map with the map "
-                        "of a copy whose every weight is randomised (Adebayo et al. 2018, arXiv:1810.03292); "
-                        f"a pass is below {SANITY_THRESHOLD:g}"})
+        headers.append(
+            {
+                "text": f"{SANITY_LABEL} ↓",
+                "title": "Spearman rank correlation of the map with the map "
+                "of a copy whose every weight is randomised (Adebayo et al. 2018, arXiv:1810.03292); "
+                f"a pass is below {SANITY_THRESHOLD:g}",
+            }
+        )
     rows = []
     for method, cells in summary.items():
         row = [{"text": method}]
         for name in metrics:
             ci = cells[name]
-            row.append({"text": ci.format() + (f" ({ci.n})" if show_n and ci.n else ""),
-                        "class": "num best" if method in best[name] else "num"})
+            row.append(
+                {
+                    "text": ci.format() + (f" ({ci.n})" if show_n and ci.n else ""),
+                    "class": "num best" if method in best[name] else "num",
+                }
+            )
         if sanity is not None:
             ci = sanity[method]
             failed = ci.n and ci.mean >= SANITY_THRESHOLD
-            row.append({"text": ci.format(2) + (" fail" if failed else " pass" if ci.n else ""),
-                        "class": "num fail" if failed else "num"})
+            row.append(
+                {
+                    "text": ci.format(2) + (" fail" if failed else " pass" if ci.n else ""),
+                    "class": "num fail" if failed else "num",
+                }
+            )
         rows.append(row)
     said = verdict(summary, metrics, sanity)
     html = (PARTS.verdict(said) if said else "") + PARTS.scores(headers, rows)
     count = counts.pop() if len(counts) == 1 else None
     over = f"{count} {_images(count == 1)}" if count else "the images"
-    note = (f"Mean \u00b1 95% confidence half-width over {over} with ground-truth masks"
-            f"{' (number of images in brackets)' if show_n else ''}, each explained for {explained(ctx)}; "
-            "\u2191 higher is better, \u2193 lower is better; the best of each column is highlighted (ties "
-            "included). Pointing game: the map's maximum falls on the object, within 15 px per 224 px of input; "
-            "energy inside the object: the share of the map's energy inside the mask; IoU of the map thresholded "
-            "at 0.5 with the mask; deletion/insertion AUC: area under the class-probability curve as pixels are "
-            "removed/added most important first; average drop / confidence increase: with the image multiplied "
-            "by the map. Hover a header for its paper." + sanity_note + left_out(skipped))
+    note = (
+        f"Mean \u00b1 95% confidence half-width over {over} with ground-truth masks"
+        f"{' (number of images in brackets)' if show_n else ''}, each explained for {explained(ctx)}; "
+        "\u2191 higher is better, \u2193 lower is better; the best of each column is highlighted (ties "
+        "included). Pointing game: the map's maximum falls on the object, within 15 px per 224 px of input; "
+        "energy inside the object: the share of the map's energy inside the mask; IoU of the map thresholded "
+        "at 0.5 with the mask; deletion/insertion AUC: area under the class-probability curve as pixels are "
+        "removed/added most important first; average drop / confidence increase: with the image multiplied "
+        "by the map. Hover a header for its paper." + sanity_note + left_out(skipped)
+    )
     return Section("evaluation", "Which heatmap to trust", Markup(html), note)
 
 
@@ -209,12 +251,15 @@ def _sanity(ctx: Context, pictures: list, methods: list[str]) -> tuple[dict[str,
     for done, method in enumerate(methods):
         ctx.step(f"sanity check, {method}")
         try:
-            column[method] = mean_ci(randomisation_similarity(ctx.model, x, method,
-                                                              targets=ctx.options.get("targets")).tolist())
+            column[method] = mean_ci(
+                randomisation_similarity(ctx.model, x, method, targets=ctx.options.get("targets")).tolist()
+            )
         except ConvlensError as err:  # a Keras model: no column, and the note says why
             ctx.skip(len(methods) - done - 1)
             return None, f" No sanity check: {err}."
-    return column, (f" {SANITY_LABEL}: the sanity check of Adebayo et al. (2018) on {count} {_images(count == 1)}, "
-                    "the Spearman rank correlation between the map of the trained model and that of a copy with "
-                    "every weight randomised; a map that explains the model must change, so "
-                    f"{SANITY_THRESHOLD:g} or more fails.")
+    return column, (
+        f" {SANITY_LABEL}: the sanity check of Adebayo et al. (2018) on {count} {_images(count == 1)}, "
+        "the Spearman rank correlation between the map of the trained model and that of a copy with "
+        "every weight randomised; a map that explains the model must change, so "
+        f"{SANITY_THRESHOLD:g} or more fails."
+    )

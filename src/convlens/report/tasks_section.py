@@ -70,13 +70,14 @@ def segmentation_section(ctx: Context) -> Section | None:
         legend = ", ".join(f"{ctx.model.label(k)} {float(counts[k]) / counts.sum():.0%}" for k in top)
         panels = [cell(mask_picture(winners[i].numpy(), item.image.size), f"predicted mask: {legend}")]
         for k in top:
-            result = explain(ctx.model, x[i:i + 1], method="gradcam", layer=layer, target=Region(k))
+            result = explain(ctx.model, x[i : i + 1], method="gradcam", layer=layer, target=Region(k))
             panels.append(cell(result.overlay([item.image])[0], f"gradcam — {ctx.model.label(k)}"))
-        blocks.append({"original": cell(item.image, item.name), "about": f"top classes: {legend}",
-                       "panels": panels})
-    note = (f"Each image's predicted class per pixel (one colour per class), then Grad-CAM at {layer} for its "
-            f"{TOP_CLASSES} largest classes, each explained as a region: the class's logits summed over the "
-            "pixels where it wins (pytorch-grad-cam's SemanticSegmentationTarget).")
+        blocks.append({"original": cell(item.image, item.name), "about": f"top classes: {legend}", "panels": panels})
+    note = (
+        f"Each image's predicted class per pixel (one colour per class), then Grad-CAM at {layer} for its "
+        f"{TOP_CLASSES} largest classes, each explained as a region: the class's logits summed over the "
+        "pixels where it wins (pytorch-grad-cam's SemanticSegmentationTarget)."
+    )
     return Section("segmentation", "What it segments", Markup(PARTS.heatmaps(blocks)), note)
 
 

@@ -27,8 +27,10 @@ def check_tcav_options(options: dict) -> None:
 
     concepts, random = options.get("tcav_concepts"), options.get("tcav_random")
     if concepts is not None and random is None:
-        raise ConvlensError("TCAV needs random sets beside the concepts: give tcav_random / --tcav-random "
-                            "(a folder of random folders, or a pool of images)")
+        raise ConvlensError(
+            "TCAV needs random sets beside the concepts: give tcav_random / --tcav-random "
+            "(a folder of random folders, or a pool of images)"
+        )
     if random is not None and concepts is None:
         raise ConvlensError("random sets were given for TCAV but no concepts: give tcav_concepts / --tcav-concepts")
     if concepts is not None and random is not None:  # both or neither, by the checks above
@@ -55,19 +57,47 @@ def tcav_section(ctx: Context) -> Section | None:
     inputs = ctx.options.get("tcav_inputs") or [item.image for item in ctx.images]
     ctx.expect(1)
     ctx.step(f"TCAV of {len(classes)} class(es) at {', '.join(layers)}")
-    result = tcav(ctx.model, classes, concepts, layers, ctx.options["tcav_random"], inputs=inputs,
-                  n_runs=ctx.options.get("tcav_runs", 10), random_size=ctx.options.get("tcav_random_size"))
+    result = tcav(
+        ctx.model,
+        classes,
+        concepts,
+        layers,
+        ctx.options["tcav_random"],
+        inputs=inputs,
+        n_runs=ctx.options.get("tcav_runs", 10),
+        random_size=ctx.options.get("tcav_random_size"),
+    )
     header = ["class", "concept", "layer", "TCAV", "± std", "random CAVs", "p", "significant", "CAV accuracy"]
-    rows = [(r.class_, r.concept, r.layer, f"{r.score:.3f}", f"{r.std:.3f}", f"{r.random_score:.3f}",
-             f"{r.p_value:.3g}", "yes" if r.significant else "no", f"{r.accuracy:.2f}") for r in result.rows]
+    rows = [
+        (
+            r.class_,
+            r.concept,
+            r.layer,
+            f"{r.score:.3f}",
+            f"{r.std:.3f}",
+            f"{r.random_score:.3f}",
+            f"{r.p_value:.3g}",
+            "yes" if r.significant else "no",
+            f"{r.accuracy:.2f}",
+        )
+        for r in result.rows
+    ]
     items = [figure(figure_image(tcav_figure(result, layer)), layer) for layer in result.layers]
     where = "the report's images" if ctx.options.get("tcav_inputs") is None else "the given inputs"
-    leaning = [f"{r.class_} on {r.concept} at {r.layer} ({r.score:.2f})" for r in result.rows
-               if r.significant and r.score > r.random_score]
-    found = ("Significant and above the random CAVs: " + "; ".join(leaning) + "."
-             if leaning else "No concept lifts a class significantly above the random CAVs.")
-    note = (f"A concept's TCAV score is the fraction of {where} whose class logit rises along the concept's "
-            f"activation vector, over {result.runs} runs against different random sets; p is the two-sided t-test "
-            f"against random-vs-random vectors (significant below {result.threshold:g}). {found}")
+    leaning = [
+        f"{r.class_} on {r.concept} at {r.layer} ({r.score:.2f})"
+        for r in result.rows
+        if r.significant and r.score > r.random_score
+    ]
+    found = (
+        "Significant and above the random CAVs: " + "; ".join(leaning) + "."
+        if leaning
+        else "No concept lifts a class significantly above the random CAVs."
+    )
+    note = (
+        f"A concept's TCAV score is the fraction of {where} whose class logit rises along the concept's "
+        f"activation vector, over {result.runs} runs against different random sets; p is the two-sided t-test "
+        f"against random-vs-random vectors (significant below {result.threshold:g}). {found}"
+    )
     html = PARTS.table(header, rows, numeric=(3, 4, 5, 6, 8)) + PARTS.figures(items)
     return Section("tcav", "Concepts the classes lean on (TCAV)", Markup(html), note)

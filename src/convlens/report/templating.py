@@ -18,8 +18,9 @@ def thousands(number: int) -> str:
     return f"{number:,}"
 
 
-ENVIRONMENT = jinja2.Environment(loader=jinja2.PackageLoader("convlens.report", "templates"),
-                                 autoescape=jinja2.select_autoescape(["html", "j2"]))
+ENVIRONMENT = jinja2.Environment(
+    loader=jinja2.PackageLoader("convlens.report", "templates"), autoescape=jinja2.select_autoescape(["html", "j2"])
+)
 ENVIRONMENT.filters["thousands"] = thousands
 # The macros (table, figures, ...) are attributes Jinja sets on the template module at run time,
 # which its stub cannot list: Any lets the sections call them.

@@ -83,9 +83,9 @@ class PrefixTolerant:
     async def __call__(self, scope, receive, send):
         if self.prefix and scope["type"] in ("http", "websocket"):
             root, path = scope.get("root_path", ""), scope["path"]
-            rest = path[len(root):] if root and path.startswith(root) else path
+            rest = path[len(root) :] if root and path.startswith(root) else path
             if rest == self.prefix or rest.startswith(self.prefix + "/"):
-                scope = dict(scope, path=root + (rest[len(self.prefix):] or "/"))
+                scope = dict(scope, path=root + (rest[len(self.prefix) :] or "/"))
         await self.app(scope, receive, send)
 
 
@@ -103,8 +103,10 @@ def create_app(explorer: Explorer, *, jobs: JobRunner | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _bad_parameter(request: Request, err: RequestValidationError):
-        problems = [f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', 'invalid')}"
-                    for e in err.errors()]
+        problems = [
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', 'invalid')}"
+            for e in err.errors()
+        ]
         return _error(400, "bad request: " + "; ".join(problems))
 
     @app.exception_handler(StarletteHTTPException)
@@ -157,8 +159,9 @@ def create_app(explorer: Explorer, *, jobs: JobRunner | None = None) -> FastAPI:
         return {"image": image, "predictions": explorer.predictions(image, top)}
 
     @app.get("/api/heatmap.png")
-    def heatmap(image: str, method: str = "gradcam", layer: str = "auto", target: str = "",
-                opacity: float = Query(0.4)):
+    def heatmap(
+        image: str, method: str = "gradcam", layer: str = "auto", target: str = "", opacity: float = Query(0.4)
+    ):
         data, info = explorer.heatmap(image, method, layer, target, opacity)
         return _png(data, info)
 
@@ -191,8 +194,9 @@ def create_app(explorer: Explorer, *, jobs: JobRunner | None = None) -> FastAPI:
         return runner.submit("pattern", key, compute, "png").snapshot()
 
     @app.post("/api/jobs/heatmap")
-    def start_heatmap(image: str, method: str = "scorecam", layer: str = "auto", target: str = "",
-                      opacity: float = Query(0.4)):
+    def start_heatmap(
+        image: str, method: str = "scorecam", layer: str = "auto", target: str = "", opacity: float = Query(0.4)
+    ):
         key, compute = heatmap_job(explorer, image, method, layer, target, opacity)
         return runner.submit("heatmap", key, compute, "json").snapshot()
 

@@ -57,14 +57,20 @@ class AtlasView:
         self.model = open_scanned_model(self.atlas, model)  # another model's atlas is refused on one line
         with AtlasStore.open(self.path) as store:
             self.labels = {(layer, unit): (label, iou) for layer, unit, _, label, iou in store.dissection()}
-            self.selectivity = {(layer, unit): _number(value) for layer, unit, value in
-                                store.db.execute("SELECT layer, unit, selectivity FROM units")}
+            self.selectivity = {
+                (layer, unit): _number(value)
+                for layer, unit, value in store.db.execute("SELECT layer, unit, selectivity FROM units")
+            }
         self._drawn: OrderedDict[tuple[str, int], UnitExamples] = OrderedDict()
         self._source: DataSource | None = None
 
     def describe(self) -> dict:
-        return {"path": str(self.path), "layers": self.atlas.layers, "images": len(self.atlas.keys),
-                "dissected": bool(self.labels)}
+        return {
+            "path": str(self.path),
+            "layers": self.atlas.layers,
+            "images": len(self.atlas.keys),
+            "dissected": bool(self.labels),
+        }
 
     def unit(self, layer: str, unit: int) -> dict | None:
         """The atlas's rows for ``layer``/``unit``, or ``None`` when the layer was not scanned."""
@@ -72,16 +78,28 @@ class AtlasView:
             return None
         stats = self.atlas.stats[layer]
         label, iou = self.labels.get((layer, unit), (None, None))
-        top = [{"rank": rank, "key": self.atlas.keys[int(stats.top_image[unit, rank])],
-                "value": float(stats.top_value[unit, rank])}
-               for rank in range(stats.k) if stats.top_image[unit, rank] >= 0]
+        top = [
+            {
+                "rank": rank,
+                "key": self.atlas.keys[int(stats.top_image[unit, rank])],
+                "value": float(stats.top_value[unit, rank]),
+            }
+            for rank in range(stats.k)
+            if stats.top_image[unit, rank] >= 0
+        ]
         classes = []
         means = stats.class_means
         for index, name in enumerate(self.atlas.classes):
             if index < means.shape[0] and stats.class_images[index] > 0:
                 classes.append({"class": name, "mean": _number(float(means[index, unit]))})
-        return {"label": label, "iou": _number(iou), "dissected": (layer, unit) in self.labels,
-                "selectivity": self.selectivity.get((layer, unit)), "top": top, "class_means": classes}
+        return {
+            "label": label,
+            "iou": _number(iou),
+            "dissected": (layer, unit) in self.labels,
+            "selectivity": self.selectivity.get((layer, unit)),
+            "top": top,
+            "class_means": classes,
+        }
 
     def example(self, layer: str, unit: int, rank: int, kind: str = "whole"):
         """One top image of a unit as a PIL image: ``whole`` (map overlaid) or ``crop`` (where it fires most)."""
@@ -95,8 +113,9 @@ class AtlasView:
         if key not in self._drawn:
             if self._source is None:
                 self._source = self.atlas.source()
-            self._drawn[key] = dataset_examples(self.atlas, layer, [unit], model=self.model, pattern_steps=0,
-                                                source=self._source)[0]
+            self._drawn[key] = dataset_examples(
+                self.atlas, layer, [unit], model=self.model, pattern_steps=0, source=self._source
+            )[0]
             while len(self._drawn) > KEPT_UNITS:
                 self._drawn.popitem(last=False)
         examples = self._drawn[key]

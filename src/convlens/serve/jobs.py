@@ -44,13 +44,13 @@ class Job:
     id: str
     kind: str
     path: Path
-    state: str = "queued"   # queued, running, done, error, cancelled
+    state: str = "queued"  # queued, running, done, error, cancelled
     done: int = 0
     total: int = 0
     message: str = ""
     cached: bool = False
     cancel: threading.Event = field(default_factory=threading.Event, repr=False)
-    changed: int = 0        # bumped on every change
+    changed: int = 0  # bumped on every change
     guard: threading.Lock = field(default_factory=threading.Lock, repr=False)  # a snapshot sees whole updates
 
     @property
@@ -59,8 +59,15 @@ class Job:
 
     def snapshot(self) -> dict:
         with self.guard:
-            return {"id": self.id, "kind": self.kind, "state": self.state, "done": self.done, "total": self.total,
-                    "message": self.message, "cached": self.cached}
+            return {
+                "id": self.id,
+                "kind": self.kind,
+                "state": self.state,
+                "done": self.done,
+                "total": self.total,
+                "message": self.message,
+                "cached": self.cached,
+            }
 
     def result(self):
         if self.state != "done":
@@ -82,8 +89,7 @@ class JobRunner:
         self._ids = itertools.count(1)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convlens-job")
 
-    def submit(self, kind: str, key: dict, compute: Callable[[Progress], bytes | dict],
-               suffix: str = "png") -> Job:
+    def submit(self, kind: str, key: dict, compute: Callable[[Progress], bytes | dict], suffix: str = "png") -> Job:
         """A job for ``key``: answered from the cache when its file exists, the running one if it is running."""
         digest = hashlib.sha256(json.dumps({"kind": kind, **key}, sort_keys=True).encode()).hexdigest()[:32]
         path = self.cache / f"{kind}-{digest}.{suffix}"
@@ -152,7 +158,7 @@ class JobRunner:
             self._update(job, state="cancelled", message="cancelled")
         except ConvlensError as err:
             self._update(job, state="error", message=str(err))
-        except Exception as err:  # noqa: BLE001 - a job's failure is reported on the page, the server keeps running
+        except Exception as err:
             log.exception("job %s failed", job.id)
             self._update(job, state="error", message=f"{type(err).__name__}: {first_line(err)}")
         else:
@@ -182,8 +188,9 @@ def pattern_job(explorer, layer: str, unit: int, steps: int = PATTERN_STEPS) -> 
         from .views import png_bytes
 
         with explorer.job_lock:
-            patterns = filter_patterns(explorer.job_model, layer, filters=[unit], size=size, steps=steps, seed=0,
-                                       progress=progress)
+            patterns = filter_patterns(
+                explorer.job_model, layer, filters=[unit], size=size, steps=steps, seed=0, progress=progress
+            )
         return png_bytes(to_pil(patterns.images[0]))
 
     return key, compute
@@ -195,8 +202,14 @@ def heatmap_job(explorer, image: str, method: str, layer: str, target: str, opac
 
     chosen, picture = explorer.check_heatmap(image, method, layer, opacity)
     content = hashlib.sha256(picture.image.tobytes()).hexdigest()[:16]
-    key = {"model": explorer.fingerprint, "image": content, "method": chosen.name, "layer": layer,
-           "target": target, "opacity": opacity}
+    key = {
+        "model": explorer.fingerprint,
+        "image": content,
+        "method": chosen.name,
+        "layer": layer,
+        "target": target,
+        "opacity": opacity,
+    }
 
     def compute(progress):
         data, info = explorer.heatmap(image, chosen.name, layer, target, opacity, progress=progress, job=True)
@@ -236,15 +249,21 @@ def dissect_job(explorer, layers: str = "", shapes: int = DISSECT_SHAPES) -> tup
     ``shapes`` generated shapes images; written once per request under the explorer's cache and
     then used as the explorer's atlas. The result is ``{"folder": ..., "layers": [...]}``.
     """
-    names = [explorer.check_layer(name.strip()) for name in layers.split(",") if name.strip()] or \
-        [explorer.summary.auto]
+    names = [explorer.check_layer(name.strip()) for name in layers.split(",") if name.strip()] or [
+        explorer.summary.auto
+    ]
     if not 8 <= shapes <= 5000:
         raise ConvlensError(f"shapes must be between 8 and 5000, got {shapes}")
     folder_masks = explorer.data is not None and (
-        (explorer.data / "masks").is_dir() or next(explorer.data.rglob("*.mask.png"), None) is not None)
+        (explorer.data / "masks").is_dir() or next(explorer.data.rglob("*.mask.png"), None) is not None
+    )
     data = explorer.data if folder_masks else None
-    key = {"model": explorer.fingerprint, "layers": names, "data": str(data) if data else None,
-           "shapes": None if data else shapes}
+    key = {
+        "model": explorer.fingerprint,
+        "layers": names,
+        "data": str(data) if data else None,
+        "shapes": None if data else shapes,
+    }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = explorer.cache / f"dissection-{digest}"
 
@@ -254,8 +273,16 @@ def dissect_job(explorer, layers: str = "", shapes: int = DISSECT_SHAPES) -> tup
 
         if not (folder / STORE_NAME).is_file():
             with explorer.job_lock, staged_folder(folder) as stage:
-                dissect(explorer.job_model, data, names, shapes=None if data else shapes, k=8, out=stage,
-                        figures=False, progress=progress)
+                dissect(
+                    explorer.job_model,
+                    data,
+                    names,
+                    shapes=None if data else shapes,
+                    k=8,
+                    out=stage,
+                    figures=False,
+                    progress=progress,
+                )
         explorer.use_atlas(folder)
         return {"folder": str(folder), "layers": names}
 

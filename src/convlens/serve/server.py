@@ -64,8 +64,17 @@ def default_dissection(model, cache: Path, fingerprint: str, progress=None) -> P
     folder = cache / f"dissection-{fingerprint}"
     if not (folder / STORE_NAME).is_file():
         with staged_folder(folder) as stage:
-            dissect(model, None, list(BUNDLED_LAYERS), shapes=DISSECTION_IMAGES, seed=DISSECTION_SEED, k=8,
-                    out=stage, figures=False, progress=progress)
+            dissect(
+                model,
+                None,
+                list(BUNDLED_LAYERS),
+                shapes=DISSECTION_IMAGES,
+                seed=DISSECTION_SEED,
+                k=8,
+                out=stage,
+                figures=False,
+                progress=progress,
+            )
     return folder
 
 
@@ -92,31 +101,41 @@ class Server:
     with the caller. ``with cl.serve(model) as server:`` stops it at the end of the block.
     """
 
-    def __init__(self, explorer: Explorer, *, host: str = "127.0.0.1", port: int = 0, root_path: str = "",
-                 height: int = 900):
+    def __init__(
+        self, explorer: Explorer, *, host: str = "127.0.0.1", port: int = 0, root_path: str = "", height: int = 900
+    ):
         try:
             import uvicorn
 
             from .app import PrefixTolerant, create_app
         except ImportError as err:
-            raise ConvlensError(f"the explorer needs FastAPI and uvicorn ({err.name} is missing): "
-                                "pip install 'convlens[serve]'") from None
+            raise ConvlensError(
+                f"the explorer needs FastAPI and uvicorn ({err.name} is missing): pip install 'convlens[serve]'"
+            ) from None
 
         self.explorer = explorer
         self.host, self.root_path, self.height = host, root_path.rstrip("/"), height
         self.app = create_app(explorer)
         # log_config=None: uvicorn's own config runs logging.config.dictConfig, which closes every handler
         # of the process (the caller's, absl's that closes sys.stderr); its loggers propagate instead
-        config = uvicorn.Config(PrefixTolerant(self.app, self.root_path), host=host, port=port,
-                                root_path=self.root_path, log_config=None, log_level="warning", lifespan="off",
-                                access_log=False)
+        config = uvicorn.Config(
+            PrefixTolerant(self.app, self.root_path),
+            host=host,
+            port=port,
+            root_path=self.root_path,
+            log_config=None,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+        )
         self._server = uvicorn.Server(config)
         listening = _bind(host, port)  # here, so a taken port is one line and not uvicorn's exit in a thread
         self.port = listening.getsockname()[1]
         # which methods apply is found by trying each once: start now, so the first page load finds it done
         threading.Thread(target=self._warm_up, name="convlens-serve-warm-up", daemon=True).start()
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [listening]},
-                                        name="convlens-serve", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [listening]}, name="convlens-serve", daemon=True
+        )
         self._thread.start()
         deadline = time.monotonic() + 30
         while not self._server.started:
@@ -128,7 +147,7 @@ class Server:
     def _warm_up(self) -> None:
         try:
             self.explorer.methods()
-        except Exception:  # noqa: BLE001 - the page's own request will say what is wrong
+        except Exception:
             pass
 
     @property
@@ -138,8 +157,10 @@ class Server:
         return f"http://{shown}:{self.port}{self.root_path}/"
 
     def _repr_html_(self) -> str:
-        return (f'<iframe src="{html.escape(self.url)}" width="100%" height="{self.height}" '
-                f'style="border:1px solid #ccc" title="convlens explorer"></iframe>')
+        return (
+            f'<iframe src="{html.escape(self.url)}" width="100%" height="{self.height}" '
+            f'style="border:1px solid #ccc" title="convlens explorer"></iframe>'
+        )
 
     def __repr__(self) -> str:
         return f"<convlens explorer at {self.url}>"
@@ -171,8 +192,19 @@ class Server:
         self.stop()
 
 
-def serve(model=None, data=None, atlas=None, *, host: str = "127.0.0.1", port: int = 0, root_path: str = "",
-          cache=None, source: str | None = None, max_upload: int = MAX_UPLOAD_BYTES, height: int = 900) -> Server:
+def serve(
+    model=None,
+    data=None,
+    atlas=None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    root_path: str = "",
+    cache=None,
+    source: str | None = None,
+    max_upload: int = MAX_UPLOAD_BYTES,
+    height: int = 900,
+) -> Server:
     """Start the explorer on ``model`` and return the running :class:`Server` (``port=0``: a free port).
 
     Args:

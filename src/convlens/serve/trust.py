@@ -16,8 +16,7 @@ from ..errors import ConvlensError
 from ..progress import Progress
 
 
-def trust_table(model, picture, methods: Sequence[str], metric_names: Sequence[str],
-                progress: Progress) -> dict:
+def trust_table(model, picture, methods: Sequence[str], metric_names: Sequence[str], progress: Progress) -> dict:
     """Headers, rows (value, best, sanity pass/fail), the verdict and what was left out, as plain JSON."""
     from ..evaluation import best_methods
     from ..evaluation.runner import evaluate_images
@@ -33,8 +32,9 @@ def trust_table(model, picture, methods: Sequence[str], metric_names: Sequence[s
     for done, method in enumerate(methods):
         progress(done, total)
         try:
-            summary.update(evaluate_images(model, [(picture.id, picture.image, picture.mask)], methods=[method],
-                                           metrics=names)[1])
+            summary.update(
+                evaluate_images(model, [(picture.id, picture.image, picture.mask)], methods=[method], metrics=names)[1]
+            )
         except ConvlensError as err:
             skipped[method] = str(err)
     x = model.preprocess([picture.image])
@@ -48,16 +48,34 @@ def trust_table(model, picture, methods: Sequence[str], metric_names: Sequence[s
             break
     progress(total, total)
     best = best_methods(summary, metrics) if summary else {}
-    headers = [{"name": name, "label": metric.label or name, "higher_is_better": metric.higher_is_better,
-                "paper": metric.paper} for name, metric in metrics.items()]
+    headers = [
+        {
+            "name": name,
+            "label": metric.label or name,
+            "higher_is_better": metric.higher_is_better,
+            "paper": metric.paper,
+        }
+        for name, metric in metrics.items()
+    ]
     rows = []
     for method, cells in summary.items():
-        row: dict[str, object] = {"method": method, "cells": [{"text": cells[name].format(), "value": cells[name].mean,
-                                            "best": method in best.get(name, [])} for name in metrics]}
+        row: dict[str, object] = {
+            "method": method,
+            "cells": [
+                {"text": cells[name].format(), "value": cells[name].mean, "best": method in best.get(name, [])}
+                for name in metrics
+            ],
+        }
         if method in sanity:
             value = sanity[method].mean
             row["sanity"] = {"text": f"{value:.2f}", "value": value, "failed": bool(value >= SANITY_THRESHOLD)}
         rows.append(row)
-    return {"headers": headers, "rows": rows, "sanity_label": SANITY_LABEL if sanity else None,
-            "verdict": verdict(summary, metrics, sanity or None) if summary else "", "skipped": skipped,
-            "masked": picture.mask is not None, "threshold": SANITY_THRESHOLD}
+    return {
+        "headers": headers,
+        "rows": rows,
+        "sanity_label": SANITY_LABEL if sanity else None,
+        "verdict": verdict(summary, metrics, sanity or None) if summary else "",
+        "skipped": skipped,
+        "masked": picture.mask is not None,
+        "threshold": SANITY_THRESHOLD,
+    }

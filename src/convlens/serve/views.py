@@ -99,8 +99,9 @@ class Explorer:
         max_upload: the largest upload accepted, in bytes.
     """
 
-    def __init__(self, model, data=None, atlas=None, *, cache=None, source: str | None = None,
-                 max_upload: int = MAX_UPLOAD_BYTES):
+    def __init__(
+        self, model, data=None, atlas=None, *, cache=None, source: str | None = None, max_upload: int = MAX_UPLOAD_BYTES
+    ):
         from ..atlas.store import model_fingerprint
 
         self.model: Model = model if isinstance(model, Model) else as_model(model)
@@ -150,7 +151,7 @@ class Explorer:
             return self.model, self.lock
         try:
             return dataclasses.replace(self.model, module=copy.deepcopy(self.model.module)), threading.RLock()
-        except Exception:  # noqa: BLE001 - a module that refuses to be copied is shared instead
+        except Exception:
             return self.model, self.lock
 
     def close(self) -> None:
@@ -168,18 +169,27 @@ class Explorer:
 
         if layer not in self.layers:
             more = " ..." if len(self.layers) > 12 else ""
-            raise ConvlensError(f"unknown layer {layer!r}{did_you_mean(layer, self.layers)}; the layers with a "
-                                f"spatial output are {', '.join(self.layers[:12])}{more}")
+            raise ConvlensError(
+                f"unknown layer {layer!r}{did_you_mean(layer, self.layers)}; the layers with a "
+                f"spatial output are {', '.join(self.layers[:12])}{more}"
+            )
         return layer
 
     # -- the model --------------------------------------------------------------------------------
     def info(self) -> dict:
         """Name, input size, classes, layers (auto marked) and every registered method with whether it applies."""
-        return {"name": self.model.name, "source": self.source, "input_size": list(self.model.input_size),
-                "classes": list(self.model.labels or [f"class {i}" for i in range(self._class_count())]),
-                "layers": self.layers, "auto_layer": self.summary.auto_layer, "methods": self.methods(),
-                "fingerprint": self.fingerprint, "atlas": self.atlas.describe() if self.atlas else None,
-                "data": self.data is not None}
+        return {
+            "name": self.model.name,
+            "source": self.source,
+            "input_size": list(self.model.input_size),
+            "classes": list(self.model.labels or [f"class {i}" for i in range(self._class_count())]),
+            "layers": self.layers,
+            "auto_layer": self.summary.auto_layer,
+            "methods": self.methods(),
+            "fingerprint": self.fingerprint,
+            "atlas": self.atlas.describe() if self.atlas else None,
+            "data": self.data is not None,
+        }
 
     def _class_count(self) -> int:
         import torch
@@ -218,9 +228,17 @@ class Explorer:
         for name, method in METHODS.items():
             reason = skipped.get(name)
             style = style_for(name)
-            found.append({"name": name, "kind": method.kind, "applies": reason is None, "reason": reason,
-                          "uses_layer": method.uses_layer, "style": style,
-                          "colorbar": colorbar_css(STYLES[style])})
+            found.append(
+                {
+                    "name": name,
+                    "kind": method.kind,
+                    "applies": reason is None,
+                    "reason": reason,
+                    "uses_layer": method.uses_layer,
+                    "style": style,
+                    "colorbar": colorbar_css(STYLES[style]),
+                }
+            )
         return found
 
     # -- images -----------------------------------------------------------------------------------
@@ -251,8 +269,9 @@ class Explorer:
             raise NotFound(f"no image folder was given (start with --data DIR); cannot open {image!r}")
         text = (image or "").replace("\\", "/")
         if "\x00" in text or len(text) > 1024:
-            raise ConvlensError("image must be a path relative to the data folder, without NUL bytes, "
-                                "at most 1024 characters")
+            raise ConvlensError(
+                "image must be a path relative to the data folder, without NUL bytes, at most 1024 characters"
+            )
         relative = PurePosixPath(text)
         if not text or relative.is_absolute() or (relative.parts and ":" in relative.parts[0]):
             raise ConvlensError(f"image {image!r} must be a path relative to the data folder")
@@ -315,8 +334,12 @@ class Explorer:
             while len(self.uploads) > MAX_UPLOADS:
                 dropped, _ = self.uploads.popitem(last=False)
                 self._pictures.pop(dropped, None)
-        return {"id": key, "name": f"upload {key[7:15]}", "width": self.uploads[key].width,
-                "height": self.uploads[key].height}
+        return {
+            "id": key,
+            "name": f"upload {key[7:15]}",
+            "width": self.uploads[key].width,
+            "height": self.uploads[key].height,
+        }
 
     def original(self, image: str) -> bytes:
         from ..render.overlay import bounded
@@ -341,8 +364,17 @@ class Explorer:
         check_style(None, opacity, style_for(chosen))
         return chosen, self.picture(image)
 
-    def heatmap(self, image: str, method: str = "gradcam", layer: str = "auto", target: str | None = None,
-                opacity: float = 0.4, *, progress=None, job: bool = False) -> tuple[bytes, dict]:
+    def heatmap(
+        self,
+        image: str,
+        method: str = "gradcam",
+        layer: str = "auto",
+        target: str | None = None,
+        opacity: float = 0.4,
+        *,
+        progress=None,
+        job: bool = False,
+    ) -> tuple[bytes, dict]:
         """The overlay PNG of one method's map, and what it shows (method, layer, target, flat).
 
         ``job``: run on the jobs' copy of the model (a slow method in the background); ``progress(done, total)``
@@ -355,14 +387,33 @@ class Explorer:
         style = style_for(chosen)
         model, lock = (self.job_model, self.job_lock) if job else (self.model, self.lock)
         with lock:  # the CLI's path: one checking pass settles layer and target, the method runs on its plan
-            found = explain_many(model, [picture.image], [chosen.name], layer=layer, targets=parse_target(target),
-                                 progress=_counted(progress))
+            found = explain_many(
+                model,
+                [picture.image],
+                [chosen.name],
+                layer=layer,
+                targets=parse_target(target),
+                progress=_counted(progress),
+            )
         result = found.results[chosen.name][0]
-        drawn = overlay_heatmap(picture.image, result.maps[0], transform=self.model.transform, alpha=opacity,
-                                style=style, max_side=VIEW_SIDE)
-        info = {"method": chosen.name, "layer": result.layer, "target": result.targets[0],
-                "target_name": result.target_names[0], "predicted": found.predicted[0], "flat": bool(result.flat[0]),
-                "style": style, "command": self.command(picture, chosen.name, layer, target, opacity)}
+        drawn = overlay_heatmap(
+            picture.image,
+            result.maps[0],
+            transform=self.model.transform,
+            alpha=opacity,
+            style=style,
+            max_side=VIEW_SIDE,
+        )
+        info = {
+            "method": chosen.name,
+            "layer": result.layer,
+            "target": result.targets[0],
+            "target_name": result.target_names[0],
+            "predicted": found.predicted[0],
+            "flat": bool(result.flat[0]),
+            "style": style,
+            "command": self.command(picture, chosen.name, layer, target, opacity),
+        }
         return png_bytes(drawn), info
 
     def command(self, picture: Picture, method: str, layer: str, target: str | None, opacity: float) -> str:
@@ -394,8 +445,16 @@ class Explorer:
         columns = min(channels, 16 if channels <= 256 else 32)
         scale = max(1, math.ceil(24 / min(height, width)))
         grid = activation_grid(maps, None, per_row=columns, min_tile=24, margin=1)
-        layout = {"layer": layer, "channels": channels, "columns": columns, "tile_width": width * scale,
-                  "tile_height": height * scale, "margin": 1, "width": grid.width, "height": grid.height}
+        layout = {
+            "layer": layer,
+            "channels": channels,
+            "columns": columns,
+            "tile_width": width * scale,
+            "tile_height": height * scale,
+            "margin": 1,
+            "width": grid.width,
+            "height": grid.height,
+        }
         return png_bytes(grid), layout
 
     def check_unit(self, layer: str, unit: int, channels: int) -> None:
@@ -411,10 +470,16 @@ class Explorer:
         channel = maps[unit]
         top = float(channel.max())
         shown = (channel.clamp(min=0) / top) if top > 0 else channel.clamp(min=0) * 0
-        drawn = overlay_heatmap(self.picture(image).image, shown, transform=self.model.transform, alpha=0.5,
-                                max_side=VIEW_SIDE)
-        return png_bytes(drawn), {"layer": layer, "unit": unit, "max": top, "mean": float(channel.mean()),
-                                  "channels": maps.shape[0]}
+        drawn = overlay_heatmap(
+            self.picture(image).image, shown, transform=self.model.transform, alpha=0.5, max_side=VIEW_SIDE
+        )
+        return png_bytes(drawn), {
+            "layer": layer,
+            "unit": unit,
+            "max": top,
+            "mean": float(channel.mean()),
+            "channels": maps.shape[0],
+        }
 
     def unit(self, layer: str, unit: int) -> dict:
         """What the atlas knows of a unit (dissection label and IoU, selectivity, top images), if there is one."""

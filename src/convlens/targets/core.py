@@ -31,7 +31,7 @@ What a user may pass, resolved by :func:`resolve_targets`:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
@@ -40,17 +40,18 @@ from ..errors import ConvlensError, did_you_mean
 if TYPE_CHECKING:
     from ..models.model import Model
 
-TargetSpec = Union[None, int, str, Sequence[Any], torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+TargetSpec = int | str | Sequence[Any] | torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
 ScoreFn = Callable[[Any], torch.Tensor]
-OutputKey = Union[None, int, str]
+OutputKey = int | str | None
 
 
 @runtime_checkable
 class SettlingTarget(Protocol):
     """A target that settles itself on the model's output (:mod:`convlens.targets.tasks`)."""
 
-    def settle(self, output: Any, *, labels: list[str] | None = None, select: OutputKey = None,
-               model: Model | None = None) -> tuple[ScoreFn, list[int]]: ...
+    def settle(
+        self, output: Any, *, labels: list[str] | None = None, select: OutputKey = None, model: Model | None = None
+    ) -> tuple[ScoreFn, list[int]]: ...
 
 
 @runtime_checkable
@@ -80,14 +81,18 @@ def output_parts(output: Any) -> list[tuple[str, Any]]:
     if isinstance(output, (tuple, list)):
         fields = getattr(output, "_fields", None)
         return [(str(fields[i]) if fields else str(i), value) for i, value in enumerate(output)]
-    raise ConvlensError(f"the model returns a {type(output).__name__}, not a tensor, tuple, list or dict; "
-                        "pass a callable target that turns its output into one score per image")
+    raise ConvlensError(
+        f"the model returns a {type(output).__name__}, not a tensor, tuple, list or dict; "
+        "pass a callable target that turns its output into one score per image"
+    )
 
 
 def describe_outputs(output: Any) -> str:
     """``"0: (1, 10), 1: (1, 4)"``: each part of a multi-part output and its shape."""
-    return ", ".join(f"{key}: {tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}"
-                     for key, value in output_parts(output))
+    return ", ".join(
+        f"{key}: {tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}"
+        for key, value in output_parts(output)
+    )
 
 
 def select_output(output: Any, key: OutputKey = None) -> torch.Tensor:
@@ -97,8 +102,10 @@ def select_output(output: Any, key: OutputKey = None) -> torch.Tensor:
     from .tasks import detections
 
     if detections(output) is not None:
-        raise ConvlensError("this model is a detector: it returns boxes, labels and scores per image, no class-score "
-                            "tensor; explain one of its detections with a box target (Box, CLI --targets box:INDEX)")
+        raise ConvlensError(
+            "this model is a detector: it returns boxes, labels and scores per image, no class-score "
+            "tensor; explain one of its detections with a box target (Box, CLI --targets box:INDEX)"
+        )
     parts = output_parts(output)
     keys = [k for k, _ in parts]
     if key is None:
@@ -110,7 +117,8 @@ def select_output(output: Any, key: OutputKey = None) -> torch.Tensor:
         else:
             raise ConvlensError(
                 f"the model returns {len(parts)} outputs ({describe_outputs(output)}); choose the one with the "
-                "class scores with output=KEY (CLI --output KEY), or pass a callable target that takes the whole output")
+                "class scores with output=KEY (CLI --output KEY), or pass a callable target that takes the whole output"
+            )
     text = str(key)
     if text in keys:
         value = parts[keys.index(text)][1]
@@ -119,8 +127,9 @@ def select_output(output: Any, key: OutputKey = None) -> torch.Tensor:
     else:
         raise ConvlensError(f"the model has no output {key!r}; it returns {describe_outputs(output)}")
     if not isinstance(value, torch.Tensor):
-        raise ConvlensError(f"output {key!r} is a {type(value).__name__}, not a tensor; "
-                            f"the model returns {describe_outputs(output)}")
+        raise ConvlensError(
+            f"output {key!r} is a {type(value).__name__}, not a tensor; the model returns {describe_outputs(output)}"
+        )
     return value
 
 
@@ -143,7 +152,9 @@ def class_probabilities(scores: torch.Tensor, activation: str = "logits") -> tor
     """
     scores = scores.float().flatten(1)
     if scores.shape[1] == 1:
-        return torch.cat([1 - scores, scores], dim=1) if activation == "sigmoid" else torch.sigmoid(class_logits(scores))
+        return (
+            torch.cat([1 - scores, scores], dim=1) if activation == "sigmoid" else torch.sigmoid(class_logits(scores))
+        )
     return scores if activation in ("softmax", "sigmoid") else scores.softmax(dim=1)
 
 
@@ -204,8 +215,10 @@ def _one_index(spec: Any, output: torch.Tensor, labels: list[str] | None, image:
         elif labels is not None and spec in labels:
             return labels.index(spec)
         elif labels is None:
-            raise ConvlensError(f"target {spec!r} is a class name but the model has no labels; "
-                                "pass a class index or give the model labels")
+            raise ConvlensError(
+                f"target {spec!r} is a class name but the model has no labels; "
+                "pass a class index or give the model labels"
+            )
         else:
             raise ConvlensError(f"unknown class {spec!r}{did_you_mean(spec, labels)}")
     if isinstance(spec, float) and spec.is_integer():
@@ -217,8 +230,13 @@ def _one_index(spec: Any, output: torch.Tensor, labels: list[str] | None, image:
     return spec
 
 
-def resolve_targets(target: TargetSpec, output: Any, labels: list[str] | None = None,
-                    select: OutputKey = None, model: Model | None = None) -> tuple[ScoreFn, list[int]]:
+def resolve_targets(
+    target: TargetSpec,
+    output: Any,
+    labels: list[str] | None = None,
+    select: OutputKey = None,
+    model: Model | None = None,
+) -> tuple[ScoreFn, list[int]]:
     """Turn what the user asked for into ``(score_fn, class_indices)`` given the model's output.
 
     Args:
@@ -247,16 +265,23 @@ def resolve_targets(target: TargetSpec, output: Any, labels: list[str] | None = 
     if detections(output) is not None:
         if target is None or (isinstance(target, str) and target.lower() in ("top1", "top-1")):
             return Box(0).settle(output, labels=labels)
-        raise ConvlensError(f"this model is a detector: its target is a box, not {target!r}; pass Box(index) or "
-                            "Box(label, iou_with=(x0, y0, x1, y1)) (CLI: box:INDEX or box:LABEL@x0,y0,x1,y1)")
+        raise ConvlensError(
+            f"this model is a detector: its target is a box, not {target!r}; pass Box(index) or "
+            "Box(label, iou_with=(x0, y0, x1, y1)) (CLI: box:INDEX or box:LABEL@x0,y0,x1,y1)"
+        )
     output = select_output(output, select).detach()
     if is_dense(output):
         if isinstance(target, str) and target.lower() == "all":
-            raise ConvlensError("target 'all' is for classifiers; a segmentation model explains one class's "
-                                "region at a time: pass a class (a Region)")
+            raise ConvlensError(
+                "target 'all' is for classifiers; a segmentation model explains one class's "
+                "region at a time: pass a class (a Region)"
+            )
         spec = None if isinstance(target, str) and target.lower() in ("top1", "top-1") else target
-        spec = list(spec) if isinstance(spec, (tuple, torch.Tensor)) and not (
-            isinstance(spec, torch.Tensor) and spec.ndim == 0) else spec
+        spec = (
+            list(spec)
+            if isinstance(spec, (tuple, torch.Tensor)) and not (isinstance(spec, torch.Tensor) and spec.ndim == 0)
+            else spec
+        )
         return Region(spec).settle(output, labels=labels)
     count = output.shape[0]
     if isinstance(target, str) and target.lower() == "all":

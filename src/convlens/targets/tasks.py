@@ -46,8 +46,11 @@ def is_dense(scores: Any) -> bool:
 
 def detections(output: Any) -> list[Mapping[str, Any]] | None:
     """A detector's output, one ``{"boxes", "labels", "scores"}`` per image, or ``None`` if it is not one."""
-    if isinstance(output, (list, tuple)) and output and all(
-            isinstance(d, Mapping) and {"boxes", "labels", "scores"} <= set(d) for d in output):
+    if (
+        isinstance(output, (list, tuple))
+        and output
+        and all(isinstance(d, Mapping) and {"boxes", "labels", "scores"} <= set(d) for d in output)
+    ):
         return list(output)
     return None
 
@@ -90,6 +93,7 @@ def _per_image(spec: Any, count: int, what: str) -> list[Any]:
 
 # -- segmentation -------------------------------------------------------------------------------------
 
+
 def read_mask(mask: Any, size: tuple[int, int]) -> torch.Tensor:
     """A mask (a path to an image, a PIL image, an array or tensor ``(H, W)``; nonzero is inside) as a
     boolean ``(h, w)`` at ``size``, resized nearest-neighbour."""
@@ -129,17 +133,22 @@ class Region:
         self._classes: list[int] | None = None
         self._masks: torch.Tensor | None = None
 
-    def settle(self, output: Any, labels: list[str] | None = None, select: OutputKey = None,
-               model: Model | None = None) -> tuple[Region, list[int]]:
+    def settle(
+        self, output: Any, labels: list[str] | None = None, select: OutputKey = None, model: Model | None = None
+    ) -> tuple[Region, list[int]]:
         chosen = self.select if self.select is not None else select
         scores = select_output(output, chosen).detach()
         if not is_dense(scores):
-            raise ConvlensError(f"a region target is for segmentation models, whose output is (N, classes, H, W); "
-                                f"this model's class scores have shape {tuple(scores.shape)}: pass a class instead")
+            raise ConvlensError(
+                f"a region target is for segmentation models, whose output is (N, classes, H, W); "
+                f"this model's class scores have shape {tuple(scores.shape)}: pass a class instead"
+            )
         n, count, h, w = scores.shape
         winners = scores.argmax(1)
-        classes = [self._default_class(winners[i], count, labels) if spec is None else _class_index(spec, count, labels)
-                   for i, spec in enumerate(_per_image(self.class_, n, "classes"))]
+        classes = [
+            self._default_class(winners[i], count, labels) if spec is None else _class_index(spec, count, labels)
+            for i, spec in enumerate(_per_image(self.class_, n, "classes"))
+        ]
         if self.mask is None:
             masks = torch.stack([winners[i] == k for i, k in enumerate(classes)])
         else:
@@ -188,6 +197,7 @@ class Region:
 
 # -- embeddings -----------------------------------------------------------------------------------------
 
+
 class Similarity:
     """Embedding target: cosine similarity of each image's embedding to ``reference``'s.
 
@@ -215,8 +225,9 @@ class Similarity:
         chosen = self.select if self.select is not None else select
         return Similarity(embed(model, self.reference, chosen), chosen)
 
-    def settle(self, output: Any, labels: list[str] | None = None, select: OutputKey = None,
-               model: Model | None = None) -> tuple[Similarity, list[int]]:
+    def settle(
+        self, output: Any, labels: list[str] | None = None, select: OutputKey = None, model: Model | None = None
+    ) -> tuple[Similarity, list[int]]:
         chosen = self.select if self.select is not None else select
         embedding = select_output(output, chosen).detach().flatten(1)
         if self._vectors is not None:  # settled already (the same images again): keep its reference
@@ -226,15 +237,19 @@ class Similarity:
             vectors = vectors.reshape(1, -1) if vectors.ndim == 1 else vectors
         else:
             if model is None:
-                raise ConvlensError("a similarity target with a reference image needs the model to embed it; "
-                                    "pass the reference's embedding instead")
+                raise ConvlensError(
+                    "a similarity target with a reference image needs the model to embed it; "
+                    "pass the reference's embedding instead"
+                )
             vectors = embed(model, self.reference, chosen)
         n, size = embedding.shape
         if vectors.shape[1] != size:
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else describe_outputs(output)
-            raise ConvlensError(f"the reference embedding has {vectors.shape[1]} values and the model's output has "
-                                f"{size} per image ({shape}); pass a reference image for this model or a vector "
-                                "of its output's size")
+            raise ConvlensError(
+                f"the reference embedding has {vectors.shape[1]} values and the model's output has "
+                f"{size} per image ({shape}); pass a reference image for this model or a vector "
+                "of its output's size"
+            )
         if vectors.shape[0] not in (1, n):
             raise ConvlensError(f"{vectors.shape[0]} references given for {n} images; give one, or one per image")
         settled = Similarity(self.reference, chosen)
@@ -268,8 +283,10 @@ def read_vector(path: str | Path) -> torch.Tensor:
     except Exception as err:
         raise ConvlensError(f"cannot read the reference embedding {path}: {str(err).splitlines()[0]}") from None
     if values.ndim not in (1, 2) or values.size == 0 or not np.issubdtype(values.dtype, np.number):
-        raise ConvlensError(f"a reference embedding is a vector (D,) or (N, D) of numbers; {path} holds "
-                            f"{values.dtype} of shape {values.shape}")
+        raise ConvlensError(
+            f"a reference embedding is a vector (D,) or (N, D) of numbers; {path} holds "
+            f"{values.dtype} of shape {values.shape}"
+        )
     return torch.from_numpy(values.astype(np.float32))
 
 
@@ -284,6 +301,7 @@ def embed(model: Model, images: Any, select: OutputKey = None) -> torch.Tensor:
 
 
 # -- detection -------------------------------------------------------------------------------------------
+
 
 def describe_detections(found: Mapping[str, Any], labels: list[str] | None, limit: int = 3) -> str:
     """``"cat 0.91, dog 0.40"``: the first detections of one image."""
@@ -302,8 +320,14 @@ class Box:
     detection of another pass must overlap the clean one to count as it.
     """
 
-    def __init__(self, index: int | str = 0, iou_with: Sequence[float] | None = None, *, regression: bool = False,
-                 iou_threshold: float = 0.5):
+    def __init__(
+        self,
+        index: int | str = 0,
+        iou_with: Sequence[float] | None = None,
+        *,
+        regression: bool = False,
+        iou_threshold: float = 0.5,
+    ):
         self.index, self.iou_with = index, None if iou_with is None else [float(v) for v in iou_with]
         if self.iou_with is not None and len(self.iou_with) != 4:
             raise ConvlensError(f"a box is (x0, y0, x1, y1), got {len(self.iou_with)} numbers")
@@ -311,34 +335,44 @@ class Box:
         self._boxes: torch.Tensor | None = None
         self._labels: list[int] | None = None
 
-    def settle(self, output: Any, labels: list[str] | None = None, select: OutputKey = None,
-               model: Model | None = None) -> tuple[Box, list[int]]:
+    def settle(
+        self, output: Any, labels: list[str] | None = None, select: OutputKey = None, model: Model | None = None
+    ) -> tuple[Box, list[int]]:
         found = detections(output)
         if found is None:
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else describe_outputs(output)
-            raise ConvlensError(f"a box target is for detectors, which return boxes, labels and scores per image; "
-                                f"this model returns {shape}")
+            raise ConvlensError(
+                f"a box target is for detectors, which return boxes, labels and scores per image; "
+                f"this model returns {shape}"
+            )
         boxes, classes = [], []
         for i, det in enumerate(found):
             count = len(det["boxes"])
             if count == 0:
-                raise ConvlensError(f"the detector found nothing in image {i} (no box scored above its threshold); "
-                                    "nothing to explain there: try another image, or a lower score threshold")
+                raise ConvlensError(
+                    f"the detector found nothing in image {i} (no box scored above its threshold); "
+                    "nothing to explain there: try another image, or a lower score threshold"
+                )
             if self.iou_with is None:
                 index = self.index
                 if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-                    raise ConvlensError(f"box {index!r} is not a detection index; pass Box(index) or "
-                                        "Box(label, iou_with=(x0, y0, x1, y1))")
+                    raise ConvlensError(
+                        f"box {index!r} is not a detection index; pass Box(index) or "
+                        "Box(label, iou_with=(x0, y0, x1, y1))"
+                    )
                 if not 0 <= index < count:
-                    raise ConvlensError(f"box {index} is past the detections: the detector found {count} in image {i} "
-                                        f"(0..{count - 1}: {describe_detections(det, labels)})")
+                    raise ConvlensError(
+                        f"box {index} is past the detections: the detector found {count} in image {i} "
+                        f"(0..{count - 1}: {describe_detections(det, labels)})"
+                    )
             else:
                 label = _class_index(self.index, 1 << 30 if labels is None else len(labels), labels)
                 same = (det["labels"] == label).nonzero().flatten()
                 if len(same) == 0:
                     name = labels[label] if labels and label < len(labels) else f"class {label}"
-                    raise ConvlensError(f"the detector found no {name} in image {i}; it found "
-                                        f"{describe_detections(det, labels)}")
+                    raise ConvlensError(
+                        f"the detector found no {name} in image {i}; it found {describe_detections(det, labels)}"
+                    )
                 given = torch.tensor([self.iou_with], dtype=det["boxes"].dtype, device=det["boxes"].device)
                 index = int(same[_box_iou(given, det["boxes"][same].detach())[0].argmax()])
             boxes.append(det["boxes"][index].detach())
@@ -381,7 +415,7 @@ class Box:
             if not same.any():
                 scores.append(zero)
                 continue
-            ious = _box_iou(settled_boxes[i:i + 1].to(det["boxes"]), det["boxes"][same])[0]
+            ious = _box_iou(settled_boxes[i : i + 1].to(det["boxes"]), det["boxes"][same])[0]
             best = int(ious.argmax())
             matched = ious[best] > self.iou_threshold
             score = det["scores"][same][best] + (ious[best] if self.regression else 0)

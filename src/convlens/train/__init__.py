@@ -10,5 +10,4 @@ Class folders in, a trained classifier and its evaluation out::
 from ..models.nets import ShapesNet
 from .loop import ProgressEvent, TrainConfig, TrainResult, learning_rate_at, read_checkpoint, train
 
-__all__ = ["ProgressEvent", "ShapesNet", "TrainConfig", "TrainResult", "learning_rate_at", "read_checkpoint",
-           "train"]
+__all__ = ["ProgressEvent", "ShapesNet", "TrainConfig", "TrainResult", "learning_rate_at", "read_checkpoint", "train"]

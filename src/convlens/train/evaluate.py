@@ -47,8 +47,8 @@ def roc_auc(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float | None:
 
 def hanley_mcneil(auc: float, n_pos: int, n_neg: int) -> tuple[float, tuple[float, float]]:
     """``(standard error, (low, high))`` of an AUC by Hanley & McNeil (1982), 95% normal interval."""
-    q1, q2 = auc / (2 - auc), 2 * auc ** 2 / (1 + auc)
-    variance = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc ** 2) + (n_neg - 1) * (q2 - auc ** 2)) / (n_pos * n_neg)
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    variance = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)) / (n_pos * n_neg)
     se = math.sqrt(max(variance, 0.0))
     return se, (max(0.0, auc - Z_95 * se), min(1.0, auc + Z_95 * se))
 
@@ -80,8 +80,7 @@ def _ratio(numerator: float, denominator: float) -> float:
     return float(numerator / denominator) if denominator else 0.0
 
 
-def evaluate_predictions(true: npt.ArrayLike, probabilities: npt.ArrayLike,
-                         classes: Sequence[str]) -> dict[str, Any]:
+def evaluate_predictions(true: npt.ArrayLike, probabilities: npt.ArrayLike, classes: Sequence[str]) -> dict[str, Any]:
     """Every metric of the module docstring for class ``probabilities`` ``(N, K)``, as a JSON-ready dict."""
     true, probabilities = np.asarray(true), np.asarray(probabilities, dtype=np.float64)
     predicted = probabilities.argmax(axis=1)
@@ -90,8 +89,12 @@ def evaluate_predictions(true: npt.ArrayLike, probabilities: npt.ArrayLike,
     for k, name in enumerate(classes):
         hits = matrix[k, k]
         precision, recall = _ratio(hits, matrix[:, k].sum()), _ratio(hits, matrix[k].sum())
-        per_class[name] = {"precision": precision, "recall": recall,
-                           "f1": _ratio(2 * precision * recall, precision + recall), "support": int(matrix[k].sum())}
+        per_class[name] = {
+            "precision": precision,
+            "recall": recall,
+            "f1": _ratio(2 * precision * recall, precision + recall),
+            "support": int(matrix[k].sum()),
+        }
     metrics: dict[str, Any] = {
         "accuracy": float((predicted == true).mean()),
         "classes": list(classes),
@@ -106,8 +109,15 @@ def evaluate_predictions(true: npt.ArrayLike, probabilities: npt.ArrayLike,
         if auc is not None:
             se, (low, high) = hanley_mcneil(auc, int(positive.sum()), int((~positive).sum()))
             fpr, tpr, _ = roc_curve(positive, scores)
-            roc.update({"se": se, "ci95": [low, high], "method": "Hanley & McNeil (1982)",
-                        "fpr": fpr.tolist(), "tpr": tpr.tolist()})
+            roc.update(
+                {
+                    "se": se,
+                    "ci95": [low, high],
+                    "method": "Hanley & McNeil (1982)",
+                    "fpr": fpr.tolist(),
+                    "tpr": tpr.tolist(),
+                }
+            )
         metrics["roc"] = roc
     else:
         aucs = {name: roc_auc(true == k, probabilities[:, k]) for k, name in enumerate(classes)}
@@ -119,12 +129,17 @@ def evaluate_predictions(true: npt.ArrayLike, probabilities: npt.ArrayLike,
 
 # -- files ----------------------------------------------------------------------
 
-def write_evaluation(out_dir: str | os.PathLike[str], metrics: dict[str, Any],
-                     history: list[dict[str, Any]]) -> dict[str, Path]:
+
+def write_evaluation(
+    out_dir: str | os.PathLike[str], metrics: dict[str, Any], history: list[dict[str, Any]]
+) -> dict[str, Path]:
     """Write ``metrics.json`` (metrics plus history), ``curves.png``, ``confusion.png`` and ``roc.png``."""
     out_dir = Path(out_dir)
-    files = {"metrics": out_dir / "metrics.json", "curves": out_dir / "curves.png",
-             "confusion": out_dir / "confusion.png"}
+    files = {
+        "metrics": out_dir / "metrics.json",
+        "curves": out_dir / "curves.png",
+        "confusion": out_dir / "confusion.png",
+    }
     from ..render.overlay import save_figure
     from ..render.training import confusion_figure, curves_figure, roc_figure
 

@@ -29,12 +29,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import __version__
+from ..data.folders import LabelledImages, check_trainable, load_class_folders, resolve_data_dirs, stratified_split
 from ..errors import ConvlensError, first_line
 from ..fileio import atomic_path
-from ..targets import class_probabilities
-from ..data.folders import (LabelledImages, check_trainable, load_class_folders, resolve_data_dirs,
-                            stratified_split)
 from ..models.nets import ShapesNet
+from ..targets import class_probabilities
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "step", "constant")
@@ -103,6 +102,7 @@ class TrainResult:
 
 # -- data -------------------------------------------------------------------
 
+
 def _prepare_data(data, config: TrainConfig, progress) -> tuple[LabelledImages, LabelledImages, int]:
     """Training and validation sets in memory, and how many unreadable images were skipped."""
     if isinstance(data, LabelledImages):
@@ -141,8 +141,12 @@ def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     rows = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator) + torch.arange(h)
     cols = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator) + torch.arange(w)
     # one gather for the whole batch: sample i takes rows[i] x cols[i] of its padded image
-    return padded[torch.arange(n)[:, None, None, None], torch.arange(channels)[None, :, None, None],
-                  rows[:, None, :, None], cols[:, None, None, :]]
+    return padded[
+        torch.arange(n)[:, None, None, None],
+        torch.arange(channels)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
 
 
 def _inputs(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -152,6 +156,7 @@ def _inputs(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torc
 
 # -- model and optimisation -------------------------------------------------
 
+
 def _loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if output.shape[1] == 1:  # binary: one logit, the probability of class 1
         return F.binary_cross_entropy_with_logits(output[:, 0], labels.float())
@@ -160,8 +165,13 @@ def _loss(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def _optimizer(net: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
-        return torch.optim.SGD(net.parameters(), lr=config.learning_rate, momentum=config.momentum,
-                               weight_decay=config.weight_decay, nesterov=True)
+        return torch.optim.SGD(
+            net.parameters(),
+            lr=config.learning_rate,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            nesterov=True,
+        )
     return torch.optim.AdamW(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
@@ -176,27 +186,28 @@ def learning_rate_at(config: TrainConfig, epoch: int) -> float:
         return config.learning_rate * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / config.epochs))
     if config.schedule == "step":
         passed = sum(epoch > m for m in {max(1, config.epochs // 2), max(1, config.epochs * 3 // 4)})
-        return config.learning_rate * 0.1 ** passed
+        return config.learning_rate * 0.1**passed
     return config.learning_rate
 
 
-def predict_scores(net: nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                   batch_size: int = 256) -> torch.Tensor:
+def predict_scores(
+    net: nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
     """Raw outputs of ``net`` (in eval mode, which the caller set) for uint8 images, in batches."""
     with torch.inference_mode():
-        return torch.cat([net(_inputs(images[i:i + batch_size], mean, std))
-                          for i in range(0, len(images), batch_size)])
+        return torch.cat(
+            [net(_inputs(images[i : i + batch_size], mean, std)) for i in range(0, len(images), batch_size)]
+        )
 
 
-def _run_epoch(net, optimizer, train: LabelledImages, config: TrainConfig, mean, std, epoch: int,
-               progress) -> dict:
+def _run_epoch(net, optimizer, train: LabelledImages, config: TrainConfig, mean, std, epoch: int, progress) -> dict:
     generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
     order = torch.randperm(len(train), generator=generator)
     steps = (len(order) + config.batch_size - 1) // config.batch_size
     net.train()
     loss_sum, correct = 0.0, 0
     for step in range(steps):
-        index = order[step * config.batch_size:(step + 1) * config.batch_size]
+        index = order[step * config.batch_size : (step + 1) * config.batch_size]
         batch, labels = train.images[index], train.labels[index]
         if config.augment:
             batch = _augment(batch, generator)
@@ -223,12 +234,16 @@ def _validate(net, val: LabelledImages, mean, std) -> tuple[dict, torch.Tensor]:
 
 # -- checkpoints --------------------------------------------------------------
 
+
 def _checkpoint(net, config: TrainConfig, classes, mean, std, history, **extra) -> dict:
     return {
         "convlens": __version__,
         "arch": "shapesnet",
-        "arch_kwargs": {"num_classes": len(classes), "widths": list(config.widths),
-                        "convs_per_stage": config.convs_per_stage},
+        "arch_kwargs": {
+            "num_classes": len(classes),
+            "widths": list(config.widths),
+            "convs_per_stage": config.convs_per_stage,
+        },
         "state_dict": {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()},
         "labels": list(classes),
         "input_size": [config.size, config.size],
@@ -264,9 +279,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 # -- the run ------------------------------------------------------------------
 
-def train(data: str | os.PathLike | LabelledImages, out_dir: str | os.PathLike, config: TrainConfig | None = None,
-          *, resume: str | os.PathLike | None = None,
-          progress: Callable[[ProgressEvent], None] | None = None) -> TrainResult:
+
+def train(
+    data: str | os.PathLike | LabelledImages,
+    out_dir: str | os.PathLike,
+    config: TrainConfig | None = None,
+    *,
+    resume: str | os.PathLike | None = None,
+    progress: Callable[[ProgressEvent], None] | None = None,
+) -> TrainResult:
     """Train a :class:`~convlens.models.nets.ShapesNet` and write it with its evaluation to ``out_dir``.
 
     Args:
@@ -287,8 +308,9 @@ def train(data: str | os.PathLike | LabelledImages, out_dir: str | os.PathLike, 
     config.check()
     train_set, val_set, skipped = _prepare_data(data, config, progress)
     if checkpoint is not None and list(checkpoint["labels"]) != list(train_set.classes):
-        raise ConvlensError(f"checkpoint {resume} was trained on classes {checkpoint['labels']}, "
-                            f"the data has {train_set.classes}")
+        raise ConvlensError(
+            f"checkpoint {resume} was trained on classes {checkpoint['labels']}, the data has {train_set.classes}"
+        )
     run = _start_run(checkpoint, config, train_set)
     out_dir = Path(out_dir)
     checkpoint_path = out_dir / "checkpoint.pt"
@@ -307,8 +329,7 @@ def _resumed_config(checkpoint: dict, config: TrainConfig | None, resume) -> Tra
     if config is not None:
         saved.epochs = config.epochs
     if saved.epochs < checkpoint["epoch"]:
-        raise ConvlensError(f"checkpoint {resume} is at epoch {checkpoint['epoch']}; "
-                            f"--epochs must be at least that")
+        raise ConvlensError(f"checkpoint {resume} is at epoch {checkpoint['epoch']}; --epochs must be at least that")
     return saved
 
 
@@ -344,12 +365,20 @@ def _start_run(checkpoint: dict | None, config: TrainConfig, train_set: Labelled
         return _Run(net, optimizer, classes, mean, std, [], 0)
     net.load_state_dict(checkpoint["state_dict"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    return _Run(net, optimizer, classes, checkpoint["normalize"]["mean"], checkpoint["normalize"]["std"],
-                list(checkpoint["history"]), int(checkpoint["epoch"]))
+    return _Run(
+        net,
+        optimizer,
+        classes,
+        checkpoint["normalize"]["mean"],
+        checkpoint["normalize"]["std"],
+        list(checkpoint["history"]),
+        int(checkpoint["epoch"]),
+    )
 
 
-def _train_epoch(run: _Run, config: TrainConfig, train_set: LabelledImages, val_set: LabelledImages, epoch: int,
-                 progress) -> dict:
+def _train_epoch(
+    run: _Run, config: TrainConfig, train_set: LabelledImages, val_set: LabelledImages, epoch: int, progress
+) -> dict:
     """One epoch at its scheduled learning rate, then validation; its record is added to the history."""
     for group in run.optimizer.param_groups:
         group["lr"] = learning_rate_at(config, epoch)
@@ -361,15 +390,17 @@ def _train_epoch(run: _Run, config: TrainConfig, train_set: LabelledImages, val_
     return record
 
 
-def _finish(run: _Run, config: TrainConfig, train_set: LabelledImages, val_set: LabelledImages, skipped: int,
-            out_dir: Path) -> tuple[Path, dict]:
+def _finish(
+    run: _Run, config: TrainConfig, train_set: LabelledImages, val_set: LabelledImages, skipped: int, out_dir: Path
+) -> tuple[Path, dict]:
     """The final evaluation on the validation set, written with ``model.pt``; the model's path and the metrics."""
     from .evaluate import evaluate_predictions, write_evaluation
 
     _, probabilities = _validate(run.net, val_set, *run.normalize)
     metrics = evaluate_predictions(val_set.labels.numpy(), probabilities.numpy(), run.classes)
-    metrics.update({"train_images": len(train_set), "val_images": len(val_set), "skipped_images": skipped,
-                    "epochs": config.epochs})
+    metrics.update(
+        {"train_images": len(train_set), "val_images": len(val_set), "skipped_images": skipped, "epochs": config.epochs}
+    )
     model_path = save_checkpoint(run.checkpoint(config, metrics=metrics), out_dir / "model.pt")
     write_evaluation(out_dir, metrics, run.history)
     return model_path, metrics
