@@ -20,10 +20,10 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/convlens report --out $(OUT)/convlens-report.html
 
-test: venv browser
+test: venv browser lint
 	$(BIN)/python -m pytest
 
-# The source's checks: ruff (style and lint) and mypy (types), both set in pyproject.toml.
+# The source's checks, run first by `make test`: ruff (lint and format) and mypy (types), set in pyproject.toml.
 lint: venv
 	$(BIN)/ruff check src && $(BIN)/ruff format --check src && $(BIN)/mypy
 

@@ -158,7 +158,7 @@ NOT_RUN = {
     "make demo": "it creates .venv with pip (network); the next block runs its `convlens report` as written",
     "pip install": "it needs the network",
     "apt-get": "it needs the network and root",
-    "ruff check": "it lints this checkout, not an example (and ruff is the reader's own install)",
+    "make lint": "it checks this checkout's source, not an example; `make test` runs it before the suite",
     ".venv/bin/python -m pytest": "it runs tests of the suite from the checkout's .venv, which the test folder lacks",
 }
 
