@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..capture import LayerRef, capture, resolve_layers
-from ..engines import Engine, RayEngine, resolve_engine
+from ..engines import Engine, resolve_engine
 from ..errors import ConvlensError, ConvlensWarning, first_line
 from ..models import Model, as_model
 from ..models.transforms import mask_at_input
@@ -523,7 +523,7 @@ def execute(
         if store is not None:
             (commit or (lambda s, t, p: s.commit_scan(t, p)))(store, total, part)
 
-    if isinstance(engine, RayEngine):  # the one distributed engine
+    if engine.distributed:  # a Literal tag: type checkers know the engine is then a RayEngine
         from .ray_engine import ray_parts
 
         return ray_parts(engine, model, source, job, parts, batch_size=batch_size, on_part=on_part, progress=advance)

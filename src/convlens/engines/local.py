@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 
 class LocalEngine:
     """This process. Nothing to check or connect; the Ray options mean nothing here and are ignored."""
 
     name = "local"
-    distributed = False
+    distributed: Literal[False] = False
 
     def __init__(self, ray_address: str | None = None, concurrency: int | None = None, num_gpus: float | None = None):
         pass

@@ -21,6 +21,7 @@ import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from ..errors import ConvlensError, first_line
 
@@ -105,7 +106,7 @@ class RayEngine:
     concurrency: int | None = None
     num_gpus: float | None = None
     name = "ray"
-    distributed = True
+    distributed: Literal[True] = True
 
     def check(self) -> str | None:
         """The address to connect to, once it answers as Ray, and the actor count checked; starts nothing."""

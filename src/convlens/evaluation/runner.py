@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..engines import Engine, RayEngine, resolve_engine
+from ..engines import Engine, resolve_engine
 from ..errors import ConvlensError, did_you_mean
 from ..fileio import check_output_dir, write_text
 from ..heatmaps import METHODS
@@ -152,7 +152,7 @@ def evaluate(
         "targets": targets,
     }
     engine = resolve_engine(engine, ray_address, concurrency, num_gpus)
-    if isinstance(engine, RayEngine):  # the one distributed engine
+    if engine.distributed:  # a Literal tag: type checkers know the engine is then a RayEngine
         from .ray import evaluate_ray
 
         return evaluate_ray(model, data, progress=progress, engine=engine, **options)
